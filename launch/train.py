@@ -1,0 +1,35 @@
+"""Train from a recipe: `python launch/train.py recipe=llama_debug optim.lr=1e-3`, or under torchrun.
+
+Parses and validates the whole config before any process group starts, so a bad setting ends in one
+message naming every problem; `dry_run=true` prints the plan and exits without allocating the model.
+"""
+
+import sys
+
+from parallel.mesh import env_world_size
+from trainer.config import ConfigError, check, load_config, to_yaml
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load_config(argv)
+        plan = check(cfg, env_world_size())
+    except ConfigError as e:
+        print(f"shardwise: {e}", file=sys.stderr)
+        return 2
+    if cfg.dry_run:
+        print(to_yaml(cfg), end="")
+        print("---\n" + plan.describe())
+        return 0
+    from trainer.trainer import Trainer  # imported late: a dry run needs neither data nor a device
+
+    trainer = Trainer(cfg, plan)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,308 @@
+"""A LLaMA-style decoder: RMSNorm, RoPE, SwiGLU and grouped-query attention.
+
+Conventions
+- Shapes are written next to the tensor lines: B batch, T sequence, D model dim, H query heads,
+  Hkv key/value heads, hd head dim, V vocabulary.
+- RoPE uses Meta's layout: each head dimension is split into *interleaved* pairs (x0, x1), (x2, x3)...
+  that are rotated as complex numbers. Hugging Face checkpoints store q/k weights permuted for the
+  "rotate half" layout; `models/hf.py` undoes that permutation on import.
+- The blocks live in a `ModuleDict` keyed "0".."n-1", so a pipeline split can delete blocks and keep
+  the remaining parameter names (`layers.7.attention.wq.weight` is the same name in every layout).
+  For the same reason `tok_embeddings`, `norm` and `output` may be set to None on a pipeline stage.
+- The model is built on the meta device; `init_weights()` fills every parameter and buffer
+  deterministically from a seed, identically on any device and in any sharded layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 frequency scaling of RoPE (long-context extension)."""
+
+    factor: float = 8.0  # how much longer the context is than in pre-training
+    low_freq_factor: float = 1.0  # wavelengths above original/low_freq_factor are divided by `factor`
+    high_freq_factor: float = 4.0  # wavelengths below original/high_freq_factor are kept
+    original_max_seq_len: int = 8192  # the context length the base frequencies were trained for
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096  # length of the precomputed RoPE table
+    tie_embeddings: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        # SwiGLU has 3 matrices instead of 2, so 2/3 of the usual 4*D keeps the FLOPs (LLaMA paper).
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def num_params(self, *, exclude_embedding: bool = False) -> int:
+        """Exact parameter count, from the shapes alone (no model needed)."""
+        D, hd = self.dim, self.head_dim
+        attn = D * self.n_heads * hd + 2 * D * self.kv_heads * hd + self.n_heads * hd * D
+        mlp = 3 * D * self.ffn_hidden
+        per_block = attn + mlp + 2 * D  # + two RMSNorm weights
+        embedding = self.vocab_size * D
+        output = 0 if self.tie_embeddings else self.vocab_size * D
+        total = self.n_layers * per_block + D + embedding + output
+        return total - embedding if exclude_embedding else total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), torchtitan's convention.
+
+        6 x N for the matmuls of every parameter except the embedding lookup (which is a gather, not a
+        matmul; the output projection *is* counted, also when tied), plus 12 x L x H x hd x T for the
+        attention score and value matmuls (QK^T and PV: 2 matmuls x 2 FLOPs per MAC x 3 for fwd+bwd).
+        """
+        n = self.num_params(exclude_embedding=True)
+        if self.tie_embeddings:
+            n += self.vocab_size * self.dim  # the tied table is still a matmul at the output
+        return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+# Shapes of the published models (Llama-2: 7B, 13B, 70B; Llama-3/3.2: 1B, 3B, 8B, 70B) and a tiny one.
+FLAVORS: dict[str, ModelArgs] = {
+    # a few million parameters: trains in seconds on a laptop CPU; vocab of the default tokenizer
+    "debug": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, multiple_of=64,
+                       rope_theta=10000.0, max_seq_len=1024),
+    # Llama-3.2-1B
+    "1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                    ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0,
+                    rope_scaling=RopeScaling(factor=32.0), max_seq_len=131072, tie_embeddings=True),
+    # Llama-3.2-3B
+    "3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                    ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=500000.0,
+                    rope_scaling=RopeScaling(factor=32.0), max_seq_len=131072, tie_embeddings=True),
+    # Llama-2-7B
+    "7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+    # Llama-3-8B
+    "8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                    ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    # Llama-2-13B
+    "13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+    # Llama-3-70B
+    "70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
+                     ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+}
+
+
+def model_args(flavor: str, **overrides) -> ModelArgs:
+    """The flavor's shape with any fields replaced (None values are ignored)."""
+    if flavor not in FLAVORS:
+        raise KeyError(f"unknown model flavor {flavor!r}; known: {', '.join(FLAVORS)}")
+    return replace(FLAVORS[flavor], **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/hd), i < hd/2, with optional Llama-3.1 scaling. fp32, (hd/2,)."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = args.rope_scaling
+    if s is not None:
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = s.original_max_seq_len / s.low_freq_factor  # longer than this: fully scaled
+        high_wavelen = s.original_max_seq_len / s.high_freq_factor  # shorter than this: untouched
+        # in between, interpolate smoothly between scaled and unscaled
+        smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        mixed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / s.factor,
+                               torch.where(wavelen < high_wavelen, inv_freq, mixed))
+    return inv_freq.float()
+
+
+def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position x frequency, each (max_seq_len, hd/2) fp32."""
+    inv_freq = rope_frequencies(args).to(device)
+    pos = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(pos, inv_freq)  # (T_max, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, H, hd) by the angles of positions 0..T-1."""
+    B, T, H, hd = x.shape
+    xp = x.float().reshape(B, T, H, hd // 2, 2)  # (B, T, H, hd/2, 2): pairs (x_2i, x_2i+1)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    c = cos[:T].view(1, T, 1, hd // 2)
+    s = sin[:T].view(1, T, 1, hd // 2)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # complex multiply by e^(i angle)
+    return out.flatten(3).type_as(x)  # (B, T, H, hd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        # -1 instead of n_heads: under tensor parallelism each rank holds only its share of the heads
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H or Hkv, T, hd)
+        # SDPA picks the flash / cuDNN / memory-efficient kernel; enable_gqa shares each kv head
+        # among H/Hkv query heads without materializing the repeats.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # gate
+        self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)  # (B, T, D)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # RoPE tables are derived data, not state: non-persistent, rebuilt by init_weights()
+        cos, sin = rope_tables(args, device=self.output.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V). On a pipeline stage: hidden (B, T, D) in or out."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, D)
+        for block in self.layers.values():
+            h = block(h, self.rope_cos, self.rope_sin)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h  # (B, T, V)
+
+    # ------------------------------------------------------------------------------------------
+    # Initialization
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Fill every parameter and buffer, deterministically from `seed`.
+
+        Each parameter is drawn on the CPU from its own generator, seeded by (seed, parameter name),
+        then copied to wherever the parameter lives. So the weights do not depend on the device, on
+        the order in which modules are visited, on which blocks this pipeline stage holds, or on how
+        the parameter is sharded: every layout starts from the single-process weights.
+        """
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                _fill(p, name, seed, lambda t, g: t.fill_(1.0))
+            elif name == "tok_embeddings.weight":
+                _fill(p, name, seed, lambda t, g: t.normal_(0.0, 1.0, generator=g))
+            elif name == "output.weight":
+                # scaled so that initial logits have unit variance; cut at 3 sigma (torchtitan)
+                s = self.args.dim ** -0.5
+                _fill(p, name, seed, lambda t, g: nn.init.trunc_normal_(t, 0.0, s, -3 * s, 3 * s, generator=g))
+            else:
+                # depth-scaled init for the projections that write into the residual stream
+                layer_id = int(name.split(".")[1])
+                writes_residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight",
+                                                 "feed_forward.w3.weight"))
+                s = std / math.sqrt(2 * (layer_id + 1)) if writes_residual else std
+                _fill(p, name, seed, lambda t, g: nn.init.trunc_normal_(t, 0.0, s, -2.0, 2.0, generator=g))
+        cos, sin = rope_tables(self.args)
+        self.rope_cos = cos.to(self.rope_cos.device)
+        self.rope_sin = sin.to(self.rope_sin.device)
+
+
+def _param_generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _fill(param: torch.Tensor, name: str, seed: int, draw) -> None:
+    """Draw the full parameter on the CPU in fp32 and copy this rank's part of it into `param`."""
+    full = torch.empty(param.shape, dtype=torch.float32)
+    draw(full, _param_generator(seed, name))
+    local_view = getattr(param, "to_local", None)
+    if local_view is None:  # a plain tensor
+        param.copy_(full)
+        return
+    # a DTensor (FSDP2 / TP shard): copy the slice this rank owns
+    from torch.distributed.tensor import distribute_tensor
+
+    shard = distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                              src_data_rank=None)
+    param.to_local().copy_(shard.to_local())
+
+
+def build_model(args: ModelArgs, device: torch.device | str = "meta") -> Transformer:
+    """Construct the model; on the meta device nothing is allocated (step 1 of the build order)."""
+    with torch.device(device):
+        return Transformer(args)
+
+
+def count_params(model: nn.Module) -> int:
+    """Distinct parameters (a tied table counts once); works on meta-device models."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+__all__ = ["ModelArgs", "RopeScaling", "FLAVORS", "model_args", "Transformer", "build_model", "count_params",
+           "rope_tables", "apply_rope"]

@@ -1,0 +1,438 @@
+"""The one typed config tree, recipes, command-line overrides and validation.
+
+A run's config is built in three layers (later wins):
+  1. the schema below (every field's default, documented where it is declared),
+  2. a YAML recipe from `recipes/` picked by `recipe=NAME` (a recipe may name a `base:` recipe it extends),
+  3. dotted `key=value` tokens from the command line.
+OmegaConf checks every key and type against the schema, so a typo fails with a suggestion.
+`validate(cfg, world_size)` then returns every violation of the arithmetic at once, before any process
+group starts; `derive()` computes the numbers a user should never set by hand (accumulation steps...).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A config that must not start a run. `problems` lists every violation found."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid config ({len(self.problems)} problem{'s' * (len(self.problems) > 1)}):\n{lines}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"  # everything in fp32
+    bf16 = "bf16"  # fp32 master weights, bf16 compute (autocast); no loss scaling needed
+    fp16 = "fp16"  # fp32 master weights, fp16 compute with a dynamic loss scaler
+
+
+class DataSource(StrEnum):
+    default = "default"  # tokens of this machine's Python standard library source, tokenizer trained on it
+    tokens = "tokens"  # a directory made by launch/prepare_data.py (data.path)
+    synthetic = "synthetic"  # uniformly random tokens, seeded: for benchmarks (the loss cannot fall)
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"  # linear warmup, then cosine decay to min_lr_ratio * lr
+    linear = "linear"  # linear warmup, then linear decay to min_lr_ratio * lr
+    wsd = "wsd"  # warmup, stable at lr, then linear decay over the last decay_fraction of steps
+    constant = "constant"  # linear warmup, then constant
+
+
+class DataParallel(StrEnum):
+    none = "none"  # one process
+    ddp = "ddp"  # torch DistributedDataParallel: full replicas, gradients all-reduced
+
+
+class WandbMode(StrEnum):
+    disabled = "disabled"  # write nothing
+    offline = "offline"  # write the run to run_dir/wandb; upload later with `wandb sync`
+    online = "online"  # stream to the W&B server (needs WANDB_API_KEY and a network)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama"  # model family; only "llama" today
+    flavor: str = "debug"  # debug, 1b, 3b, 7b, 8b, 13b, 70b (shapes in models/llama.py FLAVORS)
+    # Optional changes to the flavor's shape (null keeps the flavor's value):
+    dim: int | None = None  # model width D
+    n_layers: int | None = None  # number of transformer blocks
+    n_heads: int | None = None  # query heads; D must divide by it
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); n_heads must divide by it
+    vocab_size: int | None = None  # must cover the tokenizer's vocabulary
+    max_seq_len: int | None = None  # length of the RoPE table; training.seq_len must not exceed it
+    tie_embeddings: bool | None = None  # share the input embedding and output projection
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.default
+    path: str | None = None  # for source=tokens: a directory with meta.json, train.bin, val.bin
+    cache_dir: str | None = None  # where the default dataset is built once; null: $SHARDWISE_CACHE or ~/.cache/shardwise
+    default_corpus_mb: float = 8.0  # how much standard-library source the default dataset reads (MiB)
+    val_fraction: float = 0.05  # share of documents held out for validation (default dataset, prepare_data)
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 200  # optimizer steps
+    seq_len: int = 256  # tokens per sequence
+    global_batch_size: int = 16  # sequences per optimizer step, summed over data-parallel ranks
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank; accumulation is derived
+    precision: Precision = Precision.bf16
+    seed: int = 0  # weights, data order and dropout-free RNG all follow from it
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
+    val_every: int = 50  # run validation every this many steps (0: never, except the last step)
+    val_batches: int = 4  # global batches of held-out data per validation
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw
+    lr: float = 3.0e-4  # peak learning rate
+    weight_decay: float = 0.1  # decoupled; not applied to norms and (by default) embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    fused: bool | None = None  # fused AdamW kernel; null: on when training on CUDA
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: int = 20  # linear warmup from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd only: share of the steps spent decaying at the end
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (0 disables clipping)
+
+
+@dataclass
+class ParallelConfig:
+    data: DataParallel = DataParallel.none  # how data-parallel ranks hold the model
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.disabled
+    project: str = "shardwise"
+    entity: str | None = None  # team or user; null: your default entity
+    run_name: str | None = None  # null: the config's name
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # log metrics every this many steps (and on the last step)
+    console: bool = True  # one line per logging step on the logging rank
+    progress: bool = True  # a progress bar with ETA on the logging rank (when stderr is a terminal or CI)
+    jsonl: bool = True  # run_dir/metrics.jsonl, one JSON object per logging step
+    tensorboard: bool = True  # run_dir/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    peak_tflops: float | None = None  # the accelerator's dense peak for MFU; null: detected for known GPUs
+
+
+@dataclass
+class Config:
+    name: str = ""  # the run's name; empty: the recipe's name
+    run_dir: str = "runs/${name}"  # everything the run writes lands here
+    dry_run: bool = False  # print the resolved config and the derived numbers, then exit
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes and overrides
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _recipe_path(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"recipe={name}: no such file")
+        return path
+    path = RECIPE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = list_recipes()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"recipe={name}: unknown recipe.{hint} Known recipes: {', '.join(known)}")
+    return path
+
+
+def _recipe_chain(name: str, seen: tuple[str, ...] = ()) -> list[dict]:
+    """The recipe and its bases, base first. YAML is loaded safely: recipes hold data, never code."""
+    path = _recipe_path(name)
+    if str(path) in seen:
+        raise ConfigError(f"recipe={name}: 'base' chain loops: {' -> '.join(seen + (str(path),))}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    chain = _recipe_chain(str(base), seen + (str(path),)) if base else []
+    return chain + [data]
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    first = str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError):
+        return f"{source}: unknown key '{key}'. {first.split('. ', 1)[-1] if 'Did you mean' in first else ''}".rstrip()
+    if isinstance(err, ValidationError):
+        return f"{source}: {key}: {first}"
+    return f"{source}: {first}"
+
+
+def load_config(argv: list[str]) -> DictConfig:
+    """`['recipe=NAME', 'a.b=c', ...]` -> a typed, merged config. Raises ConfigError on any typo."""
+    recipe = "llama_debug"
+    overrides: list[str] = []
+    for tok in argv:
+        if "=" not in tok:
+            raise ConfigError(f"'{tok}': expected key=value (for example recipe=llama_debug or optim.lr=1e-3)")
+        if tok.startswith("recipe="):
+            recipe = tok.split("=", 1)[1]
+        else:
+            overrides.append(tok)
+    cfg = OmegaConf.structured(Config)
+    for layer in _recipe_chain(recipe):
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e, f"recipe {recipe}")) from None
+    problems = []
+    for tok in overrides:  # one at a time, so that every bad token is reported and named
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([tok]))
+        except OmegaConfBaseException as e:
+            problems.append(_explain(e, f"override '{tok}'"))
+    if problems:
+        raise ConfigError(problems)
+    if not cfg.name:
+        cfg.name = Path(recipe).stem
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """A plain dict with interpolations resolved and enums as strings (for JSON, W&B and YAML)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def save_resolved(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_container(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Derived numbers and validation
+
+
+def model_args_of(cfg: DictConfig):
+    """The model shape: the flavor with the recipe's changes applied."""
+    from models.llama import FLAVORS, model_args
+
+    if cfg.model.flavor not in FLAVORS:
+        raise ConfigError(f"model.flavor={cfg.model.flavor}: unknown flavor; known: {', '.join(FLAVORS)}")
+    m = cfg.model
+    return model_args(m.flavor, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                      vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Numbers derived from the config and the world size; never configured by hand."""
+
+    world_size: int
+    dp_size: int  # data-parallel ranks: each sees global_batch_size / dp_size sequences per step
+    micro_batch_size: int
+    accum_steps: int  # micro-batches per rank per optimizer step
+    tokens_per_step: int  # global_batch_size x seq_len
+    params: int
+    non_embedding_params: int
+    flops_per_token: int
+
+    def describe(self) -> str:
+        g = self.micro_batch_size * self.accum_steps * self.dp_size
+        return "\n".join([
+            f"world size            {self.world_size}",
+            f"data-parallel ranks   {self.dp_size}",
+            f"global batch          {g} sequences = micro-batch {self.micro_batch_size} x accumulation "
+            f"{self.accum_steps} x dp {self.dp_size}",
+            f"tokens per step       {self.tokens_per_step:,}",
+            f"parameters            {self.params:,} ({self.params / 1e9:.3f} B)",
+            f"  without embedding   {self.non_embedding_params:,}",
+            f"FLOPs per token       {self.flops_per_token:,} ({self.flops_per_token / 1e9:.2f} GFLOP)",
+            f"FLOPs per step        {self.flops_per_token * self.tokens_per_step:.3e}",
+        ])
+
+
+def dp_size_of(cfg: DictConfig, world_size: int) -> int:
+    return world_size if cfg.parallel.data != DataParallel.none else 1
+
+
+def derive(cfg: DictConfig, world_size: int) -> Plan:
+    args = model_args_of(cfg)
+    t = cfg.training
+    dp = dp_size_of(cfg, world_size)
+    return Plan(world_size=world_size, dp_size=dp, micro_batch_size=t.micro_batch_size,
+                accum_steps=t.global_batch_size // (t.micro_batch_size * dp), tokens_per_step=t.global_batch_size * t.seq_len,
+                params=args.num_params(), non_embedding_params=args.num_params(exclude_embedding=True),
+                flops_per_token=args.flops_per_token(t.seq_len))
+
+
+def _writable_dir(path: Path) -> bool:
+    """Whether `path` exists as a writable directory or could be created."""
+    p = path.expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
+def validate(cfg: DictConfig, world_size: int) -> list[str]:
+    """Every violation at once, each naming the settings and showing the arithmetic. [] means runnable."""
+    problems: list[str] = []
+    t, o, m = cfg.training, cfg.optim, cfg.model
+
+    # model shape
+    try:
+        args = model_args_of(cfg)
+    except ConfigError as e:
+        return e.problems
+    if args.dim % args.n_heads:
+        problems.append(f"model.n_heads({args.n_heads}) must divide model.dim({args.dim}): "
+                        f"{args.dim} % {args.n_heads} = {args.dim % args.n_heads}")
+    if args.n_heads % args.kv_heads:
+        problems.append(f"model.n_kv_heads({args.kv_heads}) must divide model.n_heads({args.n_heads}): "
+                        f"{args.n_heads} % {args.kv_heads} = {args.n_heads % args.kv_heads}")
+    elif args.dim % args.n_heads == 0 and args.head_dim % 2:
+        problems.append(f"head dim model.dim/model.n_heads = {args.dim}/{args.n_heads} = {args.head_dim} must be even for RoPE")
+    if m.name != "llama":
+        problems.append(f"model.name={m.name}: unknown model; known: llama")
+
+    # training lengths and batch arithmetic
+    for key in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
+        if t[key] < 1:
+            problems.append(f"training.{key}={t[key]} must be >= 1")
+    if t.val_every < 0:
+        problems.append(f"training.val_every={t.val_every} must be >= 0 (0 validates only at the last step)")
+    if t.seq_len > args.max_seq_len:
+        problems.append(f"training.seq_len({t.seq_len}) exceeds model.max_seq_len({args.max_seq_len}); "
+                        f"raise model.max_seq_len or shorten the sequences")
+    if t.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"training.device={t.device} must be one of auto, cpu, cuda")
+    if world_size < 1:
+        problems.append(f"world size {world_size} must be >= 1")
+    elif cfg.parallel.data == DataParallel.none and world_size > 1:
+        problems.append(f"parallel.data=none runs one process but WORLD_SIZE={world_size}; "
+                        f"set parallel.data=ddp or launch a single process")
+    dp = dp_size_of(cfg, max(world_size, 1))
+    if t.global_batch_size >= 1 and t.micro_batch_size >= 1:
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            problems.append(
+                f"training.global_batch_size({t.global_batch_size}) must be divisible by "
+                f"training.micro_batch_size({t.micro_batch_size}) * dp({dp}) = {per_step}: "
+                f"{t.global_batch_size} % {per_step} = {t.global_batch_size % per_step}")
+
+    # optimizer and schedule
+    if o.name != "adamw":
+        problems.append(f"optim.name={o.name}: unknown optimizer; known: adamw")
+    if not o.lr > 0:
+        problems.append(f"optim.lr={o.lr} must be > 0")
+    if o.weight_decay < 0:
+        problems.append(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= o[key] < 1:
+            problems.append(f"optim.{key}={o[key]} must be in [0, 1)")
+    if o.eps <= 0:
+        problems.append(f"optim.eps={o.eps} must be > 0")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        problems.append(f"optim.warmup_steps({o.warmup_steps}) must be in [0, training.steps({t.steps})]")
+    if not 0 <= o.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if not 0 < o.decay_fraction <= 1:
+        problems.append(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    if o.max_grad_norm < 0:
+        problems.append(f"optim.max_grad_norm={o.max_grad_norm} must be >= 0 (0 disables clipping)")
+
+    # data
+    d = cfg.data
+    if d.source == DataSource.tokens:
+        if not d.path:
+            problems.append("data.source=tokens needs data.path: a directory made by launch/prepare_data.py")
+        else:
+            root = Path(d.path).expanduser()
+            if not root.is_dir():
+                problems.append(f"data.path={d.path}: no such directory; make one with "
+                                f"`python launch/prepare_data.py --tokenizer tokenizer.json --out {d.path} FILES...`")
+            else:
+                missing = [f for f in ("meta.json", "train.bin", "val.bin") if not (root / f).is_file()]
+                if missing:
+                    problems.append(f"data.path={d.path}: missing {', '.join(missing)}; "
+                                    f"rebuild it with launch/prepare_data.py")
+                else:
+                    vocab = json.loads((root / "meta.json").read_text()).get("vocab_size", 0)
+                    if vocab > args.vocab_size:
+                        problems.append(f"the tokenizer of data.path has vocab_size {vocab} > model vocab_size "
+                                        f"{args.vocab_size}; set model.vocab_size={vocab} or larger")
+    elif d.source == DataSource.default:
+        from trainer.data import DEFAULT_VOCAB_SIZE
+
+        if args.vocab_size < DEFAULT_VOCAB_SIZE:
+            problems.append(f"the default dataset's tokenizer has {DEFAULT_VOCAB_SIZE} tokens > model vocab_size "
+                            f"{args.vocab_size}; set model.vocab_size={DEFAULT_VOCAB_SIZE} or larger")
+        if d.default_corpus_mb <= 0:
+            problems.append(f"data.default_corpus_mb={d.default_corpus_mb} must be > 0")
+    if not 0 < d.val_fraction < 1:
+        problems.append(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+
+    # logging and output
+    if cfg.logging.every < 1:
+        problems.append(f"logging.every={cfg.logging.every} must be >= 1")
+    if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
+        problems.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (or null to detect it)")
+    if not cfg.dry_run and not _writable_dir(Path(cfg.run_dir)):
+        problems.append(f"run_dir={cfg.run_dir}: cannot create or write there; choose another run_dir")
+    return problems
+
+
+def check(cfg: DictConfig, world_size: int) -> Plan:
+    """Raise ConfigError with every problem, or return the derived plan."""
+    problems = validate(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+    return derive(cfg, world_size)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return yaml.safe_dump(to_container(cfg), sort_keys=False)
+
+
+__all__ = ["Config", "ConfigError", "Plan", "load_config", "validate", "check", "derive", "list_recipes",
+           "save_resolved", "to_container", "to_yaml", "model_args_of", "Precision", "DataSource", "Schedule",
+           "DataParallel", "WandbMode"]
