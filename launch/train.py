@@ -4,6 +4,7 @@ Parses and validates the whole config before any process group starts, so a bad 
 message naming every problem; `dry_run=true` prints the plan and exits without allocating the model.
 """
 
+import os
 import sys
 
 from parallel.mesh import env_world_size
@@ -15,7 +16,8 @@ def main(argv: list[str]) -> int:
         cfg = load_config(argv)
         plan = check(cfg, env_world_size())
     except ConfigError as e:
-        print(f"shardwise: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank found the same problems; one reports them
+            print(f"shardwise: {e}", file=sys.stderr)
         return 2
     if cfg.dry_run:
         print(to_yaml(cfg), end="")

@@ -238,6 +238,14 @@ class Transformer(nn.Module):
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h  # (B, T, V)
 
+    def to_empty(self, *, device, recurse: bool = True) -> "Transformer":
+        # Module.to_empty replaces each module's parameters one module at a time, which silently unties
+        # a shared embedding/output table (each side gets its own empty tensor); tie it again.
+        super().to_empty(device=device, recurse=recurse)
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
     # ------------------------------------------------------------------------------------------
     # Initialization
 
@@ -251,7 +259,7 @@ class Transformer(nn.Module):
         the parameter is sharded: every layout starts from the single-process weights.
         """
         std = 0.02
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # a tied table is visited once, as tok_embeddings
             if name.endswith("norm.weight"):
                 _fill(p, name, seed, lambda t, g: t.fill_(1.0))
             elif name == "tok_embeddings.weight":

@@ -100,7 +100,7 @@ class TrainingConfig:
     precision: Precision = Precision.bf16
     seed: int = 0  # weights, data order and dropout-free RNG all follow from it
     device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
-    val_every: int = 50  # run validation every this many steps (0: never, except the last step)
+    val_every: int = 50  # validate at step 0 and every this many steps (0: only after the last step)
     val_batches: int = 4  # global batches of held-out data per validation
 
 
@@ -139,7 +139,7 @@ class WandbConfig:
 class LoggingConfig:
     every: int = 10  # log metrics every this many steps (and on the last step)
     console: bool = True  # one line per logging step on the logging rank
-    progress: bool = True  # a progress bar with ETA on the logging rank (when stderr is a terminal or CI)
+    progress: bool = True  # a progress bar with ETA on the logging rank, when stderr is a terminal
     jsonl: bool = True  # run_dir/metrics.jsonl, one JSON object per logging step
     tensorboard: bool = True  # run_dir/tensorboard
     wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -92,7 +92,7 @@ def _is_validation(name: str, val_fraction: float) -> bool:
 
 
 def write_token_files(docs: Iterable[tuple[str, str]], tokenizer, out_dir: Path, *, val_fraction: float,
-                      description: str, progress: bool = False, batch_docs: int = 64) -> dict:
+                      description: str, progress: bool = False, batch_docs: int = 64, eos: str = EOS) -> dict:
     """Tokenize documents into out_dir/{train,val}.bin + meta.json + tokenizer.json, atomically.
 
     Everything is written to a temporary sibling directory and renamed into place at the end, so a crash
@@ -101,9 +101,9 @@ def write_token_files(docs: Iterable[tuple[str, str]], tokenizer, out_dir: Path,
     out_dir = Path(out_dir)
     vocab = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    eos_id = tokenizer.token_to_id(EOS)
+    eos_id = tokenizer.token_to_id(eos)
     if eos_id is None:
-        raise ValueError(f"the tokenizer has no {EOS} token; add it as a special token")
+        raise ValueError(f"the tokenizer has no {eos} token; name its end-of-document token")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     counts = {"train": 0, "val": 0}
@@ -139,7 +139,7 @@ def write_token_files(docs: Iterable[tuple[str, str]], tokenizer, out_dir: Path,
             raise ValueError(f"split left {counts}; give more documents or change val_fraction ({val_fraction})")
         tokenizer.save(str(tmp / "tokenizer.json"))
         meta = {"format_version": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
-                "eos_id": eos_id, "train_tokens": counts["train"], "val_tokens": counts["val"],
+                "eos": eos, "eos_id": eos_id, "train_tokens": counts["train"], "val_tokens": counts["val"],
                 "train_documents": docs_in["train"], "val_documents": docs_in["val"],
                 "val_fraction": val_fraction, "source": description}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -201,6 +201,8 @@ class TokenFileSource:
 class SyntheticSource:
     """Uniform random tokens; sample i comes from its own generator, so any subset is reproducible."""
 
+    iid = True  # samples are independent draws already: the loader need not permute them
+
     def __init__(self, vocab_size: int, seq_len: int, seed: int, split: str, num_samples: int = 2**40):
         self.vocab_size, self.seq_len, self.num_samples = vocab_size, seq_len, num_samples
         self.seed = (seed, 0 if split == "train" else 1)
@@ -229,7 +231,8 @@ class BatchLoader:
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.per_rank = global_batch // dp_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
+        self.shuffle = shuffle and not getattr(source, "iid", False)
         self.cursor = 0  # global samples consumed so far, summed over all ranks
         self._perm_epoch, self._perm = -1, None
 

@@ -96,6 +96,16 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}%"  # "-": no known peak for this device (set logging.peak_tflops)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 class ConsoleSink:
     """One line per logging step: step, loss, grad norm, lr, tokens/s/device, TFLOP/s, MFU, memory."""
 
@@ -109,8 +119,8 @@ class ConsoleSink:
             self.write(
                 f"step {step:>6}/{self.total_steps}  loss {m['train/loss']:.4f}  gnorm {_fmt(m.get('train/grad_norm'), '.3f')}"
                 f"  lr {m['train/lr']:.2e}  tok/s/dev {m['perf/tokens_per_sec_per_gpu']:,.0f}"
-                f"  TFLOP/s {m['perf/tflops_per_gpu']:.2f}  MFU {_fmt(m.get('perf/mfu_pct'), '.1f')}%"
-                f"  mem {_fmt(mem, '.2f')} GiB ({_fmt(m.get('mem/peak_pct'), '.0f')}%)")
+                f"  TFLOP/s {m['perf/tflops_per_gpu']:.2f}  MFU {_pct(m.get('perf/mfu_pct'))}"
+                f"  mem {mem:.2f} GiB ({m['mem/peak_pct']:.0f}%)  eta {_duration(m.get('perf/eta_s', 0.0))}")
         if "val/loss" in m:
             self.write(f"step {step:>6}/{self.total_steps}  val loss {m['val/loss']:.4f}  "
                        f"val ppl {m['val/perplexity']:.2f}")
@@ -217,7 +227,7 @@ class MetricLogger:
         if not enabled:
             return
         lg = cfg.logging
-        if lg.progress:
+        if lg.progress and sys.stderr.isatty():  # a bar in a log file is noise; the console line has the ETA
             self.progress = ProgressBar(cfg.training.steps, initial=start_step)
         if lg.console:
             self.sinks.append(ConsoleSink(cfg.training.steps, write=self.progress.write if self.progress else None))

@@ -90,14 +90,14 @@ class Trainer:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
                                ignore_index=IGNORE_INDEX)
 
-    def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this rank's (accum, mb, T + 1) share of the global batch.
+    def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Accumulate the gradients of this rank's (accum, mb, T + 1) share of the global batch.
 
         The objective is the MEAN token loss over the whole global batch. Gradients add up, so each
         micro-batch contributes its loss SUM divided by the global count of target tokens: summing those
         gradients over micro-batches and ranks gives exactly the gradient of the global mean, whatever
-        the split into micro-batches and ranks (a per-micro-batch mean would weight short batches wrongly).
-        Returns (this rank's share of the global mean loss, the gradient norm), both still on the device.
+        the split into micro-batches and ranks (a per-micro-batch mean would weight batches wrongly).
+        Returns this rank's share of the global mean loss, still on the device (no host sync).
         """
         batch = batch.to(self.device, non_blocking=True)
         accum = batch.shape[0]
@@ -112,6 +112,10 @@ class Trainer:
                 scaled = loss * self.par.grad_reduction_scale  # undo DDP's averaging: we want the sum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_total += loss.detach()
+        return loss_total
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step, advance the schedule; returns the pre-clip global gradient norm (on the device)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.cfg.optim.max_grad_norm or float("inf")
@@ -123,7 +127,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_total, grad_norm
+        return grad_norm
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -148,10 +152,17 @@ class Trainer:
         history: list[dict] = []
         self.model.train()
         self.memory.reset()
-        window_start, window_steps = time.perf_counter(), 0
+        if t.val_every and self.step == 0:  # the starting point of the validation curve
+            first = self.validate()
+            self.logger.log(first, 0)
+            history.append({"step": 0, **first})
+        run_start = time.perf_counter()
+        window_start, window_steps = run_start, 0
         while self.step < t.steps:
             batch, _ = self.train_loader.next_batch()
-            loss, grad_norm = self.train_step(batch)
+            lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses
+            loss = self.forward_backward(batch)
+            grad_norm = self.optimizer_step()
             self.step += 1
             self.tokens_seen += self.plan.tokens_per_step
             window_steps += 1
@@ -168,12 +179,13 @@ class Trainer:
                 metrics = {
                     "train/loss": global_loss,
                     "train/grad_norm": grad_norm.item(),
-                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/lr": lr,
                     "train/tokens_seen": self.tokens_seen,
                     "perf/step_time_s": step_time,
                     "perf/tokens_per_sec_per_gpu": tps,
                     "perf/tflops_per_gpu": self.plan.flops_per_token * tps / 1e12,
                     "perf/mfu_pct": mfu_pct(self.plan.flops_per_token, tps, self.peak_tflops),
+                    "perf/eta_s": step_time * (t.steps - self.step),
                     **self.memory.stats(),
                 }
                 window_start, window_steps = time.perf_counter(), 0

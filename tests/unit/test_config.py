@@ -1,0 +1,108 @@
+"""Recipes load and validate; every typo, wrong type and rule violation gives the documented message."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.config import ConfigError, check, derive, list_recipes, load_config, validate
+
+
+def _recipe_world_size(cfg) -> int:
+    # a recipe states its layout; single-process recipes run on 1 rank, DDP ones on the 2 of the tests
+    return 1 if str(cfg.parallel.data) == "none" else 2
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_loads_and_validates(recipe, tmp_path):
+    cfg = load_config([f"recipe={recipe}", f"run_dir={tmp_path}"])
+    if str(cfg.data.source) == "tokens":  # a GPU-sized recipe: point it at data that does not need to exist
+        cfg.data.source = "synthetic"
+    assert validate(cfg, _recipe_world_size(cfg)) == []
+    assert cfg.name == recipe
+
+
+def test_base_recipe_is_extended_and_overrides_win(tmp_path):
+    recipe = tmp_path / "child.yaml"
+    recipe.write_text("base: llama_debug\ntraining: {steps: 7}\n")
+    cfg = load_config([f"recipe={recipe}", "training.steps=9", "training.steps=11", "optim.lr=1e-3"])
+    assert cfg.training.steps == 11  # the last override wins
+    assert cfg.training.seq_len == 128  # from the base recipe
+    assert cfg.optim.lr == 1e-3
+    assert cfg.name == "child" and cfg.run_dir == "runs/child"
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    (["recipe=llama_debg"], ["unknown recipe", "Did you mean 'llama_debug'", "Known recipes:"]),
+    (["training.stpes=3"], ["unknown key 'training.stpes'", "Did you mean: 'steps'"]),
+    (["optimm.lr=1"], ["unknown key 'optimm'", "Did you mean: 'optim'"]),
+    (["training.steps=abc"], ["training.steps", "'abc'", "could not be converted to Integer"]),
+    (["training.precision=fp8"], ["training.precision", "'fp8'", "expected one of [fp32, bf16, fp16]"]),
+    (["parallel.data=zero9"], ["parallel.data", "'zero9'", "expected one of"]),
+    (["steps"], ["'steps': expected key=value"]),
+])
+def test_bad_input_messages(tokens, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(tokens)
+    for fragment in expected:
+        assert fragment in str(e.value), f"{fragment!r} not in:\n{e.value}"
+
+
+def test_every_bad_override_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(["training.stpes=3", "optim.lrr=1", "training.seed=x"])
+    assert len(e.value.problems) == 3
+
+
+# (overrides, world size, the fragments the one message must contain)
+RULES = [
+    (["training.global_batch_size=16", "training.micro_batch_size=3"], 1,
+     "training.global_batch_size(16) must be divisible by training.micro_batch_size(3) * dp(1) = 3: 16 % 3 = 1"),
+    (["parallel.data=ddp", "training.global_batch_size=12", "training.micro_batch_size=4"], 2,
+     "training.global_batch_size(12) must be divisible by training.micro_batch_size(4) * dp(2) = 8: 12 % 8 = 4"),
+    (["model.n_heads=8", "model.n_kv_heads=3"], 1,
+     "model.n_kv_heads(3) must divide model.n_heads(8): 8 % 3 = 2"),
+    (["model.dim=250", "model.n_heads=8"], 1, "model.n_heads(8) must divide model.dim(250): 250 % 8 = 2"),
+    (["model.dim=40", "model.n_heads=8", "model.n_kv_heads=8"], 1, "head dim model.dim/model.n_heads = 40/8 = 5 must be even"),
+    (["optim.lr=-1e-3"], 1, "optim.lr=-0.001 must be > 0"),
+    (["optim.warmup_steps=500", "training.steps=100"], 1, "optim.warmup_steps(500) must be in [0, training.steps(100)]"),
+    (["training.seq_len=4096"], 1, "training.seq_len(4096) exceeds model.max_seq_len(1024)"),
+    (["training.steps=0"], 1, "training.steps=0 must be >= 1"),
+    (["optim.beta2=1.0"], 1, "optim.beta2=1.0 must be in [0, 1)"),
+    (["model.vocab_size=1000"], 1, "the default dataset's tokenizer has 4096 tokens > model vocab_size 1000"),
+    (["data.source=tokens"], 1, "data.source=tokens needs data.path"),
+    (["data.source=tokens", "data.path=/nonexistent/shardwise-data"], 1,
+     "data.path=/nonexistent/shardwise-data: no such directory"),
+    ([], 2, "parallel.data=none runs one process but WORLD_SIZE=2"),
+    (["logging.every=0"], 1, "logging.every=0 must be >= 1"),
+    (["run_dir=/dev/null/run"], 1, "run_dir=/dev/null/run: cannot create or write there"),
+    (["model.flavor=9b"], 1, "model.flavor=9b: unknown flavor"),
+]
+
+
+@pytest.mark.parametrize("overrides, world, fragment", RULES, ids=[r[2][:40] for r in RULES])
+def test_validation_rules(overrides, world, fragment):
+    cfg = load_config(["recipe=llama_debug", *overrides])
+    problems = validate(cfg, world)
+    assert any(fragment in p for p in problems), f"{fragment!r} not among {problems}"
+    with pytest.raises(ConfigError):
+        check(cfg, world)
+
+
+def test_missing_token_file_is_named(tmp_path):
+    (tmp_path / "meta.json").write_text('{"vocab_size": 100}')
+    (tmp_path / "train.bin").write_bytes(b"\0" * 64)
+    cfg = load_config(["recipe=llama_debug", "data.source=tokens", f"data.path={tmp_path}"])
+    assert any("missing val.bin" in p for p in validate(cfg, 1))
+
+
+def test_all_problems_are_reported_together():
+    cfg = load_config(["recipe=llama_debug", "optim.lr=-1", "training.micro_batch_size=3", "logging.every=0"])
+    assert len(validate(cfg, 1)) == 3
+
+
+def test_derived_numbers():
+    cfg = load_config(["recipe=llama_debug", "parallel.data=ddp", "training.global_batch_size=32",
+                       "training.micro_batch_size=4", "training.seq_len=128"])
+    plan = derive(cfg, 2)
+    assert (plan.dp_size, plan.micro_batch_size, plan.accum_steps) == (2, 4, 4)
+    assert plan.tokens_per_step == 32 * 128

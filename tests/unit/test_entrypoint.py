@@ -1,0 +1,60 @@
+"""launch/train.py as users run it: the dry-run plan, and bad input stopped before any process group."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytest
+
+from helpers import run_train
+
+
+def test_dry_run_8b_prints_the_plan_without_allocating():
+    start = time.perf_counter()
+    proc = run_train(["recipe=llama8b", "training.global_batch_size=64", "dry_run=true"], env={"WORLD_SIZE": "1"})
+    took = time.perf_counter() - start
+    out = proc.stdout
+    assert "flavor: 8b" in out
+    assert "parameters            8,030,261,248 (8.030 B)" in out
+    assert "micro-batch 1 x accumulation 64 x dp 1" in out
+    assert "FLOPs per token       57,914,449,920" in out
+    assert "tokens per step       524,288" in out
+    assert took < 60, f"dry run took {took:.1f} s"
+    # 8 B parameters in fp32 would be 32 GB; the dry run's process stays far below 2 GiB
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * 2**20
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.source=tokens", "data.path=/nonexistent/tokens"], "data.path=/nonexistent/tokens: no such directory"),
+    (["training.global_batch_size=10", "training.micro_batch_size=4"],
+     "training.global_batch_size(10) must be divisible by training.micro_batch_size(4) * dp(1) = 4: 10 % 4 = 2"),
+    (["optim.lr=-0.1"], "optim.lr=-0.1 must be > 0"),
+    (["training.stpes=5"], "Did you mean: 'steps'"),
+])
+def test_bad_input_never_starts_training(tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    proc = run_train(["recipe=llama_debug", f"run_dir={run_dir}", *overrides], check=False, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert proc.stderr.count("invalid config") == 1 and "Traceback" not in proc.stderr
+    assert not run_dir.exists(), "a rejected run wrote to its run directory"
+
+
+def test_missing_token_file(tmp_path):
+    data = tmp_path / "tokens"
+    data.mkdir()
+    (data / "meta.json").write_text('{"vocab_size": 4096, "dtype": "uint16"}')
+    (data / "val.bin").write_bytes(b"\0\0" * 100)
+    proc = run_train(["recipe=llama_debug", "data.source=tokens", f"data.path={data}"], check=False, timeout=60)
+    assert proc.returncode == 2 and "missing train.bin" in proc.stderr
+
+
+def test_bad_input_under_torchrun_stops_every_rank_before_the_process_group(tmp_path):
+    proc = run_train(["recipe=llama_debug", "parallel.data=ddp", "training.global_batch_size=6",
+                      "training.micro_batch_size=4", f"run_dir={tmp_path / 'run'}"], nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "training.global_batch_size(6) must be divisible by training.micro_batch_size(4) * dp(2) = 8" in proc.stderr
+    assert proc.stderr.count("invalid config") == 1  # one message, from rank 0
+    assert "exitcode  : 2" in proc.stderr  # both workers exited with the config-error code, no crash
+    assert 'train.py", line' not in proc.stderr  # no traceback from inside the trainer

@@ -1,0 +1,132 @@
+"""The LLaMA model: causality, deterministic complete initialization, parameter counts, RoPE, GQA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.llama import FLAVORS, ModelArgs, RopeScaling, apply_rope, build_model, count_params, rope_frequencies
+
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
+
+
+def _model(args=TINY, seed=0):
+    m = build_model(args, device="meta")
+    m.to_empty(device="cpu")
+    m.init_weights(seed=seed)
+    return m
+
+
+def test_causal():
+    """Changing token t never changes the logits at positions before t."""
+    torch.manual_seed(0)
+    m = _model()
+    x = torch.randint(0, TINY.vocab_size, (2, 32))
+    base = m(x)
+    for t in (0, 5, 17, 31):
+        y = x.clone()
+        y[:, t] = (y[:, t] + 1) % TINY.vocab_size
+        out = m(y)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[:, t], base[:, t])  # and the token itself does matter
+
+
+def test_init_is_deterministic_and_complete():
+    m = build_model(TINY, device="meta")
+    m.to_empty(device="cpu")
+    with torch.no_grad():  # poison everything, so any parameter or buffer init_weights skips shows up
+        for t in [*m.parameters(), *m.buffers()]:
+            t.fill_(float("nan"))
+    m.init_weights(seed=3)
+    for name, t in [*m.named_parameters(), *m.named_buffers()]:
+        assert torch.isfinite(t).all(), f"{name} left uninitialized"
+    again = _model(seed=3)
+    other = _model(seed=4)
+    for (name, a), b, c in zip(m.state_dict().items(), again.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs between two inits with the same seed"
+        if not name.endswith("norm.weight"):
+            assert not torch.equal(a, c), f"{name} does not depend on the seed"
+    torch.testing.assert_close(m.rope_cos, again.rope_cos)
+
+
+def test_init_statistics():
+    m = _model(ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=512, multiple_of=64))
+    assert abs(m.tok_embeddings.weight.std().item() - 1.0) < 0.02
+    assert abs(m.layers["0"].attention.wq.weight.std().item() - 0.02) < 0.002
+    # residual-stream writers are scaled down with depth: 0.02 / sqrt(2 (layer + 1))
+    assert abs(m.layers["1"].attention.wo.weight.std().item() - 0.02 / 2) < 0.001
+    assert (m.layers["0"].attention_norm.weight == 1).all()
+
+
+@pytest.mark.parametrize("flavor", list(FLAVORS))
+def test_param_count_formula_matches_the_module(flavor):
+    args = FLAVORS[flavor]
+    assert count_params(build_model(args, device="meta")) == args.num_params()
+
+
+def test_published_sizes():
+    # Llama-3-8B has 8.03 B parameters, Llama-2-7B 6.74 B, Llama-3-70B 70.6 B, Llama-3.2-1B 1.24 B
+    assert FLAVORS["8b"].num_params() == 8_030_261_248
+    assert FLAVORS["7b"].num_params() == 6_738_415_616
+    assert FLAVORS["70b"].num_params() == 70_553_706_496
+    assert FLAVORS["1b"].num_params() == 1_235_814_400
+
+
+def test_tied_embeddings_share_storage():
+    m = _model(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=128, multiple_of=32, tie_embeddings=True))
+    assert m.output.weight is m.tok_embeddings.weight
+    assert count_params(m) == m.args.num_params()
+
+
+def test_rope_rotates_pairs_and_keeps_norms():
+    args = TINY
+    inv = rope_frequencies(args)
+    pos = torch.arange(args.max_seq_len, dtype=torch.float32)
+    cos, sin = torch.outer(pos, inv).cos(), torch.outer(pos, inv).sin()
+    x = torch.randn(1, 8, 2, args.head_dim)
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    # the same rotation as a complex multiply of interleaved pairs (Meta's reference formulation)
+    xc = torch.view_as_complex(x.reshape(1, 8, 2, -1, 2))
+    ref = torch.view_as_real(xc * torch.polar(torch.ones_like(cos[:8]), torch.outer(pos[:8], inv))[None, :, None])
+    torch.testing.assert_close(y, ref.flatten(3))
+    # relative position: <R_m q, R_n k> depends only on m - n
+    q, k = torch.randn(args.head_dim), torch.randn(args.head_dim)
+    qs = apply_rope(q.expand(1, 64, 1, -1).contiguous(), cos, sin)[0, :, 0]
+    ks = apply_rope(k.expand(1, 64, 1, -1).contiguous(), cos, sin)[0, :, 0]
+    torch.testing.assert_close(qs[10] @ ks[7], qs[40] @ ks[37], rtol=1e-4, atol=1e-4)
+
+
+def test_llama3_rope_scaling():
+    base = ModelArgs(dim=4096, n_heads=32, rope_theta=500000.0)
+    scaled = ModelArgs(dim=4096, n_heads=32, rope_theta=500000.0, rope_scaling=RopeScaling(factor=8.0))
+    f0, f1 = rope_frequencies(base), rope_frequencies(scaled)
+    wavelen = 2 * math.pi / f0
+    high = wavelen < 8192 / 4.0  # short wavelengths are untouched
+    low = wavelen > 8192 / 1.0  # long ones are divided by the factor
+    torch.testing.assert_close(f1[high], f0[high])
+    torch.testing.assert_close(f1[low], f0[low] / 8.0)
+    mid = ~(high | low)
+    assert mid.any() and ((f1[mid] < f0[mid]) & (f1[mid] > f0[mid] / 8.0)).all()
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+    """GQA with 2 kv heads equals multi-head attention whose k/v weights repeat each kv head."""
+    gqa = _model()
+    mha_args = ModelArgs(**{**TINY.__dict__, "n_kv_heads": 4})
+    mha = _model(mha_args)
+    mha.load_state_dict({**gqa.state_dict(), **{
+        k: gqa.state_dict()[k].view(2, TINY.head_dim, -1).repeat_interleave(2, dim=0).reshape(4 * TINY.head_dim, -1)
+        for k in gqa.state_dict() if k.endswith(("wk.weight", "wv.weight"))}})
+    x = torch.randint(0, TINY.vocab_size, (2, 16))
+    torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_at_init_is_near_uniform():
+    m = _model(ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=1024, multiple_of=32))
+    x = torch.randint(0, 1024, (4, 32))
+    loss = F.cross_entropy(m(x).flatten(0, 1), x.flatten())
+    assert abs(loss.item() - math.log(1024)) < 1.0

@@ -1,0 +1,132 @@
+"""The Trainer end to end on one process: accumulation, loss normalization, a falling loss, every sink."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from helpers import read_jsonl, read_wandb_records, run_train, wandb_config, wandb_history
+from trainer.config import check, load_config
+from trainer.trainer import Trainer
+
+TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
+        "data.source=synthetic", "training.seq_len=32", "training.precision=fp32", "logging.progress=false",
+        "logging.console=false", "logging.jsonl=false", "logging.tensorboard=false", "logging.wandb.mode=disabled",
+        "training.val_every=0"]
+
+
+def _trainer(tmp_path, *overrides) -> Trainer:
+    cfg = load_config(["recipe=llama_debug", f"run_dir={tmp_path}", *TINY, *overrides])
+    return Trainer(cfg, check(cfg, 1))
+
+
+def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in trainer.par.module.named_parameters()}
+
+
+def test_accumulation_1x8_equals_4x2(tmp_path):
+    """The same 8 sequences as one micro-batch or as four of two give the same gradients (fp32)."""
+    one = _trainer(tmp_path / "a", "training.global_batch_size=8", "training.micro_batch_size=8")
+    four = _trainer(tmp_path / "b", "training.global_batch_size=8", "training.micro_batch_size=2")
+    batch1, idx1 = one.train_loader.next_batch()
+    batch4, idx4 = four.train_loader.next_batch()
+    assert batch1.shape[:2] == (1, 8) and batch4.shape[:2] == (4, 2)
+    assert torch.equal(idx1.flatten(), idx4.flatten())
+    loss1, loss4 = one.forward_backward(batch1), four.forward_backward(batch4)
+    torch.testing.assert_close(loss1, loss4, rtol=1e-6, atol=0)
+    g1, g4 = _grads(one), _grads(four)
+    for name in g1:
+        torch.testing.assert_close(g4[name], g1[name], rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+    # and the clipped global norms agree
+    torch.testing.assert_close(one.optimizer_step(), four.optimizer_step(), rtol=1e-6, atol=0)
+
+
+def test_loss_is_the_global_token_mean(tmp_path):
+    """The accumulated loss equals a plain mean cross-entropy over every token of the global batch."""
+    tr = _trainer(tmp_path, "training.global_batch_size=4", "training.micro_batch_size=2")
+    batch, _ = tr.train_loader.next_batch()
+    flat = batch.flatten(0, 1)
+    with torch.no_grad():
+        logits = tr.model(flat[:, :-1])
+        ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), flat[:, 1:].flatten())
+    torch.testing.assert_close(tr.forward_backward(batch), ref, rtol=1e-6, atol=0)
+
+
+def test_training_is_reproducible(tmp_path):
+    args = ("training.steps=3", "optim.warmup_steps=1", "logging.every=1")
+    a = _trainer(tmp_path / "a", *args).train()
+    b = _trainer(tmp_path / "b", *args).train()
+    assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    tr = _trainer(tmp_path, f"training.precision={precision}", "training.steps=4", "logging.every=1",
+                  "optim.lr=1e-2", "optim.warmup_steps=0")
+    assert (tr.scaler is not None) == (precision == "fp16")
+    hist = tr.train()
+    assert all(math.isfinite(r["train/loss"]) for r in hist)
+    assert all(p.dtype == torch.float32 for p in tr.par.module.parameters())  # fp32 master weights
+
+
+def test_schedule_reaches_the_optimizer(tmp_path):
+    tr = _trainer(tmp_path, "training.steps=10", "optim.warmup_steps=5", "optim.lr=1e-3", "logging.every=1")
+    lrs = [r["train/lr"] for r in tr.train()]
+    # the lr logged at step s is the one its update used: warmup 1/5, 2/5 ... of 1e-3, peak at step 5, decay
+    assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3) and lrs[5] == pytest.approx(1e-3) and lrs[-1] < lrs[6] < lrs[5]
+
+
+def test_quickstart_run_writes_every_artifact_and_learns(tmp_path, cache_dir):
+    """The real entry point on the default dataset: config, JSONL, TensorBoard, W&B offline; loss falls."""
+    run_dir = tmp_path / "run"
+    run_train(["recipe=llama_debug", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "training.steps=60",
+               "optim.warmup_steps=10", "training.val_every=30", "logging.every=10", "logging.wandb.mode=offline"])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["training"]["steps"] == 60 and saved["run_dir"] == str(run_dir)
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in rows if "train/loss" in r]
+    val = [r for r in rows if "val/loss" in r]
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
+    assert [r["step"] for r in val] == [0, 30, 60]
+    assert val[0]["val/loss"] > 8.0  # ~ln(4096) = 8.3 at initialization
+    assert val[-1]["val/loss"] < 6.5, f"validation loss did not fall enough: {[r['val/loss'] for r in val]}"
+    assert val[-1]["val/loss"] < val[1]["val/loss"] < val[0]["val/loss"]
+    assert val[-1]["val/perplexity"] == pytest.approx(math.exp(val[-1]["val/loss"]))
+    for key in ("train/grad_norm", "train/lr", "train/tokens_seen", "perf/tokens_per_sec_per_gpu",
+                "perf/tflops_per_gpu", "perf/step_time_s", "mem/peak_rss_gib", "mem/peak_pct"):
+        assert key in train[-1], key
+    assert train[-1]["train/tokens_seen"] == 60 * 16 * 128
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea.Reload()
+    tb_loss = ea.Scalars("train/loss")
+    assert [e.step for e in tb_loss] == [10, 20, 30, 40, 50, 60]
+    assert tb_loss[-1].value == pytest.approx(train[-1]["train/loss"], rel=1e-6)
+
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    records = read_wandb_records(files[0])
+    history = wandb_history(records)
+    logged = [h for h in history if "train/loss" in h]
+    assert [h["train/step"] for h in logged] == [10, 20, 30, 40, 50, 60]
+    assert [h["train/loss"] for h in logged] == pytest.approx([r["train/loss"] for r in train], rel=1e-6)
+    assert [h["val/loss"] for h in history if "val/loss" in h] == pytest.approx([r["val/loss"] for r in val])
+    config = wandb_config(records)
+    assert config["training"]["steps"] == 60 and config["model"]["flavor"] == "debug"
+    metric_defs = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "*" and m.step_metric == "train/step" for m in metric_defs)
+
+
+def test_secrets_never_reach_wandb(tmp_path):
+    from trainer.metrics import strip_secrets
+
+    cfg = {"logging": {"wandb": {"api_key": "s3cret", "project": "p"}}, "hf_token": "x", "lr": 1}
+    assert strip_secrets(cfg) == {"logging": {"wandb": {"project": "p"}}, "lr": 1}
+    assert "s3cret" not in json.dumps(strip_secrets(cfg))
