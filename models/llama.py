@@ -247,10 +247,67 @@ class Transformer(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------
+    # What the generic parallel code asks of a model
+
+    @property
+    def blocks(self) -> nn.ModuleDict:
+        """The repeated units: what FSDP shards one by one, AC wraps and compile compiles."""
+        return self.layers
+
+    def tp_plan(self, *, loss_parallel: bool) -> tuple[dict, dict]:
+        """Megatron-style tensor parallelism with sequence parallelism, as DTensor plans.
+
+        Returns (plan for the root modules, plan for each block). Between blocks the residual stream is
+        sharded along the sequence (Shard(1)); norms run on those shards (SequenceParallel); attention and
+        MLP all-gather the sequence, split heads / hidden units column-wise and reduce-scatter back to
+        sequence shards after the row-wise output projection. The embedding is split over the vocabulary.
+        With `loss_parallel` the logits stay split over the vocabulary (Shard(-1)) into the loss.
+        """
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                       SequenceParallel)
+
+        root = {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                      use_local_output=not loss_parallel),
+        }
+        root = {k: v for k, v in root.items() if getattr(self, k) is not None}  # a pipeline stage may lack them
+        block = {
+            "attention_norm": SequenceParallel(),
+            # forward(x, cos, sin): gather the sequence of x; the RoPE tables are plain tensors
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        }
+        return root, block
+
+    def keep_stage(self, block_names: list[str], *, first: bool, last: bool) -> None:
+        """Turn this (meta) model into one pipeline stage: keep these blocks, the embedding only on the
+        first stage, the final norm and output only on the last. Parameter names do not change."""
+        for name in list(self.layers.keys()):
+            if name not in block_names:
+                del self.layers[name]
+        if not first:
+            self.tok_embeddings = None
+        if not last:
+            self.norm = None
+            self.output = None
+
+    # ------------------------------------------------------------------------------------------
     # Initialization
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
+    def init_weights(self, seed: int = 0, *, buffer_device: torch.device | None = None) -> None:
         """Fill every parameter and buffer, deterministically from `seed`.
 
         Each parameter is drawn on the CPU from its own generator, seeded by (seed, parameter name),
@@ -260,6 +317,7 @@ class Transformer(nn.Module):
         """
         std = 0.02
         for name, p in self.named_parameters():  # a tied table is visited once, as tok_embeddings
+            name = canonical_name(name)
             if name.endswith("norm.weight"):
                 _fill(p, name, seed, lambda t, g: t.fill_(1.0))
             elif name == "tok_embeddings.weight":
@@ -276,8 +334,14 @@ class Transformer(nn.Module):
                 s = std / math.sqrt(2 * (layer_id + 1)) if writes_residual else std
                 _fill(p, name, seed, lambda t, g: nn.init.trunc_normal_(t, 0.0, s, -2.0, 2.0, generator=g))
         cos, sin = rope_tables(self.args)
-        self.rope_cos = cos.to(self.rope_cos.device)
-        self.rope_sin = sin.to(self.rope_sin.device)
+        device = buffer_device or self.rope_cos.device  # with CPU offload, parameters live on the CPU
+        self.rope_cos = cos.to(device)
+        self.rope_sin = sin.to(device)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the wrappers that AC and compile insert, the same in every layout."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _param_generator(seed: int, name: str) -> torch.Generator:
@@ -313,4 +377,4 @@ def count_params(model: nn.Module) -> int:
 
 
 __all__ = ["ModelArgs", "RopeScaling", "FLAVORS", "model_args", "Transformer", "build_model", "count_params",
-           "rope_tables", "apply_rope"]
+           "rope_tables", "apply_rope", "canonical_name"]

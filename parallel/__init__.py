@@ -1,39 +1,154 @@
-"""Parallel strategies. `parallelize(model, cfg, world)` applies them in one fixed order.
+"""Parallel strategies, applied by `parallelize()` in one fixed order.
 
-Today: one process (`parallel.data=none`) and DDP (`parallel.data=ddp`).
+    pipeline split -> per part: tensor parallel -> activation checkpointing -> compile -> FSDP/HSDP
+    -> allocate + initialize -> DDP
+
+Why this order:
+- The pipeline split comes first because every later step works on one stage's modules.
+- TP before AC: the checkpoint wrapper must see the TP-parallelized block, so that recompute repeats the
+  same sharded computation (and, with selective AC, keeps the reduce-scatter outputs instead of redoing them).
+- AC before compile: compile then traces the checkpointed block as one unit and can fuse the recompute.
+- FSDP last among the module transforms: it shards whatever parameters the earlier steps produced
+  (TP's DTensors become 2-D (dp, tp) DTensors) and its hooks wrap the compiled, checkpointed block.
+- Parameters are allocated and initialized only after sharding, so no rank ever holds a full model.
+- DDP wraps allocated parameters, so it comes after initialization.
+The model supplies its block list (`model.blocks`), TP plan and stage pruning; nothing here is LLaMA-specific.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from parallel.mesh import World
+from parallel.activation import apply_ac
+from parallel.compile import apply_compile
+from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
+from parallel.mesh import ParallelDims, World
+from parallel.pipeline import PipelineLoss, build_schedule, split_model
+from parallel.tensor import apply_tp
+
+log = logging.getLogger("shardwise")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 @dataclass
 class Parallelized:
-    model: nn.Module  # what the training step calls
-    module: nn.Module  # the bare model (parameters, state dicts)
-    # the gradient of the global-mean loss is the SUM of every rank's gradient; DDP averages instead,
+    parts: list[nn.Module]  # the model parts this rank holds: the whole model, or its pipeline stages
+    model: nn.Module  # what a non-pipelined step calls (the DDP wrapper, or parts[0])
+    dims: ParallelDims
+    mesh: dict | None  # named sub-meshes: pp, dp_replicate, dp_shard, tp, hsdp, dp (None on one process)
+    # the gradient of the global-mean loss is the SUM over data-parallel ranks; DDP and FSDP average,
     # so the loss is multiplied by this factor before backward
     grad_reduction_scale: float
     no_sync: Callable[[], contextlib.AbstractContextManager]  # skip gradient sync on non-final micro-batches
+    autocast_dtype: torch.dtype | None  # autocast compute dtype when FSDP's mixed precision does not cast
+    loss_parallel: bool  # logits arrive split over the vocabulary (TP without PP)
+    schedule: object | None = None  # the pipeline schedule (pp > 1)
+    pipeline_loss: PipelineLoss | None = None
+    has_first_stage: bool = True
+    has_last_stage: bool = True
+    notes: list[str] = field(default_factory=list)  # what was decided, for the log
+
+    def group(self, axis: str):
+        """The process group of one mesh axis ("dp", "tp", "pp"), or None on one process."""
+        return None if self.mesh is None else self.mesh[axis].get_group()
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh["pp"].get_local_rank()
+
+    def parameters(self):
+        for part in self.parts:
+            yield from part.parameters()
 
 
-def parallelize(model: nn.Module, cfg, world: World) -> Parallelized:
-    """Wrap a model whose parameters are already allocated and initialized on `world.device`."""
-    data = str(cfg.parallel.data)
-    if data == "none":
-        return Parallelized(model, model, 1.0, contextlib.nullcontext)
+def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss_sum=None) -> Parallelized:
+    """Apply the strategies of `cfg.parallel` to a meta-device model, then allocate and initialize it."""
+    p, t = cfg.parallel, cfg.training
+    data = str(p.data)
+    device = world.device
+    mesh = dims.build_meshes(device.type) if world.world_size > 1 else None
+    fsdp = data in ("fsdp", "hsdp")
+    precision = str(t.precision)
+    notes = []
+
+    # 1. pipeline split: each stage a pruned copy of the meta model
+    if dims.pp > 1:
+        parts_with_ids = split_model(model, p.pp_schedule, mesh["pp"].get_local_rank(), dims.pp)
+    else:
+        parts_with_ids = [(0, model)]
+    parts = [m for _, m in parts_with_ids]
+
+    offload = str(p.offload) == "cpu"
+    if offload and device.type == "cpu":
+        notes.append("parallel.offload=cpu on a CPU device is a no-op: parameters already live in host memory")
+        offload = False
+    loss_parallel = dims.tp > 1 and dims.pp == 1  # a pipeline stage boundary needs plain tensors
+    for part in parts:
+        # 2. tensor parallel
+        if dims.tp > 1:
+            apply_tp(part, mesh["tp"], loss_parallel=loss_parallel)
+        # 3. activation checkpointing
+        apply_ac(part, str(p.ac), every=p.ac_every)
+        # 4. compile
+        if p.compile:
+            apply_compile(part)
+        # 5. FSDP / HSDP
+        if fsdp:
+            dp_mesh = mesh["dp_shard"] if data == "fsdp" else mesh["hsdp"]
+            apply_fsdp(part, dp_mesh, param_dtype=_DTYPES[precision], reshard_after_forward=p.reshard_after_forward,
+                       offload=offload)
+        # 6. allocate, then initialize from the seed (the same values as on one process)
+        part.to_empty(device="cpu" if offload else device)
+        part.init_weights(seed=t.seed, buffer_device=device)
+
+    # 7. DDP wraps the allocated model
+    wrapped = parts[0]
+    no_sync: Callable = contextlib.nullcontext
     if data == "ddp":
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-        return Parallelized(ddp, model, float(world.world_size), ddp.no_sync)
-    raise ValueError(f"parallel.data={data}: unknown strategy")
+        wrapped = apply_ddp(parts[0], mesh["dp"], device)
+        no_sync = wrapped.no_sync
+    elif fsdp and dims.pp == 1:
+        no_sync = fsdp_no_sync(parts[0])
+
+    par = Parallelized(parts=parts, model=wrapped, dims=dims, mesh=mesh,
+                       grad_reduction_scale=float(dims.dp_size) if data != "none" else 1.0, no_sync=no_sync,
+                       autocast_dtype=None if fsdp else _DTYPES[precision], loss_parallel=loss_parallel, notes=notes)
+    if dims.pp > 1:
+        n_stages = dims.pp * (len(parts_with_ids))
+        ids = [sid for sid, _ in parts_with_ids]
+        par.has_first_stage, par.has_last_stage = 0 in ids, n_stages - 1 in ids
+        par.pipeline_loss = PipelineLoss(loss_sum, par.grad_reduction_scale)
+        n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
+        par.schedule = build_schedule(parts_with_ids, p.pp_schedule, pp=dims.pp, n_microbatches=n_micro,
+                                      device=device, group=mesh["pp"].get_group(), loss_fn=par.pipeline_loss)
+    return par
 
 
-__all__ = ["Parallelized", "parallelize", "World"]
+def clip_grad_norm(par: Parallelized, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over every parameter of every rank (DTensor shards and pipeline stages),
+    then clip to `max_norm`. Returns the norm before clipping, as a plain tensor on the device."""
+    params = [p for p in par.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(norm, "full_tensor"):  # DTensor: reduce the partial norms over the mesh
+        norm = norm.full_tensor()
+    if par.dims.pp > 1:  # each stage saw only its own parameters: add the squares over the pipeline
+        sq = norm**2
+        torch.distributed.all_reduce(sq, group=par.group("pp"))
+        norm = sq.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+__all__ = ["Parallelized", "parallelize", "clip_grad_norm", "ParallelDims", "World"]

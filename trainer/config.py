@@ -58,8 +58,26 @@ class Schedule(StrEnum):
 
 
 class DataParallel(StrEnum):
-    none = "none"  # one process
+    none = "none"  # no data parallelism (one process, or tp/pp alone)
     ddp = "ddp"  # torch DistributedDataParallel: full replicas, gradients all-reduced
+    fsdp = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded over dp_shard ranks
+    hsdp = "hsdp"  # FSDP2 on a (dp_replicate, dp_shard) mesh: sharded within a group, replicated across
+
+
+class ACMode(StrEnum):
+    none = "none"  # keep every activation
+    full = "full"  # keep each checkpointed block's input only; recompute the block in backward
+    selective = "selective"  # keep matmul and attention outputs, recompute the cheap ops (norms, SiLU, RoPE)
+
+
+class Offload(StrEnum):
+    none = "none"
+    cpu = "cpu"  # FSDP2 keeps sharded parameters, gradients and optimizer state in host memory
+
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+# schedules that place two stages on each pipeline rank (looped or V-shaped)
+PP_MULTI_STAGE = {"interleaved_1f1b": 2, "zbv": 2, "dualpipev": 2}
 
 
 class WandbMode(StrEnum):
@@ -123,6 +141,16 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     data: DataParallel = DataParallel.none  # how data-parallel ranks hold the model
+    dp_replicate: int = 1  # hsdp: replica groups; ddp: -1 or 1 (the data-parallel degree is the rest)
+    dp_shard: int = -1  # fsdp/hsdp: ranks one copy is sharded over; -1: the rest of the world
+    tp: int = 1  # tensor-parallel degree (Megatron-style column/row split + sequence parallel)
+    pp: int = 1  # pipeline-parallel degree (ranks along the pipeline)
+    pp_schedule: str = "1f1b"  # gpipe, 1f1b, interleaved_1f1b, zbv (zero bubble V), dualpipev
+    ac: ACMode = ACMode.none  # activation checkpointing of the transformer blocks
+    ac_every: int = 1  # ac=full: checkpoint every k-th block only (1: all blocks)
+    compile: bool = False  # torch.compile each transformer block
+    reshard_after_forward: bool = True  # fsdp/hsdp: free gathered parameters after forward (re-gather in backward)
+    offload: Offload = Offload.none  # fsdp/hsdp: keep sharded model states in CPU memory
 
 
 @dataclass
@@ -275,11 +303,14 @@ class Plan:
     params: int
     non_embedding_params: int
     flops_per_token: int
+    dims: object = None  # parallel.mesh.ParallelDims
 
     def describe(self) -> str:
         g = self.micro_batch_size * self.accum_steps * self.dp_size
         return "\n".join([
             f"world size            {self.world_size}",
+            f"layout                dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x "
+            f"tp {self.dims.tp} x pp {self.dims.pp}",
             f"data-parallel ranks   {self.dp_size}",
             f"global batch          {g} sequences = micro-batch {self.micro_batch_size} x accumulation "
             f"{self.accum_steps} x dp {self.dp_size}",
@@ -291,18 +322,31 @@ class Plan:
         ])
 
 
-def dp_size_of(cfg: DictConfig, world_size: int) -> int:
-    return world_size if cfg.parallel.data != DataParallel.none else 1
+def parallel_dims(cfg: DictConfig, world_size: int):
+    """(ParallelDims or None, problems) for the recipe's layout on `world_size` ranks."""
+    from parallel.mesh import resolve_dims
+
+    p = cfg.parallel
+    return resolve_dims(str(p.data), dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp,
+                        world_size=world_size)
+
+
+def pp_stages(cfg: DictConfig) -> int:
+    """Pipeline stages in all: pp ranks x stages per rank (2 for looped and V schedules)."""
+    return cfg.parallel.pp * PP_MULTI_STAGE.get(cfg.parallel.pp_schedule, 1)
 
 
 def derive(cfg: DictConfig, world_size: int) -> Plan:
     args = model_args_of(cfg)
     t = cfg.training
-    dp = dp_size_of(cfg, world_size)
+    dims, problems = parallel_dims(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+    dp = dims.dp_size
     return Plan(world_size=world_size, dp_size=dp, micro_batch_size=t.micro_batch_size,
                 accum_steps=t.global_batch_size // (t.micro_batch_size * dp), tokens_per_step=t.global_batch_size * t.seq_len,
                 params=args.num_params(), non_embedding_params=args.num_params(exclude_embedding=True),
-                flops_per_token=args.flops_per_token(t.seq_len))
+                flops_per_token=args.flops_per_token(t.seq_len), dims=dims)
 
 
 def _writable_dir(path: Path) -> bool:
@@ -345,12 +389,49 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                         f"raise model.max_seq_len or shorten the sequences")
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append(f"training.device={t.device} must be one of auto, cpu, cuda")
-    if world_size < 1:
-        problems.append(f"world size {world_size} must be >= 1")
-    elif cfg.parallel.data == DataParallel.none and world_size > 1:
-        problems.append(f"parallel.data=none runs one process but WORLD_SIZE={world_size}; "
-                        f"set parallel.data=ddp or launch a single process")
-    dp = dp_size_of(cfg, max(world_size, 1))
+    # parallel layout
+    p = cfg.parallel
+    dims, layout_problems = parallel_dims(cfg, max(world_size, 1))
+    problems += layout_problems
+    dp = dims.dp_size if dims else 1
+    if p.tp > 1:
+        for what, n in (("model.n_heads", args.n_heads), ("model.n_kv_heads", args.kv_heads)):
+            if n % p.tp:
+                problems.append(f"parallel.tp({p.tp}) must divide {what}({n}): {n} % {p.tp} = {n % p.tp}")
+        if args.tie_embeddings:
+            problems.append("parallel.tp > 1 with model.tie_embeddings=true is not supported (the embedding and the "
+                            "output projection would be split twice); set model.tie_embeddings=false")
+        if p.data == DataParallel.ddp:
+            problems.append(f"parallel.data=ddp with parallel.tp({p.tp}): DDP cannot wrap tensor-parallel "
+                            f"(DTensor) parameters; use parallel.data=fsdp or hsdp with tp")
+    if p.pp > 1 and p.data == DataParallel.ddp:
+        problems.append(f"parallel.data=ddp with parallel.pp({p.pp}) is not supported; use parallel.data=fsdp "
+                        f"(or none) with pp")
+    if p.pp_schedule not in PP_SCHEDULES:
+        close = difflib.get_close_matches(p.pp_schedule, PP_SCHEDULES, n=1)
+        problems.append(f"parallel.pp_schedule={p.pp_schedule}: unknown schedule"
+                        f"{f'; did you mean {close[0]}?' if close else ''} Known: {', '.join(PP_SCHEDULES)}")
+    elif p.pp > 1:
+        stages = pp_stages(cfg)
+        per_rank = PP_MULTI_STAGE.get(p.pp_schedule, 1)
+        if stages > args.n_layers:
+            problems.append(f"pipeline stages pp({p.pp}) x {per_rank} per rank ({p.pp_schedule}) = {stages} "
+                            f"> model.n_layers({args.n_layers}): every stage needs at least one block")
+        if t.global_batch_size >= 1 and t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0:
+            n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+            if p.pp_schedule != "gpipe" and n_micro < stages:
+                problems.append(
+                    f"pipeline microbatches = training.global_batch_size({t.global_batch_size}) / "
+                    f"(training.micro_batch_size({t.micro_batch_size}) * dp({dp})) = {n_micro} < {stages} stages, "
+                    f"which {p.pp_schedule} needs to fill the pipeline; lower training.micro_batch_size or raise "
+                    f"training.global_batch_size")
+    if p.ac_every < 1:
+        problems.append(f"parallel.ac_every={p.ac_every} must be >= 1")
+    if p.offload == Offload.cpu and p.data not in (DataParallel.fsdp, DataParallel.hsdp):
+        problems.append(f"parallel.offload=cpu needs FSDP2 (parallel.data=fsdp or hsdp), not parallel.data={p.data}")
+    if p.compile and p.tp > 1 and p.ac != ACMode.none:
+        problems.append("parallel.compile=true with parallel.tp > 1 and activation checkpointing fails in torch "
+                        "(a compiled checkpoint-wrapped block under TP); drop one of the three")
     if t.global_batch_size >= 1 and t.micro_batch_size >= 1:
         per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:
@@ -434,5 +515,5 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 __all__ = ["Config", "ConfigError", "Plan", "load_config", "validate", "check", "derive", "list_recipes",
-           "save_resolved", "to_container", "to_yaml", "model_args_of", "Precision", "DataSource", "Schedule",
-           "DataParallel", "WandbMode"]
+           "save_resolved", "to_container", "to_yaml", "model_args_of", "parallel_dims", "pp_stages", "Precision",
+           "DataSource", "Schedule", "DataParallel", "ACMode", "Offload", "WandbMode", "PP_SCHEDULES"]

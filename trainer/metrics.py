@@ -224,6 +224,7 @@ class MetricLogger:
         self.sinks: list[Sink] = []
         self.progress: ProgressBar | None = None
         self.wandb: WandbSink | None = None
+        self.enabled = enabled
         if not enabled:
             return
         lg = cfg.logging
@@ -242,6 +243,11 @@ class MetricLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         for s in self.sinks:
             s.log(metrics, step)
+
+    def note(self, line: str) -> None:
+        """A one-off message on the logging rank (decisions the run made, e.g. a no-op setting)."""
+        if self.enabled:
+            (self.progress.write if self.progress else print)(f"shardwise: {line}")
 
     def step_done(self, loss: float | None = None) -> None:
         if self.progress is not None:

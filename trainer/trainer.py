@@ -11,10 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch.distributed.tensor.parallel import loss_parallel
 
 from models.llama import build_model
 from optim import build_optimizer, build_scheduler
-from parallel import parallelize
+from parallel import clip_grad_norm, parallelize
 from parallel.mesh import destroy_distributed, init_distributed
 from trainer.config import Plan, Precision, model_args_of, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
@@ -34,24 +35,30 @@ class Trainer:
         self.world = init_distributed(t.device)
         self.device = self.world.device
         torch.manual_seed(t.seed)
-        self.dp_rank = self.world.rank if plan.dp_size > 1 else 0
 
         # 3. the model on the meta device: shapes only, nothing allocated
         self.model_args = model_args_of(cfg)
         model = build_model(self.model_args, device="meta")
 
-        # 4. allocate on the device, then 5. initialize every parameter and buffer from the seed
-        #    (the same weights in every layout), then wrap for the parallel strategy
-        model.to_empty(device=self.device)
-        model.init_weights(seed=t.seed)
-        self.par = parallelize(model, cfg, self.world)
+        # 4. + 5. parallelize in the fixed order (pipeline split, TP, AC, compile, FSDP), then allocate
+        #    on the device and initialize every parameter and buffer from the seed (the same weights in
+        #    every layout), then DDP (parallel/__init__.py explains the order)
+        self.par = parallelize(model, cfg, plan.dims, self.world, loss_sum=self._logits_loss_sum)
         self.model = self.par.model
+        self.dp_rank = self.par.dp_rank
 
         # 6. precision, optimizer, schedule, data, loggers
         self.precision = Precision(str(t.precision))
-        self.autocast_dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(self.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == Precision.fp16 else None
-        self.optimizer = build_optimizer(self.par.module, cfg, device_type=self.device.type)
+        self.autocast_dtype = self.par.autocast_dtype
+        self.scaler = None
+        if self.precision == Precision.fp16:
+            if self.world.distributed and str(cfg.parallel.data) != "ddp":
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(self.device.type)  # handles DTensor shards, agrees on inf
+            else:
+                self.scaler = torch.amp.GradScaler(self.device.type)
+        self.optimizer = build_optimizer(torch.nn.ModuleList(self.par.parts), cfg, device_type=self.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
         train_src, val_src, self.data_description = open_sources(cfg, t.seq_len, self.model_args.vocab_size)
@@ -69,6 +76,8 @@ class Trainer:
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(self.device, str(self.precision))
         self.memory = MemoryMonitor(self.device)
         self.logger = MetricLogger(cfg, self.run_dir, enabled=self.world.is_logging_rank, config=to_container(cfg))
+        for note in self.par.notes:
+            self.logger.note(note)
 
     # ------------------------------------------------------------------------------------------
 
@@ -77,18 +86,26 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.plan.dp_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    def _all_reduce_sum(self, t: torch.Tensor, axis: str = "dp") -> torch.Tensor:
+        size = {"dp": self.par.dims.dp_size, "tp": self.par.dims.tp, "pp": self.par.dims.pp}[axis]
+        if size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.par.group(axis))
         return t
+
+    def _logits_loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of (mb, T, V) logits against (mb, T) targets, in fp32.
+        Under TP the logits may be split over the vocabulary: loss_parallel computes the softmax
+        across the shards without gathering them."""
+        with loss_parallel() if self.par.loss_parallel else contextlib.nullcontext():
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
+                                   ignore_index=IGNORE_INDEX)
 
     def _loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mb, T + 1) -> scalar fp32."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (mb, T) each
         with self._autocast():
             logits = self.model(inputs)  # (mb, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
-                               ignore_index=IGNORE_INDEX)
+        return self._logits_loss_sum(logits, targets)
 
     def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
         """Accumulate the gradients of this rank's (accum, mb, T + 1) share of the global batch.
@@ -97,29 +114,51 @@ class Trainer:
         micro-batch contributes its loss SUM divided by the global count of target tokens: summing those
         gradients over micro-batches and ranks gives exactly the gradient of the global mean, whatever
         the split into micro-batches and ranks (a per-micro-batch mean would weight batches wrongly).
-        Returns this rank's share of the global mean loss, still on the device (no host sync).
+        Returns this rank's share of the global mean loss, still on the device (no host sync); under
+        pipeline parallelism only the ranks holding the last stage have a nonzero share.
         """
         batch = batch.to(self.device, non_blocking=True)
         accum = batch.shape[0]
         # one small all-reduce: the number of target tokens in the global batch
         n_tokens = self._all_reduce_sum((batch[..., 1:] != IGNORE_INDEX).sum().to(torch.float32))
+        if self.par.schedule is not None:
+            return self._pipeline_forward_backward(batch, n_tokens)
         loss_total = torch.zeros((), device=self.device)
         for i in range(accum):
             # gradients are synchronized across ranks only on the last micro-batch
             sync = contextlib.nullcontext() if i == accum - 1 else self.par.no_sync()
             with sync:
                 loss = self._loss_sum(batch[i]) / n_tokens
-                scaled = loss * self.par.grad_reduction_scale  # undo DDP's averaging: we want the sum
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_total += loss.detach()
+                scaled = loss * self.par.grad_reduction_scale  # undo DP's averaging: we want the sum
+                with loss_parallel() if self.par.loss_parallel else contextlib.nullcontext():
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss = loss.detach()
+            loss_total += loss.full_tensor() if hasattr(loss, "full_tensor") else loss  # a replicated DTensor under TP
         return loss_total
+
+    def _pipeline_forward_backward(self, batch: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+        """One schedule step runs all `accum` micro-batches through the pipeline (forward and backward)."""
+        flat = batch.flatten(0, 1)  # (accum * mb, T + 1): the schedule cuts it back into accum microbatches
+        inputs, targets = flat[:, :-1], flat[:, 1:]
+        self.par.pipeline_loss.n_tokens = n_tokens
+        if self.scaler:
+            self.par.pipeline_loss.scale = self.par.grad_reduction_scale * self.scaler.get_scale()
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.par.has_first_stage else ()
+        kwargs = {"target": targets, "losses": losses} if self.par.has_last_stage else {}
+        with self._autocast():
+            self.par.schedule.step(*args, **kwargs)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        scale = self.par.pipeline_loss.scale  # the losses carry the DP (and loss-scaler) factor: remove it
+        return torch.stack([l.detach() for l in losses]).sum() / scale
 
     def optimizer_step(self) -> torch.Tensor:
         """Clip, step, advance the schedule; returns the pre-clip global gradient norm (on the device)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.cfg.optim.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.par.module.parameters(), max_norm)
+        grad_norm = clip_grad_norm(self.par, max_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips the step when gradients overflowed
             self.scaler.update()
@@ -129,20 +168,40 @@ class Trainer:
         self.scheduler.step()
         return grad_norm
 
+    def _set_train(self, mode: bool) -> None:
+        for part in self.par.parts:
+            part.train(mode)
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean loss and perplexity over the first val_batches global batches of the held-out split."""
-        self.model.eval()
+        self._set_train(False)
         loader = BatchLoader(self.val_source, shuffle=False, **self.val_loader_args)
         totals = torch.zeros(2, device=self.device)  # (loss sum, target tokens)
         for _ in range(self.cfg.training.val_batches):
             batch, _ = loader.next_batch()
             batch = batch.to(self.device)
-            for mb in batch:
-                totals[0] += self._loss_sum(mb)
-                totals[1] += (mb[:, 1:] != IGNORE_INDEX).sum()
-        self._all_reduce_sum(totals)
-        self.model.train()
+            totals[1] += (batch[..., 1:] != IGNORE_INDEX).sum()
+            if self.par.schedule is None:
+                for mb in batch:
+                    loss = self._loss_sum(mb)
+                    totals[0] += loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+                continue
+            # pipeline: forward only; with n_tokens = scale = 1 the schedule's loss is the plain sum
+            flat = batch.flatten(0, 1)
+            self.par.pipeline_loss.n_tokens, self.par.pipeline_loss.scale = torch.ones((), device=self.device), 1.0
+            losses: list[torch.Tensor] = []
+            args = (flat[:, :-1],) if self.par.has_first_stage else ()
+            kwargs = {"target": flat[:, 1:], "losses": losses} if self.par.has_last_stage else {}
+            with self._autocast():
+                self.par.schedule.eval(*args, **kwargs)
+            if losses:
+                totals[0] += torch.stack(losses).sum()
+        if self.par.pipeline_loss is not None:
+            self.par.pipeline_loss.scale = self.par.grad_reduction_scale  # back to the training factor
+        self._all_reduce_sum(totals)  # over data-parallel ranks
+        totals[0:1] = self._all_reduce_sum(totals[0:1].clone(), "pp")  # only the last stage has losses
+        self._set_train(True)
         loss = (totals[0] / totals[1]).item()
         return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
 
@@ -150,7 +209,7 @@ class Trainer:
         """Run to training.steps; returns the logged metrics (also written to every sink)."""
         cfg, t = self.cfg, self.cfg.training
         history: list[dict] = []
-        self.model.train()
+        self._set_train(True)
         self.memory.reset()
         if t.val_every and self.step == 0:  # the starting point of the validation curve
             first = self.validate()
@@ -170,7 +229,7 @@ class Trainer:
             metrics: dict[str, float] = {}
             if self.step % cfg.logging.every == 0 or last:
                 # the only host synchronization of a logging step: the loss and the norm
-                global_loss = self._all_reduce_sum(loss.clone()).item()
+                global_loss = self._all_reduce_sum(self._all_reduce_sum(loss.clone(), "pp")).item()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - window_start

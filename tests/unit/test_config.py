@@ -72,7 +72,26 @@ RULES = [
     (["data.source=tokens"], 1, "data.source=tokens needs data.path"),
     (["data.source=tokens", "data.path=/nonexistent/shardwise-data"], 1,
      "data.path=/nonexistent/shardwise-data: no such directory"),
-    ([], 2, "parallel.data=none runs one process but WORLD_SIZE=2"),
+    ([], 2, "dp_replicate(1) * dp_shard(1) * tp(1) * pp(1) = 1 != WORLD_SIZE(2); parallel.data=none uses no "
+             "data-parallel ranks"),
+    (["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.tp=2"], 10,
+     "dp_replicate(2) * dp_shard(2) * tp(2) * pp(1) = 8 != WORLD_SIZE(10)"),
+    (["parallel.data=fsdp", "parallel.tp=4"], 6, "WORLD_SIZE(6) is not divisible by tp(4) * pp(1) = 4"),
+    (["parallel.data=fsdp", "parallel.tp=3"], 6, "parallel.tp(3) must divide model.n_heads(8): 8 % 3 = 2"),
+    (["parallel.data=fsdp", "parallel.tp=8", "training.global_batch_size=8", "training.micro_batch_size=8"], 8,
+     "parallel.tp(8) must divide model.n_kv_heads(4): 4 % 8 = 4"),
+    (["parallel.pp=8"], 8, "pipeline stages pp(8) x 1 per rank (1f1b) = 8 > model.n_layers(4)"),
+    (["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b"], 4,
+     "pipeline stages pp(4) x 2 per rank (interleaved_1f1b) = 8 > model.n_layers(4)"),
+    (["parallel.pp=2", "training.global_batch_size=16", "training.micro_batch_size=16"], 2,
+     "pipeline microbatches = training.global_batch_size(16) / (training.micro_batch_size(16) * dp(1)) = 1 < 2 "
+     "stages, which 1f1b needs"),
+    (["parallel.pp=2", "parallel.pp_schedule=1f1c"], 2, "parallel.pp_schedule=1f1c: unknown schedule; did you mean 1f1b?"),
+    (["parallel.data=ddp", "parallel.tp=2"], 4, "DDP cannot wrap tensor-parallel (DTensor) parameters"),
+    (["parallel.data=ddp", "parallel.offload=cpu"], 2, "parallel.offload=cpu needs FSDP2"),
+    (["parallel.data=fsdp", "parallel.dp_replicate=2"], 4, "parallel.dp_replicate=2 replicates shards, which is "
+                                                          "parallel.data=hsdp"),
+    (["parallel.ac_every=0"], 1, "parallel.ac_every=0 must be >= 1"),
     (["logging.every=0"], 1, "logging.every=0 must be >= 1"),
     (["run_dir=/dev/null/run"], 1, "run_dir=/dev/null/run: cannot create or write there"),
     (["model.flavor=9b"], 1, "model.flavor=9b: unknown flavor"),
@@ -98,6 +117,21 @@ def test_missing_token_file_is_named(tmp_path):
 def test_all_problems_are_reported_together():
     cfg = load_config(["recipe=llama_debug", "optim.lr=-1", "training.micro_batch_size=3", "logging.every=0"])
     assert len(validate(cfg, 1)) == 3
+
+
+@pytest.mark.parametrize("overrides, world, layout", [
+    (["parallel.data=fsdp"], 4, (1, 4, 1, 1)),
+    (["parallel.data=ddp"], 4, (4, 1, 1, 1)),
+    (["parallel.data=hsdp", "parallel.dp_replicate=2"], 8, (2, 4, 1, 1)),
+    (["parallel.data=hsdp", "parallel.dp_shard=2", "parallel.dp_replicate=-1"], 8, (4, 2, 1, 1)),
+    (["parallel.data=fsdp", "parallel.tp=2", "parallel.pp=2"], 8, (1, 2, 2, 2)),
+    (["parallel.tp=2"], 2, (1, 1, 2, 1)),
+])
+def test_layouts_resolve(overrides, world, layout):
+    cfg = load_config(["recipe=llama_debug", "training.global_batch_size=32", "training.micro_batch_size=2", *overrides])
+    assert validate(cfg, world) == []
+    d = derive(cfg, world).dims
+    assert (d.dp_replicate, d.dp_shard, d.tp, d.pp) == layout
 
 
 def test_derived_numbers():

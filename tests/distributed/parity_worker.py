@@ -1,0 +1,59 @@
+"""Run a few steps of a recipe under any layout and save what a parity test compares.
+
+    torchrun --nproc_per_node=N tests/distributed/parity_worker.py OUT_DIR recipe=... overrides...
+
+Saves OUT_DIR/result.pt on rank 0: the per-step global losses and gradient norms, and the full
+(unsharded, fp32) gradient of every parameter after step 1, keyed by its canonical name. Gradients
+are gathered from DTensor shards and from every pipeline stage, so any layout is comparable to one
+process.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from models.llama import canonical_name
+from parallel.mesh import env_world_size
+from trainer.config import check, load_config
+from trainer.trainer import Trainer
+
+
+def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    grads = {}
+    for part in trainer.par.parts:
+        for name, p in part.named_parameters():
+            g = p.grad
+            if g is None:
+                continue
+            if hasattr(g, "full_tensor"):
+                g = g.full_tensor()
+            grads[canonical_name(name)] = g.detach().float().cpu()
+    if trainer.par.dims.pp > 1:  # each pipeline rank holds other stages: gather the dicts
+        gathered = [None] * trainer.par.dims.pp
+        dist.all_gather_object(gathered, grads, group=trainer.par.group("pp"))
+        grads = {k: v for d in gathered for k, v in d.items()}
+    return grads
+
+
+def main(out: str, argv: list[str]) -> None:
+    cfg = load_config(argv)
+    trainer = Trainer(cfg, check(cfg, env_world_size()))
+    losses, norms, grads = [], [], None
+    for step in range(cfg.training.steps):
+        batch, _ = trainer.train_loader.next_batch()
+        loss = trainer.forward_backward(batch)
+        if step == 0:
+            grads = full_grads(trainer)
+        norms.append(trainer.optimizer_step().item())
+        loss = trainer._all_reduce_sum(trainer._all_reduce_sum(loss, "pp"))
+        losses.append(loss.item())
+    if trainer.world.rank == 0:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save({"losses": losses, "grad_norms": norms, "grads": grads}, Path(out) / "result.pt")
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
