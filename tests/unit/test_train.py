@@ -25,7 +25,7 @@ def _trainer(tmp_path, *overrides) -> Trainer:
 
 
 def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in trainer.par.module.named_parameters()}
+    return {n: p.grad.clone() for n, p in trainer.par.parts[0].named_parameters()}
 
 
 def test_accumulation_1x8_equals_4x2(tmp_path):
@@ -70,7 +70,7 @@ def test_mixed_precision_trains(tmp_path, precision):
     assert (tr.scaler is not None) == (precision == "fp16")
     hist = tr.train()
     assert all(math.isfinite(r["train/loss"]) for r in hist)
-    assert all(p.dtype == torch.float32 for p in tr.par.module.parameters())  # fp32 master weights
+    assert all(p.dtype == torch.float32 for p in tr.par.parts[0].parameters())  # fp32 master weights
 
 
 def test_schedule_reaches_the_optimizer(tmp_path):
