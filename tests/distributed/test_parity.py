@@ -1,0 +1,99 @@
+"""Every strategy, combination and AC mode trains to the single-process numbers.
+
+For each row, tests/distributed/parity_worker.py runs 5 steps under torchrun with gloo and saves the
+per-step global losses, gradient norms and the full gradients after step 1; the same worker on one
+process with the same seed and global batch is the reference. fp32 rows must agree to a relative 1e-5
+(losses and norms per step; each parameter's gradient by ||g - g_ref|| / ||g_ref||).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO
+
+WORKER = str(REPO / "tests" / "distributed" / "parity_worker.py")
+TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.vocab_size=256", "data.source=synthetic", "training.seq_len=32", "training.micro_batch_size=2",
+        "training.steps=5", "training.val_every=0", "optim.warmup_steps=1", "optim.lr=1e-2",
+        "logging.tensorboard=false", "logging.jsonl=false", "logging.console=false", "logging.wandb.mode=disabled"]
+
+# (id, processes, overrides, global batch, precision, tolerance)
+FP32 = 1e-5
+BF16 = 2e-2  # bf16 compute (FSDP casts parameters, one process autocasts): losses agree to ~1e-3, bound 2e-2
+CASES = [
+    ("ddp", 2, ["parallel.data=ddp"], 8, "fp32", FP32),
+    ("fsdp", 2, ["parallel.data=fsdp"], 8, "fp32", FP32),
+    ("fsdp_4", 4, ["parallel.data=fsdp"], 8, "fp32", FP32),
+    ("fsdp_no_reshard", 2, ["parallel.data=fsdp", "parallel.reshard_after_forward=false"], 8, "fp32", FP32),
+    ("hsdp_2x2", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2"], 8, "fp32", FP32),
+    ("tp", 2, ["parallel.tp=2"], 8, "fp32", FP32),
+    ("fsdp_tp", 4, ["parallel.data=fsdp", "parallel.tp=2"], 8, "fp32", FP32),
+    ("hsdp_tp", 8, ["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.tp=2"], 16, "fp32", FP32),
+    ("pp_gpipe", 2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"], 8, "fp32", FP32),
+    ("pp_1f1b", 2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"], 8, "fp32", FP32),
+    ("pp_interleaved_1f1b", 2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], 8, "fp32", FP32),
+    ("pp_zbv", 2, ["parallel.pp=2", "parallel.pp_schedule=zbv"], 8, "fp32", FP32),
+    ("pp_dualpipev", 2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"], 8, "fp32", FP32),
+    ("pp_uneven_3_stages", 3, ["parallel.pp=3"], 8, "fp32", FP32),  # 4 blocks over 3 stages: 1, 2, 1
+    ("pp_fsdp", 4, ["parallel.data=fsdp", "parallel.pp=2"], 8, "fp32", FP32),
+    ("pp_tp", 4, ["parallel.tp=2", "parallel.pp=2"], 8, "fp32", FP32),
+    ("3d_pp_fsdp_tp", 8, ["parallel.data=fsdp", "parallel.pp=2", "parallel.tp=2"], 16, "fp32", FP32),
+    ("ac_full", 1, ["parallel.ac=full"], 8, "fp32", FP32),
+    ("ac_full_every_2", 1, ["parallel.ac=full", "parallel.ac_every=2"], 8, "fp32", FP32),
+    ("ac_selective", 1, ["parallel.ac=selective"], 8, "fp32", FP32),
+    ("fsdp_ac_full", 2, ["parallel.data=fsdp", "parallel.ac=full"], 8, "fp32", FP32),
+    ("fsdp_ac_selective", 2, ["parallel.data=fsdp", "parallel.ac=selective"], 8, "fp32", FP32),
+    ("fsdp_tp_ac_selective", 4, ["parallel.data=fsdp", "parallel.tp=2", "parallel.ac=selective"], 8, "fp32", FP32),
+    ("pp_ac_full", 2, ["parallel.pp=2", "parallel.ac=full"], 8, "fp32", FP32),
+    ("fsdp_offload_cpu_noop", 2, ["parallel.data=fsdp", "parallel.offload=cpu"], 8, "fp32", FP32),
+    ("fsdp_bf16", 2, ["parallel.data=fsdp"], 8, "bf16", BF16),
+    ("fsdp_tp_bf16", 4, ["parallel.data=fsdp", "parallel.tp=2"], 8, "bf16", BF16),
+]
+
+
+def _run(out, nproc: int, args: list[str]) -> dict:
+    if nproc == 1:
+        cmd = [sys.executable, WORKER, str(out), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER,
+               str(out), *args]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(out)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd[-12:])} failed:\n{proc.stderr[-3000:]}"
+    return torch.load(out / "result.pt")
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    cache = {}
+
+    def get(global_batch: int, precision: str) -> dict:
+        key = (global_batch, precision)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"ref_{global_batch}_{precision}")
+            cache[key] = _run(out, 1, [*TINY, f"training.global_batch_size={global_batch}", "training.precision=fp32",
+                                       f"run_dir={out}"])
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("name, nproc, overrides, global_batch, precision, tol", CASES, ids=[c[0] for c in CASES])
+def test_strategy_matches_single_process(name, nproc, overrides, global_batch, precision, tol, references, tmp_path):
+    ref = references(global_batch, "fp32")
+    got = _run(tmp_path, nproc, [*TINY, *overrides, f"training.global_batch_size={global_batch}",
+                                 f"training.precision={precision}", f"run_dir={tmp_path}"])
+    assert len(got["losses"]) == 5
+    for step, (a, b) in enumerate(zip(ref["losses"], got["losses"]), 1):
+        assert abs(b - a) <= tol * abs(a), f"{name}: loss at step {step} is {b}, single process {a}"
+    for step, (a, b) in enumerate(zip(ref["grad_norms"], got["grad_norms"]), 1):
+        assert abs(b - a) <= tol * abs(a) * 10, f"{name}: grad norm at step {step} is {b}, single process {a}"
+    assert got["grads"].keys() == ref["grads"].keys(), f"{name}: parameters differ"
+    for key, g in ref["grads"].items():
+        err = ((got["grads"][key] - g).norm() / g.norm()).item()
+        assert err <= tol * (10 if precision == "bf16" else 1), f"{name}: gradient of {key} off by {err:.2e} (relative)"
