@@ -30,7 +30,7 @@ from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
 from parallel.mesh import ParallelDims, World
 from parallel.pipeline import PipelineLoss, build_schedule, split_model
-from parallel.tensor import apply_tp
+from parallel.tensor import apply_tp, keep_grads_sharded_like_params
 
 log = logging.getLogger("shardwise")
 
@@ -111,6 +111,8 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         # 6. allocate, then initialize from the seed (the same values as on one process)
         part.to_empty(device="cpu" if offload else device)
         part.init_weights(seed=t.seed, buffer_device=device)
+        if dims.tp > 1 and not fsdp:  # (FSDP reduce-scatters into its own sharded gradients)
+            keep_grads_sharded_like_params(part)
 
     # 7. DDP wraps the allocated model
     wrapped = parts[0]

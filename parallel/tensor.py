@@ -18,3 +18,15 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool) -> N
         parallelize_module(model, tp_mesh, root_plan)
     for block in model.blocks.values():
         parallelize_module(block, tp_mesh, block_plan)
+
+
+def keep_grads_sharded_like_params(model: nn.Module) -> None:
+    """DTensor's embedding backward returns a *replicated* gradient for the vocab-sharded table: every
+    TP rank would hold the full vocab x dim gradient (2 GB per rank for a 128k-vocab 8B model). Slice it
+    back to the parameter's own placement as it is produced (Replicate -> Shard is a local slice).
+    Call it on allocated parameters: `to_empty()` replaces the parameter objects and their hooks."""
+    for p in model.parameters():
+        if hasattr(p, "placements") and any(pl.is_shard() for pl in p.placements):
+            placements = p.placements
+            p.register_hook(lambda g, placements=placements: g if g.placements == placements
+                            else g.redistribute(placements=placements))

@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node=N tests/distributed/parity_worker.py OUT_DIR recipe=... overrides...
 
-Saves OUT_DIR/result.pt on rank 0: the per-step global losses and gradient norms, and the full
-(unsharded, fp32) gradient of every parameter after step 1, keyed by its canonical name. Gradients
+Saves OUT_DIR/result.pt on rank 0: the per-step global losses and gradient norms, the full
+(unsharded, fp32) gradient of every parameter after step 1, keyed by its canonical name, and the bytes
+of parameters, gradients and optimizer state each rank held during step 1. Gradients
 are gathered from DTensor shards and from every pipeline stage, so any layout is comparable to one
 process.
 """
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from models.llama import canonical_name
+from parallel.memory import model_state_bytes
 from parallel.mesh import env_world_size
 from trainer.config import check, load_config
 from trainer.trainer import Trainer
@@ -46,12 +48,20 @@ def main(out: str, argv: list[str]) -> None:
         loss = trainer.forward_backward(batch)
         if step == 0:
             grads = full_grads(trainer)
+            held = model_state_bytes(trainer.par.parts)
         norms.append(trainer.optimizer_step().item())
+        if step == 0:
+            held["optim"] = model_state_bytes(trainer.par.parts, trainer.optimizer)["optim"]
         loss = trainer._all_reduce_sum(trainer._all_reduce_sum(loss, "pp"))
         losses.append(loss.item())
+    per_rank = [held]
+    if trainer.world.distributed:
+        per_rank = [None] * trainer.world.world_size
+        dist.all_gather_object(per_rank, held)
     if trainer.world.rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"losses": losses, "grad_norms": norms, "grads": grads}, Path(out) / "result.pt")
+        torch.save({"losses": losses, "grad_norms": norms, "grads": grads, "bytes_per_rank": per_rank},
+                   Path(out) / "result.pt")
     trainer.close()
 
 

@@ -8,19 +8,7 @@ process with the same seed and global batch is the reference. fp32 rows must agr
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-import torch
-
-from helpers import REPO
-
-WORKER = str(REPO / "tests" / "distributed" / "parity_worker.py")
-TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.vocab_size=256", "data.source=synthetic", "training.seq_len=32", "training.micro_batch_size=2",
-        "training.steps=5", "training.val_every=0", "optim.warmup_steps=1", "optim.lr=1e-2",
-        "logging.tensorboard=false", "logging.jsonl=false", "logging.console=false", "logging.wandb.mode=disabled"]
 
 # (id, processes, overrides, global batch, precision, tolerance)
 FP32 = 1e-5
@@ -56,38 +44,10 @@ CASES = [
 ]
 
 
-def _run(out, nproc: int, args: list[str]) -> dict:
-    if nproc == 1:
-        cmd = [sys.executable, WORKER, str(out), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER,
-               str(out), *args]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(out)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd[-12:])} failed:\n{proc.stderr[-3000:]}"
-    return torch.load(out / "result.pt")
-
-
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    cache = {}
-
-    def get(global_batch: int, precision: str) -> dict:
-        key = (global_batch, precision)
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"ref_{global_batch}_{precision}")
-            cache[key] = _run(out, 1, [*TINY, f"training.global_batch_size={global_batch}", "training.precision=fp32",
-                                       f"run_dir={out}"])
-        return cache[key]
-
-    return get
-
-
 @pytest.mark.parametrize("name, nproc, overrides, global_batch, precision, tol", CASES, ids=[c[0] for c in CASES])
-def test_strategy_matches_single_process(name, nproc, overrides, global_batch, precision, tol, references, tmp_path):
-    ref = references(global_batch, "fp32")
-    got = _run(tmp_path, nproc, [*TINY, *overrides, f"training.global_batch_size={global_batch}",
-                                 f"training.precision={precision}", f"run_dir={tmp_path}"])
+def test_strategy_matches_single_process(name, nproc, overrides, global_batch, precision, tol, worker):
+    ref = worker(1, [f"training.global_batch_size={global_batch}", "training.precision=fp32"])
+    got = worker(nproc, [*overrides, f"training.global_batch_size={global_batch}", f"training.precision={precision}"])
     assert len(got["losses"]) == 5
     for step, (a, b) in enumerate(zip(ref["losses"], got["losses"]), 1):
         assert abs(b - a) <= tol * abs(a), f"{name}: loss at step {step} is {b}, single process {a}"

@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO
+
+WORKER = str(REPO / "tests" / "distributed" / "parity_worker.py")
+
+# a 4-block LLaMA small enough that 8 gloo ranks run 5 steps in seconds
+TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.vocab_size=256", "data.source=synthetic", "training.seq_len=32", "training.micro_batch_size=2",
+        "training.steps=5", "training.val_every=0", "optim.warmup_steps=1", "optim.lr=1e-2",
+        "logging.tensorboard=false", "logging.jsonl=false", "logging.console=false", "logging.wandb.mode=disabled"]
+
+
+@pytest.fixture(scope="session")
+def worker(tmp_path_factory):
+    """run(nproc, overrides) -> the worker's result.pt, cached for the session by its arguments."""
+    cache = {}
+
+    def run(nproc: int, overrides: list[str]) -> dict:
+        key = (nproc, tuple(overrides))
+        if key in cache:
+            return cache[key]
+        out = tmp_path_factory.mktemp("worker")
+        args = [*TINY, *overrides, f"run_dir={out}"]
+        if nproc == 1:
+            cmd = [sys.executable, WORKER, str(out), *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   WORKER, str(out), *args]
+        env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(out)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+        assert proc.returncode == 0, f"{nproc} ranks, {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}"
+        cache[key] = torch.load(out / "result.pt")
+        return cache[key]
+
+    return run

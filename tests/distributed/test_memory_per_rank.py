@@ -1,0 +1,52 @@
+"""Each rank holds exactly the bytes of model state its strategy promises (fp32, AdamW).
+
+The tiny model of the parity suite: D=64, 4 blocks, 4 query / 2 kv heads of 16, SwiGLU hidden
+64 * ceil(int(2*4*64/3)=170 / 64) = 192, vocabulary 256. Counted by hand:
+  one block: wq 64*64 + wk 64*32 + wv 64*32 + wo 64*64 = 12,288; MLP 3*64*192 = 36,864; 2 norms 128
+             -> 49,280
+  4 blocks 197,120 + final norm 64 + embedding 256*64 = 16,384 + output 16,384 -> P = 229,952
+Every dim-0 size (64, 32, 192, 256) divides by 2 and 4, so FSDP shards are exactly P/N. Under TP every
+matrix is split in two and the 9 norm vectors (576 values) are replicated. Pipeline stage 0 holds the
+embedding and blocks 0-1, stage 1 blocks 2-3, the final norm and the output.
+AdamW keeps two fp32 moments per parameter; gradients match the parameters.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from models.llama import ModelArgs
+
+ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=64)
+P = 229_952
+BLOCK = 49_280
+NORMS = 4 * 128 + 64
+EMB = 256 * 64
+
+
+def test_hand_count_matches_the_model():
+    assert ARGS.num_params() == P and ARGS.ffn_hidden == 192
+
+
+# (id, processes, overrides, parameters (numel) held by each rank)
+LAYOUTS = [
+    ("none", 1, [], [P]),
+    ("ddp", 2, ["parallel.data=ddp"], [P, P]),  # full replicas
+    ("fsdp_2", 2, ["parallel.data=fsdp"], [P // 2] * 2),  # 1/N each (ZeRO-3)
+    ("fsdp_4", 4, ["parallel.data=fsdp"], [P // 4] * 4),
+    ("hsdp_2x2", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2"], [P // 2] * 4),  # 1/shard-group size
+    ("tp_2", 2, ["parallel.tp=2"], [(P - NORMS) // 2 + NORMS] * 2),
+    ("fsdp_2_tp_2", 4, ["parallel.data=fsdp", "parallel.tp=2"], [((P - NORMS) // 2 + NORMS) // 2] * 4),
+    ("pp_2", 2, ["parallel.pp=2"], [EMB + 2 * BLOCK, 2 * BLOCK + 64 + EMB]),
+    ("pp_2_fsdp_2", 4, ["parallel.data=fsdp", "parallel.pp=2"],  # mesh (pp, dp): ranks 0,1 stage 0
+     [(EMB + 2 * BLOCK) // 2] * 2 + [(2 * BLOCK + 64 + EMB) // 2] * 2),
+]
+
+
+@pytest.mark.parametrize("name, nproc, overrides, params", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_bytes_per_rank_equal_the_formula(name, nproc, overrides, params, worker):
+    held = worker(nproc, [*overrides, "training.global_batch_size=8", "training.precision=fp32"])["bytes_per_rank"]
+    assert len(held) == nproc
+    for rank, (h, numel) in enumerate(zip(held, params)):
+        want = {"params": 4 * numel, "grads": 4 * numel, "optim": 8 * numel}  # fp32: 4 + 4 + 2 x 4 bytes
+        assert h == want, f"{name} rank {rank}: holds {h}, the formula says {want}"
