@@ -23,6 +23,7 @@ from trainer.trainer import Trainer
 
 
 def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    scale = trainer.scaler.get_scale() if trainer.scaler else 1.0  # fp16: gradients are still loss-scaled
     grads = {}
     for part in trainer.par.parts:
         for name, p in part.named_parameters():
@@ -31,7 +32,7 @@ def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
                 continue
             if hasattr(g, "full_tensor"):
                 g = g.full_tensor()
-            grads[canonical_name(name)] = g.detach().float().cpu()
+            grads[canonical_name(name)] = g.detach().float().cpu() / scale
     if trainer.par.dims.pp > 1:  # each pipeline rank holds other stages: gather the dicts
         gathered = [None] * trainer.par.dims.pp
         dist.all_gather_object(gathered, grads, group=trainer.par.group("pp"))

@@ -3,7 +3,8 @@
 For each row, tests/distributed/parity_worker.py runs 5 steps under torchrun with gloo and saves the
 per-step global losses, gradient norms and the full gradients after step 1; the same worker on one
 process with the same seed and global batch is the reference. fp32 rows must agree to a relative 1e-5
-(losses and norms per step; each parameter's gradient by ||g - g_ref|| / ||g_ref||).
+(losses and norms per step; each parameter's gradient by ||g - g_ref|| / ||g_ref||); bf16 and fp16 rows
+are compared with the fp32 reference under looser bounds (BF16 below).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import pytest
 
 # (id, processes, overrides, global batch, precision, tolerance)
-FP32 = 1e-5
-BF16 = 2e-2  # bf16 compute (FSDP casts parameters, one process autocasts): losses agree to ~1e-3, bound 2e-2
+# (loss and grad-norm tolerance, per-parameter gradient tolerance), relative
+FP32 = (1e-5, 1e-5)
+# 16-bit compute against the fp32 reference: observed losses within 2.1e-4 and gradients within 1e-2 (bf16)
+BF16 = (2e-3, 5e-2)
 CASES = [
     ("ddp", 2, ["parallel.data=ddp"], 8, "fp32", FP32),
     ("fsdp", 2, ["parallel.data=fsdp"], 8, "fp32", FP32),
@@ -39,7 +42,12 @@ CASES = [
     ("fsdp_tp_ac_selective", 4, ["parallel.data=fsdp", "parallel.tp=2", "parallel.ac=selective"], 8, "fp32", FP32),
     ("pp_ac_full", 2, ["parallel.pp=2", "parallel.ac=full"], 8, "fp32", FP32),
     ("fsdp_offload_cpu_noop", 2, ["parallel.data=fsdp", "parallel.offload=cpu"], 8, "fp32", FP32),
+    ("compile", 1, ["parallel.compile=true"], 8, "fp32", FP32),
+    ("fsdp_compile_ac_selective", 2, ["parallel.data=fsdp", "parallel.compile=true", "parallel.ac=selective"], 8,
+     "fp32", FP32),
+    ("tp_compile", 2, ["parallel.tp=2", "parallel.compile=true"], 8, "fp32", FP32),
     ("fsdp_bf16", 2, ["parallel.data=fsdp"], 8, "bf16", BF16),
+    ("fsdp_fp16", 2, ["parallel.data=fsdp"], 8, "fp16", BF16),
     ("fsdp_tp_bf16", 4, ["parallel.data=fsdp", "parallel.tp=2"], 8, "bf16", BF16),
 ]
 
@@ -49,11 +57,12 @@ def test_strategy_matches_single_process(name, nproc, overrides, global_batch, p
     ref = worker(1, [f"training.global_batch_size={global_batch}", "training.precision=fp32"])
     got = worker(nproc, [*overrides, f"training.global_batch_size={global_batch}", f"training.precision={precision}"])
     assert len(got["losses"]) == 5
+    loss_tol, grad_tol = tol
     for step, (a, b) in enumerate(zip(ref["losses"], got["losses"]), 1):
-        assert abs(b - a) <= tol * abs(a), f"{name}: loss at step {step} is {b}, single process {a}"
+        assert abs(b - a) <= loss_tol * abs(a), f"{name}: loss at step {step} is {b}, single process {a}"
     for step, (a, b) in enumerate(zip(ref["grad_norms"], got["grad_norms"]), 1):
-        assert abs(b - a) <= tol * abs(a) * 10, f"{name}: grad norm at step {step} is {b}, single process {a}"
+        assert abs(b - a) <= grad_tol * abs(a), f"{name}: grad norm at step {step} is {b}, single process {a}"
     assert got["grads"].keys() == ref["grads"].keys(), f"{name}: parameters differ"
     for key, g in ref["grads"].items():
         err = ((got["grads"][key] - g).norm() / g.norm()).item()
-        assert err <= tol * (10 if precision == "bf16" else 1), f"{name}: gradient of {key} off by {err:.2e} (relative)"
+        assert err <= grad_tol, f"{name}: gradient of {key} off by {err:.2e} (relative)"
