@@ -27,8 +27,15 @@ def build_optimizer(model: nn.Module, cfg, *, device_type: str) -> torch.optim.O
     o = cfg.optim
     if o.name != "adamw":
         raise ValueError(f"optim.name={o.name}: unknown optimizer; known: adamw")
+    groups = param_groups(model, o.weight_decay)
+    if str(cfg.parallel.data).startswith("zero") and str(cfg.parallel.offload) == "cpu":
+        # ZeRO-Offload steps on the CPU with DeepSpeed's vectorized Adam (AdamW mode: decoupled decay);
+        # its C++ op is compiled on first use
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
     fused = (device_type == "cuda") if o.fused is None else bool(o.fused)
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=fused or None, foreach=None if fused else True)
 
 

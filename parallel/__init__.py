@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.activation import apply_ac
 from parallel.compile import apply_compile
@@ -54,6 +55,8 @@ class Parallelized:
     has_first_stage: bool = True
     has_last_stage: bool = True
     notes: list[str] = field(default_factory=list)  # what was decided, for the log
+    optimizer: torch.optim.Optimizer | None = None
+    manages_precision: bool = False  # DeepSpeed casts and loss-scales itself: no autocast, no GradScaler
 
     def group(self, axis: str):
         """The process group of one mesh axis ("dp", "tp", "pp"), or None on one process."""
@@ -71,6 +74,29 @@ class Parallelized:
         for part in self.parts:
             yield from part.parameters()
 
+    # -- the three calls the training step makes; the DeepSpeed adapter (parallel/zero.py) overrides them
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def backward(self, loss: torch.Tensor, *, last_micro: bool, scaler=None) -> None:
+        """Backward of one micro-batch's (already normalized and DP-scaled) loss."""
+        with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def step(self, max_norm: float, scaler=None) -> torch.Tensor:
+        """Clip and apply the accumulated gradients; returns the pre-clip global norm (on the device)."""
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        norm = clip_grad_norm(self, max_norm)
+        if scaler is not None:
+            scaler.step(self.optimizer)  # skips the update when gradients overflowed
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
 
 def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss_sum=None) -> Parallelized:
     """Apply the strategies of `cfg.parallel` to a meta-device model, then allocate and initialize it."""
@@ -78,6 +104,10 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
     data = str(p.data)
     device = world.device
     mesh = dims.build_meshes(device.type) if world.world_size > 1 else None
+    if data.startswith("zero"):  # DeepSpeed owns sharding, precision and the step (parallel/zero.py)
+        from parallel.zero import parallelize_zero
+
+        return parallelize_zero(model, cfg, dims, world, mesh)
     fsdp = data in ("fsdp", "hsdp")
     precision = str(t.precision)
     notes = []

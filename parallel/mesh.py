@@ -62,7 +62,7 @@ def resolve_dims(data: str, *, dp_replicate: int, dp_shard: int, tp: int, pp: in
     if data in ("none", "fsdp") and dp_replicate not in (1, -1):
         problems.append(f"parallel.dp_replicate={dp_replicate} replicates shards, which is parallel.data=hsdp; "
                         f"set parallel.data=hsdp or parallel.dp_replicate=1")
-    if data in ("none", "ddp") and dp_shard not in (1, -1):
+    if data in ("none", "ddp", "zero1", "zero2", "zero3") and dp_shard not in (1, -1):
         problems.append(f"parallel.dp_shard={dp_shard} shards parameters, which parallel.data={data} does not; "
                         f"set parallel.data=fsdp (or hsdp) or parallel.dp_shard=-1")
     if data == "hsdp" and dp_replicate == -1 and dp_shard == -1:
@@ -74,7 +74,7 @@ def resolve_dims(data: str, *, dp_replicate: int, dp_shard: int, tp: int, pp: in
     rest_of = lambda other: world_size // (fixed * other) if world_size % (fixed * other) == 0 else None  # noqa: E731
     if data == "none":
         rep, shard = 1, 1
-    elif data == "ddp":  # every rank outside tp/pp is a replica
+    elif data in ("ddp", "zero1", "zero2", "zero3"):  # every rank outside tp/pp is a data-parallel rank
         rep, shard = rest_of(1), 1
         if rep is None:
             problems.append(f"WORLD_SIZE({world_size}) is not divisible by tp({tp}) * pp({pp}) = {fixed}")

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -62,6 +63,12 @@ class DataParallel(StrEnum):
     ddp = "ddp"  # torch DistributedDataParallel: full replicas, gradients all-reduced
     fsdp = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded over dp_shard ranks
     hsdp = "hsdp"  # FSDP2 on a (dp_replicate, dp_shard) mesh: sharded within a group, replicated across
+    zero1 = "zero1"  # DeepSpeed ZeRO-1: optimizer state partitioned
+    zero2 = "zero2"  # DeepSpeed ZeRO-2: optimizer state and gradients partitioned
+    zero3 = "zero3"  # DeepSpeed ZeRO-3: optimizer state, gradients and parameters partitioned
+
+
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
 class ACMode(StrEnum):
@@ -72,7 +79,8 @@ class ACMode(StrEnum):
 
 class Offload(StrEnum):
     none = "none"
-    cpu = "cpu"  # FSDP2 keeps sharded parameters, gradients and optimizer state in host memory
+    cpu = "cpu"  # fsdp/hsdp: shards of parameters, gradients and optimizer state in host memory;
+    #              zero1/2/3: the optimizer state and step on the CPU (ZeRO-Offload, DeepSpeed's CPU Adam)
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
@@ -150,7 +158,9 @@ class ParallelConfig:
     ac_every: int = 1  # ac=full: checkpoint every k-th block only (1: all blocks)
     compile: bool = False  # torch.compile each transformer block
     reshard_after_forward: bool = True  # fsdp/hsdp: free gathered parameters after forward (re-gather in backward)
-    offload: Offload = Offload.none  # fsdp/hsdp: keep sharded model states in CPU memory
+    offload: Offload = Offload.none  # keep model states in CPU memory (what moves depends on the strategy)
+    offload_params: bool = False  # zero3 only: also keep the parameter partitions on the CPU (ZeRO-Infinity style)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # zero*: any ds_config keys, merged over the generated ones
 
 
 @dataclass
@@ -427,8 +437,31 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                     f"training.global_batch_size")
     if p.ac_every < 1:
         problems.append(f"parallel.ac_every={p.ac_every} must be >= 1")
-    if p.offload == Offload.cpu and p.data not in (DataParallel.fsdp, DataParallel.hsdp):
-        problems.append(f"parallel.offload=cpu needs FSDP2 (parallel.data=fsdp or hsdp), not parallel.data={p.data}")
+    zero = str(p.data) in ZERO_STAGES
+    if p.offload == Offload.cpu and p.data not in (DataParallel.fsdp, DataParallel.hsdp) and not zero:
+        problems.append(f"parallel.offload=cpu needs a sharded strategy (fsdp, hsdp, zero1, zero2, zero3), "
+                        f"not parallel.data={p.data}")
+    if p.offload_params and p.data != DataParallel.zero3:
+        problems.append(f"parallel.offload_params=true needs parallel.data=zero3 (only ZeRO-3 partitions the "
+                        f"parameters; with fsdp, parallel.offload=cpu already offloads them), not {p.data}")
+    if p.deepspeed and not zero:
+        problems.append(f"parallel.deepspeed sets ds_config keys, which only the DeepSpeed strategies "
+                        f"(zero1, zero2, zero3) read; parallel.data={p.data}")
+    if zero:
+        if p.tp > 1 or p.pp > 1:
+            problems.append(f"parallel.data={p.data} with tp({p.tp}) / pp({p.pp}): shardwise runs DeepSpeed ZeRO as "
+                            f"pure data parallelism; for tensor or pipeline parallelism use parallel.data=fsdp")
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append(f"parallel.data={p.data} needs DeepSpeed, which is not installed: "
+                            f"pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 skips prebuilding its ops)")
+        if o.name == "adafactor":
+            problems.append(
+                f"optim.name=adafactor with parallel.data={p.data} is refused: DeepSpeed hands the optimizer flat fp32 "
+                f"partitions cut at arbitrary element offsets, so a matrix's rows and columns, which Adafactor "
+                f"factors its second moment over, are split across ranks mid-row; running it would be a different "
+                f"algorithm under the same name. Use parallel.data=fsdp (sharding-aware Adafactor) or optim.name=adamw")
     if p.compile and p.tp > 1 and p.ac != ACMode.none:
         problems.append("parallel.compile=true with parallel.tp > 1 and activation checkpointing fails in torch "
                         "(a compiled checkpoint-wrapped block under TP); drop one of the three")
@@ -441,7 +474,7 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                 f"{t.global_batch_size} % {per_step} = {t.global_batch_size % per_step}")
 
     # optimizer and schedule
-    if o.name != "adamw":
+    if o.name not in ("adamw", "adafactor") or (o.name == "adafactor" and str(p.data) not in ZERO_STAGES):
         problems.append(f"optim.name={o.name}: unknown optimizer; known: adamw")
     if not o.lr > 0:
         problems.append(f"optim.lr={o.lr} must be > 0")

@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from models.llama import build_model
 from optim import build_optimizer, build_scheduler
-from parallel import clip_grad_norm, parallelize
+from parallel import parallelize
 from parallel.mesh import destroy_distributed, init_distributed
 from trainer.config import Plan, Precision, model_args_of, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
@@ -51,7 +51,7 @@ class Trainer:
         self.precision = Precision(str(t.precision))
         self.autocast_dtype = self.par.autocast_dtype
         self.scaler = None
-        if self.precision == Precision.fp16:
+        if self.precision == Precision.fp16 and not self.par.manages_precision:
             if self.world.distributed and str(cfg.parallel.data) != "ddp":
                 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
@@ -60,6 +60,8 @@ class Trainer:
                 self.scaler = torch.amp.GradScaler(self.device.type)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.par.parts), cfg, device_type=self.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.par.attach_optimizer(self.optimizer)  # DeepSpeed builds its engine around it here
+        self.model = self.par.model
 
         train_src, val_src, self.data_description = open_sources(cfg, t.seq_len, self.model_args.vocab_size)
         if getattr(train_src, "vocab_size", 0) > self.model_args.vocab_size:
@@ -129,9 +131,8 @@ class Trainer:
             sync = contextlib.nullcontext() if i == accum - 1 else self.par.no_sync()
             with sync:
                 loss = self._loss_sum(batch[i]) / n_tokens
-                scaled = loss * self.par.grad_reduction_scale  # undo DP's averaging: we want the sum
-                with loss_parallel() if self.par.loss_parallel else contextlib.nullcontext():
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                # DDP, FSDP and DeepSpeed average gradients over ranks; we want the sum
+                self.par.backward(loss * self.par.grad_reduction_scale, last_micro=i == accum - 1, scaler=self.scaler)
             loss = loss.detach()
             loss_total += loss.full_tensor() if hasattr(loss, "full_tensor") else loss  # a replicated DTensor under TP
         return loss_total
@@ -155,16 +156,7 @@ class Trainer:
 
     def optimizer_step(self) -> torch.Tensor:
         """Clip, step, advance the schedule; returns the pre-clip global gradient norm (on the device)."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        max_norm = self.cfg.optim.max_grad_norm or float("inf")
-        grad_norm = clip_grad_norm(self.par, max_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)  # skips the step when gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.par.step(self.cfg.optim.max_grad_norm or float("inf"), scaler=self.scaler)
         self.scheduler.step()
         return grad_norm
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads
 def worker(tmp_path_factory):
     """run(nproc, overrides) -> the worker's result.pt, cached for the session by its arguments."""
     cache = {}
+    # DeepSpeed compiles its CPU Adam and shared-memory ops on first use: once per test session
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
 
     def run(nproc: int, overrides: list[str]) -> dict:
         key = (nproc, tuple(overrides))
@@ -31,7 +34,8 @@ def worker(tmp_path_factory):
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    WORKER, str(out), *args]
-        env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(out)}
+        env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(out),
+               "TORCH_EXTENSIONS_DIR": extensions}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
         assert proc.returncode == 0, f"{nproc} ranks, {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}"
         cache[key] = torch.load(out / "result.pt")

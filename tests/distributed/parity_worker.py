@@ -28,6 +28,10 @@ def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     for part in trainer.par.parts:
         for name, p in part.named_parameters():
             g = p.grad
+            if getattr(trainer.par, "engine", None) is not None:  # DeepSpeed keeps gradients in its partitions
+                from deepspeed.utils import safe_get_full_grad
+
+                g = safe_get_full_grad(p)
             if g is None:
                 continue
             if hasattr(g, "full_tensor"):
@@ -53,6 +57,8 @@ def main(out: str, argv: list[str]) -> None:
         norms.append(trainer.optimizer_step().item())
         if step == 0:
             held["optim"] = model_state_bytes(trainer.par.parts, trainer.optimizer)["optim"]
+            if hasattr(trainer.par, "model_state_bytes"):  # DeepSpeed: its own partitions
+                held = trainer.par.model_state_bytes()
         loss = trainer._all_reduce_sum(trainer._all_reduce_sum(loss, "pp"))
         losses.append(loss.item())
     per_rank = [held]

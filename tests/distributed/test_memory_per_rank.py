@@ -50,3 +50,21 @@ def test_bytes_per_rank_equal_the_formula(name, nproc, overrides, params, worker
     for rank, (h, numel) in enumerate(zip(held, params)):
         want = {"params": 4 * numel, "grads": 4 * numel, "optim": 8 * numel}  # fp32: 4 + 4 + 2 x 4 bytes
         assert h == want, f"{name} rank {rank}: holds {h}, the formula says {want}"
+
+
+# ZeRO (fp32 model): DeepSpeed keeps the module's own fp32 parameters *and* an fp32 master partition
+# (ZeRO paper: 4 bytes of fp32 master weights among the 12 of optimizer state). Gradients: ZeRO-1 holds
+# full gradients until the accumulation boundary, ZeRO-2/3 only their partition.
+ZERO = [
+    ("zero1", {"params": P, "master": P // 2, "grads": P, "optim": 2 * P // 2}),
+    ("zero2", {"params": P, "master": P // 2, "grads": P // 2, "optim": 2 * P // 2}),
+    ("zero3", {"params": P // 2, "master": P // 2, "grads": P // 2, "optim": 2 * P // 2}),
+]
+
+
+@pytest.mark.parametrize("stage, numel", ZERO, ids=[z[0] for z in ZERO])
+def test_zero_bytes_per_rank_equal_the_zero_formulas(stage, numel, worker):
+    held = worker(2, [f"parallel.data={stage}", "training.global_batch_size=8", "training.precision=fp32"])
+    for rank, h in enumerate(held["bytes_per_rank"]):
+        want = {k: 4 * v for k, v in numel.items()}
+        assert h == want, f"{stage} rank {rank}: holds {h}, the ZeRO formula says {want}"

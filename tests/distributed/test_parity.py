@@ -42,6 +42,13 @@ CASES = [
     ("fsdp_tp_ac_selective", 4, ["parallel.data=fsdp", "parallel.tp=2", "parallel.ac=selective"], 8, "fp32", FP32),
     ("pp_ac_full", 2, ["parallel.pp=2", "parallel.ac=full"], 8, "fp32", FP32),
     ("fsdp_offload_cpu_noop", 2, ["parallel.data=fsdp", "parallel.offload=cpu"], 8, "fp32", FP32),
+    ("zero1", 2, ["parallel.data=zero1"], 8, "fp32", FP32),
+    ("zero2", 2, ["parallel.data=zero2"], 8, "fp32", FP32),
+    ("zero3", 2, ["parallel.data=zero3"], 8, "fp32", FP32),
+    ("zero3_offload_optimizer", 2, ["parallel.data=zero3", "parallel.offload=cpu"], 8, "fp32", FP32),
+    ("zero3_offload_params", 2, ["parallel.data=zero3", "parallel.offload_params=true"], 8, "fp32", FP32),
+    ("zero2_ac_full", 2, ["parallel.data=zero2", "parallel.ac=full"], 8, "fp32", FP32),
+    ("zero3_ac_selective", 2, ["parallel.data=zero3", "parallel.ac=selective"], 8, "fp32", FP32),
     ("compile", 1, ["parallel.compile=true"], 8, "fp32", FP32),
     ("fsdp_compile_ac_selective", 2, ["parallel.data=fsdp", "parallel.compile=true", "parallel.ac=selective"], 8,
      "fp32", FP32),
@@ -66,3 +73,12 @@ def test_strategy_matches_single_process(name, nproc, overrides, global_batch, p
     for key, g in ref["grads"].items():
         err = ((got["grads"][key] - g).norm() / g.norm()).item()
         assert err <= grad_tol, f"{name}: gradient of {key} off by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+def test_zero_matches_fsdp(stage, worker):
+    """DeepSpeed's ZeRO and FSDP2 shard differently but must train the same recipe to the same numbers."""
+    fsdp = worker(2, ["parallel.data=fsdp", "training.global_batch_size=8", "training.precision=fp32"])
+    zero = worker(2, [f"parallel.data={stage}", "training.global_batch_size=8", "training.precision=fp32"])
+    for step, (a, b) in enumerate(zip(fsdp["losses"], zero["losses"]), 1):
+        assert abs(b - a) <= 1e-5 * abs(a), f"{stage}: loss at step {step} is {b}, fsdp {a}"

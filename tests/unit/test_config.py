@@ -111,7 +111,12 @@ RULES = [
      "stages, which 1f1b needs"),
     (["parallel.pp=2", "parallel.pp_schedule=1f1c"], 2, "parallel.pp_schedule=1f1c: unknown schedule; did you mean 1f1b?"),
     (["parallel.data=ddp", "parallel.tp=2"], 4, "DDP cannot wrap tensor-parallel (DTensor) parameters"),
-    (["parallel.data=ddp", "parallel.offload=cpu"], 2, "parallel.offload=cpu needs FSDP2"),
+    (["parallel.data=ddp", "parallel.offload=cpu"], 2, "parallel.offload=cpu needs a sharded strategy"),
+    (["parallel.data=zero2", "parallel.offload_params=true"], 2, "parallel.offload_params=true needs parallel.data=zero3"),
+    (["parallel.data=zero3", "parallel.tp=2"], 4, "shardwise runs DeepSpeed ZeRO as pure data parallelism"),
+    (["parallel.data=zero1", "parallel.pp=2"], 4, "shardwise runs DeepSpeed ZeRO as pure data parallelism"),
+    (["parallel.data=zero3", "optim.name=adafactor"], 2, "optim.name=adafactor with parallel.data=zero3 is refused"),
+    (["parallel.data=fsdp", "parallel.deepspeed.zero_optimization.stage=2"], 2, "parallel.deepspeed sets ds_config keys"),
     (["parallel.data=fsdp", "parallel.dp_replicate=2"], 4, "parallel.dp_replicate=2 replicates shards, which is "
                                                           "parallel.data=hsdp"),
     (["parallel.ac_every=0"], 1, "parallel.ac_every=0 must be >= 1"),

@@ -1,0 +1,154 @@
+"""DeepSpeed ZeRO-1/2/3 (and ZeRO-Offload) behind the same Trainer.
+
+The Trainer's step keeps its shape: it calls `par.backward()` per micro-batch and `par.step()` per
+optimizer step; here those become DeepSpeed's `engine.backward()` and `engine.step()`. Loss normalization
+stays ours (sum over tokens / global token count, times the data-parallel size to undo DeepSpeed's
+gradient averaging), so `engine.backward` is called with `scale_wrt_gas=False`. DeepSpeed keeps its own
+micro-step counter to know the accumulation boundary, so `engine.step()` is also called after every
+non-final micro-batch (it only advances the counter there).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from parallel import Parallelized
+from parallel.mesh import ParallelDims, World
+
+STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_ds_config(cfg, dims: ParallelDims) -> dict:
+    """The ds_config for our recipe; `parallel.deepspeed` entries are merged over it last."""
+    from omegaconf import OmegaConf
+
+    p, t = cfg.parallel, cfg.training
+    stage = STAGES[str(p.data)]
+    accum = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
+    pin = torch.cuda.is_available()  # pinned host memory needs a GPU
+    zero = {
+        "stage": stage,
+        "overlap_comm": True,  # overlap gradient reduction with backward
+        "contiguous_gradients": True,  # copy gradients into one buffer as they are reduced (less fragmentation)
+        "reduce_bucket_size": 50_000_000,  # elements per reduce bucket
+    }
+    if stage < 3:
+        zero["allgather_bucket_size"] = 50_000_000
+    else:
+        zero["stage3_prefetch_bucket_size"] = 50_000_000
+        zero["stage3_param_persistence_threshold"] = 100_000  # smaller params stay gathered (fewer collectives)
+    if str(p.offload) == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    config = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        # DeepSpeed clips at 1.0 unless told otherwise: always state ours (0 = off)
+        "gradient_clipping": float(cfg.optim.max_grad_norm),
+        "zero_optimization": zero,
+        "bf16": {"enabled": str(t.precision) == "bf16"},
+        "fp16": {"enabled": str(t.precision) == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # our AdamW is torch's; DeepSpeed only vets its own list
+        "steps_per_print": 2**31 - 1,  # shardwise logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, OmegaConf.to_container(p.deepspeed, resolve=True) if p.deepspeed else {})
+
+
+class ZeroParallelized(Parallelized):
+    engine = None
+    ds_config: dict
+    peak_grad_bytes: int = 0  # the most gradient bytes this rank held after any micro-batch's backward
+
+    def _grad_bytes(self) -> int:
+        """Gradient bytes held now: full `.grad`s (ZeRO-1 accumulates them until the boundary) plus the
+        reduced gradient partitions DeepSpeed keeps (ZeRO-2/3, and ZeRO-1 after its boundary reduce)."""
+        full = sum(_nbytes(p.grad) for p in self.parts[0].parameters())
+        parts = getattr(self.ds_optimizer, "averaged_gradients", {}) or {}
+        return full + sum(_nbytes(g) for group in parts.values() for g in (group if isinstance(group, list) else [group]))
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """What this rank holds: model parameters (full for ZeRO-1/2, its partition for ZeRO-3), the fp32
+        master partition, the peak gradient bytes, and the optimizer's moments (over its partition)."""
+        opt, stage = self.ds_optimizer, self.ds_config["zero_optimization"]["stage"]
+        params = list(self.parts[0].parameters())
+        masters = opt.fp32_partitioned_groups_flat if stage == 3 else opt.single_partition_of_fp32_groups
+        return {
+            "params": sum(_nbytes(p.ds_tensor if stage == 3 else p) for p in params),
+            "master": sum(_nbytes(t) for t in masters),
+            "grads": self.peak_grad_bytes,
+            "optim": sum(_nbytes(v) for st in opt.optimizer.state.values() for k, v in st.items()
+                         if torch.is_tensor(v) and k != "step"),
+        }
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        import deepspeed
+
+        self.optimizer = optimizer
+        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
+            model=self.parts[0], optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        self.model = self.engine
+
+    def backward(self, loss: torch.Tensor, *, last_micro: bool, scaler=None) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # our loss is already normalized globally
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self._grad_bytes())
+        if not last_micro:
+            self.engine.step()  # advances DeepSpeed's micro-step counter; no update before the boundary
+
+    def step(self, max_norm: float, scaler=None) -> torch.Tensor:
+        self.engine.step()  # at the boundary: reduce, clip (ds_config gradient_clipping), update, zero grads
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32)
+
+
+def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, mesh) -> ZeroParallelized:
+    """Materialize and initialize the model like one process; DeepSpeed partitions it when the optimizer
+    is attached (`deepspeed.initialize`). Writes the resolved ds_config to the run directory."""
+    p, t = cfg.parallel, cfg.training
+    notes = []
+    # apply AC and compile the same way as the native path; DeepSpeed then shards what they produced
+    from parallel.activation import apply_ac
+    from parallel.compile import apply_compile
+
+    apply_ac(model, str(p.ac), every=p.ac_every)
+    if p.compile:
+        apply_compile(model)
+    model.to_empty(device=world.device)
+    model.init_weights(seed=t.seed)
+    ds_config = build_ds_config(cfg, dims)
+    if world.rank == 0:
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    if str(p.offload) == "cpu":
+        notes.append("ZeRO-Offload: the optimizer runs as DeepSpeed's CPU Adam, whose C++ op is compiled on first "
+                     "use (about a minute, cached in ~/.cache/torch_extensions)")
+    par = ZeroParallelized(parts=[model], model=model, dims=dims, mesh=mesh,
+                           grad_reduction_scale=float(dims.dp_size), no_sync=_nullcontext,
+                           autocast_dtype=None, loss_parallel=False, notes=notes, manages_precision=True)
+    par.ds_config = ds_config
+    return par
+
+
+def _nbytes(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
