@@ -164,6 +164,14 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0  # save every this many steps, and after the last step (0: never)
+    keep: int = 3  # complete checkpoints kept; older ones are deleted (never outside the checkpoint root)
+    dir: str | None = None  # null: run_dir/checkpoints
+    resume: bool = True  # start from the newest complete checkpoint in `dir` when there is one
+
+
+@dataclass
 class WandbConfig:
     mode: WandbMode = WandbMode.disabled
     project: str = "shardwise"
@@ -194,6 +202,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -524,6 +533,16 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
             problems.append(f"data.default_corpus_mb={d.default_corpus_mb} must be > 0")
     if not 0 < d.val_fraction < 1:
         problems.append(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+
+    # checkpoints
+    c = cfg.checkpoint
+    if c.every < 0:
+        problems.append(f"checkpoint.every={c.every} must be >= 0 (0: never)")
+    if c.keep < 1:
+        problems.append(f"checkpoint.keep={c.keep} must be >= 1")
+    if c.every > 0 and p.pp > 1:
+        problems.append(f"checkpoint.every={c.every} with parallel.pp({p.pp}): checkpoints of pipeline stages are "
+                        f"not supported yet; set checkpoint.every=0 or run without pipeline parallelism")
 
     # logging and output
     if cfg.logging.every < 1:

@@ -17,6 +17,7 @@ from models.llama import build_model
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.mesh import destroy_distributed, init_distributed
+from trainer.checkpoint import Checkpointer
 from trainer.config import Plan, Precision, model_args_of, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
 from trainer.metrics import MemoryMonitor, MetricLogger, detect_peak_tflops, mfu_pct
@@ -80,6 +81,11 @@ class Trainer:
         self.logger = MetricLogger(cfg, self.run_dir, enabled=self.world.is_logging_rank, config=to_container(cfg))
         for note in self.par.notes:
             self.logger.note(note)
+        self.checkpointer = Checkpointer(self)
+        if cfg.checkpoint.resume:  # a restarted job continues from its newest complete checkpoint
+            resumed = self.checkpointer.load_latest()
+            if resumed is not None:
+                self.logger.note(f"resumed from {resumed} at step {self.step}")
 
     # ------------------------------------------------------------------------------------------
 
@@ -249,6 +255,8 @@ class Trainer:
                 self.logger.log(metrics, self.step)
                 history.append({"step": self.step, **metrics})
             self.logger.step_done(metrics.get("train/loss"))
+            if self.checkpointer.due(self.step) or (last and cfg.checkpoint.every > 0):
+                self.checkpointer.save(self.step)
         return history
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ def _recipe_world_size(cfg) -> int:
     """The smallest world a recipe's layout runs on: the fixed degrees, and 2 for a "the rest" degree."""
     p = cfg.parallel
     data = str(p.data)
-    dp = {"none": 1, "ddp": 2, "fsdp": p.dp_shard if p.dp_shard > 0 else 2,
+    dp = {"none": 1, "ddp": 2, "zero1": 2, "zero2": 2, "zero3": 2, "fsdp": p.dp_shard if p.dp_shard > 0 else 2,
           "hsdp": max(p.dp_replicate, 1) * (p.dp_shard if p.dp_shard > 0 else 2)}[data]
     return dp * p.tp * p.pp
 
