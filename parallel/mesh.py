@@ -7,6 +7,7 @@ LOCAL_RANK, MASTER_ADDR/PORT. A plain `python launch/train.py` has none of them 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -154,6 +155,20 @@ def init_distributed(requested_device: str, *, timeout_s: float = 600.0) -> Worl
 
 
 def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears down its groups while a peer still has traffic in flight
-        dist.destroy_process_group()
+    """Tear the process groups down without tripping a peer.
+
+    A gloo barrier can return on one rank while a peer is still receiving its last message; if the first
+    rank then closes its sockets, the peer's gloo thread sees the connection drop and the process aborts
+    ("terminate called without an active exception"). So after the barrier every rank also checks in
+    through the rendezvous store (a separate connection) and waits until all have, before any closes.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    store = dist.distributed_c10d._get_default_store()
+    key = f"shardwise/shutdown/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store.add(key, 1)
+    deadline = time.monotonic() + 60.0
+    while store.add(key, 0) < dist.get_world_size() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    dist.destroy_process_group()

@@ -368,6 +368,15 @@ def derive(cfg: DictConfig, world_size: int) -> Plan:
                 flops_per_token=args.flops_per_token(t.seq_len), dims=dims)
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # e.g. blocked with sys.modules[module] = None
+        return False
+
+
 def _writable_dir(path: Path) -> bool:
     """Whether `path` exists as a writable directory or could be created."""
     p = path.expanduser().absolute()
@@ -460,9 +469,7 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
         if p.tp > 1 or p.pp > 1:
             problems.append(f"parallel.data={p.data} with tp({p.tp}) / pp({p.pp}): shardwise runs DeepSpeed ZeRO as "
                             f"pure data parallelism; for tensor or pipeline parallelism use parallel.data=fsdp")
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
+        if not _installed("deepspeed"):
             problems.append(f"parallel.data={p.data} needs DeepSpeed, which is not installed: "
                             f"pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 skips prebuilding its ops)")
         if o.name == "adafactor":

@@ -45,7 +45,6 @@ class Trainer:
         #    on the device and initialize every parameter and buffer from the seed (the same weights in
         #    every layout), then DDP (parallel/__init__.py explains the order)
         self.par = parallelize(model, cfg, plan.dims, self.world, loss_sum=self._logits_loss_sum)
-        self.model = self.par.model
         self.dp_rank = self.par.dp_rank
 
         # 6. precision, optimizer, schedule, data, loggers
@@ -62,7 +61,7 @@ class Trainer:
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.par.parts), cfg, device_type=self.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.par.attach_optimizer(self.optimizer)  # DeepSpeed builds its engine around it here
-        self.model = self.par.model
+        self.model = self.par.model  # what the step calls: the model, its DDP wrapper or the DeepSpeed engine
 
         train_src, val_src, self.data_description = open_sources(cfg, t.seq_len, self.model_args.vocab_size)
         if getattr(train_src, "vocab_size", 0) > self.model_args.vocab_size:
@@ -79,7 +78,7 @@ class Trainer:
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(self.device, str(self.precision))
         self.memory = MemoryMonitor(self.device)
         self.logger = MetricLogger(cfg, self.run_dir, enabled=self.world.is_logging_rank, config=to_container(cfg))
-        for note in self.par.notes:
+        for note in [f"data: {self.data_description}", *self.par.notes]:
             self.logger.note(note)
         self.checkpointer = Checkpointer(self)
         if cfg.checkpoint.resume:  # a restarted job continues from its newest complete checkpoint

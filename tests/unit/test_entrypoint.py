@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 
 import pytest
@@ -11,9 +10,23 @@ from helpers import run_train
 
 
 def test_dry_run_8b_prints_the_plan_without_allocating():
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    # run the entry point in a process that reports its own peak RSS when it is done
+    code = ("import resource, runpy, sys\n"
+            "sys.argv = ['train.py', 'recipe=llama8b', 'training.global_batch_size=64', 'dry_run=true']\n"
+            "try:\n"
+            f"    runpy.run_path('{REPO / 'launch' / 'train.py'}', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     start = time.perf_counter()
-    proc = run_train(["recipe=llama8b", "training.global_batch_size=64", "dry_run=true"], env={"WORLD_SIZE": "1"})
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     took = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "flavor: 8b" in out
     assert "parameters            8,030,261,248 (8.030 B)" in out
@@ -22,7 +35,8 @@ def test_dry_run_8b_prints_the_plan_without_allocating():
     assert "tokens per step       524,288" in out
     assert took < 60, f"dry run took {took:.1f} s"
     # 8 B parameters in fp32 would be 32 GB; the dry run's process stays far below 2 GiB
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * 2**20
+    maxrss_kib = int(out.rsplit("maxrss_kib", 1)[1])
+    assert maxrss_kib < 2 * 2**20, f"dry run peaked at {maxrss_kib / 2**20:.2f} GiB"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -58,3 +72,19 @@ def test_bad_input_under_torchrun_stops_every_rank_before_the_process_group(tmp_
     assert proc.stderr.count("invalid config") == 1  # one message, from rank 0
     assert "exitcode  : 2" in proc.stderr  # both workers exited with the config-error code, no crash
     assert 'train.py", line' not in proc.stderr  # no traceback from inside the trainer
+
+
+def test_missing_deepspeed_is_one_clear_error(tmp_path):
+    """Without DeepSpeed installed (here: its import blocked), a ZeRO recipe stops before anything starts."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    code = ("import sys, runpy; sys.modules['deepspeed'] = None; "
+            f"sys.argv = ['train.py', 'recipe=llama_debug_zero3', 'run_dir={tmp_path / 'run'}']; "
+            f"runpy.run_path('{REPO / 'launch' / 'train.py'}', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert "parallel.data=zero3 needs DeepSpeed, which is not installed: pip install -e '.[deepspeed]'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
