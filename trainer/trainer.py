@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from pathlib import Path
@@ -261,3 +262,8 @@ class Trainer:
     def close(self) -> None:
         self.logger.close()
         destroy_distributed()
+        # Drop everything that holds process groups (meshes, DTensors, FSDP/DeepSpeed state) and collect it
+        # now: left to interpreter teardown, gloo's threads can be destroyed in the wrong order and abort
+        # a finished process ("terminate called without an active exception").
+        self.par = self.model = self.optimizer = self.scheduler = self.checkpointer = None
+        gc.collect()
