@@ -25,9 +25,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg, *, device_type: str) -> torch.optim.Optimizer:
     o = cfg.optim
-    if o.name != "adamw":
-        raise ValueError(f"optim.name={o.name}: unknown optimizer; known: adamw")
     groups = param_groups(model, o.weight_decay)
+    if o.name == "adafactor":
+        from optim.adafactor import Adafactor
+
+        a = o.adafactor
+        return Adafactor(groups, lr=o.lr, beta2_decay=a.beta2_decay, eps=(a.eps1, a.eps2), d=a.d,
+                         relative_step=a.relative_step, scale_parameter=a.scale_parameter, beta1=a.beta1)
+    if o.name != "adamw":
+        raise ValueError(f"optim.name={o.name}: unknown optimizer; known: adamw, adafactor")
     if str(cfg.parallel.data).startswith("zero") and str(cfg.parallel.offload) == "cpu":
         # ZeRO-Offload steps on the CPU with DeepSpeed's vectorized Adam (AdamW mode: decoupled decay);
         # its C++ op is compiled on first use

@@ -10,6 +10,7 @@ non-final micro-batch (it only advances the counter there).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -138,7 +139,7 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
         notes.append("ZeRO-Offload: the optimizer runs as DeepSpeed's CPU Adam, whose C++ op is compiled on first "
                      "use (about a minute, cached in ~/.cache/torch_extensions)")
     par = ZeroParallelized(parts=[model], model=model, dims=dims, mesh=mesh,
-                           grad_reduction_scale=float(dims.dp_size), no_sync=_nullcontext,
+                           grad_reduction_scale=float(dims.dp_size), no_sync=contextlib.nullcontext,
                            autocast_dtype=None, loss_parallel=False, notes=notes, manages_precision=True)
     par.ds_config = ds_config
     return par
@@ -146,9 +147,3 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
 
 def _nbytes(t) -> int:
     return 0 if t is None else t.numel() * t.element_size()
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()

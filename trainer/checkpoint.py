@@ -177,6 +177,10 @@ class Checkpointer:
         ts = torch.load(path / "trainer-state.pt", weights_only=False)
         t = self.t
         t.scheduler.load_state_dict(ts["scheduler"])
+        # the optimizer state carried the old run's lr; recompute it from this run's schedule (the same
+        # value when the config is unchanged, the right one when e.g. training.steps was raised)
+        t.scheduler.last_epoch -= 1
+        t.scheduler.step()
         if t.scaler and ts["scaler"]:
             t.scaler.load_state_dict(ts["scaler"])
         t.train_loader.load_state_dict(ts["data"])

@@ -131,8 +131,21 @@ class TrainingConfig:
 
 
 @dataclass
+class AdafactorConfig:
+    """Adafactor's own knobs (optim/adafactor.py); defaults are torch.optim.Adafactor's."""
+
+    beta2_decay: float = -0.8  # the second-moment EMA decays with 1 - t^beta2_decay (paper eq. 8)
+    eps1: float | None = None  # floor of the second-moment estimate; null: the dtype's machine epsilon
+    eps2: float = 1.0e-3  # floor of RMS(param) in the parameter-scaled step size
+    d: float = 1.0  # update clipping threshold: updates are scaled down to RMS <= d
+    relative_step: bool = True  # step size min(lr, 1/sqrt(t)); false: lr itself
+    scale_parameter: bool = True  # multiply the step by max(eps2, RMS(param))
+    beta1: float | None = None  # EMA of the update (a first moment); null: none, saving a full-size state
+
+
+@dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw
+    name: str = "adamw"  # adamw or adafactor (sharding-aware)
     lr: float = 3.0e-4  # peak learning rate
     weight_decay: float = 0.1  # decoupled; not applied to norms and (by default) embeddings
     beta1: float = 0.9
@@ -144,6 +157,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd only: share of the steps spent decaying at the end
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0 disables clipping)
+    adafactor: AdafactorConfig = field(default_factory=AdafactorConfig)
 
 
 @dataclass
@@ -490,8 +504,16 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                 f"{t.global_batch_size} % {per_step} = {t.global_batch_size % per_step}")
 
     # optimizer and schedule
-    if o.name not in ("adamw", "adafactor") or (o.name == "adafactor" and str(p.data) not in ZERO_STAGES):
-        problems.append(f"optim.name={o.name}: unknown optimizer; known: adamw")
+    if o.name not in ("adamw", "adafactor"):
+        problems.append(f"optim.name={o.name}: unknown optimizer; known: adamw, adafactor")
+    if o.name == "adafactor":
+        a = o.adafactor
+        if a.beta2_decay > 0:
+            problems.append(f"optim.adafactor.beta2_decay={a.beta2_decay} must be <= 0")
+        if a.d < 1:
+            problems.append(f"optim.adafactor.d={a.d} must be >= 1")
+        if a.beta1 is not None and not 0 <= a.beta1 < 1:
+            problems.append(f"optim.adafactor.beta1={a.beta1} must be in [0, 1) or null")
     if not o.lr > 0:
         problems.append(f"optim.lr={o.lr} must be > 0")
     if o.weight_decay < 0:

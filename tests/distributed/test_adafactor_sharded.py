@@ -1,0 +1,96 @@
+"""Sharding-aware Adafactor: the same numbers under every layout as on one process, over 10 steps,
+including shards of uneven size; and a step's collectives do not grow with the number of parameters."""
+
+from __future__ import annotations
+
+import pytest
+
+ADAFACTOR = ["optim.name=adafactor", "optim.lr=1e-2", "training.steps=10", "training.precision=fp32"]
+
+# (id, processes, overrides, global batch)
+CASES = [
+    ("ddp", 2, ["parallel.data=ddp"], 8),
+    ("fsdp_2", 2, ["parallel.data=fsdp"], 8),
+    ("fsdp_3_uneven", 3, ["parallel.data=fsdp"], 12),  # 64 and 256 rows over 3 ranks: shards of 22/22/20, 86/86/84
+    ("fsdp_4", 4, ["parallel.data=fsdp"], 8),
+    ("hsdp_2x2", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2"], 8),
+    ("tp_2", 2, ["parallel.tp=2"], 8),  # column- and row-split matrices: both statistics cross shards
+    ("fsdp_2_tp_2", 4, ["parallel.data=fsdp", "parallel.tp=2"], 8),
+    ("pp_2_fsdp_2", 4, ["parallel.data=fsdp", "parallel.pp=2"], 8),
+]
+
+
+@pytest.mark.parametrize("name, nproc, overrides, global_batch", CASES, ids=[c[0] for c in CASES])
+def test_adafactor_matches_single_process(name, nproc, overrides, global_batch, worker):
+    ref = worker(1, [*ADAFACTOR, f"training.global_batch_size={global_batch}"])
+    got = worker(nproc, [*ADAFACTOR, *overrides, f"training.global_batch_size={global_batch}"])
+    assert len(got["losses"]) == 10
+    for step, (a, b) in enumerate(zip(ref["losses"], got["losses"]), 1):
+        assert abs(b - a) <= 1e-5 * abs(a), f"adafactor {name}: loss at step {step} is {b}, one process {a}"
+    for step, (a, b) in enumerate(zip(ref["grad_norms"], got["grad_norms"]), 1):
+        assert abs(b - a) <= 1e-5 * abs(a), f"adafactor {name}: grad norm at step {step} is {b}, one process {a}"
+
+
+def test_adafactor_learns_differently_from_adamw(worker):
+    """Guard against the optimizer switch being ignored: the two optimizers' loss curves differ."""
+    ada = worker(1, [*ADAFACTOR, "training.global_batch_size=8"])
+    adamw = worker(1, ["optim.lr=1e-2", "training.steps=10", "training.precision=fp32", "training.global_batch_size=8"])
+    assert ada["losses"][0] == adamw["losses"][0] and ada["losses"][-1] != adamw["losses"][-1]
+
+
+@pytest.mark.parametrize("nproc, overrides, per_step", [
+    (2, ["parallel.data=fsdp"], 3),  # 3 phases x 1 group (dp)
+    (4, ["parallel.data=fsdp", "parallel.tp=2"], 6),  # 3 phases x 2 groups (dp, tp)
+], ids=["fsdp_2", "fsdp_2_tp_2"])
+def test_collectives_per_step_do_not_grow_with_parameters(nproc, overrides, per_step, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY
+    from helpers import REPO
+
+    totals = {}
+    for layers in (2, 4):
+        out = tmp_path / f"{layers}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO / "tests" / "distributed" / "adafactor_comm_worker.py"), str(out), *TINY, *ADAFACTOR,
+               *overrides, f"model.n_layers={layers}", "training.global_batch_size=8", f"run_dir={tmp_path / 'run'}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        totals[layers] = json.loads(out.read_text())
+    assert totals[4]["params"] > totals[2]["params"]  # twice the blocks, many more parameters
+    assert totals[2]["total"] == totals[4]["total"] == per_step, totals
+
+
+@pytest.mark.parametrize("second", [["parallel.data=fsdp", 4], ["parallel.tp=2", 2], ["parallel.data=none", 1]],
+                         ids=["fsdp_4", "tp_2", "one_process"])
+def test_adafactor_state_reshards_through_dcp(second, tmp_path):
+    """Save Adafactor (its factored statistics are DTensors) under FSDP on 2 ranks, resume under another
+    layout: training continues with the uninterrupted run's losses (fp32 tolerance)."""
+    from conftest import TINY
+    from helpers import read_jsonl, run_train
+
+    layout, nproc = second
+    base = [*TINY, *ADAFACTOR, "training.steps=4", "training.global_batch_size=8", "logging.every=1",
+            "logging.jsonl=true", "checkpoint.every=2"]
+    straight = tmp_path / "straight"
+    run_train([*base, "parallel.data=fsdp", f"run_dir={straight}"], nproc=2)
+    want = {r["step"]: r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl")}
+
+    # a second run directory that holds only the step-2 checkpoint of the 2-rank FSDP run
+    import shutil
+
+    moved = tmp_path / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-2", moved / "checkpoints" / "step-2")
+    (moved / "metrics.jsonl").write_text("".join(line + "\n" for line in
+                                                 (straight / "metrics.jsonl").read_text().splitlines()[:2]))
+    proc = run_train([*base, layout, f"run_dir={moved}"], nproc=nproc)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    got = {r["step"]: r["train/loss"] for r in read_jsonl(moved / "metrics.jsonl")[2:]}
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), f"{layout}: step {step}"
