@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules. `build_optimizer(model, cfg)` is the one entry point."""
+"""Optimizers and learning-rate schedules. `build_optimizer(parts, cfg)` is the one entry point."""
 
 from __future__ import annotations
 
@@ -8,24 +8,41 @@ from torch import nn
 from optim.schedule import build_scheduler, lr_multiplier
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the matrices of linear layers; not norms, biases or embeddings (1-D or lookup tables)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+def param_groups(parts: list[nn.Module], *, lr: float, weight_decay: float, decay_embeddings: bool = False,
+                 lr_multipliers: list | None = None) -> list[dict]:
+    """Optimizer groups by (decayed?, lr multiplier), in order of first appearance.
+
+    Weight decay goes to the matrices of linear layers; never to norms and biases (1-D), and to embedding
+    tables only with `decay_embeddings`. `lr_multipliers` is a list of {pattern, scale}: the first fnmatch
+    pattern matching a parameter's name (`layers.3.attention.wq.weight`, the same in every layout) scales
+    its learning rate; the schedule then scales every group alike.
+    """
+    from fnmatch import fnmatchcase
+
+    from models.llama import canonical_name
+
+    rules = [(m["pattern"], float(m["scale"])) for m in (lr_multipliers or [])]
+    groups: dict[tuple[bool, float], list] = {}
+    seen = set()
+    for part in parts:
+        embeddings = {id(m.weight) for m in part.modules() if isinstance(m, nn.Embedding)}
+        for name, p in part.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = canonical_name(name)
+            decay = p.ndim >= 2 and (decay_embeddings or id(p) not in embeddings)
+            scale = next((sc for pat, sc in rules if fnmatchcase(name, pat)), 1.0)
+            groups.setdefault((decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+            for (decay, scale), ps in groups.items()]
 
 
-def build_optimizer(model: nn.Module, cfg, *, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(parts: list[nn.Module], cfg, *, device_type: str) -> torch.optim.Optimizer:
+    """The optimizer over the parameters of this rank's model parts (one, or its pipeline stages)."""
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = param_groups(parts, lr=o.lr, weight_decay=o.weight_decay, decay_embeddings=o.decay_embeddings,
+                          lr_multipliers=o.lr_multipliers)
     if o.name == "adafactor":
         from optim.adafactor import Adafactor
 

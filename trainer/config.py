@@ -144,10 +144,18 @@ class AdafactorConfig:
 
 
 @dataclass
+class LrMultiplier:
+    pattern: str = "*"  # fnmatch pattern over parameter names, e.g. "tok_embeddings.*" or "layers.*.feed_forward.*"
+    scale: float = 1.0  # the matching parameters' learning rate is lr * scale (the first matching rule wins)
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw or adafactor (sharding-aware)
     lr: float = 3.0e-4  # peak learning rate
     weight_decay: float = 0.1  # decoupled; not applied to norms and (by default) embeddings
+    decay_embeddings: bool = False  # also decay the embedding table(s)
+    lr_multipliers: list[LrMultiplier] = field(default_factory=list)  # per-group learning rates by name pattern
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1.0e-8
@@ -516,6 +524,18 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
             problems.append(f"optim.adafactor.beta1={a.beta1} must be in [0, 1) or null")
     if not o.lr > 0:
         problems.append(f"optim.lr={o.lr} must be > 0")
+    if o.lr_multipliers:
+        from fnmatch import fnmatchcase
+
+        from models.llama import build_model, canonical_name
+
+        names = [canonical_name(n) for n, _ in build_model(args, device="meta").named_parameters()]
+        for rule in o.lr_multipliers:
+            if not rule.scale > 0:
+                problems.append(f"optim.lr_multipliers: scale {rule.scale} for '{rule.pattern}' must be > 0")
+            if not any(fnmatchcase(n, rule.pattern) for n in names):
+                problems.append(f"optim.lr_multipliers: pattern '{rule.pattern}' matches no parameter; names look "
+                                f"like {names[1]} or {names[0]}")
     if o.weight_decay < 0:
         problems.append(f"optim.weight_decay={o.weight_decay} must be >= 0")
     for key in ("beta1", "beta2"):

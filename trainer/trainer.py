@@ -59,7 +59,7 @@ class Trainer:
                 self.scaler = ShardedGradScaler(self.device.type)  # handles DTensor shards, agrees on inf
             else:
                 self.scaler = torch.amp.GradScaler(self.device.type)
-        self.optimizer = build_optimizer(torch.nn.ModuleList(self.par.parts), cfg, device_type=self.device.type)
+        self.optimizer = build_optimizer(self.par.parts, cfg, device_type=self.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.par.attach_optimizer(self.optimizer)  # DeepSpeed builds its engine around it here
         self.model = self.par.model  # what the step calls: the model, its DDP wrapper or the DeepSpeed engine
