@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from parallel.dtensor import local as _local
+
 
 def _sharded_dim(pl) -> int | None:
     """The tensor dim a placement cuts, or None. `_StridedShard` (FSDP2 sharding a TP shard) does not
@@ -95,10 +97,6 @@ class _Reducer:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
         self.items.clear()
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _like_param_rows_or_cols(local: Tensor, param: Tensor, keep: str) -> Tensor:

@@ -18,7 +18,6 @@ The model supplies its block list (`model.blocks`), TP plan and stage pruning; n
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,11 +28,10 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.activation import apply_ac
 from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
+from parallel.dtensor import full
 from parallel.mesh import ParallelDims, World
 from parallel.pipeline import PipelineLoss, build_schedule, split_model
 from parallel.tensor import apply_tp, keep_grads_sharded_like_params
-
-log = logging.getLogger("shardwise")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -172,9 +170,7 @@ def clip_grad_norm(par: Parallelized, max_norm: float) -> torch.Tensor:
     then clip to `max_norm`. Returns the norm before clipping, as a plain tensor on the device."""
     params = [p for p in par.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if hasattr(norm, "full_tensor"):  # DTensor: reduce the partial norms over the mesh
-        norm = norm.full_tensor()
+    norm = full(torch.nn.utils.get_total_norm(grads, norm_type=2.0))  # DTensor: reduce the partial norms
     if par.dims.pp > 1:  # each stage saw only its own parameters: add the squares over the pipeline
         sq = norm**2
         torch.distributed.all_reduce(sq, group=par.group("pp"))

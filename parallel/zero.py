@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from parallel import Parallelized
+from parallel.dtensor import nbytes
 from parallel.mesh import ParallelDims, World
 
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
@@ -78,9 +79,9 @@ class ZeroParallelized(Parallelized):
     def _grad_bytes(self) -> int:
         """Gradient bytes held now: full `.grad`s (ZeRO-1 accumulates them until the boundary) plus the
         reduced gradient partitions DeepSpeed keeps (ZeRO-2/3, and ZeRO-1 after its boundary reduce)."""
-        full = sum(_nbytes(p.grad) for p in self.parts[0].parameters())
+        full = sum(nbytes(p.grad) for p in self.parts[0].parameters())
         parts = getattr(self.ds_optimizer, "averaged_gradients", {}) or {}
-        return full + sum(_nbytes(g) for group in parts.values() for g in (group if isinstance(group, list) else [group]))
+        return full + sum(nbytes(g) for group in parts.values() for g in (group if isinstance(group, list) else [group]))
 
     def model_state_bytes(self) -> dict[str, int]:
         """What this rank holds: model parameters (full for ZeRO-1/2, its partition for ZeRO-3), the fp32
@@ -89,10 +90,10 @@ class ZeroParallelized(Parallelized):
         params = list(self.parts[0].parameters())
         masters = opt.fp32_partitioned_groups_flat if stage == 3 else opt.single_partition_of_fp32_groups
         return {
-            "params": sum(_nbytes(p.ds_tensor if stage == 3 else p) for p in params),
-            "master": sum(_nbytes(t) for t in masters),
+            "params": sum(nbytes(p.ds_tensor if stage == 3 else p) for p in params),
+            "master": sum(nbytes(t) for t in masters),
             "grads": self.peak_grad_bytes,
-            "optim": sum(_nbytes(v) for st in opt.optimizer.state.values() for k, v in st.items()
+            "optim": sum(nbytes(v) for st in opt.optimizer.state.values() for k, v in st.items()
                          if torch.is_tensor(v) and k != "step"),
         }
 
@@ -143,7 +144,3 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
                            autocast_dtype=None, loss_parallel=False, notes=notes, manages_precision=True)
     par.ds_config = ds_config
     return par
-
-
-def _nbytes(t) -> int:
-    return 0 if t is None else t.numel() * t.element_size()

@@ -69,7 +69,7 @@ def find_latest(root: Path) -> tuple[Path | None, list[Path]]:
     pointer = root / "latest"
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if named in complete and named == complete[-1]:
+        if complete and named == complete[-1]:
             return named, partial
     return (complete[-1] if complete else None), partial
 

@@ -17,6 +17,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from models.llama import build_model
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
+from parallel.dtensor import full
 from parallel.mesh import destroy_distributed, init_distributed
 from trainer.checkpoint import Checkpointer
 from trainer.config import Plan, Precision, model_args_of, save_resolved, to_container
@@ -140,7 +141,7 @@ class Trainer:
                 # DDP, FSDP and DeepSpeed average gradients over ranks; we want the sum
                 self.par.backward(loss * self.par.grad_reduction_scale, last_micro=i == accum - 1, scaler=self.scaler)
             loss = loss.detach()
-            loss_total += loss.full_tensor() if hasattr(loss, "full_tensor") else loss  # a replicated DTensor under TP
+            loss_total += full(loss)  # a replicated DTensor under TP
         return loss_total
 
     def _pipeline_forward_backward(self, batch: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
@@ -183,7 +184,7 @@ class Trainer:
             if self.par.schedule is None:
                 for mb in batch:
                     loss = self._loss_sum(mb)
-                    totals[0] += loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+                    totals[0] += full(loss)
                 continue
             # pipeline: forward only; with n_tokens = scale = 1 the schedule's loss is the plain sum
             flat = batch.flatten(0, 1)

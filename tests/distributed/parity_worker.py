@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from models.llama import canonical_name
+from parallel.dtensor import full
 from parallel.memory import model_state_bytes
 from parallel.mesh import env_world_size
 from trainer.config import check, load_config
@@ -34,9 +35,7 @@ def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
                 g = safe_get_full_grad(p)
             if g is None:
                 continue
-            if hasattr(g, "full_tensor"):
-                g = g.full_tensor()
-            grads[canonical_name(name)] = g.detach().float().cpu() / scale
+            grads[canonical_name(name)] = full(g).detach().float().cpu() / scale
     if trainer.par.dims.pp > 1:  # each pipeline rank holds other stages: gather the dicts
         gathered = [None] * trainer.par.dims.pp
         dist.all_gather_object(gathered, grads, group=trainer.par.group("pp"))
