@@ -6,6 +6,7 @@ message naming every problem; `dry_run=true` prints the plan and exits without a
 
 import os
 import sys
+import traceback
 
 from parallel.mesh import env_world_size
 from trainer.config import ConfigError, check, load_config, to_yaml
@@ -28,8 +29,18 @@ def main(argv: list[str]) -> int:
     trainer = Trainer(cfg, plan)
     try:
         trainer.train()
-    finally:
-        trainer.close()
+    except BaseException:
+        if env_world_size() == 1:
+            trainer.close()
+            raise
+        # Fail fast: a peer may be waiting inside a collective this rank will never join, so an orderly
+        # teardown (which starts with a barrier) would hang until the collective timeout. Report and leave
+        # at once; torchrun sees the failure and stops the other ranks (or restarts the group).
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    trainer.close()
     return 0
 
 

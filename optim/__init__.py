@@ -7,6 +7,9 @@ from torch import nn
 
 from optim.schedule import build_scheduler, lr_multiplier
 
+# optim.name choices; bytes of state per parameter are measured in docs/optimizers.md
+OPTIMIZERS = ("adamw", "adamw_bf16", "adamw8bit", "adafactor")
+
 
 def param_groups(parts: list[nn.Module], *, lr: float, weight_decay: float, decay_embeddings: bool = False,
                  lr_multipliers: list | None = None) -> list[dict]:
@@ -49,8 +52,19 @@ def build_optimizer(parts: list[nn.Module], cfg, *, device_type: str) -> torch.o
         a = o.adafactor
         return Adafactor(groups, lr=o.lr, beta2_decay=a.beta2_decay, eps=(a.eps1, a.eps2), d=a.d,
                          relative_step=a.relative_step, scale_parameter=a.scale_parameter, beta1=a.beta1)
+    if o.name == "adamw_bf16":
+        from optim.adamw_bf16 import AdamWBF16
+
+        return AdamWBF16(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, seed=cfg.training.seed)
+    if o.name == "adamw8bit":
+        # torchao's block-wise 8-bit AdamW (optional extra `lowbit`): each state is int8 codes plus one scale
+        # per 256 values; tensors under 4096 values (norms) keep fp32 states. Each parameter's update is a
+        # torch.compile'd kernel (compiled once per shape). It keeps lr as a tensor, which LambdaLR fills.
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     if o.name != "adamw":
-        raise ValueError(f"optim.name={o.name}: unknown optimizer; known: adamw, adafactor")
+        raise ValueError(f"optim.name={o.name}: unknown optimizer; known: {', '.join(OPTIMIZERS)}")
     if str(cfg.parallel.data).startswith("zero") and str(cfg.parallel.offload) == "cpu":
         # ZeRO-Offload steps on the CPU with DeepSpeed's vectorized Adam (AdamW mode: decoupled decay);
         # its C++ op is compiled on first use
@@ -62,4 +76,4 @@ def build_optimizer(parts: list[nn.Module], cfg, *, device_type: str) -> torch.o
                              fused=fused or None, foreach=None if fused else True)
 
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_multiplier", "param_groups"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "build_scheduler", "lr_multiplier", "param_groups"]

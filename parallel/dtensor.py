@@ -16,8 +16,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def nbytes(t: torch.Tensor | None) -> int:
-    """Bytes this rank stores for `t` (its local shard); 0 for None."""
+    """Bytes this rank stores for `t` (its local shard, what a tensor subclass really holds); 0 for None."""
     if t is None:
         return 0
     t = local(t)
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        # a tensor subclass (e.g. torchao's 8-bit optimizer state) reports the dtype it stands for; count
+        # the tensors it actually stores (codes, scales, lookup table)
+        names, _ = t.__tensor_flatten__()
+        return sum(nbytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()

@@ -151,7 +151,7 @@ class LrMultiplier:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw or adafactor (sharding-aware)
+    name: str = "adamw"  # adamw, adamw_bf16 (bf16 moments), adamw8bit (torchao) or adafactor (sharding-aware)
     lr: float = 3.0e-4  # peak learning rate
     weight_decay: float = 0.1  # decoupled; not applied to norms and (by default) embeddings
     decay_embeddings: bool = False  # also decay the embedding table(s)
@@ -512,8 +512,20 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                 f"{t.global_batch_size} % {per_step} = {t.global_batch_size % per_step}")
 
     # optimizer and schedule
-    if o.name not in ("adamw", "adafactor"):
-        problems.append(f"optim.name={o.name}: unknown optimizer; known: adamw, adafactor")
+    from optim import OPTIMIZERS
+
+    if o.name not in OPTIMIZERS:
+        close = difflib.get_close_matches(o.name, OPTIMIZERS, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        problems.append(f"optim.name={o.name}: unknown optimizer.{hint} Known: {', '.join(OPTIMIZERS)}")
+    if o.name == "adamw8bit":
+        if not _installed("torchao"):
+            problems.append("optim.name=adamw8bit needs torchao, which is not installed: pip install -e '.[lowbit]'")
+    if o.name in ("adamw8bit", "adamw_bf16") and zero:
+        problems.append(f"optim.name={o.name} with parallel.data={p.data} is refused: DeepSpeed wraps the optimizer "
+                        f"in its own ZeRO optimizer, which steps flat fp32 partitions and checkpoints their states in "
+                        f"its own format, a path shardwise does not test for low-precision states. Use "
+                        f"parallel.data=fsdp (or ddp/hsdp/tp/pp) with {o.name}, or optim.name=adamw under ZeRO")
     if o.name == "adafactor":
         a = o.adafactor
         if a.beta2_decay > 0:

@@ -218,7 +218,7 @@ class Trainer:
         window_start, window_steps = run_start, 0
         while self.step < t.steps:
             batch, _ = self.train_loader.next_batch()
-            lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses
+            lr = float(self.scheduler.get_last_lr()[0])  # this step's lr (a tensor under torchao)
             loss = self.forward_backward(batch)
             grad_norm = self.optimizer_step()
             self.step += 1

@@ -15,10 +15,17 @@ TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads
         "logging.wandb.mode=disabled", "checkpoint.every=2"]
 
 
-@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
-def test_resume_after_a_crash_continues_the_same_run(strategy, tmp_path):
+@pytest.mark.parametrize("strategy, extra", [
+    ("zero3", []), ("fsdp", []),
+    # torchao's 8-bit states (tensor subclasses inside DTensors) through DCP; 128-wide so they are quantized
+    ("fsdp", ["optim.name=adamw8bit", "model.dim=128"]),
+    ("fsdp", ["optim.name=adamw_bf16"]),  # bf16 moments; the rounding noise is a function of the step
+], ids=["zero3", "fsdp", "fsdp_adamw8bit", "fsdp_adamw_bf16"])
+def test_resume_after_a_crash_continues_the_same_run(strategy, extra, tmp_path):
+    if "optim.name=adamw8bit" in extra:
+        pytest.importorskip("torchao")
     run_dir = tmp_path / "run"
-    args = [*TINY, f"parallel.data={strategy}", f"run_dir={run_dir}"]
+    args = [*TINY, f"parallel.data={strategy}", *extra, f"run_dir={run_dir}"]
     run_train(args, nproc=2)
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-4"

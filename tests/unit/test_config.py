@@ -116,6 +116,9 @@ RULES = [
     (["parallel.data=zero3", "parallel.tp=2"], 4, "shardwise runs DeepSpeed ZeRO as pure data parallelism"),
     (["parallel.data=zero1", "parallel.pp=2"], 4, "shardwise runs DeepSpeed ZeRO as pure data parallelism"),
     (["parallel.data=zero3", "optim.name=adafactor"], 2, "optim.name=adafactor with parallel.data=zero3 is refused"),
+    (["parallel.data=zero2", "optim.name=adamw8bit"], 2, "optim.name=adamw8bit with parallel.data=zero2 is refused"),
+    (["parallel.data=zero1", "optim.name=adamw_bf16"], 2, "optim.name=adamw_bf16 with parallel.data=zero1 is refused"),
+    (["optim.name=adamw8bt"], 1, "optim.name=adamw8bt: unknown optimizer. Did you mean adamw8bit?"),
     (["parallel.data=fsdp", "parallel.deepspeed.zero_optimization.stage=2"], 2, "parallel.deepspeed sets ds_config keys"),
     (["parallel.data=fsdp", "parallel.dp_replicate=2"], 4, "parallel.dp_replicate=2 replicates shards, which is "
                                                           "parallel.data=hsdp"),
@@ -168,3 +171,27 @@ def test_derived_numbers():
     plan = derive(cfg, 2)
     assert (plan.dp_size, plan.micro_batch_size, plan.accum_steps) == (2, 4, 4)
     assert plan.tokens_per_step == 32 * 128
+
+
+def test_every_recipe_validates_at_the_world_size_its_header_names():
+    """Each recipe's usage line (`--nnodes=A --nproc_per_node=B`, default 1 process) is a layout it accepts,
+    and every recipe is listed in docs/recipes.md."""
+    import re
+
+    from trainer.config import RECIPE_DIR, ConfigError, check, load_config
+
+    docs = (RECIPE_DIR.parent / "docs" / "recipes.md").read_text()
+    problems = []
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        text = path.read_text()
+        nodes = re.search(r"--nnodes[= ](\d+)", text)
+        procs = re.search(r"--nproc_per_node[= ](\d+)", text)
+        world = (int(nodes.group(1)) if nodes else 1) * (int(procs.group(1)) if procs else 1)
+        try:
+            check(load_config([f"recipe={path.stem}", "run_dir=" + str(RECIPE_DIR.parent / "runs" / "x")]), world)
+        except ConfigError as e:
+            problems.append(f"{path.stem} at world {world}: {e}")
+        stem = path.stem
+        if f"`{stem}`" not in docs and f"`_{stem.rsplit('_', 1)[1]}`" not in docs:  # `llama_debug_zero1`, `_zero2`
+            problems.append(f"{stem} is not listed in docs/recipes.md")
+    assert not problems, "\n".join(problems)
