@@ -345,9 +345,18 @@ class Plan:
     non_embedding_params: int
     flops_per_token: int
     dims: object = None  # parallel.mesh.ParallelDims
+    model_state: dict | None = None  # predicted bytes on the most loaded rank (parallel/memory.py)
+    optimizer: str = "adamw"
 
     def describe(self) -> str:
         g = self.micro_batch_size * self.accum_steps * self.dp_size
+        gib = 2**30
+        state = []
+        if self.model_state:
+            ms = self.model_state
+            parts = " + ".join(f"{k} {v / gib:.2f}" for k, v in ms.items())
+            state = [f"model states / rank   {parts} = {sum(ms.values()) / gib:.2f} GiB  "
+                     f"(most loaded rank; optimizer {self.optimizer}; activations not included)"]
         return "\n".join([
             f"world size            {self.world_size}",
             f"layout                dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x "
@@ -360,6 +369,7 @@ class Plan:
             f"  without embedding   {self.non_embedding_params:,}",
             f"FLOPs per token       {self.flops_per_token:,} ({self.flops_per_token / 1e9:.2f} GFLOP)",
             f"FLOPs per step        {self.flops_per_token * self.tokens_per_step:.3e}",
+            *state,
         ])
 
 
@@ -383,11 +393,15 @@ def derive(cfg: DictConfig, world_size: int) -> Plan:
     dims, problems = parallel_dims(cfg, world_size)
     if problems:
         raise ConfigError(problems)
+    from parallel.memory import predict_model_state
+
     dp = dims.dp_size
     return Plan(world_size=world_size, dp_size=dp, micro_batch_size=t.micro_batch_size,
                 accum_steps=t.global_batch_size // (t.micro_batch_size * dp), tokens_per_step=t.global_batch_size * t.seq_len,
                 params=args.num_params(), non_embedding_params=args.num_params(exclude_embedding=True),
-                flops_per_token=args.flops_per_token(t.seq_len), dims=dims)
+                flops_per_token=args.flops_per_token(t.seq_len), dims=dims,
+                model_state=max(predict_model_state(cfg, world_size), key=lambda d: sum(d.values())),
+                optimizer=str(cfg.optim.name))
 
 
 def _installed(module: str) -> bool:

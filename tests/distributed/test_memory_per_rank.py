@@ -50,6 +50,28 @@ def test_bytes_per_rank_equal_the_formula(name, nproc, overrides, params, worker
     for rank, (h, numel) in enumerate(zip(held, params)):
         want = {"params": 4 * numel, "grads": 4 * numel, "optim": 8 * numel}  # fp32: 4 + 4 + 2 x 4 bytes
         assert h == want, f"{name} rank {rank}: holds {h}, the formula says {want}"
+    # the planner (dry_run) predicts the same bytes from the config alone
+    assert predicted(overrides, nproc) == held, f"{name}: predicted {predicted(overrides, nproc)}, held {held}"
+
+
+def predicted(overrides: list[str], nproc: int) -> list[dict]:
+    from conftest import TINY
+    from parallel.memory import predict_model_state
+    from trainer.config import load_config
+
+    return predict_model_state(load_config([*TINY, *overrides]), nproc)
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw_bf16", "adamw8bit"])
+def test_planner_predicts_each_optimizers_state_bytes(optimizer, worker):
+    """Measured under FSDP on 2 ranks, 128 wide (the runs of test_lowbit_sharded, shared via the cache)."""
+    if optimizer == "adamw8bit":
+        pytest.importorskip("torchao")
+    from test_lowbit_sharded import WIDE
+
+    overrides = [*WIDE, f"optim.name={optimizer}", "parallel.data=fsdp"]
+    held = worker(2, overrides)["bytes_per_rank"]
+    assert predicted(overrides, 2) == held
 
 
 # ZeRO (fp32 model): DeepSpeed keeps the module's own fp32 parameters *and* an fp32 master partition
@@ -68,3 +90,4 @@ def test_zero_bytes_per_rank_equal_the_zero_formulas(stage, numel, worker):
     for rank, h in enumerate(held["bytes_per_rank"]):
         want = {k: 4 * v for k, v in numel.items()}
         assert h == want, f"{stage} rank {rank}: holds {h}, the ZeRO formula says {want}"
+    assert predicted([f"parallel.data={stage}"], 2) == held["bytes_per_rank"]

@@ -33,10 +33,31 @@ def test_dry_run_8b_prints_the_plan_without_allocating():
     assert "micro-batch 1 x accumulation 64 x dp 1" in out
     assert "FLOPs per token       57,914,449,920" in out
     assert "tokens per step       524,288" in out
+    # 8,030,261,248 fp32 parameters: 29.92 GiB each for weights and gradients, AdamW twice that
+    assert "model states / rank   params 29.92 + grads 29.92 + optim 59.83 = 119.66 GiB" in out
     assert took < 60, f"dry run took {took:.1f} s"
     # 8 B parameters in fp32 would be 32 GB; the dry run's process stays far below 2 GiB
     maxrss_kib = int(out.rsplit("maxrss_kib", 1)[1])
     assert maxrss_kib < 2 * 2**20, f"dry run peaked at {maxrss_kib / 2**20:.2f} GiB"
+
+
+def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    lines = {}
+    for opt in ("adamw", "adafactor"):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "recipe=llama8b", "dry_run=true",
+                               "parallel.data=fsdp", f"optim.name={opt}"], capture_output=True, text=True,
+                              timeout=120, cwd=REPO, env={**os.environ, "WORLD_SIZE": "8"})
+        assert proc.returncode == 0, proc.stderr
+        lines[opt] = next(ln for ln in proc.stdout.splitlines() if ln.startswith("model states / rank"))
+    # per rank: an eighth of the weights and gradients; Adafactor keeps only row/column statistics
+    assert "params 3.74 + grads 3.74 + optim 7.48 = 14.96 GiB" in lines["adamw"]
+    assert "params 3.74 + grads 3.74 + optim 0.01 = 7.48 GiB" in lines["adafactor"]
 
 
 @pytest.mark.parametrize("overrides, message", [
