@@ -1,6 +1,7 @@
 """Consolidate a checkpoint (any strategy) into one fp32 safetensors file of the full model.
 
     python launch/convert_checkpoint.py runs/x/checkpoints/step-200 --out model.safetensors
+    python launch/convert_checkpoint.py runs/x/checkpoints/step-200 --hf hf-model/   # a transformers directory
 
 Works on native checkpoints (torch DCP shards from any layout) and on DeepSpeed ZeRO checkpoints (it
 gathers the fp32 master partitions with DeepSpeed's own zero_to_fp32). Runs on one process, on the CPU.
@@ -12,39 +13,41 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from models.llama import canonical_name
-
-    if not (path / "COMPLETE").is_file():
-        raise ValueError(f"{path} has no COMPLETE marker: its save did not finish; refusing to convert it")
-    if list(path.glob("*zero_pp_rank_*")) or list(path.glob("mp_rank_*_model_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(str(path), f"{tmp}/full.pt")
-            sd = torch.load(f"{tmp}/full.pt", weights_only=False)["model"]
-    # one tensor per name, fp32, contiguous, no shared storage (safetensors refuses aliases)
-    return {canonical_name(k): v.detach().float().contiguous().clone() for k, v in sd.items()}
+from trainer.checkpoint import consolidated_state_dict  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="a step-N directory")
-    p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    p.add_argument("--out", type=Path, help="the .safetensors file to write")
+    p.add_argument("--hf", type=Path, help="write a Hugging Face LLaMA directory (config.json + model.safetensors)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="for --hf")
     a = p.parse_args(argv)
+    if not a.out and not a.hf:
+        p.error("nothing to write: give --out FILE.safetensors and/or --hf DIR")
     if not a.checkpoint.is_dir():
         p.error(f"{a.checkpoint}: no such checkpoint directory")
     try:
         sd = consolidated_state_dict(a.checkpoint)
     except ValueError as e:
         p.error(str(e))
+    if a.hf:
+        import json
+
+        import torch
+
+        from models.hf import to_hf
+        from models.llama import ModelArgs, RopeScaling
+
+        state = json.loads((a.checkpoint / "train_state.json").read_text())
+        m = dict(state["model"])
+        m["rope_scaling"] = RopeScaling(**m["rope_scaling"]) if m.get("rope_scaling") else None
+        to_hf(sd, ModelArgs(**m), a.hf, dtype=getattr(torch, a.dtype))
+        print(f"wrote {a.hf}: a LlamaForCausalLM directory ({a.dtype})")
+        if not a.out:
+            return 0
     from safetensors.torch import save_file
 
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,16 @@ from parallel.mesh import env_world_size
 from trainer.config import ConfigError, check, load_config, to_yaml
 
 
+def _fail_fast() -> None:
+    """Fail fast: a peer may be waiting inside a collective this rank will never join, so an orderly
+    teardown (which starts with a barrier) would hang until the collective timeout. Report and leave at
+    once; torchrun sees the failure and stops the other ranks (or restarts the group)."""
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def main(argv: list[str]) -> int:
     try:
         cfg = load_config(argv)
@@ -26,20 +36,27 @@ def main(argv: list[str]) -> int:
         return 0
     from trainer.trainer import Trainer  # imported late: a dry run needs neither data nor a device
 
-    trainer = Trainer(cfg, plan)
+    from trainer.checkpoint import CheckpointError
+
+    try:
+        trainer = Trainer(cfg, plan)
+    except CheckpointError as e:  # every rank checked the same files and refuses alike, before loading any
+        if os.environ.get("RANK", "0") == "0":
+            print(f"shardwise: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    except BaseException:
+        if env_world_size() == 1:
+            raise
+        _fail_fast()
     try:
         trainer.train()
     except BaseException:
         if env_world_size() == 1:
             trainer.close()
             raise
-        # Fail fast: a peer may be waiting inside a collective this rank will never join, so an orderly
-        # teardown (which starts with a barrier) would hang until the collective timeout. Report and leave
-        # at once; torchrun sees the failure and stops the other ranks (or restarts the group).
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        _fail_fast()
     trainer.close()
     return 0
 

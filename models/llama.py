@@ -48,6 +48,7 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 4096  # length of the precomputed RoPE table
     tie_embeddings: bool = False
+    ffn_hidden_dim: int | None = None  # the SwiGLU hidden size itself (an imported model's), overriding the rule
 
     @property
     def kv_heads(self) -> int:
@@ -60,6 +61,8 @@ class ModelArgs:
     @property
     def ffn_hidden(self) -> int:
         # SwiGLU has 3 matrices instead of 2, so 2/3 of the usual 4*D keeps the FLOPs (LLaMA paper).
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)

@@ -82,11 +82,17 @@ class Parallelized:
         with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
             (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    def step(self, max_norm: float, scaler=None) -> torch.Tensor:
-        """Clip and apply the accumulated gradients; returns the pre-clip global norm (on the device)."""
+    def step(self, max_norm: float, scaler=None, apply=None) -> torch.Tensor:
+        """Clip and apply the accumulated gradients; returns the pre-clip global norm (on the device).
+        `apply(norm) -> bool`, when given, may veto the update (the gradients are dropped)."""
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         norm = clip_grad_norm(self, max_norm)
+        if apply is not None and not apply(norm):
+            if scaler is not None:
+                scaler.update()  # the unscale recorded an overflow, or not; keep the scaler's books
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
         if scaler is not None:
             scaler.step(self.optimizer)  # skips the update when gradients overflowed
             scaler.update()

@@ -149,8 +149,18 @@ def init_distributed(requested_device: str, *, timeout_s: float = 600.0) -> Worl
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {}
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+            # Under torchrun, keep each restart's rendezvous keys apart: after `--max-restarts` brought the
+            # workers back, gloo otherwise read the dead attempt's addresses from the agent's store and
+            # failed to connect ("Connection refused", seen with torch 2.13).
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timedelta(seconds=timeout_s))
+            kwargs = dict(store=dist.PrefixStore(f"shardwise/attempt-{attempt}", store), rank=rank,
+                          world_size=world_size)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, **kwargs)
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -111,7 +111,8 @@ class ZeroParallelized(Parallelized):
         if not last_micro:
             self.engine.step()  # advances DeepSpeed's micro-step counter; no update before the boundary
 
-    def step(self, max_norm: float, scaler=None) -> torch.Tensor:
+    def step(self, max_norm: float, scaler=None, apply=None) -> torch.Tensor:
+        # `apply` (numerics.on_nonfinite=skip) is refused under ZeRO at validation: the engine steps itself
         self.engine.step()  # at the boundary: reduce, clip (ds_config gradient_clipping), update, zero grads
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32)

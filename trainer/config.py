@@ -106,6 +106,9 @@ class ModelConfig:
     vocab_size: int | None = None  # must cover the tokenizer's vocabulary
     max_seq_len: int | None = None  # length of the RoPE table; training.seq_len must not exceed it
     tie_embeddings: bool | None = None  # share the input embedding and output projection
+    ffn_hidden_dim: int | None = None  # SwiGLU hidden size; null: the flavor's rule (multiple_of, multiplier)
+    norm_eps: float | None = None  # RMSNorm epsilon
+    rope_theta: float | None = None  # RoPE base
 
 
 @dataclass
@@ -191,6 +194,20 @@ class CheckpointConfig:
     keep: int = 3  # complete checkpoints kept; older ones are deleted (never outside the checkpoint root)
     dir: str | None = None  # null: run_dir/checkpoints
     resume: bool = True  # start from the newest complete checkpoint in `dir` when there is one
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, forever (0: none)
+    async_save: bool = False  # periodic saves write in a background thread (own gloo group); final and preemption saves are synchronous
+    preempt_flag: str | None = None  # a file whose appearance stops the run at the next step (null: run_dir/PREEMPT)
+    init_from: str | None = None  # weights to start from when there is no checkpoint: an HF directory, a .safetensors file or a step-N directory
+
+
+class NonFinite(StrEnum):
+    raise_ = "raise"  # stop every rank with the step named
+    skip = "skip"  # leave parameters and optimizer state untouched for that step, count it, go on
+
+
+@dataclass
+class NumericsConfig:
+    on_nonfinite: NonFinite = NonFinite.raise_  # a NaN/Inf loss or gradient norm: raise or skip the step
 
 
 @dataclass
@@ -212,6 +229,7 @@ class LoggingConfig:
     tensorboard: bool = True  # run_dir/tensorboard
     wandb: WandbConfig = field(default_factory=WandbConfig)
     peak_tflops: float | None = None  # the accelerator's dense peak for MFU; null: detected for known GPUs
+    sample_ids: bool = False  # run_dir/samples/rank-R.jsonl: the global sample indices each rank trained on per step
 
 
 @dataclass
@@ -225,6 +243,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -329,7 +348,8 @@ def model_args_of(cfg: DictConfig):
         raise ConfigError(f"model.flavor={cfg.model.flavor}: unknown flavor; known: {', '.join(FLAVORS)}")
     m = cfg.model
     return model_args(m.flavor, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                      vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings)
+                      vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
+                      ffn_hidden_dim=m.ffn_hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
 
 
 @dataclass(frozen=True)
@@ -613,11 +633,19 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     c = cfg.checkpoint
     if c.every < 0:
         problems.append(f"checkpoint.every={c.every} must be >= 0 (0: never)")
-    if c.keep < 1:
-        problems.append(f"checkpoint.keep={c.keep} must be >= 1")
-    if c.every > 0 and p.pp > 1:
-        problems.append(f"checkpoint.every={c.every} with parallel.pp({p.pp}): checkpoints of pipeline stages are "
-                        f"not supported yet; set checkpoint.every=0 or run without pipeline parallelism")
+    if c.keep < 2:
+        problems.append(f"checkpoint.keep={c.keep} must be >= 2 (the newest checkpoint may be the one a crash "
+                        f"interrupts; the one before it is the fallback)")
+    if c.keep_every < 0:
+        problems.append(f"checkpoint.keep_every={c.keep_every} must be >= 0 (0: no milestones)")
+    if c.async_save and zero:
+        problems.append(f"checkpoint.async_save=true with parallel.data={p.data}: DeepSpeed saves its own files "
+                        f"synchronously; set checkpoint.async_save=false")
+    if c.init_from is not None and not Path(c.init_from).exists():
+        problems.append(f"checkpoint.init_from={c.init_from}: no such file or directory")
+    if str(cfg.numerics.on_nonfinite) == "skip" and zero:
+        problems.append(f"numerics.on_nonfinite=skip with parallel.data={p.data}: DeepSpeed's engine applies the "
+                        f"update itself; use numerics.on_nonfinite=raise (DeepSpeed skips fp16 overflows on its own)")
 
     # logging and output
     if cfg.logging.every < 1:

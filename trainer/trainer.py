@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import time
 from pathlib import Path
@@ -19,9 +20,10 @@ from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.dtensor import full
 from parallel.mesh import destroy_distributed, init_distributed
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, find_latest
 from trainer.config import Plan, Precision, model_args_of, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
+from trainer.faults import PREEMPT_FLAG, REQUEUE_MARKER, Faults, NonFiniteError, Preemption
 from trainer.metrics import MemoryMonitor, MetricLogger, detect_peak_tflops, mfu_pct
 
 IGNORE_INDEX = -100  # targets with this id (padding) carry no loss
@@ -38,6 +40,13 @@ class Trainer:
         self.world = init_distributed(t.device)
         self.device = self.world.device
         torch.manual_seed(t.seed)
+        # a gloo group beside the training one: async checkpoint writes and the preemption vote run on
+        # it, so they never interleave with (or synchronize) the training collectives
+        self.side_group = dist.new_group(backend="gloo") if self.world.distributed else None
+        self.faults = Faults(self.world.rank)
+        self.preemption = Preemption(Path(cfg.checkpoint.preempt_flag or self.run_dir / PREEMPT_FLAG), self.side_group)
+        self.skipped_steps = 0
+        self._first_nonfinite = None  # device tensor: the first step whose gradient norm was not finite
 
         # 3. the model on the meta device: shapes only, nothing allocated
         self.model_args = model_args_of(cfg)
@@ -48,6 +57,15 @@ class Trainer:
         #    every layout), then DDP (parallel/__init__.py explains the order)
         self.par = parallelize(model, cfg, plan.dims, self.world, loss_sum=self._logits_loss_sum)
         self.dp_rank = self.par.dp_rank
+
+        # starting weights from elsewhere (checkpoint.init_from) replace the seeded ones before the optimizer
+        # (and DeepSpeed's fp32 master copy) exists, unless there is a checkpoint to resume
+        self.init_note = None
+        if cfg.checkpoint.init_from and not (cfg.checkpoint.resume and find_latest(self._checkpoint_root())[0]):
+            from models.hf import load_weights
+
+            load_weights(self.par.parts, cfg, Path(cfg.checkpoint.init_from))
+            self.init_note = f"initialized the weights from {cfg.checkpoint.init_from}"
 
         # 6. precision, optimizer, schedule, data, loggers
         self.precision = Precision(str(t.precision))
@@ -82,13 +100,26 @@ class Trainer:
         self.logger = MetricLogger(cfg, self.run_dir, enabled=self.world.is_logging_rank, config=to_container(cfg))
         for note in [f"data: {self.data_description}", *self.par.notes]:
             self.logger.note(note)
-        self.checkpointer = Checkpointer(self)
-        if cfg.checkpoint.resume:  # a restarted job continues from its newest complete checkpoint
-            resumed = self.checkpointer.load_latest()
-            if resumed is not None:
-                self.logger.note(f"resumed from {resumed} at step {self.step}")
+        if self.world.rank == 0:  # a flag or marker left by the run this one continues has been acted on
+            for stale in (self.preemption.flag_file, self.run_dir / REQUEUE_MARKER):
+                stale.unlink(missing_ok=True)
+        if self.world.distributed:
+            dist.barrier(group=self.side_group)
+        self.checkpointer = Checkpointer(self, group=self.side_group)
+        resumed = self.checkpointer.load_latest() if cfg.checkpoint.resume else None
+        if resumed is not None:
+            self.logger.note(f"resumed from {resumed} at step {self.step}")
+        elif self.init_note:
+            self.logger.note(self.init_note)
+        self.samples_file = None
+        if cfg.logging.sample_ids:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            self.samples_file = open(self.run_dir / "samples" / f"rank-{self.world.rank}.jsonl", "a")
 
     # ------------------------------------------------------------------------------------------
+
+    def _checkpoint_root(self) -> Path:
+        return Path(self.cfg.checkpoint.dir or self.run_dir / "checkpoints")
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -137,7 +168,7 @@ class Trainer:
             # gradients are synchronized across ranks only on the last micro-batch
             sync = contextlib.nullcontext() if i == accum - 1 else self.par.no_sync()
             with sync:
-                loss = self._loss_sum(batch[i]) / n_tokens
+                loss = self.faults.poison_loss(self.step + 1, self._loss_sum(batch[i]) / n_tokens)
                 # DDP, FSDP and DeepSpeed average gradients over ranks; we want the sum
                 self.par.backward(loss * self.par.grad_reduction_scale, last_micro=i == accum - 1, scaler=self.scaler)
             loss = loss.detach()
@@ -162,10 +193,42 @@ class Trainer:
         return torch.stack([l.detach() for l in losses]).sum() / scale
 
     def optimizer_step(self) -> torch.Tensor:
-        """Clip, step, advance the schedule; returns the pre-clip global gradient norm (on the device)."""
-        grad_norm = self.par.step(self.cfg.optim.max_grad_norm or float("inf"), scaler=self.scaler)
+        """Clip, step, advance the schedule; returns the pre-clip global norm (on the device).
+
+        The norm is global (all-reduced over every shard and stage), so a NaN or Inf anywhere gives every
+        rank the same verdict. `raise` records the first bad step on the device and is checked where the
+        loop synchronizes anyway (logging, saving, the end); `skip` must decide before the update, which
+        costs one host synchronization per step. Under fp16 the loss scaler's own skip handles overflows.
+        """
+        skip = str(self.cfg.numerics.on_nonfinite) == "skip" and self.scaler is None
+        applied = []
+
+        def apply(norm: torch.Tensor) -> bool:
+            ok = bool(torch.isfinite(norm))
+            applied.append(ok)
+            return ok
+
+        grad_norm = self.par.step(self.cfg.optim.max_grad_norm or float("inf"), scaler=self.scaler,
+                                  apply=apply if skip else None)
+        if skip and not applied[0]:
+            self.skipped_steps += 1
+            self.logger.note(f"step {self.step + 1}: non-finite gradient norm; update skipped "
+                             f"({self.skipped_steps} skipped so far, numerics.on_nonfinite=skip)")
+        elif self.scaler is None:
+            bad = ~torch.isfinite(grad_norm)
+            step = torch.full((), self.step + 1, dtype=torch.int64, device=grad_norm.device)
+            if self._first_nonfinite is None:
+                self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=grad_norm.device)
+            self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), step, self._first_nonfinite)
         self.scheduler.step()
         return grad_norm
+
+    def check_finite(self) -> None:
+        """numerics.on_nonfinite=raise: stop (on every rank alike) if any step so far had a NaN/Inf norm."""
+        if self._first_nonfinite is not None and (bad := int(self._first_nonfinite)) >= 0:
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {bad} (numerics.on_nonfinite=raise); "
+                                 f"the parameters after it are not trustworthy, nothing was saved after it. "
+                                 f"Lower optim.lr, check the data, or set numerics.on_nonfinite=skip")
 
     def _set_train(self, mode: bool) -> None:
         for part in self.par.parts:
@@ -217,7 +280,10 @@ class Trainer:
         run_start = time.perf_counter()
         window_start, window_steps = run_start, 0
         while self.step < t.steps:
-            batch, _ = self.train_loader.next_batch()
+            batch, ids = self.train_loader.next_batch()
+            if self.samples_file is not None:
+                self.samples_file.write(json.dumps({"step": self.step + 1, "ids": ids.flatten().tolist()}) + "\n")
+                self.samples_file.flush()
             lr = float(self.scheduler.get_last_lr()[0])  # this step's lr (a tensor under torchao)
             loss = self.forward_backward(batch)
             grad_norm = self.optimizer_step()
@@ -228,6 +294,7 @@ class Trainer:
             metrics: dict[str, float] = {}
             if self.step % cfg.logging.every == 0 or last:
                 # the only host synchronization of a logging step: the loss and the norm
+                self.check_finite()
                 global_loss = self._all_reduce_sum(self._all_reduce_sum(loss.clone(), "pp")).item()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
@@ -239,6 +306,7 @@ class Trainer:
                     "train/grad_norm": grad_norm.item(),
                     "train/lr": lr,
                     "train/tokens_seen": self.tokens_seen,
+                    "train/skipped_steps": self.skipped_steps,
                     "perf/step_time_s": step_time,
                     "perf/tokens_per_sec_per_gpu": tps,
                     "perf/tflops_per_gpu": self.plan.flops_per_token * tps / 1e12,
@@ -256,11 +324,30 @@ class Trainer:
                 self.logger.log(metrics, self.step)
                 history.append({"step": self.step, **metrics})
             self.logger.step_done(metrics.get("train/loss"))
-            if self.checkpointer.due(self.step) or (last and cfg.checkpoint.every > 0):
-                self.checkpointer.save(self.step)
+            self.checkpointer.poll()
+            stop = self.preemption.should_stop()
+            if self.checkpointer.due(self.step) or (last and cfg.checkpoint.every > 0) or stop:
+                self.check_finite()  # never save parameters a NaN went through
+                self.checkpointer.save(self.step, sync=last or stop)
+            self.faults.maybe_crash(self.step)
+            if stop:
+                self._stop_for_preemption()
+                break
+        self.checkpointer.wait()
+        self.check_finite()
         return history
 
+    def _stop_for_preemption(self) -> None:
+        reason = self.preemption.local_reason() or "another rank was asked to stop"
+        if self.world.rank == 0:
+            marker = self.preemption.write_requeue_marker(self.run_dir, self.step, reason)
+            self.preemption.flag_file.unlink(missing_ok=True)
+            self.logger.note(f"preempted ({reason}): saved step {self.step}, wrote {marker}; the same command "
+                             f"resumes from here")
+
     def close(self) -> None:
+        if self.samples_file is not None:
+            self.samples_file.close()
         self.logger.close()
         destroy_distributed()
         # Drop everything that holds process groups (meshes, DTensors, FSDP/DeepSpeed state) and collect it

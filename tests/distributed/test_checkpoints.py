@@ -1,0 +1,326 @@
+"""Checkpoints that never lose work, run for real under torchrun with gloo:
+
+- bitwise resume (losses, final parameters and optimizer state) for ddp, fsdp, tp, pp, fsdp+tp and zero3;
+- kill -9 inside a save; a rank killed under `torchrun --max-restarts=1`; SIGTERM to one rank; the flag file;
+- resharding fsdp 2 -> fsdp 4, tp 2, pp 2, one process, with the sample stream continuing exactly;
+- NaN injected on one rank (raise and skip); damaged checkpoints refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, read_jsonl, run_train
+
+TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.vocab_size=256", "data.source=synthetic", "training.seq_len=32", "training.precision=fp32",
+        "training.global_batch_size=8", "training.micro_batch_size=2", "training.steps=4", "training.val_every=0",
+        "optim.warmup_steps=1", "optim.lr=1e-2", "logging.every=1", "logging.tensorboard=false",
+        "logging.wandb.mode=disabled", "logging.sample_ids=true", "checkpoint.every=2"]
+
+LAYOUTS = {
+    "ddp": (2, ["parallel.data=ddp"]),
+    "fsdp": (2, ["parallel.data=fsdp"]),
+    # every step: at step 3 the save first completes step 2's background write, then starts its own, which
+    # the crash interrupts
+    "fsdp_async": (2, ["parallel.data=fsdp", "checkpoint.async_save=true", "checkpoint.every=1"]),
+    "tp": (2, ["parallel.tp=2"]),
+    "pp": (2, ["parallel.pp=2"]),
+    "fsdp_tp": (4, ["parallel.data=fsdp", "parallel.tp=2"]),
+    "zero3": (2, ["parallel.data=zero3"]),
+}
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss, the last value logged for each step (a resumed run appends to the same file)."""
+    return {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r}
+
+
+def samples(run_dir: Path) -> dict[int, list[int]]:
+    """step -> sorted global sample ids trained on (all ranks; the last record of a step wins)."""
+    per_rank = {}
+    for f in sorted((run_dir / "samples").glob("rank-*.jsonl")):
+        rows = {}
+        for r in read_jsonl(f):
+            rows[r["step"]] = r["ids"]
+        per_rank[f.name] = rows
+    steps = sorted({s for rows in per_rank.values() for s in rows})
+    return {s: sorted({i for rows in per_rank.values() for i in rows.get(s, [])}) for s in steps}
+
+
+def full_state(step_dir: Path) -> dict:
+    """Every tensor of a checkpoint: model and optimizer state (DCP), or DeepSpeed's files."""
+    if list(step_dir.glob("*optim_states.pt")):
+        out = {}
+        for f in sorted(step_dir.glob("*.pt")):
+            if f.name.startswith(("rng-", "trainer-state")):
+                continue
+            out[f.name] = torch.load(f, weights_only=False, map_location="cpu")
+        return out
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    tmp = step_dir.parent.parent / f"full-{step_dir.name}.pt"
+    dcp_to_torch_save(str(step_dir), str(tmp))
+    return torch.load(tmp, weights_only=False)
+
+
+def assert_equal_trees(a, b, where: str = "") -> None:
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        keys = set(a) - {"ds_config", "ds_version", "dp_world_size", "mp_world_size", "lr_scheduler"}
+        assert keys <= set(b), f"{where}: keys {sorted(keys - set(b))[:5]} missing"
+        for k in keys:
+            assert_equal_trees(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_trees(x, y, f"{where}[{i}]")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_resume_is_bitwise(layout, tmp_path):
+    """Run 4 steps; run again, killed after step 3 (the last checkpoint is step 2), resume to step 4:
+    every logged loss, and the step-4 parameters and optimizer state, are identical."""
+    nproc, overrides = LAYOUTS[layout]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_train([*TINY, *overrides, f"run_dir={straight}"], nproc=nproc)
+    crashed = run_train([*TINY, *overrides, f"run_dir={broken}"], nproc=nproc, check=False,
+                        env={"SHARDWISE_FAULT": "crash@3:0"})
+    assert crashed.returncode != 0
+    assert (broken / "checkpoints" / "latest").read_text() == "step-2"
+    proc = run_train([*TINY, *overrides, f"run_dir={broken}"], nproc=nproc)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert losses(broken) == losses(straight)
+    assert samples(broken) == samples(straight)
+    assert_equal_trees(full_state(straight / "checkpoints" / "step-4"), full_state(broken / "checkpoints" / "step-4"),
+                       layout)
+
+
+def test_kill_9_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path):
+    args = [*TINY, "parallel.data=fsdp", "training.steps=6"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_train([*args, f"run_dir={straight}"], nproc=2)
+    proc = run_train([*args, f"run_dir={broken}"], nproc=2, check=False, env={"SHARDWISE_FAULT": "kill_in_save@4:0"})
+    assert proc.returncode != 0
+    ckpts = broken / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-2"  # never names the checkpoint being written
+    assert (ckpts / "step-4").is_dir() and not (ckpts / "step-4" / "COMPLETE").exists()
+    assert list((ckpts / "step-4").glob("*.distcp")), "the kill should come after the shards were written"
+    proc = run_train([*args, f"run_dir={broken}"], nproc=2)
+    assert "skipping incomplete checkpoint" in proc.stdout and "step-4" in proc.stdout
+    assert "at step 2" in proc.stdout
+    assert losses(broken) == losses(straight)
+    assert (ckpts / "latest").read_text() == "step-6" and (ckpts / "step-4" / "COMPLETE").is_file()
+
+
+def test_torchrun_max_restarts_recovers_from_a_killed_rank(tmp_path):
+    args = [*TINY, "parallel.data=fsdp", "training.steps=6"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_train([*args, f"run_dir={straight}"], nproc=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           str(REPO / "launch" / "train.py"), *args, f"run_dir={broken}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "SHARDWISE_FAULT": "crash@3:1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout  # the restarted workers resumed
+    assert losses(broken)[6] == losses(straight)[6]
+    assert losses(broken) == losses(straight)
+
+
+def _worker_pids(agent: subprocess.Popen) -> dict[int, int]:
+    """RANK -> pid of torchrun's workers, read from their environments."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            ppid = int(next(ln for ln in status.splitlines() if ln.startswith("PPid:")).split()[1])
+            if ppid != agent.pid:
+                continue
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, StopIteration):
+            continue
+        for kv in env:
+            if kv.startswith(b"RANK="):
+                out[int(kv[5:])] = int(pid)
+    return out
+
+
+@pytest.mark.parametrize("how", ["sigterm_rank_1", "flag_file"])
+def test_preemption_stops_every_rank_at_one_step_and_resumes_bitwise(how, tmp_path):
+    args = [*TINY, "parallel.data=fsdp", "training.steps=60", "checkpoint.every=0"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    run_train([*args, f"run_dir={straight}"], nproc=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "launch" / "train.py"), *args, f"run_dir={run}"]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 5:
+            break
+        time.sleep(0.05)
+    else:
+        agent.kill()
+        pytest.fail("the run never reached step 5")
+    if how == "flag_file":
+        (run / "PREEMPT").write_text("")
+    else:
+        os.kill(_worker_pids(agent)[1], signal.SIGTERM)
+    out, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0, err[-3000:]
+    marker = (run / "REQUEUE").read_text()
+    stop = int(marker.split()[1])
+    assert 5 <= stop < 60, marker
+    # every rank trained exactly steps 1..stop, and the checkpoint of that step is complete
+    for f in (run / "samples").glob("rank-*.jsonl"):
+        assert [r["step"] for r in read_jsonl(f)] == list(range(1, stop + 1)), f.name
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{stop}"
+    assert (run / "checkpoints" / f"step-{stop}" / "COMPLETE").is_file()
+    assert not (run / "PREEMPT").exists()
+    proc = run_train([*args, f"run_dir={run}"], nproc=2)  # the requeued job: the same command
+    assert f"at step {stop}" in proc.stdout and not (run / "REQUEUE").exists()
+    assert losses(run) == losses(straight)
+
+
+@pytest.mark.parametrize("target", ["fsdp_4", "tp_2", "pp_2", "one_process"])
+def test_fsdp_checkpoint_reshards_and_the_sample_stream_continues(target, tmp_path):
+    nproc, overrides = {"fsdp_4": (4, ["parallel.data=fsdp"]), "tp_2": (2, ["parallel.tp=2"]),
+                        "pp_2": (2, ["parallel.pp=2"]), "one_process": (1, [])}[target]
+    straight = tmp_path / "straight"
+    run_train([*TINY, "parallel.data=fsdp", f"run_dir={straight}"], nproc=2)
+    moved = tmp_path / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-2", moved / "checkpoints" / "step-2")
+    (moved / "checkpoints" / "latest").write_text("step-2")
+    proc = run_train([*TINY, *overrides, f"run_dir={moved}"], nproc=nproc)
+    assert "at step 2" in proc.stdout
+    want, got = losses(straight), losses(moved)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), f"{target} step {step}: {got[step]} vs {want[step]}"
+    # no sample skipped or repeated: steps 3 and 4 see exactly the uninterrupted run's samples
+    s_want, s_got = samples(straight), samples(moved)
+    assert s_got == {3: s_want[3], 4: s_want[4]}
+    seen = [i for s in (1, 2, 3, 4) for i in (s_want if s < 3 else s_got)[s]]
+    assert len(seen) == len(set(seen)) == 4 * 8
+
+
+def test_nan_on_one_rank_raise_stops_every_rank_naming_the_step(tmp_path):
+    run = tmp_path / "run"
+    proc = run_train([*TINY, "parallel.data=fsdp", "training.steps=6", f"run_dir={run}"], nproc=2, check=False,
+                     env={"SHARDWISE_FAULT": "nan@3:1"})
+    assert proc.returncode != 0
+    assert "non-finite loss or gradient norm at step 3" in proc.stdout + proc.stderr
+    for f in (run / "samples").glob("rank-*.jsonl"):
+        assert read_jsonl(f)[-1]["step"] == 3, f"{f.name} went past the bad step"
+    assert (run / "checkpoints" / "latest").read_text() == "step-2"  # nothing saved after the NaN
+
+
+def test_nan_on_one_rank_skip_leaves_the_parameters_and_goes_on(tmp_path):
+    run = tmp_path / "run"
+    run_train([*TINY, "parallel.data=fsdp", "training.steps=4", "checkpoint.every=1", "checkpoint.keep=10",
+               "numerics.on_nonfinite=skip", f"run_dir={run}"], nproc=2, env={"SHARDWISE_FAULT": "nan@3:1"})
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["train/skipped_steps"] for r in rows if "train/skipped_steps" in r] == [0, 0, 1, 1]
+    s2, s3, s4 = (full_state(run / "checkpoints" / f"step-{k}") for k in (2, 3, 4))
+    assert_equal_trees(s2["model"], s3["model"], "step 3 model")
+    moments = [k for k in s2["optim"] if k.startswith("state.")]  # flattened: state.<name>.<exp_avg|...>
+    assert moments and all(torch.equal(s2["optim"][k], s3["optim"][k]) for k in moments), "step 3 optimizer state"
+    assert any(not torch.equal(s3["model"][k], s4["model"][k]) for k in s3["model"]), "step 4 trained"
+    assert all(torch.isfinite(v).all() for v in s4["model"].values())
+
+
+@pytest.fixture(scope="module")
+def one_checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    run_train([*TINY, "parallel.data=fsdp", "training.steps=2", f"run_dir={run}"], nproc=2)
+    return run
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing_shard", "shard __1_0.distcp is missing"),
+    ("truncated_metadata", ".metadata is truncated or corrupt"),
+    ("truncated_shard", "shard __0_0.distcp is truncated"),
+    ("other_model", "was written for another model shape"),
+])
+def test_damaged_checkpoints_are_refused_whole(damage, message, one_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(one_checkpoint, run)
+    step = run / "checkpoints" / "step-2"
+    args = [*TINY, "parallel.data=fsdp", "training.steps=4", f"run_dir={run}"]
+    if damage == "missing_shard":
+        (step / "__1_0.distcp").unlink()
+    elif damage == "truncated_metadata":
+        meta = step / ".metadata"
+        meta.write_bytes(meta.read_bytes()[:100])
+    elif damage == "truncated_shard":
+        shard = step / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:1000])
+    else:
+        args = [*args, "model.n_layers=2"]
+    before = (run / "metrics.jsonl").read_text()
+    proc = run_train(args, nproc=2, check=False)
+    assert proc.returncode != 0  # each rank exits 2; torchrun reports the failure as 1
+    assert "exitcode  : 2" in proc.stdout + proc.stderr
+    assert proc.stderr.count(f"shardwise: checkpoint") == 1 and message in proc.stderr  # one message, from rank 0
+    assert (run / "metrics.jsonl").read_text() == before  # nothing trained, nothing logged
+    assert json.loads((step / "train_state.json").read_text())["step"] == 2
+
+
+def _val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in r}
+
+
+def test_export_to_hf_and_start_other_strategies_from_it(tmp_path):
+    """fsdp checkpoint -> HF directory (transformers loads it, same logits) -> a ZeRO-3 run starts from it;
+    that run's checkpoint -> safetensors -> an FSDP run starts from it: the validation loss of the
+    starting weights is the same everywhere."""
+    transformers = pytest.importorskip("transformers")
+    from models.hf import from_hf
+    from models.llama import build_model
+    from trainer.checkpoint import consolidated_state_dict
+
+    convert = [sys.executable, str(REPO / "launch" / "convert_checkpoint.py")]
+    src = tmp_path / "fsdp"
+    run_train([*TINY, "parallel.data=fsdp", "training.steps=2", f"run_dir={src}"], nproc=2)
+    v_src = _val_losses(src)[2]
+    hf_dir = tmp_path / "hf"
+    proc = subprocess.run([*convert, str(src / "checkpoints" / "step-2"), "--hf", str(hf_dir)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    args, _ = from_hf(hf_dir)
+    ours = build_model(args, device="cpu")
+    ours.init_weights(0)
+    ours.load_state_dict(consolidated_state_dict(src / "checkpoints" / "step-2"))
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours.eval()(tokens), rtol=0, atol=1e-5)
+
+    start = ["training.steps=1", "training.val_every=1", "optim.lr=1e-9", "optim.warmup_steps=1"]
+    zero = tmp_path / "zero3"
+    proc = run_train([*TINY, *start, "parallel.data=zero3", f"checkpoint.init_from={hf_dir}", f"run_dir={zero}"],
+                     nproc=2)
+    assert "initialized the weights from" in proc.stdout
+    assert abs(_val_losses(zero)[0] - v_src) <= 1e-5 * v_src
+    flat = tmp_path / "zero3.safetensors"
+    proc = subprocess.run([*convert, str(zero / "checkpoints" / "step-1"), "--out", str(flat)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    back = tmp_path / "back"
+    run_train([*TINY, *start, "parallel.data=fsdp", f"checkpoint.init_from={flat}", f"run_dir={back}"], nproc=2)
+    # lr 1e-9 for one step: the weights moved by ~1e-9, the loss by far less than the tolerance
+    assert abs(_val_losses(back)[0] - v_src) <= 1e-5 * v_src
