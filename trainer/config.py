@@ -233,6 +233,13 @@ class LoggingConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: list[int] = field(default_factory=list)  # [start, end]: trace steps start..end (1-based) with torch.profiler
+    memory_snapshot: bool = False  # CUDA: record allocator history over those steps (and dump it on an OOM)
+    dir: str | None = None  # null: run_dir/profile
+
+
+@dataclass
 class Config:
     name: str = ""  # the run's name; empty: the recipe's name
     run_dir: str = "runs/${name}"  # everything the run writes lands here
@@ -244,6 +251,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -646,6 +654,16 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     if str(cfg.numerics.on_nonfinite) == "skip" and zero:
         problems.append(f"numerics.on_nonfinite=skip with parallel.data={p.data}: DeepSpeed's engine applies the "
                         f"update itself; use numerics.on_nonfinite=raise (DeepSpeed skips fp16 overflows on its own)")
+
+    # profiling
+    pr = cfg.profile
+    if pr.steps and (len(pr.steps) != 2 or not 1 <= pr.steps[0] <= pr.steps[1]):
+        problems.append(f"profile.steps={list(pr.steps)} must be [start, end] with 1 <= start <= end")
+    if pr.memory_snapshot and not pr.steps:
+        problems.append("profile.memory_snapshot=true needs profile.steps=[start,end] (the steps to record)")
+    if pr.memory_snapshot and str(t.device) == "cpu":
+        problems.append("profile.memory_snapshot=true records the CUDA caching allocator; training.device=cpu has "
+                        "none (on CPU, peak RSS is logged every step)")
 
     # logging and output
     if cfg.logging.every < 1:

@@ -24,6 +24,7 @@ from trainer.checkpoint import Checkpointer, find_latest
 from trainer.config import Plan, Precision, model_args_of, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
 from trainer.faults import PREEMPT_FLAG, REQUEUE_MARKER, Faults, NonFiniteError, Preemption
+from trainer.profiling import Profiler
 from trainer.metrics import MemoryMonitor, MetricLogger, detect_peak_tflops, mfu_pct
 
 IGNORE_INDEX = -100  # targets with this id (padding) carry no loss
@@ -97,7 +98,14 @@ class Trainer:
             save_resolved(cfg, self.run_dir / "config.yaml")
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(self.device, str(self.precision))
         self.memory = MemoryMonitor(self.device)
-        self.logger = MetricLogger(cfg, self.run_dir, enabled=self.world.is_logging_rank, config=to_container(cfg))
+        # a resumed run continues its W&B run (the id is in the checkpoint's train_state.json)
+        resume_from = find_latest(self._checkpoint_root())[0] if cfg.checkpoint.resume else None
+        wandb_id = None
+        if resume_from is not None and (resume_from / "train_state.json").is_file():
+            with contextlib.suppress(ValueError, OSError):
+                wandb_id = json.loads((resume_from / "train_state.json").read_text()).get("wandb_run_id")
+        self.logger = MetricLogger(cfg, self.run_dir, enabled=self.world.is_logging_rank, config=to_container(cfg),
+                                   wandb_run_id=wandb_id)
         for note in [f"data: {self.data_description}", *self.par.notes]:
             self.logger.note(note)
         if self.world.rank == 0:  # a flag or marker left by the run this one continues has been acted on
@@ -279,60 +287,69 @@ class Trainer:
             history.append({"step": 0, **first})
         run_start = time.perf_counter()
         window_start, window_steps = run_start, 0
-        while self.step < t.steps:
-            batch, ids = self.train_loader.next_batch()
-            if self.samples_file is not None:
-                self.samples_file.write(json.dumps({"step": self.step + 1, "ids": ids.flatten().tolist()}) + "\n")
-                self.samples_file.flush()
-            lr = float(self.scheduler.get_last_lr()[0])  # this step's lr (a tensor under torchao)
-            loss = self.forward_backward(batch)
-            grad_norm = self.optimizer_step()
-            self.step += 1
-            self.tokens_seen += self.plan.tokens_per_step
-            window_steps += 1
-            last = self.step == t.steps
-            metrics: dict[str, float] = {}
-            if self.step % cfg.logging.every == 0 or last:
-                # the only host synchronization of a logging step: the loss and the norm
-                self.check_finite()
-                global_loss = self._all_reduce_sum(self._all_reduce_sum(loss.clone(), "pp")).item()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / window_steps
-                tps = self.plan.tokens_per_step / step_time / self.world.world_size  # per device
-                metrics = {
-                    "train/loss": global_loss,
-                    "train/grad_norm": grad_norm.item(),
-                    "train/lr": lr,
-                    "train/tokens_seen": self.tokens_seen,
-                    "train/skipped_steps": self.skipped_steps,
-                    "perf/step_time_s": step_time,
-                    "perf/tokens_per_sec_per_gpu": tps,
-                    "perf/tflops_per_gpu": self.plan.flops_per_token * tps / 1e12,
-                    "perf/mfu_pct": mfu_pct(self.plan.flops_per_token, tps, self.peak_tflops),
-                    "perf/eta_s": step_time * (t.steps - self.step),
-                    **self.memory.stats(),
-                }
-                window_start, window_steps = time.perf_counter(), 0
-            if (t.val_every and self.step % t.val_every == 0) or last:
-                v_start = time.perf_counter()
-                metrics.update(self.validate())
-                window_start += time.perf_counter() - v_start  # validation time is not training time
-            if metrics:
-                metrics = {k: v for k, v in metrics.items() if v is not None}
-                self.logger.log(metrics, self.step)
-                history.append({"step": self.step, **metrics})
-            self.logger.step_done(metrics.get("train/loss"))
-            self.checkpointer.poll()
-            stop = self.preemption.should_stop()
-            if self.checkpointer.due(self.step) or (last and cfg.checkpoint.every > 0) or stop:
-                self.check_finite()  # never save parameters a NaN went through
-                self.checkpointer.save(self.step, sync=last or stop)
-            self.faults.maybe_crash(self.step)
-            if stop:
-                self._stop_for_preemption()
-                break
+        profiler = Profiler(cfg, self.run_dir, self.world.rank, self.device, note=self.logger.note)
+        try:
+            while self.step < t.steps:
+                profiler.before_step(self.step + 1)
+                batch, ids = self.train_loader.next_batch()
+                if self.samples_file is not None:
+                    self.samples_file.write(json.dumps({"step": self.step + 1, "ids": ids.flatten().tolist()}) + "\n")
+                    self.samples_file.flush()
+                lr = float(self.scheduler.get_last_lr()[0])  # this step's lr (a tensor under torchao)
+                with torch.profiler.record_function("shardwise.forward_backward"):
+                    loss = self.forward_backward(batch)
+                with torch.profiler.record_function("shardwise.optimizer_step"):
+                    grad_norm = self.optimizer_step()
+                self.step += 1
+                profiler.after_step(self.step)
+                self.tokens_seen += self.plan.tokens_per_step
+                window_steps += 1
+                last = self.step == t.steps
+                metrics: dict[str, float] = {}
+                if self.step % cfg.logging.every == 0 or last:
+                    # the only host synchronization of a logging step: the loss and the norm
+                    self.check_finite()
+                    global_loss = self._all_reduce_sum(self._all_reduce_sum(loss.clone(), "pp")).item()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    elapsed = time.perf_counter() - window_start
+                    step_time = elapsed / window_steps
+                    tps = self.plan.tokens_per_step / step_time / self.world.world_size  # per device
+                    metrics = {
+                        "train/loss": global_loss,
+                        "train/grad_norm": grad_norm.item(),
+                        "train/lr": lr,
+                        "train/tokens_seen": self.tokens_seen,
+                        "train/skipped_steps": self.skipped_steps,
+                        "perf/step_time_s": step_time,
+                        "perf/tokens_per_sec_per_gpu": tps,
+                        "perf/tflops_per_gpu": self.plan.flops_per_token * tps / 1e12,
+                        "perf/mfu_pct": mfu_pct(self.plan.flops_per_token, tps, self.peak_tflops),
+                        "perf/eta_s": step_time * (t.steps - self.step),
+                        **self.memory.stats(),
+                    }
+                    window_start, window_steps = time.perf_counter(), 0
+                if (t.val_every and self.step % t.val_every == 0) or last:
+                    v_start = time.perf_counter()
+                    metrics.update(self.validate())
+                    window_start += time.perf_counter() - v_start  # validation time is not training time
+                if metrics:
+                    metrics = {k: v for k, v in metrics.items() if v is not None}
+                    self.logger.log(metrics, self.step)
+                    history.append({"step": self.step, **metrics})
+                self.logger.step_done(metrics.get("train/loss"))
+                self.checkpointer.poll()
+                stop = self.preemption.should_stop()
+                if self.checkpointer.due(self.step) or (last and cfg.checkpoint.every > 0) or stop:
+                    self.check_finite()  # never save parameters a NaN went through
+                    self.checkpointer.save(self.step, sync=last or stop)
+                self.faults.maybe_crash(self.step)
+                if stop:
+                    self._stop_for_preemption()
+                    break
+        except torch.cuda.OutOfMemoryError:
+            profiler.on_oom()  # profile.memory_snapshot: what filled the memory, before the process dies
+            raise
         self.checkpointer.wait()
         self.check_finite()
         return history

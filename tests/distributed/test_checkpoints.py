@@ -324,3 +324,19 @@ def test_export_to_hf_and_start_other_strategies_from_it(tmp_path):
     run_train([*TINY, *start, "parallel.data=fsdp", f"checkpoint.init_from={flat}", f"run_dir={back}"], nproc=2)
     # lr 1e-9 for one step: the weights moved by ~1e-9, the loss by far less than the tolerance
     assert abs(_val_losses(back)[0] - v_src) <= 1e-5 * v_src
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    from helpers import read_wandb_records, wandb_history
+
+    run = tmp_path / "run"
+    args = [*TINY, "logging.wandb.mode=offline", f"run_dir={run}"]
+    run_train([*args, "training.steps=2"])
+    run_train([*args, "training.steps=4"])  # resumes from step 2
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    ids = {d.name.rsplit("-", 1)[1] for d in runs}
+    saved = json.loads((run / "checkpoints" / "step-2" / "train_state.json").read_text())["wandb_run_id"]
+    assert ids == {saved}, (ids, saved)
+    second = wandb_history(read_wandb_records(next(runs[1].glob("*.wandb"))))
+    assert sorted(r["train/step"] for r in second if "train/loss" in r) == [3, 4]
