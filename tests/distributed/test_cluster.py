@@ -1,0 +1,142 @@
+"""The cluster path for real: jobs submitted to a one-node SLURM (started by .ci/slurm.sh), preemption by
+SLURM's early-warning signal with requeue and resume, two torchrun agents as two nodes, and the submit
+checks. SLURM tests skip on a machine without SLURM, except where SHARDWISE_REQUIRE_SLURM=1 (CI) makes a
+missing SLURM a failure."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, read_jsonl, run_train
+
+SUBMIT = [sys.executable, str(REPO / "launch" / "submit.py")]
+SMALL = ["data.source=synthetic", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.vocab_size=256",
+         "training.seq_len=32", "training.global_batch_size=8", "training.micro_batch_size=2", "training.val_every=0",
+         "optim.warmup_steps=5", "logging.every=1", "logging.wandb.mode=disabled", "logging.tensorboard=false"]
+
+
+def slurm_up() -> bool:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    return out.returncode == 0 and "idle" in out.stdout or "mix" in out.stdout or "alloc" in out.stdout
+
+
+@pytest.fixture
+def slurm():
+    if not slurm_up():
+        if os.environ.get("SHARDWISE_REQUIRE_SLURM") == "1":
+            pytest.fail("SHARDWISE_REQUIRE_SLURM=1 but no SLURM answers (.ci/slurm.sh start)")
+        pytest.skip("no SLURM here (.ci/slurm.sh start brings one up)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_field(job: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(rf"\b{field}=(\S+)", out)
+    return m.group(1) if m else ""
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def submit(tmp_path: Path, overrides: list[str], name: str) -> tuple[str, Path, Path]:
+    run_dir, log = tmp_path / name, tmp_path / f"{name}.out"
+    proc = subprocess.run([*SUBMIT, "recipe=llama_debug_fsdp", *overrides, "--nodes", "1", "--cpu",
+                           "--procs-per-node", "2", "--partition", "debug", "--time", "00:15:00",
+                           "--run-dir", str(run_dir), "--output", str(log), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    return job, run_dir, log
+
+
+def test_submitted_job_completes_with_a_complete_checkpoint(slurm, tmp_path):
+    job, run_dir, log = submit(tmp_path, [*SMALL, "training.steps=12", "checkpoint.every=6"], "job")
+    wait_for(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240, "the job")
+    assert job_field(job, "JobState") == "COMPLETED", log.read_text()[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-12" and (ckpts / "step-12" / "COMPLETE").is_file()
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 13))
+    assert "head localhost" in log.read_text()
+
+
+def test_early_warning_signal_saves_requeues_and_resumes_to_the_same_loss(slurm, tmp_path):
+    args = [*SMALL, "training.steps=150", "checkpoint.every=0"]
+    straight = tmp_path / "straight"
+    run_train(["recipe=llama_debug_fsdp", *args, f"run_dir={straight}"], nproc=2)
+    job, run_dir, log = submit(tmp_path, args, "preempted")
+    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 5,
+             180, "step 5")
+    # what SLURM does `--signal` seconds before the time limit: SIGUSR1 to the batch shell only
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    wait_for(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120, "the requeue")
+    # SLURM holds a requeued job for ~2 minutes (EligibleTime) while the old run's credential expires;
+    # releasing it earlier gets "Job credential revoked" from slurmd, so the test waits like a cluster would
+    wait_for(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 360, "the resumed job")
+    text = log.read_text()
+    assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
+    saved = int(re.search(r"preempted \(flag file .*\): saved step (\d+), wrote .*REQUEUE", text).group(1))
+    assert f"saved after preemption (step {saved}); requeueing job {job}" in text
+    assert f"(restart 1)" in text and f"resumed from {run_dir}/checkpoints/step-{saved} at step {saved}" in text
+    assert 5 <= saved < 150
+    rows = {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+    want = {r["step"]: r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl")}
+    assert rows[150] == want[150] and rows == want
+
+
+def test_two_torchrun_agents_as_two_nodes_match_one_agent(tmp_path):
+    args = ["recipe=llama_debug_fsdp", *SMALL, "training.steps=6"]
+    one = tmp_path / "one"
+    run_train([*args, f"run_dir={one}"], nproc=2)
+    two = tmp_path / "two"
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", str(REPO / "launch" / "train.py"), *args,
+           f"run_dir={two}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+              for _ in range(2)]
+    outs = [a.communicate(timeout=300) for a in agents]
+    for a, (out, err) in zip(agents, outs):
+        assert a.returncode == 0, err[-3000:]
+    got = {r["step"]: r["train/loss"] for r in read_jsonl(two / "metrics.jsonl")}
+    want = {r["step"]: r["train/loss"] for r in read_jsonl(one / "metrics.jsonl")}
+    assert sorted(got) == list(range(1, 7))
+    for step in want:
+        assert abs(got[step] - want[step]) <= 1e-6 * want[step], f"step {step}: two agents {got[step]}, one {want[step]}"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--nodes", "1", "--cpu", "--procs-per-node", "3", "parallel.tp=2"],
+     "1 node(s) x 3 rank(s) = world 3"),
+    (["--nodes", "1", "--cpu", "--procs-per-node", "2", "--partition", "no-such-partition"], "no-such-partition"),
+    (["--nodes", "1", "--cpu", "--procs-per-node", "2", "--run-dir", "/etc/hostname/run"], "not writable"),  # under a file
+])
+def test_submit_refuses_bad_requests_before_queueing(extra, message):
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout if shutil.which("squeue") else ""
+    proc = subprocess.run([*SUBMIT, "recipe=llama_debug_fsdp", *extra], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 2 and "refused, nothing was queued" in proc.stderr and message in proc.stderr, proc.stderr
+    if shutil.which("squeue"):
+        assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
