@@ -140,7 +140,7 @@ def state_module(parts: list[nn.Module]) -> nn.Module:
 
 
 class Checkpointer:
-    def __init__(self, trainer, group=None):
+    def __init__(self, trainer, group=None, control_group=None):
         self.t = trainer
         cfg = trainer.cfg
         self.root = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
@@ -150,6 +150,7 @@ class Checkpointer:
         self.async_save = cfg.checkpoint.async_save
         self.rank = trainer.world.rank
         self.group = group  # a gloo group of its own: async saves must not collide with training collectives
+        self.control = control_group  # the main thread's checks while a background save uses `group`
         self.pending = None  # (future, path) of an async save not yet marked complete
         self.module = state_module(trainer.par.parts)
 
@@ -213,7 +214,7 @@ class Checkpointer:
             return
         done = torch.tensor([int(self.pending[0].done())], dtype=torch.int32)
         if dist.is_initialized():
-            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.control)
         if done.item():
             self.wait()
 
@@ -226,9 +227,9 @@ class Checkpointer:
         future.result()  # re-raises a failed write
         step = int(_STEP_DIR.match(path.name).group(1))
         self.t.faults.maybe_kill_in_save(step)
-        _barrier(self.group)
+        _barrier(self.control)
         self._finalize(path)
-        _barrier(self.group)
+        _barrier(self.control)
 
     def _native_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -41,8 +41,11 @@ class Trainer:
         self.world = init_distributed(t.device)
         self.device = self.world.device
         torch.manual_seed(t.seed)
-        # a gloo group beside the training one: async checkpoint writes and the preemption vote run on
-        # it, so they never interleave with (or synchronize) the training collectives
+        # two gloo groups beside the training one, so that neither interleaves with (or synchronizes) the
+        # training collectives: one for the background thread of async checkpoint writes, one for the
+        # main thread's votes (preemption, "has the async write finished"). Two threads must never issue
+        # collectives on one group: their order could differ between ranks.
+        self.save_group = dist.new_group(backend="gloo") if self.world.distributed else None
         self.side_group = dist.new_group(backend="gloo") if self.world.distributed else None
         self.faults = Faults(self.world.rank)
         self.preemption = Preemption(Path(cfg.checkpoint.preempt_flag or self.run_dir / PREEMPT_FLAG), self.side_group)
@@ -113,7 +116,7 @@ class Trainer:
                 stale.unlink(missing_ok=True)
         if self.world.distributed:
             dist.barrier(group=self.side_group)
-        self.checkpointer = Checkpointer(self, group=self.side_group)
+        self.checkpointer = Checkpointer(self, group=self.save_group, control_group=self.side_group)
         resumed = self.checkpointer.load_latest() if cfg.checkpoint.resume else None
         if resumed is not None:
             self.logger.note(f"resumed from {resumed} at step {self.step}")

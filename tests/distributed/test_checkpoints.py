@@ -41,6 +41,22 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """straight(nproc, args) -> the run directory of an uninterrupted run, made once per module."""
+    cache = {}
+
+    def run(nproc: int, args: list[str]) -> Path:
+        key = (nproc, tuple(args))
+        if key not in cache:
+            run_dir = tmp_path_factory.mktemp("straight") / "run"
+            run_train([*args, f"run_dir={run_dir}"], nproc=nproc)
+            cache[key] = run_dir
+        return cache[key]
+
+    return run
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> loss, the last value logged for each step (a resumed run appends to the same file)."""
     return {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r}
@@ -89,12 +105,12 @@ def assert_equal_trees(a, b, where: str = "") -> None:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
-def test_resume_is_bitwise(layout, tmp_path):
+def test_resume_is_bitwise(layout, tmp_path, straight):
     """Run 4 steps; run again, killed after step 3 (the last checkpoint is step 2), resume to step 4:
     every logged loss, and the step-4 parameters and optimizer state, are identical."""
     nproc, overrides = LAYOUTS[layout]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_train([*TINY, *overrides, f"run_dir={straight}"], nproc=nproc)
+    broken = tmp_path / "broken"
+    straight = straight(nproc, [*TINY, *overrides])
     crashed = run_train([*TINY, *overrides, f"run_dir={broken}"], nproc=nproc, check=False,
                         env={"SHARDWISE_FAULT": "crash@3:0"})
     assert crashed.returncode != 0
@@ -107,10 +123,10 @@ def test_resume_is_bitwise(layout, tmp_path):
                        layout)
 
 
-def test_kill_9_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path):
+def test_kill_9_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, straight):
     args = [*TINY, "parallel.data=fsdp", "training.steps=6"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_train([*args, f"run_dir={straight}"], nproc=2)
+    broken = tmp_path / "broken"
+    straight = straight(2, args)
     proc = run_train([*args, f"run_dir={broken}"], nproc=2, check=False, env={"SHARDWISE_FAULT": "kill_in_save@4:0"})
     assert proc.returncode != 0
     ckpts = broken / "checkpoints"
@@ -124,10 +140,10 @@ def test_kill_9_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path):
     assert (ckpts / "latest").read_text() == "step-6" and (ckpts / "step-4" / "COMPLETE").is_file()
 
 
-def test_torchrun_max_restarts_recovers_from_a_killed_rank(tmp_path):
+def test_torchrun_max_restarts_recovers_from_a_killed_rank(tmp_path, straight):
     args = [*TINY, "parallel.data=fsdp", "training.steps=6"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_train([*args, f"run_dir={straight}"], nproc=2)
+    broken = tmp_path / "broken"
+    straight = straight(2, args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            str(REPO / "launch" / "train.py"), *args, f"run_dir={broken}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
@@ -159,10 +175,10 @@ def _worker_pids(agent: subprocess.Popen) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("how", ["sigterm_rank_1", "flag_file"])
-def test_preemption_stops_every_rank_at_one_step_and_resumes_bitwise(how, tmp_path):
+def test_preemption_stops_every_rank_at_one_step_and_resumes_bitwise(how, tmp_path, straight):
     args = [*TINY, "parallel.data=fsdp", "training.steps=60", "checkpoint.every=0"]
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    run_train([*args, f"run_dir={straight}"], nproc=2)
+    run = tmp_path / "run"
+    straight = straight(2, args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "launch" / "train.py"), *args, f"run_dir={run}"]
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -196,11 +212,10 @@ def test_preemption_stops_every_rank_at_one_step_and_resumes_bitwise(how, tmp_pa
 
 
 @pytest.mark.parametrize("target", ["fsdp_4", "tp_2", "pp_2", "one_process"])
-def test_fsdp_checkpoint_reshards_and_the_sample_stream_continues(target, tmp_path):
+def test_fsdp_checkpoint_reshards_and_the_sample_stream_continues(target, tmp_path, straight):
     nproc, overrides = {"fsdp_4": (4, ["parallel.data=fsdp"]), "tp_2": (2, ["parallel.tp=2"]),
                         "pp_2": (2, ["parallel.pp=2"]), "one_process": (1, [])}[target]
-    straight = tmp_path / "straight"
-    run_train([*TINY, "parallel.data=fsdp", f"run_dir={straight}"], nproc=2)
+    straight = straight(2, [*TINY, "parallel.data=fsdp"])
     moved = tmp_path / "moved"
     (moved / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "step-2", moved / "checkpoints" / "step-2")
