@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from optim.common import evaluate_closure
 from parallel.dtensor import local as _local
 
 
@@ -154,10 +155,7 @@ class Adafactor(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         work = []  # (param, grad, state, group, locals)
         phase1, phase2, phase3 = _Reducer(), _Reducer(), _Reducer()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from optim.common import evaluate_closure
 from parallel.dtensor import local
 
 
@@ -58,10 +59,7 @@ class AdamWBF16(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         index = 0
         for group in self.param_groups:
             b1, b2 = group["betas"]
