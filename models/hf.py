@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from models.llama import ModelArgs, RopeScaling
+from models.llama import ModelArgs, RopeScaling, canonical_name
 
 _BLOCK = {
     "self_attn.q_proj.weight": "attention.wq.weight",
@@ -172,25 +172,20 @@ def load_weights(parts, cfg, path: Path) -> None:
 
     sd, args = load_full_state_dict(path)
     ours = model_args_of(cfg)
-    if args is not None:
+    if args is not None:  # an HF directory says its shape: compare what defines the weights' values
         a, b = asdict(args), asdict(ours)
-        differ = [f"{k}: {a[k]} there, {b[k]} here" for k in a if k not in ("multiple_of", "ffn_dim_multiplier")
-                  and a[k] != b[k] and not (k == "ffn_hidden_dim" and a[k] == ours.ffn_hidden)
-                  and k != "max_seq_len"]
+        a["ffn_hidden_dim"], b["ffn_hidden_dim"] = args.ffn_hidden, ours.ffn_hidden  # however each derives it
+        ignored = ("multiple_of", "ffn_dim_multiplier", "max_seq_len")  # rules for the above; a table length
+        differ = [f"{k}: {a[k]} there, {b[k]} here" for k in a if k not in ignored and a[k] != b[k]]
         if differ:
             raise ValueError(f"checkpoint.init_from={path}: its model differs from this run's ({'; '.join(differ)}); "
                              f"set the model.* keys to match")
     module = state_module(parts)
-    expected = {n for n, _ in module.named_parameters()}
-    from models.llama import canonical_name
-
-    expected = {canonical_name(n) for n in expected}
-    missing = sorted(expected - set(sd))
+    shapes = {canonical_name(n): tuple(p.shape) for n, p in module.named_parameters()}
+    missing = sorted(set(shapes) - set(sd))
     if missing:
         raise ValueError(f"checkpoint.init_from={path}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    shapes = {canonical_name(n): tuple(p.shape) for n, p in module.named_parameters()}
     wrong = [f"{n}: {tuple(sd[n].shape)} vs {s}" for n, s in shapes.items() if tuple(sd[n].shape) != s]
     if wrong:
         raise ValueError(f"checkpoint.init_from={path}: shapes differ from this run's model: {wrong[:3]}")
-    set_model_state_dict(module, {k: v for k, v in sd.items() if k in expected},
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+    set_model_state_dict(module, {k: sd[k] for k in shapes}, options=StateDictOptions(full_state_dict=True, strict=False))

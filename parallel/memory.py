@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from parallel.dtensor import nbytes
@@ -23,15 +25,26 @@ def model_state_bytes(parts, optimizer: torch.optim.Optimizer | None = None) -> 
 # ------------------------------------------------------------------------------------------------
 # Prediction: the same quantities from the config alone, before any process group or allocation.
 
-def _tp_split_dim(name: str) -> int | None:
-    """The dim tensor parallelism splits for this parameter (the model's plan), None if replicated."""
-    leaf = name.rsplit(".", 2)
-    module = leaf[-2] if len(leaf) >= 2 else ""
-    if name.endswith("norm.weight") or name.endswith(".bias"):
-        return None  # norms run sequence-parallel on replicated weights
-    if module in ("wo", "w2"):
-        return 1  # row-wise: the input features
-    return 0  # column-wise projections, the output projection and the vocabulary-parallel embedding
+def tp_split_dims(model) -> dict[str, int]:
+    """{module name: the weight dim tensor parallelism splits}, read from the model's own TP plan.
+
+    Column-wise styles split a Linear's output features (dim 0); row-wise styles split a Linear's input
+    features (dim 1) and an Embedding's vocabulary (dim 0). Modules the plan does not split (norms run
+    sequence-parallel on replicated weights) are absent.
+    """
+    from torch import nn
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    root, block = model.tp_plan(loss_parallel=False)
+    plans = [(name, style) for name, style in root.items()]
+    plans += [(f"layers.{i}.{name}", style) for i in model.layers for name, style in block.items()]
+    out = {}
+    for name, style in plans:
+        if isinstance(style, ColwiseParallel):
+            out[name] = 0
+        elif isinstance(style, RowwiseParallel):
+            out[name] = 0 if isinstance(model.get_submodule(name), nn.Embedding) else 1
+    return out
 
 
 def _ceil(a: int, b: int) -> int:
@@ -40,9 +53,7 @@ def _ceil(a: int, b: int) -> int:
 
 def optimizer_state_bytes(name: str, shape: tuple[int, ...], *, adafactor_beta1: bool = False) -> int:
     """Bytes of optimizer state for one (local) tensor of this shape, as each optimizer allocates it."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     if name == "adamw":
         return 8 * n
     if name == "adamw_bf16":
@@ -73,12 +84,12 @@ def predict_model_state(cfg, world_size: int) -> list[dict[str, int]]:
         raise ValueError("; ".join(problems))
     p, o = cfg.parallel, cfg.optim
     model = build_model(model_args_of(cfg), device="meta")
+    split = tp_split_dims(model) if dims.tp > 1 else {}
     data = str(p.data)
     by_stage = []  # every rank of a pipeline stage holds the same amounts (shards rounded up)
     for pp_rank in range(dims.pp):
         parts = [m for _, m in split_model(model, str(p.pp_schedule), pp_rank, dims.pp)] if dims.pp > 1 else [model]
-        seen, out = set(), {"params": 0, "grads": 0, "optim": 0}
-        shapes = []
+        seen, shapes = set(), []
         for part in parts:
             for name, prm in part.named_parameters():
                 name = canonical_name(name)
@@ -86,12 +97,12 @@ def predict_model_state(cfg, world_size: int) -> list[dict[str, int]]:
                     continue
                 seen.add(name)
                 shape = list(prm.shape)
-                if dims.tp > 1 and (d := _tp_split_dim(name)) is not None:
+                if (d := split.get(name.rsplit(".", 1)[0])) is not None:  # "layers.3.attention.wq"
                     shape[d] = _ceil(shape[d], dims.tp)
                 if data in ("fsdp", "hsdp"):
                     shape[0] = _ceil(shape[0], dims.dp_shard)
                 shapes.append(tuple(shape))
-        numel = sum(_prod(s) for s in shapes)
+        numel = sum(math.prod(s) for s in shapes)
         if data.startswith("zero"):
             n_dp = dims.dp_size
             part_numel = _ceil(numel, n_dp)
@@ -104,10 +115,3 @@ def predict_model_state(cfg, world_size: int) -> list[dict[str, int]]:
                                 for s in shapes)}
         by_stage.append(out)
     return [by_stage[rank // (world_size // dims.pp)] for rank in range(world_size)]
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

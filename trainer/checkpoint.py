@@ -84,6 +84,10 @@ class CheckpointError(ValueError):
     pass
 
 
+def checkpoint_root(cfg) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
+
+
 def verify_native(path: Path) -> None:
     """Refuse a DCP checkpoint whose metadata is unreadable or whose shard files are missing or short."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -143,7 +147,7 @@ class Checkpointer:
     def __init__(self, trainer, group=None, control_group=None):
         self.t = trainer
         cfg = trainer.cfg
-        self.root = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
+        self.root = checkpoint_root(cfg)
         self.every = cfg.checkpoint.every
         self.keep = cfg.checkpoint.keep
         self.keep_every = cfg.checkpoint.keep_every

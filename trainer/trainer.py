@@ -20,7 +20,7 @@ from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.dtensor import full
 from parallel.mesh import destroy_distributed, init_distributed
-from trainer.checkpoint import Checkpointer, find_latest
+from trainer.checkpoint import Checkpointer, checkpoint_root, find_latest
 from trainer.config import Plan, Precision, model_args_of, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
 from trainer.faults import PREEMPT_FLAG, REQUEUE_MARKER, Faults, NonFiniteError, Preemption
@@ -62,10 +62,12 @@ class Trainer:
         self.par = parallelize(model, cfg, plan.dims, self.world, loss_sum=self._logits_loss_sum)
         self.dp_rank = self.par.dp_rank
 
+        # the checkpoint this run will resume from, if any (loaded once the optimizer exists, below)
+        resume_from = find_latest(checkpoint_root(cfg))[0] if cfg.checkpoint.resume else None
         # starting weights from elsewhere (checkpoint.init_from) replace the seeded ones before the optimizer
         # (and DeepSpeed's fp32 master copy) exists, unless there is a checkpoint to resume
         self.init_note = None
-        if cfg.checkpoint.init_from and not (cfg.checkpoint.resume and find_latest(self._checkpoint_root())[0]):
+        if cfg.checkpoint.init_from and resume_from is None:
             from models.hf import load_weights
 
             load_weights(self.par.parts, cfg, Path(cfg.checkpoint.init_from))
@@ -102,7 +104,6 @@ class Trainer:
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(self.device, str(self.precision))
         self.memory = MemoryMonitor(self.device)
         # a resumed run continues its W&B run (the id is in the checkpoint's train_state.json)
-        resume_from = find_latest(self._checkpoint_root())[0] if cfg.checkpoint.resume else None
         wandb_id = None
         if resume_from is not None and (resume_from / "train_state.json").is_file():
             with contextlib.suppress(ValueError, OSError):
@@ -128,9 +129,6 @@ class Trainer:
             self.samples_file = open(self.run_dir / "samples" / f"rank-{self.world.rank}.jsonl", "a")
 
     # ------------------------------------------------------------------------------------------
-
-    def _checkpoint_root(self) -> Path:
-        return Path(self.cfg.checkpoint.dir or self.run_dir / "checkpoints")
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -225,12 +223,11 @@ class Trainer:
             self.skipped_steps += 1
             self.logger.note(f"step {self.step + 1}: non-finite gradient norm; update skipped "
                              f"({self.skipped_steps} skipped so far, numerics.on_nonfinite=skip)")
-        elif self.scaler is None:
-            bad = ~torch.isfinite(grad_norm)
-            step = torch.full((), self.step + 1, dtype=torch.int64, device=grad_norm.device)
+        elif self.scaler is None:  # raise: remember the first bad step on the device, no sync
             if self._first_nonfinite is None:
                 self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=grad_norm.device)
-            self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), step, self._first_nonfinite)
+            bad = ~torch.isfinite(grad_norm) & (self._first_nonfinite < 0)
+            self._first_nonfinite.masked_fill_(bad, self.step + 1)
         self.scheduler.step()
         return grad_norm
 

@@ -16,7 +16,7 @@ WIDE = ["model.dim=128", "training.steps=10", "training.precision=fp32", "traini
                          ids=["fsdp_2", "tp_2"])
 def test_low_precision_adamw_follows_one_process(optimizer, nproc, overrides, worker):
     if optimizer == "adamw8bit" and importlib.util.find_spec("torchao") is None:
-        pytest.skip("torchao not installed")
+        pytest.skip("torchao, the optional `lowbit` extra (part of `dev`), is not installed")
     ref = worker(1, [*WIDE, f"optim.name={optimizer}"])
     got = worker(nproc, [*WIDE, f"optim.name={optimizer}", *overrides])
     adamw = worker(1, WIDE)
