@@ -28,7 +28,7 @@ def slurm_up() -> bool:
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         return False
     out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    return out.returncode == 0 and "idle" in out.stdout or "mix" in out.stdout or "alloc" in out.stdout
+    return out.returncode == 0 and any(state in out.stdout for state in ("idle", "mix", "alloc"))
 
 
 @pytest.fixture
