@@ -55,6 +55,9 @@ class Parallelized:
     notes: list[str] = field(default_factory=list)  # what was decided, for the log
     optimizer: torch.optim.Optimizer | None = None
     manages_precision: bool = False  # DeepSpeed casts and loss-scales itself: no autocast, no GradScaler
+    stage_parts: list = field(default_factory=list)  # pipeline: (stage id, module) of this rank's stages
+    pp_schedule: str = "1f1b"
+    device: torch.device | None = None
 
     def group(self, axis: str):
         """The process group of one mesh axis ("dp", "tp", "pp"), or None on one process."""
@@ -67,6 +70,15 @@ class Parallelized:
     @property
     def pp_rank(self) -> int:
         return 0 if self.mesh is None else self.mesh["pp"].get_local_rank()
+
+    def forward_only(self, inputs, targets, n_microbatches: int, loss_sum) -> torch.Tensor:
+        """Pipeline validation: the summed loss of the microbatches (nonzero on the last stage's rank)."""
+        from parallel.pipeline import forward_only
+
+        return forward_only(self.stage_parts, self.pp_schedule, pp=self.dims.pp, group=self.group("pp"),
+                            device=self.device, inputs=inputs if self.has_first_stage else None,
+                            targets=targets if self.has_last_stage else None, n_microbatches=n_microbatches,
+                            loss_sum=loss_sum)
 
     def parameters(self):
         for part in self.parts:
@@ -165,6 +177,7 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         ids = [sid for sid, _ in parts_with_ids]
         par.has_first_stage, par.has_last_stage = 0 in ids, n_stages - 1 in ids
         par.pipeline_loss = PipelineLoss(loss_sum, par.grad_reduction_scale)
+        par.stage_parts, par.pp_schedule, par.device = parts_with_ids, str(p.pp_schedule), device
         n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
         par.schedule = build_schedule(parts_with_ids, p.pp_schedule, pp=dims.pp, n_microbatches=n_micro,
                                       device=device, group=mesh["pp"].get_group(), loss_fn=par.pipeline_loss)

@@ -4,6 +4,11 @@ Stage layout: with `pp` ranks and `v` stages per rank there are S = pp * v stage
 (gpipe, 1f1b) put stage r on rank r. Looped schedules (interleaved_1f1b) put stages r, r + pp, ... on
 rank r. V-shaped schedules (zbv, dualpipev) put stages r and S - 1 - r on rank r, so rank 0 holds both
 the first and the last stage.
+
+Validation does not go through the schedule: torch's `schedule.eval()` replays the training action list
+without backward, which the zero-bubble V schedules cannot do (their actions split backward into input and
+weight parts: "can't steal_bwd_input if this stage doesn't have backward"). `forward_only` instead walks the
+stages in order with point-to-point sends, one microbatch at a time: the same forward for every schedule.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
@@ -70,6 +76,69 @@ class PipelineLoss:
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_sum(output, target) / self.n_tokens * self.scale
+
+
+def stage_owners(schedule: str, pp: int) -> dict[int, int]:
+    """{stage id: the pipeline rank that holds it}."""
+    return {sid: r for r in range(pp) for sid in stage_ids(schedule, r, pp)}
+
+
+_DTYPE_CODES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _send(t: torch.Tensor, dst: int, group) -> None:
+    """Send a tensor of any shape and float dtype: a fixed-size header (dtype, ndim, shape), then the data."""
+    header = torch.zeros(8, dtype=torch.int64)
+    header[0], header[1] = _DTYPE_CODES.index(t.dtype), t.dim()
+    header[2:2 + t.dim()] = torch.tensor(t.shape)
+    dist.send(header.to(t.device), group_dst=dst, group=group)
+    dist.send(t.contiguous(), group_dst=dst, group=group)
+
+
+def _recv(src: int, group, device: torch.device) -> torch.Tensor:
+    header = torch.zeros(8, dtype=torch.int64, device=device)
+    dist.recv(header, group_src=src, group=group)
+    header = header.tolist()
+    out = torch.empty(header[2:2 + header[1]], dtype=_DTYPE_CODES[header[0]], device=device)
+    dist.recv(out, group_src=src, group=group)
+    return out
+
+
+@torch.no_grad()
+def forward_only(parts: list[tuple[int, nn.Module]], schedule: str, *, pp: int, group, device: torch.device,
+                 inputs: torch.Tensor | None, targets: torch.Tensor | None, n_microbatches: int,
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Summed loss of (n_microbatches * mb, T) inputs through the pipeline, forward only; nonzero only on the
+    rank holding the last stage. Every pipeline rank calls it; `inputs` matter on the first stage's rank and
+    `targets` on the last's.
+
+    Microbatch m visits stages 0..S-1 in order; each rank runs its own stages in (microbatch, stage) order,
+    receiving a stage's input from the previous stage's rank and sending its output on. Every transfer goes
+    from an earlier (m, s) to a later one, so blocking sends cannot deadlock.
+    """
+    owners = stage_owners(schedule, pp)
+    last = len(owners) - 1
+    mine = dict(parts)
+    me = owners[min(mine)]
+    total = torch.zeros((), device=device)
+    in_chunks = inputs.chunk(n_microbatches) if inputs is not None else [None] * n_microbatches
+    tgt_chunks = targets.chunk(n_microbatches) if targets is not None else [None] * n_microbatches
+    for m in range(n_microbatches):
+        h = None
+        for sid in range(len(owners)):
+            if sid not in mine:
+                h = None
+                continue
+            if sid == 0:
+                h = in_chunks[m]
+            elif owners[sid - 1] != me:
+                h = _recv(owners[sid - 1], group, device)
+            h = mine[sid](h)
+            if sid == last:
+                total += loss_sum(h, tgt_chunks[m])
+            elif owners[sid + 1] != me:
+                _send(h, owners[sid + 1], group)
+    return total
 
 
 def build_schedule(parts: list[tuple[int, nn.Module]], schedule: str, *, pp: int, n_microbatches: int,

@@ -257,18 +257,10 @@ class Trainer:
                     loss = self._loss_sum(mb)
                     totals[0] += full(loss)
                 continue
-            # pipeline: forward only; with n_tokens = scale = 1 the schedule's loss is the plain sum
+            # pipeline: forward only, stage by stage (parallel/pipeline.py: the same for every schedule)
             flat = batch.flatten(0, 1)
-            self.par.pipeline_loss.n_tokens, self.par.pipeline_loss.scale = torch.ones((), device=self.device), 1.0
-            losses: list[torch.Tensor] = []
-            args = (flat[:, :-1],) if self.par.has_first_stage else ()
-            kwargs = {"target": flat[:, 1:], "losses": losses} if self.par.has_last_stage else {}
             with self._autocast():
-                self.par.schedule.eval(*args, **kwargs)
-            if losses:
-                totals[0] += torch.stack(losses).sum()
-        if self.par.pipeline_loss is not None:
-            self.par.pipeline_loss.scale = self.par.grad_reduction_scale  # back to the training factor
+                totals[0] += self.par.forward_only(flat[:, :-1], flat[:, 1:], batch.shape[0], self._logits_loss_sum)
         self._all_reduce_sum(totals)  # over data-parallel ranks
         totals[0:1] = self._all_reduce_sum(totals[0:1].clone(), "pp")  # only the last stage has losses
         self._set_train(True)

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node=N tests/distributed/parity_worker.py OUT_DIR recipe=... overrides...
 
-Saves OUT_DIR/result.pt on rank 0: the per-step global losses and gradient norms, the full
+Saves OUT_DIR/result.pt on rank 0: the per-step global losses and gradient norms, the validation loss
+after the last step (every layout's validation path, pipeline schedules included), the full
 (unsharded, fp32) gradient of every parameter after step 1, keyed by its canonical name, and the bytes
 of parameters, gradients and optimizer state each rank held during step 1. Gradients
 are gathered from DTensor shards and from every pipeline stage, so any layout is comparable to one
@@ -60,13 +61,15 @@ def main(out: str, argv: list[str]) -> None:
                 held = trainer.par.model_state_bytes()
         loss = trainer._all_reduce_sum(trainer._all_reduce_sum(loss, "pp"))
         losses.append(loss.item())
+    val_loss = trainer.validate()["val/loss"]  # after training: every strategy's validation path
     per_rank = [held]
     if trainer.world.distributed:
         per_rank = [None] * trainer.world.world_size
         dist.all_gather_object(per_rank, held)
     if trainer.world.rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"losses": losses, "grad_norms": norms, "grads": grads, "bytes_per_rank": per_rank},
+        torch.save({"losses": losses, "grad_norms": norms, "grads": grads, "bytes_per_rank": per_rank,
+                    "val_loss": val_loss},
                    Path(out) / "result.pt")
     trainer.close()
 

@@ -69,6 +69,8 @@ def test_strategy_matches_single_process(name, nproc, overrides, global_batch, p
         assert abs(b - a) <= loss_tol * abs(a), f"{name}: loss at step {step} is {b}, single process {a}"
     for step, (a, b) in enumerate(zip(ref["grad_norms"], got["grad_norms"]), 1):
         assert abs(b - a) <= grad_tol * abs(a), f"{name}: grad norm at step {step} is {b}, single process {a}"
+    a, b = ref["val_loss"], got["val_loss"]
+    assert abs(b - a) <= loss_tol * abs(a), f"{name}: validation loss after step 5 is {b}, single process {a}"
     assert got["grads"].keys() == ref["grads"].keys(), f"{name}: parameters differ"
     for key, g in ref["grads"].items():
         err = ((got["grads"][key] - g).norm() / g.norm()).item()
