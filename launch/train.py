@@ -2,14 +2,40 @@
 
 Parses and validates the whole config before any process group starts, so a bad setting ends in one
 message naming every problem; `dry_run=true` prints the plan and exits without allocating the model.
+`--help [section]` lists every key with its type, default and meaning.
 """
 
+import json
 import os
 import sys
+import time
 import traceback
 
 from parallel.mesh import env_world_size
-from trainer.config import ConfigError, check, load_config, to_yaml
+from trainer.config import ConfigError, check, help_text, load_config, to_yaml, usage
+from trainer.faults import RefusedStart, watch_parent
+
+_RANK = int(os.environ.get("RANK", "0"))
+
+
+def _refuse(message: str, code: int = 2) -> int:
+    """One message for a run that must not start, from rank 0 only; under torchrun it is also what the agent
+    reports as the root cause (its error file), and the other ranks leave a moment later, so that rank 0's
+    failure is the first the agent observes."""
+    if _RANK == 0:
+        print(f"shardwise: {message}", file=sys.stderr, flush=True)
+        _write_error_file(f"shardwise: {message}")
+    elif env_world_size() > 1:
+        time.sleep(3.0)
+    return code
+
+
+def _write_error_file(message: str) -> None:
+    """torchrun's error file (TORCHELASTIC_ERROR_FILE): the agent prints its message as the root cause."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
 
 
 def _fail_fast() -> None:
@@ -17,35 +43,47 @@ def _fail_fast() -> None:
     teardown (which starts with a barrier) would hang until the collective timeout. Report and leave at
     once; torchrun sees the failure and stops the other ranks (or restarts the group)."""
     traceback.print_exc()
+    exc = sys.exc_info()[1]
+    _write_error_file(f"{type(exc).__name__}: {exc}")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
 
 
+def _leave(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # peers may hold process groups this rank will never tear down politely
+
+
 def main(argv: list[str]) -> int:
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("--help", "-h"):
+        try:
+            print(help_text(argv[1] if len(argv) > 1 else None))
+        except ConfigError as e:
+            print(f"shardwise: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        watch_parent()  # stop when the torchrun agent is gone (workers live in sessions of their own)
     try:
         cfg = load_config(argv)
         plan = check(cfg, env_world_size())
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank found the same problems; one reports them
-            print(f"shardwise: {e}", file=sys.stderr)
-        return 2
+        return _refuse(str(e))  # every rank found the same problems; one reports them
     if cfg.dry_run:
         print(to_yaml(cfg), end="")
         print("---\n" + plan.describe())
         return 0
     from trainer.trainer import Trainer  # imported late: a dry run needs neither data nor a device
 
-    from trainer.checkpoint import CheckpointError
-
     try:
         trainer = Trainer(cfg, plan)
-    except CheckpointError as e:  # every rank checked the same files and refuses alike, before loading any
-        if os.environ.get("RANK", "0") == "0":
-            print(f"shardwise: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
+    except RefusedStart as e:  # every rank checked the same things and refuses alike, before loading any
+        _leave(_refuse(str(e)))
     except BaseException:
         if env_world_size() == 1:
             raise

@@ -86,8 +86,18 @@ class Parallelized:
 
     # -- the three calls the training step makes; the DeepSpeed adapter (parallel/zero.py) overrides them
 
+    overflowed: bool = False  # the last step was skipped by a loss-scale overflow (fp16; counted, not an error)
+
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
+
+    def run_files(self) -> dict[str, str]:
+        """Files this strategy writes into run_dir (name -> text), once every check has passed."""
+        return {}
+
+    def loss_scale(self, scaler=None) -> float | None:
+        """The dynamic loss scale under fp16 (a host sync: call it on logging steps only); None otherwise."""
+        return float(scaler.get_scale()) if scaler is not None else None
 
     def backward(self, loss: torch.Tensor, *, last_micro: bool, scaler=None) -> None:
         """Backward of one micro-batch's (already normalized and DP-scaled) loss."""

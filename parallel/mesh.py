@@ -36,6 +36,9 @@ class ParallelDims:
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    def describe(self) -> str:
+        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}"
+
     def build_meshes(self, device_type: str) -> dict:
         """Named sub-meshes of one (pp, dp_replicate, dp_shard, tp) DeviceMesh: each axis by its name,
         "hsdp" = (dp_replicate, dp_shard) for FSDP's 2-D mesh, and "dp" = the two flattened into one
@@ -108,6 +111,22 @@ def resolve_dims(data: str, *, dp_replicate: int, dp_shard: int, tp: int, pp: in
                                                           if data == "none" else ""))
         return None, problems
     return dims, []
+
+
+def degenerate(data: str, dims: ParallelDims) -> list[str]:
+    """Warnings for layouts the world size turned into something other than what the strategy name says."""
+    out = []
+    if data == "hsdp" and dims.dp_replicate == 1:
+        out.append(f"parallel.data=hsdp with dp_replicate 1 is plain FSDP over {dims.dp_shard} rank(s)")
+    if data == "hsdp" and dims.dp_shard == 1:
+        out.append(f"parallel.data=hsdp with dp_shard 1 shards nothing: {dims.dp_replicate} full replicas (DDP "
+                   f"with FSDP's overheads); give it more ranks or set parallel.data=ddp")
+    if data == "fsdp" and dims.dp_shard == 1:
+        out.append("parallel.data=fsdp with dp_shard 1 shards nothing (every rank is used by tp/pp); "
+                   "give it more ranks, or set parallel.data=none")
+    if data in ("ddp", "zero1", "zero2", "zero3") and dims.dp_size == 1:
+        out.append(f"parallel.data={data} with one data-parallel rank: nothing is replicated or partitioned")
+    return out
 
 
 def env_world_size() -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -97,6 +96,9 @@ class ZeroParallelized(Parallelized):
                          if torch.is_tensor(v) and k != "step"),
         }
 
+    def run_files(self) -> dict[str, str]:
+        return {"ds_config.json": json.dumps(self.ds_config, indent=2)}
+
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         import deepspeed
 
@@ -111,16 +113,32 @@ class ZeroParallelized(Parallelized):
         if not last_micro:
             self.engine.step()  # advances DeepSpeed's micro-step counter; no update before the boundary
 
-    def step(self, max_norm: float, scaler=None, apply=None) -> torch.Tensor:
+    def step(self, max_norm: float, scaler=None, apply=None) -> torch.Tensor | None:
+        """Reduce, clip (ds_config gradient_clipping), update and zero the gradients, at the boundary.
+
+        Returns the pre-clip global norm, or None when DeepSpeed has none to give: a step it skipped
+        for a loss-scale overflow (fp16; its norm is then inf by construction, not a measurement) or a
+        configuration that does not compute it. `overflowed` says whether this step was skipped so."""
         # `apply` (numerics.on_nonfinite=skip) is refused under ZeRO at validation: the engine steps itself
-        self.engine.step()  # at the boundary: reduce, clip (ds_config gradient_clipping), update, zero grads
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        self.overflowed = self.engine.skipped_steps > skipped_before
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32)
+        if self.overflowed or norm is None:
+            return None
+        return torch.as_tensor(norm, dtype=torch.float32)
+
+    def loss_scale(self, scaler=None) -> float | None:
+        """fp16: DeepSpeed's dynamic loss scale now (it halves on every overflow); None otherwise."""
+        if not self.ds_config["fp16"]["enabled"]:
+            return None
+        return float(self.ds_optimizer.loss_scale)
 
 
 def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, mesh) -> ZeroParallelized:
     """Materialize and initialize the model like one process; DeepSpeed partitions it when the optimizer
-    is attached (`deepspeed.initialize`). Writes the resolved ds_config to the run directory."""
+    is attached (`deepspeed.initialize`). The Trainer writes the resolved ds_config (`run_files`) once every
+    check has passed."""
     p, t = cfg.parallel, cfg.training
     notes = []
     # apply AC and compile the same way as the native path; DeepSpeed then shards what they produced
@@ -133,10 +151,6 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
     model.to_empty(device=world.device)
     model.init_weights(seed=t.seed)
     ds_config = build_ds_config(cfg, dims)
-    if world.rank == 0:
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     if str(p.offload) == "cpu":
         notes.append("ZeRO-Offload: the optimizer runs as DeepSpeed's CPU Adam, whose C++ op is compiled on first "
                      "use (about a minute, cached in ~/.cache/torch_extensions)")

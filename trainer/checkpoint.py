@@ -5,13 +5,17 @@
             trainer-state.pt rank 0: LR schedule, loss scaler, data cursor, counters
             rng-rank-<r>.pt  every rank's RNG states
             train_state.json counters and layout, human-readable
-            COMPLETE         written by rank 0 after every rank finished writing
+            MANIFEST.json    size and sha256 of every file above, written once every rank finished writing
+            COMPLETE         written by rank 0 after the manifest
         latest               "step-200", replaced atomically (temp file, fsync, rename) after COMPLETE
 
-Loading reads `latest` if it names a complete checkpoint, otherwise the newest complete `step-N`;
-incomplete directories (a crash during a save) are skipped and named. Before anything is loaded every
-rank checks the chosen checkpoint (readable metadata, every shard file present and long enough, the same
-model shape), so a damaged checkpoint is refused whole, never loaded half-way.
+Loading starts from the newest complete `step-N` (a stale or missing `latest` is reported). Before anything
+is loaded every file of it is checked against the manifest (the ranks share the hashing), and the model
+shape and strategy against this run's. A damaged checkpoint (a file missing, short, or with other bytes)
+is never loaded: with `checkpoint.on_damaged=fallback` the run resumes from the newest checkpoint that
+verifies and the damaged one is moved aside to `step-N.damaged` (kept, never deleted); with `fail`, or when
+none verifies, the run stops with the damage named. Incomplete directories (a crash during a save) are
+skipped and named.
 
 Native checkpoints are keyed by the parameters' canonical names (`layers.3.attention.wq.weight`), the same
 in every layout, so DCP reshards them on load: any native strategy and world size loads any other's.
@@ -30,8 +34,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-FORMAT_VERSION = 2  # 2: optimizer state flattened by parameter name (pipeline ranks hold different groups)
+# 2: optimizer state flattened by parameter name (pipeline ranks hold different groups); 3: + MANIFEST.json
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # version 2 has no checksums: loaded after the structural checks only
+MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_HASH_CHUNK = 8 << 20
 
 
 def _barrier(group=None) -> None:
@@ -70,18 +78,102 @@ def complete_checkpoints(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 def find_latest(root: Path) -> tuple[Path | None, list[Path]]:
-    """The checkpoint to resume from and the incomplete ones that were skipped."""
+    """The newest complete checkpoint and the incomplete ones that were skipped."""
     complete, partial = complete_checkpoints(root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if complete and named == complete[-1]:
-            return named, partial
     return (complete[-1] if complete else None), partial
 
 
-class CheckpointError(ValueError):
+def pointer_note(root: Path) -> str | None:
+    """What is wrong with the `latest` pointer, if anything (it is informational: loading trusts COMPLETE)."""
+    complete, _ = complete_checkpoints(root)
+    if not complete:
+        return None
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return f"{pointer} is missing; using the newest complete checkpoint {complete[-1].name}"
+    named = pointer.read_text().strip()
+    if named != complete[-1].name:
+        return (f"{pointer} names {named!r}, which is not the newest complete checkpoint ({complete[-1].name}); "
+                f"using {complete[-1].name}")
+    return None
+
+
+from trainer.faults import RefusedStart  # noqa: E402
+
+
+class CheckpointError(RefusedStart):
     pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Checksums: every file of a checkpoint, hashed after all ranks wrote it, checked before anything loads
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):  # hashlib releases the GIL on large buffers
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_files(path: Path) -> list[str]:
+    """Every file of a checkpoint directory (relative, sorted), except the manifest and the marker."""
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*")
+                  if f.is_file() and f.name not in (MANIFEST, "COMPLETE"))
+
+
+def hash_share(path: Path, names: list[str], rank: int, world: int) -> dict[str, dict]:
+    """This rank's share of the hashing: files rank, rank + world, ... of `names`."""
+    return {n: {"size": (path / n).stat().st_size, "sha256": sha256_file(path / n)} for n in names[rank::world]}
+
+
+def manifest_problems(path: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """This rank's share of the verification against MANIFEST.json (all of it on one process)."""
+    try:
+        entries = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{MANIFEST} is missing or unreadable ({type(e).__name__})"]
+    problems = []
+    for name in sorted(entries)[rank::world]:
+        f, want = path / name, entries[name]
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif f.stat().st_size != want["size"]:
+            problems.append(f"{name} is {f.stat().st_size} bytes, {want['size']} when saved")
+        elif sha256_file(f) != want["sha256"]:
+            problems.append(f"{name} has other bytes than when saved (sha256 differs)")
+    return problems
+
+
+def _gather(obj, group=None) -> list:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def damage(path: Path, *, zero: bool, group=None) -> list[str]:
+    """Every way the files of `path` differ from what was saved (collective: the ranks share the work).
+    Empty: every file is as it was written."""
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    local: list[str] = []
+    try:
+        state = json.loads((path / "train_state.json").read_text())
+    except (OSError, ValueError) as e:
+        state = None
+        local.append(f"train_state.json is unreadable ({type(e).__name__})")
+    if state is not None and state.get("format_version", 0) >= 3:
+        local += manifest_problems(path, rank, world)
+    elif rank == 0 and state is not None:  # version 2: no checksums; the structure is all there is to check
+        try:
+            verify_deepspeed(path, state) if zero else verify_native(path)
+        except CheckpointError as e:
+            local.append(str(e).split(": ", 1)[-1])
+    problems = sorted({p for share in _gather(local, group) for p in share})
+    return problems
 
 
 def checkpoint_root(cfg) -> Path:
@@ -110,6 +202,99 @@ def verify_native(path: Path) -> None:
         if f.stat().st_size < size:
             raise CheckpointError(f"checkpoint {path}: shard {name} is truncated ({f.stat().st_size} of {size} "
                                   f"bytes); refusing to load it")
+
+
+def refusal(path: Path, cfg, *, zero: bool) -> str | None:
+    """Why this run must not resume from `path` even if its files are intact: another model shape (the
+    fields named), another checkpoint format, or DeepSpeed vs native files. None: it may."""
+    from dataclasses import asdict
+
+    from trainer.config import model_args_of
+
+    try:
+        state = json.loads((path / "train_state.json").read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: that is damage, reported as such
+    if state.get("format_version") not in READABLE_VERSIONS:
+        return (f"checkpoint {path}: format version {state.get('format_version')}, this shardwise reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}")
+    ours = asdict(model_args_of(cfg))
+    theirs = state.get("model", {})
+    differ = [f"model.{k}: {theirs.get(k)!r} in the checkpoint, {v!r} here" for k, v in ours.items()
+              if k in theirs and theirs[k] != v]
+    if differ:
+        return (f"checkpoint {path} was written for another model shape ({'; '.join(differ)}); refusing to load "
+                f"it. Set those model.* keys to the checkpoint's values, or point checkpoint.dir elsewhere")
+    saved_zero = str(state.get("strategy", "")).startswith("zero")
+    if saved_zero != zero:
+        return (f"checkpoint {path} was written by parallel.data={state.get('strategy')}, this run uses "
+                f"{cfg.parallel.data}: DeepSpeed and native checkpoints differ in format. Convert it: "
+                f"python launch/convert_checkpoint.py {path} --out model.safetensors, then start this run with "
+                f"checkpoint.init_from=model.safetensors (weights only)")
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the step-N namespace (never deleted: it may hold what was lost)."""
+    target, k = path.with_name(f"{path.name}.damaged"), 1
+    while target.exists():
+        k += 1
+        target = path.with_name(f"{path.name}.damaged-{k}")
+    os.replace(path, target)
+    return target
+
+
+def select_resume(root: Path, cfg, *, zero: bool, rank: int, group=None) -> tuple[Path | None, list[str], list[dict]]:
+    """The checkpoint this run resumes from (collective), with notes for the log and events for the metrics.
+
+    Newest complete first. A refusal (another model, format or strategy) stops the run; damage makes it try
+    the next older one (`checkpoint.on_damaged=fallback`) or stop (`fail`). Damaged checkpoints newer than
+    the one chosen are moved aside by rank 0 and named loudly. When none verifies, nothing is moved and the
+    run stops: starting from scratch beside damaged checkpoints would look like lost work."""
+    complete, partial = complete_checkpoints(root)
+    notes = [f"skipping incomplete checkpoint {p} (no COMPLETE marker: its save did not finish)" for p in partial]
+    events: list[dict] = []
+    if (n := pointer_note(root)) is not None:
+        notes.append(n)
+        events.append({"event": "checkpoint_pointer", "note": n})
+    if not complete:
+        return None, notes, events
+    why = refusal(complete[-1], cfg, zero=zero)
+    if why is not None:
+        raise CheckpointError(why)
+    damaged: list[tuple[Path, list[str]]] = []
+    chosen = None
+    for path in reversed(complete):
+        problems = damage(path, zero=zero, group=group)
+        if not problems:
+            chosen = path
+            break
+        damaged.append((path, problems))
+        if str(cfg.checkpoint.on_damaged) == "fail":
+            break
+    if damaged and (chosen is None or str(cfg.checkpoint.on_damaged) == "fail"):
+        listing = "; ".join(f"{p.name}: {', '.join(pr[:3])}{' ...' if len(pr) > 3 else ''}" for p, pr in damaged)
+        hint = ("no complete checkpoint verifies" if chosen is None and str(cfg.checkpoint.on_damaged) != "fail"
+                else "checkpoint.on_damaged=fail")
+        raise CheckpointError(f"checkpoint damaged, refusing to load it ({hint}): {listing}. Restore the files, or "
+                              f"move the directory away to resume from an older one"
+                              + ("" if hint != "checkpoint.on_damaged=fail" else
+                                 " (checkpoint.on_damaged=fallback does that itself)"))
+    for path, problems in damaged:
+        target = path.with_name(f"{path.name}.damaged")
+        if rank == 0:
+            target = _move_aside(path)
+        msg = (f"WARNING: checkpoint {path.name} is DAMAGED ({', '.join(problems[:3])}); moved it aside to "
+               f"{target.name} (kept, not deleted) and resuming from {chosen.name}")
+        notes.append(msg)
+        events.append({"event": "checkpoint_damaged", "checkpoint": path.name, "moved_to": target.name,
+                       "problems": problems, "resumed_from": chosen.name})
+    if dist.is_initialized():
+        dist.barrier(group=group)  # the renames are done before any rank looks again
+    why = refusal(chosen, cfg, zero=zero) if chosen != complete[-1] else None
+    if why is not None:
+        raise CheckpointError(why)
+    return chosen, notes, events
 
 
 def verify_deepspeed(path: Path, state: dict) -> None:
@@ -198,6 +383,16 @@ class Checkpointer:
         _barrier()
         return path
 
+    def _seal(self, path: Path, group=None) -> None:
+        """Collective: hash every file of the checkpoint (the ranks share the files) into its manifest."""
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        entries = {}
+        for share in _gather(hash_share(path, checkpoint_files(path), rank, world), group):
+            entries.update(share)
+        if self.rank == 0:
+            _write_atomic(path / MANIFEST, json.dumps({"algorithm": "sha256", "files": entries}, indent=1))
+
     def _save_small_files(self, path: Path, step: int) -> None:
         torch.save({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -206,7 +401,9 @@ class Checkpointer:
             torch.save(self._trainer_state(), path / "trainer-state.pt")
             (path / "train_state.json").write_text(json.dumps(self._train_state(step), indent=2))
 
-    def _finalize(self, path: Path) -> None:
+    def _finalize(self, path: Path, group=None) -> None:
+        """Collective: the manifest, then (rank 0) COMPLETE, the `latest` pointer and pruning."""
+        self._seal(path, group)
         if self.rank == 0:
             _write_atomic(path / "COMPLETE", "")
             _write_atomic(self.root / "latest", path.name)  # only ever names a complete checkpoint
@@ -232,7 +429,7 @@ class Checkpointer:
         step = int(_STEP_DIR.match(path.name).group(1))
         self.t.faults.maybe_kill_in_save(step)
         _barrier(self.control)
-        self._finalize(path)
+        self._finalize(path, self.control)
         _barrier(self.control)
 
     def _native_state(self) -> dict:
@@ -280,42 +477,9 @@ class Checkpointer:
 
     # -- loading
 
-    def load_latest(self) -> Path | None:
-        path, skipped = find_latest(self.root)
-        if self.rank == 0:
-            for p in skipped:
-                self.t.logger.note(f"skipping incomplete checkpoint {p} (no COMPLETE marker: its save did not finish)")
-        if path is not None:
-            self.load(path)
-        return path
-
     def load(self, path: Path) -> None:
-        try:
-            state = json.loads((path / "train_state.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: train_state.json unreadable ({e}); refusing to load it") from None
-        if state.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint {path}: format version {state.get('format_version')}, this shardwise "
-                                  f"reads {FORMAT_VERSION}")
-        if state["config_hash"] != config_hash(self.t.cfg):
-            from trainer.config import model_args_of
-
-            raise CheckpointError(
-                f"checkpoint {path} was written for another model shape (config hash {state['config_hash']} != "
-                f"{config_hash(self.t.cfg)}; this run's model is {model_args_of(self.t.cfg)}); refusing to load it. "
-                f"Point checkpoint.dir elsewhere, or set the model.* keys the checkpoint was trained with")
+        """Load a checkpoint that `select_resume` chose (and verified, every file, on every rank)."""
         par = self.t.par
-        saved_zero = state.get("strategy", "").startswith("zero")
-        if saved_zero != (getattr(par, "engine", None) is not None):
-            raise CheckpointError(
-                f"checkpoint {path} was written by parallel.data={state.get('strategy')}, this run uses "
-                f"{self.t.cfg.parallel.data}: DeepSpeed and native checkpoints differ in format. Convert it: "
-                f"python launch/convert_checkpoint.py {path} --out model.safetensors, then start this run with "
-                f"checkpoint.init_from=model.safetensors (weights only)")
-        if getattr(par, "engine", None) is not None:
-            verify_deepspeed(path, state)
-        else:
-            verify_native(path)
         if getattr(par, "engine", None) is not None:
             loaded, _ = par.engine.load_checkpoint(str(self.root), tag=path.name, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
@@ -355,6 +519,10 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     if not (path / "COMPLETE").is_file():
         raise ValueError(f"{path} has no COMPLETE marker: its save did not finish; refusing to convert it")
+    zero = bool(list(path.glob("*zero_pp_rank_*")) or list(path.glob("mp_rank_*_model_states.pt")))
+    problems = damage(path, zero=zero)
+    if problems:
+        raise ValueError(f"{path} is damaged ({'; '.join(problems[:5])}); refusing to convert it")
     if list(path.glob("*zero_pp_rank_*")) or list(path.glob("mp_rank_*_model_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

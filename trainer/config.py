@@ -188,6 +188,11 @@ class ParallelConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # zero*: any ds_config keys, merged over the generated ones
 
 
+class DamagedPolicy(StrEnum):
+    fallback = "fallback"  # move it aside to step-N.damaged (kept) and resume from the newest one that verifies
+    fail = "fail"  # stop with the damage named
+
+
 @dataclass
 class CheckpointConfig:
     every: int = 0  # save every this many steps, and after the last step (0: never)
@@ -198,6 +203,7 @@ class CheckpointConfig:
     async_save: bool = False  # periodic saves write in a background thread (own gloo group); final and preemption saves are synchronous
     preempt_flag: str | None = None  # a file whose appearance stops the run at the next step (null: run_dir/PREEMPT)
     init_from: str | None = None  # weights to start from when there is no checkpoint: an HF directory, a .safetensors file or a step-N directory
+    on_damaged: DamagedPolicy = DamagedPolicy.fallback  # a checkpoint whose files fail their checksums: fall back or stop
 
 
 class NonFinite(StrEnum):
@@ -253,6 +259,86 @@ class Config:
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# --help: the schema above, with its comments
+
+
+def _comments(cls) -> dict[str, str]:
+    """{field or member name: the comment written beside it (and on the comment lines right below)}."""
+    import inspect
+    import re
+
+    out, last = {}, None
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        m = re.match(r"^    (\w+)\s*(?::[^=#]*)?=[^#]*?(?:#\s?(.*))?$", line)
+        if m and not line.lstrip().startswith("#"):
+            last = m.group(1)
+            out[last] = (m.group(2) or "").strip()
+        elif last and re.match(r"^\s*#\s{2,}", line):  # a continuation, indented under the comment above
+            out[last] = (out[last] + " " + line.strip().lstrip("#").strip()).strip()
+        else:
+            last = None
+    return out
+
+
+def help_text(section: str | None = None) -> str:
+    """Every key of the schema (or of one section) with its type, default and comment."""
+    import dataclasses
+    import typing
+
+    top = {f.name: f for f in dataclasses.fields(Config)}
+    nested = [n for n, f in top.items() if f.default_factory is not dataclasses.MISSING]
+    if section is not None and section not in top:
+        close = difflib.get_close_matches(section, list(top), n=1)
+        raise ConfigError(f"--help {section}: no such section{f'; did you mean {close[0]}?' if close else ''} "
+                          f"Sections: {', '.join(nested)}")
+    lines: list[str] = []
+
+    def walk(cls, prefix: str, default_obj) -> None:
+        hints = typing.get_type_hints(cls)
+        comments = _comments(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(default_obj, f.name)
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.", value)
+                continue
+            choices = ""
+            if isinstance(tp, type) and issubclass(tp, StrEnum):
+                member_notes = _comments(tp)
+                choices = "\n" + "\n".join(f"      {m.value:<10} {member_notes.get(m.name, '')}".rstrip() for m in tp)
+                type_name = " | ".join(m.value for m in tp)
+            else:
+                type_name = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            shown = json.dumps(value.value if isinstance(value, StrEnum) else value)
+            lines.append(f"  {prefix}{f.name}  ({type_name}, default {shown})")
+            if comments.get(f.name):
+                lines.append(f"      {comments[f.name]}")
+            if choices:
+                lines.append(choices.lstrip("\n"))
+
+    default = Config()
+    for name in ([section] if section else list(top)):
+        f = top[name]
+        if name in nested:
+            lines.append(f"{name}:")
+            walk(typing.get_type_hints(Config)[name], f"{name}.", getattr(default, name))
+        else:
+            tp = typing.get_type_hints(Config)[name]
+            lines.append(f"{name}  ({getattr(tp, '__name__', tp)}, default {json.dumps(getattr(default, name))})")
+            if _comments(Config).get(name):
+                lines.append(f"      {_comments(Config)[name]}")
+    head = [usage(), "", "Keys (set any with key=value; `--help SECTION` shows one section):", ""]
+    return "\n".join((head if section is None else []) + lines)
+
+
+def usage() -> str:
+    return (f"usage: python launch/train.py recipe=NAME [key=value ...]     (or under torchrun)\n"
+            f"       python launch/train.py --help [SECTION]\n"
+            f"recipes: {', '.join(list_recipes())}\n"
+            f"example: python launch/train.py recipe=llama_debug training.steps=50 optim.lr=1e-3")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,8 +461,11 @@ class Plan:
     dims: object = None  # parallel.mesh.ParallelDims
     model_state: dict | None = None  # predicted bytes on the most loaded rank (parallel/memory.py)
     optimizer: str = "adamw"
+    strategy: str = "none"
 
     def describe(self) -> str:
+        from parallel.mesh import degenerate
+
         g = self.micro_batch_size * self.accum_steps * self.dp_size
         gib = 2**30
         state = []
@@ -398,7 +487,29 @@ class Plan:
             f"FLOPs per token       {self.flops_per_token:,} ({self.flops_per_token / 1e9:.2f} GFLOP)",
             f"FLOPs per step        {self.flops_per_token * self.tokens_per_step:.3e}",
             *state,
+            *(f"warning               {w}" for w in degenerate(self.strategy, self.dims)),
         ])
+
+
+def banner(cfg: DictConfig, plan: Plan, args) -> list[str]:
+    """The start-up lines: what this run is, as resolved (the layout the world size produced included)."""
+    from parallel.mesh import degenerate
+
+    gib = 2**30
+    ms = plan.model_state or {}
+    lines = [
+        f"model {cfg.model.name} {cfg.model.flavor}: {plan.params:,} parameters ({plan.params / 1e6:.2f} M); "
+        f"strategy {cfg.parallel.data}; precision {cfg.training.precision}; world {plan.world_size}; "
+        f"optimizer {cfg.optim.name}",
+        f"layout {plan.dims.describe()}; global batch {cfg.training.global_batch_size} = micro-batch "
+        f"{plan.micro_batch_size} x accumulation {plan.accum_steps} x dp {plan.dp_size}; AC {cfg.parallel.ac}",
+    ]
+    if ms:
+        lines.append(f"predicted model states per rank (most loaded): "
+                     f"{' + '.join(f'{k} {v / gib:.3f}' for k, v in ms.items())} = {sum(ms.values()) / gib:.3f} GiB "
+                     f"(activations not included)")
+    lines += [f"WARNING: {w}" for w in degenerate(str(cfg.parallel.data), plan.dims)]
+    return lines
 
 
 def parallel_dims(cfg: DictConfig, world_size: int):
@@ -429,7 +540,7 @@ def derive(cfg: DictConfig, world_size: int) -> Plan:
                 params=args.num_params(), non_embedding_params=args.num_params(exclude_embedding=True),
                 flops_per_token=args.flops_per_token(t.seq_len), dims=dims,
                 model_state=max(predict_model_state(cfg, world_size), key=lambda d: sum(d.values())),
-                optimizer=str(cfg.optim.name))
+                optimizer=str(cfg.optim.name), strategy=str(cfg.parallel.data))
 
 
 def _installed(module: str) -> bool:
@@ -689,4 +800,5 @@ def to_yaml(cfg: DictConfig) -> str:
 
 __all__ = ["Config", "ConfigError", "Plan", "load_config", "validate", "check", "derive", "list_recipes",
            "save_resolved", "to_container", "to_yaml", "model_args_of", "parallel_dims", "pp_stages", "Precision",
-           "DataSource", "Schedule", "DataParallel", "ACMode", "Offload", "WandbMode", "PP_SCHEDULES"]
+           "DataSource", "Schedule", "DataParallel", "ACMode", "Offload", "WandbMode", "PP_SCHEDULES", "banner",
+           "DamagedPolicy"]

@@ -8,6 +8,12 @@
   the step named; `skip` leaves the parameters and optimizer state untouched for that step and goes on.
   A NaN or Inf in any rank's gradients reaches every rank through the gradient all-reduce and the global
   norm, so all ranks see the same verdict without a vote.
+- Two jobs in one run directory: rank 0 holds an exclusive lock (`flock`) on `.shardwise.lock` in run_dir
+  and in the checkpoint root for the whole run; a second job is refused at start naming the holder. The
+  kernel drops the lock when its process dies, so a lock left by a killed run is taken over (with a note).
+- A dead torchrun agent: torchrun starts each worker in a session of its own, so killing the agent's
+  process group (or the agent itself with SIGKILL) does not reach them. Every worker watches its parent
+  and stops when the agent is gone, instead of training on unsupervised beside a rerun.
 - Fault injection for tests (`SHARDWISE_FAULT`), so that the recovery paths are exercised for real:
     nan@STEP[:RANK]          the loss of that step becomes NaN on that rank (default all ranks)
     crash@STEP[:RANK]        that rank SIGKILLs itself after the step (first attempt only, so that a
@@ -19,9 +25,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import signal
+import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +45,86 @@ PREEMPT_FLAG = "PREEMPT"  # default flag file in run_dir
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class RefusedStart(ValueError):
+    """A start-up check refused the run: every rank exits 2, rank 0 prints the one message."""
+
+
+LOCK_NAME = ".shardwise.lock"
+
+
+class RunLock:
+    """An exclusive lock on each directory a run writes (run_dir, the checkpoint root), held until close.
+
+    The lock file records the holder (pid, host, start time). Its lock is `flock`, which the kernel
+    releases when the holder dies: a file that still names a holder but is not locked was left by a run
+    that was killed, and is taken over with a note. A clean close empties the file."""
+
+    def __init__(self, dirs: list[Path]):
+        self.dirs = list(dict.fromkeys(Path(d).absolute() for d in dirs))
+        self.files: list = []
+
+    def acquire(self) -> list[str]:
+        notes = []
+        for d in self.dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            f = open(d / LOCK_NAME, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                self.release()
+                raise RefusedStart(f"{d} is in use by another shardwise run ({_describe_holder(holder)}); two runs "
+                                   f"writing one directory would overwrite each other's checkpoints and metrics. "
+                                   f"Wait for it to finish (or stop it), or choose another run_dir / checkpoint.dir")
+            f.seek(0)
+            previous = f.read().strip()
+            if previous:
+                notes.append(f"took over the lock of {d} from a run that is no longer running "
+                             f"({_describe_holder(previous)})")
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+            f.flush()
+            self.files.append(f)
+        return notes
+
+    def release(self) -> None:
+        for f in self.files:
+            f.seek(0)
+            f.truncate()  # a clean end: nothing stale to report to the next run
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+        self.files = []
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
+        return f"pid {h['pid']} on {h['host']}, since {since}"
+    except (ValueError, KeyError, TypeError):
+        return text[:200]
+
+
+def watch_parent(interval_s: float = 0.5) -> None:
+    """Under torchrun: stop this worker when its agent (the parent process) is gone. The agent is what
+    restarts, stops and reports the workers; without it a worker would train on unsupervised."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:  # reparented: the agent died
+                print(f"shardwise: rank {os.environ.get('RANK', '?')}: the torchrun agent (pid {parent}) is gone; "
+                      f"stopping this worker", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="shardwise-parent-watch", daemon=True).start()
 
 
 @dataclass

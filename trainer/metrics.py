@@ -244,6 +244,13 @@ class MetricLogger:
         for s in self.sinks:
             s.log(metrics, step)
 
+    def event(self, record: dict) -> None:
+        """A record that is not a logging step (a run's start or end, a damaged checkpoint moved aside):
+        into metrics.jsonl, marked by its "event" key, so two runs in one run_dir stay apart."""
+        for s in self.sinks:
+            if isinstance(s, JsonlSink):
+                s.f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
     def note(self, line: str) -> None:
         """A one-off message on the logging rank (decisions the run made, e.g. a no-op setting)."""
         if self.enabled:

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -20,10 +21,10 @@ from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.dtensor import full
 from parallel.mesh import destroy_distributed, init_distributed
-from trainer.checkpoint import Checkpointer, checkpoint_root, find_latest
-from trainer.config import Plan, Precision, model_args_of, save_resolved, to_container
+from trainer.checkpoint import Checkpointer, checkpoint_root, select_resume
+from trainer.config import Plan, Precision, banner, model_args_of, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
-from trainer.faults import PREEMPT_FLAG, REQUEUE_MARKER, Faults, NonFiniteError, Preemption
+from trainer.faults import PREEMPT_FLAG, REQUEUE_MARKER, Faults, NonFiniteError, Preemption, RefusedStart, RunLock
 from trainer.profiling import Profiler
 from trainer.metrics import MemoryMonitor, MetricLogger, detect_peak_tflops, mfu_pct
 
@@ -41,6 +42,7 @@ class Trainer:
         self.world = init_distributed(t.device)
         self.device = self.world.device
         torch.manual_seed(t.seed)
+        self.created = time.time()
         # two gloo groups beside the training one, so that neither interleaves with (or synchronizes) the
         # training collectives: one for the background thread of async checkpoint writes, one for the
         # main thread's votes (preemption, "has the async write finished"). Two threads must never issue
@@ -48,9 +50,43 @@ class Trainer:
         self.save_group = dist.new_group(backend="gloo") if self.world.distributed else None
         self.side_group = dist.new_group(backend="gloo") if self.world.distributed else None
         self.faults = Faults(self.world.rank)
-        self.preemption = Preemption(Path(cfg.checkpoint.preempt_flag or self.run_dir / PREEMPT_FLAG), self.side_group)
         self.skipped_steps = 0
         self._first_nonfinite = None  # device tensor: the first step whose gradient norm was not finite
+        self.notes: list[str] = []  # for the log, once the logger exists (nothing is written before the checks)
+        self.lock = RunLock([self.run_dir, checkpoint_root(cfg)])
+        try:
+            # 2b. the checks that need the process group, before anything is written: this run owns its
+            #     directories, and the checkpoint it resumes from (if any) is intact and fits this model
+            self.notes += self._lock_run_dirs()
+            resume_from, notes, self.events = (select_resume(checkpoint_root(cfg), cfg, zero=str(cfg.parallel.data)
+                                                             .startswith("zero"), rank=self.world.rank,
+                                                             group=self.side_group)
+                                               if cfg.checkpoint.resume else (None, [], []))
+            self.notes += notes
+            self._build(cfg, plan, resume_from)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _lock_run_dirs(self) -> list[str]:
+        """Rank 0 takes the run's directory locks; every rank learns the verdict and refuses alike."""
+        notes, refused = [], None
+        if self.world.rank == 0:
+            try:
+                notes = self.lock.acquire()
+            except RefusedStart as e:
+                refused = str(e)
+        if self.world.distributed:
+            box = [refused]
+            dist.broadcast_object_list(box, src=0, group=self.side_group)
+            refused = box[0]
+        if refused is not None:
+            raise RefusedStart(refused)
+        return notes
+
+    def _build(self, cfg: DictConfig, plan: Plan, resume_from: Path | None) -> None:
+        t = cfg.training
+        self.preemption = Preemption(Path(cfg.checkpoint.preempt_flag or self.run_dir / PREEMPT_FLAG), self.side_group)
 
         # 3. the model on the meta device: shapes only, nothing allocated
         self.model_args = model_args_of(cfg)
@@ -62,8 +98,6 @@ class Trainer:
         self.par = parallelize(model, cfg, plan.dims, self.world, loss_sum=self._logits_loss_sum)
         self.dp_rank = self.par.dp_rank
 
-        # the checkpoint this run will resume from, if any (loaded once the optimizer exists, below)
-        resume_from = find_latest(checkpoint_root(cfg))[0] if cfg.checkpoint.resume else None
         # starting weights from elsewhere (checkpoint.init_from) replace the seeded ones before the optimizer
         # (and DeepSpeed's fp32 master copy) exists, unless there is a checkpoint to resume
         self.init_note = None
@@ -90,8 +124,6 @@ class Trainer:
         self.model = self.par.model  # what the step calls: the model, its DDP wrapper or the DeepSpeed engine
 
         train_src, val_src, self.data_description = open_sources(cfg, t.seq_len, self.model_args.vocab_size)
-        if getattr(train_src, "vocab_size", 0) > self.model_args.vocab_size:
-            raise ValueError(f"data vocab_size {train_src.vocab_size} > model vocab_size {self.model_args.vocab_size}")
         loader_args = dict(global_batch=t.global_batch_size, micro_batch=t.micro_batch_size, dp_rank=self.dp_rank,
                            dp_size=plan.dp_size, seed=t.seed)
         self.train_loader = BatchLoader(train_src, shuffle=True, **loader_args)
@@ -99,8 +131,11 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
 
+        # every check has passed: from here on the run writes into run_dir
         if self.world.is_logging_rank:
             save_resolved(cfg, self.run_dir / "config.yaml")
+            for name, text in self.par.run_files().items():
+                (self.run_dir / name).write_text(text)
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(self.device, str(self.precision))
         self.memory = MemoryMonitor(self.device)
         # a resumed run continues its W&B run (the id is in the checkpoint's train_state.json)
@@ -110,19 +145,24 @@ class Trainer:
                 wandb_id = json.loads((resume_from / "train_state.json").read_text()).get("wandb_run_id")
         self.logger = MetricLogger(cfg, self.run_dir, enabled=self.world.is_logging_rank, config=to_container(cfg),
                                    wandb_run_id=wandb_id)
-        for note in [f"data: {self.data_description}", *self.par.notes]:
+        for line in banner(cfg, plan, self.model_args):
+            self.logger.note(line)
+        for note in [f"data: {self.data_description}", *self.par.notes, *self.notes]:
             self.logger.note(note)
+        for event in self.events:
+            self.logger.event(event)
         if self.world.rank == 0:  # a flag or marker left by the run this one continues has been acted on
             for stale in (self.preemption.flag_file, self.run_dir / REQUEUE_MARKER):
                 stale.unlink(missing_ok=True)
         if self.world.distributed:
             dist.barrier(group=self.side_group)
         self.checkpointer = Checkpointer(self, group=self.save_group, control_group=self.side_group)
-        resumed = self.checkpointer.load_latest() if cfg.checkpoint.resume else None
-        if resumed is not None:
-            self.logger.note(f"resumed from {resumed} at step {self.step}")
+        if resume_from is not None:
+            self.checkpointer.load(resume_from)
+            self.logger.note(f"resumed from {resume_from} at step {self.step}")
         elif self.init_note:
             self.logger.note(self.init_note)
+        self.resumed_from = resume_from
         self.samples_file = None
         if cfg.logging.sample_ids:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -201,13 +241,25 @@ class Trainer:
         scale = self.par.pipeline_loss.scale  # the losses carry the DP (and loss-scaler) factor: remove it
         return torch.stack([l.detach() for l in losses]).sum() / scale
 
-    def optimizer_step(self) -> torch.Tensor:
+    def learning_rates(self) -> dict[str, float]:
+        """The schedule's lr for the step about to run: `train/lr` is the base lr (optim.lr x schedule),
+        and with optim.lr_multipliers each rule's lr beside it (`train/lr/<pattern>`). Read from the
+        schedule, not from a parameter group (group 0 may be a scaled one), and without a device sync."""
+        o = self.cfg.optim
+        base = o.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        out = {"train/lr": base}
+        for rule in o.lr_multipliers:
+            out["train/lr/" + re.sub(r"[^-\w.]", "_", rule.pattern)] = base * rule.scale
+        return out
+
+    def optimizer_step(self) -> torch.Tensor | None:
         """Clip, step, advance the schedule; returns the pre-clip global norm (on the device).
 
         The norm is global (all-reduced over every shard and stage), so a NaN or Inf anywhere gives every
         rank the same verdict. `raise` records the first bad step on the device and is checked where the
         loop synchronizes anyway (logging, saving, the end); `skip` must decide before the update, which
-        costs one host synchronization per step. Under fp16 the loss scaler's own skip handles overflows.
+        costs one host synchronization per step. Under fp16 the loss scaler's own skip handles overflows
+        (DeepSpeed's are counted in skipped_steps). Returns None where the strategy has no norm to give.
         """
         skip = str(self.cfg.numerics.on_nonfinite) == "skip" and self.scaler is None
         applied = []
@@ -219,11 +271,13 @@ class Trainer:
 
         grad_norm = self.par.step(self.cfg.optim.max_grad_norm or float("inf"), scaler=self.scaler,
                                   apply=apply if skip else None)
-        if skip and not applied[0]:
+        if self.par.overflowed:  # fp16 under DeepSpeed: its loss scaler skipped the step (normal; it rescales)
+            self.skipped_steps += 1
+        elif skip and not applied[0]:
             self.skipped_steps += 1
             self.logger.note(f"step {self.step + 1}: non-finite gradient norm; update skipped "
                              f"({self.skipped_steps} skipped so far, numerics.on_nonfinite=skip)")
-        elif self.scaler is None:  # raise: remember the first bad step on the device, no sync
+        elif self.scaler is None and grad_norm is not None:  # raise: remember the first bad step, no sync
             if self._first_nonfinite is None:
                 self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=grad_norm.device)
             bad = ~torch.isfinite(grad_norm) & (self._first_nonfinite < 0)
@@ -273,6 +327,10 @@ class Trainer:
         history: list[dict] = []
         self._set_train(True)
         self.memory.reset()
+        start_step = self.step
+        self.logger.event({"event": "start", "step": self.step, "resumed_from": str(self.resumed_from)
+                           if self.resumed_from else None, "world_size": self.world.world_size,
+                           "strategy": str(cfg.parallel.data), "layout": self.plan.dims.describe()})
         if t.val_every and self.step == 0:  # the starting point of the validation curve
             first = self.validate()
             self.logger.log(first, 0)
@@ -287,7 +345,7 @@ class Trainer:
                 if self.samples_file is not None:
                     self.samples_file.write(json.dumps({"step": self.step + 1, "ids": ids.flatten().tolist()}) + "\n")
                     self.samples_file.flush()
-                lr = float(self.scheduler.get_last_lr()[0])  # this step's lr (a tensor under torchao)
+                lrs = self.learning_rates()  # this step's
                 with torch.profiler.record_function("shardwise.forward_backward"):
                     loss = self.forward_backward(batch)
                 with torch.profiler.record_function("shardwise.optimizer_step"):
@@ -309,8 +367,9 @@ class Trainer:
                     tps = self.plan.tokens_per_step / step_time / self.world.world_size  # per device
                     metrics = {
                         "train/loss": global_loss,
-                        "train/grad_norm": grad_norm.item(),
-                        "train/lr": lr,
+                        "train/grad_norm": grad_norm.item() if grad_norm is not None else None,
+                        **lrs,
+                        "train/loss_scale": self.par.loss_scale(self.scaler),
                         "train/tokens_seen": self.tokens_seen,
                         "train/skipped_steps": self.skipped_steps,
                         "perf/step_time_s": step_time,
@@ -344,7 +403,29 @@ class Trainer:
             raise
         self.checkpointer.wait()
         self.check_finite()
+        self.summary(start_step, time.perf_counter() - run_start, history)
         return history
+
+    def summary(self, start_step: int, wall_s: float, history: list[dict]) -> None:
+        """The end-of-run lines on the console, and an `end` record in metrics.jsonl."""
+        steps = self.step - start_step
+        tokens = steps * self.plan.tokens_per_step
+        tps = tokens / wall_s / self.world.world_size if wall_s > 0 and steps else 0.0
+        mfu = mfu_pct(self.plan.flops_per_token, tps, self.peak_tflops)
+        mem = self.memory.stats()
+        peak = mem.get("mem/peak_allocated_gib", mem.get("mem/peak_rss_gib"))
+        latest = self.checkpointer.root / "latest"
+        last_ckpt = str(self.checkpointer.root / latest.read_text().strip()) if latest.is_file() else None
+        final = next((r for r in reversed(history) if "train/loss" in r), {})
+        record = {"event": "end", "step": self.step, "steps_this_run": steps, "tokens_this_run": tokens,
+                  "wall_time_s": wall_s, "mean_tokens_per_sec_per_gpu": tps, "mean_mfu_pct": mfu,
+                  "peak_memory_gib": peak, "last_checkpoint": last_ckpt, "final_loss": final.get("train/loss"),
+                  "skipped_steps": self.skipped_steps}
+        self.logger.event(record)
+        self.logger.note(f"done: {steps} steps (to step {self.step}), {tokens:,} tokens in {wall_s:.1f} s; "
+                         f"{tps:,.0f} tokens/s/device; MFU {'-' if mfu is None else f'{mfu:.1f}%'}; "
+                         f"peak memory {peak:.2f} GiB; final loss {final.get('train/loss', float('nan')):.4f}; "
+                         f"skipped steps {self.skipped_steps}; last checkpoint {last_ckpt or 'none'}")
 
     def _stop_for_preemption(self) -> None:
         reason = self.preemption.local_reason() or "another rank was asked to stop"
@@ -358,6 +439,7 @@ class Trainer:
         if self.samples_file is not None:
             self.samples_file.close()
         self.logger.close()
+        self.lock.release()
         destroy_distributed()
         # Drop everything that holds process groups (meshes, DTensors, FSDP/DeepSpeed state) and collect it
         # now: left to interpreter teardown, gloo's threads can be destroyed in the wrong order and abort
