@@ -48,23 +48,90 @@ def _interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(heads, out // heads // 2, 2, d).transpose(1, 2).reshape(out, d)
 
 
+# HF config fields whose value changes the computation, and the values this LLaMA implements. Any other
+# value is refused by name: loading it would run a different model under the same weights.
+_IMPLEMENTED = {
+    "model_type": ("llama",),
+    "hidden_act": ("silu",),  # SwiGLU's gate
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "pretraining_tp": (1,),  # Meta's sliced-matmul emulation of TP; the same math only at 1
+    "attention_dropout": (0, 0.0),  # no dropout in shardwise's blocks
+    "partial_rotary_factor": (1, 1.0),  # RoPE over every head dimension
+}
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_of(c: dict) -> dict | None:
+    """The RoPE scaling dict of a config (transformers <5: rope_scaling; >=5: rope_parameters)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(c.get(key), dict):
+            return c[key]
+    return None
+
+
+def unsupported_fields(c: dict) -> list[str]:
+    """Every field of an HF LLaMA config whose value shardwise does not implement, with the value."""
+    problems = [f"{k}={c[k]!r} (shardwise implements {' or '.join(map(repr, ok))})"
+                for k, ok in _IMPLEMENTED.items() if k in c and c[k] is not None and c[k] not in ok]
+    heads, hidden = c.get("num_attention_heads"), c.get("hidden_size")
+    if c.get("head_dim") is not None and heads and hidden and c["head_dim"] != hidden // heads:
+        problems.append(f"head_dim={c['head_dim']} != hidden_size / num_attention_heads = {hidden}/{heads} = "
+                        f"{hidden // heads} (shardwise derives the head size from the width)")
+    rope = _rope_of(c)
+    if rope:
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in (None, "default", "llama3"):
+            problems.append(f"rope_scaling rope_type={kind!r} (shardwise implements 'default' and 'llama3')")
+        elif kind == "llama3":
+            problems += [f"rope_scaling of type llama3 without {k}" for k in _LLAMA3_KEYS if k not in rope]
+    return problems
+
+
 def args_from_hf_config(c: dict) -> ModelArgs:
-    if c.get("model_type", "llama") != "llama":
-        raise ValueError(f"model_type={c.get('model_type')}: only LLaMA checkpoints are supported")
-    scaling = c.get("rope_scaling") or (c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else None)
+    problems = unsupported_fields(c)
+    if problems:
+        raise ValueError(f"this Hugging Face config has {len(problems)} setting(s) shardwise does not implement: "
+                         f"{'; '.join(problems)}")
+    scaling = _rope_of(c)
     rope = None
     if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
         rope = RopeScaling(factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
                            high_freq_factor=scaling["high_freq_factor"],
                            original_max_seq_len=scaling["original_max_position_embeddings"])
-    elif scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"rope scaling {scaling} is not supported (only llama3)")
     theta = c.get("rope_theta") or (scaling or {}).get("rope_theta") or 10000.0
     return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                      n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], vocab_size=c["vocab_size"],
                      ffn_hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
                      rope_theta=float(theta), rope_scaling=rope, max_seq_len=c.get("max_position_embeddings", 4096),
                      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+
+
+def model_overrides(args: ModelArgs) -> list[str]:
+    """The model.* keys that give a run this shape (for messages: what to set to load a checkpoint)."""
+    out = [f"model.dim={args.dim}", f"model.n_layers={args.n_layers}", f"model.n_heads={args.n_heads}",
+           f"model.n_kv_heads={args.kv_heads}", f"model.vocab_size={args.vocab_size}",
+           f"model.ffn_hidden_dim={args.ffn_hidden}", f"model.norm_eps={args.norm_eps}",
+           f"model.rope_theta={args.rope_theta}", f"model.tie_embeddings={str(args.tie_embeddings).lower()}"]
+    r = args.rope_scaling
+    if r is None:
+        out.append("model.rope_scaling.type=none")
+    else:
+        out += ["model.rope_scaling.type=llama3", f"model.rope_scaling.factor={r.factor}",
+                f"model.rope_scaling.low_freq_factor={r.low_freq_factor}",
+                f"model.rope_scaling.high_freq_factor={r.high_freq_factor}",
+                f"model.rope_scaling.original_max_seq_len={r.original_max_seq_len}"]
+    return out
+
+
+def _hf_to_ours(name: str) -> str | None:
+    """Our name for an HF LLaMA tensor; '' for tensors that are not weights (RoPE tables); None: unknown."""
+    if name in _ROOT:
+        return _ROOT[name]
+    parts = name.split(".")
+    if name.startswith("model.layers.") and ".".join(parts[3:]) in _BLOCK:
+        return f"layers.{parts[2]}.{_BLOCK['.'.join(parts[3:])]}"
+    return "" if name.endswith("rotary_emb.inv_freq") else None
 
 
 def hf_config(args: ModelArgs) -> dict:
@@ -98,19 +165,15 @@ def from_hf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         hf.update(load_file(str(f)))
     sd, unknown = {}, []
     for name, w in hf.items():
-        if name in _ROOT:
-            sd[_ROOT[name]] = w
-            continue
-        parts = name.split(".")
-        if name.startswith("model.layers.") and ".".join(parts[3:]) in _BLOCK:
-            ours = f"layers.{parts[2]}.{_BLOCK['.'.join(parts[3:])]}"
+        ours = _hf_to_ours(name)
+        if ours is None:
+            unknown.append(name)
+        elif ours:
             if ours.endswith("wq.weight"):
                 w = _halves_to_interleaved(w, args.n_heads)
             elif ours.endswith("wk.weight"):
                 w = _halves_to_interleaved(w, args.kv_heads)
             sd[ours] = w
-        elif not name.endswith("rotary_emb.inv_freq"):
-            unknown.append(name)
     if unknown:
         raise ValueError(f"{path}: tensors with no counterpart in our LLaMA: {unknown[:5]}")
     if args.tie_embeddings:
@@ -161,31 +224,109 @@ def load_full_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], ModelArgs
     raise ValueError(f"checkpoint.init_from={path}: expected an HF directory, a .safetensors file or a step-N directory")
 
 
-def load_weights(parts, cfg, path: Path) -> None:
-    """Overwrite the (already sharded) model parts' weights with the full weights at `path`."""
+def source_shapes(path: Path) -> tuple[ModelArgs | None, dict[str, tuple[int, ...]]]:
+    """(the source's model shape when it says one, {our name: shape}) of an init_from source, read without
+    loading any weights: an HF directory's config and safetensors headers, a .safetensors file's header, or
+    a step-N checkpoint's train_state.json. Raises ValueError for anything else."""
+    from safetensors import safe_open
+
+    def header(f: Path) -> dict[str, tuple[int, ...]]:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                return {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        except Exception as e:  # not a safetensors file
+            raise ValueError(f"{f}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
+
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}/config.json is not JSON ({e})") from None
+        args = args_from_hf_config(config)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{path}: no .safetensors files (convert .bin checkpoints with transformers first)")
+        shapes = {}
+        for f in files:
+            for name, shape in header(f).items():
+                ours = _hf_to_ours(name)
+                if ours != "":
+                    shapes[ours if ours is not None else f"(HF) {name}"] = shape
+        if args.tie_embeddings:
+            shapes.pop("output.weight", None)
+        return args, shapes
+    if path.is_file() and path.suffix == ".safetensors":
+        return None, header(path)
+    if path.is_dir() and (path / "train_state.json").is_file():
+        from dataclasses import asdict
+
+        from models.llama import build_model, canonical_name
+
+        try:
+            m = dict(json.loads((path / "train_state.json").read_text())["model"])
+            m["rope_scaling"] = RopeScaling(**m["rope_scaling"]) if m.get("rope_scaling") else None
+            args = ModelArgs(**{k: v for k, v in m.items() if k in asdict(ModelArgs())})
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}/train_state.json is unreadable ({type(e).__name__}: {e})") from None
+        model = build_model(args, device="meta")
+        return args, {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    raise ValueError(f"{path} is not an HF model directory (config.json + *.safetensors), a .safetensors file or "
+                     f"a shardwise step-N checkpoint directory")
+
+
+def init_from_problems(cfg, path: Path, source_args: ModelArgs | None,
+                       shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Why the weights at `path` cannot start this run's model: every name without a place in the model
+    (and the reverse) and every shape that differs, with the model.* keys to set when the source says its
+    shape. Empty: every weight has exactly one place."""
     from dataclasses import asdict
 
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    from trainer.checkpoint import state_module
+    from models.llama import build_model, canonical_name
     from trainer.config import model_args_of
 
-    sd, args = load_full_state_dict(path)
     ours = model_args_of(cfg)
-    if args is not None:  # an HF directory says its shape: compare what defines the weights' values
-        a, b = asdict(args), asdict(ours)
-        a["ffn_hidden_dim"], b["ffn_hidden_dim"] = args.ffn_hidden, ours.ffn_hidden  # however each derives it
+    model = build_model(ours, device="meta")
+    want = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    have = dict(shapes)
+    if ours.tie_embeddings:
+        have.pop("output.weight", None)  # a tied table may be saved under both names
+    problems = []
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = [f"{n}: {have[n]} there, {want[n]} here" for n in sorted(set(want) & set(have)) if have[n] != want[n]]
+    if missing:
+        problems.append(f"no weights for {len(missing)} parameter(s) of this run's model: "
+                        f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    if extra:
+        problems.append(f"{len(extra)} weight(s) with no place in this run's model: "
+                        f"{', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape(s) differ: {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
+    if source_args is not None:
+        a, b = asdict(source_args), asdict(ours)
+        a["ffn_hidden_dim"], b["ffn_hidden_dim"] = source_args.ffn_hidden, ours.ffn_hidden  # however each derives it
+        a["n_kv_heads"], b["n_kv_heads"] = source_args.kv_heads, ours.kv_heads
         ignored = ("multiple_of", "ffn_dim_multiplier", "max_seq_len")  # rules for the above; a table length
         differ = [f"{k}: {a[k]} there, {b[k]} here" for k in a if k not in ignored and a[k] != b[k]]
         if differ:
-            raise ValueError(f"checkpoint.init_from={path}: its model differs from this run's ({'; '.join(differ)}); "
-                             f"set the model.* keys to match")
+            problems.append(f"its model differs from this run's ({'; '.join(differ)})")
+    if problems:
+        fix = (f"; set the model.* keys to match: {' '.join(model_overrides(source_args))}"
+               if source_args is not None else "")
+        return [f"checkpoint.init_from={path}: {'; '.join(problems)}{fix}"]
+    return []
+
+
+def load_weights(parts, cfg, path: Path) -> None:
+    """Overwrite the (already sharded) model parts' weights with the full weights at `path`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from trainer.checkpoint import state_module
+
+    sd, args = load_full_state_dict(path)
+    problems = init_from_problems(cfg, path, args, {k: tuple(v.shape) for k, v in sd.items()})
+    if problems:  # validation checked this before the process group started; the files changed since
+        raise ValueError(problems[0])
     module = state_module(parts)
-    shapes = {canonical_name(n): tuple(p.shape) for n, p in module.named_parameters()}
-    missing = sorted(set(shapes) - set(sd))
-    if missing:
-        raise ValueError(f"checkpoint.init_from={path}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    wrong = [f"{n}: {tuple(sd[n].shape)} vs {s}" for n, s in shapes.items() if tuple(sd[n].shape) != s]
-    if wrong:
-        raise ValueError(f"checkpoint.init_from={path}: shapes differ from this run's model: {wrong[:3]}")
+    shapes = {canonical_name(n) for n, _ in module.named_parameters()}  # this rank's stages only
     set_model_state_dict(module, {k: sd[k] for k in shapes}, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -94,6 +94,22 @@ class WandbMode(StrEnum):
     online = "online"  # stream to the W&B server (needs WANDB_API_KEY and a network)
 
 
+class RopeScalingType(StrEnum):
+    none = "none"  # plain RoPE
+    llama3 = "llama3"  # Llama-3.1's frequency scaling (long context): wavelengths past original/low_freq_factor divided by factor
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling (models/llama.py RopeScaling); every null keeps the flavor's value."""
+
+    type: RopeScalingType | None = None  # none, llama3; null: the flavor's (1b and 3b use llama3, factor 32)
+    factor: float | None = None  # how much longer the context is than in pre-training (Llama-3.1: 8)
+    low_freq_factor: float | None = None  # wavelengths above original_max_seq_len / this are divided by factor (1)
+    high_freq_factor: float | None = None  # wavelengths below original_max_seq_len / this are kept (4)
+    original_max_seq_len: int | None = None  # the context the base frequencies were trained for (8192)
+
+
 @dataclass
 class ModelConfig:
     name: str = "llama"  # model family; only "llama" today
@@ -109,6 +125,8 @@ class ModelConfig:
     ffn_hidden_dim: int | None = None  # SwiGLU hidden size; null: the flavor's rule (multiple_of, multiplier)
     norm_eps: float | None = None  # RMSNorm epsilon
     rope_theta: float | None = None  # RoPE base
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+
 
 
 @dataclass
@@ -440,10 +458,26 @@ def model_args_of(cfg: DictConfig):
 
     if cfg.model.flavor not in FLAVORS:
         raise ConfigError(f"model.flavor={cfg.model.flavor}: unknown flavor; known: {', '.join(FLAVORS)}")
+    from dataclasses import replace
+
+    from models.llama import RopeScaling
+
     m = cfg.model
-    return model_args(m.flavor, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+    args = model_args(m.flavor, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                       vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
                       ffn_hidden_dim=m.ffn_hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
+    r = m.rope_scaling
+    kind = None if r.type is None else str(r.type)
+    if kind == "none":
+        return replace(args, rope_scaling=None)
+    if kind == "llama3" or (kind is None and args.rope_scaling is not None):
+        base = args.rope_scaling or RopeScaling()
+        values = {k: getattr(r, k) for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")}
+        return replace(args, rope_scaling=replace(base, **{k: v for k, v in values.items() if v is not None}))
+    if any(getattr(r, k) is not None for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")):
+        raise ConfigError(f"model.rope_scaling.* values are set but the flavor {m.flavor} has no RoPE scaling; "
+                          f"set model.rope_scaling.type=llama3 as well")
+    return args
 
 
 @dataclass(frozen=True)
@@ -762,6 +796,14 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                         f"synchronously; set checkpoint.async_save=false")
     if c.init_from is not None and not Path(c.init_from).exists():
         problems.append(f"checkpoint.init_from={c.init_from}: no such file or directory")
+    elif c.init_from is not None:
+        from models.hf import init_from_problems, source_shapes
+
+        try:
+            source_args, shapes = source_shapes(Path(c.init_from))
+            problems += init_from_problems(cfg, Path(c.init_from), source_args, shapes)
+        except ValueError as e:
+            problems.append(f"checkpoint.init_from={c.init_from}: {e}")
     if str(cfg.numerics.on_nonfinite) == "skip" and zero:
         problems.append(f"numerics.on_nonfinite=skip with parallel.data={p.data}: DeepSpeed's engine applies the "
                         f"update itself; use numerics.on_nonfinite=raise (DeepSpeed skips fp16 overflows on its own)")
