@@ -19,23 +19,24 @@ _RANK = int(os.environ.get("RANK", "0"))
 
 
 def _refuse(message: str, code: int = 2) -> int:
-    """One message for a run that must not start, from rank 0 only; under torchrun it is also what the agent
-    reports as the root cause (its error file), and the other ranks leave a moment later, so that rank 0's
-    failure is the first the agent observes."""
+    """One message for a run that must not start, from rank 0 only. Under torchrun it goes into the agent's
+    error file, and the agent prints it (once) as the job's root cause; the other ranks leave a moment later,
+    so that rank 0's failure is the first the agent observes."""
     if _RANK == 0:
-        print(f"shardwise: {message}", file=sys.stderr, flush=True)
-        _write_error_file(f"shardwise: {message}")
+        if not _write_error_file(f"shardwise: {message}"):
+            print(f"shardwise: {message}", file=sys.stderr, flush=True)
     elif env_world_size() > 1:
         time.sleep(3.0)
     return code
 
 
-def _write_error_file(message: str) -> None:
+def _write_error_file(message: str) -> bool:
     """torchrun's error file (TORCHELASTIC_ERROR_FILE): the agent prints its message as the root cause."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         with open(path, "w") as f:
             json.dump({"message": message, "timestamp": int(time.time())}, f)
+    return bool(path)
 
 
 def _fail_fast() -> None:

@@ -19,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -345,7 +346,7 @@ def help_text(section: str | None = None) -> str:
             walk(typing.get_type_hints(Config)[name], f"{name}.", getattr(default, name))
         else:
             tp = typing.get_type_hints(Config)[name]
-            lines.append(f"{name}  ({getattr(tp, '__name__', tp)}, default {json.dumps(getattr(default, name))})")
+            lines.append(f"  {name}  ({getattr(tp, '__name__', tp)}, default {json.dumps(getattr(default, name))})")
             if _comments(Config).get(name):
                 lines.append(f"      {_comments(Config)[name]}")
     head = [usage(), "", "Keys (set any with key=value; `--help SECTION` shows one section):", ""]
@@ -387,8 +388,15 @@ def _recipe_chain(name: str, seen: tuple[str, ...] = ()) -> list[dict]:
     path = _recipe_path(name)
     if str(path) in seen:
         raise ConfigError(f"recipe={name}: 'base' chain loops: {' -> '.join(seen + (str(path),))}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {path}: not valid YAML{at}: {what}; fix the file (recipes are YAML mappings of "
+                          f"the keys `--help` lists)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -586,12 +594,28 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _deepspeed_cpu_fp16() -> bool:
+    """DeepSpeed's own answer: does its CPU accelerator accept fp16 here?"""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    return bool(CPU_Accelerator().is_fp16_supported())
+
+
 def _writable_dir(path: Path) -> bool:
-    """Whether `path` exists as a writable directory or could be created."""
+    """Whether `path` exists as a writable directory or could be created. Tried for real (a temporary
+    directory made and removed at once): permission bits say yes to root even under /proc."""
+    import tempfile
+
     p = path.expanduser().absolute()
     while not p.exists():
         p = p.parent
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+    if not p.is_dir():
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".shardwise-probe-", dir=p))
+    except OSError:
+        return False
+    return True
 
 
 def validate(cfg: DictConfig, world_size: int) -> list[str]:
@@ -626,6 +650,13 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                         f"raise model.max_seq_len or shorten the sequences")
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append(f"training.device={t.device} must be one of auto, cpu, cuda")
+    import torch
+
+    on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    if t.device == "cuda" and not torch.cuda.is_available():
+        problems.append(f"training.device=cuda, but this machine has no CUDA device this torch can use (torch "
+                        f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use training.device=auto "
+                        f"or cpu")
     # parallel layout
     p = cfg.parallel
     dims, layout_problems = parallel_dims(cfg, max(world_size, 1))
@@ -681,6 +712,10 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
         if not _installed("deepspeed"):
             problems.append(f"parallel.data={p.data} needs DeepSpeed, which is not installed: "
                             f"pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 skips prebuilding its ops)")
+        elif t.precision == Precision.fp16 and on_cpu and not _deepspeed_cpu_fp16():
+            problems.append(f"training.precision=fp16 with parallel.data={p.data} on the CPU: DeepSpeed's CPU "
+                            f"accelerator runs fp16 only where oneDNN has fp16 kernels (CPUs with AVX512-FP16), and "
+                            f"this one has none; use training.precision=bf16 or fp32 on this machine")
         if o.name == "adafactor":
             problems.append(
                 f"optim.name=adafactor with parallel.data={p.data} is refused: DeepSpeed hands the optimizer flat fp32 "
@@ -743,7 +778,9 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     if o.eps <= 0:
         problems.append(f"optim.eps={o.eps} must be > 0")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:
-        problems.append(f"optim.warmup_steps({o.warmup_steps}) must be in [0, training.steps({t.steps})]")
+        problems.append(f"optim.warmup_steps({o.warmup_steps}) must be in [0, training.steps({t.steps})]: set "
+                        f"optim.warmup_steps={max(0, min(t.steps, o.warmup_steps))} or less (a short run: "
+                        f"optim.warmup_steps=0), or raise training.steps")
     if not 0 <= o.min_lr_ratio <= 1:
         problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     if not 0 < o.decay_fraction <= 1:
@@ -767,7 +804,20 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                     problems.append(f"data.path={d.path}: missing {', '.join(missing)}; "
                                     f"rebuild it with launch/prepare_data.py")
                 else:
-                    vocab = json.loads((root / "meta.json").read_text()).get("vocab_size", 0)
+                    try:
+                        meta = json.loads((root / "meta.json").read_text())
+                        itemsize = np.dtype(meta["dtype"]).itemsize
+                    except (ValueError, KeyError, TypeError) as e:
+                        meta, itemsize = {}, 0
+                        problems.append(f"data.path={d.path}: meta.json is unreadable ({type(e).__name__}: {e}); "
+                                        f"rebuild it with launch/prepare_data.py")
+                    for split in ("train", "val") if itemsize else ():
+                        n = (root / f"{split}.bin").stat().st_size // itemsize
+                        if n < t.seq_len + 1:
+                            problems.append(f"data.path={d.path}: {split}.bin has {n} tokens, fewer than one sequence "
+                                            f"of training.seq_len + 1 = {t.seq_len + 1}; lower training.seq_len or "
+                                            f"give launch/prepare_data.py more text")
+                    vocab = meta.get("vocab_size", 0)
                     if vocab > args.vocab_size:
                         problems.append(f"the tokenizer of data.path has vocab_size {vocab} > model vocab_size "
                                         f"{args.vocab_size}; set model.vocab_size={vocab} or larger")

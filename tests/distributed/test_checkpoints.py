@@ -266,33 +266,110 @@ def one_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing_shard", "shard __1_0.distcp is missing"),
-    ("truncated_metadata", ".metadata is truncated or corrupt"),
-    ("truncated_shard", "shard __0_0.distcp is truncated"),
-    ("other_model", "was written for another model shape"),
+    ("missing_shard", "__1_0.distcp is missing"),
+    ("truncated_metadata", ".metadata is 100 bytes"),
+    ("zeroed_shard", "__0_0.distcp has other bytes than when saved (sha256 differs)"),
+    ("other_model", "another model shape (model.n_layers: 4 in the checkpoint, 2 here)"),
 ])
-def test_damaged_checkpoints_are_refused_whole(damage, message, one_checkpoint, tmp_path):
+def test_a_damaged_only_checkpoint_is_refused_and_nothing_is_written(damage, message, one_checkpoint, tmp_path):
+    """With no older checkpoint to fall back to, a damaged one stops the run before anything is loaded or
+    written: one message from rank 0, the same config.yaml, no TensorBoard file, metrics untouched."""
     run = tmp_path / "run"
     shutil.copytree(one_checkpoint, run)
     step = run / "checkpoints" / "step-2"
-    args = [*TINY, "parallel.data=fsdp", "training.steps=4", f"run_dir={run}"]
+    args = [*TINY, "parallel.data=fsdp", "training.steps=4", "logging.tensorboard=true", f"run_dir={run}"]
     if damage == "missing_shard":
         (step / "__1_0.distcp").unlink()
     elif damage == "truncated_metadata":
         meta = step / ".metadata"
         meta.write_bytes(meta.read_bytes()[:100])
-    elif damage == "truncated_shard":
-        shard = step / "__0_0.distcp"
-        shard.write_bytes(shard.read_bytes()[:1000])
+    elif damage == "zeroed_shard":
+        _zero_64k(step / "__0_0.distcp")
     else:
         args = [*args, "model.n_layers=2"]
-    before = (run / "metrics.jsonl").read_text()
+    before = {f: (run / f).read_bytes() for f in ("metrics.jsonl", "config.yaml")}
     proc = run_train(args, nproc=2, check=False)
     assert proc.returncode != 0  # each rank exits 2; torchrun reports the failure as 1
     assert "exitcode  : 2" in proc.stdout + proc.stderr
-    assert proc.stderr.count(f"shardwise: checkpoint") == 1 and message in proc.stderr  # one message, from rank 0
-    assert (run / "metrics.jsonl").read_text() == before  # nothing trained, nothing logged
-    assert json.loads((step / "train_state.json").read_text())["step"] == 2
+    assert proc.stderr.count("shardwise: checkpoint") == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert {f: (run / f).read_bytes() for f in before} == before  # nothing trained, logged or rewritten
+    assert not (run / "tensorboard").exists()
+    assert step.is_dir() and not list(run.glob("checkpoints/*.damaged*"))  # nothing moved without a fallback
+
+
+def _zero_64k(f: Path) -> None:
+    """64 KiB of zeros inside the file, its size unchanged."""
+    data = bytearray(f.read_bytes())
+    assert len(data) > 200_000
+    data[100_000:100_000 + 65536] = bytes(65536)
+    f.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ckpt2") / "run"
+    run_train([*TINY, "parallel.data=fsdp", f"run_dir={run}"], nproc=2)  # step-2 and step-4
+    return run
+
+
+@pytest.mark.parametrize("damage", ["zeroed_shard", "truncated_trainer_state"])
+def test_a_damaged_newest_checkpoint_falls_back_and_is_kept_aside(damage, two_checkpoints, straight, tmp_path):
+    args = [*TINY, "parallel.data=fsdp", "training.steps=6"]
+    want = losses(straight(2, args))
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    step4 = run / "checkpoints" / "step-4"
+    if damage == "zeroed_shard":
+        _zero_64k(step4 / "__0_0.distcp")
+        problem = "__0_0.distcp has other bytes than when saved"
+    else:
+        f = step4 / "trainer-state.pt"
+        f.write_bytes(f.read_bytes()[:200])
+        problem = "trainer-state.pt is 200 bytes"
+    proc = run_train([*args, f"run_dir={run}"], nproc=2)
+    assert "Traceback" not in proc.stderr
+    assert "WARNING: checkpoint step-4 is DAMAGED" in proc.stdout and problem in proc.stdout
+    assert "moved it aside to step-4.damaged" in proc.stdout and "at step 2" in proc.stdout
+    kept = run / "checkpoints" / "step-4.damaged"
+    assert kept.is_dir() and (kept / "__0_0.distcp").is_file()  # kept whole, never deleted
+    events = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "checkpoint_damaged"]
+    assert len(events) == 1 and events[0]["checkpoint"] == "step-4" and events[0]["resumed_from"] == "step-2"
+    assert any(problem in p for p in events[0]["problems"])
+    got = losses(run)
+    assert {k: got[k] for k in (3, 4, 5, 6)} == {k: want[k] for k in (3, 4, 5, 6)}  # retrained, bitwise
+    assert (run / "checkpoints" / "latest").read_text() == "step-6"
+
+
+def test_on_damaged_fail_stops_and_the_converter_refuses_damage(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    step4 = run / "checkpoints" / "step-4"
+    _zero_64k(step4 / "__1_0.distcp")
+    proc = run_train([*TINY, "parallel.data=fsdp", "training.steps=6", "checkpoint.on_damaged=fail",
+                      f"run_dir={run}"], nproc=2, check=False)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
+    assert "checkpoint damaged, refusing to load it (checkpoint.on_damaged=fail): step-4: __1_0.distcp" in proc.stderr
+    assert step4.is_dir() and not (run / "checkpoints" / "step-4.damaged").exists()
+    conv = subprocess.run([sys.executable, str(REPO / "launch" / "convert_checkpoint.py"), str(step4), "--out",
+                           str(tmp_path / "w.safetensors")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert conv.returncode == 2 and "is damaged (__1_0.distcp has other bytes" in conv.stderr
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize("pointer", ["stale", "missing"])
+def test_a_stale_or_missing_latest_pointer_is_reported(pointer, two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    latest = run / "checkpoints" / "latest"
+    if pointer == "stale":
+        latest.write_text("step-2")
+    else:
+        latest.unlink()
+    proc = run_train([*TINY, "parallel.data=fsdp", "training.steps=5", f"run_dir={run}"], nproc=2)
+    note = "names 'step-2', which is not the newest complete checkpoint (step-4)" if pointer == "stale" else \
+        "latest is missing; using the newest complete checkpoint step-4"
+    assert note in proc.stdout and "at step 4" in proc.stdout
+    assert any(r.get("event") == "checkpoint_pointer" for r in read_jsonl(run / "metrics.jsonl"))
 
 
 def _val_losses(run_dir: Path) -> dict[int, float]:

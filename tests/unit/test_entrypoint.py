@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from helpers import run_train
+from helpers import REPO, run_train
 
 
 def test_dry_run_8b_prints_the_plan_without_allocating():
@@ -66,14 +66,98 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
      "training.global_batch_size(10) must be divisible by training.micro_batch_size(4) * dp(1) = 4: 10 % 4 = 2"),
     (["optim.lr=-0.1"], "optim.lr=-0.1 must be > 0"),
     (["training.stpes=5"], "Did you mean: 'steps'"),
+    (["training.steps=2"], "optim.warmup_steps(40) must be in [0, training.steps(2)]: set optim.warmup_steps=2 or "
+                           "less (a short run: optim.warmup_steps=0)"),
+    (["data.source=tokens", "data.path={short}"], "val.bin has 10 tokens, fewer than one sequence of "
+                                                  "training.seq_len + 1 = 129"),
+    (["recipe={broken}"], "broken.yaml: not valid YAML at line 3, column 1: expected ',' or '}'"),
+    (["checkpoint.init_from=/etc/hostname"], "/etc/hostname is not an HF model directory"),
+    (["checkpoint.init_from={other_shape}"], "shape(s) differ: layers.0.attention.wk.weight"),
+    (["parallel.data=zero2", "training.precision=fp16", "training.device=cpu"],
+     "training.precision=fp16 with parallel.data=zero2 on the CPU: DeepSpeed's CPU accelerator runs fp16 only"),
 ])
 def test_bad_input_never_starts_training(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
+    overrides = [o.format(short=_short_tokens(tmp_path), broken=_broken_recipe(tmp_path),
+                          other_shape=_other_shape(tmp_path)) for o in overrides]
     proc = run_train(["recipe=llama_debug", f"run_dir={run_dir}", *overrides], check=False, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert proc.stderr.count("invalid config") == 1 and "Traceback" not in proc.stderr
     assert not run_dir.exists(), "a rejected run wrote to its run directory"
+
+
+def _short_tokens(tmp_path):
+    import numpy as np
+
+    d = tmp_path / "short"
+    d.mkdir(exist_ok=True)
+    (d / "meta.json").write_text('{"vocab_size": 4096, "dtype": "uint16"}')
+    np.zeros(10_000, dtype=np.uint16).tofile(d / "train.bin")
+    np.zeros(10, dtype=np.uint16).tofile(d / "val.bin")
+    return d
+
+
+def _broken_recipe(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("base: llama_debug\ntraining: {steps: 5\n")
+    return f
+
+
+def _other_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    from models.llama import build_model, model_args
+
+    f = tmp_path / "other.safetensors"
+    if not f.exists():
+        m = build_model(model_args("debug", n_kv_heads=8), device="cpu")
+        m.init_weights(0)
+        save_file({k: v for k, v in m.state_dict().items() if "rope" not in k}, str(f))
+    return f
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.device=cuda"], "training.device=cuda, but this machine has no CUDA device"),
+    (["run_dir=/proc/shardwise-run"], "run_dir=/proc/shardwise-run: cannot create or write there"),
+])
+def test_bad_machine_settings_never_start_training(overrides, message):
+    import torch
+
+    if "training.device=cuda" in overrides and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_train(["recipe=llama_debug", *overrides], check=False, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_help_lists_every_key_with_type_default_and_comment():
+    from dataclasses import fields, is_dataclass
+    import typing
+
+    from trainer.config import Config
+
+    def keys(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if is_dataclass(hints[f.name]):
+                yield from keys(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    proc = run_train(["--help"], check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed = {ln.split()[0] for ln in proc.stdout.splitlines() if ln.startswith(" ") and "(" in ln and "default" in ln}
+    missing = [k for k in keys(Config) if k not in listed]
+    assert not missing, f"--help does not list {missing}"
+    assert "  training.steps  (int, default 200)\n      optimizer steps" in proc.stdout
+    assert "fp16       fp32 master weights, fp16 compute with a dynamic loss scaler" in proc.stdout
+    one = run_train(["--help", "checkpoint"], check=False, timeout=60)
+    assert one.returncode == 0 and "checkpoint.on_damaged" in one.stdout and "training.steps" not in one.stdout
+    bad = run_train(["--help", "trainin"], check=False, timeout=60)
+    assert bad.returncode == 2 and "did you mean training?" in bad.stderr
+    bare = run_train([], check=False, timeout=60)
+    assert bare.returncode == 2 and "usage: python launch/train.py recipe=NAME" in bare.stderr
+    assert "step" not in bare.stdout
 
 
 def test_missing_token_file(tmp_path):
@@ -91,7 +175,10 @@ def test_bad_input_under_torchrun_stops_every_rank_before_the_process_group(tmp_
     assert proc.returncode != 0
     assert "training.global_batch_size(6) must be divisible by training.micro_batch_size(4) * dp(2) = 8" in proc.stderr
     assert proc.stderr.count("invalid config") == 1  # one message, from rank 0
-    assert "exitcode  : 2" in proc.stderr  # both workers exited with the config-error code, no crash
+    # ... which torchrun reports as the root cause (rank 0's error file), with the config-error exit code
+    root = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert "rank      : 0" in root and "exitcode  : 2" in root
+    assert "traceback : shardwise: invalid config (1 problem):" in root
     assert 'train.py", line' not in proc.stderr  # no traceback from inside the trainer
 
 
