@@ -8,6 +8,7 @@ import json
 import math
 import re
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -282,7 +283,9 @@ class Trainer:
                 self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=grad_norm.device)
             bad = ~torch.isfinite(grad_norm) & (self._first_nonfinite < 0)
             self._first_nonfinite.masked_fill_(bad, self.step + 1)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step never called optimizer.step(): expected, not an error
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
         return grad_norm
 
     def check_finite(self) -> None:

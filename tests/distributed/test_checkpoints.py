@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -432,3 +434,45 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     assert ids == {saved}, (ids, saved)
     second = wandb_history(read_wandb_records(next(runs[1].glob("*.wandb"))))
     assert sorted(r["train/step"] for r in second if "train/loss" in r) == [3, 4]
+    # metrics.jsonl marks where each run starts and ends, so the two runs in one run_dir stay apart
+    marks = [(r["event"], r["step"]) for r in read_jsonl(run / "metrics.jsonl") if "event" in r]
+    assert marks == [("start", 0), ("end", 2), ("start", 2), ("end", 4)], marks
+    starts = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "start"]
+    assert starts[0]["resumed_from"] is None and starts[1]["resumed_from"].endswith("step-2")
+
+
+def test_two_jobs_cannot_share_a_run_dir_and_workers_die_with_their_agent(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "parallel.data=fsdp", "training.steps=100000", "checkpoint.every=0", f"run_dir={run}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "launch" / "train.py"), *args]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").is_file() and len(losses(run)) >= 2):
+            assert time.monotonic() < deadline and first.poll() is None, "the first job never trained"
+            time.sleep(0.05)
+        workers = _worker_pids(first)
+        assert sorted(workers) == [0, 1]
+        # a second job on the same run_dir is refused while the first trains, and writes nothing
+        before = (run / "config.yaml").read_bytes()
+        second = run_train([*TINY, "parallel.data=fsdp", "training.steps=3", f"run_dir={run}"], nproc=2, check=False)
+        assert second.returncode != 0 and "exitcode  : 2" in second.stderr
+        assert f"is in use by another shardwise run (pid {workers[0]} on" in second.stderr
+        assert (run / "config.yaml").read_bytes() == before
+        # SIGKILL to the first agent's process group: its workers (sessions of their own) stop as well
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+                  for pid in workers.values()):
+            assert time.monotonic() < deadline, "workers kept training after their agent died"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    # the killed run's lock is stale: the next run takes it over and says so
+    proc = run_train([*TINY, "parallel.data=fsdp", "training.steps=3", f"run_dir={run}"], nproc=2)
+    assert f"took over the lock of {run}" in proc.stdout and f"pid {workers[0]}" in proc.stdout
+    assert (run / ".shardwise.lock").read_text() == ""  # released cleanly at the end

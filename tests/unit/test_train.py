@@ -83,12 +83,23 @@ def test_schedule_reaches_the_optimizer(tmp_path):
 def test_quickstart_run_writes_every_artifact_and_learns(tmp_path, cache_dir):
     """The real entry point on the default dataset: config, JSONL, TensorBoard, W&B offline; loss falls."""
     run_dir = tmp_path / "run"
-    run_train(["recipe=llama_debug", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "training.steps=60",
-               "optim.warmup_steps=10", "training.val_every=30", "logging.every=10", "logging.wandb.mode=offline"])
+    proc = run_train(["recipe=llama_debug", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "training.steps=60",
+                      "optim.warmup_steps=10", "training.val_every=30", "logging.every=10", "logging.wandb.mode=offline"])
+    # the start-up banner: what runs, as resolved, and the end-of-run summary
+    assert "shardwise: model llama debug: 5,0" in proc.stdout and "strategy none; precision bf16; world 1" in proc.stdout
+    assert "shardwise: layout pp 1 x dp_replicate 1 x dp_shard 1 x tp 1; global batch 16 = micro-batch 8 x " \
+           "accumulation 2 x dp 1" in proc.stdout
+    assert "shardwise: predicted model states per rank" in proc.stdout
+    assert "shardwise: done: 60 steps (to step 60), 122,880 tokens in " in proc.stdout
+    assert "last checkpoint none" in proc.stdout
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["training"]["steps"] == 60 and saved["run_dir"] == str(run_dir)
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert rows[0]["event"] == "start" and rows[0]["step"] == 0 and rows[0]["resumed_from"] is None
+    end = rows[-1]
+    assert end["event"] == "end" and end["steps_this_run"] == 60 and end["tokens_this_run"] == 60 * 16 * 128
+    assert end["final_loss"] == [r for r in rows if "train/loss" in r][-1]["train/loss"] and end["wall_time_s"] > 0
     train = [r for r in rows if "train/loss" in r]
     val = [r for r in rows if "val/loss" in r]
     assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
@@ -130,3 +141,43 @@ def test_secrets_never_reach_wandb(tmp_path):
     cfg = {"logging": {"wandb": {"api_key": "s3cret", "project": "p"}}, "hf_token": "x", "lr": 1}
     assert strip_secrets(cfg) == {"logging": {"wandb": {"project": "p"}}, "lr": 1}
     assert "s3cret" not in json.dumps(strip_secrets(cfg))
+
+
+def test_train_lr_is_the_schedule_base_lr_and_each_multiplier_rule_is_logged(tmp_path):
+    """Group 0 is the scaled embedding group here: train/lr must still be optim.lr x schedule."""
+    from optim.schedule import lr_multiplier
+
+    rules = tmp_path / "r.yaml"
+    rules.write_text("base: llama_debug\noptim:\n  lr_multipliers:\n    - {pattern: 'tok_embeddings.*', scale: 0.1}\n")
+    cfg = load_config([f"recipe={rules}", f"run_dir={tmp_path / 'run'}", *TINY, "training.steps=4",
+                       "optim.warmup_steps=2", "optim.lr=1e-3", "logging.every=1", "training.global_batch_size=4",
+                       "training.micro_batch_size=4"])
+    trainer = Trainer(cfg, check(cfg, 1))
+    assert trainer.optimizer.param_groups[0]["lr"] != cfg.optim.lr  # the trap: group 0 is not the base
+    history = [r for r in trainer.train() if "train/lr" in r]
+    trainer.close()
+    fn = lr_multiplier("cosine", steps=4, warmup=2, min_ratio=0.1, decay_fraction=0.2)
+    for r in history:
+        assert r["train/lr"] == pytest.approx(1e-3 * fn(r["step"] - 1), rel=1e-12)
+        assert r["train/lr/tok_embeddings._"] == pytest.approx(0.1 * r["train/lr"], rel=1e-12)
+
+
+def test_start_banner_names_the_layout_and_warns_when_a_strategy_degenerates():
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    def dry(recipe, world):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), f"recipe={recipe}", "dry_run=true"],
+                              capture_output=True, text=True, timeout=120, cwd=REPO,
+                              env={**os.environ, "WORLD_SIZE": str(world)})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "warning               parallel.data=hsdp with dp_shard 1 shards nothing: 2 full replicas" in dry(
+        "llama_debug_hsdp", 2)
+    assert "warning" not in dry("llama_debug_hsdp", 4)
+    assert "warning               parallel.data=fsdp with dp_shard 1 shards nothing" in dry("llama_debug_3d", 4)
+    assert "layout                dp_replicate 1 x dp_shard 2 x tp 2 x pp 2" in dry("llama_debug_3d", 8)
