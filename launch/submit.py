@@ -66,12 +66,20 @@ def render(*, overrides: list[str], nodes: int, procs_per_node: int, gpus: bool,
     return text
 
 
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
+                         r"|UNLIMITED|INFINITE)$")
+
+
 def check_request(overrides: list[str], *, nodes: int, procs_per_node: int, partition: str | None,
-                  run_dir: str | None, gpus: bool) -> None:
-    """Refuse what would fail on the cluster, before anything is queued; every problem at once."""
+                  run_dir: str | None, gpus: bool, time: str = "24:00:00", dry_run: bool = False) -> list[str]:
+    """Refuse what would fail on the cluster, before anything is queued; every problem at once. Returns
+    notes (what a dry run could not check here)."""
     from trainer.config import ConfigError, check, load_config
 
-    problems = []
+    problems, notes = [], []
+    if not _SLURM_TIME.match(time):
+        problems.append(f"--time {time}: not a SLURM time limit; write minutes (90), HH:MM:SS (25:00:00) or "
+                        f"D-HH:MM:SS (1-01:00:00)")
     world = nodes * procs_per_node
     try:
         cfg = load_config([*overrides, *(["training.device=cpu"] if not gpus else []),
@@ -80,7 +88,10 @@ def check_request(overrides: list[str], *, nodes: int, procs_per_node: int, part
     except ConfigError as e:
         problems += [f"{nodes} node(s) x {procs_per_node} rank(s) = world {world}: {p}" for p in e.problems]
     if partition is not None:
-        if shutil.which("sinfo") is None:
+        if shutil.which("sinfo") is None and dry_run:
+            notes.append(f"--partition {partition}: not checked (sinfo not found: this machine is not a SLURM "
+                         f"submit host)")
+        elif shutil.which("sinfo") is None:
             problems.append(f"--partition {partition}: sinfo not found, this machine is not a SLURM submit host")
         else:
             out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
@@ -96,6 +107,7 @@ def check_request(overrides: list[str], *, nodes: int, procs_per_node: int, part
                             f"another --run-dir")
     if problems:
         raise SubmitError("\n".join(f"  - {p}" for p in problems))
+    return notes
 
 
 def main(argv: list[str]) -> int:
@@ -128,11 +140,13 @@ def main(argv: list[str]) -> int:
     if recipe is None:
         ap.error("name a recipe: recipe=NAME")
     try:
-        check_request(a.overrides, nodes=a.nodes, procs_per_node=per_node, partition=a.partition,
-                      run_dir=a.run_dir, gpus=not a.cpu)
+        notes = check_request(a.overrides, nodes=a.nodes, procs_per_node=per_node, partition=a.partition,
+                              run_dir=a.run_dir, gpus=not a.cpu, time=a.time, dry_run=a.dry_run)
     except SubmitError as e:
         print(f"submit: refused, nothing was queued:\n{e}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"submit: note: {note}", file=sys.stderr)
     overrides = [*a.overrides, *(["training.device=cpu"] if a.cpu else [])]
     script = render(overrides=overrides, nodes=a.nodes, procs_per_node=per_node, gpus=not a.cpu,
                     partition=a.partition, account=a.account, time=a.time, job_name=a.job_name or Path(recipe).stem,

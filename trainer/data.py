@@ -58,8 +58,10 @@ def stdlib_documents(max_bytes: int) -> Iterator[tuple[str, str]]:
         yield str(path.relative_to(root)), text
 
 
-def text_documents(paths: Iterable[str | Path]) -> Iterator[tuple[str, str]]:
-    """(path, text) for files and (recursively) the files in directories, sorted."""
+def text_documents(paths: Iterable[str | Path], undecodable: list | None = None) -> Iterator[tuple[str, str]]:
+    """(path, text) for files and (recursively) the files in directories, sorted. Bytes that are not UTF-8
+    become U+FFFD, and each such file is appended to `undecodable` as (path, count) for the caller to report.
+    Raises ValueError when there is no file at all."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -68,8 +70,17 @@ def text_documents(paths: Iterable[str | Path]) -> Iterator[tuple[str, str]]:
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
+    if not files:
+        raise ValueError(f"no text files in {', '.join(map(str, paths))}")
     for f in files:
-        yield str(f), f.read_text(encoding="utf-8", errors="replace")
+        data = f.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = data.decode("utf-8", errors="replace")
+            if undecodable is not None:
+                undecodable.append((str(f), text.count("\ufffd") - data.count("\ufffd".encode())))
+        yield str(f), text
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):

@@ -132,6 +132,7 @@ def test_two_torchrun_agents_as_two_nodes_match_one_agent(tmp_path):
      "1 node(s) x 3 rank(s) = world 3"),
     (["--nodes", "1", "--cpu", "--procs-per-node", "2", "--partition", "no-such-partition"], "no-such-partition"),
     (["--nodes", "1", "--cpu", "--procs-per-node", "2", "--run-dir", "/etc/hostname/run"], "not writable"),  # under a file
+    (["--nodes", "1", "--cpu", "--procs-per-node", "2", "--time", "25h"], "--time 25h: not a SLURM time limit"),
 ])
 def test_submit_refuses_bad_requests_before_queueing(extra, message):
     before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout if shutil.which("squeue") else ""
@@ -140,3 +141,13 @@ def test_submit_refuses_bad_requests_before_queueing(extra, message):
     assert proc.returncode == 2 and "refused, nothing was queued" in proc.stderr and message in proc.stderr, proc.stderr
     if shutil.which("squeue"):
         assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+
+
+def test_submit_dry_run_without_slurm_notes_the_partition_instead_of_refusing(tmp_path):
+    """On a laptop (no sinfo on PATH) a dry run prints the script and says what it could not check."""
+    proc = subprocess.run([*SUBMIT, "recipe=llama_debug_fsdp", "--cpu", "--procs-per-node", "2", "--partition", "gpu",
+                           "--time", "1-01:30:00", "--dry-run"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "PATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --partition=gpu" in proc.stdout and "#SBATCH --time=1-01:30:00" in proc.stdout
+    assert "note: --partition gpu: not checked (sinfo not found" in proc.stderr

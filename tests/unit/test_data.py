@@ -154,3 +154,15 @@ def test_prepare_data_cli(tmp_path):
                            str(out / "tokenizer.json"), "--out", str(tmp_path / "y"), "--no-progress",
                            str(corpus / "f1.txt")], capture_output=True, text=True, timeout=60)
     assert tiny.returncode == 2 and "give more documents or change val_fraction" in tiny.stderr
+    # files that are not UTF-8 are reported by name (their bad bytes become U+FFFD), an empty folder is named
+    (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 20)
+    mixed = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--tokenizer",
+                            str(out / "tokenizer.json"), "--out", str(tmp_path / "z"), "--val-fraction", "0.2",
+                            "--no-progress", str(corpus)], capture_output=True, text=True, timeout=120)
+    assert mixed.returncode == 0, mixed.stderr
+    assert "note: 1 file(s) are not valid UTF-8" in mixed.stderr and "latin1.txt (40 byte sequences)" in mixed.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--train-tokenizer", "260",
+                           "--out", str(tmp_path / "e"), str(empty)], capture_output=True, text=True, timeout=60)
+    assert none.returncode == 2 and f"no text files in {empty}" in none.stderr and "split left" not in none.stderr
