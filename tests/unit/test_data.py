@@ -166,3 +166,16 @@ def test_prepare_data_cli(tmp_path):
     none = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--train-tokenizer", "260",
                            "--out", str(tmp_path / "e"), str(empty)], capture_output=True, text=True, timeout=60)
     assert none.returncode == 2 and f"no text files in {empty}" in none.stderr and "split left" not in none.stderr
+
+
+def test_checkpoint_checksum_benchmark_runs(tmp_path):
+    """launch/bench_checkpoint.py (docs/checkpoints.md), shrunk to 16 MB."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "bench_checkpoint.py"), "--size-mb", "16", "--dir",
+                           str(tmp_path / "c"), "--repeats", "1", "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads((tmp_path / "r.json").read_text())[0]
+    assert row["bytes"] >= 16 * 2**20 and row["seal_s"] > 0 and row["verify_s"] > 0
+    assert "seal / write" in proc.stdout
