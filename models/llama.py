@@ -186,8 +186,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H or Hkv, T, hd)
-        # SDPA picks the flash / cuDNN / memory-efficient kernel; enable_gqa shares each kv head
-        # among H/Hkv query heads without materializing the repeats.
+        # enable_gqa shares each kv head among H/Hkv query heads without materializing the repeats.
+        # With grouped kv heads SDPA can only pick its flash kernel (on CUDA and CPU) or the math
+        # fallback: the cuDNN and memory-efficient kernels need the kv heads expanded first.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
         return self.wo(y)
