@@ -1,0 +1,113 @@
+"""Every `launch/train.py` command that README.md and docs/ show, run as a user would (shrunk to a few steps).
+
+Commands are read from the fenced code blocks themselves, so a command added to the docs is run here the
+next time the suite runs. Debug-sized recipes train for real under torchrun with their rank count (3 steps,
+validation at step 0, 1, 2, 3: every pipeline schedule's validation path included); GPU-sized recipes, and
+multi-node lines written with `...`, run their dry run at the world size they are shown with. The other
+documented commands (convert, prepare_data, submit, bench) are run by the tests named in OTHER_COMMANDS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, read_jsonl
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SHRINK = ["training.steps=3", "optim.warmup_steps=1", "training.val_every=1", "training.val_batches=1",
+          "logging.wandb.mode=disabled", "logging.tensorboard=false", "checkpoint.every=0"]
+# documented commands run elsewhere, by the named test
+OTHER_COMMANDS = {
+    "launch/convert_checkpoint.py": "test_checkpoints.py::test_export_to_hf_and_start_other_strategies_from_it",
+    "launch/prepare_data.py": "test_data.py::test_prepare_data_cli",
+    "launch/submit.py": "test_cluster.py",
+    "launch/bench_checkpoint.py": "test_data.py::test_checkpoint_checksum_benchmark_runs",
+    "launch/optimizer_memory.py": "test_lowbit_optim.py",
+    "checkpoint.init_from=hf-model/": "test_checkpoints.py::test_export_to_hf_and_start_other_strategies_from_it",
+    "data.source=tokens data.path=data/mine": "test_data.py::test_prepare_data_cli",
+    "profile.steps=[10,12]": "test_profiling.py",
+    "pip install": ".ci/run (the README's set-up command)",
+}
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    out = []
+    for doc in DOCS:
+        inside = False
+        for line in doc.read_text().splitlines():
+            if line.startswith("```"):
+                inside = not inside
+                continue
+            line = line.split("  #")[0].strip().rstrip("\\").strip()
+            if inside and "launch/train.py" in line and re.match(r"^(python|torchrun)\b", line):
+                out.append((doc.name, line))
+            elif not inside:  # inline: `python launch/train.py ...` in a sentence
+                out += [(doc.name, m) for m in re.findall(r"`((?:python|torchrun) [^`]*launch/train\.py[^`]*)`", line)]
+    return out
+
+
+def plan(line: str) -> tuple[str, int, list[str]]:
+    """('run' | 'dry' | 'other', world size, train.py arguments) for one documented line."""
+    if any(k in line for k in OTHER_COMMANDS):
+        return "other", 1, []
+    toks = [t for t in shlex.split(line.replace("...", "")) if t]
+    nproc = next((int(t.split("=")[1]) for t in toks if t.startswith("--nproc_per_node=")), 1)
+    nnodes = next((int(t.split("=")[1]) for t in toks if t.startswith("--nnodes=")), 1)
+    args = toks[toks.index("launch/train.py") + 1:]
+    recipe = next(a.split("=", 1)[1] for a in args if a.startswith("recipe="))
+    kind = "run" if recipe.startswith("llama_debug") and nnodes == 1 else "dry"
+    return kind, nproc * nnodes, args
+
+
+COMMANDS = sorted({line for _, line in documented_commands()})
+
+
+def test_the_docs_show_commands_and_each_is_understood():
+    assert len(COMMANDS) >= 15
+    for line in COMMANDS:
+        kind, world, args = plan(line)
+        assert kind == "other" or any(a.startswith("recipe=") for a in args), line
+
+
+@pytest.mark.parametrize("line", [c for c in COMMANDS if plan(c)[0] != "other"])
+def test_documented_command_runs(line, tmp_path, cache_dir):
+    kind, world, args = plan(line)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    if kind == "dry":
+        cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args, "dry_run=true"]
+        env["WORLD_SIZE"] = str(world)
+    else:
+        extra = [*SHRINK, f"data.cache_dir={cache_dir}", f"run_dir={run_dir}"]
+        if world == 1:
+            cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args, *extra]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                   str(REPO / "launch" / "train.py"), *args, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
+    assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
+    if kind == "dry":
+        assert f"world size            {world}" in proc.stdout
+        return
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "val/loss" in r] == [0, 1, 2, 3], line  # validation before, during, after
+    assert [r["step"] for r in rows if "train/loss" in r][-1] == 3
+
+
+def test_the_readme_pipeline_command_validates_under_dualpipev_too(tmp_path, cache_dir):
+    """The README's zbv line with the other zero-bubble V schedule (validation crashed in both before)."""
+    line = next(c for c in COMMANDS if "pp_schedule=zbv" in c)
+    _, world, args = plan(line.replace("pp_schedule=zbv", "pp_schedule=dualpipev"))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                           str(REPO / "launch" / "train.py"), *args, *SHRINK, f"data.cache_dir={cache_dir}",
+                           f"run_dir={run_dir}"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in r] == [0, 1, 2, 3]
