@@ -111,3 +111,18 @@ def test_the_readme_pipeline_command_validates_under_dualpipev_too(tmp_path, cac
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in r] == [0, 1, 2, 3]
+
+
+def test_docs_cite_only_files_that_exist():
+    """A repository path named in README.md or docs/ exists (placeholders under run_dir/, runs/, data/ aside),
+    and the docs never point at the developers' notes outside the repository."""
+    missing = []
+    for doc in DOCS:
+        text = doc.read_text()
+        assert "REFERENCES" not in text and "../shared" not in text, f"{doc.name} cites notes outside the repository"
+        for path in re.findall(r"`?((?:[\w.-]+/)+[\w.-]+\.(?:py|md|yaml|sh|sbatch))`?", text):
+            if path.startswith(("run_dir/", "runs/", "data/", "recipes/NAME", "recipes/my_")):
+                continue
+            if not (REPO / path).exists() and not (REPO / "launch" / path).exists():
+                missing.append(f"{doc.name}: {path}")
+    assert not missing, missing
