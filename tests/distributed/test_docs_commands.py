@@ -121,7 +121,7 @@ def test_docs_cite_only_files_that_exist():
         text = doc.read_text()
         assert "REFERENCES" not in text and "../shared" not in text, f"{doc.name} cites notes outside the repository"
         for path in re.findall(r"`?((?:[\w.-]+/)+[\w.-]+\.(?:py|md|yaml|sh|sbatch))`?", text):
-            if path.startswith(("run_dir/", "runs/", "data/", "recipes/NAME", "recipes/my_")):
+            if path.startswith(("run_dir/", "runs/", "data/", "path/", "recipes/NAME", "recipes/my_")):
                 continue
             if not (REPO / path).exists() and not (REPO / "launch" / path).exists():
                 missing.append(f"{doc.name}: {path}")
