@@ -395,7 +395,7 @@ class Checkpointer:
             return path
         self.t.faults.maybe_kill_in_save(step)
         _barrier()  # every rank has finished writing
-        self._finalize(path)
+        self._finalize(path, self.control)  # the manifest's gather on the gloo side group (CPU objects)
         _barrier()
         return path
 

@@ -43,7 +43,6 @@ class Trainer:
         self.world = init_distributed(t.device)
         self.device = self.world.device
         torch.manual_seed(t.seed)
-        self.created = time.time()
         # two gloo groups beside the training one, so that neither interleaves with (or synchronizes) the
         # training collectives: one for the background thread of async checkpoint writes, one for the
         # main thread's votes (preemption, "has the async write finished"). Two threads must never issue
