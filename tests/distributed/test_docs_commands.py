@@ -60,6 +60,8 @@ def plan(line: str) -> tuple[str, int, list[str]]:
     nproc = next((int(t.split("=")[1]) for t in toks if t.startswith("--nproc_per_node=")), 1)
     nnodes = next((int(t.split("=")[1]) for t in toks if t.startswith("--nnodes=")), 1)
     args = toks[toks.index("launch/train.py") + 1:]
+    if args[:1] == ["--help"]:
+        return "help", 1, args
     recipe = next(a.split("=", 1)[1] for a in args if a.startswith("recipe="))
     kind = "run" if recipe.startswith("llama_debug") and nnodes == 1 else "dry"
     return kind, nproc * nnodes, args
@@ -72,7 +74,7 @@ def test_the_docs_show_commands_and_each_is_understood():
     assert len(COMMANDS) >= 15
     for line in COMMANDS:
         kind, world, args = plan(line)
-        assert kind == "other" or any(a.startswith("recipe=") for a in args), line
+        assert kind in ("other", "help") or any(a.startswith("recipe=") for a in args), line
 
 
 @pytest.mark.parametrize("line", [c for c in COMMANDS if plan(c)[0] != "other"])
@@ -80,6 +82,11 @@ def test_documented_command_runs(line, tmp_path, cache_dir):
     kind, world, args = plan(line)
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    if kind == "help":
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], capture_output=True,
+                              text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 0 and f"  {args[1]}." in proc.stdout, proc.stderr
+        return
     if kind == "dry":
         cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args, "dry_run=true"]
         env["WORLD_SIZE"] = str(world)
