@@ -328,5 +328,7 @@ def load_weights(parts, cfg, path: Path) -> None:
     if problems:  # validation checked this before the process group started; the files changed since
         raise ValueError(problems[0])
     module = state_module(parts)
-    shapes = {canonical_name(n) for n, _ in module.named_parameters()}  # this rank's stages only
-    set_model_state_dict(module, {k: sd[k] for k in shapes}, options=StateDictOptions(full_state_dict=True, strict=False))
+    # this rank's stages only, in module order: every rank must visit the names in the same order (the
+    # load distributes each full tensor collectively), so never iterate a set here
+    names = list(dict.fromkeys(canonical_name(n) for n, _ in module.named_parameters()))
+    set_model_state_dict(module, {k: sd[k] for k in names}, options=StateDictOptions(full_state_dict=True, strict=False))

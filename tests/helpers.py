@@ -91,3 +91,8 @@ def run_train(args: list[str], *, nproc: int = 1, timeout: float = 300, env: dic
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def metric_rows(path: Path) -> list[dict]:
+    """The logging-step records of a metrics.jsonl (the `event` records of starts, ends etc. left out)."""
+    return [r for r in read_jsonl(path) if "event" not in r]

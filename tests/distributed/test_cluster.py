@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_jsonl, run_train
+from helpers import REPO, metric_rows, run_train
 
 SUBMIT = [sys.executable, str(REPO / "launch" / "submit.py")]
 SMALL = ["data.source=synthetic", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.vocab_size=256",
@@ -77,7 +77,7 @@ def test_submitted_job_completes_with_a_complete_checkpoint(slurm, tmp_path):
     assert job_field(job, "JobState") == "COMPLETED", log.read_text()[-3000:]
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-12" and (ckpts / "step-12" / "COMPLETE").is_file()
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 13))
+    assert [r["step"] for r in metric_rows(run_dir / "metrics.jsonl")] == list(range(1, 13))
     assert "head localhost" in log.read_text()
 
 
@@ -86,7 +86,7 @@ def test_early_warning_signal_saves_requeues_and_resumes_to_the_same_loss(slurm,
     straight = tmp_path / "straight"
     run_train(["recipe=llama_debug_fsdp", *args, f"run_dir={straight}"], nproc=2)
     job, run_dir, log = submit(tmp_path, args, "preempted")
-    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 5,
+    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(metric_rows(run_dir / "metrics.jsonl")) >= 5,
              180, "step 5")
     # what SLURM does `--signal` seconds before the time limit: SIGUSR1 to the batch shell only
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
@@ -100,8 +100,8 @@ def test_early_warning_signal_saves_requeues_and_resumes_to_the_same_loss(slurm,
     assert f"saved after preemption (step {saved}); requeueing job {job}" in text
     assert f"(restart 1)" in text and f"resumed from {run_dir}/checkpoints/step-{saved} at step {saved}" in text
     assert 5 <= saved < 150
-    rows = {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
-    want = {r["step"]: r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl")}
+    rows = {r["step"]: r["train/loss"] for r in metric_rows(run_dir / "metrics.jsonl")}
+    want = {r["step"]: r["train/loss"] for r in metric_rows(straight / "metrics.jsonl")}
     assert rows[150] == want[150] and rows == want
 
 
@@ -120,8 +120,8 @@ def test_two_torchrun_agents_as_two_nodes_match_one_agent(tmp_path):
     outs = [a.communicate(timeout=300) for a in agents]
     for a, (out, err) in zip(agents, outs):
         assert a.returncode == 0, err[-3000:]
-    got = {r["step"]: r["train/loss"] for r in read_jsonl(two / "metrics.jsonl")}
-    want = {r["step"]: r["train/loss"] for r in read_jsonl(one / "metrics.jsonl")}
+    got = {r["step"]: r["train/loss"] for r in metric_rows(two / "metrics.jsonl")}
+    want = {r["step"]: r["train/loss"] for r in metric_rows(one / "metrics.jsonl")}
     assert sorted(got) == list(range(1, 7))
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-6 * want[step], f"step {step}: two agents {got[step]}, one {want[step]}"

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from helpers import read_jsonl, run_train
+from helpers import metric_rows, run_train
 
 TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
         "model.vocab_size=256", "data.source=synthetic", "training.seq_len=32", "training.precision=fp32",
@@ -31,7 +31,7 @@ def test_resume_after_a_crash_continues_the_same_run(strategy, extra, tmp_path):
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-4"
     assert (ckpts / "step-2" / "COMPLETE").is_file() and (ckpts / "step-4" / "COMPLETE").is_file()
-    uninterrupted = {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+    uninterrupted = {r["step"]: r["train/loss"] for r in metric_rows(run_dir / "metrics.jsonl")}
 
     # the job "crashed" after saving step 2: step 4 never happened, a save of step 3 died half-way
     shutil.rmtree(ckpts / "step-4")
@@ -42,7 +42,7 @@ def test_resume_after_a_crash_continues_the_same_run(strategy, extra, tmp_path):
     proc = run_train(args, nproc=2)  # the same command resumes
     assert "skipping incomplete checkpoint" in proc.stdout and "step-3" in proc.stdout
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = metric_rows(run_dir / "metrics.jsonl")
     resumed = {r["step"]: r["train/loss"] for r in rows[len(uninterrupted):]}
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
