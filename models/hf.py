@@ -58,6 +58,7 @@ _IMPLEMENTED = {
     "pretraining_tp": (1,),  # Meta's sliced-matmul emulation of TP; the same math only at 1
     "attention_dropout": (0, 0.0),  # no dropout in shardwise's blocks
     "partial_rotary_factor": (1, 1.0),  # RoPE over every head dimension
+    "sliding_window": (),  # full causal attention only: any window is refused (null is fine)
 }
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -72,7 +73,7 @@ def _rope_of(c: dict) -> dict | None:
 
 def unsupported_fields(c: dict) -> list[str]:
     """Every field of an HF LLaMA config whose value shardwise does not implement, with the value."""
-    problems = [f"{k}={c[k]!r} (shardwise implements {' or '.join(map(repr, ok))})"
+    problems = [f"{k}={c[k]!r} (shardwise implements {' or '.join(map(repr, ok)) or 'null only'})"
                 for k, ok in _IMPLEMENTED.items() if k in c and c[k] is not None and c[k] not in ok]
     heads, hidden = c.get("num_attention_heads"), c.get("hidden_size")
     if c.get("head_dim") is not None and heads and hidden and c["head_dim"] != hidden // heads:

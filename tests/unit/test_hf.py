@@ -89,7 +89,8 @@ def _save_hf(tmp_path, name="hf", **overrides):
     ({"attention_bias": True}, "attention_bias=True"),
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}, "rope_type='yarn'"),
-], ids=["gelu", "head_dim", "attention_bias", "mlp_bias", "yarn"])
+    ({"sliding_window": 16}, "sliding_window=16 (shardwise implements null only)"),
+], ids=["gelu", "head_dim", "attention_bias", "mlp_bias", "yarn", "sliding_window"])
 def test_hf_configs_shardwise_does_not_implement_are_refused_by_name(overrides, named, tmp_path):
     _save_hf(tmp_path, **overrides)
     with pytest.raises(ValueError, match="does not implement") as e:
