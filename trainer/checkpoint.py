@@ -296,6 +296,9 @@ def select_resume(root: Path, cfg, *, zero: bool, rank: int, group=None) -> tupl
                               f"move the directory away to resume from an older one"
                               + ("" if hint != "checkpoint.on_damaged=fail" else
                                  " (checkpoint.on_damaged=fallback does that itself)"))
+    why = refusal(chosen, cfg, zero=zero) if chosen != complete[-1] else None
+    if why is not None:  # the fallback itself cannot be loaded: stop before moving anything
+        raise CheckpointError(why)
     for path, problems in damaged:
         target = path.with_name(f"{path.name}.damaged")
         if rank == 0:
@@ -307,9 +310,6 @@ def select_resume(root: Path, cfg, *, zero: bool, rank: int, group=None) -> tupl
                        "problems": problems, "resumed_from": chosen.name})
     if dist.is_initialized():
         dist.barrier(group=group)  # the renames are done before any rank looks again
-    why = refusal(chosen, cfg, zero=zero) if chosen != complete[-1] else None
-    if why is not None:
-        raise CheckpointError(why)
     return chosen, notes, events
 
 
