@@ -26,7 +26,7 @@ def _refuse(message: str, code: int = 2) -> int:
         if not _write_error_file(f"shardwise: {message}"):
             print(f"shardwise: {message}", file=sys.stderr, flush=True)
     elif env_world_size() > 1:
-        time.sleep(3.0)
+        time.sleep(10.0)  # torchrun stops this rank as soon as rank 0 has failed; this is only the upper bound
     return code
 
 
