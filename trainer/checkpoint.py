@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.faults import RefusedStart
+
 # 2: optimizer state flattened by parameter name (pipeline ranks hold different groups); 3: + MANIFEST.json
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # version 2 has no checksums: loaded after the structural checks only
@@ -96,9 +98,6 @@ def pointer_note(root: Path) -> str | None:
         return (f"{pointer} names {named!r}, which is not the newest complete checkpoint ({complete[-1].name}); "
                 f"using {complete[-1].name}")
     return None
-
-
-from trainer.faults import RefusedStart  # noqa: E402
 
 
 class CheckpointError(RefusedStart):

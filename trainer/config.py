@@ -324,10 +324,10 @@ def help_text(section: str | None = None) -> str:
             if dataclasses.is_dataclass(tp):
                 walk(tp, f"{prefix}{f.name}.", value)
                 continue
-            choices = ""
+            choices = []
             if isinstance(tp, type) and issubclass(tp, StrEnum):
                 member_notes = _comments(tp)
-                choices = "\n" + "\n".join(f"      {m.value:<10} {member_notes.get(m.name, '')}".rstrip() for m in tp)
+                choices = [f"      {m.value:<10} {member_notes.get(m.name, '')}".rstrip() for m in tp]
                 type_name = " | ".join(m.value for m in tp)
             else:
                 type_name = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
@@ -335,12 +335,10 @@ def help_text(section: str | None = None) -> str:
             lines.append(f"  {prefix}{f.name}  ({type_name}, default {shown})")
             if comments.get(f.name):
                 lines.append(f"      {comments[f.name]}")
-            if choices:
-                lines.append(choices.lstrip("\n"))
+            lines.extend(choices)
 
     default = Config()
     for name in ([section] if section else list(top)):
-        f = top[name]
         if name in nested:
             lines.append(f"{name}:")
             walk(typing.get_type_hints(Config)[name], f"{name}.", getattr(default, name))

@@ -282,8 +282,11 @@ class Trainer:
                 self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=grad_norm.device)
             bad = ~torch.isfinite(grad_norm) & (self._first_nonfinite < 0)
             self._first_nonfinite.masked_fill_(bad, self.step + 1)
-        with warnings.catch_warnings():  # a skipped step never called optimizer.step(): expected, not an error
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        if self.par.overflowed or (skip and not applied[0]):
+            with warnings.catch_warnings():  # a skipped update never called optimizer.step(): expected here
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+                self.scheduler.step()
+        else:
             self.scheduler.step()
         return grad_norm
 
