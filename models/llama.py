@@ -92,6 +92,31 @@ class ModelArgs:
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
+    def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every distinct parameter in module order, from the shapes alone (no model
+        needed; the same names as `Transformer.named_parameters()`, a tied output table omitted)."""
+        D, Q, K, F = self.dim, self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.ffn_hidden
+        out = [("tok_embeddings.weight", (self.vocab_size, D))]
+        for i in range(self.n_layers):
+            out += [(f"layers.{i}.{name}", shape) for name, shape in (
+                ("attention_norm.weight", (D,)), ("attention.wq.weight", (Q, D)), ("attention.wk.weight", (K, D)),
+                ("attention.wv.weight", (K, D)), ("attention.wo.weight", (D, Q)), ("ffn_norm.weight", (D,)),
+                ("feed_forward.w1.weight", (F, D)), ("feed_forward.w2.weight", (D, F)),
+                ("feed_forward.w3.weight", (F, D)))]
+        out.append(("norm.weight", (D,)))
+        if not self.tie_embeddings:
+            out.append(("output.weight", (self.vocab_size, D)))
+        return out
+
+
+# The weight dimension tensor parallelism splits, per module (block modules relative to the block): column-wise
+# linears split their output features (dim 0), row-wise ones their input features (dim 1), the embedding its
+# vocabulary (dim 0). The norms are not split (they run sequence-parallel on replicated weights).
+# `Transformer.tp_plan()` says how; this table says what, for the planner (tests check they agree).
+TP_SPLIT_DIM = {"tok_embeddings": 0, "output": 0, "attention.wq": 0, "attention.wk": 0, "attention.wv": 0,
+                "attention.wo": 1, "feed_forward.w1": 0, "feed_forward.w2": 1, "feed_forward.w3": 0}
+
+
 # Shapes of the published models (Llama-2: 7B, 13B, 70B; Llama-3/3.2: 1B, 3B, 8B, 70B) and a tiny one.
 FLAVORS: dict[str, ModelArgs] = {
     # a few million parameters: trains in seconds on a laptop CPU; vocab of the default tokenizer
@@ -123,6 +148,28 @@ def model_args(flavor: str, **overrides) -> ModelArgs:
     if flavor not in FLAVORS:
         raise KeyError(f"unknown model flavor {flavor!r}; known: {', '.join(FLAVORS)}")
     return replace(FLAVORS[flavor], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def args_from_config(m) -> ModelArgs:
+    """The shape a config's `model` section asks for: its flavor with every non-null field replaced.
+    Raises ValueError, naming the setting, for an unknown flavor or scaling values without a scaling type."""
+    if m.flavor not in FLAVORS:
+        raise ValueError(f"model.flavor={m.flavor}: unknown flavor; known: {', '.join(FLAVORS)}")
+    args = model_args(m.flavor, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                      vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
+                      ffn_hidden_dim=m.ffn_hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
+    r = m.rope_scaling
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
+    kind = None if r.type is None else str(r.type)
+    if kind == "none":
+        return replace(args, rope_scaling=None)
+    if kind == "llama3" or (kind is None and args.rope_scaling is not None):
+        base = args.rope_scaling or RopeScaling()
+        return replace(args, rope_scaling=replace(base, **{k: getattr(r, k) for k in keys if getattr(r, k) is not None}))
+    if any(getattr(r, k) is not None for k in keys):
+        raise ValueError(f"model.rope_scaling.* values are set but the flavor {m.flavor} has no RoPE scaling; "
+                         f"set model.rope_scaling.type=llama3 as well")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ from parallel.activation import apply_ac
 from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
 from parallel.dtensor import full
-from parallel.mesh import ParallelDims, World
+from parallel.mesh import ParallelDims, World, build_meshes
 from parallel.pipeline import PipelineLoss, build_schedule, split_model
+from parallel.plan import microbatches
 from parallel.tensor import apply_tp, keep_grads_sharded_like_params
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -129,7 +130,7 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
     p, t = cfg.parallel, cfg.training
     data = str(p.data)
     device = world.device
-    mesh = dims.build_meshes(device.type) if world.world_size > 1 else None
+    mesh = build_meshes(dims, device.type) if world.world_size > 1 else None
     if data.startswith("zero"):  # DeepSpeed owns sharding, precision and the step (parallel/zero.py)
         from parallel.zero import parallelize_zero
 
@@ -162,7 +163,7 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         # 5. FSDP / HSDP
         if fsdp:
             dp_mesh = mesh["dp_shard"] if data == "fsdp" else mesh["hsdp"]
-            apply_fsdp(part, dp_mesh, param_dtype=_DTYPES[precision], reshard_after_forward=p.reshard_after_forward,
+            apply_fsdp(part, dp_mesh, param_dtype=_DTYPES[precision], reshard_after_forward=reshard_after_forward(cfg),
                        offload=offload)
         # 6. allocate, then initialize from the seed (the same values as on one process)
         part.to_empty(device="cpu" if offload else device)
@@ -176,8 +177,8 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
     if data == "ddp":
         wrapped = apply_ddp(parts[0], mesh["dp"], device)
         no_sync = wrapped.no_sync
-    elif fsdp and dims.pp == 1:
-        no_sync = fsdp_no_sync(parts[0])
+    elif fsdp and dims.pp == 1 and p.accumulate_unsharded_grads:
+        no_sync = fsdp_no_sync(parts[0])  # (the pipeline schedules accumulate unsharded on their own)
 
     par = Parallelized(parts=parts, model=wrapped, dims=dims, mesh=mesh,
                        grad_reduction_scale=float(dims.dp_size) if data != "none" else 1.0, no_sync=no_sync,
@@ -188,10 +189,17 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         par.has_first_stage, par.has_last_stage = 0 in ids, n_stages - 1 in ids
         par.pipeline_loss = PipelineLoss(loss_sum, par.grad_reduction_scale)
         par.stage_parts, par.pp_schedule, par.device = parts_with_ids, str(p.pp_schedule), device
-        n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
+        n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
         par.schedule = build_schedule(parts_with_ids, p.pp_schedule, pp=dims.pp, n_microbatches=n_micro,
                                       device=device, group=mesh["pp"].get_group(), loss_fn=par.pipeline_loss)
     return par
+
+
+def reshard_after_forward(cfg) -> bool:
+    """parallel.reshard_after_forward, resolved: null frees gathered blocks after forward except under pipeline
+    parallelism, where every microbatch would gather every block again (torchtitan's default too)."""
+    value = cfg.parallel.reshard_after_forward
+    return cfg.parallel.pp == 1 if value is None else bool(value)
 
 
 def clip_grad_norm(par: Parallelized, max_norm: float) -> torch.Tensor:

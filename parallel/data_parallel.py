@@ -12,21 +12,31 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool,
                offload: bool) -> None:
-    """Shard each block, then the root (embedding, final norm, output) over `mesh`.
+    """Shard the embedding, each block, the final norm with the output projection, then the root, over `mesh`.
 
     A 1-D mesh is FSDP (ZeRO-3): every rank holds 1/N of each parameter, gradient and optimizer state,
-    all-gathers a block's parameters just before using it and reduce-scatters its gradients right after.
+    all-gathers a unit's parameters just before using it and reduce-scatters its gradients right after.
     A 2-D (replicate, shard) mesh is HSDP: sharded within a group, gradients also all-reduced across groups.
     Sharded parameters stay fp32 (the master weights); with `param_dtype` they are cast for compute when
     gathered, and gradients are reduced in fp32.
+
+    The embedding and the output are units of their own rather than part of the root: FSDP never reshards
+    the root's parameters after forward, so an embedding left there stays gathered from its first use to the
+    end of backward (2 V x D bytes for nothing). The output unit is used last in forward and first in
+    backward: it is kept gathered in between (resharding it would only gather it again at once).
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # pinned host memory needs a GPU; on GPU, offload keeps shards in host RAM and the optimizer steps there
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=policy)
+    if model.tok_embeddings is not None and not model.args.tie_embeddings:
+        fully_shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward, **kw)
     for block in model.blocks.values():
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, offload_policy=policy)
-    # the root's parameters are used last in forward and first in backward: keep them gathered in between
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, offload_policy=policy)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+    head = [m for m in (model.norm, model.output) if m is not None]
+    if head and not model.args.tie_embeddings:
+        fully_shard(head, reshard_after_forward=False, **kw)
+    fully_shard(model, reshard_after_forward=False, **kw)  # whatever is left (a tied table, the root's norm)
 
 
 def fsdp_no_sync(model: nn.Module):
@@ -44,5 +54,7 @@ def fsdp_no_sync(model: nn.Module):
 
 
 def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.parallel.DistributedDataParallel:
-    return nn.parallel.DistributedDataParallel(model, process_group=mesh.get_group(),
+    # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets; without it DDP keeps
+    # a second, bucketed copy of every gradient (4 bytes x parameters more per rank)
+    return nn.parallel.DistributedDataParallel(model, process_group=mesh.get_group(), gradient_as_bucket_view=True,
                                                device_ids=[device.index] if device.type == "cuda" else None)

@@ -1,8 +1,7 @@
-"""What one rank actually holds: bytes of parameters, gradients and optimizer state in its local shards."""
+"""What one rank actually holds, measured: its model states (`model_state_bytes`) and, by category at the peak
+of a whole step, every tensor byte (`StepMemory`, on torch's MemTracker). The prediction is parallel/plan.py."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -23,95 +22,153 @@ def model_state_bytes(parts, optimizer: torch.optim.Optimizer | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------------------
-# Prediction: the same quantities from the config alone, before any process group or allocation.
+# Measurement of one whole step, by category: torch's own tracker (MemTracker / FSDPMemTracker).
 
-def tp_split_dims(model) -> dict[str, int]:
-    """{module name: the weight dim tensor parallelism splits}, read from the model's own TP plan.
+CATEGORIES = ("params", "gathered_params", "buffers", "grads", "unsharded_grads", "optim", "master",
+              "activations", "temporaries", "other")
 
-    Column-wise styles split a Linear's output features (dim 0); row-wise styles split a Linear's input
-    features (dim 1) and an Embedding's vocabulary (dim 0). Modules the plan does not split (norms run
-    sequence-parallel on replicated weights) are absent.
+# torch's category names (mem_tracker._MemRefType, fsdp2_mem_tracker._FSDPRefType) -> ours
+_TORCH_NAMES = {"Parameter": "params", "Sharded Param": "params", "Unsharded Param": "gathered_params",
+                "All Gather": "gathered_params", "Buffer": "buffers", "Gradient": "grads", "Sharded Grad": "grads",
+                "Unsharded Grad": "unsharded_grads", "Optstate": "optim", "OptState": "optim",
+                "Activation": "activations", "Temp": "temporaries", "Reduce Scatter": "temporaries",
+                "Other": "other", "Inputs": "other"}
+
+
+def _repeatable(base):
+    """torch's trackers refuse a second forward of a root module within one tracked region ("does not support
+    memory tracking for multiple iterative calls"), which every gradient-accumulation step and every pipeline
+    schedule does. The fix is theirs (`reset_mod_stats()` between iterations): a global forward pre-hook,
+    registered ahead of the tracker's own, clears a root's per-module statistics when it starts a new forward.
+    The global peak and its categories, which are what shardwise reports, carry on across micro-batches."""
+
+    class Repeatable(base):
+        def __init__(self, roots, *args):
+            super().__init__(*args)
+            self._roots = {id(r) for r in roots}
+            self._repeat_handle = None
+
+        def _new_forward(self, module, args):
+            if id(module) in self._roots and not self._mod_tracker.is_bw and module in self.memory_tracking:
+                for sub in module.modules():  # this root's modules only: a pipeline rank runs two stages
+                    self.memory_tracking.pop(sub, None)
+
+        def __enter__(self):
+            from torch.nn.modules.module import register_module_forward_pre_hook
+
+            if self._depth == 0:
+                self._repeat_handle = register_module_forward_pre_hook(self._new_forward)
+            return super().__enter__()
+
+        def __exit__(self, *args):
+            super().__exit__(*args)
+            if self._depth == 0 and self._repeat_handle is not None:
+                self._repeat_handle.remove()
+                self._repeat_handle = None
+
+    return Repeatable
+
+
+def _leaf_safe_mod_tracker():
+    """torch's ModTracker with one change: a module input that is an autograd leaf gets no gradient hook.
+    The zero-bubble and looped pipeline schedules compute a stage's input gradient with autograd.grad on the
+    received activation, a leaf, and a multi-grad hook on a leaf fails there ("A leaf node was passed to
+    _will_engine_execute_node but we are currently running autograd.grad()"). Without the hook that module's
+    end of backward is marked when the backward pass ends, which only coarsens the per-module statistics."""
+    from torch.distributed._tools.mod_tracker import ModTracker
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    class LeafSafe(ModTracker):
+        def _fw_pre_hook(self, mod, input):
+            args, spec = tree_flatten(input)
+            safe = [None if isinstance(a, torch.Tensor) and a.requires_grad and a.grad_fn is None else a for a in args]
+            return super()._fw_pre_hook(mod, tree_unflatten(safe, spec))
+
+    return LeafSafe()
+
+
+class StepMemory:
+    """Track one training step (forward, backward, optimizer) of this rank; `breakdown()` is the peak.
+
+    FSDP parts use torch's FSDPMemTracker, which tells sharded from gathered parameters and gradients and
+    sees the all-gather and reduce-scatter buffers; every other layout uses MemTracker. Tensors that exist
+    before the step and that neither tracker registers by itself (DeepSpeed's fp32 master partitions) are
+    registered by hand. Both trackers are TorchDispatchModes: CPU and CUDA tensors alike, and FakeTensors.
     """
-    from torch import nn
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    root, block = model.tp_plan(loss_parallel=False)
-    plans = [(name, style) for name, style in root.items()]
-    plans += [(f"layers.{i}.{name}", style) for i in model.layers for name, style in block.items()]
-    out = {}
-    for name, style in plans:
-        if isinstance(style, ColwiseParallel):
-            out[name] = 0
-        elif isinstance(style, RowwiseParallel):
-            out[name] = 0 if isinstance(model.get_submodule(name), nn.Embedding) else 1
-    return out
+    def __init__(self, par, optimizer):
+        from torch.distributed._tools.mem_tracker import MemTracker
+        from torch.distributed.fsdp import FSDPModule
 
+        parts = list(par.parts)
+        roots = [*parts, par.model]  # what the step calls: a part, or its DDP wrapper / DeepSpeed engine
+        self.master: list[torch.Tensor] = []
+        engine_opt = getattr(par, "ds_optimizer", None)
+        if engine_opt is not None:
+            stage = par.ds_config["zero_optimization"]["stage"]
+            self.master = list(engine_opt.fp32_partitioned_groups_flat if stage == 3
+                               else engine_opt.single_partition_of_fp32_groups)
+        if all(isinstance(p, FSDPModule) for p in parts):
+            from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
+            tracker = _repeatable(FSDPMemTracker)(roots, parts[0], optimizer)
+            if len(parts) > 1:  # FSDPMemTracker instruments one root; a pipeline rank may hold two stages
+                instrument = tracker._instrument_fsdp_module
 
+                def every_part():
+                    for part in parts:
+                        tracker._root_mod = part
+                        instrument()
+                    tracker._root_mod = parts[0]
 
-def optimizer_state_bytes(name: str, shape: tuple[int, ...], *, adafactor_beta1: bool = False) -> int:
-    """Bytes of optimizer state for one (local) tensor of this shape, as each optimizer allocates it."""
-    n = math.prod(shape)
-    if name == "adamw":
-        return 8 * n
-    if name == "adamw_bf16":
-        return 4 * n
-    if name == "adamw8bit":  # torchao: int8 codes + an fp32 scale per 256 values + two 256-entry code maps
-        if n >= 4096 and n % 256 == 0:
-            return 2 * (n + 4 * (n // 256) + 4 * 256)
-        return 8 * n
-    if name == "adafactor":
-        factored = 4 * (shape[-2] + shape[-1]) if len(shape) >= 2 else 4 * n
-        return factored + (4 * n if adafactor_beta1 else 0)
-    raise ValueError(f"optim.name={name}: no state model")
-
-
-def predict_model_state(cfg, world_size: int) -> list[dict[str, int]]:
-    """Bytes of parameters, gradients, optimizer state (and, under ZeRO, the fp32 master partition) on
-    each rank, predicted from the config: fp32 master parameters and gradients (bf16/fp16 compute
-    copies are transient), each parameter's local shard as the strategy cuts it (TP per the model's
-    plan, FSDP on dim 0 rounded up, pipeline stages per the schedule's split). Equal to what
-    `model_state_bytes` measures for the native strategies (tests/distributed/test_memory_per_rank.py).
-    """
-    from models.llama import build_model, canonical_name
-    from parallel.pipeline import split_model
-    from trainer.config import model_args_of, parallel_dims
-
-    dims, problems = parallel_dims(cfg, world_size)
-    if problems:
-        raise ValueError("; ".join(problems))
-    p, o = cfg.parallel, cfg.optim
-    model = build_model(model_args_of(cfg), device="meta")
-    split = tp_split_dims(model) if dims.tp > 1 else {}
-    data = str(p.data)
-    by_stage = []  # every rank of a pipeline stage holds the same amounts (shards rounded up)
-    for pp_rank in range(dims.pp):
-        parts = [m for _, m in split_model(model, str(p.pp_schedule), pp_rank, dims.pp)] if dims.pp > 1 else [model]
-        seen, shapes = set(), []
-        for part in parts:
-            for name, prm in part.named_parameters():
-                name = canonical_name(name)
-                if name in seen:
-                    continue
-                seen.add(name)
-                shape = list(prm.shape)
-                if (d := split.get(name.rsplit(".", 1)[0])) is not None:  # "layers.3.attention.wq"
-                    shape[d] = _ceil(shape[d], dims.tp)
-                if data in ("fsdp", "hsdp"):
-                    shape[0] = _ceil(shape[0], dims.dp_shard)
-                shapes.append(tuple(shape))
-        numel = sum(math.prod(s) for s in shapes)
-        if data.startswith("zero"):
-            n_dp = dims.dp_size
-            part_numel = _ceil(numel, n_dp)
-            out = {"params": 4 * (part_numel if data == "zero3" else numel), "master": 4 * part_numel,
-                   "grads": 4 * (numel if data == "zero1" else part_numel),
-                   "optim": 8 * part_numel}  # AdamW's moments (the only optimizer allowed under ZeRO)
+                tracker._instrument_fsdp_module = every_part
         else:
-            out = {"params": 4 * numel, "grads": 4 * numel,
-                   "optim": sum(optimizer_state_bytes(str(o.name), s, adafactor_beta1=o.adafactor.beta1 is not None)
-                                for s in shapes)}
-        by_stage.append(out)
-    return [by_stage[rank // (world_size // dims.pp)] for rank in range(world_size)]
+            tracker = _repeatable(MemTracker)(roots)
+            tracker.track_external(*parts, optimizer if engine_opt is None else engine_opt.optimizer)
+        for t in self.master:  # registered as "Other": under ZeRO nothing else is, so Other is the masters
+            tracker._update_and_maybe_create_winfos(t, tracker._ref_class.OTH)
+        for prm in (p for part in parts for p in part.parameters()):  # ZeRO-3: each parameter's own partition
+            if getattr(prm, "ds_tensor", None) is not None:
+                tracker._update_and_maybe_create_winfos(prm.ds_tensor, tracker._ref_class.PARAM)
+        if par.schedule is not None:
+            tracker._mod_tracker = _leaf_safe_mod_tracker()
+            # the stages' receive buffers (one per microbatch, allocated in the first step, kept): "other"
+            other = getattr(tracker._ref_class, "OTH", None) or tracker._ref_class.INP  # FSDP's tracker: "Inputs"
+            for buf in pipeline_buffers(par.schedule):
+                tracker._update_and_maybe_create_winfos(buf, other)
+        self.tracker = tracker
+
+    def __enter__(self):
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.tracker.__exit__(*exc)
+
+    def breakdown(self) -> dict[str, int]:
+        """{category: bytes} at the moment of this rank's peak, summed over devices, plus "peak"."""
+        snap = self.tracker.get_tracker_snapshot("peak")
+        out = dict.fromkeys(CATEGORIES, 0)
+        total = 0
+        for dev_snap in snap.values():
+            for key, v in dev_snap.items():
+                name = str(getattr(key, "value", key))
+                if name == "Total":
+                    total += v
+                elif name == "Other" and self.master:  # (no pipeline under ZeRO: Other is only the masters)
+                    out["master"] += v
+                else:
+                    out[_TORCH_NAMES.get(name, "other")] += v
+        out["peak"] = total
+        return out
+
+
+
+def pipeline_buffers(schedule) -> list[torch.Tensor]:
+    """The activation and gradient receive buffers torch's pipeline stages keep, one per microbatch."""
+    stages = getattr(schedule, "_stages", None) or [schedule._stage]
+    out = []
+    for stage in stages:
+        for infos in [*stage.args_recv_info.values(), *stage.grad_recv_info.values()]:
+            out += [i.buffer for i in infos if getattr(i, "buffer", None) is not None]
+    return out

@@ -19,9 +19,9 @@ from torch import nn
 
 from parallel import Parallelized
 from parallel.dtensor import nbytes
-from parallel.mesh import ParallelDims, World
+from parallel.mesh import World
+from parallel.plan import PERSISTENCE_THRESHOLD, ZERO_STAGES, ParallelDims, bucket_elements, microbatches
 
-STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -31,25 +31,27 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_ds_config(cfg, dims: ParallelDims) -> dict:
+def build_ds_config(cfg, dims: ParallelDims, n_params: int) -> dict:
     """The ds_config for our recipe; `parallel.deepspeed` entries are merged over it last."""
     from omegaconf import OmegaConf
 
     p, t = cfg.parallel, cfg.training
-    stage = STAGES[str(p.data)]
-    accum = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
+    stage = ZERO_STAGES[str(p.data)]
+    accum = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
     pin = torch.cuda.is_available()  # pinned host memory needs a GPU
+    # DeepSpeed allocates its buckets at their full size whatever the model's: no bigger than the model
+    bucket = bucket_elements(n_params)
     zero = {
         "stage": stage,
         "overlap_comm": True,  # overlap gradient reduction with backward
         "contiguous_gradients": True,  # copy gradients into one buffer as they are reduced (less fragmentation)
-        "reduce_bucket_size": 50_000_000,  # elements per reduce bucket
+        "reduce_bucket_size": bucket,  # elements per reduce bucket
     }
     if stage < 3:
-        zero["allgather_bucket_size"] = 50_000_000
+        zero["allgather_bucket_size"] = bucket
     else:
-        zero["stage3_prefetch_bucket_size"] = 50_000_000
-        zero["stage3_param_persistence_threshold"] = 100_000  # smaller params stay gathered (fewer collectives)
+        zero["stage3_prefetch_bucket_size"] = bucket
+        zero["stage3_param_persistence_threshold"] = PERSISTENCE_THRESHOLD  # smaller params stay gathered
     if str(p.offload) == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if p.offload_params:
@@ -150,7 +152,9 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
         apply_compile(model)
     model.to_empty(device=world.device)
     model.init_weights(seed=t.seed)
-    ds_config = build_ds_config(cfg, dims)
+    from models.llama import count_params
+
+    ds_config = build_ds_config(cfg, dims, count_params(model))
     if str(p.offload) == "cpu":
         notes.append("ZeRO-Offload: the optimizer runs as DeepSpeed's CPU Adam, whose C++ op is compiled on first "
                      "use (about a minute, cached in ~/.cache/torch_extensions)")

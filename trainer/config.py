@@ -24,6 +24,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from parallel.plan import PP_SCHEDULES, V_SHAPED, ZERO_STAGES, n_stages, stages_per_rank
+
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -69,9 +71,6 @@ class DataParallel(StrEnum):
     zero3 = "zero3"  # DeepSpeed ZeRO-3: optimizer state, gradients and parameters partitioned
 
 
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
-
-
 class ACMode(StrEnum):
     none = "none"  # keep every activation
     full = "full"  # keep each checkpointed block's input only; recompute the block in backward
@@ -82,11 +81,6 @@ class Offload(StrEnum):
     none = "none"
     cpu = "cpu"  # fsdp/hsdp: shards of parameters, gradients and optimizer state in host memory;
     #              zero1/2/3: the optimizer state and step on the CPU (ZeRO-Offload, DeepSpeed's CPU Adam)
-
-
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
-# schedules that place two stages on each pipeline rank (looped or V-shaped)
-PP_MULTI_STAGE = {"interleaved_1f1b": 2, "zbv": 2, "dualpipev": 2}
 
 
 class WandbMode(StrEnum):
@@ -201,7 +195,8 @@ class ParallelConfig:
     ac: ACMode = ACMode.none  # activation checkpointing of the transformer blocks
     ac_every: int = 1  # ac=full: checkpoint every k-th block only (1: all blocks)
     compile: bool = False  # torch.compile each transformer block
-    reshard_after_forward: bool = True  # fsdp/hsdp: free gathered parameters after forward (re-gather in backward)
+    reshard_after_forward: bool | None = None  # fsdp/hsdp: free gathered blocks after forward, gather again in backward; null: true except under pp
+    accumulate_unsharded_grads: bool = False  # fsdp/hsdp: keep whole fp32 gradients over micro-batches, reduce-scatter once (+4 bytes x params per rank)
     offload: Offload = Offload.none  # keep model states in CPU memory (what moves depends on the strategy)
     offload_params: bool = False  # zero3 only: also keep the parameter partitions on the CPU (ZeRO-Infinity style)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # zero*: any ds_config keys, merged over the generated ones
@@ -255,6 +250,8 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     peak_tflops: float | None = None  # the accelerator's dense peak for MFU; null: detected for known GPUs
     sample_ids: bool = False  # run_dir/samples/rank-R.jsonl: the global sample indices each rank trained on per step
+    memory_breakdown: bool = False  # track one step's memory per rank by category (torch's MemTracker) and log it
+    memory_breakdown_step: int = 3  # the step to track (1-based; the last step when the run is shorter); step 3 is steady: DDP rebuilds its buckets in step 2
 
 
 @dataclass
@@ -459,31 +456,13 @@ def save_resolved(cfg: DictConfig, path: Path) -> None:
 
 
 def model_args_of(cfg: DictConfig):
-    """The model shape: the flavor with the recipe's changes applied."""
-    from models.llama import FLAVORS, model_args
+    """The model shape: the flavor with the recipe's changes applied (models/llama.py args_from_config)."""
+    from models.llama import args_from_config
 
-    if cfg.model.flavor not in FLAVORS:
-        raise ConfigError(f"model.flavor={cfg.model.flavor}: unknown flavor; known: {', '.join(FLAVORS)}")
-    from dataclasses import replace
-
-    from models.llama import RopeScaling
-
-    m = cfg.model
-    args = model_args(m.flavor, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                      vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
-                      ffn_hidden_dim=m.ffn_hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
-    r = m.rope_scaling
-    kind = None if r.type is None else str(r.type)
-    if kind == "none":
-        return replace(args, rope_scaling=None)
-    if kind == "llama3" or (kind is None and args.rope_scaling is not None):
-        base = args.rope_scaling or RopeScaling()
-        values = {k: getattr(r, k) for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")}
-        return replace(args, rope_scaling=replace(base, **{k: v for k, v in values.items() if v is not None}))
-    if any(getattr(r, k) is not None for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")):
-        raise ConfigError(f"model.rope_scaling.* values are set but the flavor {m.flavor} has no RoPE scaling; "
-                          f"set model.rope_scaling.type=llama3 as well")
-    return args
+    try:
+        return args_from_config(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -498,22 +477,17 @@ class Plan:
     params: int
     non_embedding_params: int
     flops_per_token: int
-    dims: object = None  # parallel.mesh.ParallelDims
-    model_state: dict | None = None  # predicted bytes on the most loaded rank (parallel/memory.py)
+    dims: object = None  # parallel.plan.ParallelDims
+    memory: object = None  # parallel.plan.MemoryPlan: every term of every rank's memory at the step's peak
     optimizer: str = "adamw"
     strategy: str = "none"
 
     def describe(self) -> str:
-        from parallel.mesh import degenerate
+        from parallel.plan import degenerate
 
         g = self.micro_batch_size * self.accum_steps * self.dp_size
-        gib = 2**30
-        state = []
-        if self.model_state:
-            ms = self.model_state
-            parts = " + ".join(f"{k} {v / gib:.2f}" for k, v in ms.items())
-            state = [f"model states / rank   {parts} = {sum(ms.values()) / gib:.2f} GiB  "
-                     f"(most loaded rank; optimizer {self.optimizer}; activations not included)"]
+        state = ["", "predicted memory per rank (parallel/plan.py; measured: logging.memory_breakdown=true)",
+                 self.memory.table()] if self.memory is not None else []
         return "\n".join([
             f"world size            {self.world_size}",
             f"layout                dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x "
@@ -526,17 +500,16 @@ class Plan:
             f"  without embedding   {self.non_embedding_params:,}",
             f"FLOPs per token       {self.flops_per_token:,} ({self.flops_per_token / 1e9:.2f} GFLOP)",
             f"FLOPs per step        {self.flops_per_token * self.tokens_per_step:.3e}",
-            *state,
             *(f"warning               {w}" for w in degenerate(self.strategy, self.dims)),
+            *state,
         ])
 
 
 def banner(cfg: DictConfig, plan: Plan, args) -> list[str]:
     """The start-up lines: what this run is, as resolved (the layout the world size produced included)."""
-    from parallel.mesh import degenerate
+    from parallel.plan import degenerate
 
     gib = 2**30
-    ms = plan.model_state or {}
     lines = [
         f"model {cfg.model.name} {cfg.model.flavor}: {plan.params:,} parameters ({plan.params / 1e6:.2f} M); "
         f"strategy {cfg.parallel.data}; precision {cfg.training.precision}; world {plan.world_size}; "
@@ -544,17 +517,19 @@ def banner(cfg: DictConfig, plan: Plan, args) -> list[str]:
         f"layout {plan.dims.describe()}; global batch {cfg.training.global_batch_size} = micro-batch "
         f"{plan.micro_batch_size} x accumulation {plan.accum_steps} x dp {plan.dp_size}; AC {cfg.parallel.ac}",
     ]
-    if ms:
-        lines.append(f"predicted model states per rank (most loaded): "
-                     f"{' + '.join(f'{k} {v / gib:.3f}' for k, v in ms.items())} = {sum(ms.values()) / gib:.3f} GiB "
-                     f"(activations not included)")
+    if plan.memory is not None:
+        top = plan.memory.most_loaded
+        cats = ", ".join(f"{k} {v / gib:.3f}" for k, v in top.by_category().items() if v)
+        lines.append(f"predicted peak per rank (most loaded): {top.peak_bytes / gib:.3f} GiB of tensors at the "
+                     f"{top.phase} ({cats} GiB)" + (f"; {plan.memory.host_bytes_per_node / gib:.2f} GiB host memory "
+                                                    f"per node" if top.host_bytes else ""))
     lines += [f"WARNING: {w}" for w in degenerate(str(cfg.parallel.data), plan.dims)]
     return lines
 
 
 def parallel_dims(cfg: DictConfig, world_size: int):
     """(ParallelDims or None, problems) for the recipe's layout on `world_size` ranks."""
-    from parallel.mesh import resolve_dims
+    from parallel.plan import resolve_dims
 
     p = cfg.parallel
     return resolve_dims(str(p.data), dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp,
@@ -563,23 +538,33 @@ def parallel_dims(cfg: DictConfig, world_size: int):
 
 def pp_stages(cfg: DictConfig) -> int:
     """Pipeline stages in all: pp ranks x stages per rank (2 for looped and V schedules)."""
-    return cfg.parallel.pp * PP_MULTI_STAGE.get(cfg.parallel.pp_schedule, 1)
+    return n_stages(cfg.parallel.pp_schedule, cfg.parallel.pp)
 
 
-def derive(cfg: DictConfig, world_size: int) -> Plan:
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def derive(cfg: DictConfig, world_size: int, *, capacity_gib: float | None = None, device: str | None = None,
+           ranks_per_node: int = 8) -> Plan:
     args = model_args_of(cfg)
     t = cfg.training
     dims, problems = parallel_dims(cfg, world_size)
     if problems:
         raise ConfigError(problems)
-    from parallel.memory import predict_model_state
+    from parallel.plan import memory_plan
 
     dp = dims.dp_size
+    if device is None:
+        device = "cuda" if t.device == "cuda" or (t.device == "auto" and _cuda_available()) else "cpu"
     return Plan(world_size=world_size, dp_size=dp, micro_batch_size=t.micro_batch_size,
                 accum_steps=t.global_batch_size // (t.micro_batch_size * dp), tokens_per_step=t.global_batch_size * t.seq_len,
                 params=args.num_params(), non_embedding_params=args.num_params(exclude_embedding=True),
                 flops_per_token=args.flops_per_token(t.seq_len), dims=dims,
-                model_state=max(predict_model_state(cfg, world_size), key=lambda d: sum(d.values())),
+                memory=memory_plan(cfg, args, dims, device=device, capacity_gib=capacity_gib,
+                                   ranks_per_node=ranks_per_node),
                 optimizer=str(cfg.optim.name), strategy=str(cfg.parallel.data))
 
 
@@ -679,7 +664,7 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                         f"{f'; did you mean {close[0]}?' if close else ''} Known: {', '.join(PP_SCHEDULES)}")
     elif p.pp > 1:
         stages = pp_stages(cfg)
-        per_rank = PP_MULTI_STAGE.get(p.pp_schedule, 1)
+        per_rank = stages_per_rank(p.pp_schedule)
         if stages > args.n_layers:
             problems.append(f"pipeline stages pp({p.pp}) x {per_rank} per rank ({p.pp_schedule}) = {stages} "
                             f"> model.n_layers({args.n_layers}): every stage needs at least one block")
@@ -691,6 +676,11 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                     f"(training.micro_batch_size({t.micro_batch_size}) * dp({dp})) = {n_micro} < {stages} stages, "
                     f"which {p.pp_schedule} needs to fill the pipeline; lower training.micro_batch_size or raise "
                     f"training.global_batch_size")
+    if p.pp > 1 and p.pp_schedule in V_SHAPED and p.ac == ACMode.selective:
+        problems.append(f"parallel.ac=selective with parallel.pp_schedule={p.pp_schedule}: that schedule splits each "
+                        f"backward into an input-gradient and a weight-gradient pass, and torch's selective "
+                        f"checkpointing allows one backward per checkpointed region (\"Trying to backward an extra "
+                        f"time\"); use parallel.ac=full, or pp_schedule=1f1b or interleaved_1f1b")
     if p.ac_every < 1:
         problems.append(f"parallel.ac_every={p.ac_every} must be >= 1")
     zero = str(p.data) in ZERO_STAGES
@@ -869,6 +859,8 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     # logging and output
     if cfg.logging.every < 1:
         problems.append(f"logging.every={cfg.logging.every} must be >= 1")
+    if cfg.logging.memory_breakdown_step < 1:
+        problems.append(f"logging.memory_breakdown_step={cfg.logging.memory_breakdown_step} must be >= 1")
     if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
         problems.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (or null to detect it)")
     if not cfg.dry_run and not _writable_dir(Path(cfg.run_dir)):

@@ -32,6 +32,17 @@ from trainer.metrics import MemoryMonitor, MetricLogger, detect_peak_tflops, mfu
 IGNORE_INDEX = -100  # targets with this id (padding) carry no loss
 
 
+def _schedule_step_has_return_outputs() -> bool:
+    import inspect
+
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+    return "return_outputs" in inspect.signature(PipelineScheduleSingle.step).parameters
+
+
+_STEP_RETURNS_OUTPUTS = _schedule_step_has_return_outputs()
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, plan: Plan):
         # 1. the config was parsed and validated by the caller (trainer.config.check) before this point
@@ -234,6 +245,8 @@ class Trainer:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.par.has_first_stage else ()
         kwargs = {"target": targets, "losses": losses} if self.par.has_last_stage else {}
+        if _STEP_RETURNS_OUTPUTS:  # the logits of every microbatch would otherwise be kept for a merged output
+            kwargs["return_outputs"] = False
         with self._autocast():
             self.par.schedule.step(*args, **kwargs)
         if not losses:
@@ -351,10 +364,12 @@ class Trainer:
                     self.samples_file.write(json.dumps({"step": self.step + 1, "ids": ids.flatten().tolist()}) + "\n")
                     self.samples_file.flush()
                 lrs = self.learning_rates()  # this step's
-                with torch.profiler.record_function("shardwise.forward_backward"):
-                    loss = self.forward_backward(batch)
-                with torch.profiler.record_function("shardwise.optimizer_step"):
-                    grad_norm = self.optimizer_step()
+                tracked = self._tracker()
+                with tracked or contextlib.nullcontext():
+                    with torch.profiler.record_function("shardwise.forward_backward"):
+                        loss = self.forward_backward(batch)
+                    with torch.profiler.record_function("shardwise.optimizer_step"):
+                        grad_norm = self.optimizer_step()
                 self.step += 1
                 profiler.after_step(self.step)
                 self.tokens_seen += self.plan.tokens_per_step
@@ -385,6 +400,8 @@ class Trainer:
                         **self.memory.stats(),
                     }
                     window_start, window_steps = time.perf_counter(), 0
+                if tracked is not None:
+                    metrics.update(self._log_breakdown(tracked.breakdown()))
                 if (t.val_every and self.step % t.val_every == 0) or last:
                     v_start = time.perf_counter()
                     metrics.update(self.validate())
@@ -410,6 +427,33 @@ class Trainer:
         self.check_finite()
         self.summary(start_step, time.perf_counter() - run_start, history)
         return history
+
+    def _tracker(self):
+        """logging.memory_breakdown: a tracker around the chosen step (the last one of a shorter run), else None."""
+        lg, t = self.cfg.logging, self.cfg.training
+        if not lg.memory_breakdown or self.step + 1 != min(lg.memory_breakdown_step, t.steps):
+            return None
+        from parallel.memory import StepMemory
+
+        return StepMemory(self.par, self.optimizer)
+
+    def _log_breakdown(self, mine: dict[str, int]) -> dict[str, float]:
+        """Every rank's tracked breakdown, gathered: the per-rank table goes into metrics.jsonl (a
+        `memory_breakdown` record) and the console; the most loaded rank's numbers into every sink."""
+        ranks = [mine]
+        if self.world.distributed:
+            ranks = [None] * self.world.world_size
+            dist.all_gather_object(ranks, mine, group=self.side_group)
+        top = max(range(len(ranks)), key=lambda r: ranks[r]["peak"])
+        self.logger.event({"event": "memory_breakdown", "step": self.step, "unit": "bytes", "ranks": ranks})
+        mib = 2**20
+        for r, b in enumerate(ranks):
+            parts = ", ".join(f"{k} {v / mib:.2f}" for k, v in b.items() if k != "peak" and v)
+            self.logger.note(f"memory at the peak of step {self.step}, rank {r}: {b['peak'] / mib:.2f} MiB "
+                             f"({parts} MiB)")
+        out = {"memory/tracked_peak_bytes": float(ranks[top]["peak"]), "memory/tracked_peak_rank": float(top)}
+        out.update({f"memory/tracked/{k}_bytes": float(v) for k, v in ranks[top].items() if k != "peak"})
+        return out
 
     def summary(self, start_step: int, wall_s: float, history: list[dict]) -> None:
         """The end-of-run lines on the console, and an `end` record in metrics.jsonl."""

@@ -89,7 +89,7 @@ def test_quickstart_run_writes_every_artifact_and_learns(tmp_path, cache_dir):
     assert "shardwise: model llama debug: 5,0" in proc.stdout and "strategy none; precision bf16; world 1" in proc.stdout
     assert "shardwise: layout pp 1 x dp_replicate 1 x dp_shard 1 x tp 1; global batch 16 = micro-batch 8 x " \
            "accumulation 2 x dp 1" in proc.stdout
-    assert "shardwise: predicted model states per rank" in proc.stdout
+    assert "shardwise: predicted peak per rank (most loaded): " in proc.stdout
     assert "shardwise: done: 60 steps (to step 60), 122,880 tokens in " in proc.stdout
     assert "last checkpoint none" in proc.stdout
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -1,0 +1,81 @@
+"""The planner's pure parts against what torch and the model actually do (no process group needed)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from models.llama import TP_SPLIT_DIM, FLAVORS, build_model, canonical_name
+from parallel.plan import in_flight, stage_ids
+
+
+@pytest.mark.parametrize("flavor", ["debug", "1b", "8b"])
+def test_param_shapes_are_the_models(flavor):
+    args = FLAVORS[flavor]
+    model = build_model(args, device="meta")
+    got = [(canonical_name(n), tuple(p.shape)) for n, p in model.named_parameters()]
+    assert got == args.param_shapes()
+    assert sum(torch.Size(s).numel() for _, s in args.param_shapes()) == args.num_params()
+
+
+def test_tp_split_table_is_the_models_tp_plan():
+    """TP_SPLIT_DIM (what the planner reads) says what Transformer.tp_plan() does."""
+    from torch import nn
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    model = build_model(FLAVORS["debug"], device="meta")
+    root, block = model.tp_plan(loss_parallel=False)
+    derived = {}
+    for name, style in [*root.items(), *block.items()]:
+        module = model.get_submodule(name if name in root else f"layers.0.{name}")
+        if isinstance(style, ColwiseParallel):
+            derived[name] = 0
+        elif isinstance(style, RowwiseParallel):
+            derived[name] = 0 if isinstance(module, nn.Embedding) else 1
+    assert derived == TP_SPLIT_DIM
+
+
+def _torch_actions(schedule: str, pp: int, n_micro: int, rank: int):
+    """The action list torch's schedule class computes for one rank (its own code, without stages or a
+    process group: the attributes its constructor would set from them)."""
+    from torch.distributed.pipelining import schedules as S
+
+    cls = {"interleaved_1f1b": S.ScheduleInterleaved1F1B, "zbv": S.ScheduleZBVZeroBubble,
+           "dualpipev": S.ScheduleDualPipeV}[schedule]
+    o = object.__new__(cls)
+    o.pp_group_size, o.n_local_stages, o.rank, o._n_microbatches = pp, 2, rank, n_micro
+    o._num_stages = o.num_stages = 2 * pp
+    o.number_of_rounds = max(1, n_micro // pp)
+    o.microbatches_per_round = n_micro // o.number_of_rounds
+    o.stage_index_to_group_rank = S.generate_stage_to_rank_mapping(pp, 2 * pp, style="loop" if cls is
+                                                                   S.ScheduleInterleaved1F1B else "v")
+    return o._calculate_single_rank_operations(rank)
+
+
+def _held_at_peak(actions) -> dict[int, int]:
+    """{stage: microbatches held} when the rank holds the most (forward adds one; full or weight backward frees)."""
+    from torch.distributed.pipelining import schedules as S
+
+    cur, best, at = Counter(), -1, {}
+    for a in actions:
+        if a is None:
+            continue
+        for b in (getattr(a, "sub_actions", None) or [a]):
+            if b.computation_type == S.FORWARD:
+                cur[b.stage_index] += 1
+            elif b.computation_type in (S.FULL_BACKWARD, S.BACKWARD_WEIGHT):
+                cur[b.stage_index] -= 1
+            if sum(cur.values()) > best:
+                best, at = sum(cur.values()), dict(cur)
+    return at
+
+
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "zbv", "dualpipev"])
+@pytest.mark.parametrize("pp, n_micro", [(2, 4), (2, 8), (4, 8), (4, 16), (8, 16)])
+def test_microbatches_in_flight_are_torchs(schedule, pp, n_micro):
+    for rank in range(pp):
+        want = {sid: n for sid, n in _held_at_peak(_torch_actions(schedule, pp, n_micro, rank)).items() if n}
+        assert in_flight(schedule, pp, rank, n_micro) == want, f"{schedule} pp={pp} rank {rank}"
+        assert set(want) == set(stage_ids(schedule, rank, pp))
