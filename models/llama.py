@@ -358,16 +358,17 @@ class Transformer(nn.Module):
     # Initialization
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, *, buffer_device: torch.device | None = None) -> None:
+    def init_weights(self, seed: int = 0, *, buffer_device: torch.device | None = None, values: bool = True) -> None:
         """Fill every parameter and buffer, deterministically from `seed`.
 
         Each parameter is drawn on the CPU from its own generator, seeded by (seed, parameter name),
         then copied to wherever the parameter lives. So the weights do not depend on the device, on
         the order in which modules are visited, on which blocks this pipeline stage holds, or on how
-        the parameter is sharded: every layout starts from the single-process weights.
+        the parameter is sharded: every layout starts from the single-process weights. `values=False` only
+        rebuilds the RoPE tables (a simulation under FakeTensorMode has shapes, no values to draw).
         """
         std = 0.02
-        for name, p in self.named_parameters():  # a tied table is visited once, as tok_embeddings
+        for name, p in self.named_parameters() if values else ():  # a tied table is visited once, as tok_embeddings
             name = canonical_name(name)
             if name.endswith("norm.weight"):
                 _fill(p, name, seed, lambda t, g: t.fill_(1.0))

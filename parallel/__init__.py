@@ -31,7 +31,7 @@ from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
 from parallel.dtensor import full
 from parallel.mesh import ParallelDims, World, build_meshes
 from parallel.pipeline import PipelineLoss, build_schedule, split_model
-from parallel.plan import microbatches
+from parallel.plan import reshards_after_forward, microbatches
 from parallel.tensor import apply_tp, keep_grads_sharded_like_params
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -125,12 +125,20 @@ class Parallelized:
         return norm
 
 
-def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss_sum=None) -> Parallelized:
-    """Apply the strategies of `cfg.parallel` to a meta-device model, then allocate and initialize it."""
+def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss_sum=None, meshes=None,
+                fake=None, stage_shapes=None) -> Parallelized:
+    """Apply the strategies of `cfg.parallel` to a meta-device model, then allocate and initialize it.
+
+    For parallel/simulate.py: `meshes` reuses meshes built beforehand; `fake`, a FakeTensorMode, is where the
+    parameters are allocated (the transforms run outside it, on the meta device) and no initial weights are
+    drawn (fake tensors have shapes, no values); `stage_shapes(stage id) -> (input, output)` example tensors
+    spare the pipeline stages their shape inference over the process group."""
+    values = fake is None
+    allocation = fake if fake is not None else contextlib.nullcontext()
     p, t = cfg.parallel, cfg.training
     data = str(p.data)
     device = world.device
-    mesh = build_meshes(dims, device.type) if world.world_size > 1 else None
+    mesh = meshes if meshes is not None else build_meshes(dims, device.type) if world.world_size > 1 else None
     if data.startswith("zero"):  # DeepSpeed owns sharding, precision and the step (parallel/zero.py)
         from parallel.zero import parallelize_zero
 
@@ -163,11 +171,12 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         # 5. FSDP / HSDP
         if fsdp:
             dp_mesh = mesh["dp_shard"] if data == "fsdp" else mesh["hsdp"]
-            apply_fsdp(part, dp_mesh, param_dtype=_DTYPES[precision], reshard_after_forward=reshard_after_forward(cfg),
+            apply_fsdp(part, dp_mesh, param_dtype=_DTYPES[precision], reshard_after_forward=reshards_after_forward(cfg),
                        offload=offload)
         # 6. allocate, then initialize from the seed (the same values as on one process)
-        part.to_empty(device="cpu" if offload else device)
-        part.init_weights(seed=t.seed, buffer_device=device)
+        with allocation:
+            _allocate(part, "cpu" if offload else device, fake=not values)
+            part.init_weights(seed=t.seed, buffer_device=device, values=values)
         if dims.tp > 1 and not fsdp:  # (FSDP reduce-scatters into its own sharded gradients)
             keep_grads_sharded_like_params(part)
 
@@ -175,7 +184,8 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
     wrapped = parts[0]
     no_sync: Callable = contextlib.nullcontext
     if data == "ddp":
-        wrapped = apply_ddp(parts[0], mesh["dp"], device)
+        with allocation:
+            wrapped = apply_ddp(parts[0], mesh["dp"], device)
         no_sync = wrapped.no_sync
     elif fsdp and dims.pp == 1 and p.accumulate_unsharded_grads:
         no_sync = fsdp_no_sync(parts[0])  # (the pipeline schedules accumulate unsharded on their own)
@@ -191,15 +201,28 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         par.stage_parts, par.pp_schedule, par.device = parts_with_ids, str(p.pp_schedule), device
         n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
         par.schedule = build_schedule(parts_with_ids, p.pp_schedule, pp=dims.pp, n_microbatches=n_micro,
-                                      device=device, group=mesh["pp"].get_group(), loss_fn=par.pipeline_loss)
+                                      device=device, group=mesh["pp"].get_group(), loss_fn=par.pipeline_loss,
+                                      stage_shapes=stage_shapes)
     return par
 
 
-def reshard_after_forward(cfg) -> bool:
-    """parallel.reshard_after_forward, resolved: null frees gathered blocks after forward except under pipeline
-    parallelism, where every microbatch would gather every block again (torchtitan's default too)."""
-    value = cfg.parallel.reshard_after_forward
-    return cfg.parallel.pp == 1 if value is None else bool(value)
+def _allocate(part: nn.Module, device, *, fake: bool) -> None:
+    """`to_empty`: storage for every meta parameter and buffer on `device`. Under FakeTensorMode, plain (not
+    DTensor) meta parameters cannot be swapped for fake ones by Module._apply ("Couldn't swap"); they are
+    replaced one by one instead, keeping a shared (tied) parameter shared."""
+    if not fake or any(hasattr(p, "placements") for p in part.parameters()):
+        part.to_empty(device=device)
+        return
+    made: dict[int, nn.Parameter] = {}
+    for module in part.modules():
+        for name, prm in list(module._parameters.items()):
+            if prm is not None:
+                if id(prm) not in made:
+                    made[id(prm)] = nn.Parameter(torch.empty_like(prm, device=device), requires_grad=prm.requires_grad)
+                module._parameters[name] = made[id(prm)]
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[name] = torch.empty_like(buf, device=device)
 
 
 def clip_grad_norm(par: Parallelized, max_norm: float) -> torch.Tensor:

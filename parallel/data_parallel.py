@@ -12,7 +12,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool,
                offload: bool) -> None:
-    """Shard the embedding, each block, the final norm with the output projection, then the root, over `mesh`.
+    """Shard the embedding, each block, the output projection, then the root (the final norm), over `mesh`.
 
     A 1-D mesh is FSDP (ZeRO-3): every rank holds 1/N of each parameter, gradient and optimizer state,
     all-gathers a unit's parameters just before using it and reduce-scatters its gradients right after.
@@ -33,10 +33,10 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward, **kw)
     for block in model.blocks.values():
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-    head = [m for m in (model.norm, model.output) if m is not None]
-    if head and not model.args.tie_embeddings:
-        fully_shard(head, reshard_after_forward=False, **kw)
-    fully_shard(model, reshard_after_forward=False, **kw)  # whatever is left (a tied table, the root's norm)
+    if model.output is not None and not model.args.tie_embeddings:
+        # (a unit of one module: torch's FSDPMemTracker mishandles a unit made of a module list)
+        fully_shard(model.output, reshard_after_forward=False, **kw)
+    fully_shard(model, reshard_after_forward=False, **kw)  # whatever is left: the final norm (or a tied table)
 
 
 def fsdp_no_sync(model: nn.Module):

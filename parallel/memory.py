@@ -49,7 +49,7 @@ def _repeatable(base):
             self._repeat_handle = None
 
         def _new_forward(self, module, args):
-            if id(module) in self._roots and not self._mod_tracker.is_bw and module in self.memory_tracking:
+            if id(module) in self._roots and not self._mod_tracker.is_bw:
                 for sub in module.modules():  # this root's modules only: a pipeline rank runs two stages
                     self.memory_tracking.pop(sub, None)
 

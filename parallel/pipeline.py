@@ -113,8 +113,14 @@ def forward_only(parts: list[tuple[int, nn.Module]], schedule: str, *, pp: int, 
 
 
 def build_schedule(parts: list[tuple[int, nn.Module]], schedule: str, *, pp: int, n_microbatches: int,
-                   device: torch.device, group, loss_fn: PipelineLoss):
-    stages = [PipelineStage(m, sid, n_stages(schedule, pp), device, group=group) for sid, m in parts]
+                   device: torch.device, group, loss_fn: PipelineLoss, stage_shapes=None):
+    def shapes(sid):  # given, the stage skips its shape-inference round trip (parallel/simulate.py)
+        if stage_shapes is None:
+            return {}
+        inp, out = stage_shapes(sid)
+        return {"input_args": (inp,), "output_args": (out,)}
+
+    stages = [PipelineStage(m, sid, n_stages(schedule, pp), device, group=group, **shapes(sid)) for sid, m in parts]
     cls = SCHEDULES[schedule]
     # scale_grads=False: the loss is already normalized by the global token count
     if stages_per_rank(schedule) == 1:

@@ -217,6 +217,7 @@ class RankMemory:
     phase: str  # the moment of the peak: "loss backward", "block recompute" or "optimizer step"
     terms: list[Term]
     phases: dict[str, int] = field(default_factory=dict)  # the device total at each moment
+    moments: dict[str, list[Term]] = field(default_factory=dict)  # every moment's terms (the peak's is `terms`)
 
     @property
     def peak_bytes(self) -> int:
@@ -456,9 +457,22 @@ def in_flight(schedule: str, pp: int, pp_rank: int, n_micro: int) -> dict[int, i
 
 
 # DeepSpeed's bucket-sized buffers held at the peak, by (ZeRO stage, compute bytes): the double-buffered
-# reduce buckets (overlap_comm) and, for stages 2 and 3, the contiguous gradient buffer. Measured with the
-# tracker on CPU (tests/distributed/test_memory_plan.py keeps it true).
-_DS_BUFFERS = {(1, 4): 2, (1, 2): 2, (2, 4): 3, (2, 2): 2, (3, 4): 1, (3, 2): 1}
+# reduce buckets of overlap_comm (the gradient partition of stages 2 and 3 is a term of its own). Measured
+# with the tracker on CPU (tests/distributed/test_memory_plan.py keeps it true).
+_DS_BUFFERS = {(1, 4): 2, (1, 2): 2, (2, 4): 2, (2, 2): 2, (3, 4): 2, (3, 2): 2}
+
+
+def reshards_after_forward(cfg) -> bool:
+    """parallel.reshard_after_forward resolved: null frees gathered blocks after forward, except under pipeline
+    parallelism, where every microbatch would gather every block again (torchtitan's default too)."""
+    value = cfg.parallel.reshard_after_forward
+    return cfg.parallel.pp == 1 if value is None else bool(value)
+
+
+def _ds_setting(cfg, key: str, default: int) -> int:
+    """A zero_optimization value of the ds_config: the recipe's parallel.deepspeed override, else ours."""
+    zero = (cfg.parallel.deepspeed or {}).get("zero_optimization") or {}
+    return int(zero.get(key, default))
 
 
 def _model_states(cfg, params: list[_Param], dims: ParallelDims) -> dict[str, int]:
@@ -510,6 +524,7 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     last_stage = n_stages(sched, dims.pp) - 1
     offload = str(p.offload) == "cpu" and device != "cpu"
     ms = _model_states(cfg, params, dims)
+    gathered_zero: list[Term] = []
     grad_bytes = 2 if zero and compute == 2 else 4
     states: list[Term] = []
     opt = str(o.name)
@@ -520,10 +535,15 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
         states.append(Term("fp32 master partition", ms["master"], "host" if offload else "master"))
         states.append(Term("AdamW moments over the partition", ms["optim"], "host" if offload else "optim"))
         if stage == 3:
-            small = sum(math.prod(q.full) for q in params if math.prod(q.full) < PERSISTENCE_THRESHOLD)
-            states.append(Term(f"persisted parameters (< {PERSISTENCE_THRESHOLD:,} elements, kept gathered)",
+            threshold = _ds_setting(cfg, "stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
+            small = sum(math.prod(q.full) for q in params if math.prod(q.full) < threshold)
+            states.append(Term(f"persisted parameters (< {threshold:,} elements, kept gathered)",
                                compute * small, "params"))
-        bucket = bucket_elements(args.num_params())
+        bucket = _ds_setting(cfg, "reduce_bucket_size", bucket_elements(args.num_params()))
+        if stage == 3:
+            live = min(n_local - small, _ds_setting(cfg, "stage3_max_live_parameters", bucket))
+            gathered_zero = [Term(f"gathered parameters in use (up to stage3_max_live_parameters = {live:,})",
+                                  compute * live, "params")]
         n_buckets = _DS_BUFFERS[(stage, compute)]
         states.append(Term(f"DeepSpeed buffers: {n_buckets} x reduce bucket of {bucket:,} elements x {grad_bytes} bytes",
                            n_buckets * bucket * grad_bytes, "temporaries", "measured layout of DeepSpeed 0.19"))
@@ -545,6 +565,8 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
                                       "unsharded_grads", "reduce-scattered once, after the last micro-batch"))
         elif not zero or ZERO_STAGES[data] == 1:
             grads_at_loss.append(Term("gradients accumulated over micro-batches", grad_full, "grads"))
+    if zero and ZERO_STAGES[data] > 1:  # DeepSpeed's gradient partition is allocated once and kept
+        grads_at_loss = [Term("gradient partition (DeepSpeed's contiguous buffer, kept)", grad_full, "grads")]
 
     # -- FSDP's gathered parameters (compute dtype): the output unit is kept gathered from its forward into its
     #    backward; a block is gathered for its backward together with the prefetch of the next one
@@ -556,10 +578,16 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
         head = sum(math.prod(q.tp) for q in params if q.unit == "root" and (
             args.tie_embeddings or not q.name.startswith("tok_embeddings")))
         if last:
-            gathered_a.append(Term("gathered output unit (final norm, output projection)", compute * head,
-                                   "gathered_params"))
-        gathered_b.append(Term("gathered blocks: the one in backward and the prefetched next", 2 * compute * per_block,
-                               "gathered_params"))
+            gathered_a.append(Term("gathered output projection and final norm (kept from forward into backward)",
+                                   compute * head, "gathered_params"))
+        if reshards_after_forward(cfg):
+            gathered_b.append(Term("gathered blocks: the one in backward and the prefetched next",
+                                   2 * compute * per_block, "gathered_params"))
+        else:  # reshard_after_forward off (the default under pipelining): every unit stays gathered
+            kept = Term("gathered parameters: all of this rank's (reshard_after_forward off)", compute * n_tp,
+                        "gathered_params")
+            gathered_a[:] = [kept]
+            gathered_b.append(kept)
 
     # -- activations: every stage's blocks x its microbatches in flight
     blk = block_activation_bytes(args, ac=ac, mode=mode, tp=dims.tp)
@@ -603,16 +631,20 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
         states_bw = [Term("DDP's gradient all-reduce buffer", 4 * n_local, "temporaries", "seen by the tracker on CPU")]
     else:
         states_bw = []
-    moment_a = states + states_bw + grads_at_loss + gathered_a + acts + logits_temps if last else None
+    moment_a = states + states_bw + grads_at_loss + gathered_a + gathered_zero + acts + logits_temps if last else None
     # moment B: the backward of the last block of the micro-batch (its forward recomputed first under AC);
     # the logits' tensors are gone, the block's gradient temporaries and FSDP's reduce-scatter are there
     moment_b = None
     if block_mbs:
         extra, temps = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp)
         kept = [a for a in acts if not a.name.startswith("final norm")]
-        moment_b = states + states_bw + grads_at_loss + gathered_b + kept
+        moment_b = states + states_bw + grads_at_loss + gathered_b + gathered_zero + kept
         if extra:
             moment_b.append(Term("the checkpointed block's recomputed forward", int(extra * mb_tokens), "activations"))
+            if mode == "autocast" and ac == "full":  # the recompute casts the block's weights again
+                w = max((sum(math.prod(q.tp) for q in params if q.unit == u and len(q.full) == 2)
+                         for u in {q.unit for q in params} if u != "root"), default=0)
+                moment_b.append(Term("autocast's copies of the recomputed block's weights", 2 * w, "activations"))
         moment_b.append(Term("the block's gradient temporaries (output, gate, up)", int(temps * mb_tokens),
                              "temporaries"))
         if fsdp:
@@ -633,4 +665,5 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     totals = {k: sum(x.bytes for x in v if x.category != "host") for k, v in moments.items() if v is not None}
     phase = max(totals, key=totals.get)
     return RankMemory(pp_rank=pp_rank, stages=stage_ids(sched, pp_rank, dims.pp), phase=phase,
-                      terms=[x for x in moments[phase] if x.bytes], phases=totals)
+                      terms=[x for x in moments[phase] if x.bytes], phases=totals,
+                      moments={k: [x for x in v if x.bytes] for k, v in moments.items() if v is not None})

@@ -52,6 +52,10 @@ def build_ds_config(cfg, dims: ParallelDims, n_params: int) -> dict:
     else:
         zero["stage3_prefetch_bucket_size"] = bucket
         zero["stage3_param_persistence_threshold"] = PERSISTENCE_THRESHOLD  # smaller params stay gathered
+        # DeepSpeed's defaults (1e9 each) let up to a billion gathered parameters stay live between uses
+        # (2 GB in bf16 on every rank); one bucket's worth bounds it, and the planner counts exactly that
+        zero["stage3_max_live_parameters"] = bucket
+        zero["stage3_max_reuse_distance"] = bucket
     if str(p.offload) == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if p.offload_params:

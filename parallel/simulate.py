@@ -1,0 +1,139 @@
+"""Measure one rank of a layout without its hardware: torch's fake process group, FakeTensorMode, the tracker.
+
+`simulate(cfg, world_size, rank)` builds rank `rank` of a `world_size`-rank job exactly as the trainer does
+(`parallelize`, the optimizer, the training step of trainer/trainer.py), but every tensor is a FakeTensor
+(shapes and dtypes, no storage) and every collective a no-op of the fake process group; then it runs three
+steps and tracks the third with `parallel.memory.StepMemory`. So a 70B layout at world 512 is measured on a
+laptop in seconds, and launch/plan.py --simulate prints it beside the planner's formulas.
+
+What it cannot see: the device's own kernels (it runs the CPU ones: on a GPU, SDPA's flash and cuDNN
+kernels save different tensors than the CPU one), allocator fragmentation, and DeepSpeed, whose engine
+does not run on FakeTensors, nor does DDP's C++ reducer (ZeRO and DDP layouts are refused with that
+reason). Known pitfalls, handled here:
+the device meshes are built before fake mode is entered (mesh construction creates real tensors); the model
+is transformed on the meta device and allocated under fake mode, without drawing initial weights (there
+are no values to draw: `parallelize(fake=...)`); the pipeline stages are
+given their input and output shapes, so that they need no shape-inference round trip over the fake group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_INITIALIZED = False
+
+
+def _fake_process_group(world_size: int, rank: int) -> None:
+    global _INITIALIZED
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if _INITIALIZED or dist.is_initialized():
+        raise RuntimeError("simulate() needs a process of its own: a process group already exists here")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    _INITIALIZED = True
+
+
+def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dict:
+    """{category: bytes, "peak": bytes} of rank `rank` at the peak of a simulated step (CPU kernels)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from models.llama import build_model
+    from optim import build_optimizer, build_scheduler
+    from parallel import parallelize
+    from parallel.memory import StepMemory
+    from parallel.mesh import World, build_meshes
+    from trainer.config import derive, model_args_of
+    from trainer.faults import Faults
+    from trainer.trainer import Trainer
+
+    data = str(cfg.parallel.data)
+    if data.startswith("zero") or data == "ddp":
+        what = "DeepSpeed's engine" if data != "ddp" else "DDP's C++ reducer"
+        raise ValueError(f"--simulate: parallel.data={data} runs {what}, which does not run on FakeTensors; measure "
+                         f"this layout on real ranks (logging.memory_breakdown=true)")
+    _without_data_dependent_setup()
+    plan = derive(cfg, world_size)
+    args = model_args_of(cfg)
+    _fake_process_group(world_size, rank)
+    world = World(rank=rank, world_size=world_size, local_rank=0, device=torch.device("cpu"))
+    meshes = build_meshes(plan.dims, "cpu") if world_size > 1 else None
+    t = cfg.training
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    # a Trainer without its I/O (no data files, logger or checkpoints): the same step code
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.plan, trainer.world, trainer.device = cfg, plan, world, world.device
+    trainer.faults, trainer.skipped_steps, trainer._first_nonfinite, trainer.step = Faults(rank), 0, None, 0
+    trainer.scaler = None  # (fp16's loss scale changes no byte that the simulation counts)
+    par = parallelize(build_model(args, device="meta"), cfg, plan.dims, world, loss_sum=trainer._logits_loss_sum,
+                      meshes=meshes, fake=fake, stage_shapes=_stage_shapes(cfg, args, plan) if plan.dims.pp > 1 else None)
+    with fake:
+        trainer.par, trainer.autocast_dtype = par, par.autocast_dtype
+        trainer.optimizer = build_optimizer(par.parts, cfg, device_type="cpu")
+        trainer.scheduler = build_scheduler(trainer.optimizer, cfg)
+        par.attach_optimizer(trainer.optimizer)
+        trainer.model = par.model
+        shape = (plan.accum_steps, t.micro_batch_size, t.seq_len + 1)
+        for step in range(3):  # step 3 is the steady state (optimizer states exist, DDP buckets rebuilt)
+            batch = torch.randint(0, args.vocab_size, shape)
+            if step < 2:
+                trainer.forward_backward(batch)
+                trainer.optimizer_step()
+                continue
+            with StepMemory(par, trainer.optimizer) as tracked:
+                trainer.forward_backward(batch)
+                trainer.optimizer_step()
+    return tracked.breakdown()
+
+
+def _without_data_dependent_setup() -> None:
+    """Two set-up steps read values that fake tensors do not have; in this process (of its own) they are
+    replaced: DDP's check that every rank holds the same parameter shapes and its broadcast of rank 0's
+    values (the layouts are identical by construction), and the pipeline's warm-up vote that chooses static
+    shapes (they are static: `stage_shapes`)."""
+    import torch.nn.parallel.distributed as ddp
+    from torch.distributed.pipelining import schedules
+    from torch.distributed.pipelining.stage import PipelineStage
+
+    ddp._verify_param_shape_across_processes = lambda *a, **k: None
+    ddp._sync_module_states = lambda *a, **k: None
+
+    def static_shapes(self, stages, has_backward, p2p_done):
+        for stage in stages:
+            if isinstance(stage, PipelineStage):
+                stage._inference_mode = schedules.InferenceMode.STATIC
+
+    schedules._PipelineSchedule._warmup_p2p = static_shapes
+
+
+def _stage_shapes(cfg, args, plan):
+    """(input, output) example tensors of every pipeline stage (meta tensors: shapes and dtypes only)."""
+    from parallel.plan import n_stages
+
+    mb, T = cfg.training.micro_batch_size, cfg.training.seq_len
+    # between stages travels the residual stream: fp32, except where the parameters themselves are 16-bit
+    mixed = str(cfg.training.precision) != "fp32" and str(cfg.parallel.data) in ("fsdp", "hsdp")
+    hidden_dtype = torch.bfloat16 if mixed and str(cfg.training.precision) == "bf16" else (
+        torch.float16 if mixed else torch.float32)
+    last = n_stages(str(cfg.parallel.pp_schedule), plan.dims.pp) - 1
+    tokens = torch.empty(mb, T, dtype=torch.int64, device="meta")
+    hidden = torch.empty(mb, T, args.dim, dtype=hidden_dtype, device="meta")
+    logits_dtype = hidden_dtype if mixed or str(cfg.training.precision) == "fp32" else (
+        torch.bfloat16 if str(cfg.training.precision) == "bf16" else torch.float16)
+    logits = torch.empty(mb, T, args.vocab_size, dtype=logits_dtype, device="meta")
+    return lambda sid: (tokens if sid == 0 else hidden, logits if sid == last else hidden)
+
+
+def comparison(memory, simulated: dict) -> str:
+    """The planner's categories for the most loaded rank beside the simulation's, with the differences."""
+    top = memory.most_loaded
+    predicted = top.by_category()
+    lines = ["", f"simulated (fake process group, FakeTensorMode, torch's MemTracker; CPU kernels), pipeline rank "
+                 f"{top.pp_rank}:", f"  {'category':<16} {'predicted':>14} {'simulated':>14} {'difference':>11}"]
+    keys = [k for k in simulated if k != "peak" and (simulated[k] or predicted.get(k))]
+    for k in [*keys, "peak"]:
+        p = top.peak_bytes if k == "peak" else predicted.get(k, 0)
+        s = simulated[k]
+        diff = f"{(p - s) / s * 100:+.1f}%" if s else "-"
+        lines.append(f"  {k:<16} {p:>14,} {s:>14,} {diff:>11}")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""The planner's per-rank memory (parallel/plan.py) against torch's tracker on real gloo runs.
+
+One torchrun launch per layout (tests/distributed/memory_worker.py) builds the Trainer for every AC mode
+and precision in turn and tracks step 3 of each with parallel.memory.StepMemory. For every rank:
+- the peak is within 10% of the measured one (a few stated gaps below: within their own bound);
+- the model states the tracker sees as such (parameters, buffers, optimizer state, master copies) agree
+  to 1% (ZeRO-3: its gathered parameters are an estimate, 15%; a peak inside the optimizer step also holds
+  AdamW's update temporary, which the tracker files as optimizer state).
+The transient categories (gathered parameters, gradients, activations, temporaries) are not compared one by
+one: the tracker files a tensor under the category of the moment it first sees it, torch documents that under
+activation checkpointing it mixes up activations and temporaries, FSDP's fp32 copies of bf16 gradients land in
+"temporaries" and DeepSpeed's buffers in whichever category touched them first. With the states exact, their
+sum is the peak's. docs/memory.md shows them term by term.
+The tiny model of the parity suite (D 64, 4 blocks, vocabulary 256, micro-batch 2 x 32 tokens) keeps every
+launch to seconds; its block-level terms weigh more than in a real model, so the bounds are strict ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+MODES = ["none/fp32", "selective/fp32", "full/fp32", "none/bf16", "selective/bf16", "full/bf16"]
+ZERO3_SMALL = "parallel.deepspeed.zero_optimization.stage3_param_persistence_threshold=1000"  # partition the matrices
+
+# (id, processes, overrides)
+LAYOUTS = [
+    ("none", 1, []),
+    ("ddp", 2, ["parallel.data=ddp"]),
+    ("fsdp", 2, ["parallel.data=fsdp"]),
+    ("hsdp_2x2", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2"]),
+    ("tp", 2, ["parallel.tp=2"]),
+    ("fsdp_tp", 4, ["parallel.data=fsdp", "parallel.tp=2"]),
+    ("pp_1f1b", 2, ["parallel.pp=2"]),
+    ("pp_interleaved", 2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
+    ("pp_fsdp", 4, ["parallel.data=fsdp", "parallel.pp=2"]),
+    ("3d", 8, ["parallel.data=fsdp", "parallel.pp=2", "parallel.tp=2", "training.global_batch_size=16"]),
+    ("zero1", 2, ["parallel.data=zero1"]),
+    ("zero2", 2, ["parallel.data=zero2"]),
+    ("zero3", 2, ["parallel.data=zero3", ZERO3_SMALL]),
+    ("zero3_offload", 2, ["parallel.data=zero3", "parallel.offload=cpu", "parallel.offload_params=true"]),
+]
+
+# Where the formulas are known to miss by more than 10% on this model (measured 2026-12-01, torch 2.13 CPU):
+# (layout, mode) -> (peak bound, why). docs/memory.md lists them.
+GAPS = {
+    ("hsdp_2x2", "full/fp32"): (0.15, "a checkpointed block's backward under HSDP holds more than its recompute"),
+    ("pp_fsdp", "full/fp32"): (0.18, "FSDP under pipelining with full AC: the first stage's backward, under-predicted"),
+    ("pp_fsdp", "full/bf16"): (0.15, "the same, bf16"),
+    ("pp_fsdp", "selective/bf16"): (0.13, "the last stage's block backward, over-predicted"),
+    ("3d", "none/bf16"): (0.13, "TP with FSDP's bf16 parameters: RMSNorm on DTensors saves fp32 copies"),
+    ("zero3_offload", "none/fp32"): (0.14, "DeepSpeed's offloaded ZeRO-3 buffers at the loss's backward"),
+}
+STATES = ("params", "buffers", "optim", "master")
+
+
+def _update_temporary(rank) -> int:
+    """AdamW's update temporary, as the planner's optimizer-step moment states it (0 without one)."""
+    return sum(t.bytes for t in rank.moments["optimizer step"] if "update temporary" in t.name)
+
+
+@pytest.fixture(scope="session")
+def measured(tmp_path_factory):
+    """run(nproc, overrides) -> {mode: [breakdown per rank]}, one launch per layout, cached for the session."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import TINY
+    from helpers import REPO
+
+    cache = {}
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
+    worker = str(REPO / "tests" / "distributed" / "memory_worker.py")
+
+    def run(nproc: int, overrides: list[str]) -> dict:
+        key = (nproc, tuple(overrides))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("memory")
+            args = [worker, str(out), ",".join(MODES), *TINY, "training.global_batch_size=8", *overrides]
+            cmd = [sys.executable, *args] if nproc == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+            env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(out),
+                   "TORCH_EXTENSIONS_DIR": extensions}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+            assert proc.returncode == 0, f"{nproc} ranks {overrides}:\n{proc.stderr[-3000:]}"
+            cache[key] = torch.load(out / "result.pt")
+        return cache[key]
+
+    return run
+
+
+def plan_of(nproc: int, overrides: list[str], mode: str):
+    from conftest import TINY
+    from parallel.plan import memory_plan
+    from trainer.config import load_config, model_args_of, parallel_dims
+
+    ac, precision = mode.split("/")
+    cfg = load_config([*TINY, "training.global_batch_size=8", *overrides, f"parallel.ac={ac}",
+                       f"training.precision={precision}"])
+    dims, problems = parallel_dims(cfg, nproc)
+    assert not problems, problems
+    return memory_plan(cfg, model_args_of(cfg), dims), dims
+
+
+@pytest.mark.parametrize("name, nproc, overrides", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_predicted_memory_matches_the_tracker(name, nproc, overrides, measured):
+    results = measured(nproc, overrides)
+    assert sorted(results) == sorted(MODES)
+    failures = []
+    for mode in MODES:
+        plan, dims = plan_of(nproc, overrides, mode)
+        bound, why = GAPS.get((name, mode), (0.10, ""))
+        for rank, got in enumerate(results[mode]):
+            want = plan.ranks[rank // (nproc // dims.pp)]
+            cats = want.by_category()
+            where = f"{name} {mode} rank {rank}"
+            err = abs(want.peak_bytes - got["peak"]) / got["peak"]
+            if err > bound:
+                failures.append(f"{where}: peak predicted {want.peak_bytes:,}, measured {got['peak']:,} "
+                                f"({err:.1%} > {bound:.0%}{'; ' + why if why else ''})")
+            states = {k: sum(t.bytes for t in want.terms if t.category == k and "update temporary" not in t.name)
+                      for k in STATES}
+            temp = _update_temporary(want)
+            for k in STATES:
+                tol = 0.15 if (k == "params" and name.startswith("zero3")) else 0.01
+                low, high = states[k] * (1 - tol), (states[k] + (temp if k == "optim" else 0)) * (1 + tol)
+                if not low - 8 <= got[k] <= high + 8:
+                    failures.append(f"{where}: {k} predicted {states[k]:,}, measured {got[k]:,}")
+    assert not failures, "\n".join(failures)
+
+
+def test_known_gaps_are_still_gaps(measured):
+    """A gap that closed must leave GAPS (and docs/memory.md): each is outside 10% today."""
+    closed = []
+    layouts = {name: (nproc, ov) for name, nproc, ov in LAYOUTS}
+    for (name, mode), (bound, _) in GAPS.items():
+        nproc, overrides = layouts[name]
+        plan, dims = plan_of(nproc, overrides, mode)
+        worst = max(abs(plan.ranks[r // (nproc // dims.pp)].peak_bytes - got["peak"]) / got["peak"]
+                    for r, got in enumerate(measured(nproc, overrides)[mode]))
+        if worst <= 0.10:
+            closed.append(f"{name} {mode}: now within {worst:.1%}")
+    assert not closed, closed
+
+
+def test_memory_breakdown_reaches_every_sink(tmp_path):
+    """logging.memory_breakdown=true on a real 2-rank FSDP run: the chosen step (3, not a logging step) is
+    tracked on every rank; console, metrics.jsonl, TensorBoard and W&B carry it, and it is the planner's."""
+    from conftest import TINY
+    from helpers import read_jsonl, read_wandb_records, run_train, wandb_history
+
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "training.global_batch_size=8", "parallel.data=fsdp", "training.steps=4", "logging.every=2"]
+    overrides = [o for o in overrides if not o.startswith(("logging.jsonl", "logging.tensorboard", "logging.console",
+                                                           "logging.wandb"))]
+    proc = run_train([*overrides, f"run_dir={run_dir}", "logging.memory_breakdown=true", "logging.wandb.mode=offline"],
+                     nproc=2)
+    assert "memory at the peak of step 3, rank 0: " in proc.stdout and "rank 1: " in proc.stdout
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    (record,) = [r for r in rows if r.get("event") == "memory_breakdown"]
+    assert record["step"] == 3 and record["unit"] == "bytes" and len(record["ranks"]) == 2
+    for rank in record["ranks"]:
+        assert rank["peak"] == sum(v for k, v in rank.items() if k != "peak") > 0
+        assert rank["params"] > 0 and rank["optim"] > 0 and rank["activations"] > 0
+    (step3,) = [r for r in rows if r.get("step") == 3 and "event" not in r]
+    top = max(record["ranks"], key=lambda b: b["peak"])
+    assert step3["memory/tracked_peak_bytes"] == top["peak"]
+    assert step3["memory/tracked/activations_bytes"] == top["activations"]
+    plan, _ = plan_of(2, ["parallel.data=fsdp"], "none/bf16")  # this run's layout: TINY's bf16 default, no AC
+    assert abs(plan.peak_bytes - top["peak"]) <= 0.10 * top["peak"], (plan.peak_bytes, top["peak"])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("memory/tracked_peak_bytes")] == [(3, float(top["peak"]))]
+    (wandb_file,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    logged = [h for h in wandb_history(read_wandb_records(wandb_file)) if "memory/tracked_peak_bytes" in h]
+    assert [(h["train/step"], h["memory/tracked_peak_bytes"]) for h in logged] == [(3, top["peak"])]
