@@ -73,7 +73,12 @@ def main(argv: list[str]) -> int:
     if "--simulate" in flags:
         from parallel.simulate import simulate
 
-        simulated = simulate(cfg, own["world_size"], rank=plan.memory.most_loaded_rank(plan.dims), device=own["device"])
+        try:
+            simulated = simulate(cfg, own["world_size"], rank=plan.memory.most_loaded_rank(plan.dims),
+                                 device=own["device"])
+        except ValueError as e:
+            print(f"shardwise: {e}", file=sys.stderr)
+            return 2
     if "--json" in flags:
         out = {"recipe": cfg.name, "world_size": own["world_size"], "layout": plan.dims.describe(),
                **plan.memory.to_json()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -25,6 +26,10 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     end of backward (2 V x D bytes for nothing). The output unit is used last in forward and first in
     backward: it is kept gathered in between (resharding it would only gather it again at once).
     """
+    # FSDP warns when a unit returns a view (the embedding's lookup can be one) because an in-place op on it would
+    # skip the unit's backward hook; no module here writes into its input in place (the residual adds are
+    # out of place), so the warning would only alarm
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPEmbedding\) returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # pinned host memory needs a GPU; on GPU, offload keeps shards in host RAM and the optimizer steps there
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()

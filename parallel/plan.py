@@ -241,6 +241,7 @@ class MemoryPlan:
     reserve_bytes: int  # DEVICE_RESERVE_BYTES of the device
     capacity_bytes: int | None  # the device memory to fit in (None: not asked)
     ranks_per_node: int  # for host memory per node (offload)
+    warnings: list[str] = field(default_factory=list)  # where the prediction is known to be short
 
     @property
     def most_loaded(self) -> RankMemory:
@@ -271,6 +272,7 @@ class MemoryPlan:
         return {
             "peak_bytes": self.peak_bytes, "reserve_bytes": self.reserve_bytes, "capacity_bytes": self.capacity_bytes,
             "fits": None if self.capacity_bytes is None else self.peak_bytes + self.reserve_bytes <= self.capacity_bytes,
+            "warnings": self.warnings,
             "most_loaded_pp_rank": top.pp_rank, "host_bytes_per_node": self.host_bytes_per_node,
             "ranks": [{"pp_rank": r.pp_rank, "stages": r.stages, "phase": r.phase, "peak_bytes": r.peak_bytes,
                        "host_bytes": r.host_bytes, "by_category": r.by_category(), "phases": r.phases,
@@ -295,6 +297,7 @@ class MemoryPlan:
                          f"{self.ranks_per_node} ranks (offloaded state)")
         if (v := self.verdict()) is not None:
             lines.append(f"verdict            {v}")
+        lines += [f"warning            {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -406,12 +409,22 @@ def block_activation_bytes(args, *, ac: str, mode: str, tp: int) -> float:
     if ac == "selective":  # saved: the input, every matmul's output, SDPA's outputs; the rest is recomputed
         rs = (2 * out * D / t) if t > 1 else 0  # the reduce-scatter outputs after wo and w2
         return res * D / t + out * ((Q + 2 * K) / t + Q / t + 2 * D + 2 * F / t) + 4 * H / t + rs
-    norms = 2 * (res * 2 * D / t + res / t)  # two RMSNorms: input, normalized input, 1/rms
+    norms = 2 * _norm_bytes(D, mode, t)  # two RMSNorms
     casts = 3 if mode == "autocast" else 1  # autocast casts the shared input once per linear (wq, wk, wv)
     gathered = lin * D * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
     attention = out * (Q + 2 * K + Q) / t + 4 * H / t  # rope(q), rope(k), v, SDPA output; log-sum-exp
     mlp = out * 4 * F / t  # gate, silu(gate), up, product
     return norms + gathered + attention + mlp
+
+
+def _norm_bytes(D: int, mode: str, tp: int) -> float:
+    """Per token, what one RMSNorm saves: its input, the normalized input and 1/rms in the residual dtype;
+    on 16-bit DTensors (FSDP's bf16 parameters under tensor parallelism) torch's RMSNorm runs in fp32 and
+    saves four fp32 copies of the (sequence-sharded) input instead (measured with the tracker)."""
+    if mode == "mixed" and tp > 1:
+        return (4 * 4 * D + 4) / tp
+    res = 2 if mode == "mixed" else 4
+    return (res * 2 * D + res) / tp
 
 
 def block_recompute_bytes(args, *, ac: str, mode: str, tp: int) -> tuple[float, float]:
@@ -503,9 +516,15 @@ def memory_plan(cfg, args, dims: ParallelDims, *, device: str = "cpu", capacity_
                 ranks_per_node: int = 8) -> MemoryPlan:
     """Every term of every pipeline rank's memory at the peak of a step (module docstring)."""
     ranks = [_rank_memory(cfg, args, dims, r, device=device) for r in range(dims.pp)]
+    warnings = []
+    if dims.pp > 1 and str(cfg.parallel.pp_schedule) in V_SHAPED:
+        warnings.append(f"pp_schedule={cfg.parallel.pp_schedule}: a lower bound. The zero-bubble V schedules hold a "
+                        f"microbatch's tensors from its input-gradient to its weight-gradient pass; measured on CPU "
+                        f"13-26% above this prediction without AC, and with AC 1.5-7x above it (AC under these "
+                        f"schedules held more than no AC); docs/memory.md")
     return MemoryPlan(ranks=ranks, reserve_bytes=DEVICE_RESERVE_BYTES.get(device, 0),
                       capacity_bytes=None if capacity_gib is None else int(capacity_gib * GIB),
-                      ranks_per_node=ranks_per_node)
+                      ranks_per_node=ranks_per_node, warnings=warnings)
 
 
 def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankMemory:
@@ -615,7 +634,7 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     if last:
         res = 4 if mode != "mixed" else 2
         lin = 4 if mode == "fp32" else 2
-        final = res * (2 * args.dim + 1) / dims.tp + lin * args.dim + 4 * v_local + 8
+        final = _norm_bytes(args.dim, mode, dims.tp) + lin * args.dim + 4 * v_local + 8
         n_last = flying[last_stage]
         acts.append(Term(f"final norm, output input, fp32 log-softmax, targets x {n_last} in flight",
                          int(final * mb_tokens * n_last), "activations"))

@@ -6,7 +6,8 @@
 steps and tracks the third with `parallel.memory.StepMemory`. So a 70B layout at world 512 is measured on a
 laptop in seconds, and launch/plan.py --simulate prints it beside the planner's formulas.
 
-What it cannot see: the device's own kernels (it runs the CPU ones: on a GPU, SDPA's flash and cuDNN
+What it cannot see: torch.compile (the simulation runs eager: a compiled block saves fewer tensors, so a
+compiled layout measures on the high side); the device's own kernels (it runs the CPU ones: on a GPU, SDPA's flash and cuDNN
 kernels save different tensors than the CPU one), allocator fragmentation, and DeepSpeed, whose engine
 does not run on FakeTensors, nor does DDP's C++ reducer (ZeRO and DDP layouts are refused with that
 reason). Known pitfalls, handled here:
@@ -47,12 +48,19 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
     from trainer.faults import Faults
     from trainer.trainer import Trainer
 
-    data = str(cfg.parallel.data)
+    data, p = str(cfg.parallel.data), cfg.parallel
+    if p.pp > 1 and (str(p.pp_schedule) not in ("gpipe", "1f1b") or p.tp > 1):
+        raise ValueError(f"--simulate: pipeline parallelism is simulated with one stage per rank and without TP "
+                         f"(gpipe, 1f1b); parallel.pp_schedule={p.pp_schedule}, tp={p.tp} fails under fake tensors "
+                         f"(the multi-stage schedules' loss backward, TP's stage shapes); measure it on real ranks")
     if data.startswith("zero") or data == "ddp":
         what = "DeepSpeed's engine" if data != "ddp" else "DDP's C++ reducer"
         raise ValueError(f"--simulate: parallel.data={data} runs {what}, which does not run on FakeTensors; measure "
                          f"this layout on real ranks (logging.memory_breakdown=true)")
     _without_data_dependent_setup()
+    if cfg.parallel.compile:  # compiling under FakeTensorMode is not what the trainer runs; measure eager
+        cfg = cfg.copy()
+        cfg.parallel.compile = False
     plan = derive(cfg, world_size)
     args = model_args_of(cfg)
     _fake_process_group(world_size, rank)

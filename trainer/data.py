@@ -277,15 +277,14 @@ class BatchLoader:
 
 
 def open_sources(cfg, seq_len: int, vocab_size: int) -> tuple[object, object, str]:
-    """(train source, validation source, description) for the config's data.source."""
-    from trainer.config import DataSource
-
+    """(train source, validation source, description) for the config's data.source (synthetic, default,
+    tokens: compared as strings, so that this module does not import the config module that imports it)."""
     d = cfg.data
-    if d.source == DataSource.synthetic:
+    if str(d.source) == "synthetic":
         seed = cfg.training.seed
         return (SyntheticSource(vocab_size, seq_len, seed, "train"), SyntheticSource(vocab_size, seq_len, seed, "val"),
                 f"synthetic uniform tokens, vocab {vocab_size}")
-    if d.source == DataSource.default:
+    if str(d.source) == "default":
         path = default_dataset_dir(d.cache_dir, d.default_corpus_mb, d.val_fraction)
     else:
         path = Path(d.path).expanduser()

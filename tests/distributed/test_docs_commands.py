@@ -36,19 +36,24 @@ OTHER_COMMANDS = {
 }
 
 
-def documented_commands() -> list[tuple[str, str]]:
-    out = []
+def doc_lines():
+    """(doc name, line, inside a code block) for every line of README.md and docs/, comments cut off."""
     for doc in DOCS:
         inside = False
         for line in doc.read_text().splitlines():
             if line.startswith("```"):
                 inside = not inside
                 continue
-            line = line.split("  #")[0].strip().rstrip("\\").strip()
-            if inside and "launch/train.py" in line and re.match(r"^(python|torchrun)\b", line):
-                out.append((doc.name, line))
-            elif not inside:  # inline: `python launch/train.py ...` in a sentence
-                out += [(doc.name, m) for m in re.findall(r"`((?:python|torchrun) [^`]*launch/train\.py[^`]*)`", line)]
+            yield doc.name, line.split("  #")[0].strip().rstrip("\\").strip(), inside
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    out = []
+    for name, line, inside in doc_lines():
+        if inside and "launch/train.py" in line and re.match(r"^(python|torchrun)\b", line):
+            out.append((name, line))
+        elif not inside:  # inline: `python launch/train.py ...` in a sentence
+            out += [(name, m) for m in re.findall(r"`((?:python|torchrun) [^`]*launch/train\.py[^`]*)`", line)]
     return out
 
 
@@ -133,3 +138,38 @@ def test_docs_cite_only_files_that_exist():
             if not (REPO / path).exists() and not (REPO / "launch" / path).exists():
                 missing.append(f"{doc.name}: {path}")
     assert not missing, missing
+
+
+def documented_plan_commands() -> list[str]:
+    out = set()
+    for _, line, inside in doc_lines():
+        if inside and re.match(r"^python launch/plan\.py\b", line):
+            out.add(line)
+        elif not inside:
+            out |= set(re.findall(r"`(python launch/plan\.py[^`]*)`", line))
+    return sorted(out)
+
+
+PLAN_COMMANDS = documented_plan_commands()
+
+
+def test_the_docs_show_plan_commands():
+    assert any("--json" in c for c in PLAN_COMMANDS) and any("--simulate" in c for c in PLAN_COMMANDS)
+
+
+@pytest.mark.parametrize("line", PLAN_COMMANDS)
+def test_documented_plan_command_runs(line):
+    """launch/plan.py lines run as shown (they need no GPU: the planner is arithmetic, the simulation fake)."""
+    import json
+
+    args = shlex.split(line)[2:]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
+    if "--json" in args:
+        out = json.loads(proc.stdout)
+        assert out["peak_bytes"] > 0 and "reserve_bytes" in out and out["fits"] in (True, False)
+    else:
+        assert "tensor bytes per rank on the device" in proc.stdout and "verdict" in proc.stdout
+    if "--simulate" in args:
+        assert "simulated (fake process group" in proc.stdout

@@ -79,3 +79,38 @@ def test_microbatches_in_flight_are_torchs(schedule, pp, n_micro):
         want = {sid: n for sid, n in _held_at_peak(_torch_actions(schedule, pp, n_micro, rank)).items() if n}
         assert in_flight(schedule, pp, rank, n_micro) == want, f"{schedule} pp={pp} rank {rank}"
         assert set(want) == set(stage_ids(schedule, rank, pp))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recipe=llama7b_fsdp", "world_size=eight"], "world_size=eight: expected int"),
+    (["recipe=llama7b_fsdp", "--jsn"], "--jsn: unknown flag; known: --json, --simulate"),
+    (["recipe=llama7b_fsdp", "world_size=6"], "training.global_batch_size(64) must be divisible by"),
+    (["recipe=llama7b_fsdp", "traning.steps=5"], "unknown key 'traning'"),
+    (["recipe=llama7b_zero3", "--simulate"], "--simulate: parallel.data=zero3 runs DeepSpeed's engine"),
+])
+def test_plan_cli_refuses_bad_input_with_one_message(args, message):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_planner_is_pure_arithmetic():
+    """parallel/plan.py imports the standard library and the model's shape table, nothing that starts or
+    needs a process group, and nothing from trainer/ (which reads it: no import circle)."""
+    import ast
+
+    from helpers import REPO
+
+    tree = ast.parse((REPO / "parallel" / "plan.py").read_text())
+    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert imported <= {"__future__", "math", "dataclasses", "models.llama"}, imported
+    for path in ("parallel/memory.py", "trainer/data.py"):
+        text = (REPO / path).read_text()
+        assert "from trainer.config import" not in text and "import trainer.config" not in text, path
