@@ -69,13 +69,12 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         return 2
-    simulated = None
+    simulated, rank = None, plan.memory.most_loaded_rank(plan.dims)
     if "--simulate" in flags:
         from parallel.simulate import simulate
 
         try:
-            simulated = simulate(cfg, own["world_size"], rank=plan.memory.most_loaded_rank(plan.dims),
-                                 device=own["device"])
+            simulated = simulate(cfg, own["world_size"], rank=rank, device=own["device"])
         except ValueError as e:
             print(f"shardwise: {e}", file=sys.stderr)
             return 2
@@ -83,7 +82,7 @@ def main(argv: list[str]) -> int:
         out = {"recipe": cfg.name, "world_size": own["world_size"], "layout": plan.dims.describe(),
                **plan.memory.to_json()}
         if simulated is not None:
-            out["simulated"] = simulated
+            out["simulated"], out["simulated_rank"] = simulated, rank
         print(json.dumps(out, indent=2))
         return 0
     print(f"{cfg.name}: {plan.params / 1e9:.2f} B parameters, world {own['world_size']} "

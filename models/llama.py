@@ -172,6 +172,22 @@ def args_from_config(m) -> ModelArgs:
     return args
 
 
+def config_problems(args: ModelArgs, name: str) -> list[str]:
+    """The model section's rules (trainer/config.py::validate collects every subsystem's)."""
+    problems: list[str] = []
+    if args.dim % args.n_heads:
+        problems.append(f"model.n_heads({args.n_heads}) must divide model.dim({args.dim}): "
+                        f"{args.dim} % {args.n_heads} = {args.dim % args.n_heads}")
+    if args.n_heads % args.kv_heads:
+        problems.append(f"model.n_kv_heads({args.kv_heads}) must divide model.n_heads({args.n_heads}): "
+                        f"{args.n_heads} % {args.kv_heads} = {args.n_heads % args.kv_heads}")
+    elif args.dim % args.n_heads == 0 and args.head_dim % 2:
+        problems.append(f"head dim model.dim/model.n_heads = {args.dim}/{args.n_heads} = {args.head_dim} must be even for RoPE")
+    if name != "llama":
+        problems.append(f"model.name={name}: unknown model; known: llama")
+    return problems
+
+
 # ----------------------------------------------------------------------------------------------
 # RoPE
 

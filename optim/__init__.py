@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 from torch import nn
 
@@ -77,3 +79,58 @@ def build_optimizer(parts: list[nn.Module], cfg, *, device_type: str) -> torch.o
 
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "build_scheduler", "lr_multiplier", "param_groups"]
+
+
+def config_problems(cfg, args) -> list[str]:
+    """The optim section's rules (trainer/config.py::validate collects every subsystem's)."""
+    from trainer.config import _installed
+
+    o, t = cfg.optim, cfg.training
+    problems: list[str] = []
+    if o.name not in OPTIMIZERS:
+        close = difflib.get_close_matches(o.name, OPTIMIZERS, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        problems.append(f"optim.name={o.name}: unknown optimizer.{hint} Known: {', '.join(OPTIMIZERS)}")
+    if o.name == "adamw8bit":
+        if not _installed("torchao"):
+            problems.append("optim.name=adamw8bit needs torchao, which is not installed: pip install -e '.[lowbit]'")
+    if o.name == "adafactor":
+        a = o.adafactor
+        if a.beta2_decay > 0:
+            problems.append(f"optim.adafactor.beta2_decay={a.beta2_decay} must be <= 0")
+        if a.d < 1:
+            problems.append(f"optim.adafactor.d={a.d} must be >= 1")
+        if a.beta1 is not None and not 0 <= a.beta1 < 1:
+            problems.append(f"optim.adafactor.beta1={a.beta1} must be in [0, 1) or null")
+    if not o.lr > 0:
+        problems.append(f"optim.lr={o.lr} must be > 0")
+    if o.lr_multipliers:
+        from fnmatch import fnmatchcase
+
+        from models.llama import build_model, canonical_name
+
+        names = [canonical_name(n) for n, _ in build_model(args, device="meta").named_parameters()]
+        for rule in o.lr_multipliers:
+            if not rule.scale > 0:
+                problems.append(f"optim.lr_multipliers: scale {rule.scale} for '{rule.pattern}' must be > 0")
+            if not any(fnmatchcase(n, rule.pattern) for n in names):
+                problems.append(f"optim.lr_multipliers: pattern '{rule.pattern}' matches no parameter; names look "
+                                f"like {names[1]} or {names[0]}")
+    if o.weight_decay < 0:
+        problems.append(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= o[key] < 1:
+            problems.append(f"optim.{key}={o[key]} must be in [0, 1)")
+    if o.eps <= 0:
+        problems.append(f"optim.eps={o.eps} must be > 0")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        problems.append(f"optim.warmup_steps({o.warmup_steps}) must be in [0, training.steps({t.steps})]: set "
+                        f"optim.warmup_steps={max(0, min(t.steps, o.warmup_steps))} or less (a short run: "
+                        f"optim.warmup_steps=0), or raise training.steps")
+    if not 0 <= o.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if not 0 < o.decay_fraction <= 1:
+        problems.append(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    if o.max_grad_norm < 0:
+        problems.append(f"optim.max_grad_norm={o.max_grad_norm} must be >= 0 (0 disables clipping)")
+    return problems

@@ -25,17 +25,27 @@ def _ops_to_save() -> set:
     return ops
 
 
-def _selective_policy(save: set, ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+def _selective_policy(save: set, partial_width: int | None, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op not in save:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if partial_width is not None and op is torch.ops.aten.mm.default and args[1].shape[-1] == partial_width:
+        # under TP a row-parallel projection (wo, w2) multiplies into the full model width over the full sequence:
+        # its output is a partial sum about to be reduce-scattered, t times the size of what is kept after the
+        # reduce-scatter (which is saved); recomputing the matmul costs one matmul in backward, saving it
+        # 2 x model width bytes per token per projection (a column-parallel projection whose local width happened
+        # to equal the model width would be recomputed too: compute, not correctness)
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
 
 
-def selective_context():
-    return create_selective_checkpoint_contexts(partial(_selective_policy, _ops_to_save()))
+def selective_context(partial_width: int | None = None):
+    return create_selective_checkpoint_contexts(partial(_selective_policy, _ops_to_save(), partial_width))
 
 
-def apply_ac(model: nn.Module, mode: str, *, every: int = 1) -> None:
+def apply_ac(model: nn.Module, mode: str, *, every: int = 1, tp: int = 1) -> None:
     """Wrap the model's blocks in place. `full`: keep only the block input and recompute the block in
-    backward, on every `every`-th block; `selective`: keep matmul and attention outputs, recompute the rest."""
+    backward, on every `every`-th block; `selective`: keep matmul and attention outputs, recompute the rest
+    (under TP the row-parallel matmuls' pre-reduce-scatter outputs are recomputed too: `_selective_policy`)."""
     if mode == "none":
         return
     for i, (name, block) in enumerate(list(model.blocks.named_children())):
@@ -44,7 +54,8 @@ def apply_ac(model: nn.Module, mode: str, *, every: int = 1) -> None:
                 continue
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         elif mode == "selective":
-            wrapped = checkpoint_wrapper(block, context_fn=selective_context, preserve_rng_state=False)
+            context = partial(selective_context, model.args.dim if tp > 1 else None)
+            wrapped = checkpoint_wrapper(block, context_fn=context, preserve_rng_state=False)
         else:
             raise ValueError(f"parallel.ac={mode}: unknown; known: none, full, selective")
         model.blocks.register_module(name, wrapped)

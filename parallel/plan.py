@@ -21,6 +21,7 @@ casts autocast makes for every linear), checked against the tracker by tests/dis
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 
@@ -187,6 +188,74 @@ def degenerate(data: str, dims: ParallelDims) -> list[str]:
     if data in ("ddp", *ZERO_STAGES) and dims.dp_size == 1:
         out.append(f"parallel.data={data} with one data-parallel rank: nothing is replicated or partitioned")
     return out
+
+
+def layout_problems(cfg, args, world_size: int) -> list[str]:
+    """The parallel section's arithmetic: degrees, divisibility, stages and microbatches, the combinations that
+    cannot work (trainer/config.py::validate collects every subsystem's rules)."""
+    p, t = cfg.parallel, cfg.training
+    dims, problems = resolve_dims(str(p.data), dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp,
+                                  world_size=max(world_size, 1))
+    dp = dims.dp_size if dims else 1
+    if p.tp > 1:
+        for what, n in (("model.n_heads", args.n_heads), ("model.n_kv_heads", args.kv_heads)):
+            if n % p.tp:
+                problems.append(f"parallel.tp({p.tp}) must divide {what}({n}): {n} % {p.tp} = {n % p.tp}")
+        if args.tie_embeddings:
+            problems.append("parallel.tp > 1 with model.tie_embeddings=true is not supported (the embedding and the "
+                            "output projection would be split twice); set model.tie_embeddings=false")
+        if p.data == "ddp":
+            problems.append(f"parallel.data=ddp with parallel.tp({p.tp}): DDP cannot wrap tensor-parallel "
+                            f"(DTensor) parameters; use parallel.data=fsdp or hsdp with tp")
+    if p.pp > 1 and p.data == "ddp":
+        problems.append(f"parallel.data=ddp with parallel.pp({p.pp}) is not supported; use parallel.data=fsdp "
+                        f"(or none) with pp")
+    if p.pp_schedule not in PP_SCHEDULES:
+        close = difflib.get_close_matches(p.pp_schedule, PP_SCHEDULES, n=1)
+        problems.append(f"parallel.pp_schedule={p.pp_schedule}: unknown schedule"
+                        f"{f'; did you mean {close[0]}?' if close else ''} Known: {', '.join(PP_SCHEDULES)}")
+    elif p.pp > 1:
+        stages = n_stages(p.pp_schedule, p.pp)
+        per_rank = stages_per_rank(p.pp_schedule)
+        if stages > args.n_layers:
+            problems.append(f"pipeline stages pp({p.pp}) x {per_rank} per rank ({p.pp_schedule}) = {stages} "
+                            f"> model.n_layers({args.n_layers}): every stage needs at least one block")
+        if t.global_batch_size >= 1 and t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0:
+            n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+            if p.pp_schedule != "gpipe" and n_micro < stages:
+                problems.append(
+                    f"pipeline microbatches = training.global_batch_size({t.global_batch_size}) / "
+                    f"(training.micro_batch_size({t.micro_batch_size}) * dp({dp})) = {n_micro} < {stages} stages, "
+                    f"which {p.pp_schedule} needs to fill the pipeline; lower training.micro_batch_size or raise "
+                    f"training.global_batch_size")
+    if p.pp > 1 and p.pp_schedule in V_SHAPED and p.ac == "selective":
+        problems.append(f"parallel.ac=selective with parallel.pp_schedule={p.pp_schedule}: that schedule splits each "
+                        f"backward into an input-gradient and a weight-gradient pass, and torch's selective "
+                        f"checkpointing allows one backward per checkpointed region (\"Trying to backward an extra "
+                        f"time\"); use parallel.ac=full, or pp_schedule=1f1b or interleaved_1f1b")
+    if p.ac_every < 1:
+        problems.append(f"parallel.ac_every={p.ac_every} must be >= 1")
+    zero = str(p.data) in ZERO_STAGES
+    if p.offload == "cpu" and p.data not in ("fsdp", "hsdp") and not zero:
+        problems.append(f"parallel.offload=cpu needs a sharded strategy (fsdp, hsdp, zero1, zero2, zero3), "
+                        f"not parallel.data={p.data}")
+    if p.offload_params and p.data != "zero3":
+        problems.append(f"parallel.offload_params=true needs parallel.data=zero3 (only ZeRO-3 partitions the "
+                        f"parameters; with fsdp, parallel.offload=cpu already offloads them), not {p.data}")
+    if p.deepspeed and not zero:
+        problems.append(f"parallel.deepspeed sets ds_config keys, which only the DeepSpeed strategies "
+                        f"(zero1, zero2, zero3) read; parallel.data={p.data}")
+    if p.compile and p.tp > 1 and p.ac != "none":
+        problems.append("parallel.compile=true with parallel.tp > 1 and activation checkpointing fails in torch "
+                        "(a compiled checkpoint-wrapped block under TP); drop one of the three")
+    if t.global_batch_size >= 1 and t.micro_batch_size >= 1:
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            problems.append(
+                f"training.global_batch_size({t.global_batch_size}) must be divisible by "
+                f"training.micro_batch_size({t.micro_batch_size}) * dp({dp}) = {per_step}: "
+                f"{t.global_batch_size} % {per_step} = {t.global_batch_size % per_step}")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,8 +476,9 @@ def block_activation_bytes(args, *, ac: str, mode: str, tp: int) -> float:
     if ac == "full":
         return res * D / t  # the block's input only
     if ac == "selective":  # saved: the input, every matmul's output, SDPA's outputs; the rest is recomputed
-        rs = (2 * out * D / t) if t > 1 else 0  # the reduce-scatter outputs after wo and w2
-        return res * D / t + out * ((Q + 2 * K) / t + Q / t + 2 * D + 2 * F / t) + 4 * H / t + rs
+        # under TP the row-parallel matmuls (wo, w2) are recomputed and their reduce-scattered outputs saved
+        rows = 2 * out * D / t if t > 1 else 2 * out * D
+        return res * D / t + out * ((Q + 2 * K) / t + Q / t + 2 * F / t) + 4 * H / t + rows
     norms = 2 * _norm_bytes(D, mode, t)  # two RMSNorms
     casts = 3 if mode == "autocast" else 1  # autocast casts the shared input once per linear (wq, wk, wv)
     gathered = lin * D * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3

@@ -167,3 +167,49 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
                            autocast_dtype=None, loss_parallel=False, notes=notes, manages_precision=True)
     par.ds_config = ds_config
     return par
+
+
+def config_problems(cfg, *, on_cpu: bool) -> list[str]:
+    """The rules of the DeepSpeed strategies (none for the others): what DeepSpeed can run here, and what
+    shardwise refuses under it (trainer/config.py::validate collects every subsystem's rules)."""
+    p, t, o = cfg.parallel, cfg.training, cfg.optim
+    if str(p.data) not in ZERO_STAGES:
+        return []
+    from trainer.config import _installed
+
+    problems: list[str] = []
+    if p.tp > 1 or p.pp > 1:
+        problems.append(f"parallel.data={p.data} with tp({p.tp}) / pp({p.pp}): shardwise runs DeepSpeed ZeRO as "
+                        f"pure data parallelism; for tensor or pipeline parallelism use parallel.data=fsdp")
+    if not _installed("deepspeed"):
+        problems.append(f"parallel.data={p.data} needs DeepSpeed, which is not installed: "
+                        f"pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 skips prebuilding its ops)")
+    elif t.precision == "fp16" and on_cpu and not _deepspeed_cpu_fp16():
+        problems.append(f"training.precision=fp16 with parallel.data={p.data} on the CPU: DeepSpeed's CPU "
+                        f"accelerator runs fp16 only where oneDNN has fp16 kernels (CPUs with AVX512-FP16), and "
+                        f"this one has none; use training.precision=bf16 or fp32 on this machine")
+    if o.name == "adafactor":
+        problems.append(
+            f"optim.name=adafactor with parallel.data={p.data} is refused: DeepSpeed hands the optimizer flat fp32 "
+            f"partitions cut at arbitrary element offsets, so a matrix's rows and columns, which Adafactor "
+            f"factors its second moment over, are split across ranks mid-row; running it would be a different "
+            f"algorithm under the same name. Use parallel.data=fsdp (sharding-aware Adafactor) or optim.name=adamw")
+    if o.name in ("adamw8bit", "adamw_bf16"):
+        problems.append(f"optim.name={o.name} with parallel.data={p.data} is refused: DeepSpeed wraps the optimizer "
+                        f"in its own ZeRO optimizer, which steps flat fp32 partitions and checkpoints their states in "
+                        f"its own format, a path shardwise does not test for low-precision states. Use "
+                        f"parallel.data=fsdp (or ddp/hsdp/tp/pp) with {o.name}, or optim.name=adamw under ZeRO")
+    if cfg.checkpoint.async_save:
+        problems.append(f"checkpoint.async_save=true with parallel.data={p.data}: DeepSpeed saves its own files "
+                        f"synchronously; set checkpoint.async_save=false")
+    if str(cfg.numerics.on_nonfinite) == "skip":
+        problems.append(f"numerics.on_nonfinite=skip with parallel.data={p.data}: DeepSpeed's engine applies the "
+                        f"update itself; use numerics.on_nonfinite=raise (DeepSpeed skips fp16 overflows on its own)")
+    return problems
+
+
+def _deepspeed_cpu_fp16() -> bool:
+    """DeepSpeed's own answer: does its CPU accelerator accept fp16 here?"""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    return bool(CPU_Accelerator().is_fp16_supported())

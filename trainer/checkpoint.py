@@ -550,3 +550,27 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(f"{tmp}/full.pt", weights_only=False)["model"]
     # one tensor per name, fp32, contiguous, no shared storage (safetensors refuses aliases)
     return {canonical_name(k): v.detach().float().contiguous().clone() for k, v in sd.items()}
+
+
+def config_problems(cfg) -> list[str]:
+    """The checkpoint section's rules (trainer/config.py::validate collects every subsystem's)."""
+    problems: list[str] = []
+    c = cfg.checkpoint
+    if c.every < 0:
+        problems.append(f"checkpoint.every={c.every} must be >= 0 (0: never)")
+    if c.keep < 2:
+        problems.append(f"checkpoint.keep={c.keep} must be >= 2 (the newest checkpoint may be the one a crash "
+                        f"interrupts; the one before it is the fallback)")
+    if c.keep_every < 0:
+        problems.append(f"checkpoint.keep_every={c.keep_every} must be >= 0 (0: no milestones)")
+    if c.init_from is not None and not Path(c.init_from).exists():
+        problems.append(f"checkpoint.init_from={c.init_from}: no such file or directory")
+    elif c.init_from is not None:
+        from models.hf import init_from_problems, source_shapes
+
+        try:
+            source_args, shapes = source_shapes(Path(c.init_from))
+            problems += init_from_problems(cfg, Path(c.init_from), source_args, shapes)
+        except ValueError as e:
+            problems.append(f"checkpoint.init_from={c.init_from}: {e}")
+    return problems

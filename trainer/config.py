@@ -19,12 +19,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from parallel.plan import PP_SCHEDULES, V_SHAPED, ZERO_STAGES, n_stages, stages_per_rank
+from parallel.plan import PP_SCHEDULES, n_stages  # noqa: F401  (PP_SCHEDULES: re-exported)
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -577,13 +576,6 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _deepspeed_cpu_fp16() -> bool:
-    """DeepSpeed's own answer: does its CPU accelerator accept fp16 here?"""
-    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-    return bool(CPU_Accelerator().is_fp16_supported())
-
-
 def _writable_dir(path: Path) -> bool:
     """Whether `path` exists as a writable directory or could be created. Tried for real (a temporary
     directory made and removed at once): permission bits say yes to root even under /proc."""
@@ -602,26 +594,22 @@ def _writable_dir(path: Path) -> bool:
 
 
 def validate(cfg: DictConfig, world_size: int) -> list[str]:
-    """Every violation at once, each naming the settings and showing the arithmetic. [] means runnable."""
-    problems: list[str] = []
-    t, o, m = cfg.training, cfg.optim, cfg.model
+    """Every violation at once, each naming the settings and showing the arithmetic. [] means runnable.
+    Each subsystem states its own rules; this collects them (the training and logging sections are here)."""
+    from models.llama import config_problems as model_problems
+    from optim import config_problems as optim_problems
+    from parallel.plan import layout_problems
+    from parallel.zero import config_problems as zero_problems
+    from trainer.checkpoint import config_problems as checkpoint_problems
+    from trainer.data import config_problems as data_problems
+    from trainer.profiling import config_problems as profile_problems
 
-    # model shape
+    t = cfg.training
     try:
         args = model_args_of(cfg)
     except ConfigError as e:
         return e.problems
-    if args.dim % args.n_heads:
-        problems.append(f"model.n_heads({args.n_heads}) must divide model.dim({args.dim}): "
-                        f"{args.dim} % {args.n_heads} = {args.dim % args.n_heads}")
-    if args.n_heads % args.kv_heads:
-        problems.append(f"model.n_kv_heads({args.kv_heads}) must divide model.n_heads({args.n_heads}): "
-                        f"{args.n_heads} % {args.kv_heads} = {args.n_heads % args.kv_heads}")
-    elif args.dim % args.n_heads == 0 and args.head_dim % 2:
-        problems.append(f"head dim model.dim/model.n_heads = {args.dim}/{args.n_heads} = {args.head_dim} must be even for RoPE")
-    if m.name != "llama":
-        problems.append(f"model.name={m.name}: unknown model; known: llama")
-
+    problems = model_problems(args, cfg.model.name)
     # training lengths and batch arithmetic
     for key in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
         if t[key] < 1:
@@ -640,221 +628,12 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
         problems.append(f"training.device=cuda, but this machine has no CUDA device this torch can use (torch "
                         f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use training.device=auto "
                         f"or cpu")
-    # parallel layout
-    p = cfg.parallel
-    dims, layout_problems = parallel_dims(cfg, max(world_size, 1))
-    problems += layout_problems
-    dp = dims.dp_size if dims else 1
-    if p.tp > 1:
-        for what, n in (("model.n_heads", args.n_heads), ("model.n_kv_heads", args.kv_heads)):
-            if n % p.tp:
-                problems.append(f"parallel.tp({p.tp}) must divide {what}({n}): {n} % {p.tp} = {n % p.tp}")
-        if args.tie_embeddings:
-            problems.append("parallel.tp > 1 with model.tie_embeddings=true is not supported (the embedding and the "
-                            "output projection would be split twice); set model.tie_embeddings=false")
-        if p.data == DataParallel.ddp:
-            problems.append(f"parallel.data=ddp with parallel.tp({p.tp}): DDP cannot wrap tensor-parallel "
-                            f"(DTensor) parameters; use parallel.data=fsdp or hsdp with tp")
-    if p.pp > 1 and p.data == DataParallel.ddp:
-        problems.append(f"parallel.data=ddp with parallel.pp({p.pp}) is not supported; use parallel.data=fsdp "
-                        f"(or none) with pp")
-    if p.pp_schedule not in PP_SCHEDULES:
-        close = difflib.get_close_matches(p.pp_schedule, PP_SCHEDULES, n=1)
-        problems.append(f"parallel.pp_schedule={p.pp_schedule}: unknown schedule"
-                        f"{f'; did you mean {close[0]}?' if close else ''} Known: {', '.join(PP_SCHEDULES)}")
-    elif p.pp > 1:
-        stages = pp_stages(cfg)
-        per_rank = stages_per_rank(p.pp_schedule)
-        if stages > args.n_layers:
-            problems.append(f"pipeline stages pp({p.pp}) x {per_rank} per rank ({p.pp_schedule}) = {stages} "
-                            f"> model.n_layers({args.n_layers}): every stage needs at least one block")
-        if t.global_batch_size >= 1 and t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0:
-            n_micro = t.global_batch_size // (t.micro_batch_size * dp)
-            if p.pp_schedule != "gpipe" and n_micro < stages:
-                problems.append(
-                    f"pipeline microbatches = training.global_batch_size({t.global_batch_size}) / "
-                    f"(training.micro_batch_size({t.micro_batch_size}) * dp({dp})) = {n_micro} < {stages} stages, "
-                    f"which {p.pp_schedule} needs to fill the pipeline; lower training.micro_batch_size or raise "
-                    f"training.global_batch_size")
-    if p.pp > 1 and p.pp_schedule in V_SHAPED and p.ac == ACMode.selective:
-        problems.append(f"parallel.ac=selective with parallel.pp_schedule={p.pp_schedule}: that schedule splits each "
-                        f"backward into an input-gradient and a weight-gradient pass, and torch's selective "
-                        f"checkpointing allows one backward per checkpointed region (\"Trying to backward an extra "
-                        f"time\"); use parallel.ac=full, or pp_schedule=1f1b or interleaved_1f1b")
-    if p.ac_every < 1:
-        problems.append(f"parallel.ac_every={p.ac_every} must be >= 1")
-    zero = str(p.data) in ZERO_STAGES
-    if p.offload == Offload.cpu and p.data not in (DataParallel.fsdp, DataParallel.hsdp) and not zero:
-        problems.append(f"parallel.offload=cpu needs a sharded strategy (fsdp, hsdp, zero1, zero2, zero3), "
-                        f"not parallel.data={p.data}")
-    if p.offload_params and p.data != DataParallel.zero3:
-        problems.append(f"parallel.offload_params=true needs parallel.data=zero3 (only ZeRO-3 partitions the "
-                        f"parameters; with fsdp, parallel.offload=cpu already offloads them), not {p.data}")
-    if p.deepspeed and not zero:
-        problems.append(f"parallel.deepspeed sets ds_config keys, which only the DeepSpeed strategies "
-                        f"(zero1, zero2, zero3) read; parallel.data={p.data}")
-    if zero:
-        if p.tp > 1 or p.pp > 1:
-            problems.append(f"parallel.data={p.data} with tp({p.tp}) / pp({p.pp}): shardwise runs DeepSpeed ZeRO as "
-                            f"pure data parallelism; for tensor or pipeline parallelism use parallel.data=fsdp")
-        if not _installed("deepspeed"):
-            problems.append(f"parallel.data={p.data} needs DeepSpeed, which is not installed: "
-                            f"pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 skips prebuilding its ops)")
-        elif t.precision == Precision.fp16 and on_cpu and not _deepspeed_cpu_fp16():
-            problems.append(f"training.precision=fp16 with parallel.data={p.data} on the CPU: DeepSpeed's CPU "
-                            f"accelerator runs fp16 only where oneDNN has fp16 kernels (CPUs with AVX512-FP16), and "
-                            f"this one has none; use training.precision=bf16 or fp32 on this machine")
-        if o.name == "adafactor":
-            problems.append(
-                f"optim.name=adafactor with parallel.data={p.data} is refused: DeepSpeed hands the optimizer flat fp32 "
-                f"partitions cut at arbitrary element offsets, so a matrix's rows and columns, which Adafactor "
-                f"factors its second moment over, are split across ranks mid-row; running it would be a different "
-                f"algorithm under the same name. Use parallel.data=fsdp (sharding-aware Adafactor) or optim.name=adamw")
-    if p.compile and p.tp > 1 and p.ac != ACMode.none:
-        problems.append("parallel.compile=true with parallel.tp > 1 and activation checkpointing fails in torch "
-                        "(a compiled checkpoint-wrapped block under TP); drop one of the three")
-    if t.global_batch_size >= 1 and t.micro_batch_size >= 1:
-        per_step = t.micro_batch_size * dp
-        if t.global_batch_size % per_step:
-            problems.append(
-                f"training.global_batch_size({t.global_batch_size}) must be divisible by "
-                f"training.micro_batch_size({t.micro_batch_size}) * dp({dp}) = {per_step}: "
-                f"{t.global_batch_size} % {per_step} = {t.global_batch_size % per_step}")
-
-    # optimizer and schedule
-    from optim import OPTIMIZERS
-
-    if o.name not in OPTIMIZERS:
-        close = difflib.get_close_matches(o.name, OPTIMIZERS, n=1)
-        hint = f" Did you mean {close[0]}?" if close else ""
-        problems.append(f"optim.name={o.name}: unknown optimizer.{hint} Known: {', '.join(OPTIMIZERS)}")
-    if o.name == "adamw8bit":
-        if not _installed("torchao"):
-            problems.append("optim.name=adamw8bit needs torchao, which is not installed: pip install -e '.[lowbit]'")
-    if o.name in ("adamw8bit", "adamw_bf16") and zero:
-        problems.append(f"optim.name={o.name} with parallel.data={p.data} is refused: DeepSpeed wraps the optimizer "
-                        f"in its own ZeRO optimizer, which steps flat fp32 partitions and checkpoints their states in "
-                        f"its own format, a path shardwise does not test for low-precision states. Use "
-                        f"parallel.data=fsdp (or ddp/hsdp/tp/pp) with {o.name}, or optim.name=adamw under ZeRO")
-    if o.name == "adafactor":
-        a = o.adafactor
-        if a.beta2_decay > 0:
-            problems.append(f"optim.adafactor.beta2_decay={a.beta2_decay} must be <= 0")
-        if a.d < 1:
-            problems.append(f"optim.adafactor.d={a.d} must be >= 1")
-        if a.beta1 is not None and not 0 <= a.beta1 < 1:
-            problems.append(f"optim.adafactor.beta1={a.beta1} must be in [0, 1) or null")
-    if not o.lr > 0:
-        problems.append(f"optim.lr={o.lr} must be > 0")
-    if o.lr_multipliers:
-        from fnmatch import fnmatchcase
-
-        from models.llama import build_model, canonical_name
-
-        names = [canonical_name(n) for n, _ in build_model(args, device="meta").named_parameters()]
-        for rule in o.lr_multipliers:
-            if not rule.scale > 0:
-                problems.append(f"optim.lr_multipliers: scale {rule.scale} for '{rule.pattern}' must be > 0")
-            if not any(fnmatchcase(n, rule.pattern) for n in names):
-                problems.append(f"optim.lr_multipliers: pattern '{rule.pattern}' matches no parameter; names look "
-                                f"like {names[1]} or {names[0]}")
-    if o.weight_decay < 0:
-        problems.append(f"optim.weight_decay={o.weight_decay} must be >= 0")
-    for key in ("beta1", "beta2"):
-        if not 0 <= o[key] < 1:
-            problems.append(f"optim.{key}={o[key]} must be in [0, 1)")
-    if o.eps <= 0:
-        problems.append(f"optim.eps={o.eps} must be > 0")
-    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
-        problems.append(f"optim.warmup_steps({o.warmup_steps}) must be in [0, training.steps({t.steps})]: set "
-                        f"optim.warmup_steps={max(0, min(t.steps, o.warmup_steps))} or less (a short run: "
-                        f"optim.warmup_steps=0), or raise training.steps")
-    if not 0 <= o.min_lr_ratio <= 1:
-        problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-    if not 0 < o.decay_fraction <= 1:
-        problems.append(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
-    if o.max_grad_norm < 0:
-        problems.append(f"optim.max_grad_norm={o.max_grad_norm} must be >= 0 (0 disables clipping)")
-
-    # data
-    d = cfg.data
-    if d.source == DataSource.tokens:
-        if not d.path:
-            problems.append("data.source=tokens needs data.path: a directory made by launch/prepare_data.py")
-        else:
-            root = Path(d.path).expanduser()
-            if not root.is_dir():
-                problems.append(f"data.path={d.path}: no such directory; make one with "
-                                f"`python launch/prepare_data.py --tokenizer tokenizer.json --out {d.path} FILES...`")
-            else:
-                missing = [f for f in ("meta.json", "train.bin", "val.bin") if not (root / f).is_file()]
-                if missing:
-                    problems.append(f"data.path={d.path}: missing {', '.join(missing)}; "
-                                    f"rebuild it with launch/prepare_data.py")
-                else:
-                    try:
-                        meta = json.loads((root / "meta.json").read_text())
-                        itemsize = np.dtype(meta["dtype"]).itemsize
-                    except (ValueError, KeyError, TypeError) as e:
-                        meta, itemsize = {}, 0
-                        problems.append(f"data.path={d.path}: meta.json is unreadable ({type(e).__name__}: {e}); "
-                                        f"rebuild it with launch/prepare_data.py")
-                    for split in ("train", "val") if itemsize else ():
-                        n = (root / f"{split}.bin").stat().st_size // itemsize
-                        if n < t.seq_len + 1:
-                            problems.append(f"data.path={d.path}: {split}.bin has {n} tokens, fewer than one sequence "
-                                            f"of training.seq_len + 1 = {t.seq_len + 1}; lower training.seq_len or "
-                                            f"give launch/prepare_data.py more text")
-                    vocab = meta.get("vocab_size", 0)
-                    if vocab > args.vocab_size:
-                        problems.append(f"the tokenizer of data.path has vocab_size {vocab} > model vocab_size "
-                                        f"{args.vocab_size}; set model.vocab_size={vocab} or larger")
-    elif d.source == DataSource.default:
-        from trainer.data import DEFAULT_VOCAB_SIZE
-
-        if args.vocab_size < DEFAULT_VOCAB_SIZE:
-            problems.append(f"the default dataset's tokenizer has {DEFAULT_VOCAB_SIZE} tokens > model vocab_size "
-                            f"{args.vocab_size}; set model.vocab_size={DEFAULT_VOCAB_SIZE} or larger")
-        if d.default_corpus_mb <= 0:
-            problems.append(f"data.default_corpus_mb={d.default_corpus_mb} must be > 0")
-    if not 0 < d.val_fraction < 1:
-        problems.append(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-
-    # checkpoints
-    c = cfg.checkpoint
-    if c.every < 0:
-        problems.append(f"checkpoint.every={c.every} must be >= 0 (0: never)")
-    if c.keep < 2:
-        problems.append(f"checkpoint.keep={c.keep} must be >= 2 (the newest checkpoint may be the one a crash "
-                        f"interrupts; the one before it is the fallback)")
-    if c.keep_every < 0:
-        problems.append(f"checkpoint.keep_every={c.keep_every} must be >= 0 (0: no milestones)")
-    if c.async_save and zero:
-        problems.append(f"checkpoint.async_save=true with parallel.data={p.data}: DeepSpeed saves its own files "
-                        f"synchronously; set checkpoint.async_save=false")
-    if c.init_from is not None and not Path(c.init_from).exists():
-        problems.append(f"checkpoint.init_from={c.init_from}: no such file or directory")
-    elif c.init_from is not None:
-        from models.hf import init_from_problems, source_shapes
-
-        try:
-            source_args, shapes = source_shapes(Path(c.init_from))
-            problems += init_from_problems(cfg, Path(c.init_from), source_args, shapes)
-        except ValueError as e:
-            problems.append(f"checkpoint.init_from={c.init_from}: {e}")
-    if str(cfg.numerics.on_nonfinite) == "skip" and zero:
-        problems.append(f"numerics.on_nonfinite=skip with parallel.data={p.data}: DeepSpeed's engine applies the "
-                        f"update itself; use numerics.on_nonfinite=raise (DeepSpeed skips fp16 overflows on its own)")
-
-    # profiling
-    pr = cfg.profile
-    if pr.steps and (len(pr.steps) != 2 or not 1 <= pr.steps[0] <= pr.steps[1]):
-        problems.append(f"profile.steps={list(pr.steps)} must be [start, end] with 1 <= start <= end")
-    if pr.memory_snapshot and not pr.steps:
-        problems.append("profile.memory_snapshot=true needs profile.steps=[start,end] (the steps to record)")
-    if pr.memory_snapshot and str(t.device) == "cpu":
-        problems.append("profile.memory_snapshot=true records the CUDA caching allocator; training.device=cpu has "
-                        "none (on CPU, peak RSS is logged every step)")
+    problems += layout_problems(cfg, args, world_size)
+    problems += zero_problems(cfg, on_cpu=on_cpu)
+    problems += optim_problems(cfg, args)
+    problems += data_problems(cfg, args)
+    problems += checkpoint_problems(cfg)
+    problems += profile_problems(cfg)
 
     # logging and output
     if cfg.logging.every < 1:

@@ -290,3 +290,51 @@ def open_sources(cfg, seq_len: int, vocab_size: int) -> tuple[object, object, st
         path = Path(d.path).expanduser()
     train, val = TokenFileSource(path, "train", seq_len), TokenFileSource(path, "val", seq_len)
     return train, val, f"{path} ({train.meta['source']})"
+
+
+def config_problems(cfg, args) -> list[str]:
+    """The data section's rules: the source exists and fits the model (trainer/config.py::validate collects
+    every subsystem's)."""
+    t = cfg.training
+    problems: list[str] = []
+    d = cfg.data
+    if str(d.source) == "tokens":
+        if not d.path:
+            problems.append("data.source=tokens needs data.path: a directory made by launch/prepare_data.py")
+        else:
+            root = Path(d.path).expanduser()
+            if not root.is_dir():
+                problems.append(f"data.path={d.path}: no such directory; make one with "
+                                f"`python launch/prepare_data.py --tokenizer tokenizer.json --out {d.path} FILES...`")
+            else:
+                missing = [f for f in ("meta.json", "train.bin", "val.bin") if not (root / f).is_file()]
+                if missing:
+                    problems.append(f"data.path={d.path}: missing {', '.join(missing)}; "
+                                    f"rebuild it with launch/prepare_data.py")
+                else:
+                    try:
+                        meta = json.loads((root / "meta.json").read_text())
+                        itemsize = np.dtype(meta["dtype"]).itemsize
+                    except (ValueError, KeyError, TypeError) as e:
+                        meta, itemsize = {}, 0
+                        problems.append(f"data.path={d.path}: meta.json is unreadable ({type(e).__name__}: {e}); "
+                                        f"rebuild it with launch/prepare_data.py")
+                    for split in ("train", "val") if itemsize else ():
+                        n = (root / f"{split}.bin").stat().st_size // itemsize
+                        if n < t.seq_len + 1:
+                            problems.append(f"data.path={d.path}: {split}.bin has {n} tokens, fewer than one sequence "
+                                            f"of training.seq_len + 1 = {t.seq_len + 1}; lower training.seq_len or "
+                                            f"give launch/prepare_data.py more text")
+                    vocab = meta.get("vocab_size", 0)
+                    if vocab > args.vocab_size:
+                        problems.append(f"the tokenizer of data.path has vocab_size {vocab} > model vocab_size "
+                                        f"{args.vocab_size}; set model.vocab_size={vocab} or larger")
+    elif str(d.source) == "default":
+        if args.vocab_size < DEFAULT_VOCAB_SIZE:
+            problems.append(f"the default dataset's tokenizer has {DEFAULT_VOCAB_SIZE} tokens > model vocab_size "
+                            f"{args.vocab_size}; set model.vocab_size={DEFAULT_VOCAB_SIZE} or larger")
+        if d.default_corpus_mb <= 0:
+            problems.append(f"data.default_corpus_mb={d.default_corpus_mb} must be > 0")
+    if not 0 < d.val_fraction < 1:
+        problems.append(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    return problems

@@ -61,3 +61,18 @@ class Profiler:
     def on_oom(self) -> None:
         if self.recording_memory:
             self.dump_memory(self.dir / f"memory-rank{self.rank}-oom.pickle")
+
+
+def config_problems(cfg) -> list[str]:
+    """The profile section's rules (trainer/config.py::validate collects every subsystem's)."""
+    t = cfg.training
+    problems: list[str] = []
+    pr = cfg.profile
+    if pr.steps and (len(pr.steps) != 2 or not 1 <= pr.steps[0] <= pr.steps[1]):
+        problems.append(f"profile.steps={list(pr.steps)} must be [start, end] with 1 <= start <= end")
+    if pr.memory_snapshot and not pr.steps:
+        problems.append("profile.memory_snapshot=true needs profile.steps=[start,end] (the steps to record)")
+    if pr.memory_snapshot and str(t.device) == "cpu":
+        problems.append("profile.memory_snapshot=true records the CUDA caching allocator; training.device=cpu has "
+                        "none (on CPU, peak RSS is logged every step)")
+    return problems

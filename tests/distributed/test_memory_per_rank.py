@@ -56,10 +56,11 @@ def test_bytes_per_rank_equal_the_formula(name, nproc, overrides, params, worker
 
 def predicted(overrides: list[str], nproc: int) -> list[dict]:
     from conftest import TINY
-    from parallel.memory import predict_model_state
-    from trainer.config import load_config
+    from parallel.plan import model_states
+    from trainer.config import load_config, model_args_of, parallel_dims
 
-    return predict_model_state(load_config([*TINY, *overrides]), nproc)
+    cfg = load_config([*TINY, *overrides, "training.precision=fp32"])
+    return model_states(cfg, model_args_of(cfg), parallel_dims(cfg, nproc)[0])
 
 
 @pytest.mark.parametrize("optimizer", ["adafactor", "adamw_bf16", "adamw8bit"])

@@ -39,8 +39,10 @@ LAYOUTS = [
     ("zero1", 2, ["parallel.data=zero1"]),
     ("zero2", 2, ["parallel.data=zero2"]),
     ("zero3", 2, ["parallel.data=zero3", ZERO3_SMALL]),
-    ("zero3_offload", 2, ["parallel.data=zero3", "parallel.offload=cpu", "parallel.offload_params=true"]),
 ]
+# (ZeRO-Offload is not in the matrix: on a CPU machine the offloaded state stays on the same device, so it adds
+# nothing to check here; its host-memory term needs a GPU run. 3-D runs 8 ranks: four of the six modes.)
+MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"]}
 
 # Where the formulas are known to miss by more than 10% on this model (measured 2026-12-01, torch 2.13 CPU):
 # (layout, mode) -> (peak bound, why). docs/memory.md lists them.
@@ -50,7 +52,6 @@ GAPS = {
     ("pp_fsdp", "full/bf16"): (0.15, "the same, bf16"),
     ("pp_fsdp", "selective/bf16"): (0.13, "the last stage's block backward, over-predicted"),
     ("3d", "none/bf16"): (0.13, "the first stage's block backward under TP with FSDP's bf16 parameters, over-predicted"),
-    ("zero3_offload", "none/fp32"): (0.14, "DeepSpeed's offloaded ZeRO-3 buffers at the loss's backward"),
 }
 STATES = ("params", "buffers", "optim", "master")
 
@@ -79,7 +80,8 @@ def measured(tmp_path_factory):
         key = (nproc, tuple(overrides))
         if key not in cache:
             out = tmp_path_factory.mktemp("memory")
-            args = [worker, str(out), ",".join(MODES), *TINY, "training.global_batch_size=8", *overrides]
+            modes = MODES_OF.get(next((n for n, _, ov in LAYOUTS if ov == overrides), ""), MODES)
+            args = [worker, str(out), ",".join(modes), *TINY, "training.global_batch_size=8", *overrides]
             cmd = [sys.executable, *args] if nproc == 1 else [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
             env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(out),
@@ -120,9 +122,10 @@ def _table_row(name: str, mode: str, plan, dims, ranks: list[dict]) -> str:
 @pytest.mark.parametrize("name, nproc, overrides", LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_predicted_memory_matches_the_tracker(name, nproc, overrides, measured):
     results = measured(nproc, overrides)
-    assert sorted(results) == sorted(MODES)
+    modes = MODES_OF.get(name, MODES)
+    assert sorted(results) == sorted(modes)
     failures = []
-    for mode in MODES:
+    for mode in modes:
         plan, dims = plan_of(nproc, overrides, mode)
         bound, why = GAPS.get((name, mode), (0.10, ""))
         for rank, got in enumerate(results[mode]):
@@ -143,7 +146,7 @@ def test_predicted_memory_matches_the_tracker(name, nproc, overrides, measured):
                     failures.append(f"{where}: {k} predicted {states[k]:,}, measured {got[k]:,}")
     if table := os.environ.get("SHARDWISE_MEMORY_TABLE"):
         with open(table, "a") as f:
-            for mode in MODES:
+            for mode in modes:
                 plan, dims = plan_of(nproc, overrides, mode)
                 f.write(_table_row(name, mode, plan, dims, results[mode]) + "\n")
     assert not failures, "\n".join(failures)
@@ -198,3 +201,34 @@ def test_memory_breakdown_reaches_every_sink(tmp_path):
     (wandb_file,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     logged = [h for h in wandb_history(read_wandb_records(wandb_file)) if "memory/tracked_peak_bytes" in h]
     assert [(h["train/step"], h["memory/tracked_peak_bytes"]) for h in logged] == [(3, top["peak"])]
+
+
+SIMULATED = ["hsdp_2x2", "fsdp_tp", "pp_fsdp"]
+
+
+@pytest.mark.parametrize("name", SIMULATED)
+def test_simulation_matches_the_real_run(name, measured):
+    """launch/plan.py --simulate (fake process group, FakeTensorMode) measures what the real gloo run measured at
+    the same layout: the same code and kernels, on FakeTensors. The most loaded rank, none/bf16: the peak within
+    3%, the model states to the byte."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import TINY
+    from helpers import REPO
+
+    nproc, overrides = next((n, ov) for x, n, ov in LAYOUTS if x == name)
+    args = [*TINY, "training.global_batch_size=8", *overrides, "parallel.ac=none", "training.precision=bf16",
+            f"world_size={nproc}", "device=cpu", "--simulate", "--json"]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    simulated = out["simulated"]
+    real = measured(nproc, overrides)["none/bf16"][out["simulated_rank"]]
+    # measured 2026-12-01: one process exact; hsdp -1.4%, fsdp x tp +2.7%, pp x fsdp -1.1% (the fake collectives' buffers
+    # are filed between activations and temporaries differently)
+    assert abs(simulated["peak"] - real["peak"]) <= 0.03 * real["peak"], (simulated, real)
+    for k in STATES:
+        assert simulated[k] == real[k], (k, simulated[k], real[k])

@@ -110,7 +110,7 @@ def test_planner_is_pure_arithmetic():
     tree = ast.parse((REPO / "parallel" / "plan.py").read_text())
     imported = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
                 if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-    assert imported <= {"__future__", "math", "dataclasses", "models.llama"}, imported
+    assert imported <= {"__future__", "difflib", "math", "dataclasses", "models.llama"}, imported
     for path in ("parallel/memory.py", "trainer/data.py"):
         text = (REPO / path).read_text()
         assert "from trainer.config import" not in text and "import trainer.config" not in text, path
