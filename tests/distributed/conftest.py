@@ -16,6 +16,17 @@ TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads
         "logging.tensorboard=false", "logging.jsonl=false", "logging.console=false", "logging.wandb.mode=disabled"]
 
 
+def run_worker(script: str, nproc: int, args: list[str], out, extensions: str, timeout: float = 600) -> dict:
+    """Run a test worker (one process, or torchrun with `nproc`) and load the OUT/result.pt it saves."""
+    cmd = [sys.executable, script, *args] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(out),
+           "TORCH_EXTENSIONS_DIR": extensions}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    assert proc.returncode == 0, f"{nproc} ranks, {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+    return torch.load(out / "result.pt")
+
+
 @pytest.fixture(scope="session")
 def worker(tmp_path_factory):
     """run(nproc, overrides) -> the worker's result.pt, cached for the session by its arguments."""
@@ -28,17 +39,7 @@ def worker(tmp_path_factory):
         if key in cache:
             return cache[key]
         out = tmp_path_factory.mktemp("worker")
-        args = [*TINY, *overrides, f"run_dir={out}"]
-        if nproc == 1:
-            cmd = [sys.executable, WORKER, str(out), *args]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   WORKER, str(out), *args]
-        env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(out),
-               "TORCH_EXTENSIONS_DIR": extensions}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-        assert proc.returncode == 0, f"{nproc} ranks, {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}"
-        cache[key] = torch.load(out / "result.pt")
+        cache[key] = run_worker(WORKER, nproc, [str(out), *TINY, *overrides, f"run_dir={out}"], out, extensions)
         return cache[key]
 
     return run

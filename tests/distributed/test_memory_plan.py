@@ -65,11 +65,8 @@ def _update_temporary(rank) -> int:
 def measured(tmp_path_factory):
     """run(nproc, overrides) -> {mode: [breakdown per rank]}, one launch per layout, cached for the session."""
     import os
-    import subprocess
-    import sys
 
-    import torch
-    from conftest import TINY
+    from conftest import TINY, run_worker
     from helpers import REPO
 
     cache = {}
@@ -81,14 +78,8 @@ def measured(tmp_path_factory):
         if key not in cache:
             out = tmp_path_factory.mktemp("memory")
             modes = MODES_OF.get(next((n for n, _, ov in LAYOUTS if ov == overrides), ""), MODES)
-            args = [worker, str(out), ",".join(modes), *TINY, "training.global_batch_size=8", *overrides]
-            cmd = [sys.executable, *args] if nproc == 1 else [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-            env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(out),
-                   "TORCH_EXTENSIONS_DIR": extensions}
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
-            assert proc.returncode == 0, f"{nproc} ranks {overrides}:\n{proc.stderr[-3000:]}"
-            cache[key] = torch.load(out / "result.pt")
+            cache[key] = run_worker(worker, nproc, [str(out), ",".join(modes), *TINY, "training.global_batch_size=8",
+                                                    *overrides], out, extensions)
         return cache[key]
 
     return run
