@@ -15,7 +15,6 @@ Conventions
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, replace
 
@@ -374,33 +373,43 @@ class Transformer(nn.Module):
     # Initialization
 
     @torch.no_grad()
+    def init_spec(self, name: str) -> dict:
+        """How the parameter `name` (canonical) starts: {"fill": v}, or a normal draw {"mean", "std", "lo", "hi"}
+        (models/init.py gives each element a value from its index in the full tensor)."""
+        if name.endswith("norm.weight"):
+            return {"fill": 1.0}
+        if name == "tok_embeddings.weight":
+            return {"mean": 0.0, "std": 1.0}
+        if name == "output.weight":
+            # scaled so that initial logits have unit variance; cut at 3 sigma (torchtitan)
+            s = self.args.dim ** -0.5
+            return {"mean": 0.0, "std": s, "lo": -3 * s, "hi": 3 * s}
+        # depth-scaled init for the projections that write into the residual stream
+        layer_id = int(name.split(".")[1])
+        writes_residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"))
+        s = 0.02 / math.sqrt(2 * (layer_id + 1)) if writes_residual else 0.02
+        return {"mean": 0.0, "std": s, "lo": -2.0, "hi": 2.0}
+
     def init_weights(self, seed: int = 0, *, buffer_device: torch.device | None = None, values: bool = True) -> None:
         """Fill every parameter and buffer, deterministically from `seed`.
 
-        Each parameter is drawn on the CPU from its own generator, seeded by (seed, parameter name),
-        then copied to wherever the parameter lives. So the weights do not depend on the device, on
-        the order in which modules are visited, on which blocks this pipeline stage holds, or on how
-        the parameter is sharded: every layout starts from the single-process weights. `values=False` only
-        rebuilds the RoPE tables (a simulation under FakeTensorMode has shapes, no values to draw).
+        Each element's value is a function of (seed, parameter name, its index in the full tensor)
+        (models/init.py), computed where the parameter lives for the elements this rank holds. So the weights
+        do not depend on the order in which modules are visited, on which blocks this pipeline stage holds, or
+        on how the parameter is sharded, and no rank builds a full tensor: every layout starts from the
+        single-process weights. `values=False` only rebuilds the RoPE tables (a simulation under
+        FakeTensorMode has shapes, no values to draw).
         """
-        std = 0.02
+        from models.init import fill_normal
+
         for name, p in self.named_parameters() if values else ():  # a tied table is visited once, as tok_embeddings
             name = canonical_name(name)
-            if name.endswith("norm.weight"):
-                _fill(p, name, seed, lambda t, g: t.fill_(1.0))
-            elif name == "tok_embeddings.weight":
-                _fill(p, name, seed, lambda t, g: t.normal_(0.0, 1.0, generator=g))
-            elif name == "output.weight":
-                # scaled so that initial logits have unit variance; cut at 3 sigma (torchtitan)
-                s = self.args.dim ** -0.5
-                _fill(p, name, seed, lambda t, g: nn.init.trunc_normal_(t, 0.0, s, -3 * s, 3 * s, generator=g))
+            spec = self.init_spec(name)
+            if "fill" in spec:
+                with torch.no_grad():
+                    (p.to_local() if hasattr(p, "to_local") else p).fill_(spec["fill"])
             else:
-                # depth-scaled init for the projections that write into the residual stream
-                layer_id = int(name.split(".")[1])
-                writes_residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight",
-                                                 "feed_forward.w3.weight"))
-                s = std / math.sqrt(2 * (layer_id + 1)) if writes_residual else std
-                _fill(p, name, seed, lambda t, g: nn.init.trunc_normal_(t, 0.0, s, -2.0, 2.0, generator=g))
+                fill_normal(p, seed, name, **spec)
         cos, sin = rope_tables(self.args)
         device = buffer_device or self.rope_cos.device  # with CPU offload, parameters live on the CPU
         self.rope_cos = cos.to(device)
@@ -410,27 +419,6 @@ class Transformer(nn.Module):
 def canonical_name(name: str) -> str:
     """A parameter's name without the wrappers that AC and compile insert, the same in every layout."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
-def _param_generator(seed: int, name: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def _fill(param: torch.Tensor, name: str, seed: int, draw) -> None:
-    """Draw the full parameter on the CPU in fp32 and copy this rank's part of it into `param`."""
-    full = torch.empty(param.shape, dtype=torch.float32)
-    draw(full, _param_generator(seed, name))
-    local_view = getattr(param, "to_local", None)
-    if local_view is None:  # a plain tensor
-        param.copy_(full)
-        return
-    # a DTensor (FSDP2 / TP shard): copy the slice this rank owns
-    from torch.distributed.tensor import distribute_tensor
-
-    shard = distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
-                              src_data_rank=None)
-    param.to_local().copy_(shard.to_local())
 
 
 def build_model(args: ModelArgs, device: torch.device | str = "meta") -> Transformer:

@@ -52,6 +52,54 @@ def test_init_is_deterministic_and_complete():
     torch.testing.assert_close(m.rope_cos, again.rope_cos)
 
 
+def test_counter_based_values_match_their_definition():
+    """models/init.py's tensor code (int32 words, wrapping products, masked shifts) against the pure-Python
+    definition, on both index widths and across the 2^31 / 2^32 boundaries."""
+    from models.init import reference_uniform, uniform
+
+    idx = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3]
+    want = [reference_uniform(i, 5, "layers.0.w") for i in idx]
+    assert uniform(torch.tensor(idx, dtype=torch.int64), 5, "layers.0.w").tolist() == want
+    small = [i for i in idx if i < 2**31]
+    assert uniform(torch.tensor(small, dtype=torch.int32), 5, "layers.0.w").tolist() == want[:len(small)]
+    assert all(0.0 < u < 1.0 for u in want)
+
+
+def test_counter_based_normal_is_normal():
+    """Moments, a Kolmogorov-Smirnov distance against torch's own normal, no correlation between neighbours,
+    and the truncation bounds."""
+    from models.init import normal, uniform
+
+    i = torch.arange(2_000_000, dtype=torch.int32)
+    x = normal(i, 0, "w")
+    assert abs(x.mean().item()) < 3e-3 and abs(x.std().item() - 1) < 3e-3
+    assert abs((x**4).mean().item() - 3) < 0.05  # kurtosis of a normal
+    grid = torch.linspace(-4, 4, 801)
+    ref = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0)).sort().values
+    ks = (torch.searchsorted(x.sort().values, grid) - torch.searchsorted(ref, grid)).abs().max().item() / i.numel()
+    assert ks < 3e-3, ks
+    u = uniform(i, 0, "w")
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) < 3e-3
+    assert not torch.equal(normal(i[:100], 0, "w"), normal(i[:100], 0, "v"))  # the name keys the stream
+    t = normal(i, 1, "w", 0.0, 0.5, lo=-1.0, hi=1.0)
+    assert t.min().item() >= -1.0 and t.max().item() <= 1.0 and t.min().item() < -0.99
+
+
+def test_a_slice_draws_the_values_of_the_full_tensor():
+    """What makes every layout start from the same weights: the rows a shard holds, and a ZeRO-3 flat
+    partition (padded past the end), get exactly the full tensor's values at those indices."""
+    from models.init import fill_flat_partition, fill_normal
+
+    full = torch.empty(37, 11)
+    fill_normal(full, 2, "x", 0.0, 0.02, lo=-2.0, hi=2.0)
+    flat = full.reshape(-1)
+    for start in (0, 100, 396):
+        part = torch.full((20,), float("nan"))
+        fill_flat_partition(part, start, flat.numel(), 2, "x", 0.0, 0.02, lo=-2.0, hi=2.0)
+        n = max(0, min(20, flat.numel() - start))
+        assert torch.equal(part[:n], flat[start:start + n]) and torch.equal(part[n:], torch.zeros(20 - n))
+
+
 def test_init_statistics():
     m = _model(ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=512, multiple_of=64))
     assert abs(m.tok_embeddings.weight.std().item() - 1.0) < 0.02
