@@ -328,6 +328,11 @@ def load_weights(parts, cfg, path: Path) -> None:
     problems = init_from_problems(cfg, path, args, {k: tuple(v.shape) for k, v in sd.items()})
     if problems:  # validation checked this before the process group started; the files changed since
         raise ValueError(problems[0])
+    from parallel.zero import is_partitioned, load_full_into_partitions
+
+    if is_partitioned(parts):  # ZeRO-3, built partitioned: each rank copies its slice of every tensor
+        load_full_into_partitions(parts[0], sd)
+        return
     module = state_module(parts)
     # this rank's stages only, in module order: every rank must visit the names in the same order (the
     # load distributes each full tensor collectively), so never iterate a set here

@@ -36,7 +36,8 @@ def param_groups(parts: list[nn.Module], *, lr: float, weight_decay: float, deca
                 continue
             seen.add(id(p))
             name = canonical_name(name)
-            decay = p.ndim >= 2 and (decay_embeddings or id(p) not in embeddings)
+            ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter's own shape is (0,)
+            decay = ndim >= 2 and (decay_embeddings or id(p) not in embeddings)
             scale = next((sc for pat, sc in rules if fnmatchcase(name, pat)), 1.0)
             groups.setdefault((decay, scale), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}

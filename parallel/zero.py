@@ -142,23 +142,28 @@ class ZeroParallelized(Parallelized):
 
 
 def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, mesh) -> ZeroParallelized:
-    """Materialize and initialize the model like one process; DeepSpeed partitions it when the optimizer
-    is attached (`deepspeed.initialize`). The Trainer writes the resolved ds_config (`run_files`) once every
-    check has passed."""
+    """Materialize and initialize the model; DeepSpeed partitions it when the optimizer is attached
+    (`deepspeed.initialize`). ZeRO-1/2 keep the whole model on every rank by design; ZeRO-3 builds it partitioned
+    (`deepspeed.zero.Init`: each module's parameters are split as soon as the module is constructed, so no rank
+    holds more than one module's full weights) and fills each rank's flat partition from the same
+    counter-based draw as every other layout (models/init.py). The Trainer writes the resolved ds_config
+    (`run_files`) once every check has passed."""
     p, t = cfg.parallel, cfg.training
     notes = []
     # apply AC and compile the same way as the native path; DeepSpeed then shards what they produced
     from parallel.activation import apply_ac
     from parallel.compile import apply_compile
-
-    apply_ac(model, str(p.ac), every=p.ac_every)
-    if p.compile:
-        apply_compile(model)
-    model.to_empty(device=world.device)
-    model.init_weights(seed=t.seed)
     from models.llama import count_params
 
     ds_config = build_ds_config(cfg, dims, count_params(model))
+    if ds_config["zero_optimization"]["stage"] == 3:
+        model = build_partitioned(model, ds_config, world.device, seed=t.seed)
+    else:
+        model.to_empty(device=world.device)
+        model.init_weights(seed=t.seed)
+    apply_ac(model, str(p.ac), every=p.ac_every)
+    if p.compile:
+        apply_compile(model)
     if str(p.offload) == "cpu":
         notes.append("ZeRO-Offload: the optimizer runs as DeepSpeed's CPU Adam, whose C++ op is compiled on first "
                      "use (about a minute, cached in ~/.cache/torch_extensions)")
@@ -167,6 +172,77 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
                            autocast_dtype=None, loss_parallel=False, notes=notes, manages_precision=True)
     par.ds_config = ds_config
     return par
+
+
+def build_partitioned(meta_model: nn.Module, ds_config: dict, device: torch.device, *, seed: int) -> nn.Module:
+    """The model of `meta_model`'s shape, constructed under `deepspeed.zero.Init` on `device` (or, with
+    offload_param, in host memory), its partitions filled from `seed`."""
+    import deepspeed
+
+    from models.init import fill_flat_partition
+    from models.llama import canonical_name
+
+    # DeepSpeed's communication layer wraps our process group (as deepspeed.initialize would), so that
+    # zero.Init checks the batch sizes against the real world size and partitions over it
+    deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=_remote_device(ds_config)), \
+            torch.device(device), _without_default_init():
+        model = type(meta_model)(meta_model.args)
+    model.init_weights(seed=seed, buffer_device=device, values=False)  # the RoPE tables (buffers: not partitioned)
+    for name, prm in model.named_parameters():
+        name = canonical_name(name)
+        spec, flat = model.init_spec(name), prm.ds_tensor
+        start = partition_start(prm)
+        if "fill" in spec:
+            with torch.no_grad():
+                flat.fill_(spec["fill"])
+                flat[max(0, min(flat.numel(), prm.ds_numel - start)):].zero_()
+        else:
+            fill_flat_partition(flat, start, prm.ds_numel, seed, name, **spec)
+    return model
+
+
+@contextlib.contextmanager
+def _without_default_init():
+    """nn.Linear and nn.Embedding draw their own initial weights in their constructors, over the full tensor,
+    just before zero.Init partitions them and shardwise overwrites the partition: skip those draws."""
+    names = ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def _remote_device(ds_config: dict) -> str | None:
+    return (ds_config["zero_optimization"].get("offload_param") or {}).get("device")
+
+
+def partition_start(prm) -> int:
+    """The index, in the flattened full parameter, of the first element of this rank's ZeRO-3 partition."""
+    import torch.distributed as dist
+
+    return dist.get_rank(group=prm.ds_process_group) * prm.ds_tensor.ds_numel
+
+
+def load_full_into_partitions(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors (by canonical name) into a ZeRO-3 model's partitions: each rank its own slice."""
+    from models.llama import canonical_name
+
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            src, flat = full[canonical_name(name)].reshape(-1), prm.ds_tensor
+            start = partition_start(prm)
+            n = max(0, min(flat.numel(), src.numel() - start))
+            flat[:n].copy_(src[start:start + n])
+            flat[n:].zero_()
+
+
+def is_partitioned(parts) -> bool:
+    return any(hasattr(prm, "ds_tensor") for part in parts for prm in part.parameters())
 
 
 def config_problems(cfg, *, on_cpu: bool) -> list[str]:
