@@ -188,7 +188,7 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
             wrapped = apply_ddp(parts[0], mesh["dp"], device)
         no_sync = wrapped.no_sync
     elif fsdp and dims.pp == 1 and p.accumulate_unsharded_grads:
-        no_sync = fsdp_no_sync(parts[0])  # (the pipeline schedules accumulate unsharded on their own)
+        no_sync = fsdp_no_sync(parts[0])  # (under pipelining the stages do it: parallel/pipeline.py)
 
     par = Parallelized(parts=parts, model=wrapped, dims=dims, mesh=mesh,
                        grad_reduction_scale=float(dims.dp_size) if data != "none" else 1.0, no_sync=no_sync,
@@ -202,7 +202,8 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
         par.schedule = build_schedule(parts_with_ids, p.pp_schedule, pp=dims.pp, n_microbatches=n_micro,
                                       device=device, group=mesh["pp"].get_group(), loss_fn=par.pipeline_loss,
-                                      stage_shapes=stage_shapes)
+                                      stage_shapes=stage_shapes,
+                                      sync_each_microbatch=not (fsdp and p.accumulate_unsharded_grads))
     return par
 
 

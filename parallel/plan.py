@@ -649,7 +649,8 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     accumulating = n_micro > max(flying.values())  # gradients of earlier micro-batches exist at the peak
     grads_at_loss: list[Term] = []
     if accumulating:
-        if fsdp and (p.accumulate_unsharded_grads or dims.pp > 1):
+        # (under pipelining the V schedules' split backward keeps torch's unsharded accumulation: parallel/pipeline.py)
+        if fsdp and (p.accumulate_unsharded_grads or (dims.pp > 1 and str(p.pp_schedule) in V_SHAPED)):
             grads_at_loss.append(Term("unsharded fp32 gradients accumulated over micro-batches", 4 * n_tp,
                                       "unsharded_grads", "reduce-scattered once, after the last micro-batch"))
         elif not zero or ZERO_STAGES[data] == 1:

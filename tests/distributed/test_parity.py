@@ -33,7 +33,8 @@ CASES = [
     ("pp_uneven_3_stages", 3, ["parallel.pp=3"], 8, "fp32", FP32),  # 4 blocks over 3 stages: 1, 2, 1
     ("pp_fsdp", 4, ["parallel.data=fsdp", "parallel.pp=2"], 8, "fp32", FP32),
     ("pp_tp", 4, ["parallel.tp=2", "parallel.pp=2"], 8, "fp32", FP32),
-    ("3d_pp_fsdp_tp", 8, ["parallel.data=fsdp", "parallel.pp=2", "parallel.tp=2"], 16, "fp32", FP32),
+    ("3d_pp_fsdp_tp", 8, ["parallel.data=fsdp", "parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=interleaved_1f1b"],
+     16, "fp32", FP32),
     ("ac_full", 1, ["parallel.ac=full"], 8, "fp32", FP32),
     ("ac_full_every_2", 1, ["parallel.ac=full", "parallel.ac_every=2"], 8, "fp32", FP32),
     ("ac_selective", 1, ["parallel.ac=selective"], 8, "fp32", FP32),
