@@ -2,6 +2,7 @@
 
     python launch/plan.py recipe=llama70b_3d world_size=512 gpu_memory_gib=80 [key=value ...] [--json]
     python launch/plan.py recipe=llama8b_fsdp_tp world_size=16 gpu_memory_gib=80 --simulate
+    python launch/plan.py recipe=llama7b_fsdp world_size=8 --build
 
 The recipe and overrides are those of launch/train.py and are validated the same way (one message naming
 every problem). `world_size` (default 8) is the number of ranks, `ranks_per_node` (default 8) sizes the host
@@ -10,7 +11,9 @@ memory per node that offloaded state needs, `gpu_memory_gib` the device to fit (
 `--json` prints the same numbers as JSON (peak tensor bytes per rank under `peak_bytes`, the device reserve
 apart under `reserve_bytes`). `--simulate` builds the most loaded rank for real on this machine, without
 the hardware (torch's fake process group, FakeTensorMode, the tracker), runs one step and prints the
-measured breakdown beside the prediction.
+measured breakdown beside the prediction. `--build` builds that rank with real tensors on this machine (the fake
+process group: no communication, no other rank needed) and reports what starting it costs: seconds, growth of
+the peak host memory, parameter bytes held.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ def parse(argv: list[str]) -> tuple[dict, list[str], set[str]]:
     own, rest, flags = {"world_size": 8, "gpu_memory_gib": None, "ranks_per_node": 8, "device": None}, [], set()
     for tok in argv:
         if tok.startswith("--"):
-            if tok not in ("--json", "--simulate"):
-                raise ConfigError(f"{tok}: unknown flag; known: --json, --simulate")
+            if tok not in ("--json", "--simulate", "--build"):
+                raise ConfigError(f"{tok}: unknown flag; known: --json, --simulate, --build")
             flags.add(tok)
             continue
         key, _, value = tok.partition("=")
@@ -42,6 +45,8 @@ def parse(argv: list[str]) -> tuple[dict, list[str], set[str]]:
                 raise ConfigError(f"{key}={value}: expected {OWN_KEYS[key].__name__}") from None
         else:
             rest.append(tok)
+    if {"--simulate", "--build"} <= flags:
+        raise ConfigError("--simulate and --build each need a process of their own: pass one of them")
     if own["world_size"] < 1:
         raise ConfigError(f"world_size={own['world_size']} must be >= 1")
     if own["device"] is None:
@@ -78,11 +83,18 @@ def main(argv: list[str]) -> int:
         except ValueError as e:
             print(f"shardwise: {e}", file=sys.stderr)
             return 2
+    built = None
+    if "--build" in flags:
+        from parallel.simulate import build_cost
+
+        built = build_cost(cfg, own["world_size"], rank=rank)
     if "--json" in flags:
         out = {"recipe": cfg.name, "world_size": own["world_size"], "layout": plan.dims.describe(),
                **plan.memory.to_json()}
         if simulated is not None:
             out["simulated"], out["simulated_rank"] = simulated, rank
+        if built is not None:
+            out["build"] = built
         print(json.dumps(out, indent=2))
         return 0
     print(f"{cfg.name}: {plan.params / 1e9:.2f} B parameters, world {own['world_size']} "
@@ -93,6 +105,14 @@ def main(argv: list[str]) -> int:
         from parallel.simulate import comparison
 
         print(comparison(plan.memory, simulated))
+    if built is not None:
+        gib = 2**30
+        predicted = plan.memory.most_loaded.by_category().get("params", 0)
+        # (under DeepSpeed the planner's parameters are those of training: cast to 16 bits, ZeRO-3's gathered ones)
+        versus = "" if str(cfg.parallel.data).startswith("zero") else f" (predicted: {predicted / gib:.3f} GiB)"
+        print(f"\nbuilding rank {rank} of {own['world_size']} on this machine (real tensors, fake process group): "
+              f"{built['seconds']:.1f} s, peak host memory +{built['peak_host_growth_bytes'] / gib:.2f} GiB, "
+              f"parameters held {built['param_bytes'] / gib:.3f} GiB{versus}")
     return 0
 
 

@@ -94,6 +94,45 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
     return tracked.breakdown()
 
 
+def build_cost(cfg, world_size: int, *, rank: int = 0) -> dict:
+    """What building rank `rank` of a `world_size`-rank job costs on this machine: the trainer's own
+    `parallelize` (meta model, transforms, allocation, initial weights) with real tensors on the fake process
+    group (collectives are no-ops, so nothing waits for the other ranks). Returns the wall time, the growth of
+    the process's peak resident memory (ru_maxrss) over the build, and the parameter bytes this rank holds."""
+    import resource
+    import time
+
+    from models.llama import build_model
+    from parallel import parallelize
+    from parallel.mesh import World, build_meshes
+    from trainer.config import derive, model_args_of
+
+    import os
+
+    plan = derive(cfg, world_size)
+    _fake_process_group(world_size, rank)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's communication layer reads it
+    world = World(rank=rank, world_size=world_size, local_rank=0, device=torch.device("cpu"))
+    meshes = build_meshes(plan.dims, "cpu") if world_size > 1 else None
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 (Linux: KiB)
+    before, start = rss(), time.perf_counter()
+    par = parallelize(build_model(model_args_of(cfg), device="meta"), cfg, plan.dims, world, meshes=meshes)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_host_growth_bytes": rss() - before,
+            "param_bytes": _held_param_bytes(par), "world_size": world_size, "rank": rank}
+
+
+def _held_param_bytes(par) -> int:
+    from parallel.dtensor import nbytes
+
+    seen, total = set(), 0
+    for prm in par.parameters():
+        if id(prm) not in seen:
+            seen.add(id(prm))
+            total += nbytes(getattr(prm, "ds_tensor", prm))
+    return total
+
+
 def _without_data_dependent_setup() -> None:
     """Two set-up steps read values that fake tensors do not have; in this process (of its own) they are
     replaced: DDP's check that every rank holds the same parameter shapes and its broadcast of rank 0's
@@ -125,10 +164,11 @@ def _stage_shapes(cfg, args, plan):
         torch.float16 if mixed else torch.float32)
     last = n_stages(str(cfg.parallel.pp_schedule), plan.dims.pp) - 1
     tokens = torch.empty(mb, T, dtype=torch.int64, device="meta")
-    hidden = torch.empty(mb, T, args.dim, dtype=hidden_dtype, device="meta")
+    # (requires_grad: the stage reads from its example output whether a gradient comes back for it)
+    hidden = torch.empty(mb, T, args.dim, dtype=hidden_dtype, device="meta", requires_grad=True)
     logits_dtype = hidden_dtype if mixed or str(cfg.training.precision) == "fp32" else (
         torch.bfloat16 if str(cfg.training.precision) == "bf16" else torch.float16)
-    logits = torch.empty(mb, T, args.vocab_size, dtype=logits_dtype, device="meta")
+    logits = torch.empty(mb, T, args.vocab_size, dtype=logits_dtype, device="meta", requires_grad=True)
     return lambda sid: (tokens if sid == 0 else hidden, logits if sid == last else hidden)
 
 
