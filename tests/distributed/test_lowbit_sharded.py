@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 
 # 128-wide so each FSDP/TP shard of a matrix has >= 4096 values: torchao quantizes only such tensors
-WIDE = ["model.dim=128", "training.steps=10", "training.precision=fp32", "training.global_batch_size=8"]
+WIDE = ["model.dim=128", "training.steps=10", "training.precision=fp32", "training.global_batch_size=8", "optim.lr=3e-3"]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_bf16", "adamw8bit"])
