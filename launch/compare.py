@@ -1,0 +1,56 @@
+"""Run strategies side by side on one model, data and seed; write a table and plots:
+
+    python launch/compare.py recipe=llama_debug strategies=ddp,fsdp,zero2,zero3,tp,pp,fsdp_tp nproc=4 steps=20
+    python launch/compare.py recipe=llama_debug strategies=fsdp,fsdp:ac=full,zero3+offload nproc=2 steps=20 out=runs/cmp
+    python launch/compare.py recipe=llama_debug strategies=ddp,fsdp sweep=training.micro_batch_size=2,4 nproc=2
+
+Each cell (a strategy, crossed with `sweep`) is a real torchrun job of launch/train.py with the recipe and every
+other key=value given here (the same model, data, seed, global batch, micro-batch and sequence length for all).
+Into `out` (default runs/compare-<recipe>-<time>/): compare.csv, compare.md, records.json, memory.png,
+throughput.png, loss.png, and cells/<cell>/ with each run. Rerunning with the same `out` skips finished cells.
+Strategy names and their keys: trainer/compare.py and docs/compare.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from trainer.compare import CompareError, run  # noqa: E402
+
+OWN = {"strategies": str, "nproc": int, "steps": int, "out": str, "sweep": str}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    own, rest = {"strategies": "", "nproc": 2, "steps": 20, "out": None, "sweep": None}, []
+    try:
+        for tok in argv:
+            key, eq, value = tok.partition("=")
+            if key in OWN and eq:
+                try:
+                    own[key] = OWN[key](value)
+                except ValueError:
+                    raise CompareError(f"{key}={value}: expected {OWN[key].__name__}") from None
+            else:
+                rest.append(tok)
+        recipe = next((t.partition("=")[2] for t in rest if t.startswith("recipe=")), None)
+        if recipe is None:
+            raise CompareError("recipe=NAME is required (e.g. recipe=llama_debug)")
+        if own["nproc"] < 1 or own["steps"] < 1:
+            raise CompareError(f"nproc={own['nproc']}, steps={own['steps']}: both must be >= 1")
+        rest = [t for t in rest if not t.startswith("recipe=")]
+        run(recipe, own["strategies"], nproc=own["nproc"], steps=own["steps"], out=own["out"], overrides=rest,
+            sweep=own["sweep"])
+    except CompareError as e:
+        print(f"shardwise: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

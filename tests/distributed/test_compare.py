@@ -1,0 +1,115 @@
+"""launch/compare.py: three strategies and one impossible one on 2 CPU ranks, one launch each, shared by the
+assertions: the CSV against each run's own metrics.jsonl, real PNGs with the expected axes, the refused cell with
+validation's message, the loss agreement of the fp32 cells, and a rerun that keeps the finished cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY
+from helpers import REPO, read_jsonl
+
+STRATEGIES = "ddp,fsdp,zero2,tp:tp=3"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    args = [*TINY, "training.global_batch_size=8", "training.precision=fp32", f"strategies={STRATEGIES}", "nproc=2",
+            f"steps={STEPS}", f"out={out}"]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args], capture_output=True,
+                          text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, args, proc.stdout
+
+
+def _cells(out):
+    with open(out / "compare.csv") as f:
+        return {row["cell"]: row for row in csv.DictReader(f)}
+
+
+def test_the_table_holds_what_each_run_wrote(compared):
+    out, _, stdout = compared
+    rows = _cells(out)
+    assert list(rows) == STRATEGIES.split(",")
+    for cell in ("ddp", "fsdp", "zero2"):
+        row = rows[cell]
+        assert row["status"] == "ok", row
+        metrics = read_jsonl(out / "cells" / cell / "run" / "metrics.jsonl")
+        steps = [r for r in metrics if "train/loss" in r]
+        assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+        assert float(row["final_loss"]) == steps[-1]["train/loss"]
+        steady = [r for r in steps if r["step"] >= 4]  # after the tracked step 3
+        assert float(row["tokens_per_sec_per_device"]) == statistics.median(r["perf/tokens_per_sec_per_gpu"] for r in steady)
+        assert float(row["step_time_s"]) == statistics.median(r["perf/step_time_s"] for r in steady)
+        breakdown = next(r for r in metrics if r.get("event") == "memory_breakdown")
+        assert int(row["measured_peak_bytes"]) == max(r["peak"] for r in breakdown["ranks"])
+        # the planner's number for the same layout, and its error against the tracker, within the planner's 10%
+        assert abs(float(row["memory_error_pct"])) <= 10.0, row
+    assert f"[1/4] ddp ({STEPS} steps on 2 ranks)" in stdout and "ETA" in stdout  # progress while it runs
+
+
+def test_an_impossible_strategy_shows_as_refused_with_its_message(compared):
+    out, _, _ = compared
+    row = _cells(out)["tp:tp=3"]
+    assert row["status"] == "refused" and "tp" in row["message"] and row["measured_peak_bytes"] == ""
+    assert "| tp:tp=3 | - |" in (out / "compare.md").read_text() and "refused: " in (out / "compare.md").read_text()
+
+
+def test_the_fp32_losses_agree_and_the_table_says_so(compared):
+    out, _, _ = compared
+    md = (out / "compare.md").read_text()
+    assert "Loss agreement (fp32 cells ddp, fsdp, zero2)" in md and ": agree within 1e-04" in md, md
+
+
+def test_the_plots_are_real_pngs_with_their_axes(compared):
+    import matplotlib.image
+
+    from trainer.compare import figures
+
+    out, _, _ = compared
+    for name in ("memory", "throughput", "loss"):
+        path = out / f"{name}.png"
+        assert path.stat().st_size > 10_000, name
+        pixels = matplotlib.image.imread(path)
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 500 and pixels.std() > 0.05, name
+    records = json.loads((out / "records.json").read_text())
+    figs = figures(records)
+    mem, thr, loss = (figs[k].axes[0] for k in ("memory", "throughput", "loss"))
+    assert mem.get_ylabel().startswith("memory per rank") and [t.get_text() for t in mem.get_xticklabels()][-1] == \
+        "tp:tp=3\n(refused)"
+    assert {t.get_text() for t in mem.get_legend().get_texts()} >= {"params", "optim"}
+    assert thr.get_ylabel() == "tokens/s per device" and len(thr.patches) == 3
+    assert loss.get_xlabel() == "step" and loss.get_ylabel() == "training loss"
+    assert [ln.get_label() for ln in loss.get_lines()] == ["ddp", "fsdp", "zero2"]
+    assert all(len(ln.get_xdata()) == STEPS for ln in loss.get_lines())
+
+
+def test_a_rerun_keeps_the_finished_cells(compared):
+    out, args, _ = compared
+    before = {c: (out / "cells" / c / "record.json").stat().st_mtime_ns for c in ("ddp", "fsdp", "zero2")}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("(finished before: kept)") == 4, proc.stdout
+    assert before == {c: (out / "cells" / c / "record.json").stat().st_mtime_ns for c in before}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recipe=llama_debug", "strategies=fsdp,zero4"], "unknown strategy 'zero4'"),
+    (["recipe=llama_debug", "strategies=fsdp+gpu"], "unknown modifier '+gpu'"),
+    (["recipe=llama_debug", "strategies=fsdp", "sweep=training.micro_batch_size"], "sweep=training.micro_batch_size"),
+    (["strategies=fsdp"], "recipe=NAME is required"),
+    (["recipe=llama_debug", "strategies=fsdp", "nproc=two"], "nproc=two: expected int"),
+])
+def test_bad_input_is_one_message(args, message):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,343 @@
+"""Strategies side by side: one model, data, seed and batch; each strategy a real torchrun job.
+
+`run(recipe="llama_debug", strategies=["ddp", "fsdp", "zero2"], nproc=2, steps=20)` runs each cell (a strategy,
+crossed with any `sweep`) as `torchrun launch/train.py` with the same recipe and overrides, reads back what the run
+wrote (metrics.jsonl: the loss curve, tokens/s, step times, MFU, the tracked memory breakdown of one step) and
+what the planner predicts for the same layout (parallel/plan.py), and returns one record per cell. A cell that
+fails is a record too: `refused` (validation's message, before any process group), `oom`, or `crashed` (the last
+lines of its output). `write(records, out)` writes compare.csv, compare.md and the PNG plots (launch/compare.py
+does both). Cells that finished are not run again: their record is kept in `out/cells/<cell>/record.json`.
+
+Strategy names: none, ddp, fsdp, hsdp (2 replicas), zero1, zero2, zero3, tp (tensor parallel over every rank),
+pp (pipeline over every rank), fsdp_tp (FSDP x TP 2). A name may carry its own keys: `zero3+offload`
+(parallel.offload=cpu), `fsdp:ac=full`, `tp:tp=2`, `fsdp:training.precision=fp32` (short keys are parallel.*).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {
+    "none": [], "ddp": ["parallel.data=ddp"], "fsdp": ["parallel.data=fsdp"],
+    "hsdp": ["parallel.data=hsdp", "parallel.dp_replicate=2"],
+    "zero1": ["parallel.data=zero1"], "zero2": ["parallel.data=zero2"], "zero3": ["parallel.data=zero3"],
+    "tp": ["parallel.data=none", "parallel.tp={nproc}"], "pp": ["parallel.data=none", "parallel.pp={nproc}"],
+    "fsdp_tp": ["parallel.data=fsdp", "parallel.tp=2"],
+}
+MODIFIERS = {"offload": ["parallel.offload=cpu"], "offload_params": ["parallel.offload_params=true"]}
+# every cell: the same logging, so the records are comparable; one tracked step for the memory breakdown
+COMMON = ["logging.every=1", "logging.jsonl=true", "logging.console=true", "logging.tensorboard=false",
+          "logging.wandb.mode=disabled", "logging.memory_breakdown=true", "logging.memory_breakdown_step=3",
+          "checkpoint.every=0", "training.val_every=0"]
+STEADY_FROM = 4  # step times from this step on: the first steps build buckets and warm caches, step 3 is tracked
+CATEGORIES = ("params", "gathered_params", "grads", "unsharded_grads", "optim", "master", "buffers", "activations",
+              "temporaries", "other")
+
+
+class CompareError(ValueError):
+    """A bad strategy name or sweep: one message naming it and what is accepted."""
+
+
+def strategy_overrides(name: str, nproc: int) -> list[str]:
+    """`fsdp:ac=full`, `zero3+offload`, `tp:tp=2` -> the config overrides of that cell."""
+    head, _, keys = name.partition(":")
+    base, *mods = head.split("+")
+    if base not in BASE:
+        raise CompareError(f"strategies: unknown strategy '{base}' in '{name}'; known: {', '.join(BASE)} "
+                           f"(modifiers: +{', +'.join(MODIFIERS)}; keys after ':', e.g. fsdp:ac=full)")
+    out = [o.format(nproc=nproc) for o in BASE[base]]
+    for m in mods:
+        if m not in MODIFIERS:
+            raise CompareError(f"strategies: unknown modifier '+{m}' in '{name}'; known: +{', +'.join(MODIFIERS)}")
+        out += MODIFIERS[m]
+    for kv in filter(None, keys.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq:
+            raise CompareError(f"strategies: '{kv}' in '{name}' is not key=value (e.g. fsdp:ac=full)")
+        out.append(f"{k if '.' in k else 'parallel.' + k}={v}")
+    return out
+
+
+def cells(strategies: list[str], sweep: str | None) -> list[tuple[str, list[str]]]:
+    """(cell id, extra overrides) for every strategy, crossed with `sweep` ("key=v1,v2,...")."""
+    if not sweep:
+        return [(s, []) for s in strategies]
+    key, eq, values = sweep.partition("=")
+    if not eq or not values:
+        raise CompareError(f"sweep={sweep}: expected key=v1,v2,... (e.g. sweep=training.micro_batch_size=1,2,4)")
+    return [(f"{s}@{key.rsplit('.', 1)[-1]}={v}", [f"{key}={v}"]) for s in strategies for v in values.split(",")]
+
+
+def _safe(cell: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_=.@" else "_" for c in cell)
+
+
+def _predicted(overrides: list[str], nproc: int) -> dict:
+    """The planner for this cell: (layout, peak bytes and categories of the most loaded rank) or the refusal."""
+    from trainer.config import ConfigError, derive, load_config, validate
+
+    try:
+        cfg = load_config(overrides)
+        cfg.dry_run = True
+        problems = validate(cfg, nproc)
+        if problems:
+            return {"refused": "; ".join(problems)}
+        plan = derive(cfg, nproc)
+    except ConfigError as e:
+        return {"refused": str(e)}
+    top = plan.memory.most_loaded
+    return {"layout": plan.dims.describe(), "peak_bytes": top.peak_bytes, "categories": top.by_category(),
+            "precision": str(cfg.training.precision)}
+
+
+def _read_run(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    start = max((i for i, r in enumerate(rows) if r.get("event") == "start"), default=0)
+    steps = [r for r in rows[start:] if "train/loss" in r and "event" not in r]
+    steady = [r for r in steps if r["step"] >= STEADY_FROM] or steps
+    breakdown = next((r for r in reversed(rows) if r.get("event") == "memory_breakdown"), None)
+    end = next((r for r in reversed(rows) if r.get("event") == "end"), {})
+    mfu = [r["perf/mfu_pct"] for r in steady if r.get("perf/mfu_pct") is not None]
+    out = {
+        "losses": [(r["step"], r["train/loss"]) for r in steps],
+        "final_loss": steps[-1]["train/loss"] if steps else None,
+        "step_time_s": statistics.median(r["perf/step_time_s"] for r in steady) if steady else None,
+        "tokens_per_sec_per_device": statistics.median(r["perf/tokens_per_sec_per_gpu"] for r in steady)
+        if steady else None,
+        "mfu_pct": statistics.median(mfu) if mfu else None,
+        "peak_memory_gib": end.get("peak_memory_gib"),
+    }
+    if breakdown:
+        ranks = breakdown["ranks"]
+        top = max(range(len(ranks)), key=lambda r: ranks[r]["peak"])
+        out.update(measured_peak_bytes=ranks[top]["peak"], measured_rank=top,
+                   measured_categories={k: v for k, v in ranks[top].items() if k != "peak"})
+    return out
+
+
+def _status_of(proc: subprocess.CompletedProcess) -> tuple[str, str]:
+    text = (proc.stdout or "") + (proc.stderr or "")
+    tail = "\n".join(text.strip().splitlines()[-15:])
+    if proc.returncode == 0:
+        return "ok", ""
+    if "out of memory" in text.lower() or "OutOfMemoryError" in text:
+        return "oom", tail
+    if proc.returncode == 2 and "invalid config" in text:
+        return "refused", next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("- ")), tail)
+    return "crashed", tail
+
+
+def run_cell(cell: str, extra: list[str], *, recipe: str, overrides: list[str], nproc: int, steps: int,
+             out: Path, timeout: int = 1800) -> dict:
+    """One cell, or its saved record when it finished before."""
+    strategy = cell.split("@")[0]
+    cell_dir = out / "cells" / _safe(cell)
+    saved = cell_dir / "record.json"
+    if saved.is_file():
+        return {**json.loads(saved.read_text()), "kept": True}
+    cfg_overrides = [f"recipe={recipe}", *overrides, *strategy_overrides(strategy, nproc), *extra,
+                     f"training.steps={steps}"]
+    record = {"cell": cell, "strategy": strategy, "nproc": nproc, "overrides": cfg_overrides}
+    predicted = _predicted(cfg_overrides, nproc)
+    if "refused" in predicted:  # validation's own message; no process is started
+        record.update(status="refused", message=predicted["refused"])
+    else:
+        record.update(layout=predicted["layout"], predicted_peak_bytes=predicted["peak_bytes"],
+                      predicted_categories=predicted["categories"], precision=predicted["precision"])
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = cell_dir / "run"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO / "launch" / "train.py"), *cfg_overrides, *COMMON, f"run_dir={run_dir}"]
+        if nproc == 1:
+            cmd = [sys.executable, str(REPO / "launch" / "train.py"), *cfg_overrides, *COMMON, f"run_dir={run_dir}"]
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                                  env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+            status, message = _status_of(proc)
+            (cell_dir / "output.log").write_text((proc.stdout or "") + (proc.stderr or ""))
+        except subprocess.TimeoutExpired:
+            status, message = "crashed", f"timed out after {timeout} s"
+        record.update(status=status, message=message, wall_s=time.perf_counter() - started)
+        if status == "ok":
+            record.update(_read_run(run_dir))
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    if record["status"] in ("ok", "refused"):  # a crash or an OOM is run again next time
+        saved.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def agreement(records: list[dict], rtol: float = 1e-4) -> dict:
+    """Whether the fp32 cells' loss curves agree with each other (every strategy computes the same
+    function of the same data): the largest relative difference per step against the first such cell."""
+    same = [r for r in records if r["status"] == "ok" and r.get("precision") == "fp32" and r.get("losses")]
+    if len(same) < 2:
+        return {"cells": [r["cell"] for r in same], "max_rel_diff": None, "agree": None, "rtol": rtol}
+    ref = dict(same[0]["losses"])
+    worst = 0.0
+    for r in same[1:]:
+        for step, loss in r["losses"]:
+            if step in ref:
+                worst = max(worst, abs(loss - ref[step]) / abs(ref[step]))
+    return {"cells": [r["cell"] for r in same], "max_rel_diff": worst, "agree": worst <= rtol, "rtol": rtol}
+
+
+def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int = 2, steps: int = 20,
+        out: str | Path | None = None, overrides=(), sweep: str | None = None, progress=print, as_frame=False):
+    """Run every cell (skipping finished ones), write the table and plots into `out`, return the records
+    (a pandas DataFrame with `as_frame=True`, when pandas is installed)."""
+    strategies = [s for s in (strategies.split(",") if isinstance(strategies, str) else strategies) if s]
+    if not strategies:
+        raise CompareError("strategies: give at least one, e.g. strategies=ddp,fsdp,zero2")
+    todo = cells(strategies, sweep)
+    for s in strategies:  # every name checked before anything runs
+        strategy_overrides(s, nproc)
+    out = Path(out) if out else REPO / "runs" / f"compare-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    records, started = [], time.perf_counter()
+    for i, (cell, extra) in enumerate(todo):
+        done = time.perf_counter() - started
+        eta = f", ETA {done / i * (len(todo) - i):.0f} s" if i else ""
+        progress(f"compare: [{i + 1}/{len(todo)}] {cell} ({steps} steps on {nproc} ranks{eta})")
+        rec = run_cell(cell, extra, recipe=recipe, overrides=list(overrides), nproc=nproc, steps=steps, out=out)
+        progress(f"compare: {cell}: {rec['status']}{' (finished before: kept)' if rec.get('kept') else ''}"
+                 + (f", {rec['tokens_per_sec_per_device']:,.0f} tokens/s/device, final loss {rec['final_loss']:.4f}"
+                    if rec["status"] == "ok" else f": {rec.get('message', '')[:300]}"))
+        records.append(rec)
+    write(records, out)
+    ok = sum(r["status"] == "ok" for r in records)
+    progress(f"compare: {ok} of {len(records)} cells ran; compare.md, compare.csv and the plots are in {out}")
+    if as_frame:
+        import pandas as pd
+
+        return pd.DataFrame(records)
+    return records
+
+
+# -- the table and the plots
+
+COLUMNS = ["cell", "status", "layout", "predicted_peak_bytes", "measured_peak_bytes", "memory_error_pct",
+           "tokens_per_sec_per_device", "mfu_pct", "step_time_s", "final_loss", "message"]
+
+
+def _row(r: dict) -> dict:
+    row = {k: r.get(k) for k in COLUMNS}
+    p, m = r.get("predicted_peak_bytes"), r.get("measured_peak_bytes")
+    row["memory_error_pct"] = 100.0 * (p - m) / m if p and m else None
+    return row
+
+
+def write(records: list[dict], out: Path) -> None:
+    out = Path(out)
+    rows = [_row(r) for r in records]
+    with open(out / "compare.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "compare.md").write_text(markdown(records))
+    (out / "records.json").write_text(json.dumps(records, indent=2))
+    plot(records, out)
+
+
+def _fmt(v, spec: str, unit: str = "") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}{unit}"
+
+
+def markdown(records: list[dict]) -> str:
+    mib = 2**20
+    lines = ["| strategy | layout | memory predicted | memory measured | error | tokens/s/device | MFU | step time | "
+             "final loss | status |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in records:
+        row = _row(r)
+        last = (r.get("message") or "").strip().splitlines()[-1:]
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {last[0][:200] if last else ''}"
+        lines.append(
+            f"| {r['cell']} | {r.get('layout') or '-'} | {_fmt(row['predicted_peak_bytes'] and row['predicted_peak_bytes'] / mib, ',.2f', ' MiB')} | "
+            f"{_fmt(row['measured_peak_bytes'] and row['measured_peak_bytes'] / mib, ',.2f', ' MiB')} | "
+            f"{_fmt(row['memory_error_pct'], '+.1f', '%')} | {_fmt(row['tokens_per_sec_per_device'], ',.0f')} | "
+            f"{_fmt(row['mfu_pct'], '.1f', '%')} | {_fmt(row['step_time_s'], '.3f', ' s')} | "
+            f"{_fmt(row['final_loss'], '.4f')} | {status.replace('|', '/')} |")
+    a = agreement(records)
+    if a["agree"] is None:
+        lines.append("\nLoss agreement: fewer than two fp32 cells finished; nothing to compare.")
+    else:
+        lines.append(f"\nLoss agreement (fp32 cells {', '.join(a['cells'])}): largest relative difference per step "
+                     f"{a['max_rel_diff']:.2e}: {'agree' if a['agree'] else 'DO NOT agree'} within {a['rtol']:.0e}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], out: Path, capacity_bytes: int | None = None) -> None:
+    """memory.png, throughput.png and loss.png in `out`."""
+    import matplotlib.pyplot as plt
+
+    for name, fig in figures(records, capacity_bytes).items():
+        fig.savefig(Path(out) / f"{name}.png", dpi=110)
+        plt.close(fig)
+
+
+def figures(records: list[dict], capacity_bytes: int | None = None) -> dict:
+    """The three matplotlib figures: {"memory", "throughput", "loss"}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r["status"] == "ok"]
+    mib = 2**20
+    figs = {}
+    # 1. stacked memory by category, predicted beside measured
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(records)), 4.5))
+    x = list(range(len(records)))
+    for side, key, off in (("predicted", "predicted_categories", -0.2), ("measured", "measured_categories", 0.2)):
+        bottom = [0.0] * len(records)
+        for ci, cat in enumerate(CATEGORIES):
+            vals = [(r.get(key) or {}).get(cat, 0) / mib for r in records]
+            if any(vals):
+                ax.bar([i + off for i in x], vals, 0.38, bottom=bottom, color=plt.cm.tab10(ci % 10),
+                       label=cat if side == "predicted" else None, hatch="" if side == "predicted" else "//",
+                       edgecolor="white")
+                bottom = [b + v for b, v in zip(bottom, vals)]
+    if capacity_bytes:
+        ax.axhline(capacity_bytes / mib, color="red", linestyle="--", label="device capacity")
+    ax.set_xticks(x, [r["cell"] + ("" if r["status"] == "ok" else f"\n({r['status']})") for r in records],
+                  rotation=20, ha="right")
+    ax.set_ylabel("memory per rank, most loaded (MiB)")
+    ax.set_title("memory by category: predicted (plain) | measured (hatched)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    figs["memory"] = fig
+    # 2. throughput, with MFU where the device's peak is known
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4))
+    ax.bar([r["cell"] for r in ok], [r.get("tokens_per_sec_per_device") or 0 for r in ok], color="tab:blue")
+    for i, r in enumerate(ok):
+        if r.get("mfu_pct") is not None:
+            ax.text(i, r["tokens_per_sec_per_device"], f"MFU {r['mfu_pct']:.1f}%", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("tokens/s per device")
+    ax.set_title("throughput (median of the steady steps)")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    figs["throughput"] = fig
+    # 3. loss curves overlaid
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in ok:
+        if r.get("losses"):
+            steps, losses = zip(*r["losses"])
+            ax.plot(steps, losses, label=r["cell"], linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("loss curves")
+    if ok:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    figs["loss"] = fig
+    return figs
