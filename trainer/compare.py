@@ -201,6 +201,20 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
     todo = cells(strategies, sweep)
     for s in strategies:  # every name checked before anything runs
         strategy_overrides(s, nproc)
+    overrides = list(overrides)
+    if not any(o.startswith("optim.warmup_steps=") for o in overrides):
+        # a comparison is short: the recipe's warmup may be longer than the whole run, which validation refuses;
+        # every cell gets the same shortened warmup (given explicitly, optim.warmup_steps is left as it is)
+        from trainer.config import ConfigError, load_config
+
+        try:
+            warmup = int(load_config([f"recipe={recipe}", *overrides]).optim.warmup_steps)
+        except ConfigError as e:
+            raise CompareError(str(e)) from None
+        if warmup > steps // 4:
+            overrides.append(f"optim.warmup_steps={steps // 4}")
+            progress(f"compare: optim.warmup_steps={steps // 4} for every cell (the recipe's {warmup} is longer "
+                     f"than a quarter of steps={steps}; pass optim.warmup_steps= to choose)")
     out = Path(out) if out else REPO / "runs" / f"compare-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     records, started = [], time.perf_counter()
@@ -208,7 +222,7 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
         done = time.perf_counter() - started
         eta = f", ETA {done / i * (len(todo) - i):.0f} s" if i else ""
         progress(f"compare: [{i + 1}/{len(todo)}] {cell} ({steps} steps on {nproc} ranks{eta})")
-        rec = run_cell(cell, extra, recipe=recipe, overrides=list(overrides), nproc=nproc, steps=steps, out=out)
+        rec = run_cell(cell, extra, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out)
         progress(f"compare: {cell}: {rec['status']}{' (finished before: kept)' if rec.get('kept') else ''}"
                  + (f", {rec['tokens_per_sec_per_device']:,.0f} tokens/s/device, final loss {rec['final_loss']:.4f}"
                     if rec["status"] == "ok" else f": {rec.get('message', '')[:300]}"))

@@ -178,3 +178,43 @@ def test_documented_plan_command_runs(line):
         assert "simulated (fake process group" in proc.stdout
     if "--build" in args:
         assert re.search(r"building rank \d+ of \d+ on this machine .*parameters held [\d.]+ GiB", proc.stdout)
+
+
+def documented_compare_commands() -> list[str]:
+    out = set()
+    for _, line, inside in doc_lines():
+        if inside and re.match(r"^python launch/compare\.py\b", line):
+            out.add(line)
+        elif not inside:
+            out |= set(re.findall(r"`(python launch/compare\.py[^`]*)`", line))
+    return sorted(out)
+
+
+COMPARE_COMMANDS = documented_compare_commands()
+
+
+def test_the_docs_show_compare_commands():
+    assert COMPARE_COMMANDS and any("sweep=" in c for c in COMPARE_COMMANDS)
+COMPARE_SHRINK = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
+                  "data.source=synthetic", "training.seq_len=32"]
+
+
+@pytest.mark.parametrize("line", COMPARE_COMMANDS)
+def test_documented_compare_command_runs(line, tmp_path):
+    """launch/compare.py lines run as shown, shrunk: the tiny model, 4 steps, at most 2 ranks (every cell still
+    runs, or is refused by validation as it would be at full size)."""
+    import csv
+
+    args = [a for a in shlex.split(line)[2:] if not a.startswith(("steps=", "nproc=", "out="))]
+    nproc = min(2, int(next((a.split("=")[1] for a in shlex.split(line) if a.startswith("nproc=")), "2")))
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args, *COMPARE_SHRINK, "steps=4",
+                           f"nproc={nproc}", f"out={tmp_path}"], capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{line}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    strategies = next(a for a in args if a.startswith("strategies=")).split("=", 1)[1].split(",")
+    with open(tmp_path / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["cell"].split("@")[0] for r in rows} == set(strategies)  # every cell is a row, failed ones too
+    assert all(r["status"] in ("ok", "refused") for r in rows), rows
+    for name in ("memory", "throughput", "loss"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
