@@ -124,20 +124,47 @@ def _read_run(run_dir: Path) -> dict:
     return out
 
 
-def _status_of(proc: subprocess.CompletedProcess) -> tuple[str, str]:
-    text = (proc.stdout or "") + (proc.stderr or "")
+def _status_of(returncode: int, text: str) -> tuple[str, str]:
     tail = "\n".join(text.strip().splitlines()[-15:])
-    if proc.returncode == 0:
+    if returncode == 0:
         return "ok", ""
     if "out of memory" in text.lower() or "OutOfMemoryError" in text:
         return "oom", tail
-    if proc.returncode == 2 and "invalid config" in text:
+    if returncode == 2 and "invalid config" in text:
         return "refused", next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("- ")), tail)
     return "crashed", tail
 
 
+def _run_streaming(cmd: list[str], *, timeout: int, cell: str, steps: int, progress) -> tuple[int, str]:
+    """Run a cell's job, reporting its training steps as they are logged (about five reports per cell)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    watchdog = threading.Timer(timeout, proc.kill)  # a job that hangs without printing is stopped too
+    watchdog.start()
+    deadline, lines, every, started = time.monotonic() + timeout, [], max(1, steps // 5), time.perf_counter()
+    for line in proc.stdout:
+        lines.append(line)
+        head = line.split()
+        if len(head) >= 3 and head[0] == "step" and "/" in head[1] and head[2] == "loss":
+            done = int(head[1].split("/")[0])
+            if done % every == 0 or done == steps:
+                rate = (time.perf_counter() - started) / done
+                progress(f"compare:   {cell}: step {done}/{steps}, about {rate * (steps - done):.0f} s left in this cell")
+        if time.monotonic() > deadline:
+            proc.kill()
+            lines.append(f"\ntimed out after {timeout} s\n")
+            break
+    code = proc.wait()
+    watchdog.cancel()
+    if time.monotonic() > deadline and not (lines and lines[-1].startswith("\ntimed out")):
+        lines.append(f"\ntimed out after {timeout} s\n")
+    return code, "".join(lines)
+
+
 def run_cell(cell: str, extra: list[str], *, recipe: str, overrides: list[str], nproc: int, steps: int,
-             out: Path, timeout: int = 1800) -> dict:
+             out: Path, timeout: int = 1800, progress=print) -> dict:
     """One cell, or its saved record when it finished before."""
     strategy = cell.split("@")[0]
     cell_dir = out / "cells" / _safe(cell)
@@ -160,13 +187,9 @@ def run_cell(cell: str, extra: list[str], *, recipe: str, overrides: list[str], 
         if nproc == 1:
             cmd = [sys.executable, str(REPO / "launch" / "train.py"), *cfg_overrides, *COMMON, f"run_dir={run_dir}"]
         started = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                                  env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-            status, message = _status_of(proc)
-            (cell_dir / "output.log").write_text((proc.stdout or "") + (proc.stderr or ""))
-        except subprocess.TimeoutExpired:
-            status, message = "crashed", f"timed out after {timeout} s"
+        code, text = _run_streaming(cmd, timeout=timeout, cell=cell, steps=steps, progress=progress)
+        (cell_dir / "output.log").write_text(text)
+        status, message = _status_of(code, text)
         record.update(status=status, message=message, wall_s=time.perf_counter() - started)
         if status == "ok":
             record.update(_read_run(run_dir))
@@ -222,7 +245,8 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
         done = time.perf_counter() - started
         eta = f", ETA {done / i * (len(todo) - i):.0f} s" if i else ""
         progress(f"compare: [{i + 1}/{len(todo)}] {cell} ({steps} steps on {nproc} ranks{eta})")
-        rec = run_cell(cell, extra, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out)
+        rec = run_cell(cell, extra, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out,
+                       progress=progress)
         progress(f"compare: {cell}: {rec['status']}{' (finished before: kept)' if rec.get('kept') else ''}"
                  + (f", {rec['tokens_per_sec_per_device']:,.0f} tokens/s/device, final loss {rec['final_loss']:.4f}"
                     if rec["status"] == "ok" else f": {rec.get('message', '')[:300]}"))

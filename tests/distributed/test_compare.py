@@ -53,7 +53,9 @@ def test_the_table_holds_what_each_run_wrote(compared):
         assert int(row["measured_peak_bytes"]) == max(r["peak"] for r in breakdown["ranks"])
         # the planner's number for the same layout, and its error against the tracker, within the planner's 10%
         assert abs(float(row["memory_error_pct"])) <= 10.0, row
-    assert f"[1/4] ddp ({STEPS} steps on 2 ranks)" in stdout and "ETA" in stdout  # progress while it runs
+    # progress while it runs: the cell, its steps as they are logged, an ETA over the cells
+    assert f"[1/4] ddp ({STEPS} steps on 2 ranks)" in stdout and "ETA" in stdout
+    assert f"ddp: step {STEPS}/{STEPS}" in stdout and "s left in this cell" in stdout
 
 
 def test_an_impossible_strategy_shows_as_refused_with_its_message(compared):
