@@ -1,6 +1,7 @@
 """Run strategies side by side on one model, data and seed; write a table and plots:
 
-    python launch/compare.py recipe=llama_debug strategies=ddp,fsdp,zero2,zero3,tp,pp,fsdp_tp nproc=4 steps=20
+    python launch/compare.py recipe=llama_debug strategies=ddp,fsdp,zero2,zero3,tp,pp,fsdp_tp nproc=4 steps=20 \
+        training.micro_batch_size=2
     python launch/compare.py recipe=llama_debug strategies=fsdp,fsdp:ac=full,zero3+offload nproc=2 steps=20 out=runs/cmp
     python launch/compare.py recipe=llama_debug strategies=ddp,fsdp sweep=training.micro_batch_size=2,4 nproc=2
 

@@ -104,6 +104,12 @@ def test_a_rerun_keeps_the_finished_cells(compared):
     assert before == {c: (out / "cells" / c / "record.json").stat().st_mtime_ns for c in before}
 
 
+def test_help_shows_the_usage():
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), "--help"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0 and "strategies=" in proc.stdout and "sweep=" in proc.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["recipe=llama_debug", "strategies=fsdp,zero4"], "unknown strategy 'zero4'"),
     (["recipe=llama_debug", "strategies=fsdp+gpu"], "unknown modifier '+gpu'"),
