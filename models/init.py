@@ -108,8 +108,8 @@ def index_dtype(numel: int) -> torch.dtype:
 
 
 def _dim_coordinates(param) -> list[torch.Tensor]:
-    """For each dimension of the full tensor, the coordinates this rank's local tensor covers along it (int64,
-    on the parameter's device). A DTensor's are found by laying one 1-D index vector per dimension out with the
+    """For each dimension of the full tensor, the coordinates this rank's local tensor covers along it (int32
+    or int64, on the parameter's device). A DTensor's are found by laying one 1-D index vector per dimension out with the
     parameter's own placements on its mesh (no communication: `src_data_rank=None`), so every placement DTensor
     has, strided shards included, is handled by DTensor itself."""
     shape = tuple(param.shape)
