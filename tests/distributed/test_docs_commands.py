@@ -140,17 +140,18 @@ def test_docs_cite_only_files_that_exist():
     assert not missing, missing
 
 
-def documented_plan_commands() -> list[str]:
+def documented_script_commands(script: str) -> list[str]:
+    """Every `python launch/<script>` line of the docs, in code blocks and inline."""
     out = set()
     for _, line, inside in doc_lines():
-        if inside and re.match(r"^python launch/plan\.py\b", line):
+        if inside and re.match(rf"^python launch/{re.escape(script)}\b", line):
             out.add(line)
         elif not inside:
-            out |= set(re.findall(r"`(python launch/plan\.py[^`]*)`", line))
+            out |= set(re.findall(rf"`(python launch/{re.escape(script)}[^`]*)`", line))
     return sorted(out)
 
 
-PLAN_COMMANDS = documented_plan_commands()
+PLAN_COMMANDS = documented_script_commands("plan.py")
 
 
 def test_the_docs_show_plan_commands():
@@ -180,17 +181,7 @@ def test_documented_plan_command_runs(line):
         assert re.search(r"building rank \d+ of \d+ on this machine .*parameters held [\d.]+ GiB", proc.stdout)
 
 
-def documented_compare_commands() -> list[str]:
-    out = set()
-    for _, line, inside in doc_lines():
-        if inside and re.match(r"^python launch/compare\.py\b", line):
-            out.add(line)
-        elif not inside:
-            out |= set(re.findall(r"`(python launch/compare\.py[^`]*)`", line))
-    return sorted(out)
-
-
-COMPARE_COMMANDS = documented_compare_commands()
+COMPARE_COMMANDS = documented_script_commands("compare.py")
 
 
 def test_the_docs_show_compare_commands():
