@@ -9,6 +9,9 @@ Each cell (a strategy, crossed with `sweep`) is a real torchrun job of launch/tr
 other key=value given here (the same model, data, seed, global batch, micro-batch and sequence length for all).
 Into `out` (default runs/compare-<recipe>-<time>/): compare.csv, compare.md, records.json, memory.png,
 throughput.png, loss.png, and cells/<cell>/ with each run. Rerunning with the same `out` skips finished cells.
+`gpu_memory_gib=80` draws the device's capacity on memory.png. After the cells, the time model
+(parallel/timing.py) is calibrated on this machine and its predicted step time and communication per step
+are put beside the measured ones, with the two rankings.
 Strategy names and their keys: trainer/compare.py and docs/compare.md.
 """
 
@@ -21,14 +24,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from trainer.compare import CompareError, run  # noqa: E402
 
-OWN = {"strategies": str, "nproc": int, "steps": int, "out": str, "sweep": str}
+OWN = {"strategies": str, "nproc": int, "steps": int, "out": str, "sweep": str, "gpu_memory_gib": float}
 
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    own, rest = {"strategies": "", "nproc": 2, "steps": 20, "out": None, "sweep": None}, []
+    own, rest = {"strategies": "", "nproc": 2, "steps": 20, "out": None, "sweep": None, "gpu_memory_gib": None}, []
     try:
         for tok in argv:
             key, eq, value = tok.partition("=")
@@ -46,7 +49,7 @@ def main(argv: list[str]) -> int:
             raise CompareError(f"nproc={own['nproc']}, steps={own['steps']}: both must be >= 1")
         rest = [t for t in rest if not t.startswith("recipe=")]
         run(recipe, own["strategies"], nproc=own["nproc"], steps=own["steps"], out=own["out"], overrides=rest,
-            sweep=own["sweep"])
+            sweep=own["sweep"], gpu_memory_gib=own["gpu_memory_gib"])
     except CompareError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         return 2

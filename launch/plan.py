@@ -3,6 +3,7 @@
     python launch/plan.py recipe=llama70b_3d world_size=512 gpu_memory_gib=80 [key=value ...] [--json]
     python launch/plan.py recipe=llama8b_fsdp_tp world_size=16 gpu_memory_gib=80 --simulate
     python launch/plan.py recipe=llama7b_fsdp world_size=8 --build
+    python launch/plan.py recipe=llama70b world_size=64 gpu_memory_gib=80 --search
 
 The recipe and overrides are those of launch/train.py and are validated the same way (one message naming
 every problem). `world_size` (default 8) is the number of ranks, `ranks_per_node` (default 8) sizes the host
@@ -14,6 +15,12 @@ the hardware (torch's fake process group, FakeTensorMode, the tracker), runs one
 measured breakdown beside the prediction. `--build` builds that rank with real tensors on this machine (the fake
 process group: no communication, no other rank needed) and reports what starting it costs: seconds, growth of
 the peak host memory, parameter bytes held.
+`--search` enumerates the layouts validation accepts (data strategy, dp/tp/pp degrees, pipeline schedule,
+micro-batch, AC, offload), keeps those predicted to fit in gpu_memory_gib (and host_memory_gib per node, when
+given) and ranks them by the step time parallel/timing.py predicts; `top` (default 15) rows are printed.
+The rates are a GPU's assumed ones (device=cuda; tflops=, intra_gbps=, inter_gbps=, hbm_gbps=, pcie_gbps=
+override them; measured when this machine has a GPU) or, with device=cpu, measured on this machine.
+`max_pp` caps the pipeline degree tried.
 """
 
 from __future__ import annotations
@@ -26,15 +33,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from trainer.config import ConfigError, derive, load_config, validate  # noqa: E402
 
-OWN_KEYS = {"world_size": int, "gpu_memory_gib": float, "ranks_per_node": int, "device": str}
+OWN_KEYS = {"world_size": int, "gpu_memory_gib": float, "ranks_per_node": int, "device": str, "top": int,
+            "host_memory_gib": float, "max_pp": int, "tflops": float, "intra_gbps": float, "inter_gbps": float,
+            "hbm_gbps": float, "pcie_gbps": float}
+FLAGS = ("--json", "--simulate", "--build", "--search")
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str], set[str]]:
-    own, rest, flags = {"world_size": 8, "gpu_memory_gib": None, "ranks_per_node": 8, "device": None}, [], set()
+    own, rest, flags = {k: None for k in OWN_KEYS}, [], set()
+    own.update(world_size=8, ranks_per_node=8, top=15)
     for tok in argv:
         if tok.startswith("--"):
-            if tok not in ("--json", "--simulate", "--build"):
-                raise ConfigError(f"{tok}: unknown flag; known: --json, --simulate, --build")
+            if tok not in FLAGS:
+                raise ConfigError(f"{tok}: unknown flag; known: {', '.join(FLAGS)}")
             flags.add(tok)
             continue
         key, _, value = tok.partition("=")
@@ -45,8 +56,10 @@ def parse(argv: list[str]) -> tuple[dict, list[str], set[str]]:
                 raise ConfigError(f"{key}={value}: expected {OWN_KEYS[key].__name__}") from None
         else:
             rest.append(tok)
-    if {"--simulate", "--build"} <= flags:
-        raise ConfigError("--simulate and --build each need a process of their own: pass one of them")
+    if len(flags & {"--simulate", "--build", "--search"}) > 1:
+        raise ConfigError("--simulate, --build and --search each need a process of their own: pass one of them")
+    if "--search" in flags and own["gpu_memory_gib"] is None:
+        raise ConfigError("--search needs the memory to fit: add gpu_memory_gib=N (e.g. gpu_memory_gib=80)")
     if own["world_size"] < 1:
         raise ConfigError(f"world_size={own['world_size']} must be >= 1")
     if own["device"] is None:
@@ -66,6 +79,8 @@ def main(argv: list[str]) -> int:
         cfg.dry_run = True  # planning writes nothing: skip the run_dir check
         if own["device"] == "cuda":
             cfg.training.device = "auto"  # plan for a GPU from a machine that may have none
+        if "--search" in flags:  # the recipe's own layout need not suit this world size: every one is tried
+            return _search(cfg, own, json_out="--json" in flags)
         problems = validate(cfg, own["world_size"])
         if problems:
             raise ConfigError(problems)
@@ -113,6 +128,33 @@ def main(argv: list[str]) -> int:
         print(f"\nbuilding rank {rank} of {own['world_size']} on this machine (real tensors, fake process group): "
               f"{built['seconds']:.1f} s, peak host memory +{built['peak_host_growth_bytes'] / gib:.2f} GiB, "
               f"parameters held {built['param_bytes'] / gib:.3f} GiB{versus}")
+    return 0
+
+
+def _search(cfg, own: dict, *, json_out: bool) -> int:
+    from parallel.search import search, table
+    from parallel.timing import calibrate_cpu, calibrate_cuda, gpu_hardware, override
+
+    rates = {k: own[k] for k in ("tflops", "intra_gbps", "inter_gbps", "hbm_gbps", "pcie_gbps")}
+    if own["device"] == "cpu":
+        hw = calibrate_cpu(cfg, own["world_size"])
+    else:
+        import torch
+
+        hw = calibrate_cuda(cfg, own["gpu_memory_gib"]) if torch.cuda.is_available() else \
+            gpu_hardware(own["gpu_memory_gib"], str(cfg.training.precision))
+    hw = override(hw, **rates)
+    result = search(cfg, own["world_size"], capacity_gib=own["gpu_memory_gib"], hw=hw,
+                    ranks_per_node=own["ranks_per_node"], host_memory_gib=own["host_memory_gib"],
+                    device=own["device"], max_pp=own["max_pp"])
+    if json_out:
+        print(json.dumps({"recipe": cfg.name, "world_size": own["world_size"], "hardware": hw.to_json(),
+                          "layouts": result.layouts, "refused": result.refused, "too_big": result.too_big,
+                          "fits": [c.to_json() for c in result.fits[:own["top"]]]}, indent=2))
+        return 0
+    print(f"{cfg.name} at world {own['world_size']} ({own['ranks_per_node']} ranks per node), "
+          f"{cfg.training.precision}, global batch {cfg.training.global_batch_size} x {cfg.training.seq_len} tokens")
+    print(table(result, top=own["top"], capacity_gib=own["gpu_memory_gib"], hw=hw))
     return 0
 
 

@@ -427,7 +427,7 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
     shapes = args.param_shapes()
     if args.tie_embeddings and last and not first:  # the last stage's output projection holds its own copy
         shapes.append(("output.weight", (args.vocab_size, args.dim)))
-    out = []
+    out, decay_embeddings = [], bool(cfg.optim.decay_embeddings)
     for name, shape in shapes:
         if name.startswith("layers."):
             unit, module = name.split(".")[1], name.split(".", 2)[2].rsplit(".", 1)[0]
@@ -443,7 +443,7 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
         local = list(tp_shape)
         if data in ("fsdp", "hsdp"):
             local[0] = _ceil(local[0], dims.dp_shard)
-        decay = len(shape) >= 2 and (bool(cfg.optim.decay_embeddings) or module != "tok_embeddings")
+        decay = len(shape) >= 2 and (decay_embeddings or module != "tok_embeddings")
         out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay))
     return out, sorted(blocks), first, last, len(mine)
 
@@ -570,9 +570,9 @@ def _model_states(cfg, params: list[_Param], dims: ParallelDims) -> dict[str, in
         # ZeRO-1 holds whole gradients until the boundary, ZeRO-2/3 only their partition
         return {"params": compute * (part if stage == 3 else n_local), "master": 4 * part,
                 "grads": compute * (n_local if stage == 1 else part), "optim": 8 * part}
-    beta1 = o.adafactor.beta1 is not None
+    beta1, name = o.adafactor.beta1 is not None, str(o.name)
     return {"params": 4 * n_local, "grads": 4 * n_local,
-            "optim": sum(optimizer_state_bytes(str(o.name), q.local, adafactor_beta1=beta1) for q in params)}
+            "optim": sum(optimizer_state_bytes(name, q.local, adafactor_beta1=beta1) for q in params)}
 
 
 def model_states(cfg, args, dims: ParallelDims) -> list[dict[str, int]]:

@@ -116,6 +116,9 @@ def _read_run(run_dir: Path) -> dict:
         "mfu_pct": statistics.median(mfu) if mfu else None,
         "peak_memory_gib": end.get("peak_memory_gib"),
     }
+    alloc = [r["mem/peak_allocated_gib"] for r in steps if r.get("mem/peak_allocated_gib") is not None]
+    if alloc:  # on a GPU: the caching allocator's peak (rank 0), beside the tracker's tensors
+        out["allocator_peak_bytes"] = int(max(alloc) * 2**30)
     if breakdown:
         ranks = breakdown["ranks"]
         top = max(range(len(ranks)), key=lambda r: ranks[r]["peak"])
@@ -215,9 +218,11 @@ def agreement(records: list[dict], rtol: float = 1e-4) -> dict:
 
 
 def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int = 2, steps: int = 20,
-        out: str | Path | None = None, overrides=(), sweep: str | None = None, progress=print, as_frame=False):
+        out: str | Path | None = None, overrides=(), sweep: str | None = None, progress=print, as_frame=False,
+        gpu_memory_gib: float | None = None):
     """Run every cell (skipping finished ones), write the table and plots into `out`, return the records
-    (a pandas DataFrame with `as_frame=True`, when pandas is installed)."""
+    (a pandas DataFrame with `as_frame=True`, when pandas is installed). `gpu_memory_gib` draws the device's
+    capacity on the memory plot."""
     strategies = [s for s in (strategies.split(",") if isinstance(strategies, str) else strategies) if s]
     if not strategies:
         raise CompareError("strategies: give at least one, e.g. strategies=ddp,fsdp,zero2")
@@ -251,7 +256,9 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
                  + (f", {rec['tokens_per_sec_per_device']:,.0f} tokens/s/device, final loss {rec['final_loss']:.4f}"
                     if rec["status"] == "ok" else f": {rec.get('message', '')[:300]}"))
         records.append(rec)
-    write(records, out)
+    progress("compare: the time model (parallel/timing.py): calibrating on this machine")
+    add_time_model(records, out, nproc)
+    write(records, out, capacity_bytes=int(gpu_memory_gib * 2**30) if gpu_memory_gib else None)
     ok = sum(r["status"] == "ok" for r in records)
     progress(f"compare: {ok} of {len(records)} cells ran; compare.md, compare.csv and the plots are in {out}")
     if as_frame:
@@ -264,17 +271,83 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
 # -- the table and the plots
 
 COLUMNS = ["cell", "status", "layout", "predicted_peak_bytes", "measured_peak_bytes", "memory_error_pct",
-           "tokens_per_sec_per_device", "mfu_pct", "step_time_s", "final_loss", "message"]
+           "allocator_peak_bytes", "tokens_per_sec_per_device", "mfu_pct", "step_time_s", "predicted_step_time_s",
+           "step_time_error_pct", "predicted_comm_bytes_per_step", "final_loss", "message"]
 
 
 def _row(r: dict) -> dict:
     row = {k: r.get(k) for k in COLUMNS}
     p, m = r.get("predicted_peak_bytes"), r.get("measured_peak_bytes")
     row["memory_error_pct"] = 100.0 * (p - m) / m if p and m else None
+    p, m = r.get("predicted_step_time_s"), r.get("step_time_s")
+    row["step_time_error_pct"] = 100.0 * (p - m) / m if p and m else None
     return row
 
 
-def write(records: list[dict], out: Path) -> None:
+def calibration(out: Path, nproc: int, cfg) -> "Hardware":  # noqa: F821
+    """This machine's rates for the time model, measured once per comparison (kept in out/calibration.json)."""
+    from parallel.timing import Hardware, calibrate_cpu, calibrate_cuda
+
+    saved = Path(out) / "calibration.json"
+    if saved.is_file():
+        return Hardware(**json.loads(saved.read_text()))
+    import torch
+
+    if torch.cuda.is_available():
+        hw = calibrate_cuda(cfg, None)
+    else:
+        hw = calibrate_cpu(cfg, nproc, threads=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    saved.write_text(json.dumps(hw.to_json(), indent=2))
+    return hw
+
+
+def add_time_model(records: list[dict], out: Path, nproc: int) -> None:
+    """Each cell's step time and communication per step as parallel/timing.py predicts them, with this machine's
+    measured rates: `predicted_step_time_s`, `predicted_step_parts`, `predicted_comm_bytes_per_step`."""
+    from parallel.timing import step_time
+    from trainer.config import derive, load_config, model_args_of
+
+    runnable = [r for r in records if r.get("layout")]
+    if not runnable:
+        return
+    hw = None
+    for r in runnable:
+        cfg = load_config(r["overrides"])
+        cfg.dry_run = True
+        hw = hw or calibration(out, nproc, cfg)
+        plan = derive(cfg, nproc)
+        st = step_time(cfg, model_args_of(cfg), plan.dims, hw, device=hw.device)
+        r.update(predicted_step_time_s=st.seconds, predicted_step_parts=st.parts,
+                 predicted_comm_bytes_per_step=st.comm_total, predicted_comm=st.comm_bytes)
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (no ties expected; ties get the average rank)."""
+    if len(xs) < 3:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=v.__getitem__)
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else None
+
+
+def write(records: list[dict], out: Path, capacity_bytes: int | None = None) -> None:
     out = Path(out)
     rows = [_row(r) for r in records]
     with open(out / "compare.csv", "w", newline="") as f:
@@ -283,7 +356,7 @@ def write(records: list[dict], out: Path) -> None:
         w.writerows(rows)
     (out / "compare.md").write_text(markdown(records))
     (out / "records.json").write_text(json.dumps(records, indent=2))
-    plot(records, out)
+    plot(records, out, capacity_bytes)
 
 
 def _fmt(v, spec: str, unit: str = "") -> str:
@@ -304,6 +377,23 @@ def markdown(records: list[dict]) -> str:
             f"{_fmt(row['memory_error_pct'], '+.1f', '%')} | {_fmt(row['tokens_per_sec_per_device'], ',.0f')} | "
             f"{_fmt(row['mfu_pct'], '.1f', '%')} | {_fmt(row['step_time_s'], '.3f', ' s')} | "
             f"{_fmt(row['final_loss'], '.4f')} | {status.replace('|', '/')} |")
+    timed = [r for r in records if r["status"] == "ok" and r.get("predicted_step_time_s") and r.get("step_time_s")]
+    if timed:
+        by_pred = sorted(timed, key=lambda r: r["predicted_step_time_s"])
+        by_meas = sorted(timed, key=lambda r: r["step_time_s"])
+        lines += ["", "Time model (parallel/timing.py, this machine's measured rates) against the measured step time, "
+                  "fastest first:", "",
+                  "| predicted rank | measured rank | strategy | step predicted | step measured | error | "
+                  "comm/step (model) |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+        for i, r in enumerate(by_pred, 1):
+            err = 100 * (r["predicted_step_time_s"] - r["step_time_s"]) / r["step_time_s"]
+            lines.append(f"| {i} | {by_meas.index(r) + 1} | {r['cell']} | {r['predicted_step_time_s']:.3f} s | "
+                         f"{r['step_time_s']:.3f} s | {err:+.0f}% | "
+                         f"{r.get('predicted_comm_bytes_per_step', 0) / mib:,.1f} MiB |")
+        rho = spearman([r["predicted_step_time_s"] for r in timed], [r["step_time_s"] for r in timed])
+        errs = sorted(abs(r["predicted_step_time_s"] - r["step_time_s"]) / r["step_time_s"] for r in timed)
+        lines.append(f"\nRank correlation (Spearman) {_fmt(rho, '.2f')}; median |error| "
+                     f"{100 * statistics.median(errs):.0f}%, largest {100 * errs[-1]:.0f}%.")
     a = agreement(records)
     if a["agree"] is None:
         lines.append("\nLoss agreement: fewer than two fp32 cells finished; nothing to compare.")

@@ -23,7 +23,7 @@ STEPS = 6
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     args = [*TINY, "training.global_batch_size=8", "training.precision=fp32", f"strategies={STRATEGIES}", "nproc=2",
-            f"steps={STEPS}", f"out={out}"]
+            f"steps={STEPS}", f"out={out}", "gpu_memory_gib=0.01"]
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args], capture_output=True,
                           text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -92,6 +92,45 @@ def test_the_plots_are_real_pngs_with_their_axes(compared):
     assert loss.get_xlabel() == "step" and loss.get_ylabel() == "training loss"
     assert [ln.get_label() for ln in loss.get_lines()] == ["ddp", "fsdp", "zero2"]
     assert all(len(ln.get_xdata()) == STEPS for ln in loss.get_lines())
+
+
+def test_the_time_model_stands_beside_the_measured_step_times(compared):
+    """Each run cell has the step time parallel/timing.py predicts with the rates measured on this machine (kept in
+    calibration.json), its communication per step, and both rankings in compare.md."""
+    from parallel.timing import Hardware, step_time
+    from trainer.config import derive, load_config, model_args_of
+
+    out, _, _ = compared
+    hw = Hardware(**json.loads((out / "calibration.json").read_text()))
+    assert hw.device == "cpu" and hw.matmul_flops > 1e8 and hw.intra_bw > 1e6 and hw.latency_s > 0
+    assert "measured here" in hw.source["matmul_flops"] and "gloo" in hw.source["intra_bw"]
+    rows = _cells(out)
+    records = {r["cell"]: r for r in json.loads((out / "records.json").read_text())}
+    for cell in ("ddp", "fsdp", "zero2"):
+        cfg = load_config(records[cell]["overrides"])
+        cfg.dry_run = True
+        expect = step_time(cfg, model_args_of(cfg), derive(cfg, 2).dims, hw, device="cpu")
+        assert float(rows[cell]["predicted_step_time_s"]) == pytest.approx(expect.seconds)
+        assert int(rows[cell]["predicted_comm_bytes_per_step"]) == expect.comm_total > 0
+        measured = float(rows[cell]["step_time_s"])
+        assert float(rows[cell]["step_time_error_pct"]) == pytest.approx(
+            100 * (expect.seconds - measured) / measured)
+    # FSDP gathers the parameters in forward and backward and reduce-scatters the gradients: 3 model-sized
+    # collectives against DDP's one all-reduce (2 x): more bytes per step
+    assert int(rows["fsdp"]["predicted_comm_bytes_per_step"]) > int(rows["ddp"]["predicted_comm_bytes_per_step"])
+    md = (out / "compare.md").read_text()
+    assert "| predicted rank | measured rank | strategy |" in md and "Rank correlation (Spearman)" in md
+    assert rows["tp:tp=3"]["predicted_step_time_s"] == ""  # refused: nothing to predict
+
+
+def test_the_memory_plot_draws_the_device_capacity(compared):
+    from trainer.compare import figures
+
+    out, _, _ = compared
+    records = json.loads((out / "records.json").read_text())
+    ax = figures(records, capacity_bytes=int(0.01 * 2**30))["memory"].axes[0]
+    lines = [ln for ln in ax.get_lines() if ln.get_label() == "device capacity"]
+    assert len(lines) == 1 and lines[0].get_ydata()[0] == pytest.approx(0.01 * 1024)
 
 
 def test_a_rerun_keeps_the_finished_cells(compared):

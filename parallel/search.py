@@ -1,0 +1,200 @@
+"""Every layout of a recipe at a world size: which the validation accepts, which fit, ranked by predicted step time.
+
+`search(cfg, world_size, capacity_gib=80, hw=gpu_hardware(80, "bf16"))` enumerates the data strategy (none, ddp,
+fsdp, hsdp with every replica count, zero1-3), the tensor-parallel degree (divisors of the world up to a node that
+divide the heads), the pipeline degree and schedule (1f1b, interleaved_1f1b, zbv), the micro-batch (1, 2, 4, 8, the
+global batch kept), activation checkpointing and offload. For one layout and micro-batch only the lightest
+configuration that fits is kept: AC none, then selective, then full, and CPU offload only where nothing fits
+without it. Those are slower by construction (recompute, host steps) and hold less memory, so under the time
+model (parallel/timing.py) a heavier one never ranks above a lighter one that fits.
+Each candidate goes through trainer/config.py's `validate` and parallel/plan.py's memory plan, as a run would.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+from omegaconf import OmegaConf
+
+from parallel.plan import GIB, PP_SCHEDULES, V_SHAPED
+from parallel.timing import Hardware, StepTime, step_time
+
+SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv")
+MICRO_BATCHES = (1, 2, 4, 8)
+AC_ORDER = ("none", "selective", "full")
+
+
+@dataclass
+class Candidate:
+    keys: dict  # the overrides that make it, e.g. {"parallel.data": "fsdp", "parallel.tp": 2, ...}
+    layout: str
+    peak_bytes: int
+    reserve_bytes: int
+    host_bytes_per_node: int
+    step: StepTime
+
+    def override_args(self) -> list[str]:
+        return [f"{k}={v}" for k, v in self.keys.items()]
+
+    def to_json(self) -> dict:
+        return {"keys": self.keys, "layout": self.layout, "peak_bytes": self.peak_bytes,
+                "reserve_bytes": self.reserve_bytes, "host_bytes_per_node": self.host_bytes_per_node,
+                "step": self.step.to_json()}
+
+
+@dataclass
+class SearchResult:
+    fits: list[Candidate]  # ranked, fastest first
+    layouts: int  # (data, degrees, schedule, micro-batch) combinations tried
+    refused: int  # configurations validation refused
+    too_big: int  # layouts with no configuration that fits
+    seconds: float
+    refusal: str = ""  # one of validation's messages, shown when nothing was accepted
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg, args, world_size: int, ranks_per_node: int, max_pp: int | None = None):
+    """(data, dp_replicate, tp, pp, schedule, micro-batch) worth trying: the arithmetic validation would refuse
+    anyway (heads not divisible, more stages than blocks, batch not divisible) is left out here for speed."""
+    t = cfg.training
+    gb = int(t.global_batch_size)
+    for tp in _divisors(world_size):
+        if tp > ranks_per_node or args.n_heads % tp or args.kv_heads % tp or (tp > 1 and args.tie_embeddings):
+            continue
+        for pp in _divisors(world_size // tp):
+            if pp > args.n_layers or (max_pp and pp > max_pp):
+                continue
+            dp = world_size // (tp * pp)
+            datas: list[tuple[str, int]] = [("none", 1)] if dp == 1 else []
+            if dp > 1:
+                datas += [("fsdp", 1)] + [("hsdp", r) for r in _divisors(dp) if 1 < r < dp]
+                datas += [(z, 1) for z in ("zero1", "zero2", "zero3") if tp == 1 and pp == 1]
+                if tp == 1 and pp == 1:
+                    datas.append(("ddp", 1))
+            for sched in (SCHEDULES if pp > 1 else (str(cfg.parallel.pp_schedule),)):
+                stages = pp * (1 if sched == "1f1b" else 2) if pp > 1 else 1
+                if stages > args.n_layers:
+                    continue
+                for mb in MICRO_BATCHES:
+                    if gb % (mb * dp) or (pp > 1 and gb // (mb * dp) < stages):
+                        continue
+                    for data, dr in datas:
+                        yield data, dr, tp, pp, sched, mb
+
+
+def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per_node: int = 8,
+           host_memory_gib: float | None = None, device: str = "cuda", max_pp: int | None = None,
+           offload: bool = True) -> SearchResult:
+    from trainer.config import derive, model_args_of, validate
+
+    started = time.perf_counter()
+    args = model_args_of(cfg)
+    base = copy.deepcopy(cfg)
+    base.dry_run = True
+    fits: list[Candidate] = []
+    n_layouts = refused = too_big = 0
+    refusal = ""
+    for data, dr, tp, pp, sched, mb in layouts(base, args, world_size, ranks_per_node, max_pp):
+        n_layouts += 1
+        sharded = data in ("fsdp", "hsdp", "zero1", "zero2", "zero3")
+        found = False
+        any_valid = False
+        for off in (("none", "cpu") if offload and sharded and device == "cuda" else ("none",)):
+            for ac in AC_ORDER:
+                if pp > 1 and sched in V_SHAPED and ac == "selective":
+                    continue  # refused by validation (torch's selective AC allows one backward per region)
+                keys = {"parallel.data": data, "parallel.dp_replicate": dr if data == "hsdp" else 1,
+                        "parallel.dp_shard": -1, "parallel.tp": tp, "parallel.pp": pp, "parallel.pp_schedule": sched,
+                        "training.micro_batch_size": mb, "parallel.ac": ac, "parallel.offload": off}
+                c = base
+                for k, v in keys.items():
+                    OmegaConf.update(c, k, v)
+                problems = validate(c, world_size)
+                if problems:
+                    refused += 1
+                    refusal = refusal or problems[0]
+                    continue
+                any_valid = True
+                plan = derive(c, world_size, capacity_gib=capacity_gib, device=device, ranks_per_node=ranks_per_node)
+                mem = plan.memory
+                host_ok = host_memory_gib is None or mem.host_bytes_per_node <= host_memory_gib * GIB
+                if mem.peak_bytes + mem.reserve_bytes <= capacity_gib * GIB and host_ok:
+                    st = step_time(c, args, plan.dims, hw, ranks_per_node=ranks_per_node, device=device)
+                    if data == "hsdp":
+                        keys["parallel.dp_shard"] = plan.dims.dp_shard
+                    fits.append(Candidate(keys=dict(keys), layout=plan.dims.describe(), peak_bytes=mem.peak_bytes,
+                                          reserve_bytes=mem.reserve_bytes, host_bytes_per_node=mem.host_bytes_per_node,
+                                          step=st))
+                    found = True
+                    break
+            if found:
+                break
+        if any_valid and not found:
+            too_big += 1
+    fits.sort(key=lambda c: c.step.seconds)
+    return SearchResult(fits=fits, layouts=n_layouts, refused=refused, too_big=too_big,
+                        seconds=time.perf_counter() - started, refusal=refusal)
+
+
+def short_name(keys: dict) -> str:
+    """A candidate in compare.py's strategy syntax, e.g. `fsdp:tp=2,ac=selective,micro_batch=2`."""
+    data = keys["parallel.data"]
+    extra = []
+    if data == "hsdp":
+        extra.append(f"dp_replicate={keys['parallel.dp_replicate']}")
+    for k in ("tp", "pp"):
+        if keys[f"parallel.{k}"] > 1:
+            extra.append(f"{k}={keys[f'parallel.{k}']}")
+    if keys["parallel.pp"] > 1:
+        extra.append(f"pp_schedule={keys['parallel.pp_schedule']}")
+    if keys["parallel.ac"] != "none":
+        extra.append(f"ac={keys['parallel.ac']}")
+    if keys["parallel.offload"] != "none":
+        extra.append("offload=cpu")
+    extra.append(f"mb={keys['training.micro_batch_size']}")
+    return data + ":" + ",".join(extra)
+
+
+def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardware) -> str:
+    lines = [f"{result.layouts} layouts tried ({result.refused} configurations refused by validation), "
+             f"{len(result.fits)} fit in {capacity_gib:g} GiB, {result.too_big} do not fit; "
+             f"{result.seconds:.1f} s",
+             f"time model: {hw.name}, matmul {hw.matmul_flops / 1e12:.1f} TFLOP/s, intra-node {hw.intra_bw / 1e9:.0f} GB/s, "
+             f"inter-node {hw.inter_bw / 1e9:.0f} GB/s, memory {hw.mem_bw / 1e9:.0f} GB/s "
+             f"({'measured' if 'measured' in str(hw.source.get('matmul_flops', '')) else 'assumed'}; "
+             f"parallel/timing.py)", "",
+             "| rank | layout | data | AC | mb | offload | peak GiB | step s | tokens/s/device | MFU | "
+             "compute | exposed comm | bubble | recompute | comm/step GiB |",
+             "| ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for i, c in enumerate(result.fits[:top], 1):
+        k, s = c.keys, c.step
+        p = s.parts
+        layout = f"pp {k['parallel.pp']}" + (f" {k['parallel.pp_schedule']}" if k["parallel.pp"] > 1 else "") + \
+            " x " + c.layout.split(" x ", 1)[1]
+        exposed = p.get("dp_comm_exposed", 0) + p.get("tp_comm", 0) + p.get("pp_comm", 0)
+        mfu = 100 * s.flops / s.seconds / hw.matmul_flops * _achievable(hw)
+        lines.append(
+            f"| {i} | {layout} | {k['parallel.data']} | {k['parallel.ac']} | {k['training.micro_batch_size']} | "
+            f"{k['parallel.offload']} | {(c.peak_bytes + c.reserve_bytes) / GIB:.1f} | {s.seconds:.3f} | "
+            f"{s.tokens_per_sec_per_device:,.0f} | {mfu:.1f}% | {p['compute']:.3f} | {exposed:.3f} | "
+            f"{p.get('bubble', 0):.3f} | {p.get('recompute', 0):.3f} | {s.comm_total / GIB:.1f} |")
+    if not result.fits:
+        why = (f"validation refused every layout, e.g. {result.refusal}" if result.refused and not result.too_big
+               else "nothing fits: raise world_size or gpu_memory_gib, or shorten training.seq_len")
+        lines.append(f"\n{why}")
+    return "\n".join(lines)
+
+
+def _achievable(hw: Hardware) -> float:
+    """MFU is against the datasheet peak: the assumed rate is ACHIEVABLE of it; a measured rate is the peak."""
+    from parallel.timing import ACHIEVABLE
+
+    return ACHIEVABLE if "assumed" in str(hw.source.get("matmul_flops", "")) else 1.0
+
+
+__all__ = ["Candidate", "SearchResult", "search", "table", "short_name", "layouts", "PP_SCHEDULES"]

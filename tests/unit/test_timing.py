@@ -1,0 +1,126 @@
+"""parallel/timing.py (the step-time model) and parallel/search.py (plan.py --search): the communication
+volumes against their ring formulas, the terms moving the way the strategies do, and the search keeping only
+validated layouts that fit, fastest first."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import REPO
+from parallel.plan import GIB
+from parallel.search import AC_ORDER, search, short_name
+from parallel.timing import Hardware, gpu_hardware, step_time
+from trainer.config import derive, load_config, model_args_of
+
+GPU = gpu_hardware(80, "bf16")
+
+
+def _time(overrides: list[str], world: int, hw: Hardware = GPU, **kw):
+    cfg = load_config(overrides)
+    cfg.dry_run = True
+    cfg.training.device = "auto"
+    plan = derive(cfg, world, device="cuda")
+    return step_time(cfg, model_args_of(cfg), plan.dims, hw, **kw), plan, cfg
+
+
+def _local_params(cfg, plan) -> int:
+    from parallel.plan import _params_of_rank
+
+    params = _params_of_rank(model_args_of(cfg), cfg, plan.dims, 0)[0]
+    return sum(math.prod(q.tp) for q in params)
+
+
+def test_data_parallel_volumes_follow_the_ring_formulas():
+    base = ["recipe=llama7b_fsdp", "training.global_batch_size=32", "training.micro_batch_size=2"]  # 2 microbatches
+    ddp, plan, cfg = _time([*base, "parallel.data=ddp", "training.precision=fp32"], 8)
+    n = _local_params(cfg, plan)
+    assert ddp.comm_bytes == {"DDP gradient all-reduce": pytest.approx(2 * 7 / 8 * 4 * n)}
+    fsdp, plan, cfg = _time([*base, "parallel.data=fsdp"], 8)
+    # bf16 gathers in forward and again in backward per microbatch; fp32 reduce-scatter per microbatch
+    assert fsdp.comm_bytes["FSDP parameter all-gather"] == pytest.approx(2 * 2 * 7 / 8 * 2 * n)
+    assert fsdp.comm_bytes["FSDP gradient reduce-scatter"] == pytest.approx(2 * 7 / 8 * 4 * n)
+    once, _, _ = _time([*base, "parallel.data=fsdp", "parallel.accumulate_unsharded_grads=true"], 8)
+    assert once.comm_bytes["FSDP gradient reduce-scatter"] == pytest.approx(7 / 8 * 4 * n)
+    z3, _, _ = _time([*base, "parallel.data=zero3"], 8)
+    assert z3.comm_bytes["ZeRO-3 parameter all-gather"] == pytest.approx(2 * 2 * 7 / 8 * 2 * n)
+    z1, _, _ = _time([*base, "parallel.data=zero1"], 8)
+    assert z1.comm_bytes["ZeRO gradient reduce-scatter"] == pytest.approx(7 / 8 * 2 * n)  # once, at the boundary
+    hsdp, plan, _ = _time([*base, "parallel.data=hsdp", "parallel.dp_replicate=2"], 8)
+    assert plan.dims.dp_shard == 4
+    assert hsdp.comm_bytes["HSDP gradient all-reduce across replicas"] == pytest.approx(2 * 2 * 1 / 2 * 4 * n / 4)
+
+
+def test_tensor_and_pipeline_terms():
+    tp, plan, cfg = _time(["recipe=llama8b_fsdp_tp"], 16)
+    assert plan.dims.tp > 1 and tp.parts["tp_comm"] > 0 and "TP activation collectives" in tp.comm_bytes
+    full, _, _ = _time(["recipe=llama8b_fsdp_tp", "parallel.ac=full"], 16)
+    assert full.comm_bytes["TP activation collectives"] == pytest.approx(
+        tp.comm_bytes["TP activation collectives"] * (12 * 32 + 4) / ((8 if str(cfg.parallel.ac) == "none" else 10)
+                                                                      * 32 + 4))
+    assert full.parts["recompute"] > 0 and full.hw_flops > full.flops == tp.flops
+    pp = {s: _time(["recipe=llama13b_pp_fsdp", f"parallel.pp_schedule={s}", "parallel.ac=full"], 16)[0]
+          for s in ("1f1b", "interleaved_1f1b", "zbv")}
+    assert pp["1f1b"].parts["bubble"] > pp["interleaved_1f1b"].parts["bubble"] > pp["zbv"].parts["bubble"] > 0
+    assert all(p.comm_bytes["PP sends"] > 0 for p in pp.values())
+
+
+def test_slower_links_and_offload_cost_time():
+    fsdp = ["recipe=llama70b", "parallel.data=fsdp"]
+    one_node, _, _ = _time(fsdp, 8)
+    slow = gpu_hardware(80, "bf16", intra_gbps=1)
+    assert _time(fsdp, 8, slow)[0].parts["dp_comm_exposed"] > one_node.parts["dp_comm_exposed"]
+    local, _, _ = _time(["recipe=llama7b_fsdp"], 8)
+    off, _, _ = _time(["recipe=llama7b_fsdp", "parallel.offload=cpu"], 8)
+    assert off.parts["optimizer"] > local.parts["optimizer"] and off.parts["host_transfers"] > 0
+    assert off.seconds > local.seconds
+
+
+def test_search_keeps_validated_layouts_that_fit_fastest_first():
+    from trainer.config import validate
+
+    cfg = load_config(["recipe=llama7b_fsdp"])
+    cfg.training.device = "auto"
+    result = search(cfg, 8, capacity_gib=40, hw=GPU)
+    assert result.fits and result.too_big > 0 and result.refused > 0
+    times = [c.step.seconds for c in result.fits]
+    assert times == sorted(times)
+    seen = set()
+    for c in result.fits:
+        assert c.peak_bytes + c.reserve_bytes <= 40 * GIB
+        check = load_config(["recipe=llama7b_fsdp", *c.override_args()])
+        check.dry_run, check.training.device = True, "auto"
+        assert validate(check, 8) == [], c.keys
+        plan = derive(check, 8, capacity_gib=40, device="cuda")
+        assert plan.memory.peak_bytes == c.peak_bytes
+        layout = tuple(v for k, v in c.keys.items() if k not in ("parallel.ac", "parallel.offload"))
+        assert layout not in seen  # one configuration per layout and micro-batch: the lightest that fits
+        seen.add(layout)
+        lighter = AC_ORDER[:AC_ORDER.index(c.keys["parallel.ac"])]
+        for ac in lighter:  # every lighter AC was tried and did not fit
+            OmegaConf.update(check, "parallel.ac", ac)
+            if not validate(check, 8):
+                assert derive(check, 8, capacity_gib=40, device="cuda").memory.peak_bytes + c.reserve_bytes > 40 * GIB
+    assert short_name(result.fits[0].keys).startswith(result.fits[0].keys["parallel.data"] + ":")
+
+
+def test_plan_search_cli(tmp_path):
+    def plan(*args):
+        return subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True,
+                              text=True, timeout=300, cwd=REPO)
+
+    missing = plan("recipe=llama7b_fsdp", "--search")
+    assert missing.returncode == 2 and "gpu_memory_gib" in missing.stderr and "Traceback" not in missing.stderr
+    out = plan("recipe=llama7b_fsdp", "world_size=8", "gpu_memory_gib=80", "--search", "--json", "top=3")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert len(got["fits"]) == 3 and got["hardware"]["source"]["matmul_flops"].startswith("assumed")
+    assert got["fits"][0]["step"]["seconds"] <= got["fits"][1]["step"]["seconds"]
+    given = plan("recipe=llama7b_fsdp", "world_size=8", "gpu_memory_gib=80", "--search", "--json", "top=1",
+                 "tflops=100")
+    assert json.loads(given.stdout)["hardware"]["matmul_flops"] == 100e12
