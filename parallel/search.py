@@ -99,46 +99,72 @@ def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per
     fits: list[Candidate] = []
     n_layouts = refused = too_big = 0
     refusal = ""
+    def attempt(data, dr, tp, pp, sched, mb, ac, off):
+        """(validation's first problem or None, the candidate if it fits)."""
+        keys = {"parallel.data": data, "parallel.dp_replicate": dr if data == "hsdp" else 1, "parallel.dp_shard": -1,
+                "parallel.tp": tp, "parallel.pp": pp, "parallel.pp_schedule": sched, "training.micro_batch_size": mb,
+                "parallel.ac": ac, "parallel.offload": off}
+        for k, v in keys.items():
+            OmegaConf.update(base, k, v)
+        problems = validate(base, world_size)
+        if problems:
+            return problems[0], None
+        plan = derive(base, world_size, capacity_gib=capacity_gib, device=device, ranks_per_node=ranks_per_node)
+        mem = plan.memory
+        host_ok = host_memory_gib is None or mem.host_bytes_per_node <= host_memory_gib * GIB
+        if mem.peak_bytes + mem.reserve_bytes > capacity_gib * GIB or not host_ok:
+            return None, None
+        if data == "hsdp":
+            keys["parallel.dp_shard"] = plan.dims.dp_shard
+        return None, Candidate(keys=keys, layout=layout_label(keys, world_size), peak_bytes=mem.peak_bytes,
+                               reserve_bytes=mem.reserve_bytes, host_bytes_per_node=mem.host_bytes_per_node,
+                               step=step_time(base, args, plan.dims, hw, ranks_per_node=ranks_per_node, device=device))
+
     for data, dr, tp, pp, sched, mb in layouts(base, args, world_size, ranks_per_node, max_pp):
         n_layouts += 1
         sharded = data in ("fsdp", "hsdp", "zero1", "zero2", "zero3")
-        found = False
-        any_valid = False
+        found, any_valid = None, False
         for off in (("none", "cpu") if offload and sharded and device == "cuda" else ("none",)):
-            for ac in AC_ORDER:
+            # full AC first: the least memory; only when it fits are the lighter (faster) modes tried
+            problem, lightest = attempt(data, dr, tp, pp, sched, mb, "full", off)
+            if problem:
+                refused += 1
+                refusal = refusal or problem
+                continue
+            any_valid = True
+            if lightest is None:
+                continue
+            for ac in ("none", "selective"):
                 if pp > 1 and sched in V_SHAPED and ac == "selective":
                     continue  # refused by validation (torch's selective AC allows one backward per region)
-                keys = {"parallel.data": data, "parallel.dp_replicate": dr if data == "hsdp" else 1,
-                        "parallel.dp_shard": -1, "parallel.tp": tp, "parallel.pp": pp, "parallel.pp_schedule": sched,
-                        "training.micro_batch_size": mb, "parallel.ac": ac, "parallel.offload": off}
-                c = base
-                for k, v in keys.items():
-                    OmegaConf.update(c, k, v)
-                problems = validate(c, world_size)
-                if problems:
+                problem, found = attempt(data, dr, tp, pp, sched, mb, ac, off)
+                if problem:
                     refused += 1
-                    refusal = refusal or problems[0]
-                    continue
-                any_valid = True
-                plan = derive(c, world_size, capacity_gib=capacity_gib, device=device, ranks_per_node=ranks_per_node)
-                mem = plan.memory
-                host_ok = host_memory_gib is None or mem.host_bytes_per_node <= host_memory_gib * GIB
-                if mem.peak_bytes + mem.reserve_bytes <= capacity_gib * GIB and host_ok:
-                    st = step_time(c, args, plan.dims, hw, ranks_per_node=ranks_per_node, device=device)
-                    if data == "hsdp":
-                        keys["parallel.dp_shard"] = plan.dims.dp_shard
-                    fits.append(Candidate(keys=dict(keys), layout=plan.dims.describe(), peak_bytes=mem.peak_bytes,
-                                          reserve_bytes=mem.reserve_bytes, host_bytes_per_node=mem.host_bytes_per_node,
-                                          step=st))
-                    found = True
+                if found:
                     break
-            if found:
-                break
-        if any_valid and not found:
+            found = found or lightest
+            break
+        if found:
+            fits.append(found)
+        elif any_valid:
             too_big += 1
     fits.sort(key=lambda c: c.step.seconds)
     return SearchResult(fits=fits, layouts=n_layouts, refused=refused, too_big=too_big,
                         seconds=time.perf_counter() - started, refusal=refusal)
+
+
+def layout_label(keys: dict, world_size: int) -> str:
+    """The degrees that are not 1, by name: `pp 4 (1f1b) x dp_shard 4 x tp 4`, `dp 64 (zero3)`."""
+    data, tp, pp = keys["parallel.data"], keys["parallel.tp"], keys["parallel.pp"]
+    dp = world_size // (tp * pp)
+    out = [f"pp {pp} ({keys['parallel.pp_schedule']})"] if pp > 1 else []
+    if data == "hsdp":
+        out.append(f"dp_replicate {keys['parallel.dp_replicate']} x dp_shard {dp // keys['parallel.dp_replicate']}")
+    elif data != "none":
+        out.append(f"{'dp_shard' if data == 'fsdp' else 'dp'} {dp}")
+    if tp > 1:
+        out.append(f"tp {tp}")
+    return " x ".join(out) or "1 rank"
 
 
 def short_name(keys: dict) -> str:
@@ -168,14 +194,13 @@ def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardw
              f"inter-node {hw.inter_bw / 1e9:.0f} GB/s, memory {hw.mem_bw / 1e9:.0f} GB/s "
              f"({'measured' if 'measured' in str(hw.source.get('matmul_flops', '')) else 'assumed'}; "
              f"parallel/timing.py)", "",
-             "| rank | layout | data | AC | mb | offload | peak GiB | step s | tokens/s/device | MFU | "
+             "| rank | layout | data | AC | mb | offload | peak + reserve GiB | step s | tokens/s/device | MFU | "
              "compute | exposed comm | bubble | recompute | comm/step GiB |",
              "| ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for i, c in enumerate(result.fits[:top], 1):
         k, s = c.keys, c.step
         p = s.parts
-        layout = f"pp {k['parallel.pp']}" + (f" {k['parallel.pp_schedule']}" if k["parallel.pp"] > 1 else "") + \
-            " x " + c.layout.split(" x ", 1)[1]
+        layout = c.layout
         exposed = p.get("dp_comm_exposed", 0) + p.get("tp_comm", 0) + p.get("pp_comm", 0)
         mfu = 100 * s.flops / s.seconds / hw.matmul_flops * _achievable(hw)
         lines.append(

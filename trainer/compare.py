@@ -202,6 +202,74 @@ def run_cell(cell: str, extra: list[str], *, recipe: str, overrides: list[str], 
     return record
 
 
+def _slurm_array(pending: list[tuple[str, list[str]]], *, recipe: str, overrides: list[str], nproc: int, steps: int,
+                 out: Path, slurm: dict, progress) -> None:
+    """Run the pending cells as one SLURM job array (a task per cell, each its own torchrun on one node), wait
+    for it, reporting as cells finish. Each task runs `launch/compare.py --run-cell DIR`, which is run_cell."""
+    import shutil
+
+    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
+        raise CompareError("--slurm: sbatch and squeue are not on PATH; run on a SLURM login node or drop --slurm")
+    dirs = []
+    for cell, extra in pending:
+        cell_dir = out / "cells" / _safe(cell)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        (cell_dir / "cell.json").write_text(json.dumps({"cell": cell, "extra": extra, "recipe": recipe,
+                                                        "overrides": overrides, "nproc": nproc, "steps": steps,
+                                                        "out": str(out)}, indent=2))
+        dirs.append(cell_dir)
+    (out / "array.txt").write_text("".join(f"{d}\n" for d in dirs))
+    header = [f"#SBATCH --job-name={slurm.get('job_name', 'compare')}", f"#SBATCH --array=0-{len(dirs) - 1}"
+              + (f"%{slurm['parallel']}" if slurm.get("parallel") else ""), "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
+              f"#SBATCH --cpus-per-task={slurm.get('cpus_per_task') or nproc}",
+              f"#SBATCH --time={slurm.get('time', '01:00:00')}", f"#SBATCH --output={out}/cells/slurm-%A_%a.out"]
+    if slurm.get("partition"):
+        header.append(f"#SBATCH --partition={slurm['partition']}")
+    if slurm.get("gpus"):
+        header.append(f"#SBATCH --gpus-per-task={nproc}")
+    script = "\n".join(["#!/bin/bash", *header, "set -euo pipefail", f"cd {REPO}",
+                        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1",
+                        f'CELL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {out}/array.txt)',
+                        f'exec {sys.executable} {REPO}/launch/compare.py --run-cell "$CELL"', ""])
+    (out / "array.sbatch").write_text(script)
+    proc = subprocess.run(["sbatch", "--parsable", str(out / "array.sbatch")], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode:
+        raise CompareError(f"--slurm: sbatch refused the array ({out / 'array.sbatch'}): {proc.stderr.strip()}")
+    job = proc.stdout.strip().split(";")[0]
+    progress(f"compare: submitted SLURM array job {job}: {len(dirs)} cells ({out / 'array.sbatch'})")
+    last, started = None, time.monotonic()
+    while True:
+        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
+        states = [s for s in q.stdout.split() if s]
+        done = sum((d / "record.json").is_file() for d in dirs)
+        if not states:
+            break
+        report = (done, tuple(sorted(set(states))))
+        if report != last:
+            counts = ", ".join(f"{st.lower()} {states.count(st)}" for st in sorted(set(states)))
+            progress(f"compare: SLURM job {job}: {done} of {len(dirs)} cells finished ({counts}), "
+                     f"{time.monotonic() - started:.0f} s")
+            last = report
+        time.sleep(2)
+    for i, d in enumerate(dirs):
+        if not (d / "record.json").is_file():  # the task died before writing one: its SLURM output says why
+            log = out / "cells" / f"slurm-{job}_{i}.out"
+            tail = "\n".join(log.read_text().strip().splitlines()[-15:]) if log.is_file() else "no output"
+            (d / "failed.json").write_text(json.dumps({"status": "crashed", "message": f"SLURM task {job}_{i}: {tail}"}))
+
+
+def run_saved_cell(cell_dir: str | Path) -> int:
+    """One task of a SLURM array: the cell that cell.json describes (launch/compare.py --run-cell DIR)."""
+    spec = json.loads((Path(cell_dir) / "cell.json").read_text())
+    rec = run_cell(spec["cell"], spec["extra"], recipe=spec["recipe"], overrides=spec["overrides"], nproc=spec["nproc"],
+                   steps=spec["steps"], out=Path(spec["out"]))
+    if rec["status"] not in ("ok", "refused"):  # kept for the collecting process (run_cell saves only these two)
+        (Path(cell_dir) / "failed.json").write_text(json.dumps(rec, indent=2))
+    print(f"compare: {spec['cell']}: {rec['status']}")
+    return 0
+
+
 def agreement(records: list[dict], rtol: float = 1e-4) -> dict:
     """Whether the fp32 cells' loss curves agree with each other (every strategy computes the same
     function of the same data): the largest relative difference per step against the first such cell."""
@@ -219,10 +287,11 @@ def agreement(records: list[dict], rtol: float = 1e-4) -> dict:
 
 def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int = 2, steps: int = 20,
         out: str | Path | None = None, overrides=(), sweep: str | None = None, progress=print, as_frame=False,
-        gpu_memory_gib: float | None = None):
+        gpu_memory_gib: float | None = None, slurm: dict | None = None):
     """Run every cell (skipping finished ones), write the table and plots into `out`, return the records
     (a pandas DataFrame with `as_frame=True`, when pandas is installed). `gpu_memory_gib` draws the device's
-    capacity on the memory plot."""
+    capacity on the memory plot. `slurm` (a dict: partition, time, parallel, cpus_per_task, gpus; {} for the
+    defaults) runs the cells that are not finished as one SLURM job array instead of one after the other."""
     strategies = [s for s in (strategies.split(",") if isinstance(strategies, str) else strategies) if s]
     if not strategies:
         raise CompareError("strategies: give at least one, e.g. strategies=ddp,fsdp,zero2")
@@ -246,12 +315,29 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
     out = Path(out) if out else REPO / "runs" / f"compare-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     records, started = [], time.perf_counter()
+    if slurm is not None:
+        for cell_dir in (out / "cells").glob("*/failed.json"):
+            cell_dir.unlink()  # a crashed cell of an earlier array runs again
+        pending = [(c, e) for c, e in todo if not (out / "cells" / _safe(c) / "record.json").is_file()
+                   and "refused" not in _predicted([f"recipe={recipe}", *overrides,
+                                                    *strategy_overrides(c.split("@")[0], nproc), *e,
+                                                    f"training.steps={steps}"], nproc)]
+        ran_in_array = {c for c, _ in pending}
+        if pending:
+            _slurm_array(pending, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out, slurm=slurm,
+                         progress=progress)
     for i, (cell, extra) in enumerate(todo):
         done = time.perf_counter() - started
         eta = f", ETA {done / i * (len(todo) - i):.0f} s" if i else ""
         progress(f"compare: [{i + 1}/{len(todo)}] {cell} ({steps} steps on {nproc} ranks{eta})")
-        rec = run_cell(cell, extra, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out,
-                       progress=progress)
+        failed = out / "cells" / _safe(cell) / "failed.json"
+        if slurm is not None and failed.is_file():  # a task of the array that crashed or ran out of memory
+            rec = {"cell": cell, "strategy": cell.split("@")[0], "nproc": nproc, **json.loads(failed.read_text())}
+        else:  # without SLURM: the cell runs here; with it, it finished in the array (its record is read back)
+            rec = run_cell(cell, extra, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out,
+                           progress=progress)
+            if slurm is not None and cell in ran_in_array:
+                rec.pop("kept", None)
         progress(f"compare: {cell}: {rec['status']}{' (finished before: kept)' if rec.get('kept') else ''}"
                  + (f", {rec['tokens_per_sec_per_device']:,.0f} tokens/s/device, final loss {rec['final_loss']:.4f}"
                     if rec["status"] == "ok" else f": {rec.get('message', '')[:300]}"))

@@ -83,8 +83,6 @@ def test_submitted_job_completes_with_a_complete_checkpoint(slurm, tmp_path):
 
 def test_early_warning_signal_saves_requeues_and_resumes_to_the_same_loss(slurm, tmp_path):
     args = [*SMALL, "training.steps=150", "checkpoint.every=0"]
-    straight = tmp_path / "straight"
-    run_train(["recipe=llama_debug_fsdp", *args, f"run_dir={straight}"], nproc=2)
     job, run_dir, log = submit(tmp_path, args, "preempted")
     wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(metric_rows(run_dir / "metrics.jsonl")) >= 5,
              180, "step 5")
@@ -92,7 +90,10 @@ def test_early_warning_signal_saves_requeues_and_resumes_to_the_same_loss(slurm,
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
     wait_for(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120, "the requeue")
     # SLURM holds a requeued job for ~2 minutes (EligibleTime) while the old run's credential expires;
-    # releasing it earlier gets "Job credential revoked" from slurmd, so the test waits like a cluster would
+    # releasing it earlier gets "Job credential revoked" from slurmd, so the test waits like a cluster would,
+    # and runs the uninterrupted reference in the meantime
+    straight = tmp_path / "straight"
+    run_train(["recipe=llama_debug_fsdp", *args, f"run_dir={straight}"], nproc=2)
     wait_for(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 360, "the resumed job")
     text = log.read_text()
     assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
@@ -151,3 +152,28 @@ def test_submit_dry_run_without_slurm_notes_the_partition_instead_of_refusing(tm
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --partition=gpu" in proc.stdout and "#SBATCH --time=1-01:30:00" in proc.stdout
     assert "note: --partition gpu: not checked (sinfo not found" in proc.stderr
+
+
+def test_compare_runs_its_cells_as_a_slurm_array(slurm, tmp_path):
+    """launch/compare.py --slurm: the runnable cells become one job array (the refused one is not queued), each
+    task runs its cell's torchrun, and the table is collected from what the tasks wrote, as without SLURM."""
+    import csv
+
+    out = tmp_path / "cmp"
+    args = [*SMALL, "recipe=llama_debug", "training.precision=fp32", "optim.warmup_steps=1",
+            "strategies=ddp,fsdp,tp:tp=3", "nproc=2", "steps=4", f"out={out}", "--slurm", "partition=debug", "slurm_time=00:15:00"]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args], capture_output=True,
+                          text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    script = (out / "array.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in script and "#SBATCH --partition=debug" in script
+    job = re.search(r"submitted SLURM array job (\d+): 2 cells", proc.stdout).group(1)
+    assert sorted(p.name for p in (out / "cells").glob("slurm-*.out")) == [f"slurm-{job}_0.out", f"slurm-{job}_1.out"]
+    with open(out / "compare.csv") as f:
+        rows = {r["cell"]: r for r in csv.DictReader(f)}
+    assert rows["ddp"]["status"] == rows["fsdp"]["status"] == "ok" and rows["tp:tp=3"]["status"] == "refused"
+    for cell in ("ddp", "fsdp"):
+        steps = [r for r in metric_rows(out / "cells" / cell / "run" / "metrics.jsonl") if "train/loss" in r]
+        assert float(rows[cell]["final_loss"]) == steps[-1]["train/loss"] and len(steps) == 4
+        assert f"compare: {cell}: ok" in (out / "cells" / f"slurm-{job}_{['ddp', 'fsdp'].index(cell)}.out").read_text()
+    assert "finished before" not in proc.stdout
