@@ -125,25 +125,29 @@ def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per
         sharded = data in ("fsdp", "hsdp", "zero1", "zero2", "zero3")
         found, any_valid = None, False
         for off in (("none", "cpu") if offload and sharded and device == "cuda" else ("none",)):
-            # full AC first: the least memory; only when it fits are the lighter (faster) modes tried
+            # full AC first: the least memory; the lighter (faster) modes are tried only when it fits, or when
+            # validation refuses it (e.g. compile x TP x AC) and they may be accepted
             problem, lightest = attempt(data, dr, tp, pp, sched, mb, "full", off)
             if problem:
                 refused += 1
                 refusal = refusal or problem
-                continue
-            any_valid = True
-            if lightest is None:
-                continue
-            for ac in ("none", "selective"):
-                if pp > 1 and sched in V_SHAPED and ac == "selective":
-                    continue  # refused by validation (torch's selective AC allows one backward per region)
-                problem, found = attempt(data, dr, tp, pp, sched, mb, ac, off)
-                if problem:
-                    refused += 1
-                if found:
-                    break
+            else:
+                any_valid = True
+            if problem or lightest:
+                for ac in ("none", "selective"):
+                    if pp > 1 and sched in V_SHAPED and ac == "selective":
+                        continue  # refused by validation (torch's selective AC allows one backward per region)
+                    problem, found = attempt(data, dr, tp, pp, sched, mb, ac, off)
+                    if problem:
+                        refused += 1
+                        refusal = refusal or problem
+                        continue
+                    any_valid = True
+                    if found:
+                        break
             found = found or lightest
-            break
+            if found:
+                break
         if found:
             fits.append(found)
         elif any_valid:
