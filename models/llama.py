@@ -281,6 +281,36 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def vocab_parallel_loss(**kwargs):
+    """ColwiseParallel for an OutputProjection that returns its loss: the weight split over the vocabulary, the
+    input gathered over the sequence as for the logits, and the (plain, replicated) loss passed through."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    class VocabParallelLoss(ColwiseParallel):
+        @staticmethod
+        def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+            if not isinstance(outputs, DTensor):
+                return outputs
+            return ColwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+
+    return VocabParallelLoss(**kwargs)
+
+
+class OutputProjection(nn.Linear):
+    """The vocabulary projection. Called with `targets` and `chunks` it returns the summed cross-entropy instead
+    of the logits, projecting chunk by chunk (models/loss.py): the module is still the one FSDP, DeepSpeed and
+    tensor parallelism wrap, so its weight is gathered and split as for the logits."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunks: int = 0,
+                ignore_index: int = -100) -> torch.Tensor:
+        if targets is None or not chunks:
+            return super().forward(x)
+        from models.loss import chunked_cross_entropy
+
+        return chunked_cross_entropy(x, self.weight, targets, chunks=chunks, ignore_index=ignore_index)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -288,7 +318,8 @@ class Transformer(nn.Module):
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm: nn.RMSNorm | None = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output: nn.Linear | None = OutputProjection(args.dim, args.vocab_size, bias=False)
+        self.loss_chunks = 0  # training.loss_chunks: forward(tokens, targets) returns the loss computed in chunks
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # RoPE tables are derived data, not state: non-persistent, rebuilt by init_weights()
@@ -296,13 +327,19 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, V). On a pipeline stage: hidden (B, T, D) in or out."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V). On a pipeline stage: hidden (B, T, D) in or out.
+        With `targets` (B, T) and `loss_chunks` set: the summed fp32 cross-entropy, the logits never whole."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, D)
         for block in self.layers.values():
             h = block(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h  # (B, T, V)
+        if self.output is None:
+            return h
+        if targets is not None and self.loss_chunks:
+            # (keywords: TP's input hook on the projection replaces the positional arguments with its first one)
+            return self.output(h, targets=targets, chunks=self.loss_chunks)
+        return self.output(h)  # (B, T, V)
 
     def to_empty(self, *, device, recurse: bool = True) -> "Transformer":
         # Module.to_empty replaces each module's parameters one module at a time, which silently unties
@@ -327,7 +364,9 @@ class Transformer(nn.Module):
         sharded along the sequence (Shard(1)); norms run on those shards (SequenceParallel); attention and
         MLP all-gather the sequence, split heads / hidden units column-wise and reduce-scatter back to
         sequence shards after the row-wise output projection. The embedding is split over the vocabulary.
-        With `loss_parallel` the logits stay split over the vocabulary (Shard(-1)) into the loss.
+        With `loss_parallel` the logits stay split over the vocabulary (Shard(-1)) into the loss; with
+        `loss_chunks` too, the output projection returns the loss itself (models/loss.py all-reduces across the
+        vocabulary shards).
         """
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
@@ -336,8 +375,10 @@ class Transformer(nn.Module):
         root = {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
             "norm": SequenceParallel(),
-            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                      use_local_output=not loss_parallel),
+            "output": (vocab_parallel_loss(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+                       if loss_parallel and self.loss_chunks else
+                       ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                       use_local_output=not loss_parallel)),
         }
         root = {k: v for k, v in root.items() if getattr(self, k) is not None}  # a pipeline stage may lack them
         block = {

@@ -702,7 +702,23 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     loss_parallel = dims.tp > 1 and dims.pp == 1
     v_local = _ceil(V, dims.tp) if loss_parallel else V
     logits_temps: list[Term] = []
-    if last:
+    chunks = int(t.loss_chunks)
+    if last and chunks:  # models/loss.py: the projection and the loss chunk by chunk, the logits never whole
+        res = 4 if mode != "mixed" else 2  # the final norm's output, saved in its own dtype
+        final = _norm_bytes(args.dim, mode, dims.tp) + res * args.dim + 4 + 8
+        acts.append(Term(f"final norm, output input, log-sum-exp, targets (loss over {chunks} chunks)",
+                         int(final * mb_tokens), "activations"))
+        if mode == "autocast":
+            out_w = math.prod(next(q.tp for q in params if q.name in ("output.weight", "tok_embeddings.weight")))
+            acts.append(Term("autocast's copy of the output projection", 2 * out_w, "activations"))
+        ct = _ceil(mb_tokens, chunks)
+        w_loc = v_local * args.dim
+        chunk = 4 * v_local * ct + (compute * v_local * ct if compute < 4 else 0)  # fp32 logits, their cast
+        extra = {"fp32": 0, "autocast": 2 * w_loc + 2 * args.dim * ct, "mixed": 6 * w_loc}[mode]
+        logits_temps.append(Term(f"one chunk's logits gradient (fp32 and its {compute}-byte copy), the hidden "
+                                 f"states' gradient, the weight gradient's fp32 accumulation",
+                                 int(chunk + res * args.dim * mb_tokens + extra), "temporaries"))
+    elif last:
         res = 4 if mode != "mixed" else 2
         lin = 4 if mode == "fp32" else 2
         final = _norm_bytes(args.dim, mode, dims.tp) + lin * args.dim + 4 * v_local + 8

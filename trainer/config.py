@@ -143,6 +143,9 @@ class TrainingConfig:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
     val_every: int = 50  # validate at step 0 and every this many steps (0: only after the last step)
     val_batches: int = 4  # global batches of held-out data per validation
+    # the output projection and the loss over this many sequence chunks: the (tokens x vocab) fp32 logits are
+    # never held whole, backward recomputes each chunk's (models/loss.py); 0: one nn.Linear and F.cross_entropy
+    loss_chunks: int = 0
 
 
 @dataclass
@@ -621,6 +624,16 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
                         f"raise model.max_seq_len or shorten the sequences")
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append(f"training.device={t.device} must be one of auto, cpu, cuda")
+    if t.loss_chunks < 0:
+        problems.append(f"training.loss_chunks={t.loss_chunks} must be >= 0 (0: the loss over whole logits)")
+    elif t.loss_chunks > t.micro_batch_size * t.seq_len >= 1:
+        problems.append(f"training.loss_chunks({t.loss_chunks}) exceeds the tokens of a micro-batch "
+                        f"(training.micro_batch_size({t.micro_batch_size}) x training.seq_len({t.seq_len}) = "
+                        f"{t.micro_batch_size * t.seq_len}); use at most that many")
+    if t.loss_chunks and cfg.parallel.pp > 1:
+        problems.append(f"training.loss_chunks={t.loss_chunks} with parallel.pp={cfg.parallel.pp}: the last pipeline "
+                        f"stage computes its loss outside the stage module (torch's schedule), where the output "
+                        f"projection's weight is not gathered; set training.loss_chunks=0 under pipelining")
     import torch
 
     on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())

@@ -102,6 +102,7 @@ class Trainer:
         # 3. the model on the meta device: shapes only, nothing allocated
         self.model_args = model_args_of(cfg)
         model = build_model(self.model_args, device="meta")
+        model.loss_chunks = int(t.loss_chunks)  # (read by its TP plan and its forward)
 
         # 4. + 5. parallelize in the fixed order (pipeline split, TP, AC, compile, FSDP), then allocate
         #    on the device and initialize every parameter and buffer from the seed (the same weights in
@@ -203,6 +204,9 @@ class Trainer:
     def _loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mb, T + 1) -> scalar fp32."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (mb, T) each
+        if self.cfg.training.loss_chunks:  # the projection and the loss together, chunk by chunk
+            with self._autocast():
+                return self.model(inputs, targets)
         with self._autocast():
             logits = self.model(inputs)  # (mb, T, V)
         return self._logits_loss_sum(logits, targets)

@@ -15,15 +15,24 @@ import pytest
 from conftest import TINY
 from helpers import REPO, read_jsonl
 
+# README.md's and docs/compare.md's example, run here (shrunk: the tiny model, 6 steps) with one impossible cell more;
+# tests/distributed/test_docs_commands.py leaves it to this module
+DOCUMENTED = "python launch/compare.py recipe=llama_debug strategies=ddp,fsdp,zero2 nproc=2 steps=20 training.precision=fp32"
 STRATEGIES = "ddp,fsdp,zero2,tp:tp=3"
 STEPS = 6
+
+
+def test_the_example_of_the_docs_is_the_one_run_here():
+    for doc in (REPO / "README.md", REPO / "docs" / "compare.md"):
+        assert DOCUMENTED in doc.read_text(), doc
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    args = [*TINY, "training.global_batch_size=8", "training.precision=fp32", f"strategies={STRATEGIES}", "nproc=2",
-            f"steps={STEPS}", f"out={out}", "gpu_memory_gib=0.01"]
+    shown = [a for a in DOCUMENTED.split()[2:] if not a.startswith(("strategies=", "steps="))]
+    args = [*shown, *TINY[1:], "training.global_batch_size=8", f"strategies={STRATEGIES}", f"steps={STEPS}",
+            f"out={out}", "gpu_memory_gib=0.01"]
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args], capture_output=True,
                           text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -39,10 +39,13 @@ LAYOUTS = [
     ("zero1", 2, ["parallel.data=zero1"]),
     ("zero2", 2, ["parallel.data=zero2"]),
     ("zero3", 2, ["parallel.data=zero3", ZERO3_SMALL]),
+    ("loss_chunks", 1, ["training.loss_chunks=4"]),
+    ("fsdp_tp_loss_chunks", 4, ["parallel.data=fsdp", "parallel.tp=2", "training.loss_chunks=4"]),
 ]
 # (ZeRO-Offload is not in the matrix: on a CPU machine the offloaded state stays on the same device, so it adds
 # nothing to check here; its host-memory term needs a GPU run. 3-D runs 8 ranks: four of the six modes.)
-MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"]}
+MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
+            "loss_chunks": ["none/fp32", "none/bf16", "full/bf16"], "fsdp_tp_loss_chunks": ["none/fp32", "none/bf16"]}
 
 # Where the formulas are known to miss by more than 10% on this model (measured 2026-12-01, torch 2.13 CPU):
 # (layout, mode) -> (peak bound, why). docs/memory.md lists them.

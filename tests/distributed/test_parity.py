@@ -50,6 +50,10 @@ CASES = [
     ("zero3_offload_params", 2, ["parallel.data=zero3", "parallel.offload_params=true"], 8, "fp32", FP32),
     ("zero2_ac_full", 2, ["parallel.data=zero2", "parallel.ac=full"], 8, "fp32", FP32),
     ("zero3_ac_selective", 2, ["parallel.data=zero3", "parallel.ac=selective"], 8, "fp32", FP32),
+    # the chunked loss (one process: tests/unit/test_loss.py) with FSDP and AC, and under TP's loss_parallel
+    ("fsdp_ac_full_loss_chunks", 2, ["parallel.data=fsdp", "parallel.ac=full", "training.loss_chunks=3"], 8, "fp32",
+     FP32),
+    ("tp_loss_chunks", 2, ["parallel.tp=2", "training.loss_chunks=5"], 8, "fp32", FP32),
     ("compile", 1, ["parallel.compile=true"], 8, "fp32", FP32),
     ("fsdp_compile_ac_selective", 2, ["parallel.data=fsdp", "parallel.compile=true", "parallel.ac=selective"], 8,
      "fp32", FP32),

@@ -84,7 +84,8 @@ def test_microbatches_in_flight_are_torchs(schedule, pp, n_micro):
 @pytest.mark.parametrize("args, message", [
     (["recipe=llama7b_fsdp", "world_size=eight"], "world_size=eight: expected int"),
     (["recipe=llama7b_fsdp", "--jsn"], "--jsn: unknown flag; known: --json, --simulate, --build"),
-    (["recipe=llama7b_fsdp", "--simulate", "--build"], "--simulate and --build each need a process of their own"),
+    (["recipe=llama7b_fsdp", "--simulate", "--build"], "--simulate, --build and --search each need a process of their own"),
+    (["recipe=llama7b_fsdp", "--search"], "--search needs the memory to fit: add gpu_memory_gib=N"),
     (["recipe=llama7b_fsdp", "world_size=6"], "training.global_batch_size(64) must be divisible by"),
     (["recipe=llama7b_fsdp", "traning.steps=5"], "unknown key 'traning'"),
     (["recipe=llama7b_zero3", "--simulate"], "--simulate: parallel.data=zero3 runs DeepSpeed's engine"),
