@@ -20,17 +20,18 @@ import torch.distributed as dist
 
 def _lse_and_target(logits: torch.Tensor, targets: torch.Tensor, start: int, group) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the log-sum-exp over the whole vocabulary and the target's logit (0 where the target is on
-    another TP rank's slice or ignored); `logits` are this rank's columns [start, start + width)."""
+    another TP rank's slice or ignored); `logits` are this rank's columns [start, start + width), overwritten
+    (the exponentials are taken in place: no second chunk-sized tensor)."""
     width = logits.shape[1]
     local = (targets >= start) & (targets < start + width)
     picked = logits.gather(1, (targets - start).clamp(0, width - 1)[:, None])[:, 0] * local
-    if group is None:
-        return torch.logsumexp(logits, dim=1), picked
     m = logits.max(dim=1).values
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    s = (logits - m[:, None]).exp().sum(dim=1)
-    dist.all_reduce(s, group=group)
-    dist.all_reduce(picked, group=group)
+    if group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(picked, group=group)
+    s = logits.sub_(m[:, None]).exp_().sum(dim=1)
+    if group is not None:
+        dist.all_reduce(s, group=group)
     return m + s.log(), picked
 
 

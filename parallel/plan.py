@@ -715,6 +715,8 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
         w_loc = v_local * args.dim
         chunk = 4 * v_local * ct + (compute * v_local * ct if compute < 4 else 0)  # fp32 logits, their cast
         extra = {"fp32": 0, "autocast": 2 * w_loc + 2 * args.dim * ct, "mixed": 6 * w_loc}[mode]
+        if device == "cpu":  # torch's CPU matmul against the transposed weight copies it (seen by the tracker;
+            extra += compute * w_loc  # cuBLAS reads it transposed)
         logits_temps.append(Term(f"one chunk's logits gradient (fp32 and its {compute}-byte copy), the hidden "
                                  f"states' gradient, the weight gradient's fp32 accumulation",
                                  int(chunk + res * args.dim * mb_tokens + extra), "temporaries"))

@@ -55,7 +55,7 @@ def _peak_bytes(fn) -> int:
     tracker = MemTracker()
     with tracker:
         fn()
-    return max(sum(v.values()) for v in tracker.get_tracker_snapshot("peak").values())
+    return max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
 
 
 def test_the_whole_logits_are_never_held():
@@ -71,5 +71,6 @@ def test_the_whole_logits_are_never_held():
     logits = n * v * 4
     whole, parts = _peak_bytes(plain), _peak_bytes(chunked)
     assert whole >= 2 * logits  # the logits and their log-softmax (or its gradient) at once
-    # one chunk's fp32 logits, and their gradient, plus the fp32 weight-gradient accumulator
-    assert parts <= 3 * logits / 8 + 4 * v * d + 8 * n * d + 16 * n, (whole, parts)
+    # one chunk's fp32 logits (in place: their softmax and gradient too), the weight's gradient and, on a CPU, the
+    # copy torch's matmul makes of the transposed weight, the inputs and their gradient, the per-token log-sum-exp
+    assert parts <= logits / 8 + 3 * 4 * v * d + 8 * n * d + 16 * n, (whole, parts)
