@@ -402,15 +402,15 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
                 dims.pp, tp * dp, ranks_per_node, hw)
         busy = parts["compute"] + parts["memory_bound_ops"] + parts.get("recompute", 0.0)
         hide = busy * hw.overlap  # the compute a data-parallel collective can run under
-        units = len(blocks) + 1
+        pieces = len(blocks) + 1  # at least one unit's (block's, bucket's) share is never hidden
         if data in ZERO_STAGES and ZERO_STAGES[data] < 3:
             after = comm_t.get("ZeRO parameter all-gather after the step", 0.0)
             hidden = dp_time - after
-            exposed = max(hidden - hide * 2 / 3, hidden / units) + after
+            exposed = max(hidden - hide * 2 / 3, hidden / pieces) + after
         elif data == "ddp":
-            exposed = max(dp_time - hide * 2 / 3, dp_time / units)  # overlaps the backward only
+            exposed = max(dp_time - hide * 2 / 3, dp_time / pieces)  # overlaps the backward only
         else:
-            exposed = max(dp_time - hide, dp_time / units) if dp_time else 0.0
+            exposed = max(dp_time - hide, dp_time / pieces) if dp_time else 0.0
         parts["dp_comm_exposed"] = exposed
         parts["tp_comm"] = comm_t.get("TP activation collectives", 0.0)
         parts["pp_comm"] = comm_t.get("PP sends", 0.0)
