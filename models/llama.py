@@ -302,13 +302,12 @@ class OutputProjection(nn.Linear):
     of the logits, projecting chunk by chunk (models/loss.py): the module is still the one FSDP, DeepSpeed and
     tensor parallelism wrap, so its weight is gathered and split as for the logits."""
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunks: int = 0,
-                ignore_index: int = -100) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunks: int = 0) -> torch.Tensor:
         if targets is None or not chunks:
             return super().forward(x)
         from models.loss import chunked_cross_entropy
 
-        return chunked_cross_entropy(x, self.weight, targets, chunks=chunks, ignore_index=ignore_index)
+        return chunked_cross_entropy(x, self.weight, targets, chunks=chunks)
 
 
 class Transformer(nn.Module):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+IGNORE_INDEX = -100  # targets with this id (padding) carry no loss
+
 
 def _lse_and_target(logits: torch.Tensor, targets: torch.Tensor, start: int, group) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the log-sum-exp over the whole vocabulary and the target's logit (0 where the target is on
@@ -71,8 +73,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             g = (hc @ w.t()).float()  # the chunk's logits again
             g.sub_(lse[lo:hi, None]).exp_()  # their softmax, in place
             t = targets[lo:hi]
-            here = torch.nonzero((t >= start) & (t < start + g.shape[1]))[:, 0]
-            g[here, t[here] - start] -= 1.0  # minus the one-hot target: the logits' gradient
+            width = g.shape[1]
+            local = ((t >= start) & (t < start + width)).to(g.dtype)  # (no nonzero(): no host sync per chunk)
+            g.scatter_add_(1, (t - start).clamp(0, width - 1)[:, None], -local[:, None])  # minus the one-hot target
             g.mul_(scale[lo:hi, None])
             g = g.to(dtype)
             if grad_h is not None:
@@ -90,7 +93,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunks: int,
-                          ignore_index: int = -100) -> torch.Tensor:
+                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The summed fp32 cross-entropy of `h @ weight.T` (h: (..., D), weight: (V, D) or its vocabulary shard as
     a DTensor, targets: (...)) computed over `chunks` slices of the rows. Under autocast the matmuls run in
     autocast's dtype, as nn.Linear's would."""

@@ -718,8 +718,8 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
         if device == "cpu":  # torch's CPU matmul against the transposed weight copies it (seen by the tracker;
             extra += compute * w_loc  # cuBLAS reads it transposed)
         logits_temps.append(Term(f"one chunk's logits gradient (fp32 and its {compute}-byte copy), the hidden "
-                                 f"states' gradient, the weight gradient's fp32 accumulation",
-                                 int(chunk + res * args.dim * mb_tokens + extra), "temporaries"))
+                                 f"states' gradient, the per-token loss scale, the weight gradient's fp32 accumulation",
+                                 int(chunk + (res * args.dim + 4) * mb_tokens + extra), "temporaries"))
     elif last:
         res = 4 if mode != "mixed" else 2
         lin = 4 if mode == "fp32" else 2

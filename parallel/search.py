@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from parallel.plan import GIB, PP_SCHEDULES, V_SHAPED
+from parallel.plan import GIB, V_SHAPED
 from parallel.timing import Hardware, StepTime, step_time
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv")
@@ -171,25 +171,6 @@ def layout_label(keys: dict, world_size: int) -> str:
     return " x ".join(out) or "1 rank"
 
 
-def short_name(keys: dict) -> str:
-    """A candidate in compare.py's strategy syntax, e.g. `fsdp:tp=2,ac=selective,micro_batch=2`."""
-    data = keys["parallel.data"]
-    extra = []
-    if data == "hsdp":
-        extra.append(f"dp_replicate={keys['parallel.dp_replicate']}")
-    for k in ("tp", "pp"):
-        if keys[f"parallel.{k}"] > 1:
-            extra.append(f"{k}={keys[f'parallel.{k}']}")
-    if keys["parallel.pp"] > 1:
-        extra.append(f"pp_schedule={keys['parallel.pp_schedule']}")
-    if keys["parallel.ac"] != "none":
-        extra.append(f"ac={keys['parallel.ac']}")
-    if keys["parallel.offload"] != "none":
-        extra.append("offload=cpu")
-    extra.append(f"mb={keys['training.micro_batch_size']}")
-    return data + ":" + ",".join(extra)
-
-
 def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardware) -> str:
     lines = [f"{result.layouts} layouts tried ({result.refused} configurations refused by validation), "
              f"{len(result.fits)} fit in {capacity_gib:g} GiB, {result.too_big} do not fit; "
@@ -226,4 +207,4 @@ def _achievable(hw: Hardware) -> float:
     return ACHIEVABLE if "assumed" in str(hw.source.get("matmul_flops", "")) else 1.0
 
 
-__all__ = ["Candidate", "SearchResult", "search", "table", "short_name", "layouts", "PP_SCHEDULES"]
+__all__ = ["Candidate", "SearchResult", "search", "table", "layouts"]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.distributed.tensor.parallel import loss_parallel
 
+from models.loss import IGNORE_INDEX  # targets with this id (padding) carry no loss
 from models.llama import build_model
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
@@ -29,7 +30,6 @@ from trainer.faults import PREEMPT_FLAG, REQUEUE_MARKER, Faults, NonFiniteError,
 from trainer.profiling import Profiler
 from trainer.metrics import MemoryMonitor, MetricLogger, detect_peak_tflops, mfu_pct
 
-IGNORE_INDEX = -100  # targets with this id (padding) carry no loss
 
 
 def _schedule_step_has_return_outputs() -> bool:
@@ -204,10 +204,9 @@ class Trainer:
     def _loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mb, T + 1) -> scalar fp32."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (mb, T) each
-        if self.cfg.training.loss_chunks:  # the projection and the loss together, chunk by chunk
-            with self._autocast():
-                return self.model(inputs, targets)
         with self._autocast():
+            if self.cfg.training.loss_chunks:  # the projection and the loss together, chunk by chunk
+                return self.model(inputs, targets)
             logits = self.model(inputs)  # (mb, T, V)
         return self._logits_loss_sum(logits, targets)
 
