@@ -31,6 +31,8 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job waits out the credential lifetime before it starts again (120 s by default): 20 s here
+AuthInfo=cred_expire=20
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/slurmctld.pid

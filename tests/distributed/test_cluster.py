@@ -89,9 +89,9 @@ def test_early_warning_signal_saves_requeues_and_resumes_to_the_same_loss(slurm,
     # what SLURM does `--signal` seconds before the time limit: SIGUSR1 to the batch shell only
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
     wait_for(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120, "the requeue")
-    # SLURM holds a requeued job for ~2 minutes (EligibleTime) while the old run's credential expires;
-    # releasing it earlier gets "Job credential revoked" from slurmd, so the test waits like a cluster would,
-    # and runs the uninterrupted reference in the meantime
+    # SLURM holds a requeued job (EligibleTime) while the old run's credential expires: AuthInfo=cred_expire,
+    # 120 s by default, 20 s on the CI's one-node cluster (.ci/slurm.sh); releasing it earlier gets "Job
+    # credential revoked" from slurmd, so the test waits like a cluster would and runs the reference meanwhile
     straight = tmp_path / "straight"
     run_train(["recipe=llama_debug_fsdp", *args, f"run_dir={straight}"], nproc=2)
     wait_for(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 360, "the resumed job")
