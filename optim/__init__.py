@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 
 import torch
 from torch import nn
@@ -45,10 +46,21 @@ def param_groups(parts: list[nn.Module], *, lr: float, weight_decay: float, deca
 
 
 def build_optimizer(parts: list[nn.Module], cfg, *, device_type: str) -> torch.optim.Optimizer:
-    """The optimizer over the parameters of this rank's model parts (one, or its pipeline stages)."""
+    """The optimizer over the parameters of this rank's model parts (one, or its pipeline stages); with
+    optim.in_backward, one per parameter behind optim/in_backward.py's wrapper, stepped during the backward."""
     o = cfg.optim
     groups = param_groups(parts, lr=o.lr, weight_decay=o.weight_decay, decay_embeddings=o.decay_embeddings,
                           lr_multipliers=o.lr_multipliers)
+    make = functools.partial(_optimizer, cfg, device_type=device_type)
+    if o.in_backward:
+        from optim.in_backward import InBackward
+
+        return InBackward(groups, make)
+    return make(groups)
+
+
+def _optimizer(cfg, groups: list[dict], *, device_type: str) -> torch.optim.Optimizer:
+    o = cfg.optim
     if o.name == "adafactor":
         from optim.adafactor import Adafactor
 

@@ -248,6 +248,8 @@ def layout_problems(cfg, args, world_size: int) -> list[str]:
     if p.compile and p.tp > 1 and p.ac != "none":
         problems.append("parallel.compile=true with parallel.tp > 1 and activation checkpointing fails in torch "
                         "(a compiled checkpoint-wrapped block under TP); drop one of the three")
+    if cfg.optim.in_backward:
+        problems += _in_backward_problems(cfg, dp)
     if t.global_batch_size >= 1 and t.micro_batch_size >= 1:
         per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:
@@ -376,6 +378,38 @@ def _fmt_bytes(n: int) -> str:
     if n >= 2**20:
         return f"{n / 2**20:.2f} MiB"
     return f"{n / 2**10:.1f} KiB"
+
+
+def _in_backward_problems(cfg, dp: int) -> list[str]:
+    """What optim.in_backward=true cannot do (optim/in_backward.py says why), each with its fix."""
+    p, t, o = cfg.parallel, cfg.training, cfg.optim
+    problems = []
+    if str(p.data) not in ("none", "fsdp", "hsdp"):
+        why = ("DDP's bucketed all-reduce finishes after the gradient hooks fire" if p.data == "ddp" else
+               "DeepSpeed runs its own step over its flat partitions")
+        problems.append(f"optim.in_backward=true with parallel.data={p.data}: {why}; use parallel.data=fsdp "
+                        f"(or none on one process), or optim.in_backward=false")
+    if p.tp > 1 or p.pp > 1:
+        problems.append(f"optim.in_backward=true with parallel.tp={p.tp}, parallel.pp={p.pp}: not built for tensor or "
+                        f"pipeline parallelism (a pipeline stage's backward runs once per microbatch); set both to 1 "
+                        f"or optim.in_backward=false")
+    if o.max_grad_norm > 0:
+        problems.append(f"optim.in_backward=true with optim.max_grad_norm={o.max_grad_norm}: clipping by the global "
+                        f"norm needs every gradient before the first update, and in-backward updates each one as it "
+                        f"completes; set optim.max_grad_norm=0 (the norm is still measured and logged)")
+    if t.global_batch_size >= 1 and t.micro_batch_size >= 1 and t.global_batch_size != t.micro_batch_size * dp:
+        problems.append(f"optim.in_backward=true with gradient accumulation: training.global_batch_size"
+                        f"({t.global_batch_size}) != training.micro_batch_size({t.micro_batch_size}) x dp({dp}) = "
+                        f"{t.micro_batch_size * dp}, and the first micro-batch's backward would already update; set "
+                        f"training.micro_batch_size={t.global_batch_size // max(dp, 1)} (or global_batch_size="
+                        f"{t.micro_batch_size * dp}), or optim.in_backward=false")
+    if str(t.precision) == "fp16":
+        problems.append("optim.in_backward=true with training.precision=fp16: the loss scaler unscales and checks "
+                        "every gradient before the step; use training.precision=bf16")
+    if str(cfg.numerics.on_nonfinite) == "skip":
+        problems.append("optim.in_backward=true with numerics.on_nonfinite=skip: the update has happened when the "
+                        "norm is known, so a step cannot be skipped; use numerics.on_nonfinite=raise")
+    return problems
 
 
 def _ceil(a: int, b: int) -> int:

@@ -452,8 +452,12 @@ class Checkpointer:
 
         # flattened: every optimizer entry (state and param-group settings) is keyed by its parameter's name,
         # so ranks that hold different parameters (pipeline stages) never write the same key
-        model_sd, optim_sd = get_state_dict(self.module, self.t.optimizer, options=self._options())
+        model_sd, optim_sd = get_state_dict(self.module, self._optimizers(), options=self._options())
         return {"model": model_sd, "optim": optim_sd}
+
+    def _optimizers(self):
+        """The optimizer, or under optim.in_backward its per-parameter ones (the same flattened keys)."""
+        return getattr(self.t.optimizer, "optimizers", self.t.optimizer)
 
     @staticmethod
     def _options():
@@ -506,7 +510,7 @@ class Checkpointer:
 
             sd = self._native_state()
             dcp.load(sd, checkpoint_id=str(path))
-            set_state_dict(self.module, self.t.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+            set_state_dict(self.module, self._optimizers(), model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                            options=self._options())
         ts = torch.load(path / "trainer-state.pt", weights_only=False)
         t = self.t

@@ -183,6 +183,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd only: share of the steps spent decaying at the end
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0 disables clipping)
+    in_backward: bool = False  # step each parameter inside the backward, as its gradient completes (needs max_grad_norm=0)
     adafactor: AdafactorConfig = field(default_factory=AdafactorConfig)
 
 

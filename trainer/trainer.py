@@ -285,8 +285,12 @@ class Trainer:
             applied.append(ok)
             return ok
 
-        grad_norm = self.par.step(self.cfg.optim.max_grad_norm or float("inf"), scaler=self.scaler,
-                                  apply=apply if skip else None)
+        if self.cfg.optim.in_backward:  # every parameter was updated during the backward: the norm is what remains
+            grad_norm = self.optimizer.grad_norm(self.par.group("dp"), replicas=self.par.dims.dp_replicate)
+            self.optimizer.step()  # a no-op that keeps the schedule's books (it checks the step was called)
+        else:
+            grad_norm = self.par.step(self.cfg.optim.max_grad_norm or float("inf"), scaler=self.scaler,
+                                      apply=apply if skip else None)
         if self.par.overflowed:  # fp16 under DeepSpeed: its loss scaler skipped the step (normal; it rescales)
             self.skipped_steps += 1
         elif skip and not applied[0]:

@@ -40,6 +40,9 @@ LAYOUTS = {
     "pp": (2, ["parallel.pp=2"]),
     "fsdp_tp": (4, ["parallel.data=fsdp", "parallel.tp=2"]),
     "zero3": (2, ["parallel.data=zero3"]),
+    # the optimizer steps inside the backward: one optimizer per parameter, saved under the same keys
+    "fsdp_in_backward": (2, ["parallel.data=fsdp", "optim.in_backward=true", "optim.max_grad_norm=0",
+                             "training.micro_batch_size=4"]),
 }
 
 

@@ -82,6 +82,32 @@ def test_strategy_matches_single_process(name, nproc, overrides, global_batch, p
         assert err <= grad_tol, f"{name}: gradient of {key} off by {err:.2e} (relative)"
 
 
+# optim.in_backward: no gradient accumulation and no clipping (both refused), so (id, processes, overrides, global
+# batch); the reference is one process with the ordinary step after the backward, over the same global batch
+IN_BACKWARD = [
+    ("one_process", 1, ["training.micro_batch_size=4"], 4),
+    ("fsdp_ac_full_loss_chunks", 2, ["parallel.data=fsdp", "parallel.ac=full", "training.loss_chunks=3"], 4),
+    ("hsdp_2x2_adafactor", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2", "optim.name=adafactor"], 8),
+]
+
+
+@pytest.mark.parametrize("name, nproc, overrides, global_batch", IN_BACKWARD, ids=[c[0] for c in IN_BACKWARD])
+def test_optimizer_in_backward_trains_like_the_step_after_backward(name, nproc, overrides, global_batch, worker):
+    """Each parameter stepped by its gradient hook gives the single-process losses, gradient norms and
+    validation loss (fp32, 1e-5), and no gradient is left once the backward ends."""
+    common = [f"training.global_batch_size={global_batch}", "training.precision=fp32", "optim.max_grad_norm=0"]
+    optim = [o for o in overrides if o.startswith("optim.")]
+    ref = worker(1, [*common, *optim])
+    got = worker(nproc, [*common, *overrides, "optim.in_backward=true"])
+    assert got["grads"] == {}, f"{name}: gradients left after the backward: {sorted(got['grads'])[:3]}"
+    assert ref["grads"], "the reference keeps its gradients until the step"
+    for what in ("losses", "grad_norms"):
+        for step, (a, b) in enumerate(zip(ref[what], got[what]), 1):
+            assert abs(b - a) <= 1e-5 * abs(a), f"{name}: {what} at step {step} is {b}, single process {a}"
+    a, b = ref["val_loss"], got["val_loss"]
+    assert abs(b - a) <= 1e-5 * abs(a), f"{name}: validation loss after step 5 is {b}, single process {a}"
+
+
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
 def test_zero_matches_fsdp(stage, worker):
     """DeepSpeed's ZeRO and FSDP2 shard differently but must train the same recipe to the same numbers."""
