@@ -20,7 +20,6 @@ API, keyed by parameter name like the ordinary optimizer's (trainer/checkpoint.p
 
 from __future__ import annotations
 
-import collections
 import functools
 from typing import Callable
 
@@ -63,7 +62,9 @@ class InBackward(torch.optim.Optimizer):
 
     @property
     def state(self):  # the inner optimizers' states (the tracker and model_state_bytes read them)
-        return collections.ChainMap(*(o.state for o in getattr(self, "optimizers", ())))
+        # a new dict each time (a ChainMap would not do: the inner states are defaultdicts, and a lookup in the
+        # first one would create an empty entry for every other optimizer's parameter)
+        return {p: st for o in self.__dict__.get("optimizers", ()) for p, st in o.state.items()}
 
     @state.setter
     def state(self, value) -> None:  # Optimizer.__init__ assigns an empty one: nothing of ours to keep

@@ -804,8 +804,21 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     groups: dict[bool, int] = {}
     for q in params:
         groups[q.decay] = groups.get(q.decay, 0) + math.prod(q.local)
-    moment_c = states + [Term("gradients (all, this rank's shards)", grad_full, "grads")]
-    if not zero and opt == "adamw":
+    if o.in_backward:  # optim/in_backward.py: each parameter stepped as its gradient completes, then dropped
+        # at a block's backward one of its parameters is being stepped (the output projection's update comes
+        # after the loss's temporaries are gone, the embedding's after every block's activations)
+        largest = max((math.prod(q.local) for q in params if q.unit != "root"), default=0)
+        during = [] if fsdp else [Term("one block parameter's gradient, until its hook steps it (largest)",
+                                       4 * largest, "grads")]
+        if opt == "adamw":
+            during.append(Term("AdamW's update temporary, one block parameter at a time in the backward (largest)",
+                               4 * largest, "optim"))
+        if moment_b is not None:
+            moment_b += during
+        moment_c = list(states)  # after the backward nothing is left to apply
+    else:
+        moment_c = states + [Term("gradients (all, this rank's shards)", grad_full, "grads")]
+    if not zero and opt == "adamw" and not o.in_backward:
         moment_c.append(Term("AdamW's update temporary (sqrt of the second moment, largest group)",
                              4 * max(groups.values(), default=0), "optim"))
     moments = {"loss backward": moment_a, "last block's backward": moment_b, "optimizer step": moment_c}

@@ -126,6 +126,22 @@ RULES = [
     (["logging.every=0"], 1, "logging.every=0 must be >= 1"),
     (["run_dir=/dev/null/run"], 1, "run_dir=/dev/null/run: cannot create or write there"),
     (["model.flavor=9b"], 1, "model.flavor=9b: unknown flavor"),
+    # optim.in_backward: what an update inside the backward cannot do
+    (["optim.in_backward=true", "optim.max_grad_norm=1.0"], 1,
+     "optim.in_backward=true with optim.max_grad_norm=1.0: clipping by the global norm needs every gradient"),
+    (["optim.in_backward=true", "optim.max_grad_norm=0", "training.global_batch_size=16",
+      "training.micro_batch_size=4"], 1, "optim.in_backward=true with gradient accumulation: "
+     "training.global_batch_size(16) != training.micro_batch_size(4) x dp(1) = 4"),
+    (["optim.in_backward=true", "optim.max_grad_norm=0", "parallel.data=ddp"], 2,
+     "optim.in_backward=true with parallel.data=ddp: DDP's bucketed all-reduce"),
+    (["optim.in_backward=true", "optim.max_grad_norm=0", "parallel.data=zero2"], 2,
+     "optim.in_backward=true with parallel.data=zero2: DeepSpeed runs its own step"),
+    (["optim.in_backward=true", "optim.max_grad_norm=0", "parallel.data=fsdp", "parallel.tp=2"], 4,
+     "optim.in_backward=true with parallel.tp=2, parallel.pp=1: not built for tensor or pipeline"),
+    (["optim.in_backward=true", "optim.max_grad_norm=0", "training.precision=fp16"], 1,
+     "optim.in_backward=true with training.precision=fp16: the loss scaler"),
+    (["optim.in_backward=true", "optim.max_grad_norm=0", "numerics.on_nonfinite=skip"], 1,
+     "optim.in_backward=true with numerics.on_nonfinite=skip"),
 ]
 
 
