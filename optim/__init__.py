@@ -86,7 +86,9 @@ def _optimizer(cfg, groups: list[dict], *, device_type: str) -> torch.optim.Opti
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
-    fused = (device_type == "cuda") if o.fused is None else bool(o.fused)
+    # FSDP's CPU offload keeps the shards and their gradients on the host: the step runs there (foreach)
+    on_host = str(cfg.parallel.data) in ("fsdp", "hsdp") and str(cfg.parallel.offload) == "cpu"
+    fused = (device_type == "cuda" and not on_host) if o.fused is None else bool(o.fused)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=fused or None, foreach=None if fused else True)
 

@@ -59,7 +59,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(requested_device: str, *, timeout_s: float = 600.0) -> World:
-    """Start the default process group when launched with several ranks (nccl on GPU, gloo on CPU)."""
+    """Start the default process group when launched with several ranks (nccl and gloo on GPU, gloo on CPU)."""
     world_size = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,7 +67,9 @@ def init_distributed(requested_device: str, *, timeout_s: float = 600.0) -> Worl
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # on a GPU every group gets gloo beside NCCL: tensors that live on the host (FSDP's offloaded gradient
+        # shards in the norm's all-reduce, an offloaded optimizer's statistics) take gloo, device tensors NCCL
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
         kwargs = {}
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt is not None and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
