@@ -77,7 +77,8 @@ def _optimizer(cfg, groups: list[dict], *, device_type: str) -> torch.optim.Opti
         # torch.compile'd kernel (compiled once per shape). It keeps lr as a tensor, which LambdaLR fills.
         from torchao.optim import AdamW8bit
 
-        return AdamW8bit(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        return AdamW8bit(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                         bf16_stochastic_round=not cfg.training.master_weights)  # (bf16 parameters)
     if o.name != "adamw":
         raise ValueError(f"optim.name={o.name}: unknown optimizer; known: {', '.join(OPTIMIZERS)}")
     if str(cfg.parallel.data).startswith("zero") and str(cfg.parallel.offload) == "cpu":

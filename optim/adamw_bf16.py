@@ -42,6 +42,9 @@ class AdamWBF16(torch.optim.Optimizer):
             raise ValueError(f"betas={betas}: each must be in [0, 1)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed = int(seed)
+        # the first parameter's index in the noise seed; optim.in_backward's one-parameter optimizers set their
+        # parameter's position among all, so each draws the noise the whole-model optimizer would
+        self.index_base = 0
         # Optimizer.load_state_dict casts floating state to the parameter's dtype (fp32); keep bf16
         self.register_load_state_dict_post_hook(AdamWBF16._moments_to_bf16)
 
@@ -60,7 +63,7 @@ class AdamWBF16(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
-        index = 0
+        index = self.index_base
         for group in self.param_groups:
             b1, b2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -88,5 +91,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 if wd:
                     w32.mul_(1 - lr * wd)
                 w32.addcdiv_(m, (v / bc2).sqrt_().add_(eps), value=-lr / bc1)
-                w.copy_(w32)
+                # bf16 parameters (training.master_weights=false): rounded stochastically too, or an update under
+                # half an ulp of the weight would be lost
+                w.copy_(round_to_bf16_stochastic(w32, gen) if w.dtype == torch.bfloat16 else w32)
         return loss

@@ -40,6 +40,9 @@ class _Handles:
 class InBackward(torch.optim.Optimizer):
     def __init__(self, groups: list[dict], make: Callable[[list[dict]], torch.optim.Optimizer]):
         optimizers = [make([{**g, "params": [p]}]) for g in groups for p in g["params"]]
+        for i, o in enumerate(optimizers):  # a seeded noise stream per parameter, as without in_backward (adamw_bf16)
+            if hasattr(o, "index_base"):
+                o.index_base = i
         params = [o.param_groups[0]["params"][0] for o in optimizers]
         super().__init__(params, dict(optimizers[0].defaults))  # (the hook registries, the step's profiling)
         self.optimizers = optimizers

@@ -159,6 +159,12 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         notes.append("parallel.offload=cpu on a CPU device is a no-op: parameters already live in host memory")
         offload = False
     loss_parallel = dims.tp > 1 and dims.pp == 1  # a pipeline stage boundary needs plain tensors
+    masterless = not t.master_weights  # the parameters are stored in bf16 (still on the meta device here)
+    if masterless:
+        for part in parts:
+            part.to(torch.bfloat16)  # (init_weights rounds the fp32 values to it; the RoPE tables stay fp32)
+        notes.append("training.master_weights=false: parameters and gradients in bf16, no fp32 copy; updates "
+                     "stochastically rounded by the optimizer")
     for part in parts:
         # 2. tensor parallel
         if dims.tp > 1:
@@ -192,7 +198,7 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
 
     par = Parallelized(parts=parts, model=wrapped, dims=dims, mesh=mesh,
                        grad_reduction_scale=float(dims.dp_size) if data != "none" else 1.0, no_sync=no_sync,
-                       autocast_dtype=None if fsdp else _DTYPES[precision], loss_parallel=loss_parallel, notes=notes)
+                       autocast_dtype=None if fsdp or masterless else _DTYPES[precision], loss_parallel=loss_parallel, notes=notes)
     if dims.pp > 1:
         n_stages = dims.pp * (len(parts_with_ids))
         ids = [sid for sid, _ in parts_with_ids]

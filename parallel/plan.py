@@ -380,6 +380,17 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
+# bytes per element of the update's temporaries, for one parameter (torch's foreach AdamW: the sqrt of the second
+# moment; adamw_bf16: the fp32 copies of both moments, the noise and the rounding, 23 bytes, and with bf16
+# parameters their fp32 copy and its own rounding, 31; measured with torch's MemTracker, torch 2.13)
+UPDATE_TEMPORARY = {"adamw": (4, 4), "adamw_bf16": (23, 31)}
+
+
+def _update_bytes(opt: str, elements: int, master_weights: bool) -> int:
+    fp32, bf16 = UPDATE_TEMPORARY[opt]
+    return (fp32 if master_weights else bf16) * elements
+
+
 def _in_backward_problems(cfg, dp: int) -> list[str]:
     """What optim.in_backward=true cannot do (optim/in_backward.py says why), each with its fix."""
     p, t, o = cfg.parallel, cfg.training, cfg.optim
@@ -488,6 +499,8 @@ def _precision_mode(cfg) -> str:
     are cast for compute: FSDP's param_dtype, DeepSpeed's bf16/fp16 module: every activation in 2 bytes)."""
     if str(cfg.training.precision) == "fp32":
         return "fp32"
+    if not cfg.training.master_weights:  # the parameters are stored in bf16 (no cast, no fp32 copy)
+        return "mixed"
     return "mixed" if str(cfg.parallel.data) in ("fsdp", "hsdp", *ZERO_STAGES) else "autocast"
 
 
@@ -605,7 +618,8 @@ def _model_states(cfg, params: list[_Param], dims: ParallelDims) -> dict[str, in
         return {"params": compute * (part if stage == 3 else n_local), "master": 4 * part,
                 "grads": compute * (n_local if stage == 1 else part), "optim": 8 * part}
     beta1, name = o.adafactor.beta1 is not None, str(o.name)
-    return {"params": 4 * n_local, "grads": 4 * n_local,
+    width = 4 if cfg.training.master_weights else 2  # training.master_weights=false: bf16 parameters and gradients
+    return {"params": width * n_local, "grads": width * n_local,
             "optim": sum(optimizer_state_bytes(name, q.local, adafactor_beta1=beta1) for q in params)}
 
 
@@ -672,7 +686,8 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
                            n_buckets * bucket * grad_bytes, "temporaries", "measured layout of DeepSpeed 0.19"))
     else:
         what = "shards" if fsdp else ("TP shards" if dims.tp > 1 else "whole stage" if dims.pp > 1 else "whole model")
-        states.append(Term(f"fp32 parameters ({what})", ms["params"], "host" if offload and fsdp else "params"))
+        kind = "fp32" if t.master_weights else "bf16 (no fp32 masters)"
+        states.append(Term(f"{kind} parameters ({what})", ms["params"], "host" if offload and fsdp else "params"))
         states.append(Term(f"optimizer state ({opt}, with its step counters)",
                            ms["optim"] + STEP_COUNTER_BYTES[opt] * len(params), "host" if offload and fsdp else "optim"))
     hd = args.head_dim
@@ -810,9 +825,9 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
         largest = max((math.prod(q.local) for q in params if q.unit != "root"), default=0)
         during = [] if fsdp else [Term("one block parameter's gradient, until its hook steps it (largest)",
                                        4 * largest, "grads")]
-        if opt == "adamw":
-            during.append(Term("AdamW's update temporary, one block parameter at a time in the backward (largest)",
-                               4 * largest, "optim"))
+        if opt in UPDATE_TEMPORARY:
+            during.append(Term(f"{opt}'s update temporary, one block parameter at a time in the backward (largest)",
+                               _update_bytes(opt, largest, t.master_weights), "optim"))
         if moment_b is not None:
             moment_b += during
         moment_c = list(states)  # after the backward nothing is left to apply
@@ -821,6 +836,10 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     if not zero and opt == "adamw" and not o.in_backward:
         moment_c.append(Term("AdamW's update temporary (sqrt of the second moment, largest group)",
                              4 * max(groups.values(), default=0), "optim"))
+    elif not zero and opt == "adamw_bf16" and not o.in_backward:  # one parameter at a time
+        largest_any = max((math.prod(q.local) for q in params), default=0)
+        moment_c.append(Term("adamw_bf16's update temporary (fp32 moments, the rounding noise; largest parameter)",
+                             _update_bytes(opt, largest_any, t.master_weights), "optim"))
     moments = {"loss backward": moment_a, "last block's backward": moment_b, "optimizer step": moment_c}
     totals = {k: sum(x.bytes for x in v if x.category != "host") for k, v in moments.items() if v is not None}
     phase = max(totals, key=totals.get)

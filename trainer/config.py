@@ -146,6 +146,9 @@ class TrainingConfig:
     # the output projection and the loss over this many sequence chunks: the (tokens x vocab) fp32 logits are
     # never held whole, backward recomputes each chunk's (models/loss.py); 0: one nn.Linear and F.cross_entropy
     loss_chunks: int = 0
+    # false: the parameters themselves are bf16, with no fp32 copy; the optimizer (adamw_bf16, adamw8bit) writes
+    # each update back with stochastic rounding (needs precision=bf16)
+    master_weights: bool = True
 
 
 @dataclass
@@ -631,6 +634,20 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
         problems.append(f"training.loss_chunks({t.loss_chunks}) exceeds the tokens of a micro-batch "
                         f"(training.micro_batch_size({t.micro_batch_size}) x training.seq_len({t.seq_len}) = "
                         f"{t.micro_batch_size * t.seq_len}); use at most that many")
+    if not t.master_weights:
+        p = cfg.parallel
+        if str(t.precision) != "bf16":
+            problems.append(f"training.master_weights=false with training.precision={t.precision}: parameters "
+                            f"without fp32 masters are stored in bf16; set training.precision=bf16")
+        if cfg.optim.name not in ("adamw_bf16", "adamw8bit"):
+            problems.append(f"training.master_weights=false with optim.name={cfg.optim.name}: a bf16 parameter "
+                            f"needs its update written back with stochastic rounding (rounding to nearest drops "
+                            f"updates under half a bf16 ulp), which adamw_bf16 and adamw8bit do; set "
+                            f"optim.name=adamw_bf16 or adamw8bit")
+        if str(p.data) not in ("none", "fsdp", "hsdp") or p.tp > 1 or p.pp > 1:
+            problems.append(f"training.master_weights=false with parallel.data={p.data}, tp={p.tp}, pp={p.pp}: built "
+                            f"for one process, fsdp and hsdp (DeepSpeed keeps its own fp32 partitions); use one "
+                            f"of those with tp=1, pp=1, or training.master_weights=true")
     if t.loss_chunks and cfg.parallel.pp > 1:
         problems.append(f"training.loss_chunks={t.loss_chunks} with parallel.pp={cfg.parallel.pp}: the last pipeline "
                         f"stage computes its loss outside the stage module (torch's schedule), where the output "

@@ -24,7 +24,8 @@ import pytest
 MODES = ["none/fp32", "selective/fp32", "full/fp32", "none/bf16", "selective/bf16", "full/bf16"]
 ZERO3_SMALL = "parallel.deepspeed.zero_optimization.stage3_param_persistence_threshold=1000"  # partition the matrices
 
-IN_BACKWARD = ["optim.in_backward=true", "optim.max_grad_norm=0"]  # (one micro-batch per step: no accumulation)
+IN_BACKWARD = ["optim.in_backward=true", "optim.max_grad_norm=0"]
+MASTERLESS = ["training.master_weights=false", "optim.name=adamw_bf16"]  # bf16 parameters, bf16 moments  # (one micro-batch per step: no accumulation)
 # (id, processes, overrides)
 LAYOUTS = [
     ("none", 1, []),
@@ -42,6 +43,8 @@ LAYOUTS = [
     ("zero3", 2, ["parallel.data=zero3", ZERO3_SMALL]),
     ("loss_chunks", 1, ["training.loss_chunks=4"]),
     ("fsdp_tp_loss_chunks", 4, ["parallel.data=fsdp", "parallel.tp=2", "training.loss_chunks=4"]),
+    ("masterless", 1, MASTERLESS),
+    ("fsdp_masterless", 2, ["parallel.data=fsdp", *MASTERLESS]),
     ("in_backward", 1, [*IN_BACKWARD, "training.global_batch_size=2"]),
     ("fsdp_in_backward", 2, ["parallel.data=fsdp", *IN_BACKWARD, "training.global_batch_size=4"]),
 ]
@@ -49,7 +52,8 @@ LAYOUTS = [
 # nothing to check here; its host-memory term needs a GPU run. 3-D runs 8 ranks: four of the six modes.)
 MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
             "loss_chunks": ["none/fp32", "none/bf16", "full/bf16"], "fsdp_tp_loss_chunks": ["none/fp32", "none/bf16"],
-            "in_backward": ["none/fp32", "full/fp32", "none/bf16"], "fsdp_in_backward": ["none/fp32", "full/bf16"]}
+            "in_backward": ["none/fp32", "full/fp32", "none/bf16"],
+            "masterless": ["none/bf16", "full/bf16"], "fsdp_masterless": ["none/bf16", "full/bf16"], "fsdp_in_backward": ["none/fp32", "full/bf16"]}
 
 # Where the formulas are known to miss by more than 10% on this model (measured 2026-12-01, torch 2.13 CPU):
 # (layout, mode) -> (peak bound, why). docs/memory.md lists them.

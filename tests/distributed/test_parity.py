@@ -61,6 +61,9 @@ CASES = [
     ("fsdp_bf16", 2, ["parallel.data=fsdp"], 8, "bf16", BF16),
     ("fsdp_fp16", 2, ["parallel.data=fsdp"], 8, "fp16", BF16),
     ("fsdp_tp_bf16", 4, ["parallel.data=fsdp", "parallel.tp=2"], 8, "bf16", BF16),
+    # bf16 parameters without fp32 masters, bf16 moments (tests/unit/test_masterless.py: 200 steps on one process)
+    ("fsdp_bf16_masterless", 2, ["parallel.data=fsdp", "training.master_weights=false", "optim.name=adamw_bf16"], 8,
+     "bf16", BF16),
 ]
 
 

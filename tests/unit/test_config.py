@@ -142,6 +142,13 @@ RULES = [
      "optim.in_backward=true with training.precision=fp16: the loss scaler"),
     (["optim.in_backward=true", "optim.max_grad_norm=0", "numerics.on_nonfinite=skip"], 1,
      "optim.in_backward=true with numerics.on_nonfinite=skip"),
+    (["training.master_weights=false", "optim.name=adamw_bf16", "training.precision=fp32"], 1,
+     "training.master_weights=false with training.precision=fp32: parameters without fp32 masters"),
+    (["training.master_weights=false", "optim.name=adamw"], 1,
+     "training.master_weights=false with optim.name=adamw: a bf16 parameter needs its update written back with "
+     "stochastic rounding"),
+    (["training.master_weights=false", "optim.name=adamw_bf16", "parallel.data=zero2"], 2,
+     "training.master_weights=false with parallel.data=zero2, tp=1, pp=1: built for one process, fsdp and hsdp"),
 ]
 
 
