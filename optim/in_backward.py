@@ -14,8 +14,9 @@ so `train/grad_norm` is logged and `numerics.on_nonfinite=raise` stops the run a
 
 The wrapper is what the trainer, the LR schedule and the memory tracker see: its `param_groups` are the
 per-parameter optimizers' own group dicts (LambdaLR writes their lr), step hooks go to every inner optimizer,
-`state` reads theirs (both live: loading a checkpoint replaces the inner groups). Checkpoints save and load the inner optimizers through torch's distributed state-dict
-API, keyed by parameter name like the ordinary optimizer's (trainer/checkpoint.py).
+`state` reads theirs (both read live: loading a checkpoint replaces the inner groups). Checkpoints save and load
+the inner optimizers through torch's distributed state-dict API, keyed by parameter name like the ordinary
+optimizer's (trainer/checkpoint.py).
 """
 
 from __future__ import annotations

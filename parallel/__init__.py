@@ -198,7 +198,8 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
 
     par = Parallelized(parts=parts, model=wrapped, dims=dims, mesh=mesh,
                        grad_reduction_scale=float(dims.dp_size) if data != "none" else 1.0, no_sync=no_sync,
-                       autocast_dtype=None if fsdp or masterless else _DTYPES[precision], loss_parallel=loss_parallel, notes=notes)
+                       autocast_dtype=None if fsdp or masterless else _DTYPES[precision], loss_parallel=loss_parallel,
+                       notes=notes)
     if dims.pp > 1:
         n_stages = dims.pp * (len(parts_with_ids))
         ids = [sid for sid, _ in parts_with_ids]

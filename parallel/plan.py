@@ -824,7 +824,7 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
         # after the loss's temporaries are gone, the embedding's after every block's activations)
         largest = max((math.prod(q.local) for q in params if q.unit != "root"), default=0)
         during = [] if fsdp else [Term("one block parameter's gradient, until its hook steps it (largest)",
-                                       4 * largest, "grads")]
+                                       (4 if t.master_weights else 2) * largest, "grads")]
         if opt in UPDATE_TEMPORARY:
             during.append(Term(f"{opt}'s update temporary, one block parameter at a time in the backward (largest)",
                                _update_bytes(opt, largest, t.master_weights), "optim"))
