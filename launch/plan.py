@@ -103,9 +103,12 @@ def main(argv: list[str]) -> int:
         from parallel.simulate import build_cost
 
         built = build_cost(cfg, own["world_size"], rank=rank)
+    timed = _step_time(cfg, plan, own)
     if "--json" in flags:
         out = {"recipe": cfg.name, "world_size": own["world_size"], "layout": plan.dims.describe(),
                **plan.memory.to_json()}
+        if timed is not None:
+            out["step_time"] = timed[1].to_json()
         if simulated is not None:
             out["simulated"], out["simulated_rank"] = simulated, rank
         if built is not None:
@@ -116,6 +119,10 @@ def main(argv: list[str]) -> int:
           f"({plan.dims.describe()}), {cfg.parallel.data}, {cfg.training.precision}, AC {cfg.parallel.ac}, "
           f"micro-batch {plan.micro_batch_size} x {cfg.training.seq_len} tokens, {plan.accum_steps} micro-batches")
     print(plan.memory.table())
+    if timed is not None:
+        hw, st = timed
+        print(f"step time          {st.seconds:>10.3f} s  {st.tokens_per_sec_per_device:,.0f} tokens/s/device, "
+              f"parallel/timing.py with {hw.name} rates ({'; '.join(sorted(set(hw.source.values())))})")
     if simulated is not None:
         from parallel.simulate import comparison
 
@@ -131,8 +138,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _search(cfg, own: dict, *, json_out: bool) -> int:
-    from parallel.search import search, table
+def _step_time(cfg, plan, own: dict):
+    """(hardware, the time model's step) on a GPU of gpu_memory_gib, with assumed datasheet rates; None without
+    a GPU size (the rates would be guesses of which card)."""
+    if own["gpu_memory_gib"] is None or own["device"] != "cuda":
+        return None
+    from parallel.timing import step_time
+    from trainer.config import model_args_of
+
+    hw = _hardware(cfg, own)
+    return hw, step_time(cfg, model_args_of(cfg), plan.dims, hw, ranks_per_node=own["ranks_per_node"],
+                         device=own["device"])
+
+
+def _hardware(cfg, own: dict):
+    """Measured rates (this CPU, or the GPU if there is one), else the datasheet's; the given rates override."""
     from parallel.timing import calibrate_cpu, calibrate_cuda, gpu_hardware, override
 
     rates = {k: own[k] for k in ("tflops", "intra_gbps", "inter_gbps", "hbm_gbps", "pcie_gbps")}
@@ -143,7 +163,13 @@ def _search(cfg, own: dict, *, json_out: bool) -> int:
 
         hw = calibrate_cuda(cfg, own["gpu_memory_gib"]) if torch.cuda.is_available() else \
             gpu_hardware(own["gpu_memory_gib"], str(cfg.training.precision))
-    hw = override(hw, **rates)
+    return override(hw, **rates)
+
+
+def _search(cfg, own: dict, *, json_out: bool) -> int:
+    from parallel.search import search, table
+
+    hw = _hardware(cfg, own)
     result = search(cfg, own["world_size"], capacity_gib=own["gpu_memory_gib"], hw=hw,
                     ranks_per_node=own["ranks_per_node"], host_memory_gib=own["host_memory_gib"],
                     device=own["device"], max_pp=own["max_pp"])

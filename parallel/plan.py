@@ -296,7 +296,9 @@ class RankMemory:
 
     @property
     def host_bytes(self) -> int:
-        return sum(t.bytes for t in self.terms if t.category == "host")
+        """Host memory at its own peak moment (under FSDP's offload the step, with every gradient shard there)."""
+        return max((sum(t.bytes for t in terms if t.category == "host") for terms in (self.moments or {}).values()),
+                   default=sum(t.bytes for t in self.terms if t.category == "host"))
 
     def by_category(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -642,7 +644,7 @@ def memory_plan(cfg, args, dims: ParallelDims, *, device: str = "cpu", capacity_
                         f"schedules held more than no AC); docs/memory.md")
     return MemoryPlan(ranks=ranks, reserve_bytes=DEVICE_RESERVE_BYTES.get(device, 0),
                       capacity_bytes=None if capacity_gib is None else int(capacity_gib * GIB),
-                      ranks_per_node=ranks_per_node, warnings=warnings)
+                      ranks_per_node=min(ranks_per_node, dims.world_size), warnings=warnings)
 
 
 def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankMemory:
@@ -695,6 +697,8 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
 
     # -- gradients as they stand when the peak comes
     grad_full = ms["grads"]  # every gradient of the step, as this rank holds it after the last micro-batch
+    # FSDP's CPU offload copies each reduce-scattered shard to the host, where the optimizer steps
+    grads_where = "host" if offload and fsdp else "grads"
     accumulating = n_micro > max(flying.values())  # gradients of earlier micro-batches exist at the peak
     grads_at_loss: list[Term] = []
     if accumulating:
@@ -703,7 +707,7 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
             grads_at_loss.append(Term("unsharded fp32 gradients accumulated over micro-batches", 4 * n_tp,
                                       "unsharded_grads", "reduce-scattered once, after the last micro-batch"))
         elif not zero or ZERO_STAGES[data] == 1:
-            grads_at_loss.append(Term("gradients accumulated over micro-batches", grad_full, "grads"))
+            grads_at_loss.append(Term("gradients accumulated over micro-batches", grad_full, grads_where))
     if zero and ZERO_STAGES[data] > 1:  # DeepSpeed's gradient partition is allocated once and kept
         grads_at_loss = [Term("gradient partition (DeepSpeed's contiguous buffer, kept)", grad_full, "grads")]
 
@@ -827,19 +831,20 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
                                        (4 if t.master_weights else 2) * largest, "grads")]
         if opt in UPDATE_TEMPORARY:
             during.append(Term(f"{opt}'s update temporary, one block parameter at a time in the backward (largest)",
-                               _update_bytes(opt, largest, t.master_weights), "optim"))
+                               _update_bytes(opt, largest, t.master_weights), "host" if offload and fsdp else "optim"))
         if moment_b is not None:
             moment_b += during
         moment_c = list(states)  # after the backward nothing is left to apply
     else:
-        moment_c = states + [Term("gradients (all, this rank's shards)", grad_full, "grads")]
+        moment_c = states + [Term("gradients (all, this rank's shards)", grad_full, grads_where)]
+    step_where = "host" if offload and fsdp else "optim"
     if not zero and opt == "adamw" and not o.in_backward:
         moment_c.append(Term("AdamW's update temporary (sqrt of the second moment, largest group)",
-                             4 * max(groups.values(), default=0), "optim"))
+                             4 * max(groups.values(), default=0), step_where))
     elif not zero and opt == "adamw_bf16" and not o.in_backward:  # one parameter at a time
         largest_any = max((math.prod(q.local) for q in params), default=0)
         moment_c.append(Term("adamw_bf16's update temporary (fp32 moments, the rounding noise; largest parameter)",
-                             _update_bytes(opt, largest_any, t.master_weights), "optim"))
+                             _update_bytes(opt, largest_any, t.master_weights), step_where))
     moments = {"loss backward": moment_a, "last block's backward": moment_b, "optimizer step": moment_c}
     totals = {k: sum(x.bytes for x in v if x.category != "host") for k, v in moments.items() if v is not None}
     phase = max(totals, key=totals.get)

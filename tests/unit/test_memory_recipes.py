@@ -1,0 +1,39 @@
+"""The single-GPU recipes fit by the planner's prediction, as launch/plan.py --json reports it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import REPO
+
+GIB = 2**30
+
+
+def _plan(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args, "--json"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_llama8b_trains_in_16_gib_on_one_gpu():
+    out = _plan("recipe=llama8b_1gpu_16g", "world_size=1", "gpu_memory_gib=16")
+    assert out["peak_bytes"] + out["reserve_bytes"] <= 16 * GIB and out["fits"]
+    terms = {t["name"]: t for t in out["ranks"][0]["terms"]}
+    # the states live on the host (FSDP's CPU offload), where the step runs
+    assert terms["optimizer state (adamw, with its step counters)"]["category"] == "host"
+    assert out["host_bytes_per_node"] > 100 * GIB and out["step_time"]["seconds"] > 0
+
+
+def test_llama20b_trains_on_one_h200_with_nothing_offloaded():
+    out = _plan("recipe=llama20b_1gpu_h200", "world_size=1", "gpu_memory_gib=131")
+    assert out["peak_bytes"] + out["reserve_bytes"] <= 141e9 and out["fits"]
+    assert out["host_bytes_per_node"] <= 128e9
+    from trainer.config import load_config, model_args_of
+
+    assert model_args_of(load_config(["recipe=llama20b_1gpu_h200"])).num_params() >= 20e9
+    names = " ".join(t["name"] for t in out["ranks"][0]["terms"])
+    assert "bf16 (no fp32 masters) parameters" in names and "gradients (all" not in names
+    assert out["step_time"]["tokens_per_sec_per_device"] > 0
