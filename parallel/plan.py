@@ -699,6 +699,7 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     grad_full = ms["grads"]  # every gradient of the step, as this rank holds it after the last micro-batch
     # FSDP's CPU offload copies each reduce-scattered shard to the host, where the optimizer steps
     grads_where = "host" if offload and fsdp else "grads"
+    step_where = "host" if offload and fsdp else "optim"  # (and the optimizer's update with them)
     accumulating = n_micro > max(flying.values())  # gradients of earlier micro-batches exist at the peak
     grads_at_loss: list[Term] = []
     if accumulating:
@@ -831,13 +832,12 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
                                        (4 if t.master_weights else 2) * largest, "grads")]
         if opt in UPDATE_TEMPORARY:
             during.append(Term(f"{opt}'s update temporary, one block parameter at a time in the backward (largest)",
-                               _update_bytes(opt, largest, t.master_weights), "host" if offload and fsdp else "optim"))
+                               _update_bytes(opt, largest, t.master_weights), step_where))
         if moment_b is not None:
             moment_b += during
         moment_c = list(states)  # after the backward nothing is left to apply
     else:
         moment_c = states + [Term("gradients (all, this rank's shards)", grad_full, grads_where)]
-    step_where = "host" if offload and fsdp else "optim"
     if not zero and opt == "adamw" and not o.in_backward:
         moment_c.append(Term("AdamW's update temporary (sqrt of the second moment, largest group)",
                              4 * max(groups.values(), default=0), step_where))
