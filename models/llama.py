@@ -319,6 +319,8 @@ class Transformer(nn.Module):
         self.norm: nn.RMSNorm | None = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output: nn.Linear | None = OutputProjection(args.dim, args.vocab_size, bias=False)
         self.loss_chunks = 0  # training.loss_chunks: forward(tokens, targets) returns the loss computed in chunks
+        # parallel.activation_offload: block index -> the context each block's forward runs in (parallel/offload.py)
+        self.block_context = None
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # RoPE tables are derived data, not state: non-persistent, rebuilt by init_weights()
@@ -330,8 +332,12 @@ class Transformer(nn.Module):
         """tokens (B, T) int64 -> logits (B, T, V). On a pipeline stage: hidden (B, T, D) in or out.
         With `targets` (B, T) and `loss_chunks` set: the summed fp32 cross-entropy, the logits never whole."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, D)
-        for block in self.layers.values():
-            h = block(h, self.rope_cos, self.rope_sin)
+        for name, block in self.layers.items():
+            if self.block_context is None:
+                h = block(h, self.rope_cos, self.rope_sin)
+            else:  # (outside the block's FSDP hooks and its compiled graph)
+                with self.block_context(int(name)):
+                    h = block(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
         if self.output is None:
             return h

@@ -59,6 +59,7 @@ class Parallelized:
     stage_parts: list = field(default_factory=list)  # pipeline: (stage id, module) of this rank's stages
     pp_schedule: str = "1f1b"
     device: torch.device | None = None
+    activation_offload: object | None = None  # parallel/offload.py's ActivationOffload, when on
 
     def group(self, axis: str):
         """The process group of one mesh axis ("dp", "tp", "pp"), or None on one process."""
@@ -142,7 +143,7 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
     if data.startswith("zero"):  # DeepSpeed owns sharding, precision and the step (parallel/zero.py)
         from parallel.zero import parallelize_zero
 
-        return parallelize_zero(model, cfg, dims, world, mesh)
+        return _offload_activations(parallelize_zero(model, cfg, dims, world, mesh), cfg, device)
     fsdp = data in ("fsdp", "hsdp")
     precision = str(t.precision)
     notes = []
@@ -211,6 +212,19 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
                                       device=device, group=mesh["pp"].get_group(), loss_fn=par.pipeline_loss,
                                       stage_shapes=stage_shapes,
                                       sync_each_microbatch=not (fsdp and p.accumulate_unsharded_grads))
+    return _offload_activations(par, cfg, device)
+
+
+def _offload_activations(par: Parallelized, cfg, device: torch.device) -> Parallelized:
+    """parallel.activation_offload: every part's blocks save to host memory (parallel/offload.py)."""
+    if cfg.parallel.activation_offload:
+        from parallel.offload import attach
+
+        par.activation_offload = attach(par.parts, device, min_bytes=cfg.parallel.activation_offload_min_bytes)
+        par.notes.append(f"parallel.activation_offload: the blocks' saved tensors of at least "
+                         f"{cfg.parallel.activation_offload_min_bytes:,} bytes go to host memory in forward"
+                         + (" (on a CPU device: a copy, counted apart from the device's memory)"
+                            if device.type == "cpu" else ""))
     return par
 
 

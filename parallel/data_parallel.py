@@ -36,8 +36,13 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=policy)
     if model.tok_embeddings is not None and not model.args.tie_embeddings:
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward, **kw)
+    # a block's floating-point inputs are the hidden state, already in the compute dtype (the embedding's and the
+    # blocks' outputs), and the RoPE tables, which stay fp32: FSDP's cast would round them to 16 bits (positions
+    # lose precision) and make each block save its own 16-bit copy of both tables for its backward
+    block_kw = {**kw, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                                        cast_forward_inputs=False)}
     for block in model.blocks.values():
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **block_kw)
     if model.output is not None and not model.args.tie_embeddings:
         # (a unit of one module: torch's FSDPMemTracker mishandles a unit made of a module list)
         fully_shard(model.output, reshard_after_forward=False, **kw)

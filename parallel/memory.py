@@ -27,6 +27,8 @@ def model_state_bytes(parts, optimizer: torch.optim.Optimizer | None = None) -> 
 CATEGORIES = ("params", "gathered_params", "buffers", "grads", "unsharded_grads", "optim", "master",
               "activations", "temporaries", "other")
 
+OFFLOADED = "offloaded_activations"  # host memory, beside the categories (parallel/offload.py)
+
 # torch's category names (mem_tracker._MemRefType, fsdp2_mem_tracker._FSDPRefType) -> ours
 _TORCH_NAMES = {"Parameter": "params", "Sharded Param": "params", "Unsharded Param": "gathered_params",
                 "All Gather": "gathered_params", "Buffer": "buffers", "Gradient": "grads", "Sharded Grad": "grads",
@@ -137,8 +139,11 @@ class StepMemory:
             for buf in pipeline_buffers(par.schedule):
                 tracker._update_and_maybe_create_winfos(buf, other)
         self.tracker = tracker
+        self.offload = getattr(par, "activation_offload", None)
 
     def __enter__(self):
+        if self.offload is not None:
+            self.offload.reset_peak()
         self.tracker.__enter__()
         return self
 
@@ -146,7 +151,8 @@ class StepMemory:
         self.tracker.__exit__(*exc)
 
     def breakdown(self) -> dict[str, int]:
-        """{category: bytes} at the moment of this rank's peak, summed over devices, plus "peak"."""
+        """{category: bytes} at the moment of this rank's peak, summed over devices, plus "peak"; with activation
+        offloading also "offloaded_activations", the host copies' own peak (not part of "peak")."""
         snap = self.tracker.get_tracker_snapshot("peak")
         out = dict.fromkeys(CATEGORIES, 0)
         total = 0
@@ -160,6 +166,8 @@ class StepMemory:
                 else:
                     out[_TORCH_NAMES.get(name, "other")] += v
         out["peak"] = total
+        if self.offload is not None:
+            out[OFFLOADED] = self.offload.host_peak
         return out
 
 

@@ -239,6 +239,9 @@ def layout_problems(cfg, args, world_size: int) -> list[str]:
     if p.offload == "cpu" and p.data not in ("fsdp", "hsdp") and not zero:
         problems.append(f"parallel.offload=cpu needs a sharded strategy (fsdp, hsdp, zero1, zero2, zero3), "
                         f"not parallel.data={p.data}")
+    if p.activation_offload_min_bytes < 0:
+        problems.append(f"parallel.activation_offload_min_bytes={p.activation_offload_min_bytes} must be >= 0 (0 "
+                        f"offloads every saved tensor of the blocks)")
     if p.offload_params and p.data != "zero3":
         problems.append(f"parallel.offload_params=true needs parallel.data=zero3 (only ZeRO-3 partitions the "
                         f"parameters; with fsdp, parallel.offload=cpu already offloads them), not {p.data}")
@@ -367,7 +370,7 @@ class MemoryPlan:
                      f"fragmentation (a stated constant; docs/memory.md)")
         if self.host_bytes_per_node:
             lines.append(f"host memory        {_fmt_bytes(self.host_bytes_per_node):>12}  per node of "
-                         f"{self.ranks_per_node} ranks (offloaded state)")
+                         f"{self.ranks_per_node} ranks (offloaded states and activations)")
         if (v := self.verdict()) is not None:
             lines.append(f"verdict            {v}")
         lines += [f"warning            {w}" for w in self.warnings]
@@ -506,13 +509,14 @@ def _precision_mode(cfg) -> str:
     return "mixed" if str(cfg.parallel.data) in ("fsdp", "hsdp", *ZERO_STAGES) else "autocast"
 
 
-def block_activation_bytes(args, *, ac: str, mode: str, tp: int) -> float:
-    """Bytes one block saves for backward, per token of the micro-batch (averaged over the sequence), as this
-    model's ops run: RMSNorm saves its input, the normalized input and 1/rms; the linears their input (under
-    autocast each linear its own cast copy); RoPE's outputs q and k; SDPA q, k, v, its output and the fp32
-    log-sum-exp; SwiGLU the gate and up outputs, silu(gate) and the product. Under TP with sequence parallelism
-    the residual stream and the norms are split over the sequence (1/tp), the linears' gathered inputs are
-    whole (D per token), heads and hidden units are split (1/tp)."""
+def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
+    """Per token of the micro-batch (averaged over the sequence), the bytes of each storage one block saves for
+    backward, as this model's ops run: RMSNorm saves its input, the normalized input and 1/rms; the linears their
+    input (under autocast each linear its own cast copy); RoPE's outputs q and k; SDPA q, k, v, its output and the
+    fp32 log-sum-exp; SwiGLU the gate and up outputs, silu(gate) and the product. Under TP with sequence
+    parallelism the residual stream and the norms are split over the sequence (1/tp), the linears' gathered inputs
+    are whole (D per token), heads and hidden units are split (1/tp). (Activation offloading moves them storage by
+    storage: parallel/offload.py.)"""
     D, H = args.dim, args.n_heads
     Q, K, F = H * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden
     t = tp
@@ -523,27 +527,52 @@ def block_activation_bytes(args, *, ac: str, mode: str, tp: int) -> float:
     else:
         res, lin, out = 2, 2, 2
     if ac == "full":
-        return res * D / t  # the block's input only
+        return [res * D / t]  # the block's input only
     if ac == "selective":  # saved: the input, every matmul's output, SDPA's outputs; the rest is recomputed
         # under TP the row-parallel matmuls (wo, w2) are recomputed and their reduce-scattered outputs saved
-        rows = 2 * out * D / t if t > 1 else 2 * out * D
-        return res * D / t + out * ((Q + 2 * K) / t + Q / t + 2 * F / t) + 4 * H / t + rows
-    norms = 2 * _norm_bytes(D, mode, t)  # two RMSNorms
+        rows = [out * D / t] * 2 if t > 1 else [out * D] * 2
+        return [res * D / t, out * Q / t, out * K / t, out * K / t, out * Q / t, out * F / t,
+                out * F / t, 4 * H / t, *rows]
+    norms = 2 * _norm_tensors(D, mode, t)  # two RMSNorms
     casts = 3 if mode == "autocast" else 1  # autocast casts the shared input once per linear (wq, wk, wv)
-    gathered = lin * D * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
-    attention = out * (Q + 2 * K + Q) / t + 4 * H / t  # rope(q), rope(k), v, SDPA output; log-sum-exp
-    mlp = out * 4 * F / t  # gate, silu(gate), up, product
+    gathered = [lin * D] * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
+    attention = [out * Q / t, out * K / t, out * K / t, out * Q / t, 4 * H / t]  # rope(q), rope(k), v, SDPA out, lse
+    mlp = [out * F / t] * 4  # gate, silu(gate), up, product
     return norms + gathered + attention + mlp
 
 
-def _norm_bytes(D: int, mode: str, tp: int) -> float:
+def offloaded_per_token(cfg, args, tp: int) -> float:
+    """parallel.activation_offload: per token of the micro-batch, the bytes of a block's saved storages that go to
+    the host (parallel/offload.py): those of at least activation_offload_min_bytes. Eager selective AC keeps its
+    chosen outputs in the checkpoint's own cache, out of the hooks' reach, so only the block input moves (a
+    compiled block saves them as its graph's outputs, which the hooks see)."""
+    p = cfg.parallel
+    if not p.activation_offload:
+        return 0.0
+    ac = str(p.ac)
+    saved = block_saved_tensors(args, ac=ac, mode=_precision_mode(cfg), tp=tp)
+    movable = saved[:1] if ac == "selective" and not p.compile else saved
+    mb_tokens = cfg.training.micro_batch_size * cfg.training.seq_len
+    return sum(b for b in movable if b * mb_tokens >= p.activation_offload_min_bytes)
+
+
+def block_activation_bytes(args, *, ac: str, mode: str, tp: int) -> float:
+    """Bytes one block saves for backward, per token of the micro-batch: `block_saved_tensors` summed."""
+    return sum(block_saved_tensors(args, ac=ac, mode=mode, tp=tp))
+
+
+def _norm_tensors(D: int, mode: str, tp: int) -> list[float]:
     """Per token, what one RMSNorm saves: its input, the normalized input and 1/rms in the residual dtype;
     on 16-bit DTensors (FSDP's bf16 parameters under tensor parallelism) torch's RMSNorm runs in fp32 and
     saves four fp32 copies of the (sequence-sharded) input instead (measured with the tracker)."""
     if mode == "mixed" and tp > 1:
-        return (4 * 4 * D + 4) / tp
+        return [4 * D / tp] * 4 + [4 / tp]
     res = 2 if mode == "mixed" else 4
-    return (res * 2 * D + res) / tp
+    return [res * D / tp, res * D / tp, res / tp]
+
+
+def _norm_bytes(D: int, mode: str, tp: int) -> float:
+    return sum(_norm_tensors(D, mode, tp))
 
 
 def block_recompute_bytes(args, *, ac: str, mode: str, tp: int) -> tuple[float, float]:
@@ -737,8 +766,13 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     blk = block_activation_bytes(args, ac=ac, mode=mode, tp=dims.tp)
     block_mbs = sum(len(ranges[sid]) * n for sid, n in flying.items())  # (block, microbatch) pairs held
     held = ", ".join(f"stage {sid}: {len(ranges[sid])} x {n}" for sid, n in flying.items())
-    acts: list[Term] = [Term(f"block activations ({ac} AC), blocks x microbatches in flight: {held}",
-                             int(blk * mb_tokens * block_mbs), "activations")]
+    moved = offloaded_per_token(cfg, args, dims.tp)  # per token and block, what activation offloading moves
+    acts: list[Term] = [Term(f"block activations ({ac} AC), blocks x microbatches in flight: {held}"
+                             + (" (what offloading leaves on the device)" if moved else ""),
+                             int((blk - moved) * mb_tokens * block_mbs), "activations")]
+    if moved:
+        acts.append(Term(f"offloaded block activations (parallel.activation_offload): {held}",
+                         int(moved * mb_tokens * block_mbs), "host"))
     if mode == "autocast" and ac != "full":  # autocast's weight casts, saved for backward by each linear (one
         # copy: autocast caches them for its region, and a pipeline step runs in one region)
         w = sum(math.prod(q.tp) for q in params if q.unit != "root" and len(q.full) == 2)
@@ -806,6 +840,10 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
         extra, temps = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp)
         kept = [a for a in acts if not a.name.startswith("final norm")]
         moment_b = states + states_bw + grads_at_loss + gathered_b + gathered_zero + kept
+        if moved:  # the block in backward came back from the host, and the one before it is coming
+            back = min(2, max(len(ranges[sid]) for sid in flying))
+            moment_b.append(Term(f"offloaded activations back on the device: {back} block(s) (the one in backward, "
+                                 f"the prefetched one before it)", int(moved * mb_tokens * back), "activations"))
         if extra:
             moment_b.append(Term("the checkpointed block's recomputed forward", int(extra * mb_tokens), "activations"))
             if mode == "autocast" and ac == "full":  # the recompute casts the block's weights again

@@ -57,6 +57,10 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
         what = "DeepSpeed's engine" if data != "ddp" else "DDP's C++ reducer"
         raise ValueError(f"--simulate: parallel.data={data} runs {what}, which does not run on FakeTensors; measure "
                          f"this layout on real ranks (logging.memory_breakdown=true)")
+    if p.activation_offload:
+        raise ValueError("--simulate: parallel.activation_offload copies real tensors to the host, which fake tensors "
+                         "have not; the plan's terms are the prediction, measure it on real ranks "
+                         "(logging.memory_breakdown=true)")
     _without_data_dependent_setup()
     if cfg.parallel.compile:  # compiling under FakeTensorMode is not what the trainer runs; measure eager
         cfg = cfg.copy()

@@ -34,9 +34,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from parallel.plan import (V_SHAPED, ZERO_STAGES, ParallelDims, bucket_elements, _model_states, _params_of_rank, _precision_mode,
-                           block_activation_bytes, block_recompute_bytes, microbatches, n_stages, reshards_after_forward, split_blocks,
-                           stage_ids, stages_per_rank)
+from parallel.plan import (V_SHAPED, ZERO_STAGES, ParallelDims, bucket_elements, _model_states, _params_of_rank,
+                           _precision_mode, block_activation_bytes, block_recompute_bytes, microbatches, n_stages,
+                           offloaded_per_token, reshards_after_forward, split_blocks, stage_ids, stages_per_rank)
 
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 # aten ops one block runs per microbatch, forward and backward (231 counted with a TorchDispatchMode on
@@ -429,6 +429,11 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
             parts["host_transfers"] = local * (4 + param_bytes) / hw.host_bw
         else:
             parts["optimizer"] = touched / hw.mem_bw
+        if device != "cpu" and (moved := offloaded_per_token(cfg, args, dims.tp)):
+            # activation offloading: each block's saved storages down in forward and up in backward over PCIe, on a
+            # side stream under the compute; the last block's come back unprefetched
+            transfer = 2 * moved * tokens_rank * len(blocks) / hw.host_bw
+            parts["activation_transfers"] = max(transfer - busy, transfer / max(2 * len(blocks), 1))
         if hw.op_overhead_s:
             recomputed_ops = {"none": 0.0, "selective": 0.3, "full": 0.4}[ac]  # the forward's share rerun
             parts["op_overhead"] = hw.op_overhead_s * n_micro * (

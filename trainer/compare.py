@@ -96,10 +96,12 @@ def _predicted(overrides: list[str], nproc: int) -> dict:
         return {"refused": str(e)}
     top = plan.memory.most_loaded
     return {"layout": plan.dims.describe(), "peak_bytes": top.peak_bytes, "categories": top.by_category(),
-            "precision": str(cfg.training.precision)}
+            "host_bytes": top.host_bytes, "precision": str(cfg.training.precision)}
 
 
 def _read_run(run_dir: Path) -> dict:
+    from parallel.memory import OFFLOADED
+
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     start = max((i for i, r in enumerate(rows) if r.get("event") == "start"), default=0)
     steps = [r for r in rows[start:] if "train/loss" in r and "event" not in r]
@@ -123,7 +125,9 @@ def _read_run(run_dir: Path) -> dict:
         ranks = breakdown["ranks"]
         top = max(range(len(ranks)), key=lambda r: ranks[r]["peak"])
         out.update(measured_peak_bytes=ranks[top]["peak"], measured_rank=top,
-                   measured_categories={k: v for k, v in ranks[top].items() if k != "peak"})
+                   measured_categories={k: v for k, v in ranks[top].items() if k not in ("peak", OFFLOADED)})
+        if OFFLOADED in ranks[top]:  # activation offloading's host copies, apart from the device's memory
+            out["measured_offloaded_bytes"] = ranks[top][OFFLOADED]
     return out
 
 
@@ -182,7 +186,8 @@ def run_cell(cell: str, extra: list[str], *, recipe: str, overrides: list[str], 
         record.update(status="refused", message=predicted["refused"])
     else:
         record.update(layout=predicted["layout"], predicted_peak_bytes=predicted["peak_bytes"],
-                      predicted_categories=predicted["categories"], precision=predicted["precision"])
+                      predicted_categories=predicted["categories"], predicted_host_bytes=predicted["host_bytes"],
+                      precision=predicted["precision"])
         cell_dir.mkdir(parents=True, exist_ok=True)
         run_dir = cell_dir / "run"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -358,7 +363,8 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
 
 COLUMNS = ["cell", "status", "layout", "predicted_peak_bytes", "measured_peak_bytes", "memory_error_pct",
            "allocator_peak_bytes", "tokens_per_sec_per_device", "mfu_pct", "step_time_s", "predicted_step_time_s",
-           "step_time_error_pct", "predicted_comm_bytes_per_step", "final_loss", "message"]
+           "step_time_error_pct", "predicted_comm_bytes_per_step", "predicted_host_bytes", "measured_offloaded_bytes",
+           "final_loss", "message"]
 
 
 def _row(r: dict) -> dict:

@@ -205,6 +205,8 @@ class ParallelConfig:
     accumulate_unsharded_grads: bool = False  # fsdp/hsdp: keep whole fp32 gradients over micro-batches, reduce-scatter once (+4 bytes x params per rank)
     offload: Offload = Offload.none  # keep model states in CPU memory (what moves depends on the strategy)
     offload_params: bool = False  # zero3 only: also keep the parameter partitions on the CPU (ZeRO-Infinity style)
+    activation_offload: bool = False  # what the blocks save for backward goes to host memory in forward, back one block ahead (parallel/offload.py)
+    activation_offload_min_bytes: int = 1048576  # activation_offload: storages smaller than this stay on the device
     deepspeed: dict[str, Any] = field(default_factory=dict)  # zero*: any ds_config keys, merged over the generated ones
 
 

@@ -22,6 +22,7 @@ from models.llama import build_model
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.dtensor import full
+from parallel.memory import OFFLOADED
 from parallel.mesh import destroy_distributed, init_distributed
 from trainer.checkpoint import Checkpointer, checkpoint_root, select_resume
 from trainer.config import Plan, Precision, banner, model_args_of, save_resolved, to_container
@@ -455,9 +456,10 @@ class Trainer:
         self.logger.event({"event": "memory_breakdown", "step": self.step, "unit": "bytes", "ranks": ranks})
         mib = 2**20
         for r, b in enumerate(ranks):
-            parts = ", ".join(f"{k} {v / mib:.2f}" for k, v in b.items() if k != "peak" and v)
+            parts = ", ".join(f"{k} {v / mib:.2f}" for k, v in b.items() if k not in ("peak", OFFLOADED) and v)
+            host = f"; offloaded activations {b[OFFLOADED] / mib:.2f} MiB on the host" if OFFLOADED in b else ""
             self.logger.note(f"memory at the peak of step {self.step}, rank {r}: {b['peak'] / mib:.2f} MiB "
-                             f"({parts} MiB)")
+                             f"({parts} MiB){host}")
         out = {"memory/tracked_peak_bytes": float(ranks[top]["peak"]), "memory/tracked_peak_rank": float(top)}
         out.update({f"memory/tracked/{k}_bytes": float(v) for k, v in ranks[top].items() if k != "peak"})
         return out

@@ -21,10 +21,14 @@ import os
 
 import pytest
 
+from parallel.memory import OFFLOADED
+
 MODES = ["none/fp32", "selective/fp32", "full/fp32", "none/bf16", "selective/bf16", "full/bf16"]
 ZERO3_SMALL = "parallel.deepspeed.zero_optimization.stage3_param_persistence_threshold=1000"  # partition the matrices
 
 IN_BACKWARD = ["optim.in_backward=true", "optim.max_grad_norm=0"]
+# every storage of at least 4 KiB moves (on the tiny model: all but 1/rms and the log-sum-exp)
+OFFLOAD = ["parallel.activation_offload=true", "parallel.activation_offload_min_bytes=4096"]
 MASTERLESS = ["training.master_weights=false", "optim.name=adamw_bf16"]  # bf16 parameters, bf16 moments  # (one micro-batch per step: no accumulation)
 # (id, processes, overrides)
 LAYOUTS = [
@@ -47,13 +51,18 @@ LAYOUTS = [
     ("fsdp_masterless", 2, ["parallel.data=fsdp", *MASTERLESS]),
     ("in_backward", 1, [*IN_BACKWARD, "training.global_batch_size=2"]),
     ("fsdp_in_backward", 2, ["parallel.data=fsdp", *IN_BACKWARD, "training.global_batch_size=4"]),
+    ("activation_offload", 1, OFFLOAD),
+    ("fsdp_activation_offload", 2, ["parallel.data=fsdp", *OFFLOAD]),
+    ("tp_activation_offload", 2, ["parallel.tp=2", *OFFLOAD]),
 ]
 # (ZeRO-Offload is not in the matrix: on a CPU machine the offloaded state stays on the same device, so it adds
 # nothing to check here; its host-memory term needs a GPU run. 3-D runs 8 ranks: four of the six modes.)
 MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
             "loss_chunks": ["none/fp32", "none/bf16", "full/bf16"], "fsdp_tp_loss_chunks": ["none/fp32", "none/bf16"],
             "in_backward": ["none/fp32", "full/fp32", "none/bf16"],
-            "masterless": ["none/bf16", "full/bf16"], "fsdp_masterless": ["none/bf16", "full/bf16"], "fsdp_in_backward": ["none/fp32", "full/bf16"]}
+            "masterless": ["none/bf16", "full/bf16"], "fsdp_masterless": ["none/bf16", "full/bf16"], "fsdp_in_backward": ["none/fp32", "full/bf16"],
+            "activation_offload": ["none/fp32", "selective/fp32", "full/fp32", "none/bf16"],
+            "fsdp_activation_offload": ["none/fp32", "full/bf16"], "tp_activation_offload": ["none/fp32"]}
 
 # Where the formulas are known to miss by more than 10% on this model (measured 2026-12-01, torch 2.13 CPU):
 # (layout, mode) -> (peak bound, why). docs/memory.md lists them.
@@ -143,6 +152,12 @@ def test_predicted_memory_matches_the_tracker(name, nproc, overrides, measured):
             if err > bound:
                 failures.append(f"{where}: peak predicted {want.peak_bytes:,}, measured {got['peak']:,} "
                                 f"({err:.1%} > {bound:.0%}{'; ' + why if why else ''})")
+            offloaded = max(sum(t.bytes for t in terms if t.name.startswith("offloaded block activations"))
+                            for terms in want.moments.values())
+            if offloaded or OFFLOADED in got:  # activation offloading: the host copies' peak is the planner's
+                if abs(got.get(OFFLOADED, 0) - offloaded) > 0.01 * offloaded:
+                    failures.append(f"{where}: offloaded activations predicted {offloaded:,}, measured "
+                                    f"{got.get(OFFLOADED, 0):,}")
             states = {k: sum(t.bytes for t in want.terms if t.category == k and "update temporary" not in t.name)
                       for k in STATES}
             temp = _update_temporary(want)

@@ -16,6 +16,7 @@ import pytest
 FP32 = (1e-5, 1e-5)
 # 16-bit compute against the fp32 reference: observed losses within 2.1e-4 and gradients within 1e-2 (bf16)
 BF16 = (2e-3, 5e-2)
+OFFLOAD = ["parallel.activation_offload=true", "parallel.activation_offload_min_bytes=0"]
 CASES = [
     ("ddp", 2, ["parallel.data=ddp"], 8, "fp32", FP32),
     ("fsdp", 2, ["parallel.data=fsdp"], 8, "fp32", FP32),
@@ -58,6 +59,11 @@ CASES = [
     ("fsdp_compile_ac_selective", 2, ["parallel.data=fsdp", "parallel.compile=true", "parallel.ac=selective"], 8,
      "fp32", FP32),
     ("tp_compile", 2, ["parallel.tp=2", "parallel.compile=true"], 8, "fp32", FP32),
+    # activation offloading (one process: tests/unit/test_activation_offload.py, bitwise); every storage moves
+    ("fsdp_ac_full_activation_offload", 2, ["parallel.data=fsdp", "parallel.ac=full", *OFFLOAD], 8, "fp32", FP32),
+    ("tp_activation_offload", 2, ["parallel.tp=2", *OFFLOAD], 8, "fp32", FP32),
+    ("pp_activation_offload", 2, ["parallel.pp=2", *OFFLOAD], 8, "fp32", FP32),
+    ("zero2_activation_offload", 2, ["parallel.data=zero2", *OFFLOAD], 8, "fp32", FP32),
     ("fsdp_bf16", 2, ["parallel.data=fsdp"], 8, "bf16", BF16),
     ("fsdp_fp16", 2, ["parallel.data=fsdp"], 8, "fp16", BF16),
     ("fsdp_tp_bf16", 4, ["parallel.data=fsdp", "parallel.tp=2"], 8, "bf16", BF16),

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 GIB = 2**30
@@ -27,13 +29,17 @@ def test_llama8b_trains_in_16_gib_on_one_gpu():
     assert out["host_bytes_per_node"] > 100 * GIB and out["step_time"]["seconds"] > 0
 
 
-def test_llama20b_trains_on_one_h200_with_nothing_offloaded():
-    out = _plan("recipe=llama20b_1gpu_h200", "world_size=1", "gpu_memory_gib=131")
+@pytest.mark.parametrize("recipe, params", [("llama20b_1gpu_h200", 20e9), ("llama30b_1gpu_h200", 30e9)])
+def test_20b_and_30b_train_on_one_h200(recipe, params):
+    out = _plan(f"recipe={recipe}", "world_size=1", "gpu_memory_gib=131")
     assert out["peak_bytes"] + out["reserve_bytes"] <= 141e9 and out["fits"]
     assert out["host_bytes_per_node"] <= 128e9
     from trainer.config import load_config, model_args_of
 
-    assert model_args_of(load_config(["recipe=llama20b_1gpu_h200"])).num_params() >= 20e9
-    names = " ".join(t["name"] for t in out["ranks"][0]["terms"])
+    assert model_args_of(load_config([f"recipe={recipe}"])).num_params() >= params
+    terms = {t["name"]: t for t in out["ranks"][0]["terms"]}
+    names = " ".join(terms)
     assert "bf16 (no fp32 masters) parameters" in names and "gradients (all" not in names
+    # only the offloaded block inputs are on the host
+    assert [t["category"] for t in terms.values() if t["category"] == "host"] == ["host"]
     assert out["step_time"]["tokens_per_sec_per_device"] > 0
