@@ -493,12 +493,15 @@ class Trainer:
             self.logger.note(f"preempted ({reason}): saved step {self.step}, wrote {marker}; the same command "
                              f"resumes from here")
 
-    def close(self) -> None:
+    def close(self, *, keep_process_group: bool = False) -> None:
+        """End the run. `keep_process_group`: leave the default process group up for another Trainer in this
+        process (the test workers build several in one launch)."""
         if self.samples_file is not None:
             self.samples_file.close()
         self.logger.close()
         self.lock.release()
-        destroy_distributed()
+        if not keep_process_group:
+            destroy_distributed()
         # Drop everything that holds process groups (meshes, DTensors, FSDP/DeepSpeed state) and collect it
         # now: left to interpreter teardown, gloo's threads can be destroyed in the wrong order and abort
         # a finished process ("terminate called without an active exception").

@@ -1,6 +1,8 @@
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,8 @@ TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads
         "logging.tensorboard=false", "logging.jsonl=false", "logging.console=false", "logging.wandb.mode=disabled"]
 
 
-def run_worker(script: str, nproc: int, args: list[str], out, extensions: str, timeout: float = 600) -> dict:
+def run_worker(script: str, nproc: int, args: list[str], out, extensions: str, timeout: float = 600,
+               result: str | None = "result.pt") -> dict | None:
     """Run a test worker (one process, or torchrun with `nproc`) and load the OUT/result.pt it saves."""
     cmd = [sys.executable, script, *args] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
@@ -24,7 +27,7 @@ def run_worker(script: str, nproc: int, args: list[str], out, extensions: str, t
            "TORCH_EXTENSIONS_DIR": extensions}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert proc.returncode == 0, f"{nproc} ranks, {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
-    return torch.load(out / "result.pt")
+    return torch.load(out / result) if result else None
 
 
 @pytest.fixture(scope="session")
@@ -42,4 +45,30 @@ def worker(tmp_path_factory):
         cache[key] = run_worker(WORKER, nproc, [str(out), *TINY, *overrides, f"run_dir={out}"], out, extensions)
         return cache[key]
 
+    def batch(requests: list[tuple[int, list[str]]]) -> None:
+        """Run the requests not yet cached, those of one rank count in one launch (the worker's --batch), to spare
+        each its launch. DeepSpeed cases run alone (its engine keeps process-wide state). A launch that fails
+        leaves its cases uncached, and each then runs alone when its test asks, so the failure is its own."""
+        todo: dict[int, list[tuple[str, ...]]] = {}
+        for nproc, overrides in requests:
+            key = (nproc, tuple(overrides))
+            if key not in cache and key[1] not in todo.get(nproc, []) and not any(
+                    o.startswith("parallel.data=zero") for o in overrides):
+                todo.setdefault(nproc, []).append(key[1])
+        for nproc, group in todo.items():
+            if len(group) < 2:
+                continue
+            root = tmp_path_factory.mktemp("batch")
+            cases = [(str(root / str(i)), [*TINY, *overrides, f"run_dir={root / str(i)}"])
+                     for i, overrides in enumerate(group)]
+            (root / "spec.json").write_text(json.dumps(cases))
+            try:
+                run_worker(WORKER, nproc, ["--batch", str(root / "spec.json")], root, extensions,
+                           timeout=600 + 60 * len(cases), result=None)
+            except AssertionError:
+                continue
+            for (out, _), overrides in zip(cases, group):
+                cache[(nproc, overrides)] = torch.load(Path(out) / "result.pt")
+
+    run.batch = batch
     return run

@@ -7,7 +7,6 @@ MODES is a comma-separated list of `ac/precision` (e.g. none/fp32,full/bf16). Fo
 `parallel.memory.StepMemory`. Rank 0 saves OUT_DIR/result.pt: {mode: [breakdown of rank 0, rank 1, ...]}.
 """
 
-import gc
 import sys
 from pathlib import Path
 
@@ -33,15 +32,12 @@ def measure(argv: list[str]) -> dict:
             trainer.forward_backward(batch)
             trainer.optimizer_step()
         mine = tracked.breakdown()
+        ranks = [mine]
+        if trainer.world.distributed:
+            ranks = [None] * trainer.world.world_size
+            dist.all_gather_object(ranks, mine)
     finally:
-        trainer.logger.close()
-        trainer.lock.release()
-    ranks = [mine]
-    if trainer.world.distributed:
-        ranks = [None] * trainer.world.world_size
-        dist.all_gather_object(ranks, mine)
-    trainer.par = trainer.model = trainer.optimizer = trainer.checkpointer = None
-    gc.collect()
+        trainer.close(keep_process_group=True)
     return ranks
 
 

@@ -1,6 +1,10 @@
 """Run a few steps of a recipe under any layout and save what a parity test compares.
 
     torchrun --nproc_per_node=N tests/distributed/parity_worker.py OUT_DIR recipe=... overrides...
+    torchrun --nproc_per_node=N tests/distributed/parity_worker.py --batch SPEC.json
+
+With --batch, SPEC.json lists [OUT_DIR, [arguments...]] cases, run one after the other in this launch (one process
+group, a Trainer each), which spares each case the launch.
 
 Saves OUT_DIR/result.pt on rank 0: the per-step global losses and gradient norms, the validation loss
 after the last step (every layout's validation path, pipeline schedules included), the full
@@ -10,6 +14,7 @@ are gathered from DTensor shards and from every pipeline stage, so any layout is
 process.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -44,7 +49,7 @@ def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     return grads
 
 
-def main(out: str, argv: list[str]) -> None:
+def main(out: str, argv: list[str], *, last: bool = True) -> None:
     cfg = load_config(argv)
     trainer = Trainer(cfg, check(cfg, env_world_size()))
     losses, norms, grads = [], [], None
@@ -71,8 +76,13 @@ def main(out: str, argv: list[str]) -> None:
         torch.save({"losses": losses, "grad_norms": norms, "grads": grads, "bytes_per_rank": per_rank,
                     "val_loss": val_loss},
                    Path(out) / "result.pt")
-    trainer.close()
+    trainer.close(keep_process_group=not last)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    if sys.argv[1] == "--batch":
+        cases = json.loads(Path(sys.argv[2]).read_text())
+        for i, (out, argv) in enumerate(cases):
+            main(out, argv, last=i == len(cases) - 1)
+    else:
+        main(sys.argv[1], sys.argv[2:])

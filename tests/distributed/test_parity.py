@@ -73,10 +73,37 @@ CASES = [
 ]
 
 
+def _strategy_runs(nproc, overrides, global_batch, precision) -> list[tuple[int, list[str]]]:
+    """(the single-process reference, the layout's run) of one CASES row, as worker() requests."""
+    return [(1, [f"training.global_batch_size={global_batch}", "training.precision=fp32"]),
+            (nproc, [*overrides, f"training.global_batch_size={global_batch}", f"training.precision={precision}"])]
+
+
+def _in_backward_runs(nproc, overrides, global_batch) -> list[tuple[int, list[str]]]:
+    """(the reference with the step after the backward, the in-backward run) of one IN_BACKWARD row."""
+    common = [f"training.global_batch_size={global_batch}", "training.precision=fp32", "optim.max_grad_norm=0"]
+    optim = [o for o in overrides if o.startswith("optim.")]
+    return [(1, [*common, *optim]), (nproc, [*common, *overrides, "optim.in_backward=true"])]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _batched(request, worker):
+    """The selected tests' runs, one launch per rank count (conftest's worker.batch), before the first test."""
+    runs = []
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module is not request.module or not params:
+            continue
+        if item.originalname == "test_strategy_matches_single_process":
+            runs += _strategy_runs(params["nproc"], params["overrides"], params["global_batch"], params["precision"])
+        elif item.originalname == "test_optimizer_in_backward_trains_like_the_step_after_backward":
+            runs += _in_backward_runs(params["nproc"], params["overrides"], params["global_batch"])
+    worker.batch(runs)
+
+
 @pytest.mark.parametrize("name, nproc, overrides, global_batch, precision, tol", CASES, ids=[c[0] for c in CASES])
 def test_strategy_matches_single_process(name, nproc, overrides, global_batch, precision, tol, worker):
-    ref = worker(1, [f"training.global_batch_size={global_batch}", "training.precision=fp32"])
-    got = worker(nproc, [*overrides, f"training.global_batch_size={global_batch}", f"training.precision={precision}"])
+    ref, got = (worker(*run) for run in _strategy_runs(nproc, overrides, global_batch, precision))
     assert len(got["losses"]) == 5
     loss_tol, grad_tol = tol
     for step, (a, b) in enumerate(zip(ref["losses"], got["losses"]), 1):
@@ -104,10 +131,7 @@ IN_BACKWARD = [
 def test_optimizer_in_backward_trains_like_the_step_after_backward(name, nproc, overrides, global_batch, worker):
     """Each parameter stepped by its gradient hook gives the single-process losses, gradient norms and
     validation loss (fp32, 1e-5), and no gradient is left once the backward ends."""
-    common = [f"training.global_batch_size={global_batch}", "training.precision=fp32", "optim.max_grad_norm=0"]
-    optim = [o for o in overrides if o.startswith("optim.")]
-    ref = worker(1, [*common, *optim])
-    got = worker(nproc, [*common, *overrides, "optim.in_backward=true"])
+    ref, got = (worker(*run) for run in _in_backward_runs(nproc, overrides, global_batch))
     assert got["grads"] == {}, f"{name}: gradients left after the backward: {sorted(got['grads'])[:3]}"
     assert ref["grads"], "the reference keeps its gradients until the step"
     for what in ("losses", "grad_norms"):
