@@ -6,8 +6,9 @@
     python launch/plan.py recipe=llama70b world_size=64 gpu_memory_gib=80 --search
 
 The recipe and overrides are those of launch/train.py and are validated the same way (one message naming
-every problem). `world_size` (default 8) is the number of ranks, `ranks_per_node` (default 8) sizes the host
-memory per node that offloaded state needs, `gpu_memory_gib` the device to fit (omit it to only predict),
+every problem). `world_size` is the number of ranks (default: the recipe's `hardware.world_size`, else 8),
+`ranks_per_node` (default 8) sizes the host memory per node that offloaded state needs, `gpu_memory_gib` the
+device to fit (default: the recipe's `hardware.gpu_memory_gib`; with neither, only predict),
 `device` (cuda, the default when gpu_memory_gib is given, or cpu) picks the device reserve.
 `--json` prints the same numbers as JSON (peak tensor bytes per rank under `peak_bytes`, the device reserve
 apart under `reserve_bytes`). `--simulate` builds the most loaded rank for real on this machine, without
@@ -41,7 +42,7 @@ FLAGS = ("--json", "--simulate", "--build", "--search")
 
 def parse(argv: list[str]) -> tuple[dict, list[str], set[str]]:
     own, rest, flags = {k: None for k in OWN_KEYS}, [], set()
-    own.update(world_size=8, ranks_per_node=8, top=15)
+    own.update(ranks_per_node=8, top=15)  # (world_size and gpu_memory_gib: the recipe's `hardware` when not given)
     for tok in argv:
         if tok.startswith("--"):
             if tok not in FLAGS:
@@ -58,6 +59,16 @@ def parse(argv: list[str]) -> tuple[dict, list[str], set[str]]:
             rest.append(tok)
     if len(flags & {"--simulate", "--build", "--search"}) > 1:
         raise ConfigError("--simulate, --build and --search each need a process of their own: pass one of them")
+    return own, rest, flags
+
+
+def with_defaults(own: dict, cfg, flags: set[str]) -> dict:
+    """world_size and gpu_memory_gib from the recipe's `hardware` section where the command line gave none."""
+    own = dict(own)
+    if own["world_size"] is None:
+        own["world_size"] = cfg.hardware.world_size or 8
+    if own["gpu_memory_gib"] is None:
+        own["gpu_memory_gib"] = cfg.hardware.gpu_memory_gib
     if "--search" in flags and own["gpu_memory_gib"] is None:
         raise ConfigError("--search needs the memory to fit: add gpu_memory_gib=N (e.g. gpu_memory_gib=80)")
     if own["world_size"] < 1:
@@ -66,7 +77,7 @@ def parse(argv: list[str]) -> tuple[dict, list[str], set[str]]:
         own["device"] = "cuda" if own["gpu_memory_gib"] is not None else "cpu"
     if own["device"] not in ("cuda", "cpu"):
         raise ConfigError(f"device={own['device']}: expected cuda or cpu")
-    return own, rest, flags
+    return own
 
 
 def main(argv: list[str]) -> int:
@@ -76,6 +87,7 @@ def main(argv: list[str]) -> int:
     try:
         own, rest, flags = parse(argv)
         cfg = load_config(rest)
+        own = with_defaults(own, cfg, flags)
         cfg.dry_run = True  # planning writes nothing: skip the run_dir check
         if own["device"] == "cuda":
             cfg.training.device = "auto"  # plan for a GPU from a machine that may have none

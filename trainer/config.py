@@ -270,6 +270,12 @@ class ProfileConfig:
 
 
 @dataclass
+class HardwareConfig:
+    world_size: int | None = None  # the ranks this recipe is written for: launch/plan.py's default world_size (null: 8)
+    gpu_memory_gib: float | None = None  # the device memory it is sized for: launch/plan.py's default gpu_memory_gib (null: no verdict)
+
+
+@dataclass
 class Config:
     name: str = ""  # the run's name; empty: the recipe's name
     run_dir: str = "runs/${name}"  # everything the run writes lands here
@@ -283,6 +289,7 @@ class Config:
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)  # what the recipe is sized for (launch/plan.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,6 +680,11 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
         problems.append(f"logging.every={cfg.logging.every} must be >= 1")
     if cfg.logging.memory_breakdown_step < 1:
         problems.append(f"logging.memory_breakdown_step={cfg.logging.memory_breakdown_step} must be >= 1")
+    hw = cfg.hardware
+    if hw.world_size is not None and hw.world_size < 1:
+        problems.append(f"hardware.world_size={hw.world_size} must be >= 1 (or null)")
+    if hw.gpu_memory_gib is not None and hw.gpu_memory_gib <= 0:
+        problems.append(f"hardware.gpu_memory_gib={hw.gpu_memory_gib} must be > 0 (or null)")
     if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
         problems.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (or null to detect it)")
     if not cfg.dry_run and not _writable_dir(Path(cfg.run_dir)):

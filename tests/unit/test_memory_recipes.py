@@ -21,7 +21,8 @@ def _plan(*args: str) -> dict:
 
 
 def test_llama8b_trains_in_16_gib_on_one_gpu():
-    out = _plan("recipe=llama8b_1gpu_16g", "world_size=1", "gpu_memory_gib=16")
+    out = _plan("recipe=llama8b_1gpu_16g")  # world_size=1 gpu_memory_gib=16: the recipe's hardware section
+    assert out["world_size"] == 1 and out["capacity_bytes"] == 16 * GIB
     assert out["peak_bytes"] + out["reserve_bytes"] <= 16 * GIB and out["fits"]
     terms = {t["name"]: t for t in out["ranks"][0]["terms"]}
     # the states live on the host (FSDP's CPU offload), where the step runs
@@ -31,7 +32,8 @@ def test_llama8b_trains_in_16_gib_on_one_gpu():
 
 @pytest.mark.parametrize("recipe, params", [("llama20b_1gpu_h200", 20e9), ("llama30b_1gpu_h200", 30e9)])
 def test_20b_and_30b_train_on_one_h200(recipe, params):
-    out = _plan(f"recipe={recipe}", "world_size=1", "gpu_memory_gib=131")
+    out = _plan(f"recipe={recipe}")  # world_size=1 gpu_memory_gib=131 (141e9 bytes): the hardware section
+    assert out["world_size"] == 1 and out["capacity_bytes"] == 131 * GIB
     assert out["peak_bytes"] + out["reserve_bytes"] <= 141e9 and out["fits"]
     assert out["host_bytes_per_node"] <= 128e9
     from trainer.config import load_config, model_args_of
