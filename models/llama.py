@@ -239,6 +239,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cp = None  # parallel.cp > 1: the context-parallel group this attention spans (parallel/context.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -251,7 +252,12 @@ class Attention(nn.Module):
         # enable_gqa shares each kv head among H/Hkv query heads without materializing the repeats.
         # With grouped kv heads SDPA can only pick its flash kernel (on CUDA and CPU) or the math
         # fallback: the cuDNN and memory-efficient kernels need the kv heads expanded first.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        if self.cp is not None:  # this rank's two sequence chunks against the whole sequence, exact
+            from parallel.context import context_parallel_attention
+
+            y = context_parallel_attention(q, k, v, self.cp)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
         return self.wo(y)
 
@@ -321,6 +327,7 @@ class Transformer(nn.Module):
         self.loss_chunks = 0  # training.loss_chunks: forward(tokens, targets) returns the loss computed in chunks
         # parallel.activation_offload: block index -> the context each block's forward runs in (parallel/offload.py)
         self.block_context = None
+        self.positions: torch.Tensor | None = None  # parallel.cp > 1: the token positions this rank holds
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # RoPE tables are derived data, not state: non-persistent, rebuilt by init_weights()
@@ -332,12 +339,15 @@ class Transformer(nn.Module):
         """tokens (B, T) int64 -> logits (B, T, V). On a pipeline stage: hidden (B, T, D) in or out.
         With `targets` (B, T) and `loss_chunks` set: the summed fp32 cross-entropy, the logits never whole."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, D)
+        cos, sin = self.rope_cos, self.rope_sin
+        if self.positions is not None:  # context parallelism: the angles of the positions this rank holds
+            cos, sin = cos[self.positions], sin[self.positions]
         for name, block in self.layers.items():
             if self.block_context is None:
-                h = block(h, self.rope_cos, self.rope_sin)
+                h = block(h, cos, sin)
             else:  # (outside the block's FSDP hooks and its compiled graph)
                 with self.block_context(int(name)):
-                    h = block(h, self.rope_cos, self.rope_sin)
+                    h = block(h, cos, sin)
         h = self.norm(h) if self.norm is not None else h
         if self.output is None:
             return h
@@ -402,6 +412,15 @@ class Transformer(nn.Module):
             "feed_forward.w3": ColwiseParallel(),
         }
         return root, block
+
+    def set_context_parallel(self, cp, positions: torch.Tensor) -> None:
+        """Context parallelism: this rank holds the tokens at `positions` of every sequence, and each attention
+        spans the group `cp` (a parallel.context.CPGroup) to see the others."""
+        self.positions = positions
+        for block in self.layers.values():
+            for module in block.modules():
+                if isinstance(module, Attention):
+                    module.cp = cp
 
     def keep_stage(self, block_names: list[str], *, first: bool, last: bool) -> None:
         """Turn this (meta) model into one pipeline stage: keep these blocks, the embedding only on the

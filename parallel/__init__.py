@@ -60,6 +60,7 @@ class Parallelized:
     pp_schedule: str = "1f1b"
     device: torch.device | None = None
     activation_offload: object | None = None  # parallel/offload.py's ActivationOffload, when on
+    cp_positions: torch.Tensor | None = None  # parallel.cp > 1: the token positions of each sequence this rank holds
 
     def group(self, axis: str):
         """The process group of one mesh axis ("dp", "tp", "pp"), or None on one process."""
@@ -144,7 +145,8 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         from parallel.zero import parallelize_zero
 
         return _offload_activations(parallelize_zero(model, cfg, dims, world, mesh), cfg, device)
-    fsdp = data in ("fsdp", "hsdp")
+    # context parallelism shards the parameters over dp_shard x cp (parallel/mesh.py "fsdp"), even with data=none
+    fsdp = data in ("fsdp", "hsdp") or dims.cp > 1
     precision = str(t.precision)
     notes = []
 
@@ -177,7 +179,7 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
             apply_compile(part)
         # 5. FSDP / HSDP
         if fsdp:
-            dp_mesh = mesh["dp_shard"] if data == "fsdp" else mesh["hsdp"]
+            dp_mesh = mesh["hsdp"] if data == "hsdp" else mesh["fsdp"]
             apply_fsdp(part, dp_mesh, param_dtype=_DTYPES[precision], reshard_after_forward=reshards_after_forward(cfg),
                        offload=offload)
         # 6. allocate, then initialize from the seed (the same values as on one process)
@@ -197,10 +199,22 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
     elif fsdp and dims.pp == 1 and p.accumulate_unsharded_grads:
         no_sync = fsdp_no_sync(parts[0])  # (under pipelining the stages do it: parallel/pipeline.py)
 
+    if dims.cp > 1:
+        from parallel.context import CPGroup, local_positions
+
+        cp = CPGroup(mesh["cp"].get_group(), mesh["cp"].get_local_rank(), dims.cp, str(p.cp_rotate))
+        positions = local_positions(int(t.seq_len), cp.rank, cp.size, device=device)
+        for part in parts:
+            part.set_context_parallel(cp, positions)
+        notes.append(f"parallel.cp={dims.cp}: each rank holds 2 of {2 * dims.cp} chunks of every sequence, attention "
+                     f"across them by {p.cp_rotate}; FSDP shards over dp_shard x cp")
     par = Parallelized(parts=parts, model=wrapped, dims=dims, mesh=mesh,
-                       grad_reduction_scale=float(dims.dp_size) if data != "none" else 1.0, no_sync=no_sync,
+                       grad_reduction_scale=float(dims.dp_size * dims.cp) if fsdp or data != "none" else 1.0,
+                       no_sync=no_sync,
                        autocast_dtype=None if fsdp or masterless else _DTYPES[precision], loss_parallel=loss_parallel,
                        notes=notes)
+    if dims.cp > 1:
+        par.cp_positions = positions
     if dims.pp > 1:
         n_stages = dims.pp * (len(parts_with_ids))
         ids = [sid for sid, _ in parts_with_ids]

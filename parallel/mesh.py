@@ -18,15 +18,19 @@ from parallel.plan import ParallelDims, degenerate, resolve_dims  # noqa: F401  
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> dict:
-    """Named sub-meshes of one (pp, dp_replicate, dp_shard, tp) DeviceMesh: each axis by its name,
-    "hsdp" = (dp_replicate, dp_shard) for FSDP's 2-D mesh, and "dp" = the two flattened into one
-    axis, over which the loader splits batches and losses are summed."""
+    """Named sub-meshes of one (pp, dp_replicate, dp_shard, cp, tp) DeviceMesh: each axis by its name, "dp" =
+    (dp_replicate, dp_shard) flattened, over which the loader splits batches and losses are summed; "fsdp" =
+    (dp_shard, cp) flattened, what FSDP shards over (context-parallel ranks hold different tokens of the same
+    sequences, so their gradients are reduced like data parallelism's, as torchtitan does); "hsdp" =
+    (dp_replicate, fsdp), FSDP's 2-D mesh."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp)
+    shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
     root = init_device_mesh(device_type, shape, mesh_dim_names=ParallelDims.NAMES)
-    hsdp = root[("dp_replicate", "dp_shard")]
-    return {**{name: root[name] for name in ParallelDims.NAMES}, "hsdp": hsdp, "dp": hsdp._flatten("dp")}
+    dp = root[("dp_replicate", "dp_shard")]._flatten("dp")
+    fsdp = root[("dp_shard", "cp")]._flatten("dp_shard_cp") if dims.cp > 1 else root["dp_shard"]
+    hsdp = root[("dp_replicate", "dp_shard_cp")] if dims.cp > 1 else root[("dp_replicate", "dp_shard")]
+    return {**{name: root[name] for name in ParallelDims.NAMES}, "hsdp": hsdp, "dp": dp, "fsdp": fsdp}
 
 
 def env_world_size() -> int:

@@ -96,26 +96,28 @@ class ParallelDims:
     dp_shard: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallel: the sequence split over these ranks (FSDP shards over dp_shard x cp)
 
-    NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
+    NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
 
     @property
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
 
     def describe(self) -> str:
-        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}"
+        cp = f" x cp {self.cp}" if self.cp > 1 else ""
+        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}{cp} x tp {self.tp}"
 
 
-def resolve_dims(data: str, *, dp_replicate: int, dp_shard: int, tp: int, pp: int,
-                 world_size: int) -> tuple[ParallelDims | None, list[str]]:
+def resolve_dims(data: str, *, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int,
+                 cp: int = 1) -> tuple[ParallelDims | None, list[str]]:
     """Turn the recipe's degrees (with -1 meaning "the rest") into ParallelDims, or explain why not."""
     problems = []
-    for key, v in (("tp", tp), ("pp", pp)):
+    for key, v in (("tp", tp), ("pp", pp), ("cp", cp)):
         if v < 1:
             problems.append(f"parallel.{key}={v} must be >= 1")
     if dp_replicate == 0 or dp_replicate < -1 or dp_shard == 0 or dp_shard < -1:
@@ -135,38 +137,38 @@ def resolve_dims(data: str, *, dp_replicate: int, dp_shard: int, tp: int, pp: in
     if problems:
         return None, problems
 
-    fixed = tp * pp
+    fixed = tp * pp * cp
     rest_of = lambda other: world_size // (fixed * other) if world_size % (fixed * other) == 0 else None  # noqa: E731
     if data == "none":
         rep, shard = 1, 1
     elif data in replicated:  # every rank outside tp/pp is a data-parallel rank
         rep, shard = rest_of(1), 1
         if rep is None:
-            problems.append(f"WORLD_SIZE({world_size}) is not divisible by tp({tp}) * pp({pp}) = {fixed}")
+            problems.append(f"WORLD_SIZE({world_size}) is not divisible by tp({tp}) * pp({pp}) * cp({cp}) = {fixed}")
         elif dp_replicate > 1 and dp_replicate != rep:
             problems.append(f"parallel.dp_replicate({dp_replicate}) != WORLD_SIZE({world_size}) / (tp({tp}) * "
                             f"pp({pp})) = {rep}; for ddp leave parallel.dp_replicate at 1 or -1")
     elif data == "fsdp":
         rep, shard = 1, (dp_shard if dp_shard > 0 else rest_of(1))
         if shard is None:
-            problems.append(f"WORLD_SIZE({world_size}) is not divisible by tp({tp}) * pp({pp}) = {fixed}")
+            problems.append(f"WORLD_SIZE({world_size}) is not divisible by tp({tp}) * pp({pp}) * cp({cp}) = {fixed}")
     else:  # hsdp
         rep, shard = dp_replicate, dp_shard
         if shard == -1:
             shard = rest_of(rep)
             if shard is None:
                 problems.append(f"WORLD_SIZE({world_size}) is not divisible by dp_replicate({rep}) * tp({tp}) * "
-                                f"pp({pp}) = {rep * fixed}")
+                                f"pp({pp}) * cp({cp}) = {rep * fixed}")
         elif rep == -1:
             rep = rest_of(shard)
             if rep is None:
                 problems.append(f"WORLD_SIZE({world_size}) is not divisible by dp_shard({shard}) * tp({tp}) * "
-                                f"pp({pp}) = {shard * fixed}")
+                                f"pp({pp}) * cp({cp}) = {shard * fixed}")
     if problems:
         return None, problems
-    dims = ParallelDims(dp_replicate=rep, dp_shard=shard, tp=tp, pp=pp)
+    dims = ParallelDims(dp_replicate=rep, dp_shard=shard, tp=tp, pp=pp, cp=cp)
     if dims.world_size != world_size:
-        problems.append(f"dp_replicate({rep}) * dp_shard({shard}) * tp({tp}) * pp({pp}) = {dims.world_size} "
+        problems.append(f"dp_replicate({rep}) * dp_shard({shard}) * cp({cp}) * tp({tp}) * pp({pp}) = {dims.world_size} "
                         f"!= WORLD_SIZE({world_size})" + ("; parallel.data=none uses no data-parallel ranks: "
                                                           "set parallel.data=ddp or fsdp, or launch fewer processes"
                                                           if data == "none" else ""))
@@ -190,13 +192,44 @@ def degenerate(data: str, dims: ParallelDims) -> list[str]:
     return out
 
 
+CP_ROTATE = ("allgather", "ring")  # parallel/context.py
+
+
+def data_strategy(cfg) -> str:
+    """parallel.data as it runs: context parallelism shards the parameters with FSDP over dp_shard x cp, so
+    `none` with cp > 1 is FSDP (parallel/__init__.py)."""
+    data = str(cfg.parallel.data)
+    return "fsdp" if data == "none" and cfg.parallel.cp > 1 else data
+
+
+def _cp_problems(cfg) -> list[str]:
+    """Context parallelism's rules (parallel/context.py)."""
+    p, t = cfg.parallel, cfg.training
+    if p.cp_rotate not in CP_ROTATE:
+        return [f"parallel.cp_rotate={p.cp_rotate}: unknown; known: {', '.join(CP_ROTATE)}"]
+    if p.cp <= 1:
+        return []
+    out = []
+    if t.seq_len % (2 * p.cp):
+        out.append(f"training.seq_len({t.seq_len}) must be divisible by 2 x parallel.cp = {2 * p.cp}: each rank holds "
+                   f"a head and a tail chunk of every sequence; set training.seq_len to a multiple of {2 * p.cp}")
+    if str(p.data) not in ("none", "fsdp", "hsdp"):
+        out.append(f"parallel.cp={p.cp} with parallel.data={p.data}: context parallelism shards the parameters with "
+                   f"FSDP over dp_shard x cp (as torchtitan does); use parallel.data=fsdp, hsdp or none")
+    if p.compile:
+        out.append(f"parallel.cp={p.cp} with parallel.compile=true: the context-parallel attention (its collectives "
+                   f"inside an autograd function) is not compiled yet; set parallel.compile=false")
+    return out
+
+
 def layout_problems(cfg, args, world_size: int) -> list[str]:
     """The parallel section's arithmetic: degrees, divisibility, stages and microbatches, the combinations that
     cannot work (trainer/config.py::validate collects every subsystem's rules)."""
     p, t = cfg.parallel, cfg.training
     dims, problems = resolve_dims(str(p.data), dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp,
-                                  world_size=max(world_size, 1))
+                                  cp=p.cp, world_size=max(world_size, 1))
     dp = dims.dp_size if dims else 1
+    problems += _cp_problems(cfg)
     if p.tp > 1:
         for what, n in (("model.n_heads", args.n_heads), ("model.n_kv_heads", args.kv_heads)):
             if n % p.tp:
@@ -468,7 +501,7 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
     from models.llama import TP_SPLIT_DIM
 
     p = cfg.parallel
-    sched, data = str(p.pp_schedule), str(p.data)
+    sched, data = str(p.pp_schedule), data_strategy(cfg)
     total = n_stages(sched, dims.pp)
     mine = stage_ids(sched, pp_rank, dims.pp)
     ranges = split_blocks(args.n_layers, total)
@@ -492,7 +525,7 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
             tp_shape[d] = _ceil(tp_shape[d], dims.tp)
         local = list(tp_shape)
         if data in ("fsdp", "hsdp"):
-            local[0] = _ceil(local[0], dims.dp_shard)
+            local[0] = _ceil(local[0], dims.dp_shard * dims.cp)
         decay = len(shape) >= 2 and (decay_embeddings or module != "tok_embeddings")
         out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay))
     return out, sorted(blocks), first, last, len(mine)
@@ -506,7 +539,7 @@ def _precision_mode(cfg) -> str:
         return "fp32"
     if not cfg.training.master_weights:  # the parameters are stored in bf16 (no cast, no fp32 copy)
         return "mixed"
-    return "mixed" if str(cfg.parallel.data) in ("fsdp", "hsdp", *ZERO_STAGES) else "autocast"
+    return "mixed" if data_strategy(cfg) in ("fsdp", "hsdp", *ZERO_STAGES) else "autocast"
 
 
 def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
@@ -552,8 +585,27 @@ def offloaded_per_token(cfg, args, tp: int) -> float:
     ac = str(p.ac)
     saved = block_saved_tensors(args, ac=ac, mode=_precision_mode(cfg), tp=tp)
     movable = saved[:1] if ac == "selective" and not p.compile else saved
-    mb_tokens = cfg.training.micro_batch_size * cfg.training.seq_len
+    mb_tokens = cfg.training.micro_batch_size * cfg.training.seq_len // max(p.cp, 1)
     return sum(b for b in movable if b * mb_tokens >= p.activation_offload_min_bytes)
+
+
+def cp_attention_bytes(cfg, args, dims: ParallelDims) -> float:
+    """What parallel/context.py's attention holds in a block's backward beyond the saved activations: allgather,
+    every rank's keys and values (the whole sequence) and an fp32 gradient buffer for each; ring, this block
+    and the one arriving, and the travelling fp32 gradients (the one held, the one arriving); both, the fp32
+    query gradient and one kernel call's keys and values expanded to the query heads."""
+    t = cfg.training
+    mode = _precision_mode(cfg)
+    compute = 4 if mode == "fp32" else 2
+    kv = args.kv_heads * args.head_dim / dims.tp  # per token, keys (or values)
+    local = t.micro_batch_size * t.seq_len // dims.cp
+    if str(cfg.parallel.cp_rotate) == "allgather":
+        held = dims.cp * local * 2 * kv * (compute + 4)
+    else:
+        held = local * 2 * kv * (2 * compute + 2 * 4)
+    q = args.n_heads * args.head_dim / dims.tp
+    expanded = (local // 2) * 2 * q * compute  # one chunk's keys and values at the query heads
+    return held + local * q * 4 + expanded
 
 
 def block_activation_bytes(args, *, ac: str, mode: str, tp: int) -> float:
@@ -639,7 +691,7 @@ def _ds_setting(cfg, key: str, default: int) -> int:
 def _model_states(cfg, params: list[_Param], dims: ParallelDims) -> dict[str, int]:
     """Bytes of parameters, gradients (all of the step's), optimizer state and (ZeRO) fp32 master copies that
     one rank of this pipeline stage stores, wherever they live (device or, offloaded, host)."""
-    data, o = str(cfg.parallel.data), cfg.optim
+    data, o = data_strategy(cfg), cfg.optim
     n_local = sum(math.prod(q.local) for q in params)
     if data in ZERO_STAGES:
         stage, compute = ZERO_STAGES[data], 4 if str(cfg.training.precision) == "fp32" else 2
@@ -678,13 +730,13 @@ def memory_plan(cfg, args, dims: ParallelDims, *, device: str = "cpu", capacity_
 
 def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankMemory:
     p, t, o = cfg.parallel, cfg.training, cfg.optim
-    data, ac, mode = str(p.data), str(p.ac), _precision_mode(cfg)
+    data, ac, mode = data_strategy(cfg), str(p.ac), _precision_mode(cfg)
     fsdp, zero = data in ("fsdp", "hsdp"), data in ZERO_STAGES
     compute = 4 if mode == "fp32" else 2
     params, _, first, last, n_parts = _params_of_rank(args, cfg, dims, pp_rank)
     n_local = sum(math.prod(q.local) for q in params)
     n_tp = sum(math.prod(q.tp) for q in params)  # unsharded by FSDP (this rank's TP shards)
-    mb_tokens = t.micro_batch_size * t.seq_len
+    mb_tokens = t.micro_batch_size * t.seq_len // dims.cp  # context parallelism: this rank's share of each sequence
     n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
     sched = str(p.pp_schedule)
     flying = in_flight(sched, dims.pp, pp_rank, n_micro)  # {stage: microbatches in flight}
@@ -852,12 +904,17 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
                 moment_b.append(Term("autocast's copies of the recomputed block's weights", 2 * w, "activations"))
         moment_b.append(Term("the block's gradient temporaries (output, gate, up)", int(temps * mb_tokens),
                              "temporaries"))
+        if dims.cp > 1:
+            moment_b.append(Term(f"context-parallel attention's backward ({p.cp_rotate}): keys and values of "
+                                 f"{'every rank' if p.cp_rotate == 'allgather' else 'two ranks'}, their fp32 "
+                                 f"gradients, the fp32 query gradient", int(cp_attention_bytes(cfg, args, dims)),
+                                 "temporaries"))
         if fsdp:
             if compute == 2:
                 moment_b.append(Term("the block's unsharded gradients in the compute dtype and their fp32 copy for "
                                      "the reduce-scatter", 6 * per_block, "temporaries"))
             moment_b.append(Term("the reduce-scatter's output (the block's fp32 gradient shard)",
-                                 4 * _ceil(per_block, dims.dp_shard), "temporaries"))
+                                 4 * _ceil(per_block, dims.dp_shard * dims.cp), "temporaries"))
     # moment C: the optimizer step: every gradient, the update's largest temporary
     groups: dict[bool, int] = {}
     for q in params:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from parallel.plan import (V_SHAPED, ZERO_STAGES, ParallelDims, bucket_elements, _model_states, _params_of_rank,
                            _precision_mode, block_activation_bytes, block_recompute_bytes, microbatches, n_stages,
-                           offloaded_per_token, reshards_after_forward, split_blocks, stage_ids, stages_per_rank)
+                           data_strategy, offloaded_per_token, reshards_after_forward, split_blocks, stage_ids, stages_per_rank)
 
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 # aten ops one block runs per microbatch, forward and backward (231 counted with a TorchDispatchMode on
@@ -317,13 +317,14 @@ def _link(size: int, stride: int, ranks_per_node: int, hw: Hardware) -> float:
 def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: int = 8,
               device: str = "cuda") -> StepTime:
     p, t = cfg.parallel, cfg.training
-    data, ac, sched = str(p.data), str(p.ac), str(p.pp_schedule)
+    data, ac, sched = data_strategy(cfg), str(p.ac), str(p.pp_schedule)
     mode = _precision_mode(cfg)
     act_bytes = 2 if mode == "mixed" else 4  # the residual stream TP and PP move
     param_bytes = 4 if mode == "fp32" else 2  # what FSDP / ZeRO gather
     seq, mb = int(t.seq_len), int(t.micro_batch_size)
     n_micro = microbatches(int(t.global_batch_size), mb, dims.dp_size)
-    tokens_rank = int(t.global_batch_size) * seq / dims.dp_size  # tokens of this rank's data-parallel share
+    # tokens of this rank's data-parallel share (context parallelism splits each sequence over cp ranks)
+    tokens_rank = int(t.global_batch_size) * seq / dims.dp_size / dims.cp
     ranges = split_blocks(args.n_layers, n_stages(sched, dims.pp))
     attn = 12 * args.n_heads * args.head_dim * seq  # per token per block, fwd + bwd
     offload = str(p.offload) == "cpu" and device != "cpu"
@@ -360,7 +361,7 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
                     size, stride, ranks_per_node, hw)
 
         n_tp = sum(math.prod(q.tp) for q in params)  # this rank's parameters before FSDP / ZeRO's split
-        ds, dr, tp = dims.dp_shard, dims.dp_replicate, dims.tp
+        ds, dr, tp = dims.dp_shard * dims.cp, dims.dp_replicate, dims.tp  # (FSDP shards over dp_shard x cp)
         dp = dims.dp_size
         if data == "ddp":
             add("DDP gradient all-reduce", 2 * _ring(dp) * 4 * n_tp, dp, tp, math.ceil(4 * n_tp / DDP_BUCKET_BYTES))
@@ -393,6 +394,13 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
             act = mb * seq * args.dim * act_bytes
             n_coll = per * len(blocks) + 2 * (first + last)
             add("TP activation collectives", n_micro * n_coll * _ring(tp) * act, tp, 1, n_micro * n_coll)
+        if dims.cp > 1:
+            # context parallelism: every block's keys and values reach every rank of the group in forward and again
+            # in backward, whose fp32 gradients go back (all-gathers and a reduce-scatter, or as many ring sends)
+            kv_local = mb * seq / dims.cp * 2 * args.kv_heads * args.head_dim / tp
+            per_block = _ring(dims.cp) * dims.cp * kv_local * (2 * act_bytes + 4)
+            calls = 3 if str(p.cp_rotate) == "allgather" else 3 * (dims.cp - 1)
+            add("CP key/value exchange", n_micro * len(blocks) * per_block, dims.cp, tp, n_micro * len(blocks) * calls)
         if dims.pp > 1:
             act = mb * seq * args.dim / tp * act_bytes
             sends = sum(1 for s in stage_ids(sched, pp_rank, dims.pp) if s != len(ranges) - 1)
@@ -413,6 +421,10 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
             exposed = max(dp_time - hide, dp_time / pieces) if dp_time else 0.0
         parts["dp_comm_exposed"] = exposed
         parts["tp_comm"] = comm_t.get("TP activation collectives", 0.0)
+        # the all-gathers stand between a block's projections and its attention; the ring's sends run under the
+        # attention of the block before, all but one step's
+        cp_t = comm_t.get("CP key/value exchange", 0.0)
+        parts["cp_comm"] = cp_t if str(p.cp_rotate) == "allgather" else cp_t / max(dims.cp, 1)
         parts["pp_comm"] = comm_t.get("PP sends", 0.0)
         if dims.pp > 1:
             per_micro = (busy + parts["tp_comm"]) / n_micro

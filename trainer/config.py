@@ -198,6 +198,8 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (Megatron-style column/row split + sequence parallel)
     pp: int = 1  # pipeline-parallel degree (ranks along the pipeline)
     pp_schedule: str = "1f1b"  # gpipe, 1f1b, interleaved_1f1b, zbv (zero bubble V), dualpipev
+    cp: int = 1  # context-parallel degree: each sequence split over this many ranks (head and tail chunks), exact attention across them
+    cp_rotate: str = "allgather"  # cp > 1: how each rank sees the other ranks' keys and values: allgather or ring
     ac: ACMode = ACMode.none  # activation checkpointing of the transformer blocks
     ac_every: int = 1  # ac=full: checkpoint every k-th block only (1: all blocks)
     compile: bool = False  # torch.compile each transformer block
@@ -547,7 +549,7 @@ def parallel_dims(cfg: DictConfig, world_size: int):
     from parallel.plan import resolve_dims
 
     p = cfg.parallel
-    return resolve_dims(str(p.data), dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp,
+    return resolve_dims(str(p.data), dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, cp=p.cp,
                         world_size=world_size)
 
 

@@ -189,7 +189,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _all_reduce_sum(self, t: torch.Tensor, axis: str = "dp") -> torch.Tensor:
-        size = {"dp": self.par.dims.dp_size, "tp": self.par.dims.tp, "pp": self.par.dims.pp}[axis]
+        size = {"dp": self.par.dims.dp_size, "tp": self.par.dims.tp, "pp": self.par.dims.pp, "cp": self.par.dims.cp}[axis]
         if size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.par.group(axis))
         return t
@@ -202,9 +202,13 @@ class Trainer:
             return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
                                    ignore_index=IGNORE_INDEX)
 
+    def _local_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """Under context parallelism, this rank's positions of each sequence (a head and a tail chunk)."""
+        return t if self.par.cp_positions is None else t[:, self.par.cp_positions]
+
     def _loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mb, T + 1) -> scalar fp32."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (mb, T) each
+        inputs, targets = self._local_tokens(tokens[:, :-1]), self._local_tokens(tokens[:, 1:])  # (mb, T) each
         with self._autocast():
             if self.cfg.training.loss_chunks:  # the projection and the loss together, chunk by chunk
                 return self.model(inputs, targets)
@@ -237,12 +241,12 @@ class Trainer:
                 self.par.backward(loss * self.par.grad_reduction_scale, last_micro=i == accum - 1, scaler=self.scaler)
             loss = loss.detach()
             loss_total += full(loss)  # a replicated DTensor under TP
-        return loss_total
+        return self._all_reduce_sum(loss_total, "cp")  # context-parallel ranks hold shares of the same sequences
 
     def _pipeline_forward_backward(self, batch: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
         """One schedule step runs all `accum` micro-batches through the pipeline (forward and backward)."""
         flat = batch.flatten(0, 1)  # (accum * mb, T + 1): the schedule cuts it back into accum microbatches
-        inputs, targets = flat[:, :-1], flat[:, 1:]
+        inputs, targets = self._local_tokens(flat[:, :-1]), self._local_tokens(flat[:, 1:])
         self.par.pipeline_loss.n_tokens = n_tokens
         if self.scaler:
             self.par.pipeline_loss.scale = self.par.grad_reduction_scale * self.scaler.get_scale()
@@ -256,7 +260,7 @@ class Trainer:
         if not losses:
             return torch.zeros((), device=self.device)
         scale = self.par.pipeline_loss.scale  # the losses carry the DP (and loss-scaler) factor: remove it
-        return torch.stack([l.detach() for l in losses]).sum() / scale
+        return self._all_reduce_sum(torch.stack([l.detach() for l in losses]).sum() / scale, "cp")
 
     def learning_rates(self) -> dict[str, float]:
         """The schedule's lr for the step about to run: `train/lr` is the base lr (optim.lr x schedule),
@@ -340,8 +344,10 @@ class Trainer:
             # pipeline: forward only, stage by stage (parallel/pipeline.py: the same for every schedule)
             flat = batch.flatten(0, 1)
             with self._autocast():
-                totals[0] += self.par.forward_only(flat[:, :-1], flat[:, 1:], batch.shape[0], self._logits_loss_sum)
+                totals[0] += self.par.forward_only(self._local_tokens(flat[:, :-1]), self._local_tokens(flat[:, 1:]),
+                                                   batch.shape[0], self._logits_loss_sum)
         self._all_reduce_sum(totals)  # over data-parallel ranks
+        totals[0:1] = self._all_reduce_sum(totals[0:1].clone(), "cp")  # (the token counts are the whole sequences')
         totals[0:1] = self._all_reduce_sum(totals[0:1].clone(), "pp")  # only the last stage has losses
         self._set_train(True)
         loss = (totals[0] / totals[1]).item()

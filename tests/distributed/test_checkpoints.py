@@ -479,3 +479,21 @@ def test_two_jobs_cannot_share_a_run_dir_and_workers_die_with_their_agent(tmp_pa
     proc = run_train([*TINY, "parallel.data=fsdp", "training.steps=3", f"run_dir={run}"], nproc=2)
     assert f"took over the lock of {run}" in proc.stdout and f"pid {workers[0]}" in proc.stdout
     assert (run / ".shardwise.lock").read_text() == ""  # released cleanly at the end
+
+
+def test_context_parallel_checkpoint_reshards_from_cp_2_to_cp_4(tmp_path, straight):
+    """A cp=2 run's checkpoint (FSDP over the two context-parallel ranks) resumed with cp=4: the same losses as the
+    uninterrupted cp=2 run (to 1e-5: the attention's partial results merge in another order) and the same samples."""
+    straight = straight(2, [*TINY, "parallel.cp=2"])
+    moved = tmp_path / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-2", moved / "checkpoints" / "step-2")
+    (moved / "checkpoints" / "latest").write_text("step-2")
+    proc = run_train([*TINY, "parallel.cp=4", f"run_dir={moved}"], nproc=4)
+    assert "at step 2" in proc.stdout and "parallel.cp=4" in proc.stdout
+    want, got = losses(straight), losses(moved)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), f"step {step}: {got[step]} vs {want[step]}"
+    s_want, s_got = samples(straight), samples(moved)
+    assert s_got == {3: s_want[3], 4: s_want[4]}

@@ -29,6 +29,7 @@ ZERO3_SMALL = "parallel.deepspeed.zero_optimization.stage3_param_persistence_thr
 IN_BACKWARD = ["optim.in_backward=true", "optim.max_grad_norm=0"]
 # every storage of at least 4 KiB moves (on the tiny model: all but 1/rms and the log-sum-exp)
 OFFLOAD = ["parallel.activation_offload=true", "parallel.activation_offload_min_bytes=4096"]
+LONG = ["training.seq_len=128", "training.micro_batch_size=1"]
 MASTERLESS = ["training.master_weights=false", "optim.name=adamw_bf16"]  # bf16 parameters, bf16 moments  # (one micro-batch per step: no accumulation)
 # (id, processes, overrides)
 LAYOUTS = [
@@ -54,6 +55,12 @@ LAYOUTS = [
     ("activation_offload", 1, OFFLOAD),
     ("fsdp_activation_offload", 2, ["parallel.data=fsdp", *OFFLOAD]),
     ("tp_activation_offload", 2, ["parallel.tp=2", *OFFLOAD]),
+    # context parallelism on a longer sequence (128 tokens, 4 x the rest): the same layout on one process, cp 2 both
+    # ways, FSDP 2 x cp 2
+    ("long", 1, LONG),
+    ("cp_2", 2, [*LONG, "parallel.cp=2"]),
+    ("cp_2_ring", 2, [*LONG, "parallel.cp=2", "parallel.cp_rotate=ring"]),
+    ("fsdp_cp_2x2", 4, [*LONG, "parallel.data=fsdp", "parallel.cp=2"]),
 ]
 # (ZeRO-Offload is not in the matrix: on a CPU machine the offloaded state stays on the same device, so it adds
 # nothing to check here; its host-memory term needs a GPU run. 3-D runs 8 ranks: four of the six modes.)
@@ -62,7 +69,9 @@ MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
             "in_backward": ["none/fp32", "full/fp32", "none/bf16"],
             "masterless": ["none/bf16", "full/bf16"], "fsdp_masterless": ["none/bf16", "full/bf16"], "fsdp_in_backward": ["none/fp32", "full/bf16"],
             "activation_offload": ["none/fp32", "selective/fp32", "full/fp32", "none/bf16"],
-            "fsdp_activation_offload": ["none/fp32", "full/bf16"], "tp_activation_offload": ["none/fp32"]}
+            "fsdp_activation_offload": ["none/fp32", "full/bf16"], "tp_activation_offload": ["none/fp32"],
+            "long": ["none/fp32", "full/bf16"], "cp_2": ["none/fp32", "full/bf16"], "cp_2_ring": ["none/fp32"],
+            "fsdp_cp_2x2": ["none/fp32"]}
 
 # Where the formulas are known to miss by more than 10% on this model (measured 2026-12-01, torch 2.13 CPU):
 # (layout, mode) -> (peak bound, why). docs/memory.md lists them.
@@ -257,3 +266,15 @@ def test_simulation_matches_the_real_run(name, measured):
     assert abs(simulated["peak"] - real["peak"]) <= bound * real["peak"], f"simulated {simulated}, real {real}"
     for k in STATES:
         assert simulated[k] == real[k], (k, simulated[k], real[k])
+
+
+def test_context_parallelism_divides_the_activations(measured):
+    """On the longer sequence, cp 2 holds about half the one-process activations and temporaries per rank (the
+    tracker; the planner's rows above say by how much exactly: the attention's gathered keys and values come on
+    top)."""
+    layouts = {name: (nproc, ov) for name, nproc, ov in LAYOUTS}
+    act = lambda d: d["activations"] + d["temporaries"]  # noqa: E731
+    one = act(measured(*layouts["long"])["none/fp32"][0])
+    for name in ("cp_2", "cp_2_ring"):
+        per_rank = max(act(r) for r in measured(*layouts[name])["none/fp32"])
+        assert 0.45 * one <= per_rank <= 0.62 * one, f"{name}: {per_rank:,} bytes vs {one:,} on one process"

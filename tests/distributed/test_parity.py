@@ -64,6 +64,16 @@ CASES = [
     ("tp_activation_offload", 2, ["parallel.tp=2", *OFFLOAD], 8, "fp32", FP32),
     ("pp_activation_offload", 2, ["parallel.pp=2", *OFFLOAD], 8, "fp32", FP32),
     ("zero2_activation_offload", 2, ["parallel.data=zero2", *OFFLOAD], 8, "fp32", FP32),
+    # context parallelism (parallel/context.py), both ways of seeing the other ranks' keys and values
+    *[(f"cp_{name}{'_ring' if rotate == 'ring' else ''}", n, [*ov, f"parallel.cp_rotate={rotate}"], 8, "fp32", FP32)
+      for rotate in ("allgather", "ring")
+      for name, n, ov in [("2", 2, ["parallel.cp=2"]), ("4", 4, ["parallel.cp=4"]),
+                          ("fsdp_2x2", 4, ["parallel.data=fsdp", "parallel.cp=2"]),
+                          ("tp_2x2", 4, ["parallel.tp=2", "parallel.cp=2"]),
+                          ("pp_2x2", 4, ["parallel.pp=2", "parallel.cp=2"])]],
+    ("cp_2_ac_full", 2, ["parallel.cp=2", "parallel.ac=full"], 8, "fp32", FP32),
+    ("cp_2_ring_ac_selective", 2, ["parallel.cp=2", "parallel.cp_rotate=ring", "parallel.ac=selective"], 8, "fp32",
+     FP32),
     ("fsdp_bf16", 2, ["parallel.data=fsdp"], 8, "bf16", BF16),
     ("fsdp_fp16", 2, ["parallel.data=fsdp"], 8, "fp16", BF16),
     ("fsdp_tp_bf16", 4, ["parallel.data=fsdp", "parallel.tp=2"], 8, "bf16", BF16),
