@@ -138,37 +138,38 @@ def resolve_dims(data: str, *, dp_replicate: int, dp_shard: int, tp: int, pp: in
         return None, problems
 
     fixed = tp * pp * cp
+    named = f"tp({tp}) * pp({pp})" + (f" * cp({cp})" if cp > 1 else "")  # (cp named only when used)
     rest_of = lambda other: world_size // (fixed * other) if world_size % (fixed * other) == 0 else None  # noqa: E731
     if data == "none":
         rep, shard = 1, 1
     elif data in replicated:  # every rank outside tp/pp is a data-parallel rank
         rep, shard = rest_of(1), 1
         if rep is None:
-            problems.append(f"WORLD_SIZE({world_size}) is not divisible by tp({tp}) * pp({pp}) * cp({cp}) = {fixed}")
+            problems.append(f"WORLD_SIZE({world_size}) is not divisible by {named} = {fixed}")
         elif dp_replicate > 1 and dp_replicate != rep:
             problems.append(f"parallel.dp_replicate({dp_replicate}) != WORLD_SIZE({world_size}) / (tp({tp}) * "
                             f"pp({pp})) = {rep}; for ddp leave parallel.dp_replicate at 1 or -1")
     elif data == "fsdp":
         rep, shard = 1, (dp_shard if dp_shard > 0 else rest_of(1))
         if shard is None:
-            problems.append(f"WORLD_SIZE({world_size}) is not divisible by tp({tp}) * pp({pp}) * cp({cp}) = {fixed}")
+            problems.append(f"WORLD_SIZE({world_size}) is not divisible by {named} = {fixed}")
     else:  # hsdp
         rep, shard = dp_replicate, dp_shard
         if shard == -1:
             shard = rest_of(rep)
             if shard is None:
-                problems.append(f"WORLD_SIZE({world_size}) is not divisible by dp_replicate({rep}) * tp({tp}) * "
-                                f"pp({pp}) * cp({cp}) = {rep * fixed}")
+                problems.append(f"WORLD_SIZE({world_size}) is not divisible by dp_replicate({rep}) * {named} = "
+                                f"{rep * fixed}")
         elif rep == -1:
             rep = rest_of(shard)
             if rep is None:
-                problems.append(f"WORLD_SIZE({world_size}) is not divisible by dp_shard({shard}) * tp({tp}) * "
-                                f"pp({pp}) * cp({cp}) = {shard * fixed}")
+                problems.append(f"WORLD_SIZE({world_size}) is not divisible by dp_shard({shard}) * {named} = "
+                                f"{shard * fixed}")
     if problems:
         return None, problems
     dims = ParallelDims(dp_replicate=rep, dp_shard=shard, tp=tp, pp=pp, cp=cp)
     if dims.world_size != world_size:
-        problems.append(f"dp_replicate({rep}) * dp_shard({shard}) * cp({cp}) * tp({tp}) * pp({pp}) = {dims.world_size} "
+        problems.append(f"dp_replicate({rep}) * dp_shard({shard}) * {named} = {dims.world_size} "
                         f"!= WORLD_SIZE({world_size})" + ("; parallel.data=none uses no data-parallel ranks: "
                                                           "set parallel.data=ddp or fsdp, or launch fewer processes"
                                                           if data == "none" else ""))
@@ -438,6 +439,10 @@ def _in_backward_problems(cfg, dp: int) -> list[str]:
                "DeepSpeed runs its own step over its flat partitions")
         problems.append(f"optim.in_backward=true with parallel.data={p.data}: {why}; use parallel.data=fsdp "
                         f"(or none on one process), or optim.in_backward=false")
+    if p.cp > 1:
+        problems.append(f"optim.in_backward=true with parallel.cp={p.cp}: not built for context parallelism (its "
+                        f"gradient norm would need the context-parallel ranks' squares too); set parallel.cp=1 or "
+                        f"optim.in_backward=false")
     if p.tp > 1 or p.pp > 1:
         problems.append(f"optim.in_backward=true with parallel.tp={p.tp}, parallel.pp={p.pp}: not built for tensor or "
                         f"pipeline parallelism (a pipeline stage's backward runs once per microbatch); set both to 1 "

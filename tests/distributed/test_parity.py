@@ -72,6 +72,8 @@ CASES = [
                           ("tp_2x2", 4, ["parallel.tp=2", "parallel.cp=2"]),
                           ("pp_2x2", 4, ["parallel.pp=2", "parallel.cp=2"])]],
     ("cp_2_ac_full", 2, ["parallel.cp=2", "parallel.ac=full"], 8, "fp32", FP32),
+    ("hsdp_cp_2x2", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.cp=2"], 8,
+     "fp32", FP32),
     ("cp_2_ring_ac_selective", 2, ["parallel.cp=2", "parallel.cp_rotate=ring", "parallel.ac=selective"], 8, "fp32",
      FP32),
     ("fsdp_bf16", 2, ["parallel.data=fsdp"], 8, "bf16", BF16),

@@ -147,6 +147,15 @@ RULES = [
     (["training.master_weights=false", "optim.name=adamw"], 1,
      "training.master_weights=false with optim.name=adamw: a bf16 parameter needs its update written back with "
      "stochastic rounding"),
+    (["parallel.cp=2", "training.seq_len=30"], 2, "training.seq_len(30) must be divisible by 2 x parallel.cp = 4"),
+    (["parallel.cp=2", "parallel.data=ddp"], 2, "parallel.cp=2 with parallel.data=ddp: context parallelism shards"),
+    (["parallel.cp=2", "parallel.data=zero3"], 2, "parallel.cp=2 with parallel.data=zero3"),
+    (["parallel.cp=2", "parallel.compile=true"], 2, "parallel.cp=2 with parallel.compile=true"),
+    (["parallel.cp_rotate=spiral"], 1, "parallel.cp_rotate=spiral: unknown; known: allgather, ring"),
+    (["parallel.cp=0"], 1, "parallel.cp=0 must be >= 1"),
+    (["parallel.cp=2", "parallel.data=fsdp"], 3, "WORLD_SIZE(3) is not divisible by tp(1) * pp(1) * cp(2) = 2"),
+    (["parallel.cp=2", "optim.in_backward=true", "optim.max_grad_norm=0"], 2,
+     "optim.in_backward=true with parallel.cp=2: not built for context parallelism"),
     (["training.master_weights=false", "optim.name=adamw_bf16", "parallel.data=zero2"], 2,
      "training.master_weights=false with parallel.data=zero2, tp=1, pp=1: built for one process, fsdp and hsdp"),
 ]
