@@ -217,9 +217,6 @@ def _cp_problems(cfg) -> list[str]:
     if str(p.data) not in ("none", "fsdp", "hsdp"):
         out.append(f"parallel.cp={p.cp} with parallel.data={p.data}: context parallelism shards the parameters with "
                    f"FSDP over dp_shard x cp (as torchtitan does); use parallel.data=fsdp, hsdp or none")
-    if p.compile:
-        out.append(f"parallel.cp={p.cp} with parallel.compile=true: the context-parallel attention (its collectives "
-                   f"inside an autograd function) is not compiled yet; set parallel.compile=false")
     return out
 
 

@@ -150,7 +150,6 @@ RULES = [
     (["parallel.cp=2", "training.seq_len=30"], 2, "training.seq_len(30) must be divisible by 2 x parallel.cp = 4"),
     (["parallel.cp=2", "parallel.data=ddp"], 2, "parallel.cp=2 with parallel.data=ddp: context parallelism shards"),
     (["parallel.cp=2", "parallel.data=zero3"], 2, "parallel.cp=2 with parallel.data=zero3"),
-    (["parallel.cp=2", "parallel.compile=true"], 2, "parallel.cp=2 with parallel.compile=true"),
     (["parallel.cp_rotate=spiral"], 1, "parallel.cp_rotate=spiral: unknown; known: allgather, ring"),
     (["parallel.cp=0"], 1, "parallel.cp=0 must be >= 1"),
     (["parallel.cp=2", "parallel.data=fsdp"], 3, "WORLD_SIZE(3) is not divisible by tp(1) * pp(1) * cp(2) = 2"),
