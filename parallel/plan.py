@@ -182,10 +182,10 @@ def degenerate(data: str, dims: ParallelDims) -> list[str]:
     out = []
     if data == "hsdp" and dims.dp_replicate == 1:
         out.append(f"parallel.data=hsdp with dp_replicate 1 is plain FSDP over {dims.dp_shard} rank(s)")
-    if data == "hsdp" and dims.dp_shard == 1:
+    if data == "hsdp" and dims.dp_shard * dims.cp == 1:
         out.append(f"parallel.data=hsdp with dp_shard 1 shards nothing: {dims.dp_replicate} full replicas (DDP "
                    f"with FSDP's overheads); give it more ranks or set parallel.data=ddp")
-    if data == "fsdp" and dims.dp_shard == 1:
+    if data == "fsdp" and dims.dp_shard * dims.cp == 1:
         out.append("parallel.data=fsdp with dp_shard 1 shards nothing (every rank is used by tp/pp); "
                    "give it more ranks, or set parallel.data=none")
     if data in ("ddp", *ZERO_STAGES) and dims.dp_size == 1:

@@ -59,32 +59,38 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(cfg, args, world_size: int, ranks_per_node: int, max_pp: int | None = None):
-    """(data, dp_replicate, tp, pp, schedule, micro-batch) worth trying: the arithmetic validation would refuse
-    anyway (heads not divisible, more stages than blocks, batch not divisible) is left out here for speed."""
+    """(data, dp_replicate, tp, pp, cp, schedule, micro-batch) worth trying: the arithmetic validation would refuse
+    anyway (heads not divisible, more stages than blocks, batch not divisible, a sequence not divisible by 2 cp)
+    is left out here for speed. Context parallelism is tried inside a node (cp x tp <= ranks_per_node), with FSDP
+    or HSDP over dp_shard x cp."""
     t = cfg.training
-    gb = int(t.global_batch_size)
+    gb, seq = int(t.global_batch_size), int(t.seq_len)
     for tp in _divisors(world_size):
         if tp > ranks_per_node or args.n_heads % tp or args.kv_heads % tp or (tp > 1 and args.tie_embeddings):
             continue
         for pp in _divisors(world_size // tp):
             if pp > args.n_layers or (max_pp and pp > max_pp):
                 continue
-            dp = world_size // (tp * pp)
-            datas: list[tuple[str, int]] = [("none", 1)] if dp == 1 else []
-            if dp > 1:
-                datas += [("fsdp", 1)] + [("hsdp", r) for r in _divisors(dp) if 1 < r < dp]
-                datas += [(z, 1) for z in ("zero1", "zero2", "zero3") if tp == 1 and pp == 1]
-                if tp == 1 and pp == 1:
-                    datas.append(("ddp", 1))
-            for sched in (SCHEDULES if pp > 1 else (str(cfg.parallel.pp_schedule),)):
-                stages = pp * (1 if sched == "1f1b" else 2) if pp > 1 else 1
-                if stages > args.n_layers:
+            for cp in _divisors(world_size // (tp * pp)):
+                if cp > 1 and (cp * tp > ranks_per_node or seq % (2 * cp)):
                     continue
-                for mb in MICRO_BATCHES:
-                    if gb % (mb * dp) or (pp > 1 and gb // (mb * dp) < stages):
+                dp = world_size // (tp * pp * cp)
+                datas: list[tuple[str, int]] = [("none", 1)] if dp == 1 and cp == 1 else []
+                if dp > 1 or cp > 1:
+                    # (under cp an HSDP replica may be a single dp rank: its shards are the cp ranks)
+                    most = dp if cp > 1 else dp - 1
+                    datas += [("fsdp", 1)] + [("hsdp", r) for r in _divisors(dp) if 1 < r <= most]
+                if cp == 1 and dp > 1 and tp == 1 and pp == 1:
+                    datas += [(z, 1) for z in ("zero1", "zero2", "zero3")] + [("ddp", 1)]
+                for sched in (SCHEDULES if pp > 1 else (str(cfg.parallel.pp_schedule),)):
+                    stages = pp * (1 if sched == "1f1b" else 2) if pp > 1 else 1
+                    if stages > args.n_layers:
                         continue
-                    for data, dr in datas:
-                        yield data, dr, tp, pp, sched, mb
+                    for mb in MICRO_BATCHES:
+                        if gb % (mb * dp) or (pp > 1 and gb // (mb * dp) < stages):
+                            continue
+                        for data, dr in datas:
+                            yield data, dr, tp, pp, cp, sched, mb
 
 
 def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per_node: int = 8,
@@ -99,11 +105,11 @@ def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per
     fits: list[Candidate] = []
     n_layouts = refused = too_big = 0
     refusal = ""
-    def attempt(data, dr, tp, pp, sched, mb, ac, off):
+    def attempt(data, dr, tp, pp, cp, sched, mb, ac, off):
         """(validation's first problem or None, the candidate if it fits)."""
         keys = {"parallel.data": data, "parallel.dp_replicate": dr if data == "hsdp" else 1, "parallel.dp_shard": -1,
-                "parallel.tp": tp, "parallel.pp": pp, "parallel.pp_schedule": sched, "training.micro_batch_size": mb,
-                "parallel.ac": ac, "parallel.offload": off}
+                "parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp, "parallel.pp_schedule": sched,
+                "training.micro_batch_size": mb, "parallel.ac": ac, "parallel.offload": off}
         for k, v in keys.items():
             OmegaConf.update(base, k, v)
         problems = validate(base, world_size)
@@ -120,14 +126,14 @@ def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per
                                reserve_bytes=mem.reserve_bytes, host_bytes_per_node=mem.host_bytes_per_node,
                                step=step_time(base, args, plan.dims, hw, ranks_per_node=ranks_per_node, device=device))
 
-    for data, dr, tp, pp, sched, mb in layouts(base, args, world_size, ranks_per_node, max_pp):
+    for data, dr, tp, pp, cp, sched, mb in layouts(base, args, world_size, ranks_per_node, max_pp):
         n_layouts += 1
         sharded = data in ("fsdp", "hsdp", "zero1", "zero2", "zero3")
         found, any_valid = None, False
         for off in (("none", "cpu") if offload and sharded and device == "cuda" else ("none",)):
             # full AC first: the least memory; the lighter (faster) modes are tried only when it fits, or when
             # validation refuses it (e.g. compile x TP x AC) and they may be accepted
-            problem, lightest = attempt(data, dr, tp, pp, sched, mb, "full", off)
+            problem, lightest = attempt(data, dr, tp, pp, cp, sched, mb, "full", off)
             if problem:
                 refused += 1
                 refusal = refusal or problem
@@ -137,7 +143,7 @@ def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per
                 for ac in ("none", "selective"):
                     if pp > 1 and sched in V_SHAPED and ac == "selective":
                         continue  # refused by validation (torch's selective AC allows one backward per region)
-                    problem, found = attempt(data, dr, tp, pp, sched, mb, ac, off)
+                    problem, found = attempt(data, dr, tp, pp, cp, sched, mb, ac, off)
                     if problem:
                         refused += 1
                         refusal = refusal or problem
@@ -159,13 +165,15 @@ def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per
 
 def layout_label(keys: dict, world_size: int) -> str:
     """The degrees that are not 1, by name: `pp 4 (1f1b) x dp_shard 4 x tp 4`, `dp 64 (zero3)`."""
-    data, tp, pp = keys["parallel.data"], keys["parallel.tp"], keys["parallel.pp"]
-    dp = world_size // (tp * pp)
+    data, tp, pp, cp = keys["parallel.data"], keys["parallel.tp"], keys["parallel.pp"], keys.get("parallel.cp", 1)
+    dp = world_size // (tp * pp * cp)
     out = [f"pp {pp} ({keys['parallel.pp_schedule']})"] if pp > 1 else []
     if data == "hsdp":
         out.append(f"dp_replicate {keys['parallel.dp_replicate']} x dp_shard {dp // keys['parallel.dp_replicate']}")
-    elif data != "none":
+    elif data != "none" and dp > 1:
         out.append(f"{'dp_shard' if data == 'fsdp' else 'dp'} {dp}")
+    if cp > 1:
+        out.append(f"cp {cp}")
     if tp > 1:
         out.append(f"tp {tp}")
     return " x ".join(out) or "1 rank"

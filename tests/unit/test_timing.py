@@ -112,25 +112,28 @@ def test_search_keeps_validated_layouts_that_fit_fastest_first():
 
     base = load_config(["recipe=llama7b_fsdp"])
     base.dry_run, base.training.device = True, "auto"
-    for data, dr, tp, pp, sched, mb in layouts(base, model_args_of(base), 8, 8):
+    cps = set()
+    for data, dr, tp, pp, cp, sched, mb in layouts(base, model_args_of(base), 8, 8):
+        cps.add(cp)
         fits_somehow = False
         for off in ("none", "cpu"):
             for ac in AC_ORDER:
                 for k, v in {"parallel.data": data, "parallel.dp_replicate": dr if data == "hsdp" else 1,
-                             "parallel.dp_shard": -1, "parallel.tp": tp, "parallel.pp": pp,
+                             "parallel.dp_shard": -1, "parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp,
                              "parallel.pp_schedule": sched, "training.micro_batch_size": mb, "parallel.ac": ac,
                              "parallel.offload": off}.items():
                     OmegaConf.update(base, k, v)
                 if not validate(base, 8):
                     mem = derive(base, 8, capacity_gib=40, device="cuda").memory
                     fits_somehow |= mem.peak_bytes + mem.reserve_bytes <= 40 * GIB
-        assert ((data, dr, tp, pp, sched, mb) in {_layout_of(c) for c in result.fits}) == fits_somehow, \
-            (data, dr, tp, pp, sched, mb)
+        assert ((data, dr, tp, pp, cp, sched, mb) in {_layout_of(c) for c in result.fits}) == fits_somehow, \
+            (data, dr, tp, pp, cp, sched, mb)
+    assert cps == {1, 2, 4, 8}  # context parallelism is searched too (4,096 tokens: chunks of 256 at cp 8)
 
 
 def _layout_of(c) -> tuple:
     k = c.keys
-    return (k["parallel.data"], k["parallel.dp_replicate"], k["parallel.tp"], k["parallel.pp"],
+    return (k["parallel.data"], k["parallel.dp_replicate"], k["parallel.tp"], k["parallel.pp"], k["parallel.cp"],
             k["parallel.pp_schedule"], k["training.micro_batch_size"])
 
 
