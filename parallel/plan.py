@@ -616,11 +616,10 @@ def block_activation_bytes(args, *, ac: str, mode: str, tp: int) -> float:
 
 
 def _norm_tensors(D: int, mode: str, tp: int) -> list[float]:
-    """Per token, what one RMSNorm saves: its input, the normalized input and 1/rms in the residual dtype;
-    on 16-bit DTensors (FSDP's bf16 parameters under tensor parallelism) torch's RMSNorm runs in fp32 and
-    saves four fp32 copies of the (sequence-sharded) input instead (measured with the tracker)."""
-    if mode == "mixed" and tp > 1:
-        return [4 * D / tp] * 4 + [4 / tp]
+    """Per token, what one RMSNorm saves: its input, the normalized input and 1/rms in the residual dtype (under
+    tensor parallelism on the sequence-sharded input). (Four fp32 copies of the input were measured here under
+    FSDP's bf16 parameters with TP while FSDP cast the blocks' inputs, the RoPE tables among them, to 16 bits; the
+    blocks no longer cast their inputs, and the tracker measures the plain three.)"""
     res = 2 if mode == "mixed" else 4
     return [res * D / tp, res * D / tp, res / tp]
 
