@@ -15,7 +15,7 @@ def _recipe_world_size(cfg) -> int:
     data = str(p.data)
     dp = {"none": 1, "ddp": 2, "zero1": 2, "zero2": 2, "zero3": 2, "fsdp": p.dp_shard if p.dp_shard > 0 else 2,
           "hsdp": max(p.dp_replicate, 1) * (p.dp_shard if p.dp_shard > 0 else 2)}[data]
-    return dp * p.tp * p.pp
+    return dp * p.tp * p.pp * p.cp
 
 
 @pytest.mark.parametrize("recipe", list_recipes())
