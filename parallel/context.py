@@ -159,10 +159,7 @@ class _Attention(torch.autograd.Function):
 def _rotate(cp: CPGroup, k, v, attend) -> None:
     """Call attend(owner rank, its k, its v) for every rank of the group, this one first."""
     if cp.rotate == "allgather":
-        ks = [torch.empty_like(k) for _ in range(cp.size)]
-        vs = [torch.empty_like(v) for _ in range(cp.size)]
-        dist.all_gather(ks, k.contiguous(), group=cp.group)
-        dist.all_gather(vs, v.contiguous(), group=cp.group)
+        ks, vs = _gather(cp, k), _gather(cp, v)
         for owner in range(cp.size):
             attend(owner, ks[owner], vs[owner])
         return
@@ -178,10 +175,7 @@ def _rotate(cp: CPGroup, k, v, attend) -> None:
 def _rotate_backward(cp: CPGroup, k, v, grads):
     """The gradients of this rank's k and v, summed over every rank's queries."""
     if cp.rotate == "allgather":
-        ks = [torch.empty_like(k) for _ in range(cp.size)]
-        vs = [torch.empty_like(v) for _ in range(cp.size)]
-        dist.all_gather(ks, k.contiguous(), group=cp.group)
-        dist.all_gather(vs, v.contiguous(), group=cp.group)
+        ks, vs = _gather(cp, k), _gather(cp, v)
         dks, dvs = zip(*(grads(owner, ks[owner], vs[owner]) for owner in range(cp.size)))
         dk, dv = torch.empty_like(dks[0]), torch.empty_like(dvs[0])
         dist.reduce_scatter(dk, list(dks), group=cp.group)
@@ -200,6 +194,13 @@ def _rotate_backward(cp: CPGroup, k, v, grads):
         # pass the accumulated gradient on with its block: after cp steps it is back with its owner
         acc = _ring_shift(cp, acc.contiguous())()
     return acc[0], acc[1]
+
+
+def _gather(cp: CPGroup, t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t`, by rank."""
+    out = [torch.empty_like(t) for _ in range(cp.size)]
+    dist.all_gather(out, t.contiguous(), group=cp.group)
+    return out
 
 
 def _ring_shift(cp: CPGroup, t: torch.Tensor):

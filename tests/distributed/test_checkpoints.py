@@ -221,19 +221,10 @@ def test_fsdp_checkpoint_reshards_and_the_sample_stream_continues(target, tmp_pa
     nproc, overrides = {"fsdp_4": (4, ["parallel.data=fsdp"]), "tp_2": (2, ["parallel.tp=2"]),
                         "pp_2": (2, ["parallel.pp=2"]), "one_process": (1, [])}[target]
     straight = straight(2, [*TINY, "parallel.data=fsdp"])
-    moved = tmp_path / "moved"
-    (moved / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step-2", moved / "checkpoints" / "step-2")
-    (moved / "checkpoints" / "latest").write_text("step-2")
-    proc = run_train([*TINY, *overrides, f"run_dir={moved}"], nproc=nproc)
+    proc, moved = _resume_step_2(straight, tmp_path, [*TINY, *overrides], nproc)
     assert "at step 2" in proc.stdout
-    want, got = losses(straight), losses(moved)
-    assert sorted(got) == [3, 4]
-    for step in (3, 4):
-        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), f"{target} step {step}: {got[step]} vs {want[step]}"
     # no sample skipped or repeated: steps 3 and 4 see exactly the uninterrupted run's samples
-    s_want, s_got = samples(straight), samples(moved)
-    assert s_got == {3: s_want[3], 4: s_want[4]}
+    s_want, s_got = _continues_like(straight, moved, target)
     seen = [i for s in (1, 2, 3, 4) for i in (s_want if s < 3 else s_got)[s]]
     assert len(seen) == len(set(seen)) == 4 * 8
 
@@ -485,15 +476,27 @@ def test_context_parallel_checkpoint_reshards_from_cp_2_to_cp_4(tmp_path, straig
     """A cp=2 run's checkpoint (FSDP over the two context-parallel ranks) resumed with cp=4: the same losses as the
     uninterrupted cp=2 run (to 1e-5: the attention's partial results merge in another order) and the same samples."""
     straight = straight(2, [*TINY, "parallel.cp=2"])
+    proc, moved = _resume_step_2(straight, tmp_path, [*TINY, "parallel.cp=4"], 4)
+    assert "at step 2" in proc.stdout and "parallel.cp=4" in proc.stdout
+    _continues_like(straight, moved, "cp 4")
+
+
+def _resume_step_2(source: Path, tmp_path: Path, args: list[str], nproc: int):
+    """A new run directory holding only `source`'s step-2 checkpoint, resumed under `args`: (the run, its dir)."""
     moved = tmp_path / "moved"
     (moved / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step-2", moved / "checkpoints" / "step-2")
+    shutil.copytree(source / "checkpoints" / "step-2", moved / "checkpoints" / "step-2")
     (moved / "checkpoints" / "latest").write_text("step-2")
-    proc = run_train([*TINY, "parallel.cp=4", f"run_dir={moved}"], nproc=4)
-    assert "at step 2" in proc.stdout and "parallel.cp=4" in proc.stdout
-    want, got = losses(straight), losses(moved)
+    return run_train([*args, f"run_dir={moved}"], nproc=nproc), moved
+
+
+def _continues_like(source: Path, moved: Path, what: str):
+    """Steps 3 and 4 of the resumed run have the uninterrupted run's losses (1e-5) and samples; returns the samples
+    (uninterrupted, resumed)."""
+    want, got = losses(source), losses(moved)
     assert sorted(got) == [3, 4]
     for step in (3, 4):
-        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), f"step {step}: {got[step]} vs {want[step]}"
-    s_want, s_got = samples(straight), samples(moved)
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), f"{what} step {step}: {got[step]} vs {want[step]}"
+    s_want, s_got = samples(source), samples(moved)
     assert s_got == {3: s_want[3], 4: s_want[4]}
+    return s_want, s_got
