@@ -73,13 +73,14 @@ def wandb_config(records) -> dict:
 
 
 def run_train(args: list[str], *, nproc: int = 1, timeout: float = 300, env: dict | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """Run launch/train.py for real: plain python for one process, torchrun for several."""
+              check: bool = True, script: str = "train.py") -> subprocess.CompletedProcess:
+    """Run launch/train.py (or another launch/ script) for real: plain python for one process, torchrun for
+    several."""
     if nproc == 1:
-        cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args]
+        cmd = [sys.executable, str(REPO / "launch" / script), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "launch" / "train.py"), *args]
+               str(REPO / "launch" / script), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
                 "WANDB_SILENT": "true", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)

@@ -269,6 +269,7 @@ class ProfileConfig:
     steps: list[int] = field(default_factory=list)  # [start, end]: trace steps start..end (1-based) with torch.profiler
     memory_snapshot: bool = False  # CUDA: record allocator history over those steps (and dump it on an OOM)
     dir: str | None = None  # null: run_dir/profile
+    nvtx: bool = False  # CUDA: NVTX ranges around data, forward, backward, optimizer step, log sync and checkpoint saves (Nsight Systems)
 
 
 @dataclass

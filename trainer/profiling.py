@@ -4,14 +4,41 @@ https://pytorch.org/memory_viz, also dumped when the run dies of an out-of-memor
 
 Files: `<profile.dir or run_dir/profile>/trace-rank<r>-steps<start>-<end>.json` and
 `memory-rank<r>-steps<start>-<end>.pickle` (`memory-rank<r>-oom.pickle` after an OOM). The trainer wraps each
-step's work in `shardwise.forward_backward` and `shardwise.optimizer_step` ranges, so they are easy to find.
+step's work in ranges named `shardwise.<phase>` (PHASES), so they are easy to find; with `profile.nvtx: true` the
+same ranges are NVTX ranges too, for Nsight Systems. `phase_split` reads a trace back into a step's split.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
+
+# The ranges every training step opens (trainer/trainer.py): `forward_backward` holds a step's forward and
+# backward passes (one pipeline schedule step under pp, where the two interleave), the others their own work.
+PHASES = ("data", "forward_backward", "forward", "backward", "optimizer_step", "log_sync", "checkpoint_save")
+
+
+class Phases:
+    """`with phases("forward"): ...` opens `shardwise.forward` as a torch profiler range (free unless a profiler
+    runs) and, with `nvtx`, as an NVTX range as well."""
+
+    def __init__(self, nvtx: bool = False):
+        self.nvtx = nvtx
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        label = f"shardwise.{name}"
+        with torch.profiler.record_function(label):
+            if not self.nvtx:
+                yield
+                return
+            torch.cuda.nvtx.range_push(label)
+            try:
+                yield
+            finally:
+                torch.cuda.nvtx.range_pop()
 
 
 class Profiler:
@@ -72,7 +99,98 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"profile.steps={list(pr.steps)} must be [start, end] with 1 <= start <= end")
     if pr.memory_snapshot and not pr.steps:
         problems.append("profile.memory_snapshot=true needs profile.steps=[start,end] (the steps to record)")
+    on_cpu = str(t.device) == "cpu" or (str(t.device) == "auto" and not torch.cuda.is_available())
+    if pr.nvtx and on_cpu:
+        problems.append(f"profile.nvtx=true writes NVTX ranges, which are CUDA's; training.device={t.device} runs on "
+                        "the CPU here (the "
+                        "same shardwise.* ranges are in the torch profiler trace: set profile.steps=[start,end])")
     if pr.memory_snapshot and str(t.device) == "cpu":
         problems.append("profile.memory_snapshot=true records the CUDA caching allocator; training.device=cpu has "
                         "none (on CPU, peak RSS is logged every step)")
     return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# A trace read back: where a step's time went
+
+_COMM_PREFIXES = ("c10d::", "_c10d_functional::", "c10d_functional::", "record_param_comms", "nccl:", "gloo:")
+
+
+def _is_comm(name: str) -> bool:
+    return name.startswith(_COMM_PREFIXES) or "nccl" in name.lower()
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _length(merged: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in merged)
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """The length of the intersection of two merged interval lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def phase_split(events: list[dict], steps: int) -> dict:
+    """A profiled window of `steps` training steps (Chrome trace events, as torch.profiler exports them),
+    split per step, in seconds.
+
+    `phases`: the mean time per step in each `shardwise.<phase>` range: on a GPU the ranges' spans on the device
+    (Kineto's gpu_user_annotation), else their spans on the main thread. `device`: over the window (first range's
+    start to last range's end), what the device did: `compute` (GPU kernels other than NCCL's; on CPU the main
+    thread's operators other than collectives), `communication` (NCCL kernels; gloo's worker threads on CPU),
+    `communication_exposed` (communication while no compute ran: time the step waited for it) and `idle` (neither:
+    launch and Python overhead, host syncs, pipeline bubbles)."""
+    xs = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    kernels = [e for e in xs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    on_gpu = bool(kernels)
+    ours = [e for e in xs if str(e.get("name", "")).startswith("shardwise.")]
+    on_device = [e for e in ours if e.get("cat") == "gpu_user_annotation"]
+    ranges = on_device if on_gpu and on_device else [e for e in ours if e.get("cat") == "user_annotation"]
+    if not ranges:
+        raise ValueError("no shardwise.* ranges in the trace: was it recorded around Trainer.run_step?")
+    us = 1e-6
+    phases: dict[str, float] = {}
+    for e in ranges:
+        name = e["name"].removeprefix("shardwise.")
+        phases[name] = phases.get(name, 0.0) + e["dur"] * us / steps
+    start = min(e["ts"] for e in ranges)
+    end = max(e["ts"] + e["dur"] for e in ranges)
+    if on_gpu:
+        comm = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if _is_comm(e["name"])]
+        compute = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if not _is_comm(e["name"])]
+        timeline = "GPU kernels (NCCL's are communication)"
+    else:
+        main = ranges[0].get("tid")
+        ops = [e for e in xs if e.get("cat") == "cpu_op"]
+        compute = [(e["ts"], e["ts"] + e["dur"]) for e in ops if e.get("tid") == main and not _is_comm(e["name"])]
+        comm = [(e["ts"], e["ts"] + e["dur"]) for e in xs if e.get("tid") != main and str(e["name"]).startswith("gloo:")]
+        timeline = "CPU threads (the main thread's operators compute; gloo's worker threads communicate)"
+    clip = [(start, end)]
+    compute_u, comm_u = _union(compute), _union(comm)
+    compute_t = _overlap(compute_u, clip)
+    comm_t = _overlap(comm_u, clip)
+    busy = _overlap(_union(compute_u + comm_u), clip)
+    exposed = busy - compute_t
+    window = end - start
+    return {"steps": steps, "timeline": timeline, "phases": phases,
+            "device": {"window": window * us / steps, "compute": compute_t * us / steps,
+                       "communication": comm_t * us / steps, "communication_exposed": exposed * us / steps,
+                       "idle": (window - busy) * us / steps}}

@@ -28,7 +28,7 @@ from trainer.checkpoint import Checkpointer, checkpoint_root, select_resume
 from trainer.config import Plan, Precision, banner, model_args_of, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
 from trainer.faults import PREEMPT_FLAG, REQUEUE_MARKER, Faults, NonFiniteError, Preemption, RefusedStart, RunLock
-from trainer.profiling import Profiler
+from trainer.profiling import Phases, Profiler
 from trainer.metrics import MemoryMonitor, MetricLogger, detect_peak_tflops, mfu_pct
 
 
@@ -151,6 +151,7 @@ class Trainer:
                 (self.run_dir / name).write_text(text)
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(self.device, str(self.precision))
         self.memory = MemoryMonitor(self.device)
+        self.phases = Phases(nvtx=bool(cfg.profile.nvtx) and self.device.type == "cuda")
         # a resumed run continues its W&B run (the id is in the checkpoint's train_state.json)
         wandb_id = None
         if resume_from is not None and (resume_from / "train_state.json").is_file():
@@ -236,9 +237,11 @@ class Trainer:
             # gradients are synchronized across ranks only on the last micro-batch
             sync = contextlib.nullcontext() if i == accum - 1 else self.par.no_sync()
             with sync:
-                loss = self.faults.poison_loss(self.step + 1, self._loss_sum(batch[i]) / n_tokens)
-                # DDP, FSDP and DeepSpeed average gradients over ranks; we want the sum
-                self.par.backward(loss * self.par.grad_reduction_scale, last_micro=i == accum - 1, scaler=self.scaler)
+                with self.phases("forward"):
+                    loss = self.faults.poison_loss(self.step + 1, self._loss_sum(batch[i]) / n_tokens)
+                with self.phases("backward"):  # DDP, FSDP and DeepSpeed average gradients over ranks; we want the sum
+                    self.par.backward(loss * self.par.grad_reduction_scale, last_micro=i == accum - 1,
+                                      scaler=self.scaler)
             loss = loss.detach()
             loss_total += full(loss)  # a replicated DTensor under TP
         return self._all_reduce_sum(loss_total, "cp")  # context-parallel ranks hold shares of the same sequences
@@ -373,18 +376,10 @@ class Trainer:
         try:
             while self.step < t.steps:
                 profiler.before_step(self.step + 1)
-                batch, ids = self.train_loader.next_batch()
-                if self.samples_file is not None:
-                    self.samples_file.write(json.dumps({"step": self.step + 1, "ids": ids.flatten().tolist()}) + "\n")
-                    self.samples_file.flush()
                 lrs = self.learning_rates()  # this step's
                 tracked = self._tracker()
                 with tracked or contextlib.nullcontext():
-                    with torch.profiler.record_function("shardwise.forward_backward"):
-                        loss = self.forward_backward(batch)
-                    with torch.profiler.record_function("shardwise.optimizer_step"):
-                        grad_norm = self.optimizer_step()
-                self.step += 1
+                    loss, grad_norm = self.run_step()
                 profiler.after_step(self.step)
                 self.tokens_seen += self.plan.tokens_per_step
                 window_steps += 1
@@ -392,10 +387,11 @@ class Trainer:
                 metrics: dict[str, float] = {}
                 if self.step % cfg.logging.every == 0 or last:
                     # the only host synchronization of a logging step: the loss and the norm
-                    self.check_finite()
-                    global_loss = self._all_reduce_sum(self._all_reduce_sum(loss.clone(), "pp")).item()
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
+                    with self.phases("log_sync"):
+                        self.check_finite()
+                        global_loss = self._all_reduce_sum(self._all_reduce_sum(loss.clone(), "pp")).item()
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize(self.device)
                     elapsed = time.perf_counter() - window_start
                     step_time = elapsed / window_steps
                     tps = self.plan.tokens_per_step / step_time / self.world.world_size  # per device
@@ -429,7 +425,8 @@ class Trainer:
                 stop = self.preemption.should_stop()
                 if self.checkpointer.due(self.step) or (last and cfg.checkpoint.every > 0) or stop:
                     self.check_finite()  # never save parameters a NaN went through
-                    self.checkpointer.save(self.step, sync=last or stop)
+                    with self.phases("checkpoint_save"):
+                        self.checkpointer.save(self.step, sync=last or stop)
                 self.faults.maybe_crash(self.step)
                 if stop:
                     self._stop_for_preemption()
@@ -441,6 +438,21 @@ class Trainer:
         self.check_finite()
         self.summary(start_step, time.perf_counter() - run_start, history)
         return history
+
+    def run_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step on the next global batch: (this rank's loss share, the pre-clip norm), both on the
+        device. Each part runs in its `shardwise.<phase>` range (trainer/profiling.py)."""
+        with self.phases("data"):
+            batch, ids = self.train_loader.next_batch()
+            if self.samples_file is not None:
+                self.samples_file.write(json.dumps({"step": self.step + 1, "ids": ids.flatten().tolist()}) + "\n")
+                self.samples_file.flush()
+        with self.phases("forward_backward"):
+            loss = self.forward_backward(batch)
+        with self.phases("optimizer_step"):
+            grad_norm = self.optimizer_step()
+        self.step += 1
+        return loss, grad_norm
 
     def _tracker(self):
         """logging.memory_breakdown: a tracker around the chosen step (the last one of a shorter run), else None."""

@@ -157,6 +157,7 @@ RULES = [
      "optim.in_backward=true with parallel.cp=2: not built for context parallelism"),
     (["training.master_weights=false", "optim.name=adamw_bf16", "parallel.data=zero2"], 2,
      "training.master_weights=false with parallel.data=zero2, tp=1, pp=1: built for one process, fsdp and hsdp"),
+    (["profile.nvtx=true", "training.device=cpu"], 1, "profile.nvtx=true writes NVTX ranges, which are CUDA's"),
 ]
 
 
