@@ -48,6 +48,16 @@ class ModelArgs:
     max_seq_len: int = 4096  # length of the precomputed RoPE table
     tie_embeddings: bool = False
     ffn_hidden_dim: int | None = None  # the SwiGLU hidden size itself (an imported model's), overriding the rule
+    attention: str = "auto"  # SDPA's kernel: auto (SDPA picks), flash, cudnn, efficient
+    expand_kv: bool | None = None  # repeat the kv heads to the query heads before SDPA; None: where the kernel needs it
+
+    @property
+    def kv_expanded(self) -> bool:
+        """Whether SDPA gets the keys and values repeated to every query head (grouped-query attention only):
+        cuDNN's and the memory-efficient kernel take no grouped heads, so they always get them expanded."""
+        if self.kv_heads == self.n_heads:
+            return False
+        return self.attention in ("cudnn", "efficient") if self.expand_kv is None else bool(self.expand_kv)
 
     @property
     def kv_heads(self) -> int:
@@ -157,6 +167,7 @@ def args_from_config(m) -> ModelArgs:
     args = model_args(m.flavor, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                       vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
                       ffn_hidden_dim=m.ffn_hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
+    args = replace(args, attention=str(m.get("attention", "auto")), expand_kv=m.get("expand_kv"))
     r = m.rope_scaling
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
     kind = None if r.type is None else str(r.type)
@@ -177,6 +188,11 @@ def config_problems(args: ModelArgs, name: str) -> list[str]:
     if args.dim % args.n_heads:
         problems.append(f"model.n_heads({args.n_heads}) must divide model.dim({args.dim}): "
                         f"{args.dim} % {args.n_heads} = {args.dim % args.n_heads}")
+    if args.attention not in ATTENTION_KERNELS:
+        problems.append(f"model.attention={args.attention}: unknown SDPA kernel; known: {', '.join(ATTENTION_KERNELS)}")
+    elif args.attention in ("cudnn", "efficient") and args.expand_kv is False and args.kv_heads != args.n_heads:
+        problems.append(f"model.attention={args.attention} with model.expand_kv=false: that kernel takes no grouped "
+                        f"kv heads; leave model.expand_kv unset (null) or pick flash or auto")
     if args.n_heads % args.kv_heads:
         problems.append(f"model.n_kv_heads({args.kv_heads}) must divide model.n_heads({args.n_heads}): "
                         f"{args.n_heads} % {args.kv_heads} = {args.n_heads % args.kv_heads}")
@@ -231,10 +247,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Blocks
 
 
+# (SDPA's math kernel is left out: it saves every head's T x T probabilities for backward)
+ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
+        self.kernel = None if args.attention == "auto" else _sdpa_backend(args.attention)
+        self.expand_kv = args.kv_expanded
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
@@ -251,13 +280,23 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H or Hkv, T, hd)
         # enable_gqa shares each kv head among H/Hkv query heads without materializing the repeats.
         # With grouped kv heads SDPA can only pick its flash kernel (on CUDA and CPU) or the math
-        # fallback: the cuDNN and memory-efficient kernels need the kv heads expanded first.
+        # fallback: the cuDNN and memory-efficient kernels need the kv heads expanded first (model.expand_kv,
+        # which then saves the expanded keys and values for backward instead of the grouped ones).
         if self.cp is not None:  # this rank's two sequence chunks against the whole sequence, exact
             from parallel.context import context_parallel_attention
 
             y = context_parallel_attention(q, k, v, self.cp)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+            if self.expand_kv and k.shape[1] != q.shape[1]:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if self.kernel is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+            else:  # model.attention: this kernel or an error, never a silent fallback
+                from torch.nn.attention import sdpa_kernel
+
+                with sdpa_kernel(self.kernel):
+                    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
         return self.wo(y)
 

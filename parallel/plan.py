@@ -547,8 +547,8 @@ def _precision_mode(cfg) -> str:
 def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
     """Per token of the micro-batch (averaged over the sequence), the bytes of each storage one block saves for
     backward, as this model's ops run: RMSNorm saves its input, the normalized input and 1/rms; the linears their
-    input (under autocast each linear its own cast copy); RoPE's outputs q and k; SDPA q, k, v, its output and the
-    fp32 log-sum-exp; SwiGLU the gate and up outputs, silu(gate) and the product. Under TP with sequence
+    input (under autocast each linear its own cast copy); RoPE's outputs q and k; SDPA q, k, v (k and v repeated to
+    the query heads under model.expand_kv), its output and the fp32 log-sum-exp; SwiGLU the gate and up outputs, silu(gate) and the product. Under TP with sequence
     parallelism the residual stream and the norms are split over the sequence (1/tp), the linears' gathered inputs
     are whole (D per token), heads and hidden units are split (1/tp). (Activation offloading moves them storage by
     storage: parallel/offload.py.)"""
@@ -571,7 +571,10 @@ def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
     norms = 2 * _norm_tensors(D, mode, t)  # two RMSNorms
     casts = 3 if mode == "autocast" else 1  # autocast casts the shared input once per linear (wq, wk, wv)
     gathered = [lin * D] * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
-    attention = [out * Q / t, out * K / t, out * K / t, out * Q / t, 4 * H / t]  # rope(q), rope(k), v, SDPA out, lse
+    # rope(q), rope(k), v, SDPA out, lse; with model.expand_kv SDPA saves the keys and values repeated to the query
+    # heads instead (repeat_interleave's backward saves nothing)
+    kv = Q if args.kv_expanded else K
+    attention = [out * Q / t, out * kv / t, out * kv / t, out * Q / t, 4 * H / t]
     mlp = [out * F / t] * 4  # gate, silu(gate), up, product
     return norms + gathered + attention + mlp
 

@@ -120,6 +120,8 @@ class ModelConfig:
     norm_eps: float | None = None  # RMSNorm epsilon
     rope_theta: float | None = None  # RoPE base
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    attention: str = "auto"  # SDPA's kernel: auto (SDPA picks), flash, cudnn or efficient (CUDA only); a named one runs or the step fails
+    expand_kv: bool | None = None  # repeat the kv heads to the query heads before attention (saves them so for backward); null: for cudnn and efficient, which need it
 
 
 
@@ -671,6 +673,15 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
         problems.append(f"training.device=cuda, but this machine has no CUDA device this torch can use (torch "
                         f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use training.device=auto "
                         f"or cpu")
+    # what only a GPU has, refused where the run would be on the CPU (a dry run, launch/plan.py among them, may plan
+    # a GPU run from a machine without one)
+    runs_on_cpu = t.device == "cpu" or (on_cpu and not cfg.dry_run)
+    if args.attention in ("cudnn", "efficient") and runs_on_cpu:
+        problems.append(f"model.attention={args.attention} is a CUDA kernel and this run is on the CPU; use "
+                        f"model.attention=auto or flash there")
+    if args.attention != "auto" and cfg.parallel.cp > 1:
+        problems.append(f"model.attention={args.attention} with parallel.cp={cfg.parallel.cp}: context parallelism "
+                        f"calls its own attention kernels (parallel/context.py); leave model.attention=auto")
     problems += layout_problems(cfg, args, world_size)
     problems += zero_problems(cfg, on_cpu=on_cpu)
     problems += optim_problems(cfg, args)

@@ -99,7 +99,7 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"profile.steps={list(pr.steps)} must be [start, end] with 1 <= start <= end")
     if pr.memory_snapshot and not pr.steps:
         problems.append("profile.memory_snapshot=true needs profile.steps=[start,end] (the steps to record)")
-    on_cpu = str(t.device) == "cpu" or (str(t.device) == "auto" and not torch.cuda.is_available())
+    on_cpu = str(t.device) == "cpu" or (str(t.device) == "auto" and not torch.cuda.is_available() and not cfg.dry_run)
     if pr.nvtx and on_cpu:
         problems.append(f"profile.nvtx=true writes NVTX ranges, which are CUDA's; training.device={t.device} runs on "
                         "the CPU here (the "

@@ -158,6 +158,10 @@ RULES = [
     (["training.master_weights=false", "optim.name=adamw_bf16", "parallel.data=zero2"], 2,
      "training.master_weights=false with parallel.data=zero2, tp=1, pp=1: built for one process, fsdp and hsdp"),
     (["profile.nvtx=true", "training.device=cpu"], 1, "profile.nvtx=true writes NVTX ranges, which are CUDA's"),
+    (["model.attention=cudnn", "training.device=cpu"], 1, "model.attention=cudnn is a CUDA kernel and this run is on"),
+    (["model.attention=flashy"], 1, "model.attention=flashy: unknown SDPA kernel; known: auto, flash, cudnn, efficient"),
+    (["model.attention=efficient", "model.expand_kv=false"], 1, "that kernel takes no grouped kv heads"),
+    (["model.attention=flash", "parallel.cp=2"], 2, "model.attention=flash with parallel.cp=2: context parallelism"),
 ]
 
 

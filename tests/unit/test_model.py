@@ -178,3 +178,22 @@ def test_loss_at_init_is_near_uniform():
     x = torch.randint(0, 1024, (4, 32))
     loss = F.cross_entropy(m(x).flatten(0, 1), x.flatten())
     assert abs(loss.item() - math.log(1024)) < 1.0
+
+
+def test_expanded_kv_heads_and_a_named_kernel_give_the_grouped_result():
+    """model.expand_kv repeats the kv heads before SDPA (what cuDNN and the memory-efficient kernel need); with the
+    flash kernel named, the logits and every gradient are those of the grouped-head default."""
+    from dataclasses import replace
+
+    x = torch.randint(0, TINY.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, args in {"grouped": TINY, "expanded": replace(TINY, attention="flash", expand_kv=True)}.items():
+        m = _model(args)
+        assert m.layers["0"].attention.expand_kv == (name == "expanded")
+        logits = m(x)
+        logits.float().pow(2).mean().backward()
+        out[name] = logits.detach(), {n: p.grad for n, p in m.named_parameters()}
+    torch.testing.assert_close(out["expanded"][0], out["grouped"][0], rtol=1e-5, atol=1e-6)
+    for n, g in out["grouped"][1].items():
+        torch.testing.assert_close(out["expanded"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    assert replace(TINY, attention="cudnn").kv_expanded and not replace(TINY, attention="flash").kv_expanded
