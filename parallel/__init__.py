@@ -173,7 +173,7 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         if dims.tp > 1:
             apply_tp(part, mesh["tp"], loss_parallel=loss_parallel)
         # 3. activation checkpointing
-        apply_ac(part, str(p.ac), every=p.ac_every, tp=dims.tp)
+        apply_ac(part, str(p.ac), every=p.ac_every, tp=dims.tp, sac_matmuls=str(p.sac_matmuls))
         # 4. compile
         if p.compile:
             apply_compile(part)

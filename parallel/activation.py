@@ -25,9 +25,17 @@ def _ops_to_save() -> set:
     return ops
 
 
-def _selective_policy(save: set, partial_width: int | None, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def _selective_policy(save: set, partial_width: int | None, counts: dict | None, ctx, op, *args,
+                      **kwargs) -> CheckpointPolicy:
     if op not in save:
         return CheckpointPolicy.PREFER_RECOMPUTE
+    if counts is not None and op is torch.ops.aten.mm.default:
+        # parallel.sac_matmuls=every_second: of the block's matmuls in order (wq, wk, wv, wo, w1, w3, w2) the
+        # even-numbered ones are recomputed; the forward and its recomputation count apart, so both agree
+        key = "recompute" if ctx.is_recompute else "forward"
+        counts[key] += 1
+        if counts[key] % 2 == 0:
+            return CheckpointPolicy.PREFER_RECOMPUTE
     if partial_width is not None and op is torch.ops.aten.mm.default and args[1].shape[-1] == partial_width:
         # under TP a row-parallel projection (wo, w2) multiplies into the full model width over the full sequence:
         # its output is a partial sum about to be reduce-scattered, t times the size of what is kept after the
@@ -38,11 +46,13 @@ def _selective_policy(save: set, partial_width: int | None, ctx, op, *args, **kw
     return CheckpointPolicy.MUST_SAVE
 
 
-def selective_context(partial_width: int | None = None):
-    return create_selective_checkpoint_contexts(partial(_selective_policy, _ops_to_save(), partial_width))
+def selective_context(partial_width: int | None = None, every_second: bool = False):
+    """A block's checkpoint contexts (called once per checkpointed forward: the matmul counts start afresh)."""
+    counts = {"forward": 0, "recompute": 0} if every_second else None
+    return create_selective_checkpoint_contexts(partial(_selective_policy, _ops_to_save(), partial_width, counts))
 
 
-def apply_ac(model: nn.Module, mode: str, *, every: int = 1, tp: int = 1) -> None:
+def apply_ac(model: nn.Module, mode: str, *, every: int = 1, tp: int = 1, sac_matmuls: str = "all") -> None:
     """Wrap the model's blocks in place. `full`: keep only the block input and recompute the block in
     backward, on every `every`-th block; `selective`: keep matmul and attention outputs, recompute the rest
     (under TP the row-parallel matmuls' pre-reduce-scatter outputs are recomputed too: `_selective_policy`)."""
@@ -54,7 +64,7 @@ def apply_ac(model: nn.Module, mode: str, *, every: int = 1, tp: int = 1) -> Non
                 continue
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         elif mode == "selective":
-            context = partial(selective_context, model.args.dim if tp > 1 else None)
+            context = partial(selective_context, model.args.dim if tp > 1 else None, sac_matmuls == "every_second")
             wrapped = checkpoint_wrapper(block, context_fn=context, preserve_rng_state=False)
         else:
             raise ValueError(f"parallel.ac={mode}: unknown; known: none, full, selective")

@@ -266,6 +266,11 @@ def layout_problems(cfg, args, world_size: int) -> list[str]:
                         f"time\"); use parallel.ac=full, or pp_schedule=1f1b or interleaved_1f1b")
     if p.ac_every < 1:
         problems.append(f"parallel.ac_every={p.ac_every} must be >= 1")
+    if str(p.sac_matmuls) not in ("all", "every_second"):
+        problems.append(f"parallel.sac_matmuls={p.sac_matmuls}: unknown; known: all, every_second")
+    elif str(p.sac_matmuls) != "all" and str(p.ac) != "selective":
+        problems.append(f"parallel.sac_matmuls={p.sac_matmuls} chooses what selective AC keeps; it needs "
+                        f"parallel.ac=selective (now {p.ac})")
     zero = str(p.data) in ZERO_STAGES
     if p.offload == "cpu" and p.data not in ("fsdp", "hsdp") and not zero:
         problems.append(f"parallel.offload=cpu needs a sharded strategy (fsdp, hsdp, zero1, zero2, zero3), "
@@ -544,6 +549,16 @@ def _precision_mode(cfg) -> str:
     return "mixed" if data_strategy(cfg) in ("fsdp", "hsdp", *ZERO_STAGES) else "autocast"
 
 
+SELECTIVE_EVERY_SECOND = "selective_every_second"  # ac=selective with sac_matmuls=every_second, as the formulas see it
+
+
+def ac_mode(cfg) -> str:
+    """parallel.ac as the formulas take it: none, full, selective, or selective_every_second."""
+    p = cfg.parallel
+    ac = str(p.ac)
+    return SELECTIVE_EVERY_SECOND if ac == "selective" and str(p.sac_matmuls) == "every_second" else ac
+
+
 def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
     """Per token of the micro-batch (averaged over the sequence), the bytes of each storage one block saves for
     backward, as this model's ops run: RMSNorm saves its input, the normalized input and 1/rms; the linears their
@@ -563,9 +578,12 @@ def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
         res, lin, out = 2, 2, 2
     if ac == "full":
         return [res * D / t]  # the block's input only
-    if ac == "selective":  # saved: the input, every matmul's output, SDPA's outputs; the rest is recomputed
+    if ac.startswith("selective"):  # saved: the input, every matmul's output, SDPA's outputs; the rest is recomputed
         # under TP the row-parallel matmuls (wo, w2) are recomputed and their reduce-scattered outputs saved
         rows = [out * D / t] * 2 if t > 1 else [out * D] * 2
+        if ac == SELECTIVE_EVERY_SECOND:  # wk, wo and w3 recomputed (under TP wo's reduce-scattered output is kept)
+            return [res * D / t, out * Q / t, out * K / t, out * Q / t, out * F / t, 4 * H / t,
+                    *(rows if t > 1 else rows[:1])]
         return [res * D / t, out * Q / t, out * K / t, out * K / t, out * Q / t, out * F / t,
                 out * F / t, 4 * H / t, *rows]
     norms = 2 * _norm_tensors(D, mode, t)  # two RMSNorms
@@ -587,9 +605,9 @@ def offloaded_per_token(cfg, args, tp: int) -> float:
     p = cfg.parallel
     if not p.activation_offload:
         return 0.0
-    ac = str(p.ac)
+    ac = ac_mode(cfg)
     saved = block_saved_tensors(args, ac=ac, mode=_precision_mode(cfg), tp=tp)
-    movable = saved[:1] if ac == "selective" and not p.compile else saved
+    movable = saved[:1] if ac.startswith("selective") and not p.compile else saved
     mb_tokens = cfg.training.micro_batch_size * cfg.training.seq_len // max(p.cp, 1)
     return sum(b for b in movable if b * mb_tokens >= p.activation_offload_min_bytes)
 
@@ -646,7 +664,8 @@ def block_recompute_bytes(args, *, ac: str, mode: str, tp: int) -> tuple[float, 
         D, H = args.dim, args.n_heads
         Q, K, F = H * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden
         out = 4 if mode == "fp32" else 2
-        shared = res * D / tp + out * (Q + K + 2 * F) / tp + 4 * H / tp  # input, v, SDPA out, gate, up; lse
+        # input, v, SDPA out, gate, up (every_second: recomputed); lse
+        shared = res * D / tp + out * (Q + K + (F if ac == SELECTIVE_EVERY_SECOND else 2 * F)) / tp + 4 * H / tp
         recomputed = everything - shared
     return max(recomputed, 0.0), temps
 
@@ -734,7 +753,7 @@ def memory_plan(cfg, args, dims: ParallelDims, *, device: str = "cpu", capacity_
 
 def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankMemory:
     p, t, o = cfg.parallel, cfg.training, cfg.optim
-    data, ac, mode = data_strategy(cfg), str(p.ac), _precision_mode(cfg)
+    data, ac, mode = data_strategy(cfg), ac_mode(cfg), _precision_mode(cfg)
     fsdp, zero = data in ("fsdp", "hsdp"), data in ZERO_STAGES
     compute = 4 if mode == "fp32" else 2
     params, _, first, last, n_parts = _params_of_rank(args, cfg, dims, pp_rank)

@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from parallel.plan import (V_SHAPED, ZERO_STAGES, ParallelDims, bucket_elements, _model_states, _params_of_rank,
+from parallel.plan import (SELECTIVE_EVERY_SECOND, V_SHAPED, ZERO_STAGES, ParallelDims, ac_mode, bucket_elements, _model_states, _params_of_rank,
                            _precision_mode, block_activation_bytes, block_recompute_bytes, microbatches, n_stages,
                            data_strategy, offloaded_per_token, reshards_after_forward, split_blocks, stage_ids, stages_per_rank)
 
@@ -317,7 +317,8 @@ def _link(size: int, stride: int, ranks_per_node: int, hw: Hardware) -> float:
 def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: int = 8,
               device: str = "cuda") -> StepTime:
     p, t = cfg.parallel, cfg.training
-    data, ac, sched = data_strategy(cfg), str(p.ac), str(p.pp_schedule)
+    data, sched = data_strategy(cfg), str(p.pp_schedule)
+    ac, sac = ac_mode(cfg), str(p.ac)  # (the formulas' name, and the setting's: none, selective or full)
     mode = _precision_mode(cfg)
     act_bytes = 2 if mode == "mixed" else 4  # the residual stream TP and PP move
     param_bytes = 4 if mode == "fp32" else 2  # what FSDP / ZeRO gather
@@ -348,8 +349,13 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
             extra = tokens_rank * (2 * block_n + len(blocks) * attn / 3 / dims.tp)
             hw_flops += extra
             parts["recompute"] = extra / hw.matmul_flops
-        elif ac == "selective":
+        elif sac == "selective":
             parts["recompute"] = recomputed * tokens_rank * len(blocks) / hw.mem_bw
+            if ac == SELECTIVE_EVERY_SECOND:  # wk, wo and w3 run again in backward
+                D, K, F = args.dim, args.kv_heads * args.head_dim, args.ffn_hidden
+                extra = tokens_rank * 2 * (D * K + args.n_heads * args.head_dim * D + D * F) / dims.tp * len(blocks)
+                hw_flops += extra
+                parts["recompute"] += extra / hw.matmul_flops
         comm: dict[str, float] = {}
         comm_t: dict[str, float] = {}
 
@@ -390,7 +396,7 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
         if tp > 1:
             # sequence parallel: all-gather before and reduce-scatter after attention and the MLP, in forward and in
             # backward; full AC runs the forward's four again, selective the two reduce-scatters
-            per = {"none": 8, "selective": 10, "full": 12}[ac]
+            per = {"none": 8, "selective": 10, "full": 12}[sac]
             act = mb * seq * args.dim * act_bytes
             n_coll = per * len(blocks) + 2 * (first + last)
             add("TP activation collectives", n_micro * n_coll * _ring(tp) * act, tp, 1, n_micro * n_coll)
@@ -447,7 +453,7 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
             transfer = 2 * moved * tokens_rank * len(blocks) / hw.host_bw
             parts["activation_transfers"] = max(transfer - busy, transfer / max(2 * len(blocks), 1))
         if hw.op_overhead_s:
-            recomputed_ops = {"none": 0.0, "selective": 0.3, "full": 0.4}[ac]  # the forward's share rerun
+            recomputed_ops = {"none": 0.0, "selective": 0.3, "full": 0.4}[sac]  # the forward's share rerun
             parts["op_overhead"] = hw.op_overhead_s * n_micro * (
                 OPS_PER_BLOCK * (1 + recomputed_ops) * len(blocks) + OPS_OUTSIDE_BLOCKS * (first or last))
         total = sum(parts.values())

@@ -161,7 +161,7 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
     else:
         model.to_empty(device=world.device)
         model.init_weights(seed=t.seed)
-    apply_ac(model, str(p.ac), every=p.ac_every)
+    apply_ac(model, str(p.ac), every=p.ac_every, sac_matmuls=str(p.sac_matmuls))
     if p.compile:
         apply_compile(model)
     if str(p.offload) == "cpu":

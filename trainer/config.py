@@ -204,6 +204,7 @@ class ParallelConfig:
     cp_rotate: str = "allgather"  # cp > 1: how each rank sees the other ranks' keys and values: allgather or ring
     ac: ACMode = ACMode.none  # activation checkpointing of the transformer blocks
     ac_every: int = 1  # ac=full: checkpoint every k-th block only (1: all blocks)
+    sac_matmuls: str = "all"  # ac=selective: keep every matmul's output (all), or every_second: recompute the 2nd, 4th and 6th of a block's seven (wk, wo, w3), as torchtitan's op-level SAC does
     compile: bool = False  # torch.compile each transformer block
     reshard_after_forward: bool | None = None  # fsdp/hsdp: free gathered blocks after forward, gather again in backward; null: true except under pp
     accumulate_unsharded_grads: bool = False  # fsdp/hsdp: keep whole fp32 gradients over micro-batches, reduce-scatter once (+4 bytes x params per rank)

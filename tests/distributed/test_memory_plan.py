@@ -59,6 +59,9 @@ LAYOUTS = [
     # ways, FSDP 2 x cp 2
     # the kv heads repeated to the query heads before SDPA (what cuDNN's and the memory-efficient kernel need)
     ("expand_kv", 1, ["model.attention=flash", "model.expand_kv=true"]),
+    # selective AC keeping every second matmul's output (torchtitan's op-level SAC)
+    ("sac_every_second", 1, ["parallel.sac_matmuls=every_second"]),
+    ("tp_sac_every_second", 2, ["parallel.tp=2", "parallel.sac_matmuls=every_second"]),
     ("long", 1, LONG),
     ("cp_2", 2, [*LONG, "parallel.cp=2"]),
     ("cp_2_ring", 2, [*LONG, "parallel.cp=2", "parallel.cp_rotate=ring"]),
@@ -72,7 +75,8 @@ MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
             "masterless": ["none/bf16", "full/bf16"], "fsdp_masterless": ["none/bf16", "full/bf16"], "fsdp_in_backward": ["none/fp32", "full/bf16"],
             "activation_offload": ["none/fp32", "selective/fp32", "full/fp32", "none/bf16"],
             "fsdp_activation_offload": ["none/fp32", "full/bf16"], "tp_activation_offload": ["none/fp32"],
-            "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"], "long": ["none/fp32", "full/bf16"], "cp_2": ["none/fp32", "full/bf16"], "cp_2_ring": ["none/fp32"],
+            "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
+            "sac_every_second": ["selective/fp32", "selective/bf16"], "tp_sac_every_second": ["selective/fp32"], "long": ["none/fp32", "full/bf16"], "cp_2": ["none/fp32", "full/bf16"], "cp_2_ring": ["none/fp32"],
             "fsdp_cp_2x2": ["none/fp32"]}
 
 # Where the formulas are known to miss by more than 10% on this model (measured 2026-12-01, torch 2.13 CPU):

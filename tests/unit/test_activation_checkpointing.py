@@ -39,7 +39,7 @@ class _Outputs(TorchDispatchMode):
 
 def _measure(mode: str) -> dict[str, float]:
     model = build_model(ARGS, device="meta")
-    apply_ac(model, mode)
+    apply_ac(model, mode.removesuffix("_every_second"), sac_matmuls="every_second" if "every" in mode else "all")
     model.to_empty(device="cpu")
     model.init_weights(seed=0)
     block = model.layers["0"]
@@ -65,7 +65,7 @@ def _measure(mode: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def measured():
-    return {mode: _measure(mode) for mode in ("none", "selective", "full")}
+    return {mode: _measure(mode) for mode in ("none", "selective", "selective_every_second", "full")}
 
 
 def test_memory_none_gt_selective_gt_full(measured):
@@ -89,5 +89,14 @@ def test_recompute_cost_goes_the_other_way(measured):
 
 def test_checkpointing_does_not_change_gradients(measured):
     ref = measured["none"]["grad"]
-    for mode in ("selective", "full"):
+    for mode in ("selective", "selective_every_second", "full"):
         torch.testing.assert_close(measured[mode]["grad"], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_every_second_matmul_recomputes_wk_wo_and_w3(measured):
+    """parallel.sac_matmuls=every_second (torchtitan's op-level SAC): of the block's seven matmuls the 2nd, 4th and
+    6th (wk, wo, w3) are not kept; their outputs are the bytes saved, their FLOPs the extra backward work."""
+    sel, sel2 = measured["selective"], measured["selective_every_second"]
+    D, K, F = ARGS.dim, ARGS.kv_heads * ARGS.head_dim, ARGS.ffn_hidden
+    assert sel["saved_bytes"] - sel2["saved_bytes"] == B * T * (K + D + F) * 4
+    assert sel2["backward_flops"] - sel["backward_flops"] == 2 * B * T * (D * K + D * D + D * F)

@@ -162,6 +162,9 @@ RULES = [
     (["model.attention=flashy"], 1, "model.attention=flashy: unknown SDPA kernel; known: auto, flash, cudnn, efficient"),
     (["model.attention=efficient", "model.expand_kv=false"], 1, "that kernel takes no grouped kv heads"),
     (["model.attention=flash", "parallel.cp=2"], 2, "model.attention=flash with parallel.cp=2: context parallelism"),
+    (["parallel.sac_matmuls=every_second", "parallel.ac=full"], 1,
+     "parallel.sac_matmuls=every_second chooses what selective AC keeps; it needs parallel.ac=selective (now full)"),
+    (["parallel.sac_matmuls=odd"], 1, "parallel.sac_matmuls=odd: unknown; known: all, every_second"),
 ]
 
 
