@@ -168,6 +168,12 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
             part.to(torch.bfloat16)  # (init_weights rounds the fp32 values to it; the RoPE tables stay fp32)
         notes.append("training.master_weights=false: parameters and gradients in bf16, no fp32 copy; updates "
                      "stochastically rounded by the optimizer")
+    if str(t.float8) != "none":  # 1b. the blocks' linears in float8 (parallel/float8.py), before any wrapping
+        from parallel.float8 import convert
+
+        n = sum(convert(part, str(t.float8), emulate=bool(t.float8_emulate)) for part in parts)
+        notes.append(f"training.float8={t.float8}: {n} linear layers in float8 (torchao"
+                     f"{', emulated' if t.float8_emulate else ''}); the output projection stays bf16")
     for part in parts:
         # 2. tensor parallel
         if dims.tp > 1:

@@ -848,8 +848,11 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     if moved:
         acts.append(Term(f"offloaded block activations (parallel.activation_offload): {held}",
                          int(moved * mb_tokens * block_mbs), "host"))
-    if mode == "autocast" and ac != "full":  # autocast's weight casts, saved for backward by each linear (one
-        # copy: autocast caches them for its region, and a pipeline step runs in one region)
+    # (training.float8: torchao's Float8Linear casts the fp32 weight straight to float8 and saves the weight itself
+    # for backward, so there is no 2-byte copy; its float8 casts are a matmul's temporaries)
+    float8 = str(t.float8) != "none"
+    if mode == "autocast" and ac != "full" and not float8:  # autocast's weight casts, saved for backward by each
+        # linear (one copy: autocast caches them for its region, and a pipeline step runs in one region)
         w = sum(math.prod(q.tp) for q in params if q.unit != "root" and len(q.full) == 2)
         acts.append(Term("autocast's 2-byte copies of the block weights", int(2 * w), "activations"))
     boundary = (4 if mode != "mixed" else 2) * args.dim / dims.tp * mb_tokens  # one microbatch's hidden state
@@ -921,7 +924,7 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
                                  f"the prefetched one before it)", int(moved * mb_tokens * back), "activations"))
         if extra:
             moment_b.append(Term("the checkpointed block's recomputed forward", int(extra * mb_tokens), "activations"))
-            if mode == "autocast" and ac == "full":  # the recompute casts the block's weights again
+            if mode == "autocast" and ac == "full" and not float8:  # the recompute casts the block's weights again
                 w = max((sum(math.prod(q.tp) for q in params if q.unit == u and len(q.full) == 2)
                          for u in {q.unit for q in params} if u != "root"), default=0)
                 moment_b.append(Term("autocast's copies of the recomputed block's weights", 2 * w, "activations"))

@@ -151,6 +151,10 @@ class TrainingConfig:
     # false: the parameters themselves are bf16, with no fp32 copy; the optimizer (adamw_bf16, adamw8bit) writes
     # each update back with stochastic rounding (needs precision=bf16)
     master_weights: bool = True
+    # the blocks' linear layers in float8 through torchao (parallel/float8.py): none, tensorwise or rowwise scaling
+    # (needs precision=bf16 and a GPU of compute capability >= 8.9)
+    float8: str = "none"
+    float8_emulate: bool = False  # torchao's float8 emulation (quantize to float8 and back, matmul in high precision): CPU tests
 
 
 @dataclass
@@ -620,6 +624,7 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     Each subsystem states its own rules; this collects them (the training and logging sections are here)."""
     from models.llama import config_problems as model_problems
     from optim import config_problems as optim_problems
+    from parallel.float8 import config_problems as float8_problems
     from parallel.plan import layout_problems
     from parallel.zero import config_problems as zero_problems
     from trainer.checkpoint import config_problems as checkpoint_problems
@@ -683,6 +688,7 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     if args.attention != "auto" and cfg.parallel.cp > 1:
         problems.append(f"model.attention={args.attention} with parallel.cp={cfg.parallel.cp}: context parallelism "
                         f"calls its own attention kernels (parallel/context.py); leave model.attention=auto")
+    problems += float8_problems(cfg, runs_on_cpu=runs_on_cpu)
     problems += layout_problems(cfg, args, world_size)
     problems += zero_problems(cfg, on_cpu=on_cpu)
     problems += optim_problems(cfg, args)

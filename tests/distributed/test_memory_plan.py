@@ -29,6 +29,7 @@ ZERO3_SMALL = "parallel.deepspeed.zero_optimization.stage3_param_persistence_thr
 IN_BACKWARD = ["optim.in_backward=true", "optim.max_grad_norm=0"]
 # every storage of at least 4 KiB moves (on the tiny model: all but 1/rms and the log-sum-exp)
 OFFLOAD = ["parallel.activation_offload=true", "parallel.activation_offload_min_bytes=4096"]
+FLOAT8 = ["training.float8=tensorwise", "training.float8_emulate=true"]
 LONG = ["training.seq_len=128", "training.micro_batch_size=1"]
 MASTERLESS = ["training.master_weights=false", "optim.name=adamw_bf16"]  # bf16 parameters, bf16 moments  # (one micro-batch per step: no accumulation)
 # (id, processes, overrides)
@@ -59,6 +60,9 @@ LAYOUTS = [
     # ways, FSDP 2 x cp 2
     # the kv heads repeated to the query heads before SDPA (what cuDNN's and the memory-efficient kernel need)
     ("expand_kv", 1, ["model.attention=flash", "model.expand_kv=true"]),
+    # the blocks' linears in float8, torchao's emulation (on a GPU the float8 casts' temporaries differ)
+    ("float8", 1, FLOAT8),
+    ("fsdp_float8", 2, ["parallel.data=fsdp", *FLOAT8]),
     # selective AC keeping every second matmul's output (torchtitan's op-level SAC)
     ("sac_every_second", 1, ["parallel.sac_matmuls=every_second"]),
     ("tp_sac_every_second", 2, ["parallel.tp=2", "parallel.sac_matmuls=every_second"]),
@@ -76,6 +80,7 @@ MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
             "activation_offload": ["none/fp32", "selective/fp32", "full/fp32", "none/bf16"],
             "fsdp_activation_offload": ["none/fp32", "full/bf16"], "tp_activation_offload": ["none/fp32"],
             "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
+            "float8": ["none/bf16", "selective/bf16", "full/bf16"], "fsdp_float8": ["none/bf16", "full/bf16"],
             "sac_every_second": ["selective/fp32", "selective/bf16"], "tp_sac_every_second": ["selective/fp32"], "long": ["none/fp32", "full/bf16"], "cp_2": ["none/fp32", "full/bf16"], "cp_2_ring": ["none/fp32"],
             "fsdp_cp_2x2": ["none/fp32"]}
 

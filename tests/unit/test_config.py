@@ -165,6 +165,16 @@ RULES = [
     (["parallel.sac_matmuls=every_second", "parallel.ac=full"], 1,
      "parallel.sac_matmuls=every_second chooses what selective AC keeps; it needs parallel.ac=selective (now full)"),
     (["parallel.sac_matmuls=odd"], 1, "parallel.sac_matmuls=odd: unknown; known: all, every_second"),
+    (["training.float8=tensorwise", "training.device=cpu"], 1,
+     "training.float8=tensorwise: float8 matmuls need a CUDA GPU of compute capability >= 8.9"),
+    (["training.float8=rowwise", "training.float8_emulate=true", "training.precision=fp32"], 1,
+     "training.float8=rowwise with training.precision=fp32: float8 matmuls run inside bf16 training"),
+    (["training.float8=tensorwise", "training.float8_emulate=true", "parallel.tp=2"], 2,
+     "training.float8=tensorwise with parallel.tp=2: not built"),
+    (["training.float8=tensorwise", "training.float8_emulate=true", "parallel.data=zero2"], 2,
+     "training.float8=tensorwise with parallel.data=zero2: not built for DeepSpeed's engine"),
+    (["training.float8=e4m3"], 1, "training.float8=e4m3: unknown; known: none, tensorwise, rowwise"),
+    (["training.float8_emulate=true"], 1, "training.float8_emulate=true without training.float8"),
 ]
 
 
