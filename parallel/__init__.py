@@ -140,7 +140,9 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
     p, t = cfg.parallel, cfg.training
     data = str(p.data)
     device = world.device
-    mesh = meshes if meshes is not None else build_meshes(dims, device.type) if world.world_size > 1 else None
+    # (one process runs FSDP and DeepSpeed on a one-rank group: parallel/mesh.py init_distributed)
+    grouped = world.world_size > 1 or data in ("fsdp", "hsdp") or data.startswith("zero")
+    mesh = meshes if meshes is not None else build_meshes(dims, device.type) if grouped else None
     if data.startswith("zero"):  # DeepSpeed owns sharding, precision and the step (parallel/zero.py)
         from parallel.zero import parallelize_zero
 

@@ -62,18 +62,27 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(requested_device: str, *, timeout_s: float = 600.0) -> World:
-    """Start the default process group when launched with several ranks (nccl and gloo on GPU, gloo on CPU)."""
+def init_distributed(requested_device: str, *, timeout_s: float = 600.0, one_rank_group: bool = False) -> World:
+    """Start the default process group when launched with several ranks (nccl and gloo on GPU, gloo on CPU).
+    `one_rank_group`: a strategy that works through a process group (FSDP, DeepSpeed) gets one of a single rank
+    when the run is one plain process (`python launch/train.py`, no torchrun), on an in-process store."""
     world_size = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # on a GPU every group gets gloo beside NCCL: tensors that live on the host (FSDP's offloaded gradient
+    # shards in the norm's all-reduce, an offloaded optimizer's statistics) take gloo, device tensors NCCL
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    if world_size == 1 and one_rank_group and not dist.is_initialized():
+        kwargs = {} if os.environ.get("MASTER_ADDR") else dict(store=dist.HashStore(), rank=0, world_size=1)
+        for key in ("RANK", "LOCAL_RANK"):  # what torchrun would have set (DeepSpeed reads them)
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None, **kwargs)
     if world_size > 1 and not dist.is_initialized():
-        # on a GPU every group gets gloo beside NCCL: tensors that live on the host (FSDP's offloaded gradient
-        # shards in the norm's all-reduce, an offloaded optimizer's statistics) take gloo, device tensors NCCL
-        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
         kwargs = {}
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt is not None and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):

@@ -52,7 +52,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
 
         # 2. process group (nccl on GPU, gloo on CPU) and this rank's place in it
-        self.world = init_distributed(t.device)
+        self.world = init_distributed(t.device, one_rank_group=str(cfg.parallel.data) in ("fsdp", "hsdp", "zero1",
+                                                                                        "zero2", "zero3"))
         self.device = self.world.device
         torch.manual_seed(t.seed)
         # two gloo groups beside the training one, so that neither interleaves with (or synchronizes) the

@@ -181,3 +181,18 @@ def test_start_banner_names_the_layout_and_warns_when_a_strategy_degenerates():
     assert "warning" not in dry("llama_debug_hsdp", 4)
     assert "warning               parallel.data=fsdp with dp_shard 1 shards nothing" in dry("llama_debug_3d", 4)
     assert "layout                dp_replicate 1 x dp_shard 2 x tp 2 x pp 2" in dry("llama_debug_3d", 8)
+
+
+def test_fsdp_and_zero_run_as_one_plain_process(tmp_path):
+    """`python launch/train.py` (no torchrun) with FSDP or DeepSpeed, as the one-GPU recipes run: a one-rank
+    process group is started for them, and the losses are those of the same run without a strategy (fp32)."""
+    args = ["recipe=llama_debug", *[a for a in TINY if a != "logging.jsonl=false"], "training.global_batch_size=4",
+            "training.micro_batch_size=2", "training.steps=3", "optim.warmup_steps=1", "logging.every=1",
+            "training.device=cpu"]
+    got = {}
+    for data in ("none", "fsdp", "zero2"):
+        run_train([*args, f"parallel.data={data}", f"run_dir={tmp_path / data}"])
+        got[data] = [r["train/loss"] for r in read_jsonl(tmp_path / data / "metrics.jsonl") if "train/loss" in r]
+    assert len(got["none"]) == 3
+    for data in ("fsdp", "zero2"):
+        assert got[data] == pytest.approx(got["none"], rel=1e-5), (data, got)
