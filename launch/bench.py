@@ -16,6 +16,10 @@ under the memory tracker. Prints a table and writes JSON (`out`, default <run_di
 
 Bench's own keys (no dot): steps (10), warmup (3), profile_steps (2; 0: no trace), out. Checkpoints, validation,
 TensorBoard and W&B are off; the run directory defaults to runs/bench-<recipe>.
+
+`python launch/bench.py --report RESULTS.jsonl [ANCHOR.log ...]` prints the markdown table of a set of results
+(one JSON object per line), each against the best row of ../shared/bench/plain_torch_llama.py's output of the
+same shape.
 """
 
 from __future__ import annotations
@@ -161,7 +165,8 @@ def run(argv: list[str]) -> dict:
     vendor = vendor_peak(dev, precision)
     top = plan.memory.most_loaded
     result = {
-        "recipe": cfg.name, "overrides": overrides, "layout": plan.dims.describe(),
+        "recipe": cfg.name, "overrides": [a for a in overrides if not a.startswith(("run_dir=", "recipe="))], "layout": plan.dims.describe(), "params": plan.params,
+        "seq_len": int(cfg.training.seq_len), "micro_batch_size": int(cfg.training.micro_batch_size),
         "world_size": world, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "precision": precision,
         "tokens_per_step": plan.tokens_per_step, "warmup_steps": own["warmup"], "timed_steps": own["steps"],
@@ -206,10 +211,57 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def anchor_rows(path: Path) -> list[dict]:
+    """The variant rows ../shared/bench/plain_torch_llama.py printed (one JSON object per line)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            if "tokens_per_s" in r:
+                rows.append(r)
+    return rows
+
+
+def report(results: list[dict], anchors: list[dict]) -> str:
+    """A markdown table of bench results, each against the best anchor row of its shape (the same sequence length
+    and parameter count, to 2%) measured in the same job: docs/benchmarks.md's table."""
+    head = ("| run | tokens/s/device | vs anchor | MFU (measured matmul / vendor) | HFU | start-up | peak predicted | "
+            "tracked | allocated | reserved |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    gib = 2**30
+    lines = [head]
+    for r in results:
+        # (the anchor rounds its parameter count to 1e6: a tiny model matches within that rounding)
+        same = [a for a in anchors if a["seq"] == r["seq_len"]
+                and abs(a["params_b"] * 1e9 - r["params"]) <= max(0.02 * r["params"], 5e5)]
+        best = max(same, key=lambda a: a["tokens_per_s"], default=None)
+        ratio = f"{r['tokens_per_s_per_device'] / best['tokens_per_s']:.3f}x of {best['tokens_per_s']:,}" if best else "-"
+        mem = r["memory"]
+        vendor = "-" if r["mfu_vs_vendor"] is None else f"{100 * r['mfu_vs_vendor']:.1f}%"
+        alloc = mem.get("mem/peak_allocated_gib")
+        res = mem.get("mem/peak_reserved_gib")
+        lines.append(f"| {r['recipe']} {' '.join(r['overrides'])} | {r['tokens_per_s_per_device']:,.0f} | {ratio} | "
+                     f"{100 * r['mfu_vs_measured']:.1f}% / {vendor} | {100 * r['hfu_vs_measured']:.1f}% | "
+                     f"{r['startup_s']:.1f} s | {r['predicted_peak_bytes'] / gib:.2f} GiB | "
+                     f"{r['tracked_peak_bytes'] / gib:.2f} GiB | {'-' if alloc is None else f'{alloc:.2f} GiB'} | "
+                     f"{'-' if res is None else f'{res:.2f} GiB'} |")
+    if anchors:
+        lines += ["", "| anchor (plain PyTorch) | tokens/s | MFU | peak |", "| --- | ---: | ---: | ---: |"]
+        for a in anchors:
+            lines.append(f"| {a['size']} seq {a['seq']} batch {a['bs']} ac {a['ac']} compile {a['compile']} {a['opt']} "
+                         f"{a['mode']} | {a['tokens_per_s']:,} | {100 * a['mfu_vs_measured_peak']:.1f}% | "
+                         f"{a['peak_mem_gib']} GiB |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    if argv[0] == "--report":  # bench.py --report RESULTS.jsonl [ANCHOR.log ...]: the markdown table
+        results = [json.loads(line) for line in Path(argv[1]).read_text().splitlines() if line.strip()]
+        anchors = [row for path in argv[2:] for row in anchor_rows(Path(path))]
+        print(report(results, anchors))
+        return 0
     from trainer.config import ConfigError
 
     try:
