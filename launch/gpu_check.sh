@@ -132,8 +132,8 @@ cat "$OUT/env.txt"
 
 if [ "$PART" = core ] || [ "$PART" = all ]; then
   WORKERS=()
-  "$PY" -c "import xdist" 2>/dev/null && WORKERS=(-n 4)
-  step "tests/gpu" 300 "${APPEND[@]}" "$OUT/gpu_tests.log" "$PY" -m pytest -q tests/gpu "${WORKERS[@]}" -p no:cacheprovider -rs
+  "$PY" -c "import xdist" 2>/dev/null && WORKERS=(-n 4 --dist loadfile)
+  step "tests/gpu" 300 "${APPEND[@]}" "$OUT/gpu_tests.log" "$PY" -m pytest -q tests/gpu "${WORKERS[@]}" -p no:cacheprovider -rs -v
   tail -25 "$OUT/gpu_tests.log"
   bench llama1b_1gpu llama1b_1gpu
   if [ -f "$SCRATCH/llama1b_1gpu/profile/bench-rank0.pt.trace.json" ]; then

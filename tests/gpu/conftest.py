@@ -10,12 +10,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    import os
+
+    if torch.cuda.is_available() or os.environ.get("SHARDWISE_GPU_TESTS_ON") == "cpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (launch/gpu_check.sh runs tests/gpu/ on one)")
     for item in items:
@@ -23,9 +26,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# a tiny LLaMA: every dimension a multiple of 16 (float8's matmuls need it), fp32 unless a test says otherwise
-TINY = ["recipe=llama_debug", "model.dim=256", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.vocab_size=1024", "data.source=synthetic", "training.seq_len=256", "training.micro_batch_size=4",
-        "training.global_batch_size=8", "training.steps=4", "training.val_every=0", "optim.warmup_steps=1",
-        "optim.lr=1e-3", "logging.every=1", "logging.tensorboard=false", "logging.wandb.mode=disabled",
-        "training.precision=fp32", "training.device=cuda"]
+from gpu_runs import RUNS, TINY  # noqa: E402  (tests/gpu/gpu_runs.py: the table of runs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """runs(name) -> (process, losses per step, run dir): launch/train.py as one plain process (FSDP and
+    DeepSpeed on a one-rank group), once per module."""
+    from helpers import metric_rows, run_train
+
+    cache = {}
+
+    def run(name: str):
+        if name not in cache:
+            run_dir = tmp_path_factory.mktemp(name) / "run"
+            proc = run_train([*TINY, *RUNS[name], f"run_dir={run_dir}"], timeout=600)
+            losses = [r["train/loss"] for r in metric_rows(run_dir / "metrics.jsonl") if "train/loss" in r]
+            cache[name] = proc, losses, run_dir
+        return cache[name]
+
+    return run
