@@ -2,7 +2,7 @@
 with `profile.memory_snapshot: true` the caching allocator's history as a snapshot for
 https://pytorch.org/memory_viz, also dumped when the run dies of an out-of-memory error.
 
-Files: `<profile.dir or run_dir/profile>/trace-rank<r>-steps<start>-<end>.json` and
+Files: `<profile.dir or run_dir/profile>/trace-rank<r>-steps<start>-<end>.pt.trace.json` and
 `memory-rank<r>-steps<start>-<end>.pickle` (`memory-rank<r>-oom.pickle` after an OOM). The trainer wraps each
 step's work in ranges named `shardwise.<phase>` (PHASES), so they are easy to find; with `profile.nvtx: true` the
 same ranges are NVTX ranges too, for Nsight Systems. `phase_split` reads a trace back into a step's split.
@@ -71,7 +71,7 @@ class Profiler:
             torch.cuda.synchronize(self.device)
         self.prof.__exit__(None, None, None)
         a, b = self.window
-        trace = self.dir / f"trace-rank{self.rank}-steps{a}-{b}.json"
+        trace = self.dir / f"trace-rank{self.rank}-steps{a}-{b}.pt.trace.json"  # (TensorBoard's profiler plugin reads *.pt.trace.json)
         self.prof.export_chrome_trace(str(trace))
         self.prof = None
         self.note(f"profiler trace of steps {a}-{b}: {trace} (open in https://ui.perfetto.dev)")

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, read_jsonl
+from helpers import REPO, read_jsonl, run_train
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHRINK = ["training.steps=3", "optim.warmup_steps=1", "training.val_every=1", "training.val_batches=1",
@@ -179,7 +179,10 @@ def test_documented_plan_command_runs(line):
         assert out["peak_bytes"] > 0 and "reserve_bytes" in out and out["fits"] in (True, False)
     else:
         assert "tensor bytes per rank on the device" in proc.stdout
-        assert ("verdict" in proc.stdout) == any(a.startswith("gpu_memory_gib=") for a in args)
+        from trainer.config import load_config
+
+        sized = load_config([a for a in args if a.startswith("recipe=")]).hardware.gpu_memory_gib is not None
+        assert ("verdict" in proc.stdout) == (sized or any(a.startswith("gpu_memory_gib=") for a in args))
     if "--simulate" in args:
         assert "simulated (fake process group" in proc.stdout
     if "--build" in args:
@@ -232,3 +235,32 @@ def test_documented_compare_command_runs(line, tmp_path):
             assert "refused" in as_shown, f"{r['cell']} refused only when shrunk: {r['message']}"
     for name in ("memory", "throughput", "loss"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def documented_bench_commands() -> list[str]:
+    """Every `python launch/bench.py` and `torchrun ... launch/bench.py` line of the docs, code blocks and inline
+    (the --report form is run by tests/distributed/test_gpu_check.py)."""
+    out = set()
+    for _, line, inside in doc_lines():
+        if inside and re.match(r"^(python|torchrun) .*launch/bench\.py\b", line):
+            out.add(line)
+        elif not inside:
+            out |= set(re.findall(r"`((?:python|torchrun) [^`]*launch/bench\.py[^`]*)`", line))
+    return sorted(c for c in out if "--report" not in c)
+
+
+BENCH_COMMANDS = documented_bench_commands()
+
+
+def test_the_docs_show_bench_commands():
+    assert any(c.startswith("torchrun") for c in BENCH_COMMANDS) and any(c.startswith("python") for c in BENCH_COMMANDS)
+
+
+@pytest.mark.parametrize("line", BENCH_COMMANDS)
+def test_documented_bench_command_runs(line, tmp_path):
+    """launch/bench.py lines run as shown, at their rank count, shrunk to 2 timed steps after 1 of warm-up."""
+    toks = shlex.split(line)
+    nproc = next((int(t.split("=")[1]) for t in toks if t.startswith("--nproc_per_node=")), 1)
+    args = [*toks[toks.index("launch/bench.py") + 1:], "steps=2", "warmup=1", "profile_steps=1", f"run_dir={tmp_path}"]
+    proc = run_train(args, nproc=nproc, script="bench.py", timeout=300)
+    assert "tokens/s/device" in proc.stdout and (tmp_path / "bench.json").is_file()

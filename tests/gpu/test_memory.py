@@ -43,7 +43,7 @@ def test_profiled_run_writes_a_memory_snapshot_and_a_cuda_trace(runs):
     _, _, run_dir = runs("profiled")
     snap = pickle.loads((run_dir / "profile" / "memory-rank0-steps2-3.pickle").read_bytes())
     assert snap["segments"] and snap["device_traces"]
-    events = json.loads((run_dir / "profile" / "trace-rank0-steps2-3.json").read_text())["traceEvents"]
+    events = json.loads((run_dir / "profile" / "trace-rank0-steps2-3.pt.trace.json").read_text())["traceEvents"]
     assert any(e.get("cat") == "kernel" for e in events)
     split = phase_split(events, 2)
     assert split["timeline"].startswith("GPU kernels") and split["device"]["compute"] > 0

@@ -14,7 +14,7 @@ def test_profiler_trace_has_the_steps_forward_and_backward(tmp_path):
                       "training.micro_batch_size=2", "training.steps=4", "training.val_every=0", "optim.warmup_steps=1",
                       "logging.wandb.mode=disabled", "logging.tensorboard=false", "profile.steps=[2,3]",
                       f"run_dir={run}"])
-    trace = run / "profile" / "trace-rank0-steps2-3.json"
+    trace = run / "profile" / "trace-rank0-steps2-3.pt.trace.json"
     assert str(trace) in proc.stdout  # the path is printed
     events = json.loads(trace.read_text())["traceEvents"]
     names = [e.get("name", "") for e in events]
