@@ -46,6 +46,7 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
     from parallel.mesh import World, build_meshes
     from trainer.config import derive, model_args_of
     from trainer.faults import Faults
+    from trainer.profiling import Phases
     from trainer.trainer import Trainer
 
     data, p = str(cfg.parallel.data), cfg.parallel
@@ -77,6 +78,7 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
     trainer.cfg, trainer.plan, trainer.world, trainer.device = cfg, plan, world, world.device
     trainer.faults, trainer.skipped_steps, trainer._first_nonfinite, trainer.step = Faults(rank), 0, None, 0
     trainer.scaler = None  # (fp16's loss scale changes no byte that the simulation counts)
+    trainer.phases = Phases()  # the step's profiler ranges (no NVTX in a simulation)
     par = parallelize(build_model(args, device="meta"), cfg, plan.dims, world, loss_sum=trainer._logits_loss_sum,
                       meshes=meshes, fake=fake, stage_shapes=_stage_shapes(cfg, args, plan) if plan.dims.pp > 1 else None)
     with fake:
