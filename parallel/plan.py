@@ -597,7 +597,18 @@ def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
     return norms + gathered + attention + mlp
 
 
-def offloaded_per_token(cfg, args, tp: int) -> float:
+def blocks_by_ac(cfg, n_blocks: int) -> dict[str, int]:
+    """How many of a stage's `n_blocks` run under each AC mode: parallel.ac_every=k checkpoints the blocks whose
+    index in the stage is a multiple of k (parallel/activation.py apply_ac; full AC only), the rest keep
+    everything."""
+    ac, k = ac_mode(cfg), int(cfg.parallel.ac_every)
+    if ac != "full" or k <= 1:
+        return {ac: n_blocks}
+    checkpointed = -(-n_blocks // k)
+    return {"full": checkpointed, "none": n_blocks - checkpointed}
+
+
+def offloaded_per_token(cfg, args, tp: int, ac: str | None = None) -> float:
     """parallel.activation_offload: per token of the micro-batch, the bytes of a block's saved storages that go to
     the host (parallel/offload.py): those of at least activation_offload_min_bytes. Eager selective AC keeps its
     chosen outputs in the checkpoint's own cache, out of the hooks' reach, so only the block input moves (a
@@ -605,7 +616,7 @@ def offloaded_per_token(cfg, args, tp: int) -> float:
     p = cfg.parallel
     if not p.activation_offload:
         return 0.0
-    ac = ac_mode(cfg)
+    ac = ac or ac_mode(cfg)  # (`ac`: of one kind of block, under parallel.ac_every)
     saved = block_saved_tensors(args, ac=ac, mode=_precision_mode(cfg), tp=tp)
     movable = saved[:1] if ac.startswith("selective") and not p.compile else saved
     mb_tokens = cfg.training.micro_batch_size * cfg.training.seq_len // max(p.cp, 1)
@@ -838,22 +849,32 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
             gathered_b.append(kept)
 
     # -- activations: every stage's blocks x its microbatches in flight
-    blk = block_activation_bytes(args, ac=ac, mode=mode, tp=dims.tp)
-    block_mbs = sum(len(ranges[sid]) * n for sid, n in flying.items())  # (block, microbatch) pairs held
+    # (block, microbatch) pairs held, by the AC mode of the block (parallel.ac_every: some blocks keep everything)
+    pairs: dict[str, int] = {}
+    for sid, n in flying.items():
+        for kind, count in blocks_by_ac(cfg, len(ranges[sid])).items():
+            pairs[kind] = pairs.get(kind, 0) + count * n
+    block_mbs = sum(pairs.values())
     held = ", ".join(f"stage {sid}: {len(ranges[sid])} x {n}" for sid, n in flying.items())
-    moved = offloaded_per_token(cfg, args, dims.tp)  # per token and block, what activation offloading moves
-    acts: list[Term] = [Term(f"block activations ({ac} AC), blocks x microbatches in flight: {held}"
+    blk = {kind: block_activation_bytes(args, ac=kind, mode=mode, tp=dims.tp) for kind in pairs}
+    moved_of = {kind: offloaded_per_token(cfg, args, dims.tp, ac=kind) for kind in pairs}  # per token and block
+    moved = max(moved_of.values(), default=0.0)
+    kinds = " and ".join(f"{pairs[k]} under {k} AC" for k in pairs) if len(pairs) > 1 else f"{ac} AC"
+    acts: list[Term] = [Term(f"block activations ({kinds}), blocks x microbatches in flight: {held}"
                              + (" (what offloading leaves on the device)" if moved else ""),
-                             int((blk - moved) * mb_tokens * block_mbs), "activations")]
+                             int(sum((blk[k] - moved_of[k]) * pairs[k] for k in pairs) * mb_tokens), "activations")]
     if moved:
         acts.append(Term(f"offloaded block activations (parallel.activation_offload): {held}",
-                         int(moved * mb_tokens * block_mbs), "host"))
+                         int(sum(moved_of[k] * pairs[k] for k in pairs) * mb_tokens), "host"))
     # (training.float8: torchao's Float8Linear casts the fp32 weight straight to float8 and saves the weight itself
     # for backward, so there is no 2-byte copy; its float8 casts are a matmul's temporaries)
     float8 = str(t.float8) != "none"
-    if mode == "autocast" and ac != "full" and not float8:  # autocast's weight casts, saved for backward by each
-        # linear (one copy: autocast caches them for its region, and a pipeline step runs in one region)
-        w = sum(math.prod(q.tp) for q in params if q.unit != "root" and len(q.full) == 2)
+    plain = block_mbs and pairs.get("full", 0) < block_mbs  # some blocks not checkpointed
+    if mode == "autocast" and plain and not float8:  # autocast's weight casts, saved for backward by each linear
+        # of a block that is not checkpointed (one copy: autocast caches them for its region, and a pipeline step
+        # runs in one region; under ac_every the share of the blocks that keep everything)
+        share = 1.0 - pairs.get("full", 0) / block_mbs if ac == "full" else 1.0
+        w = share * sum(math.prod(q.tp) for q in params if q.unit != "root" and len(q.full) == 2)
         acts.append(Term("autocast's 2-byte copies of the block weights", int(2 * w), "activations"))
     boundary = (4 if mode != "mixed" else 2) * args.dim / dims.tp * mb_tokens  # one microbatch's hidden state
     pipeline: list[Term] = []
@@ -916,6 +937,11 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     moment_b = None
     if block_mbs:
         extra, temps = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp)
+        if ac == "full" and int(p.ac_every) > 1 and not any((len(ranges[sid]) - 1) % int(p.ac_every) == 0
+                                                            for sid in flying):
+            # the stage's last block keeps everything: nothing recomputed here, and a checkpointed block's
+            # recompute comes after the last block's activations are freed (a smaller sum than this one)
+            extra = 0.0
         kept = [a for a in acts if not a.name.startswith("final norm")]
         moment_b = states + states_bw + grads_at_loss + gathered_b + gathered_zero + kept
         if moved:  # the block in backward came back from the host, and the one before it is coming

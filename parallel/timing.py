@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from parallel.plan import (SELECTIVE_EVERY_SECOND, V_SHAPED, ZERO_STAGES, ParallelDims, ac_mode, bucket_elements, _model_states, _params_of_rank,
+from parallel.plan import (SELECTIVE_EVERY_SECOND, V_SHAPED, ZERO_STAGES, ParallelDims, ac_mode, blocks_by_ac, bucket_elements, _model_states, _params_of_rank,
                            _precision_mode, block_activation_bytes, block_recompute_bytes, microbatches, n_stages,
                            data_strategy, offloaded_per_token, reshards_after_forward, split_blocks, stage_ids, stages_per_rank)
 
@@ -345,8 +345,9 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
         saved = block_activation_bytes(args, ac="none", mode=mode, tp=dims.tp)
         parts["memory_bound_ops"] = 4 * saved * tokens_rank * len(blocks) / hw.mem_bw
         recomputed, _ = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp)
-        if ac == "full":
-            extra = tokens_rank * (2 * block_n + len(blocks) * attn / 3 / dims.tp)
+        if ac == "full":  # (parallel.ac_every=k: the checkpointed share of the blocks runs its forward again)
+            share = blocks_by_ac(cfg, len(blocks)).get("full", 0) / len(blocks) if blocks else 0.0
+            extra = share * tokens_rank * (2 * block_n + len(blocks) * attn / 3 / dims.tp)
             hw_flops += extra
             parts["recompute"] = extra / hw.matmul_flops
         elif sac == "selective":

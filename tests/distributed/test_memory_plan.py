@@ -63,6 +63,9 @@ LAYOUTS = [
     # the blocks' linears in float8, torchao's emulation (on a GPU the float8 casts' temporaries differ)
     ("float8", 1, FLOAT8),
     ("fsdp_float8", 2, ["parallel.data=fsdp", *FLOAT8]),
+    # full AC on every second block only (the others keep everything)
+    ("ac_every_2", 1, ["parallel.ac_every=2"]),
+    ("fsdp_ac_every_2", 2, ["parallel.data=fsdp", "parallel.ac_every=2"]),
     # selective AC keeping every second matmul's output (torchtitan's op-level SAC)
     ("sac_every_second", 1, ["parallel.sac_matmuls=every_second"]),
     ("tp_sac_every_second", 2, ["parallel.tp=2", "parallel.sac_matmuls=every_second"]),
@@ -81,6 +84,7 @@ MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
             "fsdp_activation_offload": ["none/fp32", "full/bf16"], "tp_activation_offload": ["none/fp32"],
             "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
             "float8": ["none/bf16", "selective/bf16", "full/bf16"], "fsdp_float8": ["none/bf16", "full/bf16"],
+            "ac_every_2": ["full/fp32", "full/bf16"], "fsdp_ac_every_2": ["full/fp32", "full/bf16"],
             "sac_every_second": ["selective/fp32", "selective/bf16"], "tp_sac_every_second": ["selective/fp32"], "long": ["none/fp32", "full/bf16"], "cp_2": ["none/fp32", "full/bf16"], "cp_2_ring": ["none/fp32"],
             "fsdp_cp_2x2": ["none/fp32"]}
 
