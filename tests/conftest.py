@@ -24,3 +24,17 @@ def cache_dir(tmp_path_factory) -> str:
 def _quiet_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/gpu/ needs a CUDA GPU (launch/gpu_check.sh runs it on one): skipped here without one, unless
+    SHARDWISE_GPU_TESTS_ON=cpu rehearses the tests' own code on the CPU."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("SHARDWISE_GPU_TESTS_ON") == "cpu":
+        return
+    gpu = Path(__file__).resolve().parent / "gpu"
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (launch/gpu_check.sh runs tests/gpu/ on one)")
+    for item in items:
+        if gpu in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(skip)

@@ -1,8 +1,13 @@
-"""The runs tests/gpu/ compares (launched by conftest.py's `runs` fixture) and their shared helpers."""
+"""The runs tests/gpu/ compares, the `runs` fixture that launches each once per test module (imported by the
+modules), and their helpers. (tests/gpu/ has no conftest.py of its own: a second module named `conftest` would
+shadow tests/distributed/conftest.py for the tests that import it; tests/conftest.py skips tests/gpu/ without
+CUDA.)"""
 
 from __future__ import annotations
 
 import os
+
+import pytest
 
 # SHARDWISE_GPU_TESTS_ON=cpu: run them on the CPU anyway, to rehearse the tests' own code (the CUDA-only ones fail)
 DEVICE = os.environ.get("SHARDWISE_GPU_TESTS_ON", "cuda")
@@ -42,3 +47,22 @@ RUNS = {
 
 def close(a, b, rel):
     return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """runs(name) -> (process, losses per step, run dir): launch/train.py as one plain process (FSDP and
+    DeepSpeed on a one-rank group), once per module."""
+    from helpers import metric_rows, run_train
+
+    cache = {}
+
+    def run(name: str):
+        if name not in cache:
+            run_dir = tmp_path_factory.mktemp(name) / "run"
+            proc = run_train([*TINY, *RUNS[name], f"run_dir={run_dir}"], timeout=600)
+            losses = [r["train/loss"] for r in metric_rows(run_dir / "metrics.jsonl") if "train/loss" in r]
+            cache[name] = proc, losses, run_dir
+        return cache[name]
+
+    return run

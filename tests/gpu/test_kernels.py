@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_runs import close
+from gpu_runs import close, runs  # noqa: F401  (runs: the fixture)
 
 
 @pytest.mark.parametrize("kernel", ["flash", "cudnn", "efficient"])

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from gpu_runs import RUNS, TINY
+from gpu_runs import RUNS, TINY, runs  # noqa: F401  (runs: the fixture)
 from helpers import metric_rows, read_jsonl, run_train
 
 

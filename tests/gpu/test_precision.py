@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_runs import close
+from gpu_runs import close, runs  # noqa: F401  (runs: the fixture)
 
 
 def test_cuda_fp32_matches_the_cpu(runs):

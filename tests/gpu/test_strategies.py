@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpu_runs import close
+from gpu_runs import close, runs  # noqa: F401  (runs: the fixture)
 
 
 def test_fused_adamw_on_fsdp_shards_equals_foreach(runs):
