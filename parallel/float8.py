@@ -29,14 +29,11 @@ def convert(model: nn.Module, recipe: str, *, emulate: bool) -> int:
     """Swap the eligible linears of `model` (meta device) in place; returns how many were swapped."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
-    before = sum(isinstance(m, nn.Linear) for m in model.modules())
-    convert_to_float8_training(model, config=config, module_filter_fn=_filter)
     from torchao.float8.float8_linear import Float8Linear
 
-    swapped = sum(isinstance(m, Float8Linear) for m in model.modules())
-    assert swapped <= before
-    return swapped
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+    convert_to_float8_training(model, config=config, module_filter_fn=_filter)
+    return sum(isinstance(m, Float8Linear) for m in model.modules())
 
 
 def config_problems(cfg, *, runs_on_cpu: bool) -> list[str]:
