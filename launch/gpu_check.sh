@@ -68,8 +68,8 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit; a failed st
   return 0
 }
 FAILED=()
-ANCHOR=$GPU_DIR/plain_torch_llama.py
-[ -f "$ANCHOR" ] || ANCHOR=$REPO/../shared/bench/plain_torch_llama.py
+ANCHOR=${ANCHOR_SCRIPT:-$GPU_DIR/plain_torch_llama.py}  # (ANCHOR_SCRIPT: another copy of it)
+[ -f "$ANCHOR" ] || [ -n "${ANCHOR_SCRIPT:-}" ] || ANCHOR=$REPO/../shared/bench/plain_torch_llama.py
 APPEND=(bash -c 'out=$1; shift; "$@" >> "$out" 2>&1' append)  # APPEND FILE COMMAND...: output into FILE
 anchor() {  # anchor NAME [VAR=value ...] -- ARGS...: the plain-PyTorch anchor, its lines appended to anchor.log
   local name=$1 envs=()
@@ -162,7 +162,9 @@ if [ "$PART" = levers ] || [ "$PART" = all ]; then
   fi
 fi
 if [ -f "$OUT/results.jsonl" ]; then
-  "$PY" launch/bench.py --report "$OUT/results.jsonl" "$OUT/anchor.log" > "$OUT/report.md" 2>&1
+  ANCHOR_LOGS=()
+  [ -f "$OUT/anchor.log" ] && ANCHOR_LOGS=("$OUT/anchor.log")
+  step "report" 60 "${APPEND[@]}" "$OUT/report.md" "$PY" launch/bench.py --report "$OUT/results.jsonl" "${ANCHOR_LOGS[@]}"
   cat "$OUT/report.md"
 fi
 rm -rf "$SCRATCH"
