@@ -31,10 +31,6 @@ import time
 from pathlib import Path
 
 OWN = {"steps": 10, "warmup": 3, "profile_steps": 2, "out": None}
-# vendor datasheet dense peaks (TFLOP/s), by device name and compute dtype: inputs, not measurements
-VENDOR_PEAK = {("H100", "bf16"): 989.0, ("H200", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H200", "fp16"): 989.0,
-               ("H100", "fp32"): 67.0, ("H200", "fp32"): 67.0, ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0,
-               ("A100", "fp32"): 19.5}
 
 
 def split_args(argv: list[str]) -> tuple[dict, list[str]]:
@@ -76,16 +72,6 @@ def sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def vendor_peak(device, precision: str) -> float | None:
-    import torch
-
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    dtype = "bf16" if precision in ("bf16", "float8") else precision
-    return next((v for (card, p), v in VENDOR_PEAK.items() if card in name and p == dtype), None)
 
 
 def hw_flops_ratio(cfg, plan) -> float:
@@ -162,7 +148,7 @@ def run(argv: list[str]) -> dict:
     tokens_per_s = plan.tokens_per_step / step_s / world
     tflops = plan.flops_per_token * tokens_per_s / 1e12
     ratio = hw_flops_ratio(cfg, plan)
-    vendor = vendor_peak(dev, precision)
+    vendor = trainer.peak_tflops  # logging.peak_tflops, else a known GPU's datasheet peak (trainer/metrics.py)
     top = plan.memory.most_loaded
     result = {
         "recipe": cfg.name, "overrides": [a for a in overrides if not a.startswith(("run_dir=", "recipe="))], "layout": plan.dims.describe(), "params": plan.params,

@@ -29,7 +29,7 @@ from parallel.activation import apply_ac
 from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
 from parallel.dtensor import full
-from parallel.mesh import ParallelDims, World, build_meshes
+from parallel.mesh import ParallelDims, World, build_meshes, needs_process_group
 from parallel.pipeline import PipelineLoss, build_schedule, split_model
 from parallel.plan import reshards_after_forward, microbatches
 from parallel.tensor import apply_tp, keep_grads_sharded_like_params
@@ -140,8 +140,7 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
     p, t = cfg.parallel, cfg.training
     data = str(p.data)
     device = world.device
-    # (one process runs FSDP and DeepSpeed on a one-rank group: parallel/mesh.py init_distributed)
-    grouped = world.world_size > 1 or data in ("fsdp", "hsdp") or data.startswith("zero")
+    grouped = world.world_size > 1 or needs_process_group(data)  # (a one-rank group for FSDP and DeepSpeed)
     mesh = meshes if meshes is not None else build_meshes(dims, device.type) if grouped else None
     if data.startswith("zero"):  # DeepSpeed owns sharding, precision and the step (parallel/zero.py)
         from parallel.zero import parallelize_zero

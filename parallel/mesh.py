@@ -62,6 +62,12 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def needs_process_group(data: str) -> bool:
+    """FSDP and DeepSpeed work through a process group and a mesh even on one rank (init_distributed starts a
+    one-rank group for them when the run is one plain process)."""
+    return data in ("fsdp", "hsdp") or data.startswith("zero")
+
+
 def init_distributed(requested_device: str, *, timeout_s: float = 600.0, one_rank_group: bool = False) -> World:
     """Start the default process group when launched with several ranks (nccl and gloo on GPU, gloo on CPU).
     `one_rank_group`: a strategy that works through a process group (FSDP, DeepSpeed) gets one of a single rank

@@ -90,6 +90,24 @@ def run_train(args: list[str], *, nproc: int = 1, timeout: float = 300, env: dic
     return proc
 
 
+def once_per_name(tmp_path_factory, launch):
+    """The body of a module fixture: run(name) calls launch(name, a fresh run directory) the first time and returns
+    its result, cached, every time (so the assertions of several tests share one launch)."""
+    cache = {}
+
+    def run(name: str):
+        if name not in cache:
+            cache[name] = launch(name, tmp_path_factory.mktemp(name) / "run")
+        return cache[name]
+
+    return run
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    """The logged training losses of a run, step by step."""
+    return [r["train/loss"] for r in metric_rows(Path(run_dir) / "metrics.jsonl") if "train/loss" in r]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -694,7 +694,7 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     problems += optim_problems(cfg, args)
     problems += data_problems(cfg, args)
     problems += checkpoint_problems(cfg)
-    problems += profile_problems(cfg)
+    problems += profile_problems(cfg, runs_on_cpu=runs_on_cpu)
 
     # logging and output
     if cfg.logging.every < 1:

@@ -4,7 +4,8 @@ https://pytorch.org/memory_viz, also dumped when the run dies of an out-of-memor
 
 Files: `<profile.dir or run_dir/profile>/trace-rank<r>-steps<start>-<end>.pt.trace.json` and
 `memory-rank<r>-steps<start>-<end>.pickle` (`memory-rank<r>-oom.pickle` after an OOM). The trainer wraps each
-step's work in ranges named `shardwise.<phase>` (PHASES), so they are easy to find; with `profile.nvtx: true` the
+step's work in ranges named `shardwise.<phase>` (data, forward_backward, forward, backward, optimizer_step,
+log_sync, checkpoint_save), so they are easy to find; with `profile.nvtx: true` the
 same ranges are NVTX ranges too, for Nsight Systems. `phase_split` reads a trace back into a step's split.
 """
 
@@ -15,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-# The ranges every training step opens (trainer/trainer.py): `forward_backward` holds a step's forward and
-# backward passes (one pipeline schedule step under pp, where the two interleave), the others their own work.
-PHASES = ("data", "forward_backward", "forward", "backward", "optimizer_step", "log_sync", "checkpoint_save")
+# (`forward_backward` holds a step's forward and backward passes: one pipeline schedule step under pp, where the
+# two interleave.)
 
 
 class Phases:
@@ -90,8 +90,9 @@ class Profiler:
             self.dump_memory(self.dir / f"memory-rank{self.rank}-oom.pickle")
 
 
-def config_problems(cfg) -> list[str]:
-    """The profile section's rules (trainer/config.py::validate collects every subsystem's)."""
+def config_problems(cfg, *, runs_on_cpu: bool) -> list[str]:
+    """The profile section's rules (trainer/config.py::validate collects every subsystem's; `runs_on_cpu`: its
+    verdict on where this run's steps run)."""
     t = cfg.training
     problems: list[str] = []
     pr = cfg.profile
@@ -99,11 +100,9 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"profile.steps={list(pr.steps)} must be [start, end] with 1 <= start <= end")
     if pr.memory_snapshot and not pr.steps:
         problems.append("profile.memory_snapshot=true needs profile.steps=[start,end] (the steps to record)")
-    on_cpu = str(t.device) == "cpu" or (str(t.device) == "auto" and not torch.cuda.is_available() and not cfg.dry_run)
-    if pr.nvtx and on_cpu:
+    if pr.nvtx and runs_on_cpu:
         problems.append(f"profile.nvtx=true writes NVTX ranges, which are CUDA's; training.device={t.device} runs on "
-                        "the CPU here (the "
-                        "same shardwise.* ranges are in the torch profiler trace: set profile.steps=[start,end])")
+                        "the CPU here (the same shardwise.* ranges are in the torch profiler trace: set profile.steps=[start,end])")
     if pr.memory_snapshot and str(t.device) == "cpu":
         problems.append("profile.memory_snapshot=true records the CUDA caching allocator; training.device=cpu has "
                         "none (on CPU, peak RSS is logged every step)")

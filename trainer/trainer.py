@@ -23,7 +23,7 @@ from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.dtensor import full
 from parallel.memory import OFFLOADED
-from parallel.mesh import destroy_distributed, init_distributed
+from parallel.mesh import destroy_distributed, init_distributed, needs_process_group
 from trainer.checkpoint import Checkpointer, checkpoint_root, select_resume
 from trainer.config import Plan, Precision, banner, model_args_of, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
@@ -52,8 +52,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
 
         # 2. process group (nccl on GPU, gloo on CPU) and this rank's place in it
-        self.world = init_distributed(t.device, one_rank_group=str(cfg.parallel.data) in ("fsdp", "hsdp", "zero1",
-                                                                                        "zero2", "zero3"))
+        self.world = init_distributed(t.device, one_rank_group=needs_process_group(str(cfg.parallel.data)))
         self.device = self.world.device
         torch.manual_seed(t.seed)
         # two gloo groups beside the training one, so that neither interleaves with (or synchronizes) the

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import TINY
-from helpers import run_train
+from helpers import once_per_name, run_train
 
 BENCH = [*TINY, "training.global_batch_size=8", "steps=3", "warmup=2", "profile_steps=2"]
 LAYOUTS = {"one_process": (1, []), "fsdp_2": (2, ["parallel.data=fsdp"])}
@@ -15,17 +15,12 @@ LAYOUTS = {"one_process": (1, []), "fsdp_2": (2, ["parallel.data=fsdp"])}
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    cache = {}
+    def launch(name, run_dir):
+        nproc, overrides = LAYOUTS[name]
+        proc = run_train([*BENCH, *overrides, f"run_dir={run_dir}"], nproc=nproc, script="bench.py")
+        return proc, json.loads((run_dir / "bench.json").read_text()), run_dir
 
-    def run(name: str):
-        if name not in cache:
-            nproc, overrides = LAYOUTS[name]
-            run_dir = tmp_path_factory.mktemp(name) / "run"
-            proc = run_train([*BENCH, *overrides, f"run_dir={run_dir}"], nproc=nproc, script="bench.py")
-            cache[name] = proc, json.loads((run_dir / "bench.json").read_text()), run_dir
-        return cache[name]
-
-    return run
+    return once_per_name(tmp_path_factory, launch)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -140,14 +140,16 @@ def test_docs_cite_only_files_that_exist():
     assert not missing, missing
 
 
-def documented_script_commands(script: str) -> list[str]:
-    """Every `python launch/<script>` line of the docs, in code blocks and inline."""
+def documented_script_commands(script: str, *, torchrun: bool = False) -> list[str]:
+    """Every `python launch/<script>` line of the docs (with `torchrun`, also `torchrun ... launch/<script>` and
+    `python -m ...` ones), in code blocks and inline."""
+    lead = r"(?:python|torchrun) [^`]*" if torchrun else r"python "
     out = set()
     for _, line, inside in doc_lines():
-        if inside and re.match(rf"^python launch/{re.escape(script)}\b", line):
+        if inside and re.match(rf"^{lead}launch/{re.escape(script)}\b", line):
             out.add(line)
         elif not inside:
-            out |= set(re.findall(rf"`(python launch/{re.escape(script)}[^`]*)`", line))
+            out |= set(re.findall(rf"`({lead}launch/{re.escape(script)}[^`]*)`", line))
     return sorted(out)
 
 
@@ -237,19 +239,8 @@ def test_documented_compare_command_runs(line, tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
 
 
-def documented_bench_commands() -> list[str]:
-    """Every `python launch/bench.py` and `torchrun ... launch/bench.py` line of the docs, code blocks and inline
-    (the --report form is run by tests/distributed/test_gpu_check.py)."""
-    out = set()
-    for _, line, inside in doc_lines():
-        if inside and re.match(r"^(python|torchrun) .*launch/bench\.py\b", line):
-            out.add(line)
-        elif not inside:
-            out |= set(re.findall(r"`((?:python|torchrun) [^`]*launch/bench\.py[^`]*)`", line))
-    return sorted(c for c in out if "--report" not in c)
-
-
-BENCH_COMMANDS = documented_bench_commands()
+# (the --report form is run by tests/distributed/test_gpu_check.py)
+BENCH_COMMANDS = [c for c in documented_script_commands("bench.py", torchrun=True) if "--report" not in c]
 
 
 def test_the_docs_show_bench_commands():

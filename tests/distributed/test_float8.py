@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import TINY
-from helpers import metric_rows, run_train
+from helpers import losses_of, once_per_name, run_train
 
 BASE = [*[a for a in TINY if not a.startswith(("logging.jsonl", "logging.console"))], "training.precision=bf16",
         "training.global_batch_size=8", "training.steps=4", "logging.every=1"]
@@ -19,18 +19,12 @@ RUNS = {"bf16": (1, []), "tensorwise": (1, ["training.float8=tensorwise", *EMULA
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    cache = {}
+    def launch(name, run_dir):
+        nproc, overrides = RUNS[name]
+        proc = run_train([*BASE, *overrides, f"run_dir={run_dir}"], nproc=nproc)
+        return proc, losses_of(run_dir)
 
-    def run(name: str):
-        if name not in cache:
-            nproc, overrides = RUNS[name]
-            run_dir = tmp_path_factory.mktemp(name) / "run"
-            proc = run_train([*BASE, *overrides, f"run_dir={run_dir}"], nproc=nproc)
-            losses = [r["train/loss"] for r in metric_rows(run_dir / "metrics.jsonl") if "train/loss" in r]
-            cache[name] = proc, losses
-        return cache[name]
-
-    return run
+    return once_per_name(tmp_path_factory, launch)
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])

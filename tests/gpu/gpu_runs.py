@@ -53,16 +53,10 @@ def close(a, b, rel):
 def runs(tmp_path_factory):
     """runs(name) -> (process, losses per step, run dir): launch/train.py as one plain process (FSDP and
     DeepSpeed on a one-rank group), once per module."""
-    from helpers import metric_rows, run_train
+    from helpers import losses_of, once_per_name, run_train
 
-    cache = {}
+    def launch(name, run_dir):
+        proc = run_train([*TINY, *RUNS[name], f"run_dir={run_dir}"], timeout=600)
+        return proc, losses_of(run_dir), run_dir
 
-    def run(name: str):
-        if name not in cache:
-            run_dir = tmp_path_factory.mktemp(name) / "run"
-            proc = run_train([*TINY, *RUNS[name], f"run_dir={run_dir}"], timeout=600)
-            losses = [r["train/loss"] for r in metric_rows(run_dir / "metrics.jsonl") if "train/loss" in r]
-            cache[name] = proc, losses, run_dir
-        return cache[name]
-
-    return run
+    return once_per_name(tmp_path_factory, launch)
