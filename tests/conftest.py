@@ -7,6 +7,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import costs  # noqa: E402  (tests/costs.py: with SHARDWISE_COST_LOG set, every test and launch is timed)
+
+costs.install()
+
 # DeepSpeed compiles its CPU Adam and shared-memory ops on first use (a minute or more): one build directory for
 # every test and every process the suite starts, kept between runs on this machine
 os.environ.setdefault("TORCH_EXTENSIONS_DIR",
@@ -38,3 +42,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if gpu in Path(str(item.fspath)).resolve().parents:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """Each test's setup, call and teardown seconds, summed into one row of the cost log (tests/costs.py)."""
+    state = _test_seconds.setdefault(report.nodeid, [0.0, "passed"])
+    state[0] += report.duration
+    if report.failed:
+        state[1] = "failed"
+    elif report.skipped and report.when != "teardown":
+        state[1] = "skipped"
+    if report.when == "teardown":
+        costs.log_test(report.nodeid, *_test_seconds.pop(report.nodeid))
+
+
+_test_seconds: dict[str, list] = {}
