@@ -30,6 +30,15 @@ import sys
 import time
 from pathlib import Path
 
+from models.args import model_args_of
+from parallel.memory import StepMemory
+from parallel.mesh import env_world_size
+from parallel.timing import gpu_hardware, step_time
+from trainer.config import ConfigError, load_config
+from trainer.profiling import phase_split
+from trainer.trainer import Trainer
+from trainer.validate import check
+
 OWN = {"steps": 10, "warmup": 3, "profile_steps": 2, "out": None}
 
 
@@ -76,8 +85,6 @@ def sync(device) -> None:
 
 def hw_flops_ratio(cfg, plan) -> float:
     """Hardware FLOPs over model FLOPs: parallel/timing.py's count of what activation checkpointing reruns."""
-    from parallel.timing import gpu_hardware, step_time
-    from trainer.config import model_args_of
 
     st = step_time(cfg, model_args_of(cfg), plan.dims, gpu_hardware(None, str(cfg.training.precision)))
     return st.hw_flops / st.flops if st.flops else 1.0
@@ -88,20 +95,23 @@ def run(argv: list[str]) -> dict:
     import torch
     import torch.distributed as dist
 
-    from parallel.mesh import env_world_size
-    from trainer.config import check, load_config
-
     total = own["warmup"] + own["steps"] + own["profile_steps"] + 1
-    cfg = load_config([*overrides, f"training.steps={total}", "training.val_every=0", "checkpoint.every=0",
-                       "logging.tensorboard=false", "logging.wandb.mode=disabled", "logging.memory_breakdown=false"])
+    cfg = load_config(
+        [
+            *overrides,
+            f"training.steps={total}",
+            "training.val_every=0",
+            "checkpoint.every=0",
+            "logging.tensorboard=false",
+            "logging.wandb.mode=disabled",
+            "logging.memory_breakdown=false",
+        ]
+    )
     if int(cfg.optim.warmup_steps) > total:
         cfg.optim.warmup_steps = total  # the learning-rate warm-up does not change the speed
     if not any(a.startswith("run_dir=") for a in overrides):
         cfg.run_dir = f"runs/bench-{cfg.name}"
     plan = check(cfg, env_world_size())
-    from parallel.memory import StepMemory
-    from trainer.profiling import phase_split
-    from trainer.trainer import Trainer
 
     t0 = time.perf_counter()
     trainer = Trainer(cfg, plan)
@@ -151,20 +161,40 @@ def run(argv: list[str]) -> dict:
     vendor = trainer.peak_tflops  # logging.peak_tflops, else a known GPU's datasheet peak (trainer/metrics.py)
     top = plan.memory.most_loaded
     result = {
-        "recipe": cfg.name, "overrides": [a for a in overrides if not a.startswith(("run_dir=", "recipe="))], "layout": plan.dims.describe(), "params": plan.params,
-        "seq_len": int(cfg.training.seq_len), "micro_batch_size": int(cfg.training.micro_batch_size),
-        "world_size": world, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "precision": precision,
-        "tokens_per_step": plan.tokens_per_step, "warmup_steps": own["warmup"], "timed_steps": own["steps"],
-        "startup_s": startup, "step_s": step_s, "tokens_per_s_per_device": tokens_per_s,
-        "tflops_per_device": tflops, "hw_tflops_per_device": tflops * ratio,
-        "matmul_tflops_measured": measured_peak, "vendor_peak_tflops": vendor,
-        "mfu_vs_measured": tflops / measured_peak, "hfu_vs_measured": tflops * ratio / measured_peak,
-        "mfu_vs_vendor": tflops / vendor if vendor else None, "hfu_vs_vendor": tflops * ratio / vendor if vendor else None,
-        "loss": loss, "memory": memory, "tracked": ranks,
+        "recipe": cfg.name,
+        "overrides": [a for a in overrides if not a.startswith(("run_dir=", "recipe="))],
+        "layout": plan.dims.describe(),
+        "params": plan.params,
+        "seq_len": int(cfg.training.seq_len),
+        "micro_batch_size": int(cfg.training.micro_batch_size),
+        "world_size": world,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "precision": precision,
+        "tokens_per_step": plan.tokens_per_step,
+        "warmup_steps": own["warmup"],
+        "timed_steps": own["steps"],
+        "startup_s": startup,
+        "step_s": step_s,
+        "tokens_per_s_per_device": tokens_per_s,
+        "tflops_per_device": tflops,
+        "hw_tflops_per_device": tflops * ratio,
+        "matmul_tflops_measured": measured_peak,
+        "vendor_peak_tflops": vendor,
+        "mfu_vs_measured": tflops / measured_peak,
+        "hfu_vs_measured": tflops * ratio / measured_peak,
+        "mfu_vs_vendor": tflops / vendor if vendor else None,
+        "hfu_vs_vendor": tflops * ratio / vendor if vendor else None,
+        "loss": loss,
+        "memory": memory,
+        "tracked": ranks,
         "tracked_peak_bytes": max(r["peak"] for r in ranks),
-        "predicted_peak_bytes": top.peak_bytes, "predicted_categories": top.by_category(),
-        "predicted_host_bytes": top.host_bytes, "split": split, "run_dir": str(cfg.run_dir),
+        "predicted_peak_bytes": top.peak_bytes,
+        "predicted_categories": top.by_category(),
+        "predicted_host_bytes": top.host_bytes,
+        "split": split,
+        "run_dir": str(cfg.run_dir),
     }
     trainer.close()
     return result
@@ -176,24 +206,29 @@ def table(r: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    lines = [f"{r['recipe']} {' '.join(r['overrides'])} | {r['layout']} | {r['device']} x {r['world_size']} | torch {r['torch']}",
-             f"  start-up {r['startup_s']:.1f} s; {r['timed_steps']} steps after {r['warmup_steps']} of warm-up: "
-             f"{r['step_s']:.4f} s/step, {r['tokens_per_s_per_device']:,.0f} tokens/s/device, "
-             f"{r['tflops_per_device']:.2f} TFLOP/s ({r['hw_tflops_per_device']:.2f} with recompute)",
-             f"  MFU {pct(r['mfu_vs_measured'])} / HFU {pct(r['hfu_vs_measured'])} of the measured matmul rate "
-             f"({r['matmul_tflops_measured']:.1f} TFLOP/s); of the vendor peak: MFU {pct(r['mfu_vs_vendor'])}, "
-             f"HFU {pct(r['hfu_vs_vendor'])}",
-             f"  memory: predicted {r['predicted_peak_bytes'] / mib:,.1f} MiB, tracked {r['tracked_peak_bytes'] / mib:,.1f} MiB "
-             f"(most loaded rank); " + ", ".join(f"{k} {v:.2f}" for k, v in r["memory"].items()),
-             ]
+    lines = [
+        f"{r['recipe']} {' '.join(r['overrides'])} | {r['layout']} | {r['device']} x {r['world_size']} | "
+        f"torch {r['torch']}",
+        f"  start-up {r['startup_s']:.1f} s; {r['timed_steps']} steps after {r['warmup_steps']} of warm-up: "
+        f"{r['step_s']:.4f} s/step, {r['tokens_per_s_per_device']:,.0f} tokens/s/device, "
+        f"{r['tflops_per_device']:.2f} TFLOP/s ({r['hw_tflops_per_device']:.2f} with recompute)",
+        f"  MFU {pct(r['mfu_vs_measured'])} / HFU {pct(r['hfu_vs_measured'])} of the measured matmul rate "
+        f"({r['matmul_tflops_measured']:.1f} TFLOP/s); of the vendor peak: MFU {pct(r['mfu_vs_vendor'])}, "
+        f"HFU {pct(r['hfu_vs_vendor'])}",
+        f"  memory: predicted {r['predicted_peak_bytes'] / mib:,.1f} MiB, "
+        f"tracked {r['tracked_peak_bytes'] / mib:,.1f} MiB "
+        f"(most loaded rank); " + ", ".join(f"{k} {v:.2f}" for k, v in r["memory"].items()),
+    ]
     s = r.get("split")
     if s:
         ph = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in s["phases"].items())
         d = s["device"]
         lines.append(f"  per step (ms): {ph}")
-        lines.append(f"  device ({s['timeline']}): window {1e3 * d['window']:.1f}, compute {1e3 * d['compute']:.1f}, "
-                     f"communication {1e3 * d['communication']:.1f} (exposed {1e3 * d['communication_exposed']:.1f}), "
-                     f"idle {1e3 * d['idle']:.1f}")
+        lines.append(
+            f"  device ({s['timeline']}): window {1e3 * d['window']:.1f}, compute {1e3 * d['compute']:.1f}, "
+            f"communication {1e3 * d['communication']:.1f} (exposed {1e3 * d['communication_exposed']:.1f}), "
+            f"idle {1e3 * d['idle']:.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -211,31 +246,42 @@ def anchor_rows(path: Path) -> list[dict]:
 def report(results: list[dict], anchors: list[dict]) -> str:
     """A markdown table of bench results, each against the best anchor row of its shape (the same sequence length
     and parameter count, to 2%) measured in the same job: docs/benchmarks.md's table."""
-    head = ("| run | tokens/s/device | vs anchor | MFU (measured matmul / vendor) | HFU | start-up | peak predicted | "
-            "tracked | allocated | reserved |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    head = (
+        "| run | tokens/s/device | vs anchor | MFU (measured matmul / vendor) | HFU | start-up | peak predicted | "
+        "tracked | allocated | reserved |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     gib = 2**30
     lines = [head]
     for r in results:
         # (the anchor rounds its parameter count to 1e6: a tiny model matches within that rounding)
-        same = [a for a in anchors if a["seq"] == r["seq_len"]
-                and abs(a["params_b"] * 1e9 - r["params"]) <= max(0.02 * r["params"], 5e5)]
+        same = [
+            a
+            for a in anchors
+            if a["seq"] == r["seq_len"] and abs(a["params_b"] * 1e9 - r["params"]) <= max(0.02 * r["params"], 5e5)
+        ]
         best = max(same, key=lambda a: a["tokens_per_s"], default=None)
-        ratio = f"{r['tokens_per_s_per_device'] / best['tokens_per_s']:.3f}x of {best['tokens_per_s']:,}" if best else "-"
+        ratio = (
+            f"{r['tokens_per_s_per_device'] / best['tokens_per_s']:.3f}x of {best['tokens_per_s']:,}" if best else "-"
+        )
         mem = r["memory"]
         vendor = "-" if r["mfu_vs_vendor"] is None else f"{100 * r['mfu_vs_vendor']:.1f}%"
         alloc = mem.get("mem/peak_allocated_gib")
         res = mem.get("mem/peak_reserved_gib")
-        lines.append(f"| {r['recipe']} {' '.join(r['overrides'])} | {r['tokens_per_s_per_device']:,.0f} | {ratio} | "
-                     f"{100 * r['mfu_vs_measured']:.1f}% / {vendor} | {100 * r['hfu_vs_measured']:.1f}% | "
-                     f"{r['startup_s']:.1f} s | {r['predicted_peak_bytes'] / gib:.2f} GiB | "
-                     f"{r['tracked_peak_bytes'] / gib:.2f} GiB | {'-' if alloc is None else f'{alloc:.2f} GiB'} | "
-                     f"{'-' if res is None else f'{res:.2f} GiB'} |")
+        lines.append(
+            f"| {r['recipe']} {' '.join(r['overrides'])} | {r['tokens_per_s_per_device']:,.0f} | {ratio} | "
+            f"{100 * r['mfu_vs_measured']:.1f}% / {vendor} | {100 * r['hfu_vs_measured']:.1f}% | "
+            f"{r['startup_s']:.1f} s | {r['predicted_peak_bytes'] / gib:.2f} GiB | "
+            f"{r['tracked_peak_bytes'] / gib:.2f} GiB | {'-' if alloc is None else f'{alloc:.2f} GiB'} | "
+            f"{'-' if res is None else f'{res:.2f} GiB'} |"
+        )
     if anchors:
         lines += ["", "| anchor (plain PyTorch) | tokens/s | MFU | peak |", "| --- | ---: | ---: | ---: |"]
         for a in anchors:
-            lines.append(f"| {a['size']} seq {a['seq']} batch {a['bs']} ac {a['ac']} compile {a['compile']} {a['opt']} "
-                         f"{a['mode']} | {a['tokens_per_s']:,} | {100 * a['mfu_vs_measured_peak']:.1f}% | "
-                         f"{a['peak_mem_gib']} GiB |")
+            lines.append(
+                f"| {a['size']} seq {a['seq']} batch {a['bs']} ac {a['ac']} compile {a['compile']} {a['opt']} "
+                f"{a['mode']} | {a['tokens_per_s']:,} | {100 * a['mfu_vs_measured_peak']:.1f}% | "
+                f"{a['peak_mem_gib']} GiB |"
+            )
     return "\n".join(lines)
 
 
@@ -248,7 +294,6 @@ def main(argv: list[str]) -> int:
         anchors = [row for path in argv[2:] for row in anchor_rows(Path(path))]
         print(report(results, anchors))
         return 0
-    from trainer.config import ConfigError
 
     try:
         result = run(argv)

@@ -15,14 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.checkpoint import HASH, checkpoint_files, hash_share, manifest_problems
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str]) -> int:
     import torch
     import torch.distributed.checkpoint as dcp
-
-    from trainer.checkpoint import HASH, checkpoint_files, hash_share, manifest_problems
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-mb", type=int, default=1024)
@@ -61,8 +61,10 @@ def main(argv: list[str]) -> int:
     shutil.rmtree(a.dir, ignore_errors=True)
     print(f"{'repeat':>6} {'size MB':>8} {'write s':>8} {'seal s':>7} {'verify s':>8} {'seal / write':>12}")
     for row in rows:
-        print(f"{row['repeat']:>6} {row['bytes'] / 2**20:>8.0f} {row['write_s']:>8.2f} {row['seal_s']:>7.2f} "
-              f"{row['verify_s']:>8.2f} {row['seal_s'] / row['write_s']:>11.0%}")
+        print(
+            f"{row['repeat']:>6} {row['bytes'] / 2**20:>8.0f} {row['write_s']:>8.2f} {row['seal_s']:>7.2f} "
+            f"{row['verify_s']:>8.2f} {row['seal_s'] / row['write_s']:>11.0%}"
+        )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))
     return 0

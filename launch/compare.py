@@ -67,13 +67,24 @@ def main(argv: list[str]) -> int:
         if recipe is None:
             raise CompareError("recipe=NAME is required (e.g. recipe=llama_debug)")
         if slurm is not None and "--slurm" not in argv:
-            raise CompareError(f"{', '.join(k + '=' for k in SLURM if any(a.startswith(k + '=') for a in argv))}: "
-                               f"SLURM settings without --slurm; add --slurm to run the cells as a SLURM array")
+            raise CompareError(
+                f"{', '.join(k + '=' for k in SLURM if any(a.startswith(k + '=') for a in argv))}: "
+                f"SLURM settings without --slurm; add --slurm to run the cells as a SLURM array"
+            )
         if own["nproc"] < 1 or own["steps"] < 1:
             raise CompareError(f"nproc={own['nproc']}, steps={own['steps']}: both must be >= 1")
         rest = [t for t in rest if not t.startswith("recipe=")]
-        run(recipe, own["strategies"], nproc=own["nproc"], steps=own["steps"], out=own["out"], overrides=rest,
-            sweep=own["sweep"], gpu_memory_gib=own["gpu_memory_gib"], slurm=slurm)
+        run(
+            recipe,
+            own["strategies"],
+            nproc=own["nproc"],
+            steps=own["steps"],
+            out=own["out"],
+            overrides=rest,
+            sweep=own["sweep"],
+            gpu_memory_gib=own["gpu_memory_gib"],
+            slurm=slurm,
+        )
     except CompareError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         return 2

@@ -10,12 +10,11 @@ Parameter names are the model's own (`layers.3.attention.wq.weight`), whatever w
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.checkpoint import consolidated_state_dict  # noqa: E402
+from trainer.state import consolidated_state_dict  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -38,8 +37,8 @@ def main(argv: list[str]) -> int:
 
         import torch
 
-        from models.hf import to_hf
         from models.llama import ModelArgs, RopeScaling
+        from trainer.hf import to_hf
 
         state = json.loads((a.checkpoint / "train_state.json").read_text())
         m = dict(state["model"])

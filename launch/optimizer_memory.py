@@ -20,14 +20,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from models.args import installed
 from models.llama import FLAVORS, build_model  # noqa: E402
 from optim import OPTIMIZERS, build_optimizer  # noqa: E402
 from parallel.memory import model_state_bytes  # noqa: E402
-from trainer.config import _installed, load_config  # noqa: E402
+from trainer.config import load_config  # noqa: E402
 
 
-def measure(name: str, *, flavor: str = "debug", device: str = "cpu", steps: int = 3, warmup: int = 2,
-            overrides: tuple[str, ...] = ()) -> dict:
+def measure(
+    name: str,
+    *,
+    flavor: str = "debug",
+    device: str = "cpu",
+    steps: int = 3,
+    warmup: int = 2,
+    overrides: tuple[str, ...] = (),
+) -> dict:
     cfg = load_config(["recipe=llama_debug", f"optim.name={name}", *overrides])
     torch.manual_seed(0)
     model = build_model(FLAVORS[flavor], device=device)
@@ -51,8 +59,13 @@ def measure(name: str, *, flavor: str = "debug", device: str = "cpu", steps: int
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / steps
     state = model_state_bytes([model], opt)["optim"]
-    return {"optimizer": name, "params": n, "state_bytes": state, "bytes_per_param": state / n,
-            "step_ms": seconds * 1e3}
+    return {
+        "optimizer": name,
+        "params": n,
+        "state_bytes": state,
+        "bytes_per_param": state / n,
+        "step_ms": seconds * 1e3,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -64,7 +77,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     rows = []
     for name in args.optimizers:
-        if name == "adamw8bit" and not _installed("torchao"):
+        if name == "adamw8bit" and not installed("torchao"):
             print(f"skipping {name}: torchao is not installed (pip install -e '.[lowbit]')", file=sys.stderr)
             continue
         rows.append(measure(name, flavor=args.flavor, device=args.device, steps=args.steps))

@@ -32,11 +32,26 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from trainer.config import ConfigError, derive, load_config, validate  # noqa: E402
+from models.args import model_args_of
+from parallel.timing import calibrate_cpu, calibrate_cuda, gpu_hardware, override, step_time
+from trainer.config import ConfigError, load_config
+from trainer.search import search, table
+from trainer.validate import derive, validate  # noqa: E402
 
-OWN_KEYS = {"world_size": int, "gpu_memory_gib": float, "ranks_per_node": int, "device": str, "top": int,
-            "host_memory_gib": float, "max_pp": int, "tflops": float, "intra_gbps": float, "inter_gbps": float,
-            "hbm_gbps": float, "pcie_gbps": float}
+OWN_KEYS = {
+    "world_size": int,
+    "gpu_memory_gib": float,
+    "ranks_per_node": int,
+    "device": str,
+    "top": int,
+    "host_memory_gib": float,
+    "max_pp": int,
+    "tflops": float,
+    "intra_gbps": float,
+    "inter_gbps": float,
+    "hbm_gbps": float,
+    "pcie_gbps": float,
+}
 FLAGS = ("--json", "--simulate", "--build", "--search")
 
 
@@ -96,14 +111,19 @@ def main(argv: list[str]) -> int:
         problems = validate(cfg, own["world_size"])
         if problems:
             raise ConfigError(problems)
-        plan = derive(cfg, own["world_size"], capacity_gib=own["gpu_memory_gib"], device=own["device"],
-                      ranks_per_node=own["ranks_per_node"])
+        plan = derive(
+            cfg,
+            own["world_size"],
+            capacity_gib=own["gpu_memory_gib"],
+            device=own["device"],
+            ranks_per_node=own["ranks_per_node"],
+        )
     except ConfigError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         return 2
     simulated, rank = None, plan.memory.most_loaded_rank(plan.dims)
     if "--simulate" in flags:
-        from parallel.simulate import simulate
+        from trainer.simulate import simulate
 
         try:
             simulated = simulate(cfg, own["world_size"], rank=rank, device=own["device"])
@@ -112,13 +132,17 @@ def main(argv: list[str]) -> int:
             return 2
     built = None
     if "--build" in flags:
-        from parallel.simulate import build_cost
+        from trainer.simulate import build_cost
 
         built = build_cost(cfg, own["world_size"], rank=rank)
     timed = _step_time(cfg, plan, own)
     if "--json" in flags:
-        out = {"recipe": cfg.name, "world_size": own["world_size"], "layout": plan.dims.describe(),
-               **plan.memory.to_json()}
+        out = {
+            "recipe": cfg.name,
+            "world_size": own["world_size"],
+            "layout": plan.dims.describe(),
+            **plan.memory.to_json(),
+        }
         if timed is not None:
             out["step_time"] = timed[1].to_json()
         if simulated is not None:
@@ -127,16 +151,20 @@ def main(argv: list[str]) -> int:
             out["build"] = built
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{cfg.name}: {plan.params / 1e9:.2f} B parameters, world {own['world_size']} "
-          f"({plan.dims.describe()}), {cfg.parallel.data}, {cfg.training.precision}, AC {cfg.parallel.ac}, "
-          f"micro-batch {plan.micro_batch_size} x {cfg.training.seq_len} tokens, {plan.accum_steps} micro-batches")
+    print(
+        f"{cfg.name}: {plan.params / 1e9:.2f} B parameters, world {own['world_size']} "
+        f"({plan.dims.describe()}), {cfg.parallel.data}, {cfg.training.precision}, AC {cfg.parallel.ac}, "
+        f"micro-batch {plan.micro_batch_size} x {cfg.training.seq_len} tokens, {plan.accum_steps} micro-batches"
+    )
     print(plan.memory.table())
     if timed is not None:
         hw, st = timed
-        print(f"step time          {st.seconds:>10.3f} s  {st.tokens_per_sec_per_device:,.0f} tokens/s/device, "
-              f"parallel/timing.py with {hw.name} rates ({'; '.join(sorted(set(hw.source.values())))})")
+        print(
+            f"step time          {st.seconds:>10.3f} s  {st.tokens_per_sec_per_device:,.0f} tokens/s/device, "
+            f"parallel/timing.py with {hw.name} rates ({'; '.join(sorted(set(hw.source.values())))})"
+        )
     if simulated is not None:
-        from parallel.simulate import comparison
+        from trainer.simulate import comparison
 
         print(comparison(plan.memory, simulated))
     if built is not None:
@@ -144,9 +172,11 @@ def main(argv: list[str]) -> int:
         predicted = plan.memory.most_loaded.by_category().get("params", 0)
         # (under DeepSpeed the planner's parameters are those of training: cast to 16 bits, ZeRO-3's gathered ones)
         versus = "" if str(cfg.parallel.data).startswith("zero") else f" (predicted: {predicted / gib:.3f} GiB)"
-        print(f"\nbuilding rank {rank} of {own['world_size']} on this machine (real tensors, fake process group): "
-              f"{built['seconds']:.1f} s, peak host memory +{built['peak_host_growth_bytes'] / gib:.2f} GiB, "
-              f"parameters held {built['param_bytes'] / gib:.3f} GiB{versus}")
+        print(
+            f"\nbuilding rank {rank} of {own['world_size']} on this machine (real tensors, fake process group): "
+            f"{built['seconds']:.1f} s, peak host memory +{built['peak_host_growth_bytes'] / gib:.2f} GiB, "
+            f"parameters held {built['param_bytes'] / gib:.3f} GiB{versus}"
+        )
     return 0
 
 
@@ -155,17 +185,15 @@ def _step_time(cfg, plan, own: dict):
     a GPU size (the rates would be guesses of which card)."""
     if own["gpu_memory_gib"] is None or own["device"] != "cuda":
         return None
-    from parallel.timing import step_time
-    from trainer.config import model_args_of
 
     hw = _hardware(cfg, own)
-    return hw, step_time(cfg, model_args_of(cfg), plan.dims, hw, ranks_per_node=own["ranks_per_node"],
-                         device=own["device"])
+    return hw, step_time(
+        cfg, model_args_of(cfg), plan.dims, hw, ranks_per_node=own["ranks_per_node"], device=own["device"]
+    )
 
 
 def _hardware(cfg, own: dict):
     """Measured rates (this CPU, or the GPU if there is one), else the datasheet's; the given rates override."""
-    from parallel.timing import calibrate_cpu, calibrate_cuda, gpu_hardware, override
 
     rates = {k: own[k] for k in ("tflops", "intra_gbps", "inter_gbps", "hbm_gbps", "pcie_gbps")}
     if own["device"] == "cpu":
@@ -173,25 +201,46 @@ def _hardware(cfg, own: dict):
     else:
         import torch
 
-        hw = calibrate_cuda(cfg, own["gpu_memory_gib"]) if torch.cuda.is_available() else \
-            gpu_hardware(own["gpu_memory_gib"], str(cfg.training.precision))
+        hw = (
+            calibrate_cuda(cfg, own["gpu_memory_gib"])
+            if torch.cuda.is_available()
+            else gpu_hardware(own["gpu_memory_gib"], str(cfg.training.precision))
+        )
     return override(hw, **rates)
 
 
 def _search(cfg, own: dict, *, json_out: bool) -> int:
-    from parallel.search import search, table
-
     hw = _hardware(cfg, own)
-    result = search(cfg, own["world_size"], capacity_gib=own["gpu_memory_gib"], hw=hw,
-                    ranks_per_node=own["ranks_per_node"], host_memory_gib=own["host_memory_gib"],
-                    device=own["device"], max_pp=own["max_pp"])
+    result = search(
+        cfg,
+        own["world_size"],
+        capacity_gib=own["gpu_memory_gib"],
+        hw=hw,
+        ranks_per_node=own["ranks_per_node"],
+        host_memory_gib=own["host_memory_gib"],
+        device=own["device"],
+        max_pp=own["max_pp"],
+    )
     if json_out:
-        print(json.dumps({"recipe": cfg.name, "world_size": own["world_size"], "hardware": hw.to_json(),
-                          "layouts": result.layouts, "refused": result.refused, "too_big": result.too_big,
-                          "fits": [c.to_json() for c in result.fits[:own["top"]]]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "recipe": cfg.name,
+                    "world_size": own["world_size"],
+                    "hardware": hw.to_json(),
+                    "layouts": result.layouts,
+                    "refused": result.refused,
+                    "too_big": result.too_big,
+                    "fits": [c.to_json() for c in result.fits[: own["top"]]],
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"{cfg.name} at world {own['world_size']} ({own['ranks_per_node']} ranks per node), "
-          f"{cfg.training.precision}, global batch {cfg.training.global_batch_size} x {cfg.training.seq_len} tokens")
+    print(
+        f"{cfg.name} at world {own['world_size']} ({own['ranks_per_node']} ranks per node), "
+        f"{cfg.training.precision}, global batch {cfg.training.global_batch_size} x {cfg.training.seq_len} tokens"
+    )
     print(table(result, top=own["top"], capacity_gib=own["gpu_memory_gib"], hw=hw))
     return 0
 

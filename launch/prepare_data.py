@@ -48,18 +48,29 @@ def main(argv: list[str]) -> int:
         p.error(f"the tokenizer has no end-of-document token; name one with --eos (tried {EOS}, </s>, <|end_of_text|>)")
     undecodable: list[tuple[str, int]] = []
     try:
-        meta = write_token_files(text_documents(a.inputs, undecodable), tok, Path(a.out), val_fraction=a.val_fraction,
-                                 description=f"prepare_data.py {' '.join(a.inputs)}", progress=not a.no_progress,
-                                 eos=eos)
+        meta = write_token_files(
+            text_documents(a.inputs, undecodable),
+            tok,
+            Path(a.out),
+            val_fraction=a.val_fraction,
+            description=f"prepare_data.py {' '.join(a.inputs)}",
+            progress=not a.no_progress,
+            eos=eos,
+        )
     except ValueError as e:
         p.error(str(e))
-    print(f"wrote {a.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
-          f"({meta['dtype']}, vocab {meta['vocab_size']:,})")
+    print(
+        f"wrote {a.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
+        f"({meta['dtype']}, vocab {meta['vocab_size']:,})"
+    )
     if undecodable:
         shown = ", ".join(f"{path} ({n} byte sequence{'s' * (n != 1)})" for path, n in undecodable[:10])
         more = f" and {len(undecodable) - 10} more" if len(undecodable) > 10 else ""
-        print(f"note: {len(undecodable)} file(s) are not valid UTF-8; their undecodable bytes became U+FFFD: "
-              f"{shown}{more}", file=sys.stderr)
+        print(
+            f"note: {len(undecodable)} file(s) are not valid UTF-8; their undecodable bytes became U+FFFD: "
+            f"{shown}{more}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -19,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trainer.config import ConfigError, load_config
+from trainer.validate import check
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -29,17 +32,37 @@ class SubmitError(ValueError):
     pass
 
 
-def render(*, overrides: list[str], nodes: int, procs_per_node: int, gpus: bool, partition: str | None,
-           account: str | None, time: str, job_name: str, cpus_per_task: int, python: str, run_dir: str | None,
-           max_requeues: int, signal_lead_s: int, port: int, output: str | None) -> str:
+def render(
+    *,
+    overrides: list[str],
+    nodes: int,
+    procs_per_node: int,
+    gpus: bool,
+    partition: str | None,
+    account: str | None,
+    time: str,
+    job_name: str,
+    cpus_per_task: int,
+    python: str,
+    run_dir: str | None,
+    max_requeues: int,
+    signal_lead_s: int,
+    port: int,
+    output: str | None,
+) -> str:
     """The template with its #SBATCH header and settings block filled in."""
     text = TEMPLATE.read_text()
     header = [f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
     if gpus:
         header.append(f"#SBATCH --gpus-per-node={procs_per_node}")
-    header += [f"#SBATCH --cpus-per-task={cpus_per_task}", f"#SBATCH --time={time}",
-               f"#SBATCH --signal=B:USR1@{signal_lead_s}", "#SBATCH --requeue", "#SBATCH --open-mode=append",
-               f"#SBATCH --output={output or f'{REPO}/runs/slurm-%x-%j.out'}"]
+    header += [
+        f"#SBATCH --cpus-per-task={cpus_per_task}",
+        f"#SBATCH --time={time}",
+        f"#SBATCH --signal=B:USR1@{signal_lead_s}",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={output or f'{REPO}/runs/slurm-%x-%j.out'}",
+    ]
     if partition:
         header.append(f"#SBATCH --partition={partition}")
     if account:
@@ -47,14 +70,19 @@ def render(*, overrides: list[str], nodes: int, procs_per_node: int, gpus: bool,
     lines = text.splitlines()
     first = next(i for i, ln in enumerate(lines) if ln.startswith("#SBATCH"))
     last = max(i for i, ln in enumerate(lines) if ln.startswith("#SBATCH"))
-    lines[first:last + 1] = header
+    lines[first : last + 1] = header
     text = "\n".join(lines) + "\n"
 
     def q(s: str) -> str:
         return "'" + s.replace("'", "'\\''") + "'"
 
-    settings = {"NPROC_PER_NODE": str(procs_per_node), "PYTHON": q(python), "REPO": q(str(REPO)),
-                "MAX_REQUEUES": str(max_requeues), "RDZV_PORT": str(port)}
+    settings = {
+        "NPROC_PER_NODE": str(procs_per_node),
+        "PYTHON": q(python),
+        "REPO": q(str(REPO)),
+        "MAX_REQUEUES": str(max_requeues),
+        "RDZV_PORT": str(port),
+    }
     if run_dir:
         settings["RUN_DIR"] = q(run_dir)
     for key, value in settings.items():
@@ -66,45 +94,61 @@ def render(*, overrides: list[str], nodes: int, procs_per_node: int, gpus: bool,
     return text
 
 
-_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
-                         r"|UNLIMITED|INFINITE)$")
+_SLURM_TIME = re.compile(
+    r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
+    r"|UNLIMITED|INFINITE)$"
+)
 
 
-def check_request(overrides: list[str], *, nodes: int, procs_per_node: int, partition: str | None,
-                  run_dir: str | None, gpus: bool, time: str = "24:00:00", dry_run: bool = False) -> list[str]:
+def check_request(
+    overrides: list[str],
+    *,
+    nodes: int,
+    procs_per_node: int,
+    partition: str | None,
+    run_dir: str | None,
+    gpus: bool,
+    time: str = "24:00:00",
+    dry_run: bool = False,
+) -> list[str]:
     """Refuse what would fail on the cluster, before anything is queued; every problem at once. Returns
     notes (what a dry run could not check here)."""
-    from trainer.config import ConfigError, check, load_config
 
     problems, notes = [], []
     if not _SLURM_TIME.match(time):
-        problems.append(f"--time {time}: not a SLURM time limit; write minutes (90), HH:MM:SS (25:00:00) or "
-                        f"D-HH:MM:SS (1-01:00:00)")
+        problems.append(
+            f"--time {time}: not a SLURM time limit; write minutes (90), HH:MM:SS (25:00:00) or D-HH:MM:SS (1-01:00:00)"
+        )
     world = nodes * procs_per_node
     try:
-        cfg = load_config([*overrides, *(["training.device=cpu"] if not gpus else []),
-                           *([f"run_dir={run_dir}"] if run_dir else [])])
+        cfg = load_config(
+            [*overrides, *(["training.device=cpu"] if not gpus else []), *([f"run_dir={run_dir}"] if run_dir else [])]
+        )
         check(cfg, world)
     except ConfigError as e:
         problems += [f"{nodes} node(s) x {procs_per_node} rank(s) = world {world}: {p}" for p in e.problems]
     if partition is not None:
         if shutil.which("sinfo") is None and dry_run:
-            notes.append(f"--partition {partition}: not checked (sinfo not found: this machine is not a SLURM "
-                         f"submit host)")
+            notes.append(
+                f"--partition {partition}: not checked (sinfo not found: this machine is not a SLURM submit host)"
+            )
         elif shutil.which("sinfo") is None:
             problems.append(f"--partition {partition}: sinfo not found, this machine is not a SLURM submit host")
         else:
             out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
             known = [p.rstrip("*") for p in out.stdout.split()]
             if partition not in known:
-                problems.append(f"--partition {partition}: no such partition; this cluster has {', '.join(known) or 'none'}")
+                problems.append(
+                    f"--partition {partition}: no such partition; this cluster has {', '.join(known) or 'none'}"
+                )
     if run_dir:
         p = Path(run_dir).expanduser().absolute()
         while not p.exists():
             p = p.parent
         if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-            problems.append(f"run directory {run_dir}: not writable ({p} is not a writable directory); choose "
-                            f"another --run-dir")
+            problems.append(
+                f"run directory {run_dir}: not writable ({p} is not a writable directory); choose another --run-dir"
+            )
     if problems:
         raise SubmitError("\n".join(f"  - {p}" for p in problems))
     return notes
@@ -140,19 +184,39 @@ def main(argv: list[str]) -> int:
     if recipe is None:
         ap.error("name a recipe: recipe=NAME")
     try:
-        notes = check_request(a.overrides, nodes=a.nodes, procs_per_node=per_node, partition=a.partition,
-                              run_dir=a.run_dir, gpus=not a.cpu, time=a.time, dry_run=a.dry_run)
+        notes = check_request(
+            a.overrides,
+            nodes=a.nodes,
+            procs_per_node=per_node,
+            partition=a.partition,
+            run_dir=a.run_dir,
+            gpus=not a.cpu,
+            time=a.time,
+            dry_run=a.dry_run,
+        )
     except SubmitError as e:
         print(f"submit: refused, nothing was queued:\n{e}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"submit: note: {note}", file=sys.stderr)
     overrides = [*a.overrides, *(["training.device=cpu"] if a.cpu else [])]
-    script = render(overrides=overrides, nodes=a.nodes, procs_per_node=per_node, gpus=not a.cpu,
-                    partition=a.partition, account=a.account, time=a.time, job_name=a.job_name or Path(recipe).stem,
-                    cpus_per_task=a.cpus_per_task or (8 * per_node if not a.cpu else per_node), python=a.python,
-                    run_dir=a.run_dir, max_requeues=a.max_requeues, signal_lead_s=a.signal_lead, port=a.port,
-                    output=a.output)
+    script = render(
+        overrides=overrides,
+        nodes=a.nodes,
+        procs_per_node=per_node,
+        gpus=not a.cpu,
+        partition=a.partition,
+        account=a.account,
+        time=a.time,
+        job_name=a.job_name or Path(recipe).stem,
+        cpus_per_task=a.cpus_per_task or (8 * per_node if not a.cpu else per_node),
+        python=a.python,
+        run_dir=a.run_dir,
+        max_requeues=a.max_requeues,
+        signal_lead_s=a.signal_lead,
+        port=a.port,
+        output=a.output,
+    )
     if a.write:
         a.write.write_text(script)
     if a.dry_run:

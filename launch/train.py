@@ -12,8 +12,10 @@ import time
 import traceback
 
 from parallel.mesh import env_world_size
-from trainer.config import ConfigError, check, help_text, load_config, to_yaml, usage
+from trainer.config import ConfigError, load_config, to_yaml
 from trainer.faults import RefusedStart, watch_parent
+from trainer.help import help_text, usage
+from trainer.validate import check
 
 _RANK = int(os.environ.get("RANK", "0"))
 

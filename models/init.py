@@ -32,7 +32,7 @@ _CHUNK = 1 << 18  # elements hashed at once: the temporaries stay in cache (4x f
 
 def _keys(seed: int, name: str) -> tuple[int, int, int]:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return tuple(int.from_bytes(digest[4 * i:4 * i + 4], "little") for i in range(3))
+    return tuple(int.from_bytes(digest[4 * i : 4 * i + 4], "little") for i in range(3))
 
 
 def _signed32(x: int) -> int:
@@ -66,7 +66,7 @@ def uniform(index: torch.Tensor, seed: int, name: str) -> torch.Tensor:
     else:
         h = _fmix32(_fmix32(index ^ k0) ^ k1)  # (the high word is zero)
     h = _fmix32(h ^ k2)
-    return (((h >> 9) & 0x7FFFFF).to(torch.float32) + 0.5) * (2.0 ** -23)  # exact in fp32, never 0 or 1
+    return (((h >> 9) & 0x7FFFFF).to(torch.float32) + 0.5) * (2.0**-23)  # exact in fp32, never 0 or 1
 
 
 def _signed32_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +76,7 @@ def _signed32_tensor(x: torch.Tensor) -> torch.Tensor:
 
 def reference_uniform(i: int, seed: int, name: str) -> float:
     """The same function in pure Python integers (the definition the tensor code is checked against)."""
+
     def fmix(h):
         h ^= h >> 16
         h = (h * 0x85EBCA6B) & _M32
@@ -85,15 +86,23 @@ def reference_uniform(i: int, seed: int, name: str) -> float:
 
     k0, k1, k2 = _keys(seed, name)
     h = fmix(fmix(fmix((i & _M32) ^ k0) ^ (i >> 32) ^ k1) ^ k2)
-    return ((h >> 9) + 0.5) * 2.0 ** -23
+    return ((h >> 9) + 0.5) * 2.0**-23
 
 
 def _phi(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
 
-def normal(index: torch.Tensor, seed: int, name: str, mean: float = 0.0, std: float = 1.0, *,
-           lo: float = -math.inf, hi: float = math.inf) -> torch.Tensor:
+def normal(
+    index: torch.Tensor,
+    seed: int,
+    name: str,
+    mean: float = 0.0,
+    std: float = 1.0,
+    *,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+) -> torch.Tensor:
     """N(mean, std^2) at these indices, truncated to [lo, hi] (absolute bounds, as nn.init.trunc_normal_)."""
     u = uniform(index, seed, name)
     a, b = _phi((lo - mean) / std), _phi((hi - mean) / std)
@@ -109,8 +118,8 @@ def index_dtype(numel: int) -> torch.dtype:
 
 def _dim_coordinates(param) -> list[torch.Tensor]:
     """For each dimension of the full tensor, the coordinates this rank's local tensor covers along it (int32
-    or int64, on the parameter's device). A DTensor's are found by laying one 1-D index vector per dimension out with the
-    parameter's own placements on its mesh (no communication: `src_data_rank=None`), so every placement DTensor
+    or int64, on the parameter's device). A DTensor's are found by laying one 1-D index vector per dimension out
+    with the parameter's own placements on its mesh (no communication: `src_data_rank=None`), so every placement DTensor
     has, strided shards included, is handled by DTensor itself."""
     shape = tuple(param.shape)
     mesh = getattr(param, "device_mesh", None)
@@ -127,14 +136,16 @@ def _dim_coordinates(param) -> list[torch.Tensor]:
             return _StridedShard(0, split_factor=pl.split_factor)
         return Shard(0) if pl.is_shard() and pl.dim == d else Replicate()
 
-    return [distribute_tensor(c, mesh, [along(pl, d) for pl in param.placements], src_data_rank=None).to_local()
-            for d, c in enumerate(coords)]
+    return [
+        distribute_tensor(c, mesh, [along(pl, d) for pl in param.placements], src_data_rank=None).to_local()
+        for d, c in enumerate(coords)
+    ]
 
 
 def local_indices(param) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows of the local tensor, the flat indices into the full tensor of those rows' elements), in chunks."""
     coords = _dim_coordinates(param)
-    strides = [math.prod(param.shape[d + 1:]) for d in range(len(coords))]
+    strides = [math.prod(param.shape[d + 1 :]) for d in range(len(coords))]
     if not coords:  # a 0-d tensor
         yield slice(None), torch.zeros((), dtype=torch.int32, device=param.device)
         return
@@ -145,14 +156,15 @@ def local_indices(param) -> Iterator[tuple[slice, torch.Tensor]]:
     row_size = 1 if rest is None else rest.numel()
     step = max(1, _CHUNK // max(row_size, 1))
     for r0 in range(0, coords[0].numel(), step):
-        rows = coords[0][r0:r0 + step] * strides[0]
+        rows = coords[0][r0 : r0 + step] * strides[0]
         idx = rows if rest is None else rows.view(-1, *([1] * rest.dim())) + rest
         yield slice(r0, r0 + step), idx
 
 
 @torch.no_grad()
-def fill_normal(param, seed: int, name: str, mean: float = 0.0, std: float = 1.0, *,
-                lo: float = -math.inf, hi: float = math.inf) -> None:
+def fill_normal(
+    param, seed: int, name: str, mean: float = 0.0, std: float = 1.0, *, lo: float = -math.inf, hi: float = math.inf
+) -> None:
     """Fill the part of `param` this rank holds (a tensor or a DTensor) from its full-tensor indices."""
     local = param.to_local() if hasattr(param, "to_local") else param
     for rows, idx in local_indices(param):
@@ -160,8 +172,18 @@ def fill_normal(param, seed: int, name: str, mean: float = 0.0, std: float = 1.0
 
 
 @torch.no_grad()
-def fill_flat_partition(flat: torch.Tensor, start: int, numel: int, seed: int, name: str, mean: float = 0.0,
-                        std: float = 1.0, *, lo: float = -math.inf, hi: float = math.inf) -> None:
+def fill_flat_partition(
+    flat: torch.Tensor,
+    start: int,
+    numel: int,
+    seed: int,
+    name: str,
+    mean: float = 0.0,
+    std: float = 1.0,
+    *,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+) -> None:
     """Fill a flat partition holding elements [start, start + len(flat)) of a parameter of `numel` elements
     (DeepSpeed ZeRO-3's `ds_tensor`); the padding past the end is zeroed."""
     n = max(0, min(flat.numel(), numel - start))

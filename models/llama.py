@@ -5,7 +5,7 @@ Conventions
   Hkv key/value heads, hd head dim, V vocabulary.
 - RoPE uses Meta's layout: each head dimension is split into *interleaved* pairs (x0, x1), (x2, x3)...
   that are rotated as complex numbers. Hugging Face checkpoints store q/k weights permuted for the
-  "rotate half" layout; `models/hf.py` undoes that permutation on import.
+  "rotate half" layout; `trainer/hf.py` undoes that permutation on import.
 - The blocks live in a `ModuleDict` keyed "0".."n-1", so a pipeline split can delete blocks and keep
   the remaining parameter names (`layers.7.attention.wq.weight` is the same name in every layout).
   For the same reason `tok_embeddings`, `norm` and `output` may be set to None on a pipeline stage.
@@ -100,18 +100,26 @@ class ModelArgs:
             n += self.vocab_size * self.dim  # the tied table is still a matmul at the output
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
-
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every distinct parameter in module order, from the shapes alone (no model
         needed; the same names as `Transformer.named_parameters()`, a tied output table omitted)."""
         D, Q, K, F = self.dim, self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.ffn_hidden
         out = [("tok_embeddings.weight", (self.vocab_size, D))]
         for i in range(self.n_layers):
-            out += [(f"layers.{i}.{name}", shape) for name, shape in (
-                ("attention_norm.weight", (D,)), ("attention.wq.weight", (Q, D)), ("attention.wk.weight", (K, D)),
-                ("attention.wv.weight", (K, D)), ("attention.wo.weight", (D, Q)), ("ffn_norm.weight", (D,)),
-                ("feed_forward.w1.weight", (F, D)), ("feed_forward.w2.weight", (D, F)),
-                ("feed_forward.w3.weight", (F, D)))]
+            out += [
+                (f"layers.{i}.{name}", shape)
+                for name, shape in (
+                    ("attention_norm.weight", (D,)),
+                    ("attention.wq.weight", (Q, D)),
+                    ("attention.wk.weight", (K, D)),
+                    ("attention.wv.weight", (K, D)),
+                    ("attention.wo.weight", (D, Q)),
+                    ("ffn_norm.weight", (D,)),
+                    ("feed_forward.w1.weight", (F, D)),
+                    ("feed_forward.w2.weight", (D, F)),
+                    ("feed_forward.w3.weight", (F, D)),
+                )
+            ]
         out.append(("norm.weight", (D,)))
         if not self.tie_embeddings:
             out.append(("output.weight", (self.vocab_size, D)))
@@ -122,33 +130,90 @@ class ModelArgs:
 # linears split their output features (dim 0), row-wise ones their input features (dim 1), the embedding its
 # vocabulary (dim 0). The norms are not split (they run sequence-parallel on replicated weights).
 # `Transformer.tp_plan()` says how; this table says what, for the planner (tests check they agree).
-TP_SPLIT_DIM = {"tok_embeddings": 0, "output": 0, "attention.wq": 0, "attention.wk": 0, "attention.wv": 0,
-                "attention.wo": 1, "feed_forward.w1": 0, "feed_forward.w2": 1, "feed_forward.w3": 0}
+TP_SPLIT_DIM = {
+    "tok_embeddings": 0,
+    "output": 0,
+    "attention.wq": 0,
+    "attention.wk": 0,
+    "attention.wv": 0,
+    "attention.wo": 1,
+    "feed_forward.w1": 0,
+    "feed_forward.w2": 1,
+    "feed_forward.w3": 0,
+}
 
 
 # Shapes of the published models (Llama-2: 7B, 13B, 70B; Llama-3/3.2: 1B, 3B, 8B, 70B) and a tiny one.
 FLAVORS: dict[str, ModelArgs] = {
     # a few million parameters: trains in seconds on a laptop CPU; vocab of the default tokenizer
-    "debug": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, multiple_of=64,
-                       rope_theta=10000.0, max_seq_len=1024),
+    "debug": ModelArgs(
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=4096,
+        multiple_of=64,
+        rope_theta=10000.0,
+        max_seq_len=1024,
+    ),
     # Llama-3.2-1B
-    "1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-                    ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0,
-                    rope_scaling=RopeScaling(factor=32.0), max_seq_len=131072, tie_embeddings=True),
+    "1b": ModelArgs(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=256,
+        ffn_dim_multiplier=1.5,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=32.0),
+        max_seq_len=131072,
+        tie_embeddings=True,
+    ),
     # Llama-3.2-3B
-    "3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-                    ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=500000.0,
-                    rope_scaling=RopeScaling(factor=32.0), max_seq_len=131072, tie_embeddings=True),
+    "3b": ModelArgs(
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=256,
+        ffn_dim_multiplier=1.0,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=32.0),
+        max_seq_len=131072,
+        tie_embeddings=True,
+    ),
     # Llama-2-7B
     "7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
     # Llama-3-8B
-    "8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
-                    ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "8b": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=1024,
+        ffn_dim_multiplier=1.3,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
     # Llama-2-13B
     "13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, max_seq_len=4096),
     # Llama-3-70B
-    "70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
-                     ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "70b": ModelArgs(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=4096,
+        ffn_dim_multiplier=1.3,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
 }
 
 
@@ -164,9 +229,19 @@ def args_from_config(m) -> ModelArgs:
     Raises ValueError, naming the setting, for an unknown flavor or scaling values without a scaling type."""
     if m.flavor not in FLAVORS:
         raise ValueError(f"model.flavor={m.flavor}: unknown flavor; known: {', '.join(FLAVORS)}")
-    args = model_args(m.flavor, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                      vocab_size=m.vocab_size, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
-                      ffn_hidden_dim=m.ffn_hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
+    args = model_args(
+        m.flavor,
+        dim=m.dim,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        vocab_size=m.vocab_size,
+        max_seq_len=m.max_seq_len,
+        tie_embeddings=m.tie_embeddings,
+        ffn_hidden_dim=m.ffn_hidden_dim,
+        norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+    )
     args = replace(args, attention=str(m.get("attention", "auto")), expand_kv=m.get("expand_kv"))
     r = m.rope_scaling
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
@@ -175,29 +250,41 @@ def args_from_config(m) -> ModelArgs:
         return replace(args, rope_scaling=None)
     if kind == "llama3" or (kind is None and args.rope_scaling is not None):
         base = args.rope_scaling or RopeScaling()
-        return replace(args, rope_scaling=replace(base, **{k: getattr(r, k) for k in keys if getattr(r, k) is not None}))
+        return replace(
+            args, rope_scaling=replace(base, **{k: getattr(r, k) for k in keys if getattr(r, k) is not None})
+        )
     if any(getattr(r, k) is not None for k in keys):
-        raise ValueError(f"model.rope_scaling.* values are set but the flavor {m.flavor} has no RoPE scaling; "
-                         f"set model.rope_scaling.type=llama3 as well")
+        raise ValueError(
+            f"model.rope_scaling.* values are set but the flavor {m.flavor} has no RoPE scaling; "
+            f"set model.rope_scaling.type=llama3 as well"
+        )
     return args
 
 
 def config_problems(args: ModelArgs, name: str) -> list[str]:
-    """The model section's rules (trainer/config.py::validate collects every subsystem's)."""
+    """The model section's rules (trainer/validate.py::validate collects every subsystem's)."""
     problems: list[str] = []
     if args.dim % args.n_heads:
-        problems.append(f"model.n_heads({args.n_heads}) must divide model.dim({args.dim}): "
-                        f"{args.dim} % {args.n_heads} = {args.dim % args.n_heads}")
+        problems.append(
+            f"model.n_heads({args.n_heads}) must divide model.dim({args.dim}): "
+            f"{args.dim} % {args.n_heads} = {args.dim % args.n_heads}"
+        )
     if args.attention not in ATTENTION_KERNELS:
         problems.append(f"model.attention={args.attention}: unknown SDPA kernel; known: {', '.join(ATTENTION_KERNELS)}")
     elif args.attention in ("cudnn", "efficient") and args.expand_kv is False and args.kv_heads != args.n_heads:
-        problems.append(f"model.attention={args.attention} with model.expand_kv=false: that kernel takes no grouped "
-                        f"kv heads; leave model.expand_kv unset (null) or pick flash or auto")
+        problems.append(
+            f"model.attention={args.attention} with model.expand_kv=false: that kernel takes no grouped "
+            f"kv heads; leave model.expand_kv unset (null) or pick flash or auto"
+        )
     if args.n_heads % args.kv_heads:
-        problems.append(f"model.n_kv_heads({args.kv_heads}) must divide model.n_heads({args.n_heads}): "
-                        f"{args.n_heads} % {args.kv_heads} = {args.n_heads % args.kv_heads}")
+        problems.append(
+            f"model.n_kv_heads({args.kv_heads}) must divide model.n_heads({args.n_heads}): "
+            f"{args.n_heads} % {args.kv_heads} = {args.n_heads % args.kv_heads}"
+        )
     elif args.dim % args.n_heads == 0 and args.head_dim % 2:
-        problems.append(f"head dim model.dim/model.n_heads = {args.dim}/{args.n_heads} = {args.head_dim} must be even for RoPE")
+        problems.append(
+            f"head dim model.dim/model.n_heads = {args.dim}/{args.n_heads} = {args.head_dim} must be even for RoPE"
+        )
     if name != "llama":
         problems.append(f"model.name={name}: unknown model; known: llama")
     return problems
@@ -219,8 +306,9 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
         # in between, interpolate smoothly between scaled and unscaled
         smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
         mixed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / s.factor,
-                               torch.where(wavelen < high_wavelen, inv_freq, mixed))
+        inv_freq = torch.where(
+            wavelen > low_wavelen, inv_freq / s.factor, torch.where(wavelen < high_wavelen, inv_freq, mixed)
+        )
     return inv_freq.float()
 
 
@@ -254,8 +342,11 @@ ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")
 def _sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend
 
-    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }[name]
 
 
 class Attention(nn.Module):
@@ -283,9 +374,7 @@ class Attention(nn.Module):
         # fallback: the cuDNN and memory-efficient kernels need the kv heads expanded first (model.expand_kv,
         # which then saves the expanded keys and values for backward instead of the grouped ones).
         if self.cp is not None:  # this rank's two sequence chunks against the whole sequence, exact
-            from parallel.context import context_parallel_attention
-
-            y = context_parallel_attention(q, k, v, self.cp)
+            y = self.cp.attend(q, k, v)  # (parallel/context.py CPGroup)
         else:
             if self.expand_kv and k.shape[1] != q.shape[1]:
                 rep = q.shape[1] // k.shape[1]
@@ -395,7 +484,7 @@ class Transformer(nn.Module):
             return self.output(h, targets=targets, chunks=self.loss_chunks)
         return self.output(h)  # (B, T, V)
 
-    def to_empty(self, *, device, recurse: bool = True) -> "Transformer":
+    def to_empty(self, *, device, recurse: bool = True) -> Transformer:
         # Module.to_empty replaces each module's parameters one module at a time, which silently unties
         # a shared embedding/output table (each side gets its own empty tensor); tie it again.
         super().to_empty(device=device, recurse=recurse)
@@ -423,23 +512,33 @@ class Transformer(nn.Module):
         vocabulary shards).
         """
         from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                       SequenceParallel)
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            PrepareModuleInput,
+            RowwiseParallel,
+            SequenceParallel,
+        )
 
         root = {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
             "norm": SequenceParallel(),
-            "output": (vocab_parallel_loss(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
-                       if loss_parallel and self.loss_chunks else
-                       ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                       use_local_output=not loss_parallel)),
+            "output": (
+                vocab_parallel_loss(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+                if loss_parallel and self.loss_chunks
+                else ColwiseParallel(
+                    input_layouts=Shard(1),
+                    output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                    use_local_output=not loss_parallel,
+                )
+            ),
         }
         root = {k: v for k, v in root.items() if getattr(self, k) is not None}  # a pipeline stage may lack them
         block = {
             "attention_norm": SequenceParallel(),
             # forward(x, cos, sin): gather the sequence of x; the RoPE tables are plain tensors
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
@@ -486,7 +585,7 @@ class Transformer(nn.Module):
             return {"mean": 0.0, "std": 1.0}
         if name == "output.weight":
             # scaled so that initial logits have unit variance; cut at 3 sigma (torchtitan)
-            s = self.args.dim ** -0.5
+            s = self.args.dim**-0.5
             return {"mean": 0.0, "std": s, "lo": -3 * s, "hi": 3 * s}
         # depth-scaled init for the projections that write into the residual stream
         layer_id = int(name.split(".")[1])
@@ -536,5 +635,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-__all__ = ["ModelArgs", "RopeScaling", "FLAVORS", "model_args", "Transformer", "build_model", "count_params",
-           "rope_tables", "apply_rope", "canonical_name"]
+__all__ = [
+    "ModelArgs",
+    "RopeScaling",
+    "FLAVORS",
+    "model_args",
+    "Transformer",
+    "build_model",
+    "count_params",
+    "rope_tables",
+    "apply_rope",
+    "canonical_name",
+]

@@ -20,7 +20,9 @@ import torch.distributed as dist
 IGNORE_INDEX = -100  # targets with this id (padding) carry no loss
 
 
-def _lse_and_target(logits: torch.Tensor, targets: torch.Tensor, start: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+def _lse_and_target(
+    logits: torch.Tensor, targets: torch.Tensor, start: int, group
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the log-sum-exp over the whole vocabulary and the target's logit (0 where the target is on
     another TP rank's slice or ignored); `logits` are this rank's columns [start, start + width), overwritten
     (the exponentials are taken in place: no second chunk-sized tensor)."""
@@ -65,8 +67,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         start, dtype = ctx.start, ctx.dtype
         w = weight.to(dtype)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
         scale = (targets != ctx.ignore_index).float() * grad_total
         for lo, hi in _bounds(h.shape[0], ctx.chunks):
             hc = h[lo:hi].to(dtype)
@@ -92,8 +95,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunks: int,
-                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def chunked_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunks: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """The summed fp32 cross-entropy of `h @ weight.T` (h: (..., D), weight: (V, D) or its vocabulary shard as
     a DTensor, targets: (...)) computed over `chunks` slices of the rows. Under autocast the matmuls run in
     autocast's dtype, as nn.Linear's would."""
@@ -112,5 +116,6 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     kind = h.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
     with torch.autocast(kind, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(h.flatten(0, -2), weight, targets.flatten(), int(chunks),
-                                                int(ignore_index), start, group, dtype)
+        return _ChunkedLinearCrossEntropy.apply(
+            h.flatten(0, -2), weight, targets.flatten(), int(chunks), int(ignore_index), start, group, dtype
+        )

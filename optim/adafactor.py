@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from models.dtensor import local as _local
 from optim.common import evaluate_closure
-from parallel.dtensor import local as _local
 
 
 def _sharded_dim(pl) -> int | None:
@@ -95,7 +95,7 @@ class _Reducer:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=g)
             offset = 0
             for t in ts:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
         self.items.clear()
 
@@ -108,20 +108,33 @@ def _like_param_rows_or_cols(local: Tensor, param: Tensor, keep: str) -> Tensor:
 
     ndim = param.ndim
     drop = ndim - 1 if keep == "rows" else ndim - 2  # the dim this statistic has averaged away
-    placements = [Replicate() if (_sharded_dim(pl) is not None and _sharded_dim(pl) % ndim == drop) else pl
-                  for pl in param.placements]
+    placements = [
+        Replicate() if (_sharded_dim(pl) is not None and _sharded_dim(pl) % ndim == drop) else pl
+        for pl in param.placements
+    ]
     shape = list(param.shape)
     shape[drop] = 1
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, param.device_mesh, placements, run_check=False, shape=torch.Size(shape),
-                              stride=stride)
+    return DTensor.from_local(
+        local, param.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride
+    )
 
 
 class Adafactor(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8,
-                 eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0, *,
-                 maximize: bool = False, relative_step: bool = True, scale_parameter: bool = True,
-                 beta1: float | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        relative_step: bool = True,
+        scale_parameter: bool = True,
+        beta1: float | None = None,
+    ):
         if not 0.0 <= lr:
             raise ValueError(f"Adafactor lr={lr} must be >= 0")
         if not beta2_decay <= 0.0:
@@ -132,8 +145,17 @@ class Adafactor(torch.optim.Optimizer):
             raise ValueError(f"Adafactor clipping threshold d={d} must be >= 1")
         if beta1 is not None and not 0.0 <= beta1 < 1.0:
             raise ValueError(f"Adafactor beta1={beta1} must be in [0, 1)")
-        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize,
-                        relative_step=relative_step, scale_parameter=scale_parameter, beta1=beta1)
+        defaults = dict(
+            lr=lr,
+            beta2_decay=beta2_decay,
+            eps=eps,
+            d=d,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            relative_step=relative_step,
+            scale_parameter=scale_parameter,
+            beta1=beta1,
+        )
         super().__init__(params, defaults)
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
@@ -143,10 +165,13 @@ class Adafactor(torch.optim.Optimizer):
             local = _local(p)
             if p.ndim >= 2:
                 state["row_var"] = _like_param_rows_or_cols(
-                    torch.zeros(local.shape[:-1] + (1,), dtype=local.dtype, device=local.device), p, "rows")
+                    torch.zeros(local.shape[:-1] + (1,), dtype=local.dtype, device=local.device), p, "rows"
+                )
                 state["col_var"] = _like_param_rows_or_cols(
                     torch.zeros(local.shape[:-2] + (1, local.shape[-1]), dtype=local.dtype, device=local.device),
-                    p, "cols")
+                    p,
+                    "cols",
+                )
             else:
                 state["variance"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["beta1"] is not None:
@@ -184,7 +209,7 @@ class Adafactor(torch.optim.Optimizer):
                 work.append((p, grad, state, group, w))
         phase1.run()
 
-        for p, _, state, group, w in work:
+        for p, _, state, _group, w in work:
             state["step"] += 1
             t = state["step"].item()  # a CPU scalar: no device synchronization
             eps1 = group["eps"][0] if group["eps"][0] is not None else torch.finfo(w["P"].dtype).eps
@@ -211,7 +236,7 @@ class Adafactor(torch.optim.Optimizer):
                 _local(state["variance"]).lerp_(w["G"].square(), beta2_t)
         phase2.run()
 
-        for p, _, state, group, w in work:
+        for p, _, state, _group, w in work:
             eps1 = w["eps1"]
             if p.ndim >= 2:
                 row_var, col_var = _local(state["row_var"]), _local(state["col_var"])

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from models.dtensor import local
 from optim.common import evaluate_closure
-from parallel.dtensor import local
 
 
 def round_to_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -36,8 +36,15 @@ def round_to_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None 
 class AdamWBF16(torch.optim.Optimizer):
     """`torch.optim.AdamW` (decoupled weight decay, bias correction) with bf16 moments, stochastically rounded."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, seed: int = 0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        seed: int = 0,
+    ):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"betas={betas}: each must be in [0, 1)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -49,7 +56,7 @@ class AdamWBF16(torch.optim.Optimizer):
         self.register_load_state_dict_post_hook(AdamWBF16._moments_to_bf16)
 
     @staticmethod
-    def _moments_to_bf16(optimizer: "AdamWBF16") -> None:
+    def _moments_to_bf16(optimizer: AdamWBF16) -> None:
         for state in optimizer.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state and state[key].dtype != torch.bfloat16:

@@ -22,7 +22,7 @@ optimizer's (trainer/checkpoint.py).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,10 @@ class InBackward(torch.optim.Optimizer):
         self.optimizers = optimizers
         first = params[0].to_local() if isinstance(params[0], DTensor) else params[0]
         self._squares = torch.zeros((), dtype=torch.float32, device=first.device)
-        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._update, o))
-                       for p, o in zip(params, self.optimizers)]
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(functools.partial(self._update, o))
+            for p, o in zip(params, self.optimizers)
+        ]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -100,9 +102,13 @@ class InBackward(torch.optim.Optimizer):
         return _Handles([o.register_step_post_hook(hook) for o in self.optimizers])
 
     def state_dict(self):
-        raise RuntimeError("optim.in_backward: save the inner optimizers (`.optimizers`) with "
-                           "torch.distributed.checkpoint.state_dict.get_state_dict, as trainer/checkpoint.py does")
+        raise RuntimeError(
+            "optim.in_backward: save the inner optimizers (`.optimizers`) with "
+            "torch.distributed.checkpoint.state_dict.get_state_dict, as trainer/checkpoint.py does"
+        )
 
     def load_state_dict(self, state_dict) -> None:
-        raise RuntimeError("optim.in_backward: load the inner optimizers (`.optimizers`) with "
-                           "torch.distributed.checkpoint.state_dict.set_state_dict, as trainer/checkpoint.py does")
+        raise RuntimeError(
+            "optim.in_backward: load the inner optimizers (`.optimizers`) with "
+            "torch.distributed.checkpoint.state_dict.set_state_dict, as trainer/checkpoint.py does"
+        )

@@ -12,7 +12,9 @@ from collections.abc import Callable
 import torch
 
 
-def lr_multiplier(schedule: str, *, steps: int, warmup: int, min_ratio: float, decay_fraction: float) -> Callable[[int], float]:
+def lr_multiplier(
+    schedule: str, *, steps: int, warmup: int, min_ratio: float, decay_fraction: float
+) -> Callable[[int], float]:
     def warm(s: int) -> float | None:
         return (s + 1) / warmup if s < warmup else None
 
@@ -53,6 +55,11 @@ def lr_multiplier(schedule: str, *, steps: int, warmup: int, min_ratio: float, d
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
     o = cfg.optim
-    fn = lr_multiplier(str(o.schedule), steps=cfg.training.steps, warmup=o.warmup_steps,
-                       min_ratio=o.min_lr_ratio, decay_fraction=o.decay_fraction)
+    fn = lr_multiplier(
+        str(o.schedule),
+        steps=cfg.training.steps,
+        warmup=o.warmup_steps,
+        min_ratio=o.min_lr_ratio,
+        decay_fraction=o.decay_fraction,
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -19,119 +19,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.activation import apply_ac
 from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
-from parallel.dtensor import full
+from parallel.layout import microbatches, reshards_after_forward
 from parallel.mesh import ParallelDims, World, build_meshes, needs_process_group
+from parallel.parallelized import Parallelized, clip_grad_norm
 from parallel.pipeline import PipelineLoss, build_schedule, split_model
-from parallel.plan import reshards_after_forward, microbatches
 from parallel.tensor import apply_tp, keep_grads_sharded_like_params
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-@dataclass
-class Parallelized:
-    parts: list[nn.Module]  # the model parts this rank holds: the whole model, or its pipeline stages
-    model: nn.Module  # what a non-pipelined step calls (the DDP wrapper, or parts[0])
-    dims: ParallelDims
-    mesh: dict | None  # named sub-meshes: pp, dp_replicate, dp_shard, tp, hsdp, dp (None on one process)
-    # the gradient of the global-mean loss is the SUM over data-parallel ranks; DDP and FSDP average,
-    # so the loss is multiplied by this factor before backward
-    grad_reduction_scale: float
-    no_sync: Callable[[], contextlib.AbstractContextManager]  # skip gradient sync on non-final micro-batches
-    autocast_dtype: torch.dtype | None  # autocast compute dtype when FSDP's mixed precision does not cast
-    loss_parallel: bool  # logits arrive split over the vocabulary (TP without PP)
-    schedule: object | None = None  # the pipeline schedule (pp > 1)
-    pipeline_loss: PipelineLoss | None = None
-    has_first_stage: bool = True
-    has_last_stage: bool = True
-    notes: list[str] = field(default_factory=list)  # what was decided, for the log
-    optimizer: torch.optim.Optimizer | None = None
-    manages_precision: bool = False  # DeepSpeed casts and loss-scales itself: no autocast, no GradScaler
-    stage_parts: list = field(default_factory=list)  # pipeline: (stage id, module) of this rank's stages
-    pp_schedule: str = "1f1b"
-    device: torch.device | None = None
-    activation_offload: object | None = None  # parallel/offload.py's ActivationOffload, when on
-    cp_positions: torch.Tensor | None = None  # parallel.cp > 1: the token positions of each sequence this rank holds
-
-    def group(self, axis: str):
-        """The process group of one mesh axis ("dp", "tp", "pp"), or None on one process."""
-        return None if self.mesh is None else self.mesh[axis].get_group()
-
-    @property
-    def dp_rank(self) -> int:
-        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
-
-    @property
-    def pp_rank(self) -> int:
-        return 0 if self.mesh is None else self.mesh["pp"].get_local_rank()
-
-    def forward_only(self, inputs, targets, n_microbatches: int, loss_sum) -> torch.Tensor:
-        """Pipeline validation: the summed loss of the microbatches (nonzero on the last stage's rank)."""
-        from parallel.pipeline import forward_only
-
-        return forward_only(self.stage_parts, self.pp_schedule, pp=self.dims.pp, group=self.group("pp"),
-                            device=self.device, inputs=inputs if self.has_first_stage else None,
-                            targets=targets if self.has_last_stage else None, n_microbatches=n_microbatches,
-                            loss_sum=loss_sum)
-
-    def parameters(self):
-        for part in self.parts:
-            yield from part.parameters()
-
-    # -- the three calls the training step makes; the DeepSpeed adapter (parallel/zero.py) overrides them
-
-    overflowed: bool = False  # the last step was skipped by a loss-scale overflow (fp16; counted, not an error)
-
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def run_files(self) -> dict[str, str]:
-        """Files this strategy writes into run_dir (name -> text), once every check has passed."""
-        return {}
-
-    def loss_scale(self, scaler=None) -> float | None:
-        """The dynamic loss scale under fp16 (a host sync: call it on logging steps only); None otherwise."""
-        return float(scaler.get_scale()) if scaler is not None else None
-
-    def backward(self, loss: torch.Tensor, *, last_micro: bool, scaler=None) -> None:
-        """Backward of one micro-batch's (already normalized and DP-scaled) loss."""
-        with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-
-    def step(self, max_norm: float, scaler=None, apply=None) -> torch.Tensor:
-        """Clip and apply the accumulated gradients; returns the pre-clip global norm (on the device).
-        `apply(norm) -> bool`, when given, may veto the update (the gradients are dropped)."""
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        norm = clip_grad_norm(self, max_norm)
-        if apply is not None and not apply(norm):
-            if scaler is not None:
-                scaler.update()  # the unscale recorded an overflow, or not; keep the scaler's books
-            self.optimizer.zero_grad(set_to_none=True)
-            return norm
-        if scaler is not None:
-            scaler.step(self.optimizer)  # skips the update when gradients overflowed
-            scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-
-def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss_sum=None, meshes=None,
-                fake=None, stage_shapes=None) -> Parallelized:
+def parallelize(
+    model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss_sum=None, meshes=None, fake=None, stage_shapes=None
+) -> Parallelized:
     """Apply the strategies of `cfg.parallel` to a meta-device model, then allocate and initialize it.
 
-    For parallel/simulate.py: `meshes` reuses meshes built beforehand; `fake`, a FakeTensorMode, is where the
+    For trainer/simulate.py: `meshes` reuses meshes built beforehand; `fake`, a FakeTensorMode, is where the
     parameters are allocated (the transforms run outside it, on the meta device) and no initial weights are
     drawn (fake tensors have shapes, no values); `stage_shapes(stage id) -> (input, output)` example tensors
     spare the pipeline stages their shape inference over the process group."""
@@ -167,14 +76,18 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
     if masterless:
         for part in parts:
             part.to(torch.bfloat16)  # (init_weights rounds the fp32 values to it; the RoPE tables stay fp32)
-        notes.append("training.master_weights=false: parameters and gradients in bf16, no fp32 copy; updates "
-                     "stochastically rounded by the optimizer")
+        notes.append(
+            "training.master_weights=false: parameters and gradients in bf16, no fp32 copy; updates "
+            "stochastically rounded by the optimizer"
+        )
     if str(t.float8) != "none":  # 1b. the blocks' linears in float8 (parallel/float8.py), before any wrapping
         from parallel.float8 import convert
 
         n = sum(convert(part, str(t.float8), emulate=bool(t.float8_emulate)) for part in parts)
-        notes.append(f"training.float8={t.float8}: {n} linear layers in float8 (torchao"
-                     f"{', emulated' if t.float8_emulate else ''}); the output projection stays bf16")
+        notes.append(
+            f"training.float8={t.float8}: {n} linear layers in float8 (torchao"
+            f"{', emulated' if t.float8_emulate else ''}); the output projection stays bf16"
+        )
     for part in parts:
         # 2. tensor parallel
         if dims.tp > 1:
@@ -187,8 +100,13 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         # 5. FSDP / HSDP
         if fsdp:
             dp_mesh = mesh["hsdp"] if data == "hsdp" else mesh["fsdp"]
-            apply_fsdp(part, dp_mesh, param_dtype=_DTYPES[precision], reshard_after_forward=reshards_after_forward(cfg),
-                       offload=offload)
+            apply_fsdp(
+                part,
+                dp_mesh,
+                param_dtype=_DTYPES[precision],
+                reshard_after_forward=reshards_after_forward(cfg),
+                offload=offload,
+            )
         # 6. allocate, then initialize from the seed (the same values as on one process)
         with allocation:
             _allocate(part, "cpu" if offload else device, fake=not values)
@@ -213,13 +131,21 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         positions = local_positions(int(t.seq_len), cp.rank, cp.size, device=device)
         for part in parts:
             part.set_context_parallel(cp, positions)
-        notes.append(f"parallel.cp={dims.cp}: each rank holds 2 of {2 * dims.cp} chunks of every sequence, attention "
-                     f"across them by {p.cp_rotate}; FSDP shards over dp_shard x cp")
-    par = Parallelized(parts=parts, model=wrapped, dims=dims, mesh=mesh,
-                       grad_reduction_scale=float(dims.dp_size * dims.cp) if fsdp or data != "none" else 1.0,
-                       no_sync=no_sync,
-                       autocast_dtype=None if fsdp or masterless else _DTYPES[precision], loss_parallel=loss_parallel,
-                       notes=notes)
+        notes.append(
+            f"parallel.cp={dims.cp}: each rank holds 2 of {2 * dims.cp} chunks of every sequence, attention "
+            f"across them by {p.cp_rotate}; FSDP shards over dp_shard x cp"
+        )
+    par = Parallelized(
+        parts=parts,
+        model=wrapped,
+        dims=dims,
+        mesh=mesh,
+        grad_reduction_scale=float(dims.dp_size * dims.cp) if fsdp or data != "none" else 1.0,
+        no_sync=no_sync,
+        autocast_dtype=None if fsdp or masterless else _DTYPES[precision],
+        loss_parallel=loss_parallel,
+        notes=notes,
+    )
     if dims.cp > 1:
         par.cp_positions = positions
     if dims.pp > 1:
@@ -229,10 +155,17 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss
         par.pipeline_loss = PipelineLoss(loss_sum, par.grad_reduction_scale)
         par.stage_parts, par.pp_schedule, par.device = parts_with_ids, str(p.pp_schedule), device
         n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
-        par.schedule = build_schedule(parts_with_ids, p.pp_schedule, pp=dims.pp, n_microbatches=n_micro,
-                                      device=device, group=mesh["pp"].get_group(), loss_fn=par.pipeline_loss,
-                                      stage_shapes=stage_shapes,
-                                      sync_each_microbatch=not (fsdp and p.accumulate_unsharded_grads))
+        par.schedule = build_schedule(
+            parts_with_ids,
+            p.pp_schedule,
+            pp=dims.pp,
+            n_microbatches=n_micro,
+            device=device,
+            group=mesh["pp"].get_group(),
+            loss_fn=par.pipeline_loss,
+            stage_shapes=stage_shapes,
+            sync_each_microbatch=not (fsdp and p.accumulate_unsharded_grads),
+        )
     return _offload_activations(par, cfg, device)
 
 
@@ -242,10 +175,11 @@ def _offload_activations(par: Parallelized, cfg, device: torch.device) -> Parall
         from parallel.offload import attach
 
         par.activation_offload = attach(par.parts, device, min_bytes=cfg.parallel.activation_offload_min_bytes)
-        par.notes.append(f"parallel.activation_offload: the blocks' saved tensors of at least "
-                         f"{cfg.parallel.activation_offload_min_bytes:,} bytes go to host memory in forward"
-                         + (" (on a CPU device: a copy, counted apart from the device's memory)"
-                            if device.type == "cpu" else ""))
+        par.notes.append(
+            f"parallel.activation_offload: the blocks' saved tensors of at least "
+            f"{cfg.parallel.activation_offload_min_bytes:,} bytes go to host memory in forward"
+            + (" (on a CPU device: a copy, counted apart from the device's memory)" if device.type == "cpu" else "")
+        )
     return par
 
 
@@ -266,20 +200,6 @@ def _allocate(part: nn.Module, device, *, fake: bool) -> None:
         for name, buf in list(module._buffers.items()):
             if buf is not None:
                 module._buffers[name] = torch.empty_like(buf, device=device)
-
-
-def clip_grad_norm(par: Parallelized, max_norm: float) -> torch.Tensor:
-    """Global gradient norm over every parameter of every rank (DTensor shards and pipeline stages),
-    then clip to `max_norm`. Returns the norm before clipping, as a plain tensor on the device."""
-    params = [p for p in par.parameters() if p.grad is not None]
-    grads = [p.grad for p in params]
-    norm = full(torch.nn.utils.get_total_norm(grads, norm_type=2.0))  # DTensor: reduce the partial norms
-    if par.dims.pp > 1:  # each stage saw only its own parameters: add the squares over the pipeline
-        sq = norm**2
-        torch.distributed.all_reduce(sq, group=par.group("pp"))
-        norm = sq.sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
 
 
 __all__ = ["Parallelized", "parallelize", "clip_grad_norm", "ParallelDims", "World"]

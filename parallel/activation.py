@@ -16,8 +16,12 @@ def _ops_to_save() -> set:
     casts, views) is recomputed in backward."""
     aten = torch.ops.aten
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default}
-    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    ):
         if hasattr(aten, name):
             ops.add(getattr(aten, name).default)
     if hasattr(torch.ops, "_c10d_functional"):
@@ -25,8 +29,9 @@ def _ops_to_save() -> set:
     return ops
 
 
-def _selective_policy(save: set, partial_width: int | None, counts: dict | None, ctx, op, *args,
-                      **kwargs) -> CheckpointPolicy:
+def _selective_policy(
+    save: set, partial_width: int | None, counts: dict | None, ctx, op, *args, **kwargs
+) -> CheckpointPolicy:
     if op not in save:
         return CheckpointPolicy.PREFER_RECOMPUTE
     if counts is not None and op is torch.ops.aten.mm.default:

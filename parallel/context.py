@@ -29,13 +29,18 @@ import torch
 import torch.distributed as dist
 
 
-
 @dataclass
 class CPGroup:
     group: object  # the cp process group
     rank: int
     size: int
     rotate: str = "allgather"
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        """Causal attention of this rank's two chunks against the whole sequence (`context_parallel_attention`).
+        The model calls this on the group parallelize() gave its attention (models/llama.py `Attention.cp`), so
+        the model's code never imports the parallel layer."""
+        return context_parallel_attention(q, k, v, self)
 
 
 def local_positions(seq_len: int, rank: int, size: int, device=None) -> torch.Tensor:
@@ -79,11 +84,23 @@ def _backward(dout, q, k, v, out, lse, causal: bool):
         pad = -lse.shape[-1] % 32
         zero = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, ke, ve, None, out, torch.nn.functional.pad(lse, (0, pad)).contiguous(), zero, zero, 0.0,
-            [True, True, True, False], causal)
+            dout,
+            q,
+            ke,
+            ve,
+            None,
+            out,
+            torch.nn.functional.pad(lse, (0, pad)).contiguous(),
+            zero,
+            zero,
+            0.0,
+            [True, True, True, False],
+            causal,
+        )
     else:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, ke, ve, out, lse, 0.0, causal)
+            dout, q, ke, ve, out, lse, 0.0, causal
+        )
     return dq, _fold(dk, kv_heads), _fold(dv, kv_heads)
 
 
@@ -115,7 +132,7 @@ class _Attention(torch.autograd.Function):
 
         def attend(owner: int, kb: torch.Tensor, vb: torch.Tensor) -> None:
             for j, key_chunk in enumerate(_chunks_of(owner, cp.size)):
-                ks, vs = kb[:, :, j * C:(j + 1) * C], vb[:, :, j * C:(j + 1) * C]
+                ks, vs = kb[:, :, j * C : (j + 1) * C], vb[:, :, j * C : (j + 1) * C]
                 for i, query_chunk in enumerate(mine):
                     how = _visible(query_chunk, key_chunk)
                     if how is not None:
@@ -145,8 +162,15 @@ class _Attention(torch.autograd.Function):
                     how = _visible(query_chunk, key_chunk)
                     if how is None:
                         continue
-                    gq, gk, gv = _backward(dout[:, :, sl[i]], q[:, :, sl[i]], kb[:, :, sl[j]], vb[:, :, sl[j]],
-                                           out[:, :, sl[i]], lse[:, :, sl[i]], how == "causal")
+                    gq, gk, gv = _backward(
+                        dout[:, :, sl[i]],
+                        q[:, :, sl[i]],
+                        kb[:, :, sl[j]],
+                        vb[:, :, sl[j]],
+                        out[:, :, sl[i]],
+                        lse[:, :, sl[i]],
+                        how == "causal",
+                    )
                     dq[:, :, sl[i]] += gq
                     dk[:, :, sl[j]] += gk
                     dv[:, :, sl[j]] += gv

@@ -11,8 +11,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool,
-               offload: bool) -> None:
+def apply_fsdp(
+    model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool, offload: bool
+) -> None:
     """Shard the embedding, each block, the output projection, then the root (the final norm), over `mesh`.
 
     A 1-D mesh is FSDP (ZeRO-3): every rank holds 1/N of each parameter, gradient and optimizer state,
@@ -39,8 +40,12 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     # a block's floating-point inputs are the hidden state, already in the compute dtype (the embedding's and the
     # blocks' outputs), and the RoPE tables, which stay fp32: FSDP's cast would round them to 16 bits (positions
     # lose precision) and make each block save its own 16-bit copy of both tables for its backward
-    block_kw = {**kw, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
-                                                        cast_forward_inputs=False)}
+    block_kw = {
+        **kw,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        ),
+    }
     for block in model.blocks.values():
         fully_shard(block, reshard_after_forward=reshard_after_forward, **block_kw)
     if model.output is not None and not model.args.tie_embeddings:
@@ -66,5 +71,9 @@ def fsdp_no_sync(model: nn.Module):
 def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.parallel.DistributedDataParallel:
     # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets; without it DDP keeps
     # a second, bucketed copy of every gradient (4 bytes x parameters more per rank)
-    return nn.parallel.DistributedDataParallel(model, process_group=mesh.get_group(), gradient_as_bucket_view=True,
-                                               device_ids=[device.index] if device.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(
+        model,
+        process_group=mesh.get_group(),
+        gradient_as_bucket_view=True,
+        device_ids=[device.index] if device.type == "cuda" else None,
+    )

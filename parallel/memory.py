@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel.dtensor import nbytes
+from models.dtensor import nbytes
 
 
 def model_state_bytes(parts, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
@@ -24,17 +24,39 @@ def model_state_bytes(parts, optimizer: torch.optim.Optimizer | None = None) -> 
 # ------------------------------------------------------------------------------------------------
 # Measurement of one whole step, by category: torch's own tracker (MemTracker / FSDPMemTracker).
 
-CATEGORIES = ("params", "gathered_params", "buffers", "grads", "unsharded_grads", "optim", "master",
-              "activations", "temporaries", "other")
+CATEGORIES = (
+    "params",
+    "gathered_params",
+    "buffers",
+    "grads",
+    "unsharded_grads",
+    "optim",
+    "master",
+    "activations",
+    "temporaries",
+    "other",
+)
 
 OFFLOADED = "offloaded_activations"  # host memory, beside the categories (parallel/offload.py)
 
 # torch's category names (mem_tracker._MemRefType, fsdp2_mem_tracker._FSDPRefType) -> ours
-_TORCH_NAMES = {"Parameter": "params", "Sharded Param": "params", "Unsharded Param": "gathered_params",
-                "All Gather": "gathered_params", "Buffer": "buffers", "Gradient": "grads", "Sharded Grad": "grads",
-                "Unsharded Grad": "unsharded_grads", "Optstate": "optim", "OptState": "optim",
-                "Activation": "activations", "Temp": "temporaries", "Reduce Scatter": "temporaries",
-                "Other": "other", "Inputs": "other"}
+_TORCH_NAMES = {
+    "Parameter": "params",
+    "Sharded Param": "params",
+    "Unsharded Param": "gathered_params",
+    "All Gather": "gathered_params",
+    "Buffer": "buffers",
+    "Gradient": "grads",
+    "Sharded Grad": "grads",
+    "Unsharded Grad": "unsharded_grads",
+    "Optstate": "optim",
+    "OptState": "optim",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "Reduce Scatter": "temporaries",
+    "Other": "other",
+    "Inputs": "other",
+}
 
 
 def _repeatable(base):
@@ -108,8 +130,9 @@ class StepMemory:
         engine_opt = getattr(par, "ds_optimizer", None)
         if engine_opt is not None:
             stage = par.ds_config["zero_optimization"]["stage"]
-            self.master = list(engine_opt.fp32_partitioned_groups_flat if stage == 3
-                               else engine_opt.single_partition_of_fp32_groups)
+            self.master = list(
+                engine_opt.fp32_partitioned_groups_flat if stage == 3 else engine_opt.single_partition_of_fp32_groups
+            )
         if all(isinstance(p, FSDPModule) for p in parts):
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -169,7 +192,6 @@ class StepMemory:
         if self.offload is not None:
             out[OFFLOADED] = self.offload.host_peak
         return out
-
 
 
 def pipeline_buffers(schedule) -> list[torch.Tensor]:

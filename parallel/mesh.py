@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.plan import ParallelDims, degenerate, resolve_dims  # noqa: F401  (the layout lives in plan.py)
+from parallel.layout import ParallelDims
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> dict:
@@ -86,8 +86,12 @@ def init_distributed(requested_device: str, *, timeout_s: float = 600.0, one_ran
         for key in ("RANK", "LOCAL_RANK"):  # what torchrun would have set (DeepSpeed reads them)
             os.environ.setdefault(key, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None, **kwargs)
+        dist.init_process_group(
+            backend=backend,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+            **kwargs,
+        )
     if world_size > 1 and not dist.is_initialized():
         kwargs = {}
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -95,12 +99,22 @@ def init_distributed(requested_device: str, *, timeout_s: float = 600.0, one_ran
             # Under torchrun, keep each restart's rendezvous keys apart: after `--max-restarts` brought the
             # workers back, gloo otherwise read the dead attempt's addresses from the agent's store and
             # failed to connect ("Connection refused", seen with torch 2.13).
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                  is_master=False, timeout=timedelta(seconds=timeout_s))
-            kwargs = dict(store=dist.PrefixStore(f"shardwise/attempt-{attempt}", store), rank=rank,
-                          world_size=world_size)
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None, **kwargs)
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                world_size,
+                is_master=False,
+                timeout=timedelta(seconds=timeout_s),
+            )
+            kwargs = dict(
+                store=dist.PrefixStore(f"shardwise/attempt-{attempt}", store), rank=rank, world_size=world_size
+            )
+        dist.init_process_group(
+            backend=backend,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+            **kwargs,
+        )
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -86,8 +86,11 @@ def _is_weight(t: torch.Tensor) -> bool:
     if isinstance(base, nn.Parameter):
         return True
     fn = base.grad_fn
-    return (fn is not None and type(fn).__name__ == "ToCopyBackward0"
-            and any(type(n).__name__ == "AccumulateGrad" for n, _ in fn.next_functions if n is not None))
+    return (
+        fn is not None
+        and type(fn).__name__ == "ToCopyBackward0"
+        and any(type(n).__name__ == "AccumulateGrad" for n, _ in fn.next_functions if n is not None)
+    )
 
 
 def _bytes_of(storage, device: torch.device) -> torch.Tensor:
@@ -194,8 +197,7 @@ class ActivationOffload:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(group.ready)
             back.record_stream(current)
-        out = torch.empty(0, dtype=x.dtype, device=back.device).set_(back.untyped_storage(), x.offset, x.size,
-                                                                     x.stride)
+        out = torch.empty(0, dtype=x.dtype, device=back.device).set_(back.untyped_storage(), x.offset, x.size, x.stride)
         if x.dtensor is not None:
             from torch.distributed.tensor import DTensor
 

@@ -21,13 +21,23 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
-                                                    ScheduleInterleaved1F1B, ScheduleZBVZeroBubble)
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBVZeroBubble,
+)
 
-from parallel.plan import PP_SCHEDULES, n_stages, split_blocks, stage_ids, stage_owners, stages_per_rank
+from parallel.layout import PP_SCHEDULES, n_stages, split_blocks, stage_ids, stage_owners, stages_per_rank
 
-SCHEDULES = dict(zip(PP_SCHEDULES, (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble,
-                                    ScheduleDualPipeV), strict=True))
+SCHEDULES = dict(
+    zip(
+        PP_SCHEDULES,
+        (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble, ScheduleDualPipeV),
+        strict=True,
+    )
+)
 
 
 def split_model(model: nn.Module, schedule: str, pp_rank: int, pp: int) -> list[tuple[int, nn.Module]]:
@@ -62,7 +72,7 @@ def _send(t: torch.Tensor, dst: int, group) -> None:
     """Send a tensor of any shape and float dtype: a fixed-size header (dtype, ndim, shape), then the data."""
     header = torch.zeros(8, dtype=torch.int64)
     header[0], header[1] = _DTYPE_CODES.index(t.dtype), t.dim()
-    header[2:2 + t.dim()] = torch.tensor(t.shape)
+    header[2 : 2 + t.dim()] = torch.tensor(t.shape)
     dist.send(header.to(t.device), group_dst=dst, group=group)
     dist.send(t.contiguous(), group_dst=dst, group=group)
 
@@ -71,15 +81,24 @@ def _recv(src: int, group, device: torch.device) -> torch.Tensor:
     header = torch.zeros(8, dtype=torch.int64, device=device)
     dist.recv(header, group_src=src, group=group)
     header = header.tolist()
-    out = torch.empty(header[2:2 + header[1]], dtype=_DTYPE_CODES[header[0]], device=device)
+    out = torch.empty(header[2 : 2 + header[1]], dtype=_DTYPE_CODES[header[0]], device=device)
     dist.recv(out, group_src=src, group=group)
     return out
 
 
 @torch.no_grad()
-def forward_only(parts: list[tuple[int, nn.Module]], schedule: str, *, pp: int, group, device: torch.device,
-                 inputs: torch.Tensor | None, targets: torch.Tensor | None, n_microbatches: int,
-                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def forward_only(
+    parts: list[tuple[int, nn.Module]],
+    schedule: str,
+    *,
+    pp: int,
+    group,
+    device: torch.device,
+    inputs: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    n_microbatches: int,
+    loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Summed loss of (n_microbatches * mb, T) inputs through the pipeline, forward only; nonzero only on the
     rank holding the last stage. Every pipeline rank calls it; `inputs` matter on the first stage's rank and
     `targets` on the last's.
@@ -137,10 +156,19 @@ class ShardedGradStage(PipelineStage):
             del sub.set_requires_gradient_sync
 
 
-def build_schedule(parts: list[tuple[int, nn.Module]], schedule: str, *, pp: int, n_microbatches: int,
-                   device: torch.device, group, loss_fn: PipelineLoss, stage_shapes=None,
-                   sync_each_microbatch: bool = True):
-    def shapes(sid):  # given, the stage skips its shape-inference round trip (parallel/simulate.py)
+def build_schedule(
+    parts: list[tuple[int, nn.Module]],
+    schedule: str,
+    *,
+    pp: int,
+    n_microbatches: int,
+    device: torch.device,
+    group,
+    loss_fn: PipelineLoss,
+    stage_shapes=None,
+    sync_each_microbatch: bool = True,
+):
+    def shapes(sid):  # given, the stage skips its shape-inference round trip (trainer/simulate.py)
         if stage_shapes is None:
             return {}
         inp, out = stage_shapes(sid)

@@ -28,5 +28,8 @@ def keep_grads_sharded_like_params(model: nn.Module) -> None:
     for p in model.parameters():
         if hasattr(p, "placements") and any(pl.is_shard() for pl in p.placements):
             placements = p.placements
-            p.register_hook(lambda g, placements=placements: g if g.placements == placements
-                            else g.redistribute(placements=placements))
+            p.register_hook(
+                lambda g, placements=placements: (
+                    g if g.placements == placements else g.redistribute(placements=placements)
+                )
+            )

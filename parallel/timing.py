@@ -34,9 +34,31 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from parallel.plan import (SELECTIVE_EVERY_SECOND, V_SHAPED, ZERO_STAGES, ParallelDims, ac_mode, blocks_by_ac, bucket_elements, _model_states, _params_of_rank,
-                           _precision_mode, block_activation_bytes, block_recompute_bytes, microbatches, n_stages,
-                           data_strategy, offloaded_per_token, reshards_after_forward, split_blocks, stage_ids, stages_per_rank)
+from models.args import model_args_of
+from parallel.layout import (
+    V_SHAPED,
+    ZERO_STAGES,
+    ParallelDims,
+    bucket_elements,
+    data_strategy,
+    microbatches,
+    n_stages,
+    reshards_after_forward,
+    split_blocks,
+    stage_ids,
+    stages_per_rank,
+)
+from parallel.memory_terms import (
+    SELECTIVE_EVERY_SECOND,
+    _model_states,
+    _params_of_rank,
+    _precision_mode,
+    ac_mode,
+    block_activation_bytes,
+    block_recompute_bytes,
+    blocks_by_ac,
+    offloaded_per_token,
+)
 
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 # aten ops one block runs per microbatch, forward and backward (231 counted with a TorchDispatchMode on
@@ -76,17 +98,31 @@ def gpu_hardware(capacity_gib: float | None, precision: str, **given: float) -> 
     """The assumed rates of an H100 (<= 100 GiB) or H200, each overridable (TFLOP/s and GB/s given)."""
     h200 = capacity_gib is not None and capacity_gib > 100
     peak = 989e12 if precision in ("bf16", "fp16", "float8") else 67e12
-    hw = Hardware(name="H200" if h200 else "H100", matmul_flops=ACHIEVABLE * peak,
-                  intra_bw=LINK_EFFICIENCY * 450e9, inter_bw=LINK_EFFICIENCY * 50e9,
-                  mem_bw=LINK_EFFICIENCY * (4.8e12 if h200 else 3.35e12), host_bw=LINK_EFFICIENCY * 64e9,
-                  host_mem_bw=10e9, op_overhead_s=0.0, latency_s=30e-6)
-    hw.source = {k: "assumed (datasheet x efficiency; docs/compare.md)" for k in
-                 ("matmul_flops", "intra_bw", "inter_bw", "mem_bw", "host_bw", "host_mem_bw", "latency_s")}
+    hw = Hardware(
+        name="H200" if h200 else "H100",
+        matmul_flops=ACHIEVABLE * peak,
+        intra_bw=LINK_EFFICIENCY * 450e9,
+        inter_bw=LINK_EFFICIENCY * 50e9,
+        mem_bw=LINK_EFFICIENCY * (4.8e12 if h200 else 3.35e12),
+        host_bw=LINK_EFFICIENCY * 64e9,
+        host_mem_bw=10e9,
+        op_overhead_s=0.0,
+        latency_s=30e-6,
+    )
+    hw.source = {
+        k: "assumed (datasheet x efficiency; docs/compare.md)"
+        for k in ("matmul_flops", "intra_bw", "inter_bw", "mem_bw", "host_bw", "host_mem_bw", "latency_s")
+    }
     return override(hw, **given)
 
 
-OVERRIDES = {"tflops": ("matmul_flops", 1e12), "intra_gbps": ("intra_bw", 1e9), "inter_gbps": ("inter_bw", 1e9),
-             "hbm_gbps": ("mem_bw", 1e9), "pcie_gbps": ("host_bw", 1e9)}
+OVERRIDES = {
+    "tflops": ("matmul_flops", 1e12),
+    "intra_gbps": ("intra_bw", 1e9),
+    "inter_gbps": ("inter_bw", 1e9),
+    "hbm_gbps": ("mem_bw", 1e9),
+    "pcie_gbps": ("host_bw", 1e9),
+}
 
 
 def override(hw: Hardware, **given: float | None) -> Hardware:
@@ -206,9 +242,21 @@ def _gloo_rates(world: int, nbytes: int = 8 * 2**20) -> tuple[float, float]:
         port = s.getsockname()[1]
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    procs = [subprocess.Popen([sys.executable, "-c", f"from parallel.timing import _gloo_worker; "
-                               f"_gloo_worker({r}, {world}, {port}, {nbytes})"], cwd=repo, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"from parallel.timing import _gloo_worker; _gloo_worker({r}, {world}, {port}, {nbytes})",
+            ],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"the gloo bandwidth measurement failed: {outs[0][1][-2000:]}")
@@ -220,7 +268,6 @@ def calibrate_cpu(cfg, world_size: int, *, threads: int = 1) -> Hardware:
     """Measure this machine: a matmul of the model's shape, a tiny op's dispatch time, a copy's bandwidth, with
     `threads` threads per rank (launch/train.py's ranks run OMP_NUM_THREADS=1 under compare), shared as the ranks
     will share the cores; and the all-reduce bandwidth of `world_size` gloo processes."""
-    from trainer.config import model_args_of
 
     args = model_args_of(cfg)
     tokens = int(cfg.training.micro_batch_size) * int(cfg.training.seq_len)
@@ -231,16 +278,31 @@ def calibrate_cpu(cfg, world_size: int, *, threads: int = 1) -> Hardware:
     overhead = _op_overhead(threads) / share
     mem = _copy_bandwidth() * share
     bw, latency = _gloo_rates(world_size) if world_size > 1 else (float("inf"), 0.0)
-    hw = Hardware(name=f"this CPU ({cores} cores, {world_size} ranks x {threads} thread)", matmul_flops=flops,
-                  intra_bw=bw, inter_bw=bw, mem_bw=mem, host_bw=mem, host_mem_bw=mem, op_overhead_s=overhead,
-                  latency_s=latency, overlap=0.0, device="cpu")
+    hw = Hardware(
+        name=f"this CPU ({cores} cores, {world_size} ranks x {threads} thread)",
+        matmul_flops=flops,
+        intra_bw=bw,
+        inter_bw=bw,
+        mem_bw=mem,
+        host_bw=mem,
+        host_mem_bw=mem,
+        op_overhead_s=overhead,
+        latency_s=latency,
+        overlap=0.0,
+        device="cpu",
+    )
     what = f"measured here, shared by {world_size} ranks on {cores} cores"
-    hw.source = {"matmul_flops": f"{what}: a ({tokens} x {args.dim}) @ ({args.dim} x {args.ffn_hidden}) {dtype} matmul",
-                 "intra_bw": f"measured here: all-reduce of 8 MiB over {world_size} gloo processes",
-                 "latency_s": f"measured here: all-reduce of 64 bytes over {world_size} gloo processes",
-                 "inter_bw": "= intra_bw (one machine)", "mem_bw": f"{what}: a 32 MiB copy",
-                 "overlap": "0: the ranks' cores compute, and gloo's threads take turns with them",
-                 "host_bw": "= mem_bw", "host_mem_bw": "= mem_bw", "op_overhead_s": f"{what}: a 20-op autograd graph on 64 elements, forward and backward, per aten op"}
+    hw.source = {
+        "matmul_flops": f"{what}: a ({tokens} x {args.dim}) @ ({args.dim} x {args.ffn_hidden}) {dtype} matmul",
+        "intra_bw": f"measured here: all-reduce of 8 MiB over {world_size} gloo processes",
+        "latency_s": f"measured here: all-reduce of 64 bytes over {world_size} gloo processes",
+        "inter_bw": "= intra_bw (one machine)",
+        "mem_bw": f"{what}: a 32 MiB copy",
+        "overlap": "0: the ranks' cores compute, and gloo's threads take turns with them",
+        "host_bw": "= mem_bw",
+        "host_mem_bw": "= mem_bw",
+        "op_overhead_s": f"{what}: a 20-op autograd graph on 64 elements, forward and backward, per aten op",
+    }
     return hw
 
 
@@ -248,8 +310,6 @@ def calibrate_cuda(cfg, capacity_gib: float | None) -> Hardware:
     """On a GPU: the matmul rate (the model's shape, its compute dtype) and the copy bandwidth measured on this
     device; the links stay assumed (one GPU cannot measure NVLink or the network)."""
     import torch
-
-    from trainer.config import model_args_of
 
     precision = str(cfg.training.precision)
     hw = gpu_hardware(capacity_gib, precision)
@@ -276,8 +336,10 @@ def calibrate_cuda(cfg, capacity_gib: float | None) -> Hardware:
     torch.cuda.synchronize()
     hw.mem_bw = 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3)
     hw.name = torch.cuda.get_device_name()
-    hw.source.update(matmul_flops=f"measured on this GPU: a ({m} x {args.dim}) @ ({args.dim} x {args.ffn_hidden}) "
-                     f"{dtype} matmul", mem_bw="measured on this GPU: a 256 MiB copy")
+    hw.source.update(
+        matmul_flops=f"measured on this GPU: a ({m} x {args.dim}) @ ({args.dim} x {args.ffn_hidden}) {dtype} matmul",
+        mem_bw="measured on this GPU: a 256 MiB copy",
+    )
     return hw
 
 
@@ -299,9 +361,15 @@ class StepTime:
         return int(sum(self.comm_bytes.values()))
 
     def to_json(self) -> dict:
-        return {"seconds": self.seconds, "parts": self.parts, "comm_bytes": self.comm_bytes,
-                "comm_bytes_total": self.comm_total, "flops": self.flops, "hw_flops": self.hw_flops,
-                "tokens_per_sec_per_device": self.tokens_per_sec_per_device}
+        return {
+            "seconds": self.seconds,
+            "parts": self.parts,
+            "comm_bytes": self.comm_bytes,
+            "comm_bytes_total": self.comm_total,
+            "flops": self.flops,
+            "hw_flops": self.hw_flops,
+            "tokens_per_sec_per_device": self.tokens_per_sec_per_device,
+        }
 
 
 def _ring(n: int) -> float:
@@ -314,8 +382,9 @@ def _link(size: int, stride: int, ranks_per_node: int, hw: Hardware) -> float:
     return hw.intra_bw if size * stride <= ranks_per_node else hw.inter_bw
 
 
-def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: int = 8,
-              device: str = "cuda") -> StepTime:
+def step_time(
+    cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: int = 8, device: str = "cuda"
+) -> StepTime:
     p, t = cfg.parallel, cfg.training
     data, sched = data_strategy(cfg), str(p.pp_schedule)
     ac, sac = ac_mode(cfg), str(p.ac)  # (the formulas' name, and the setting's: none, selective or full)
@@ -362,10 +431,13 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
 
         def add(what: str, nbytes: float, size: int, stride: int, calls: float) -> None:
             """`calls` collectives moving `nbytes` in all: each pays the link's latency, the bytes its bandwidth."""
-            if size > 1 and nbytes:
-                comm[what] = comm.get(what, 0.0) + nbytes
-                comm_t[what] = comm_t.get(what, 0.0) + calls * hw.latency_s + nbytes / _link(
-                    size, stride, ranks_per_node, hw)
+            if size > 1 and nbytes:  # (called within this iteration only: the loop's dicts are the right ones)
+                comm[what] = comm.get(what, 0.0) + nbytes  # noqa: B023
+                comm_t[what] = (  # noqa: B023
+                    comm_t.get(what, 0.0)  # noqa: B023
+                    + calls * hw.latency_s
+                    + nbytes / _link(size, stride, ranks_per_node, hw)
+                )
 
         n_tp = sum(math.prod(q.tp) for q in params)  # this rank's parameters before FSDP / ZeRO's split
         ds, dr, tp = dims.dp_shard * dims.cp, dims.dp_replicate, dims.tp  # (FSDP shards over dp_shard x cp)
@@ -381,16 +453,26 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
             add("FSDP parameter all-gather", gathers * _ring(ds) * param_bytes * n_tp, ds, tp, gathers * units)
             add("FSDP gradient reduce-scatter", reduces * _ring(ds) * 4 * n_tp, ds, tp, reduces * units)
             if dr > 1:
-                add("HSDP gradient all-reduce across replicas", reduces * 2 * _ring(dr) * 4 * n_tp / ds, dr, tp * ds,
-                    reduces * units)
+                add(
+                    "HSDP gradient all-reduce across replicas",
+                    reduces * 2 * _ring(dr) * 4 * n_tp / ds,
+                    dr,
+                    tp * ds,
+                    reduces * units,
+                )
         elif data in ZERO_STAGES:
             stage = ZERO_STAGES[data]
             reduces = 1 if stage == 1 else n_micro
             buckets = math.ceil(n_tp / bucket_elements(args.num_params()))
             add("ZeRO gradient reduce-scatter", reduces * _ring(dp) * param_bytes * n_tp, dp, tp, reduces * buckets)
             if stage == 3:  # DeepSpeed fetches each module's parameters: one all-gather per linear layer and pass
-                add("ZeRO-3 parameter all-gather", n_micro * 2 * _ring(dp) * param_bytes * n_tp, dp, tp,
-                    n_micro * 2 * 7 * len(blocks))
+                add(
+                    "ZeRO-3 parameter all-gather",
+                    n_micro * 2 * _ring(dp) * param_bytes * n_tp,
+                    dp,
+                    tp,
+                    n_micro * 2 * 7 * len(blocks),
+                )
             else:
                 add("ZeRO parameter all-gather after the step", _ring(dp) * param_bytes * n_tp, dp, tp, buckets)
         dp_time = sum(comm_t.values())
@@ -414,7 +496,8 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
             recvs = sum(1 for s in stage_ids(sched, pp_rank, dims.pp) if s != 0)
             comm["PP sends"] = n_micro * (sends + recvs) * act
             comm_t["PP sends"] = n_micro * (sends + recvs) * hw.latency_s + comm["PP sends"] / _link(
-                dims.pp, tp * dp, ranks_per_node, hw)
+                dims.pp, tp * dp, ranks_per_node, hw
+            )
         busy = parts["compute"] + parts["memory_bound_ops"] + parts.get("recompute", 0.0)
         hide = busy * hw.overlap  # the compute a data-parallel collective can run under
         pieces = len(blocks) + 1  # at least one unit's (block's, bucket's) share is never hidden
@@ -455,13 +538,16 @@ def step_time(cfg, args, dims: ParallelDims, hw: Hardware, *, ranks_per_node: in
             parts["activation_transfers"] = max(transfer - busy, transfer / max(2 * len(blocks), 1))
         if hw.op_overhead_s:
             recomputed_ops = {"none": 0.0, "selective": 0.3, "full": 0.4}[sac]  # the forward's share rerun
-            parts["op_overhead"] = hw.op_overhead_s * n_micro * (
-                OPS_PER_BLOCK * (1 + recomputed_ops) * len(blocks) + OPS_OUTSIDE_BLOCKS * (first or last))
+            parts["op_overhead"] = (
+                hw.op_overhead_s
+                * n_micro
+                * (OPS_PER_BLOCK * (1 + recomputed_ops) * len(blocks) + OPS_OUTSIDE_BLOCKS * (first or last))
+            )
         total = sum(parts.values())
         if worst is None or total > worst[0]:
             worst = (total, parts, comm, flops, hw_flops)
     total, parts, comm, flops, hw_flops = worst
     tps = int(t.global_batch_size) * seq / total / dims.world_size
-    return StepTime(seconds=total, parts=parts, comm_bytes=comm, flops=flops, hw_flops=hw_flops,
-                    tokens_per_sec_per_device=tps)
-
+    return StepTime(
+        seconds=total, parts=parts, comm_bytes=comm, flops=flops, hw_flops=hw_flops, tokens_per_sec_per_device=tps
+    )

@@ -17,11 +17,15 @@ import json
 import torch
 from torch import nn
 
-from parallel import Parallelized
-from parallel.dtensor import nbytes
+from models.args import installed
+from models.dtensor import nbytes
+from models.init import fill_flat_partition
+from models.llama import canonical_name, count_params
+from parallel.activation import apply_ac
+from parallel.compile import apply_compile
+from parallel.layout import PERSISTENCE_THRESHOLD, ZERO_STAGES, ParallelDims, bucket_elements, microbatches
 from parallel.mesh import World
-from parallel.plan import PERSISTENCE_THRESHOLD, ZERO_STAGES, ParallelDims, bucket_elements, microbatches
-
+from parallel.parallelized import Parallelized
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -86,7 +90,9 @@ class ZeroParallelized(Parallelized):
         reduced gradient partitions DeepSpeed keeps (ZeRO-2/3, and ZeRO-1 after its boundary reduce)."""
         full = sum(nbytes(p.grad) for p in self.parts[0].parameters())
         parts = getattr(self.ds_optimizer, "averaged_gradients", {}) or {}
-        return full + sum(nbytes(g) for group in parts.values() for g in (group if isinstance(group, list) else [group]))
+        return full + sum(
+            nbytes(g) for group in parts.values() for g in (group if isinstance(group, list) else [group])
+        )
 
     def model_state_bytes(self) -> dict[str, int]:
         """What this rank holds: model parameters (full for ZeRO-1/2, its partition for ZeRO-3), the fp32
@@ -98,8 +104,12 @@ class ZeroParallelized(Parallelized):
             "params": sum(nbytes(p.ds_tensor if stage == 3 else p) for p in params),
             "master": sum(nbytes(t) for t in masters),
             "grads": self.peak_grad_bytes,
-            "optim": sum(nbytes(v) for st in opt.optimizer.state.values() for k, v in st.items()
-                         if torch.is_tensor(v) and k != "step"),
+            "optim": sum(
+                nbytes(v)
+                for st in opt.optimizer.state.values()
+                for k, v in st.items()
+                if torch.is_tensor(v) and k != "step"
+            ),
         }
 
     def run_files(self) -> dict[str, str]:
@@ -110,7 +120,8 @@ class ZeroParallelized(Parallelized):
 
         self.optimizer = optimizer
         self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
-            model=self.parts[0], optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+            model=self.parts[0], optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
         self.model = self.engine
 
     def backward(self, loss: torch.Tensor, *, last_micro: bool, scaler=None) -> None:
@@ -151,9 +162,6 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
     p, t = cfg.parallel, cfg.training
     notes = []
     # apply AC and compile the same way as the native path; DeepSpeed then shards what they produced
-    from parallel.activation import apply_ac
-    from parallel.compile import apply_compile
-    from models.llama import count_params
 
     ds_config = build_ds_config(cfg, dims, count_params(model))
     if ds_config["zero_optimization"]["stage"] == 3:
@@ -165,11 +173,22 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
     if p.compile:
         apply_compile(model)
     if str(p.offload) == "cpu":
-        notes.append("ZeRO-Offload: the optimizer runs as DeepSpeed's CPU Adam, whose C++ op is compiled on first "
-                     "use (about a minute, cached in ~/.cache/torch_extensions)")
-    par = ZeroParallelized(parts=[model], model=model, dims=dims, mesh=mesh,
-                           grad_reduction_scale=float(dims.dp_size), no_sync=contextlib.nullcontext,
-                           autocast_dtype=None, loss_parallel=False, notes=notes, manages_precision=True)
+        notes.append(
+            "ZeRO-Offload: the optimizer runs as DeepSpeed's CPU Adam, whose C++ op is compiled on first "
+            "use (about a minute, cached in ~/.cache/torch_extensions)"
+        )
+    par = ZeroParallelized(
+        parts=[model],
+        model=model,
+        dims=dims,
+        mesh=mesh,
+        grad_reduction_scale=float(dims.dp_size),
+        no_sync=contextlib.nullcontext,
+        autocast_dtype=None,
+        loss_parallel=False,
+        notes=notes,
+        manages_precision=True,
+    )
     par.ds_config = ds_config
     return par
 
@@ -179,14 +198,14 @@ def build_partitioned(meta_model: nn.Module, ds_config: dict, device: torch.devi
     offload_param, in host memory), its partitions filled from `seed`."""
     import deepspeed
 
-    from models.init import fill_flat_partition
-    from models.llama import canonical_name
-
     # DeepSpeed's communication layer wraps our process group (as deepspeed.initialize would), so that
     # zero.Init checks the batch sizes against the real world size and partitions over it
     deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=_remote_device(ds_config)), \
-            torch.device(device), _without_default_init():
+    with (
+        deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=_remote_device(ds_config)),
+        torch.device(device),
+        _without_default_init(),
+    ):
         model = type(meta_model)(meta_model.args)
     model.init_weights(seed=seed, buffer_device=device, values=False)  # the RoPE tables (buffers: not partitioned)
     for name, prm in model.named_parameters():
@@ -196,7 +215,7 @@ def build_partitioned(meta_model: nn.Module, ds_config: dict, device: torch.devi
         if "fill" in spec:
             with torch.no_grad():
                 flat.fill_(spec["fill"])
-                flat[max(0, min(flat.numel(), prm.ds_numel - start)):].zero_()
+                flat[max(0, min(flat.numel(), prm.ds_numel - start)) :].zero_()
         else:
             fill_flat_partition(flat, start, prm.ds_numel, seed, name, **spec)
     return model
@@ -230,14 +249,13 @@ def partition_start(prm) -> int:
 
 def load_full_into_partitions(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Copy full tensors (by canonical name) into a ZeRO-3 model's partitions: each rank its own slice."""
-    from models.llama import canonical_name
 
     with torch.no_grad():
         for name, prm in model.named_parameters():
             src, flat = full[canonical_name(name)].reshape(-1), prm.ds_tensor
             start = partition_start(prm)
             n = max(0, min(flat.numel(), src.numel() - start))
-            flat[:n].copy_(src[start:start + n])
+            flat[:n].copy_(src[start : start + n])
             flat[n:].zero_()
 
 
@@ -247,40 +265,52 @@ def is_partitioned(parts) -> bool:
 
 def config_problems(cfg, *, on_cpu: bool) -> list[str]:
     """The rules of the DeepSpeed strategies (none for the others): what DeepSpeed can run here, and what
-    shardwise refuses under it (trainer/config.py::validate collects every subsystem's rules)."""
+    shardwise refuses under it (trainer/validate.py::validate collects every subsystem's rules)."""
     p, t, o = cfg.parallel, cfg.training, cfg.optim
     if str(p.data) not in ZERO_STAGES:
         return []
-    from trainer.config import _installed
 
     problems: list[str] = []
     if p.tp > 1 or p.pp > 1:
-        problems.append(f"parallel.data={p.data} with tp({p.tp}) / pp({p.pp}): shardwise runs DeepSpeed ZeRO as "
-                        f"pure data parallelism; for tensor or pipeline parallelism use parallel.data=fsdp")
-    if not _installed("deepspeed"):
-        problems.append(f"parallel.data={p.data} needs DeepSpeed, which is not installed: "
-                        f"pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 skips prebuilding its ops)")
+        problems.append(
+            f"parallel.data={p.data} with tp({p.tp}) / pp({p.pp}): shardwise runs DeepSpeed ZeRO as "
+            f"pure data parallelism; for tensor or pipeline parallelism use parallel.data=fsdp"
+        )
+    if not installed("deepspeed"):
+        problems.append(
+            f"parallel.data={p.data} needs DeepSpeed, which is not installed: "
+            f"pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 skips prebuilding its ops)"
+        )
     elif t.precision == "fp16" and on_cpu and not _deepspeed_cpu_fp16():
-        problems.append(f"training.precision=fp16 with parallel.data={p.data} on the CPU: DeepSpeed's CPU "
-                        f"accelerator runs fp16 only where oneDNN has fp16 kernels (CPUs with AVX512-FP16), and "
-                        f"this one has none; use training.precision=bf16 or fp32 on this machine")
+        problems.append(
+            f"training.precision=fp16 with parallel.data={p.data} on the CPU: DeepSpeed's CPU "
+            f"accelerator runs fp16 only where oneDNN has fp16 kernels (CPUs with AVX512-FP16), and "
+            f"this one has none; use training.precision=bf16 or fp32 on this machine"
+        )
     if o.name == "adafactor":
         problems.append(
             f"optim.name=adafactor with parallel.data={p.data} is refused: DeepSpeed hands the optimizer flat fp32 "
             f"partitions cut at arbitrary element offsets, so a matrix's rows and columns, which Adafactor "
             f"factors its second moment over, are split across ranks mid-row; running it would be a different "
-            f"algorithm under the same name. Use parallel.data=fsdp (sharding-aware Adafactor) or optim.name=adamw")
+            f"algorithm under the same name. Use parallel.data=fsdp (sharding-aware Adafactor) or optim.name=adamw"
+        )
     if o.name in ("adamw8bit", "adamw_bf16"):
-        problems.append(f"optim.name={o.name} with parallel.data={p.data} is refused: DeepSpeed wraps the optimizer "
-                        f"in its own ZeRO optimizer, which steps flat fp32 partitions and checkpoints their states in "
-                        f"its own format, a path shardwise does not test for low-precision states. Use "
-                        f"parallel.data=fsdp (or ddp/hsdp/tp/pp) with {o.name}, or optim.name=adamw under ZeRO")
+        problems.append(
+            f"optim.name={o.name} with parallel.data={p.data} is refused: DeepSpeed wraps the optimizer "
+            f"in its own ZeRO optimizer, which steps flat fp32 partitions and checkpoints their states in "
+            f"its own format, a path shardwise does not test for low-precision states. Use "
+            f"parallel.data=fsdp (or ddp/hsdp/tp/pp) with {o.name}, or optim.name=adamw under ZeRO"
+        )
     if cfg.checkpoint.async_save:
-        problems.append(f"checkpoint.async_save=true with parallel.data={p.data}: DeepSpeed saves its own files "
-                        f"synchronously; set checkpoint.async_save=false")
+        problems.append(
+            f"checkpoint.async_save=true with parallel.data={p.data}: DeepSpeed saves its own files "
+            f"synchronously; set checkpoint.async_save=false"
+        )
     if str(cfg.numerics.on_nonfinite) == "skip":
-        problems.append(f"numerics.on_nonfinite=skip with parallel.data={p.data}: DeepSpeed's engine applies the "
-                        f"update itself; use numerics.on_nonfinite=raise (DeepSpeed skips fp16 overflows on its own)")
+        problems.append(
+            f"numerics.on_nonfinite=skip with parallel.data={p.data}: DeepSpeed's engine applies the "
+            f"update itself; use numerics.on_nonfinite=raise (DeepSpeed skips fp16 overflows on its own)"
+        )
     return problems
 
 

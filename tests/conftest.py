@@ -13,8 +13,9 @@ costs.install()
 
 # DeepSpeed compiles its CPU Adam and shared-memory ops on first use (a minute or more): one build directory for
 # every test and every process the suite starts, kept between runs on this machine
-os.environ.setdefault("TORCH_EXTENSIONS_DIR",
-                      str(Path(tempfile.gettempdir()) / f"shardwise-torch-extensions-{os.getuid()}"))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / f"shardwise-torch-extensions-{os.getuid()}")
+)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ def describe(args) -> str:
     argv = [str(a) for a in (args if isinstance(args, (list, tuple)) else [args])]
     nproc = next((a.split("=", 1)[1] for a in argv if a.startswith("--nproc_per_node=")), None)
     at = next((i for i, a in enumerate(argv) if a.endswith((".py", ".sh"))), 0)
-    rest = [a for a in argv[at + 1:] if "/" not in a or a.startswith(("recipe=", "strategies="))]
+    rest = [a for a in argv[at + 1 :] if "/" not in a or a.startswith(("recipe=", "strategies="))]
     return ((f"torchrun x{nproc} " if nproc else "") + " ".join([Path(argv[at]).name, *rest[:3]]))[:110]
 
 
@@ -44,8 +44,15 @@ class _TimedPopen(subprocess.Popen):
     def _log_exit(self):
         if self.returncode is not None and not self._cost_logged:
             self._cost_logged = True
-            _write({"kind": "launch", "test": self._cost_test, "what": describe(self.args),
-                    "seconds": round(time.perf_counter() - self._cost_start, 2), "rc": self.returncode})
+            _write(
+                {
+                    "kind": "launch",
+                    "test": self._cost_test,
+                    "what": describe(self.args),
+                    "seconds": round(time.perf_counter() - self._cost_start, 2),
+                    "rc": self.returncode,
+                }
+            )
 
     def wait(self, timeout=None):
         try:
@@ -75,9 +82,13 @@ def tables(path: Path, top: int = 20) -> str:
     tests = sorted((r for r in rows if r["kind"] == "test"), key=lambda r: -r["seconds"])
     launches = [r for r in rows if r["kind"] == "launch"]
     total = sum(r["seconds"] for r in tests)
-    out = [f"{len(tests)} tests, {total / 60:.1f} min in all; {len(launches)} launches, "
-           f"{sum(r['seconds'] for r in launches) / 60:.1f} min of wall time inside them.", "",
-           "| test | s |", "| --- | ---: |"]
+    out = [
+        f"{len(tests)} tests, {total / 60:.1f} min in all; {len(launches)} launches, "
+        f"{sum(r['seconds'] for r in launches) / 60:.1f} min of wall time inside them.",
+        "",
+        "| test | s |",
+        "| --- | ---: |",
+    ]
     out += [f"| `{r['test']}` | {r['seconds']:.0f} |" for r in tests[:top]]
     by_file: dict[str, list[float]] = {}
     for r in launches:

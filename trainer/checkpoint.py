@@ -28,20 +28,29 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from trainer.faults import RefusedStart
+from models.args import model_args_of
+from trainer.hf import init_from_problems, source_shapes
+from trainer.integrity import (
+    HASH,
+    MANIFEST,
+    CheckpointError,
+    _gather,
+    checkpoint_files,
+    damage,
+    hash_share,
+)
+from trainer.state import state_module
 
 # 2: optimizer state flattened by parameter name (pipeline ranks hold different groups); 3: + MANIFEST.json
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # version 2 has no checksums: loaded after the structural checks only
-MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_HASH_CHUNK = 8 << 20
 
 
 def _barrier(group=None) -> None:
@@ -65,8 +74,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def config_hash(cfg) -> str:
     """A hash of what makes checkpoints compatible: the model's shape."""
-    from trainer.config import model_args_of
-
     return hashlib.sha256(repr(model_args_of(cfg)).encode()).hexdigest()[:16]
 
 
@@ -74,8 +81,10 @@ def complete_checkpoints(root: Path) -> tuple[list[Path], list[Path]]:
     """(complete step directories, incomplete ones), each sorted by step."""
     if not root.is_dir():
         return [], []
-    dirs = sorted((d for d in root.iterdir() if d.is_dir() and _STEP_DIR.match(d.name)),
-                  key=lambda d: int(_STEP_DIR.match(d.name).group(1)))
+    dirs = sorted(
+        (d for d in root.iterdir() if d.is_dir() and _STEP_DIR.match(d.name)),
+        key=lambda d: int(_STEP_DIR.match(d.name).group(1)),
+    )
     return [d for d in dirs if (d / "COMPLETE").is_file()], [d for d in dirs if not (d / "COMPLETE").is_file()]
 
 
@@ -95,157 +104,54 @@ def pointer_note(root: Path) -> str | None:
         return f"{pointer} is missing; using the newest complete checkpoint {complete[-1].name}"
     named = pointer.read_text().strip()
     if named != complete[-1].name:
-        return (f"{pointer} names {named!r}, which is not the newest complete checkpoint ({complete[-1].name}); "
-                f"using {complete[-1].name}")
+        return (
+            f"{pointer} names {named!r}, which is not the newest complete checkpoint ({complete[-1].name}); "
+            f"using {complete[-1].name}"
+        )
     return None
-
-
-class CheckpointError(RefusedStart):
-    pass
 
 
 # ------------------------------------------------------------------------------------------------
 # Checksums: every file of a checkpoint, hashed after all ranks wrote it, checked before anything loads
 
 
-# xxh3-128: a non-cryptographic 128-bit hash at memory speed (~13 GB/s here, sha256 1.7 GB/s), which is what
-# detecting damage needs (not forgery: a checkpoint is trusted code anyway, its .metadata is a pickle).
-# Measured on 1 GiB (launch/bench_checkpoint.py, docs/checkpoints.md). Manifests name their algorithm.
-HASH = "xxh3_128"
-
-
-def file_digest(path: Path, algorithm: str = HASH) -> str:
-    if algorithm == "xxh3_128":
-        import xxhash
-
-        h = xxhash.xxh3_128()
-    elif algorithm == "sha256":
-        h = hashlib.sha256()
-    else:
-        raise ValueError(f"unknown checksum algorithm {algorithm!r}")
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def checkpoint_files(path: Path) -> list[str]:
-    """Every file of a checkpoint directory (relative, sorted), except the manifest and the marker."""
-    return sorted(str(f.relative_to(path)) for f in path.rglob("*")
-                  if f.is_file() and f.name not in (MANIFEST, "COMPLETE"))
-
-
-def hash_share(path: Path, names: list[str], rank: int, world: int) -> dict[str, dict]:
-    """This rank's share of the hashing: files rank, rank + world, ... of `names`."""
-    return {n: {"size": (path / n).stat().st_size, "digest": file_digest(path / n)} for n in names[rank::world]}
-
-
-def manifest_problems(path: Path, rank: int = 0, world: int = 1) -> list[str]:
-    """This rank's share of the verification against MANIFEST.json (all of it on one process)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        entries, algorithm = manifest["files"], manifest["algorithm"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{MANIFEST} is missing or unreadable ({type(e).__name__})"]
-    problems = []
-    for name in sorted(entries)[rank::world]:
-        f, want = path / name, entries[name]
-        if not f.is_file():
-            problems.append(f"{name} is missing")
-        elif f.stat().st_size != want["size"]:
-            problems.append(f"{name} is {f.stat().st_size} bytes, {want['size']} when saved")
-        elif file_digest(f, algorithm) != want["digest"]:
-            problems.append(f"{name} has other bytes than when saved ({algorithm} differs)")
-    return problems
-
-
-def _gather(obj, group=None) -> list:
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def damage(path: Path, *, zero: bool, group=None) -> list[str]:
-    """Every way the files of `path` differ from what was saved (collective: the ranks share the work).
-    Empty: every file is as it was written."""
-    rank = dist.get_rank(group) if dist.is_initialized() else 0
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    local: list[str] = []
-    try:
-        state = json.loads((path / "train_state.json").read_text())
-    except (OSError, ValueError) as e:
-        state = None
-        local.append(f"train_state.json is unreadable ({type(e).__name__})")
-    if state is not None and state.get("format_version", 0) >= 3:
-        local += manifest_problems(path, rank, world)
-    elif rank == 0 and state is not None:  # version 2: no checksums; the structure is all there is to check
-        try:
-            verify_deepspeed(path, state) if zero else verify_native(path)
-        except CheckpointError as e:
-            local.append(str(e).split(": ", 1)[-1])
-    problems = sorted({p for share in _gather(local, group) for p in share})
-    return problems
-
-
 def checkpoint_root(cfg) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
-
-
-def verify_native(path: Path) -> None:
-    """Refuse a DCP checkpoint whose metadata is unreadable or whose shard files are missing or short."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(f"checkpoint {path}: no .metadata file; it is not a complete DCP checkpoint")
-    try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # a truncated pickle raises EOFError / UnpicklingError
-        raise CheckpointError(f"checkpoint {path}: .metadata is truncated or corrupt ({type(e).__name__}: {e}); "
-                              f"resume from an older step-N (remove this directory) or restore it") from None
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path}: shard {name} is missing; refusing to load a partial "
-                                  f"checkpoint (resume from an older step-N or restore the file)")
-        if f.stat().st_size < size:
-            raise CheckpointError(f"checkpoint {path}: shard {name} is truncated ({f.stat().st_size} of {size} "
-                                  f"bytes); refusing to load it")
 
 
 def refusal(path: Path, cfg, *, zero: bool) -> str | None:
     """Why this run must not resume from `path` even if its files are intact: another model shape (the
     fields named), another checkpoint format, or DeepSpeed vs native files. None: it may."""
-    from dataclasses import asdict
-
-    from trainer.config import model_args_of
 
     try:
         state = json.loads((path / "train_state.json").read_text())
     except (OSError, ValueError):
         return None  # unreadable: that is damage, reported as such
     if state.get("format_version") not in READABLE_VERSIONS:
-        return (f"checkpoint {path}: format version {state.get('format_version')}, this shardwise reads "
-                f"{', '.join(map(str, READABLE_VERSIONS))}")
+        return (
+            f"checkpoint {path}: format version {state.get('format_version')}, this shardwise reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
     ours = asdict(model_args_of(cfg))
     theirs = state.get("model", {})
-    differ = [f"model.{k}: {theirs.get(k)!r} in the checkpoint, {v!r} here" for k, v in ours.items()
-              if k in theirs and theirs[k] != v]
+    differ = [
+        f"model.{k}: {theirs.get(k)!r} in the checkpoint, {v!r} here"
+        for k, v in ours.items()
+        if k in theirs and theirs[k] != v
+    ]
     if differ:
-        return (f"checkpoint {path} was written for another model shape ({'; '.join(differ)}); refusing to load "
-                f"it. Set those model.* keys to the checkpoint's values, or point checkpoint.dir elsewhere")
+        return (
+            f"checkpoint {path} was written for another model shape ({'; '.join(differ)}); refusing to load "
+            f"it. Set those model.* keys to the checkpoint's values, or point checkpoint.dir elsewhere"
+        )
     saved_zero = str(state.get("strategy", "")).startswith("zero")
     if saved_zero != zero:
-        return (f"checkpoint {path} was written by parallel.data={state.get('strategy')}, this run uses "
-                f"{cfg.parallel.data}: DeepSpeed and native checkpoints differ in format. Convert it: "
-                f"python launch/convert_checkpoint.py {path} --out model.safetensors, then start this run with "
-                f"checkpoint.init_from=model.safetensors (weights only)")
+        return (
+            f"checkpoint {path} was written by parallel.data={state.get('strategy')}, this run uses "
+            f"{cfg.parallel.data}: DeepSpeed and native checkpoints differ in format. Convert it: "
+            f"python launch/convert_checkpoint.py {path} --out model.safetensors, then start this run with "
+            f"checkpoint.init_from=model.safetensors (weights only)"
+        )
     return None
 
 
@@ -289,12 +195,16 @@ def select_resume(root: Path, cfg, *, zero: bool, rank: int, group=None) -> tupl
             break
     if damaged and (chosen is None or str(cfg.checkpoint.on_damaged) == "fail"):
         listing = "; ".join(f"{p.name}: {', '.join(pr[:3])}{' ...' if len(pr) > 3 else ''}" for p, pr in damaged)
-        hint = ("no complete checkpoint verifies" if chosen is None and str(cfg.checkpoint.on_damaged) != "fail"
-                else "checkpoint.on_damaged=fail")
-        raise CheckpointError(f"checkpoint damaged, refusing to load it ({hint}): {listing}. Restore the files, or "
-                              f"move the directory away to resume from an older one"
-                              + ("" if hint != "checkpoint.on_damaged=fail" else
-                                 " (checkpoint.on_damaged=fallback does that itself)"))
+        hint = (
+            "no complete checkpoint verifies"
+            if chosen is None and str(cfg.checkpoint.on_damaged) != "fail"
+            else "checkpoint.on_damaged=fail"
+        )
+        raise CheckpointError(
+            f"checkpoint damaged, refusing to load it ({hint}): {listing}. Restore the files, or "
+            f"move the directory away to resume from an older one"
+            + ("" if hint != "checkpoint.on_damaged=fail" else " (checkpoint.on_damaged=fallback does that itself)")
+        )
     why = refusal(chosen, cfg, zero=zero) if chosen != complete[-1] else None
     if why is not None:  # the fallback itself cannot be loaded: stop before moving anything
         raise CheckpointError(why)
@@ -302,45 +212,23 @@ def select_resume(root: Path, cfg, *, zero: bool, rank: int, group=None) -> tupl
         target = path.with_name(f"{path.name}.damaged")
         if rank == 0:
             target = _move_aside(path)
-        msg = (f"WARNING: checkpoint {path.name} is DAMAGED ({', '.join(problems[:3])}); moved it aside to "
-               f"{target.name} (kept, not deleted) and resuming from {chosen.name}")
+        msg = (
+            f"WARNING: checkpoint {path.name} is DAMAGED ({', '.join(problems[:3])}); moved it aside to "
+            f"{target.name} (kept, not deleted) and resuming from {chosen.name}"
+        )
         notes.append(msg)
-        events.append({"event": "checkpoint_damaged", "checkpoint": path.name, "moved_to": target.name,
-                       "problems": problems, "resumed_from": chosen.name})
+        events.append(
+            {
+                "event": "checkpoint_damaged",
+                "checkpoint": path.name,
+                "moved_to": target.name,
+                "problems": problems,
+                "resumed_from": chosen.name,
+            }
+        )
     if dist.is_initialized():
         dist.barrier(group=group)  # the renames are done before any rank looks again
     return chosen, notes, events
-
-
-def verify_deepspeed(path: Path, state: dict) -> None:
-    world = state.get("layout", {}).get("world_size", 1)
-    optim = sorted(path.glob("*optim_states.pt"))
-    model = sorted(path.glob("*model_states.pt"))
-    if not model or len(optim) != world:
-        raise CheckpointError(f"checkpoint {path}: expected DeepSpeed model states and {world} optimizer "
-                              f"partitions, found {len(model)} and {len(optim)}; refusing to load it")
-
-
-def state_module(parts: list[nn.Module]) -> nn.Module:
-    """One module whose parameter names are the whole model's, over this rank's model parts.
-
-    A pipeline rank holds one or more stages, each a pruned Transformer keeping the full model's names;
-    gathering their children under one parent gives DCP the same keys as any other layout, so pipeline
-    checkpoints reshard like all others. One part is returned as it is.
-    """
-    if len(parts) == 1:
-        return parts[0]
-    merged = nn.Module()
-    layers = nn.ModuleDict()
-    for part in parts:
-        for name, child in part.named_children():
-            if name == "layers":
-                for k, block in child.items():
-                    layers[k] = block
-            elif child is not None:
-                merged.add_module(name, child)
-    merged.add_module("layers", layers)
-    return merged
 
 
 class Checkpointer:
@@ -409,9 +297,13 @@ class Checkpointer:
             _write_atomic(path / MANIFEST, json.dumps({"algorithm": HASH, "files": entries}, indent=1))
 
     def _save_small_files(self, path: Path, step: int) -> None:
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   path / f"rng-rank-{self.rank}.pt")
+        torch.save(
+            {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            path / f"rng-rank-{self.rank}.pt",
+        )
         if self.rank == 0:
             torch.save(self._trainer_state(), path / "trainer-state.pt")
             (path / "train_state.json").write_text(json.dumps(self._train_state(step), indent=2))
@@ -467,27 +359,40 @@ class Checkpointer:
 
     def _trainer_state(self) -> dict:
         t = self.t
-        return {"scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict() if t.scaler else None,
-                "data": t.train_loader.state_dict(), "step": t.step, "tokens_seen": t.tokens_seen}
+        return {
+            "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict() if t.scaler else None,
+            "data": t.train_loader.state_dict(),
+            "step": t.step,
+            "tokens_seen": t.tokens_seen,
+        }
 
     def _train_state(self, step: int) -> dict:
         t = self.t
         d = t.plan.dims
-        from dataclasses import asdict
-
-        from trainer.config import model_args_of
-
-        return {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": t.tokens_seen,
-                "model": asdict(model_args_of(t.cfg)), "skipped_steps": t.skipped_steps,
-                "samples_seen": t.train_loader.cursor, "data": t.train_loader.state_dict(),
-                "config_hash": config_hash(t.cfg), "strategy": str(t.cfg.parallel.data),
-                "layout": {"dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "tp": d.tp, "pp": d.pp,
-                           "world_size": t.world.world_size},
-                "wandb_run_id": t.logger.wandb.run_id if t.logger.wandb else None}
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "tokens_seen": t.tokens_seen,
+            "model": asdict(model_args_of(t.cfg)),
+            "skipped_steps": t.skipped_steps,
+            "samples_seen": t.train_loader.cursor,
+            "data": t.train_loader.state_dict(),
+            "config_hash": config_hash(t.cfg),
+            "strategy": str(t.cfg.parallel.data),
+            "layout": {
+                "dp_replicate": d.dp_replicate,
+                "dp_shard": d.dp_shard,
+                "tp": d.tp,
+                "pp": d.pp,
+                "world_size": t.world.world_size,
+            },
+            "wandb_run_id": t.logger.wandb.run_id if t.logger.wandb else None,
+        }
 
     def _prune(self) -> None:
         complete, _ = complete_checkpoints(self.root)
-        for old in complete[:-self.keep]:
+        for old in complete[: -self.keep]:
             if self.keep_every and int(_STEP_DIR.match(old.name).group(1)) % self.keep_every == 0:
                 continue  # a milestone: kept forever
             # deletion never leaves the checkpoint root
@@ -500,8 +405,9 @@ class Checkpointer:
         """Load a checkpoint that `select_resume` chose (and verified, every file, on every rank)."""
         par = self.t.par
         if getattr(par, "engine", None) is not None:
-            loaded, _ = par.engine.load_checkpoint(str(self.root), tag=path.name, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+            loaded, _ = par.engine.load_checkpoint(
+                str(self.root), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
             if loaded is None:
                 raise ValueError(f"DeepSpeed could not load {path}")
         else:
@@ -510,8 +416,13 @@ class Checkpointer:
 
             sd = self._native_state()
             dcp.load(sd, checkpoint_id=str(path))
-            set_state_dict(self.module, self._optimizers(), model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                           options=self._options())
+            set_state_dict(
+                self.module,
+                self._optimizers(),
+                model_state_dict=sd["model"],
+                optim_state_dict=sd["optim"],
+                options=self._options(),
+            )
         ts = torch.load(path / "trainer-state.pt", weights_only=False)
         t = self.t
         t.scheduler.load_state_dict(ts["scheduler"])
@@ -531,47 +442,22 @@ class Checkpointer:
                 torch.cuda.set_rng_state_all(r["cuda"])
 
 
-def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    import tempfile
-
-    from models.llama import canonical_name
-
-    if not (path / "COMPLETE").is_file():
-        raise ValueError(f"{path} has no COMPLETE marker: its save did not finish; refusing to convert it")
-    zero = bool(list(path.glob("*zero_pp_rank_*")) or list(path.glob("mp_rank_*_model_states.pt")))
-    problems = damage(path, zero=zero)
-    if problems:
-        raise ValueError(f"{path} is damaged ({'; '.join(problems[:5])}); refusing to convert it")
-    if list(path.glob("*zero_pp_rank_*")) or list(path.glob("mp_rank_*_model_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(str(path), f"{tmp}/full.pt")
-            sd = torch.load(f"{tmp}/full.pt", weights_only=False)["model"]
-    # one tensor per name, fp32, contiguous, no shared storage (safetensors refuses aliases)
-    return {canonical_name(k): v.detach().float().contiguous().clone() for k, v in sd.items()}
-
-
 def config_problems(cfg) -> list[str]:
-    """The checkpoint section's rules (trainer/config.py::validate collects every subsystem's)."""
+    """The checkpoint section's rules (trainer/validate.py::validate collects every subsystem's)."""
     problems: list[str] = []
     c = cfg.checkpoint
     if c.every < 0:
         problems.append(f"checkpoint.every={c.every} must be >= 0 (0: never)")
     if c.keep < 2:
-        problems.append(f"checkpoint.keep={c.keep} must be >= 2 (the newest checkpoint may be the one a crash "
-                        f"interrupts; the one before it is the fallback)")
+        problems.append(
+            f"checkpoint.keep={c.keep} must be >= 2 (the newest checkpoint may be the one a crash "
+            f"interrupts; the one before it is the fallback)"
+        )
     if c.keep_every < 0:
         problems.append(f"checkpoint.keep_every={c.keep_every} must be >= 0 (0: no milestones)")
     if c.init_from is not None and not Path(c.init_from).exists():
         problems.append(f"checkpoint.init_from={c.init_from}: no such file or directory")
     elif c.init_from is not None:
-        from models.hf import init_from_problems, source_shapes
-
         try:
             source_args, shapes = source_shapes(Path(c.init_from))
             problems += init_from_problems(cfg, Path(c.init_from), source_args, shapes)

@@ -25,22 +25,51 @@ import sys
 import time
 from pathlib import Path
 
+from models.args import model_args_of
+from parallel.memory import OFFLOADED
+from parallel.timing import Hardware, calibrate_cpu, calibrate_cuda, step_time
+from trainer.config import ConfigError, load_config
+from trainer.validate import derive, validate
+
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
-    "none": [], "ddp": ["parallel.data=ddp"], "fsdp": ["parallel.data=fsdp"],
+    "none": [],
+    "ddp": ["parallel.data=ddp"],
+    "fsdp": ["parallel.data=fsdp"],
     "hsdp": ["parallel.data=hsdp", "parallel.dp_replicate=2"],
-    "zero1": ["parallel.data=zero1"], "zero2": ["parallel.data=zero2"], "zero3": ["parallel.data=zero3"],
-    "tp": ["parallel.data=none", "parallel.tp={nproc}"], "pp": ["parallel.data=none", "parallel.pp={nproc}"],
+    "zero1": ["parallel.data=zero1"],
+    "zero2": ["parallel.data=zero2"],
+    "zero3": ["parallel.data=zero3"],
+    "tp": ["parallel.data=none", "parallel.tp={nproc}"],
+    "pp": ["parallel.data=none", "parallel.pp={nproc}"],
     "fsdp_tp": ["parallel.data=fsdp", "parallel.tp=2"],
 }
 MODIFIERS = {"offload": ["parallel.offload=cpu"], "offload_params": ["parallel.offload_params=true"]}
 # every cell: the same logging, so the records are comparable; one tracked step for the memory breakdown
-COMMON = ["logging.every=1", "logging.jsonl=true", "logging.console=true", "logging.tensorboard=false",
-          "logging.wandb.mode=disabled", "logging.memory_breakdown=true", "logging.memory_breakdown_step=3",
-          "checkpoint.every=0", "training.val_every=0"]
+COMMON = [
+    "logging.every=1",
+    "logging.jsonl=true",
+    "logging.console=true",
+    "logging.tensorboard=false",
+    "logging.wandb.mode=disabled",
+    "logging.memory_breakdown=true",
+    "logging.memory_breakdown_step=3",
+    "checkpoint.every=0",
+    "training.val_every=0",
+]
 STEADY_FROM = 4  # step times from this step on: the first steps build buckets and warm caches, step 3 is tracked
-CATEGORIES = ("params", "gathered_params", "grads", "unsharded_grads", "optim", "master", "buffers", "activations",
-              "temporaries", "other")
+CATEGORIES = (
+    "params",
+    "gathered_params",
+    "grads",
+    "unsharded_grads",
+    "optim",
+    "master",
+    "buffers",
+    "activations",
+    "temporaries",
+    "other",
+)
 
 
 class CompareError(ValueError):
@@ -52,8 +81,10 @@ def strategy_overrides(name: str, nproc: int) -> list[str]:
     head, _, keys = name.partition(":")
     base, *mods = head.split("+")
     if base not in BASE:
-        raise CompareError(f"strategies: unknown strategy '{base}' in '{name}'; known: {', '.join(BASE)} "
-                           f"(modifiers: +{', +'.join(MODIFIERS)}; keys after ':', e.g. fsdp:ac=full)")
+        raise CompareError(
+            f"strategies: unknown strategy '{base}' in '{name}'; known: {', '.join(BASE)} "
+            f"(modifiers: +{', +'.join(MODIFIERS)}; keys after ':', e.g. fsdp:ac=full)"
+        )
     out = [o.format(nproc=nproc) for o in BASE[base]]
     for m in mods:
         if m not in MODIFIERS:
@@ -83,7 +114,6 @@ def _safe(cell: str) -> str:
 
 def _predicted(overrides: list[str], nproc: int) -> dict:
     """The planner for this cell: (layout, peak bytes and categories of the most loaded rank) or the refusal."""
-    from trainer.config import ConfigError, derive, load_config, validate
 
     try:
         cfg = load_config(overrides)
@@ -95,13 +125,16 @@ def _predicted(overrides: list[str], nproc: int) -> dict:
     except ConfigError as e:
         return {"refused": str(e)}
     top = plan.memory.most_loaded
-    return {"layout": plan.dims.describe(), "peak_bytes": top.peak_bytes, "categories": top.by_category(),
-            "host_bytes": top.host_bytes, "precision": str(cfg.training.precision)}
+    return {
+        "layout": plan.dims.describe(),
+        "peak_bytes": top.peak_bytes,
+        "categories": top.by_category(),
+        "host_bytes": top.host_bytes,
+        "precision": str(cfg.training.precision),
+    }
 
 
 def _read_run(run_dir: Path) -> dict:
-    from parallel.memory import OFFLOADED
-
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     start = max((i for i, r in enumerate(rows) if r.get("event") == "start"), default=0)
     steps = [r for r in rows[start:] if "train/loss" in r and "event" not in r]
@@ -114,7 +147,8 @@ def _read_run(run_dir: Path) -> dict:
         "final_loss": steps[-1]["train/loss"] if steps else None,
         "step_time_s": statistics.median(r["perf/step_time_s"] for r in steady) if steady else None,
         "tokens_per_sec_per_device": statistics.median(r["perf/tokens_per_sec_per_gpu"] for r in steady)
-        if steady else None,
+        if steady
+        else None,
         "mfu_pct": statistics.median(mfu) if mfu else None,
         "peak_memory_gib": end.get("peak_memory_gib"),
     }
@@ -124,8 +158,11 @@ def _read_run(run_dir: Path) -> dict:
     if breakdown:
         ranks = breakdown["ranks"]
         top = max(range(len(ranks)), key=lambda r: ranks[r]["peak"])
-        out.update(measured_peak_bytes=ranks[top]["peak"], measured_rank=top,
-                   measured_categories={k: v for k, v in ranks[top].items() if k not in ("peak", OFFLOADED)})
+        out.update(
+            measured_peak_bytes=ranks[top]["peak"],
+            measured_rank=top,
+            measured_categories={k: v for k, v in ranks[top].items() if k not in ("peak", OFFLOADED)},
+        )
         if OFFLOADED in ranks[top]:  # activation offloading's host copies, apart from the device's memory
             out["measured_offloaded_bytes"] = ranks[top][OFFLOADED]
     return out
@@ -158,7 +195,9 @@ def _run_streaming(cmd: list[str], *, timeout: int, cell: str, steps: int, progr
             done = int(head[1].split("/")[0])
             if done % every == 0 or done == steps:
                 rate = (time.perf_counter() - started) / done
-                progress(f"compare:   {cell}: step {done}/{steps}, about {rate * (steps - done):.0f} s left in this cell")
+                progress(
+                    f"compare:   {cell}: step {done}/{steps}, about {rate * (steps - done):.0f} s left in this cell"
+                )
         if time.monotonic() > deadline:
             proc.kill()
             lines.append(f"\ntimed out after {timeout} s\n")
@@ -170,28 +209,56 @@ def _run_streaming(cmd: list[str], *, timeout: int, cell: str, steps: int, progr
     return code, "".join(lines)
 
 
-def run_cell(cell: str, extra: list[str], *, recipe: str, overrides: list[str], nproc: int, steps: int,
-             out: Path, timeout: int = 1800, progress=print) -> dict:
+def run_cell(
+    cell: str,
+    extra: list[str],
+    *,
+    recipe: str,
+    overrides: list[str],
+    nproc: int,
+    steps: int,
+    out: Path,
+    timeout: int = 1800,
+    progress=print,
+) -> dict:
     """One cell, or its saved record when it finished before."""
     strategy = cell.split("@")[0]
     cell_dir = out / "cells" / _safe(cell)
     saved = cell_dir / "record.json"
     if saved.is_file():
         return {**json.loads(saved.read_text()), "kept": True}
-    cfg_overrides = [f"recipe={recipe}", *overrides, *strategy_overrides(strategy, nproc), *extra,
-                     f"training.steps={steps}"]
+    cfg_overrides = [
+        f"recipe={recipe}",
+        *overrides,
+        *strategy_overrides(strategy, nproc),
+        *extra,
+        f"training.steps={steps}",
+    ]
     record = {"cell": cell, "strategy": strategy, "nproc": nproc, "overrides": cfg_overrides}
     predicted = _predicted(cfg_overrides, nproc)
     if "refused" in predicted:  # validation's own message; no process is started
         record.update(status="refused", message=predicted["refused"])
     else:
-        record.update(layout=predicted["layout"], predicted_peak_bytes=predicted["peak_bytes"],
-                      predicted_categories=predicted["categories"], predicted_host_bytes=predicted["host_bytes"],
-                      precision=predicted["precision"])
+        record.update(
+            layout=predicted["layout"],
+            predicted_peak_bytes=predicted["peak_bytes"],
+            predicted_categories=predicted["categories"],
+            predicted_host_bytes=predicted["host_bytes"],
+            precision=predicted["precision"],
+        )
         cell_dir.mkdir(parents=True, exist_ok=True)
         run_dir = cell_dir / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "launch" / "train.py"), *cfg_overrides, *COMMON, f"run_dir={run_dir}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(REPO / "launch" / "train.py"),
+            *cfg_overrides,
+            *COMMON,
+            f"run_dir={run_dir}",
+        ]
         if nproc == 1:
             cmd = [sys.executable, str(REPO / "launch" / "train.py"), *cfg_overrides, *COMMON, f"run_dir={run_dir}"]
         started = time.perf_counter()
@@ -207,8 +274,17 @@ def run_cell(cell: str, extra: list[str], *, recipe: str, overrides: list[str], 
     return record
 
 
-def _slurm_array(pending: list[tuple[str, list[str]]], *, recipe: str, overrides: list[str], nproc: int, steps: int,
-                 out: Path, slurm: dict, progress) -> None:
+def _slurm_array(
+    pending: list[tuple[str, list[str]]],
+    *,
+    recipe: str,
+    overrides: list[str],
+    nproc: int,
+    steps: int,
+    out: Path,
+    slurm: dict,
+    progress,
+) -> None:
     """Run the pending cells as one SLURM job array (a task per cell, each its own torchrun on one node), wait
     for it, reporting as cells finish. Each task runs `launch/compare.py --run-cell DIR`, which is run_cell."""
     import shutil
@@ -219,26 +295,51 @@ def _slurm_array(pending: list[tuple[str, list[str]]], *, recipe: str, overrides
     for cell, extra in pending:
         cell_dir = out / "cells" / _safe(cell)
         cell_dir.mkdir(parents=True, exist_ok=True)
-        (cell_dir / "cell.json").write_text(json.dumps({"cell": cell, "extra": extra, "recipe": recipe,
-                                                        "overrides": overrides, "nproc": nproc, "steps": steps,
-                                                        "out": str(out)}, indent=2))
+        (cell_dir / "cell.json").write_text(
+            json.dumps(
+                {
+                    "cell": cell,
+                    "extra": extra,
+                    "recipe": recipe,
+                    "overrides": overrides,
+                    "nproc": nproc,
+                    "steps": steps,
+                    "out": str(out),
+                },
+                indent=2,
+            )
+        )
         dirs.append(cell_dir)
     (out / "array.txt").write_text("".join(f"{d}\n" for d in dirs))
-    header = [f"#SBATCH --job-name={slurm.get('job_name', 'compare')}", f"#SBATCH --array=0-{len(dirs) - 1}"
-              + (f"%{slurm['parallel']}" if slurm.get("parallel") else ""), "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
-              f"#SBATCH --cpus-per-task={slurm.get('cpus_per_task') or nproc}",
-              f"#SBATCH --time={slurm.get('time', '01:00:00')}", f"#SBATCH --output={out}/cells/slurm-%A_%a.out"]
+    header = [
+        f"#SBATCH --job-name={slurm.get('job_name', 'compare')}",
+        f"#SBATCH --array=0-{len(dirs) - 1}" + (f"%{slurm['parallel']}" if slurm.get("parallel") else ""),
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={slurm.get('cpus_per_task') or nproc}",
+        f"#SBATCH --time={slurm.get('time', '01:00:00')}",
+        f"#SBATCH --output={out}/cells/slurm-%A_%a.out",
+    ]
     if slurm.get("partition"):
         header.append(f"#SBATCH --partition={slurm['partition']}")
     if slurm.get("gpus"):
         header.append(f"#SBATCH --gpus-per-task={nproc}")
-    script = "\n".join(["#!/bin/bash", *header, "set -euo pipefail", f"cd {REPO}",
-                        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1",
-                        f'CELL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {out}/array.txt)',
-                        f'exec {sys.executable} {REPO}/launch/compare.py --run-cell "$CELL"', ""])
+    script = "\n".join(
+        [
+            "#!/bin/bash",
+            *header,
+            "set -euo pipefail",
+            f"cd {REPO}",
+            "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1",
+            f'CELL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {out}/array.txt)',
+            f'exec {sys.executable} {REPO}/launch/compare.py --run-cell "$CELL"',
+            "",
+        ]
+    )
     (out / "array.sbatch").write_text(script)
-    proc = subprocess.run(["sbatch", "--parsable", str(out / "array.sbatch")], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(out / "array.sbatch")], capture_output=True, text=True, timeout=120
+    )
     if proc.returncode:
         raise CompareError(f"--slurm: sbatch refused the array ({out / 'array.sbatch'}): {proc.stderr.strip()}")
     job = proc.stdout.strip().split(";")[0]
@@ -253,22 +354,33 @@ def _slurm_array(pending: list[tuple[str, list[str]]], *, recipe: str, overrides
         report = (done, tuple(sorted(set(states))))
         if report != last:
             counts = ", ".join(f"{st.lower()} {states.count(st)}" for st in sorted(set(states)))
-            progress(f"compare: SLURM job {job}: {done} of {len(dirs)} cells finished ({counts}), "
-                     f"{time.monotonic() - started:.0f} s")
+            progress(
+                f"compare: SLURM job {job}: {done} of {len(dirs)} cells finished ({counts}), "
+                f"{time.monotonic() - started:.0f} s"
+            )
             last = report
         time.sleep(2)
     for i, d in enumerate(dirs):
         if not (d / "record.json").is_file():  # the task died before writing one: its SLURM output says why
             log = out / "cells" / f"slurm-{job}_{i}.out"
             tail = "\n".join(log.read_text().strip().splitlines()[-15:]) if log.is_file() else "no output"
-            (d / "failed.json").write_text(json.dumps({"status": "crashed", "message": f"SLURM task {job}_{i}: {tail}"}))
+            (d / "failed.json").write_text(
+                json.dumps({"status": "crashed", "message": f"SLURM task {job}_{i}: {tail}"})
+            )
 
 
 def run_saved_cell(cell_dir: str | Path) -> int:
     """One task of a SLURM array: the cell that cell.json describes (launch/compare.py --run-cell DIR)."""
     spec = json.loads((Path(cell_dir) / "cell.json").read_text())
-    rec = run_cell(spec["cell"], spec["extra"], recipe=spec["recipe"], overrides=spec["overrides"], nproc=spec["nproc"],
-                   steps=spec["steps"], out=Path(spec["out"]))
+    rec = run_cell(
+        spec["cell"],
+        spec["extra"],
+        recipe=spec["recipe"],
+        overrides=spec["overrides"],
+        nproc=spec["nproc"],
+        steps=spec["steps"],
+        out=Path(spec["out"]),
+    )
     if rec["status"] not in ("ok", "refused"):  # kept for the collecting process (run_cell saves only these two)
         (Path(cell_dir) / "failed.json").write_text(json.dumps(rec, indent=2))
     print(f"compare: {spec['cell']}: {rec['status']}")
@@ -290,9 +402,20 @@ def agreement(records: list[dict], rtol: float = 1e-4) -> dict:
     return {"cells": [r["cell"] for r in same], "max_rel_diff": worst, "agree": worst <= rtol, "rtol": rtol}
 
 
-def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int = 2, steps: int = 20,
-        out: str | Path | None = None, overrides=(), sweep: str | None = None, progress=print, as_frame=False,
-        gpu_memory_gib: float | None = None, slurm: dict | None = None):
+def run(
+    recipe: str = "llama_debug",
+    strategies=("ddp", "fsdp"),
+    *,
+    nproc: int = 2,
+    steps: int = 20,
+    out: str | Path | None = None,
+    overrides=(),
+    sweep: str | None = None,
+    progress=print,
+    as_frame=False,
+    gpu_memory_gib: float | None = None,
+    slurm: dict | None = None,
+):
     """Run every cell (skipping finished ones), write the table and plots into `out`, return the records
     (a pandas DataFrame with `as_frame=True`, when pandas is installed). `gpu_memory_gib` draws the device's
     capacity on the memory plot. `slurm` (a dict: partition, time, parallel, cpus_per_task, gpus; {} for the
@@ -315,22 +438,44 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
             raise CompareError(str(e)) from None
         if warmup > steps // 4:
             overrides.append(f"optim.warmup_steps={steps // 4}")
-            progress(f"compare: optim.warmup_steps={steps // 4} for every cell (the recipe's {warmup} is longer "
-                     f"than a quarter of steps={steps}; pass optim.warmup_steps= to choose)")
+            progress(
+                f"compare: optim.warmup_steps={steps // 4} for every cell (the recipe's {warmup} is longer "
+                f"than a quarter of steps={steps}; pass optim.warmup_steps= to choose)"
+            )
     out = Path(out) if out else REPO / "runs" / f"compare-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     records, started = [], time.perf_counter()
     if slurm is not None:
         for cell_dir in (out / "cells").glob("*/failed.json"):
             cell_dir.unlink()  # a crashed cell of an earlier array runs again
-        pending = [(c, e) for c, e in todo if not (out / "cells" / _safe(c) / "record.json").is_file()
-                   and "refused" not in _predicted([f"recipe={recipe}", *overrides,
-                                                    *strategy_overrides(c.split("@")[0], nproc), *e,
-                                                    f"training.steps={steps}"], nproc)]
+        pending = [
+            (c, e)
+            for c, e in todo
+            if not (out / "cells" / _safe(c) / "record.json").is_file()
+            and "refused"
+            not in _predicted(
+                [
+                    f"recipe={recipe}",
+                    *overrides,
+                    *strategy_overrides(c.split("@")[0], nproc),
+                    *e,
+                    f"training.steps={steps}",
+                ],
+                nproc,
+            )
+        ]
         ran_in_array = {c for c, _ in pending}
         if pending:
-            _slurm_array(pending, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out, slurm=slurm,
-                         progress=progress)
+            _slurm_array(
+                pending,
+                recipe=recipe,
+                overrides=overrides,
+                nproc=nproc,
+                steps=steps,
+                out=out,
+                slurm=slurm,
+                progress=progress,
+            )
     for i, (cell, extra) in enumerate(todo):
         done = time.perf_counter() - started
         eta = f", ETA {done / i * (len(todo) - i):.0f} s" if i else ""
@@ -339,13 +484,19 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
         if slurm is not None and failed.is_file():  # a task of the array that crashed or ran out of memory
             rec = {"cell": cell, "strategy": cell.split("@")[0], "nproc": nproc, **json.loads(failed.read_text())}
         else:  # without SLURM: the cell runs here; with it, it finished in the array (its record is read back)
-            rec = run_cell(cell, extra, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out,
-                           progress=progress)
+            rec = run_cell(
+                cell, extra, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out, progress=progress
+            )
             if slurm is not None and cell in ran_in_array:
                 rec.pop("kept", None)
-        progress(f"compare: {cell}: {rec['status']}{' (finished before: kept)' if rec.get('kept') else ''}"
-                 + (f", {rec['tokens_per_sec_per_device']:,.0f} tokens/s/device, final loss {rec['final_loss']:.4f}"
-                    if rec["status"] == "ok" else f": {rec.get('message', '')[:300]}"))
+        progress(
+            f"compare: {cell}: {rec['status']}{' (finished before: kept)' if rec.get('kept') else ''}"
+            + (
+                f", {rec['tokens_per_sec_per_device']:,.0f} tokens/s/device, final loss {rec['final_loss']:.4f}"
+                if rec["status"] == "ok"
+                else f": {rec.get('message', '')[:300]}"
+            )
+        )
         records.append(rec)
     progress("compare: the time model (parallel/timing.py): calibrating on this machine")
     add_time_model(records, out, nproc)
@@ -361,10 +512,25 @@ def run(recipe: str = "llama_debug", strategies=("ddp", "fsdp"), *, nproc: int =
 
 # -- the table and the plots
 
-COLUMNS = ["cell", "status", "layout", "predicted_peak_bytes", "measured_peak_bytes", "memory_error_pct",
-           "allocator_peak_bytes", "tokens_per_sec_per_device", "mfu_pct", "step_time_s", "predicted_step_time_s",
-           "step_time_error_pct", "predicted_comm_bytes_per_step", "predicted_host_bytes", "measured_offloaded_bytes",
-           "final_loss", "message"]
+COLUMNS = [
+    "cell",
+    "status",
+    "layout",
+    "predicted_peak_bytes",
+    "measured_peak_bytes",
+    "memory_error_pct",
+    "allocator_peak_bytes",
+    "tokens_per_sec_per_device",
+    "mfu_pct",
+    "step_time_s",
+    "predicted_step_time_s",
+    "step_time_error_pct",
+    "predicted_comm_bytes_per_step",
+    "predicted_host_bytes",
+    "measured_offloaded_bytes",
+    "final_loss",
+    "message",
+]
 
 
 def _row(r: dict) -> dict:
@@ -376,9 +542,8 @@ def _row(r: dict) -> dict:
     return row
 
 
-def calibration(out: Path, nproc: int, cfg) -> "Hardware":  # noqa: F821
+def calibration(out: Path, nproc: int, cfg) -> Hardware:  # noqa: F821
     """This machine's rates for the time model, measured once per comparison (kept in out/calibration.json)."""
-    from parallel.timing import Hardware, calibrate_cpu, calibrate_cuda
 
     saved = Path(out) / "calibration.json"
     if saved.is_file():
@@ -396,8 +561,6 @@ def calibration(out: Path, nproc: int, cfg) -> "Hardware":  # noqa: F821
 def add_time_model(records: list[dict], out: Path, nproc: int) -> None:
     """Each cell's step time and communication per step as parallel/timing.py predicts them, with this machine's
     measured rates: `predicted_step_time_s`, `predicted_step_parts`, `predicted_comm_bytes_per_step`."""
-    from parallel.timing import step_time
-    from trainer.config import derive, load_config, model_args_of
 
     runnable = [r for r in records if r.get("layout")]
     if not runnable:
@@ -409,8 +572,12 @@ def add_time_model(records: list[dict], out: Path, nproc: int) -> None:
         hw = hw or calibration(out, nproc, cfg)
         plan = derive(cfg, nproc)
         st = step_time(cfg, model_args_of(cfg), plan.dims, hw, device=hw.device)
-        r.update(predicted_step_time_s=st.seconds, predicted_step_parts=st.parts,
-                 predicted_comm_bytes_per_step=st.comm_total, predicted_comm=st.comm_bytes)
+        r.update(
+            predicted_step_time_s=st.seconds,
+            predicted_step_parts=st.parts,
+            predicted_comm_bytes_per_step=st.comm_total,
+            predicted_comm=st.comm_bytes,
+        )
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -457,41 +624,57 @@ def _fmt(v, spec: str, unit: str = "") -> str:
 
 def markdown(records: list[dict]) -> str:
     mib = 2**20
-    lines = ["| strategy | layout | memory predicted | memory measured | error | tokens/s/device | MFU | step time | "
-             "final loss | status |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| strategy | layout | memory predicted | memory measured | error | tokens/s/device | MFU | step time | "
+        "final loss | status |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in records:
         row = _row(r)
         last = (r.get("message") or "").strip().splitlines()[-1:]
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {last[0][:200] if last else ''}"
         lines.append(
-            f"| {r['cell']} | {r.get('layout') or '-'} | {_fmt(row['predicted_peak_bytes'] and row['predicted_peak_bytes'] / mib, ',.2f', ' MiB')} | "
+            f"| {r['cell']} | {r.get('layout') or '-'} | "
+            f"{_fmt(row['predicted_peak_bytes'] and row['predicted_peak_bytes'] / mib, ',.2f', ' MiB')} | "
             f"{_fmt(row['measured_peak_bytes'] and row['measured_peak_bytes'] / mib, ',.2f', ' MiB')} | "
             f"{_fmt(row['memory_error_pct'], '+.1f', '%')} | {_fmt(row['tokens_per_sec_per_device'], ',.0f')} | "
             f"{_fmt(row['mfu_pct'], '.1f', '%')} | {_fmt(row['step_time_s'], '.3f', ' s')} | "
-            f"{_fmt(row['final_loss'], '.4f')} | {status.replace('|', '/')} |")
+            f"{_fmt(row['final_loss'], '.4f')} | {status.replace('|', '/')} |"
+        )
     timed = [r for r in records if r["status"] == "ok" and r.get("predicted_step_time_s") and r.get("step_time_s")]
     if timed:
         by_pred = sorted(timed, key=lambda r: r["predicted_step_time_s"])
         by_meas = sorted(timed, key=lambda r: r["step_time_s"])
-        lines += ["", "Time model (parallel/timing.py, this machine's measured rates) against the measured step time, "
-                  "fastest first:", "",
-                  "| predicted rank | measured rank | strategy | step predicted | step measured | error | "
-                  "comm/step (model) |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "Time model (parallel/timing.py, this machine's measured rates) against the measured step time, "
+            "fastest first:",
+            "",
+            "| predicted rank | measured rank | strategy | step predicted | step measured | error | "
+            "comm/step (model) |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        ]
         for i, r in enumerate(by_pred, 1):
             err = 100 * (r["predicted_step_time_s"] - r["step_time_s"]) / r["step_time_s"]
-            lines.append(f"| {i} | {by_meas.index(r) + 1} | {r['cell']} | {r['predicted_step_time_s']:.3f} s | "
-                         f"{r['step_time_s']:.3f} s | {err:+.0f}% | "
-                         f"{r.get('predicted_comm_bytes_per_step', 0) / mib:,.1f} MiB |")
+            lines.append(
+                f"| {i} | {by_meas.index(r) + 1} | {r['cell']} | {r['predicted_step_time_s']:.3f} s | "
+                f"{r['step_time_s']:.3f} s | {err:+.0f}% | "
+                f"{r.get('predicted_comm_bytes_per_step', 0) / mib:,.1f} MiB |"
+            )
         rho = spearman([r["predicted_step_time_s"] for r in timed], [r["step_time_s"] for r in timed])
         errs = sorted(abs(r["predicted_step_time_s"] - r["step_time_s"]) / r["step_time_s"] for r in timed)
-        lines.append(f"\nRank correlation (Spearman) {_fmt(rho, '.2f')}; median |error| "
-                     f"{100 * statistics.median(errs):.0f}%, largest {100 * errs[-1]:.0f}%.")
+        lines.append(
+            f"\nRank correlation (Spearman) {_fmt(rho, '.2f')}; median |error| "
+            f"{100 * statistics.median(errs):.0f}%, largest {100 * errs[-1]:.0f}%."
+        )
     a = agreement(records)
     if a["agree"] is None:
         lines.append("\nLoss agreement: fewer than two fp32 cells finished; nothing to compare.")
     else:
-        lines.append(f"\nLoss agreement (fp32 cells {', '.join(a['cells'])}): largest relative difference per step "
-                     f"{a['max_rel_diff']:.2e}: {'agree' if a['agree'] else 'DO NOT agree'} within {a['rtol']:.0e}.")
+        lines.append(
+            f"\nLoss agreement (fp32 cells {', '.join(a['cells'])}): largest relative difference per step "
+            f"{a['max_rel_diff']:.2e}: {'agree' if a['agree'] else 'DO NOT agree'} within {a['rtol']:.0e}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -522,14 +705,22 @@ def figures(records: list[dict], capacity_bytes: int | None = None) -> dict:
         for ci, cat in enumerate(CATEGORIES):
             vals = [(r.get(key) or {}).get(cat, 0) / mib for r in records]
             if any(vals):
-                ax.bar([i + off for i in x], vals, 0.38, bottom=bottom, color=plt.cm.tab10(ci % 10),
-                       label=cat if side == "predicted" else None, hatch="" if side == "predicted" else "//",
-                       edgecolor="white")
+                ax.bar(
+                    [i + off for i in x],
+                    vals,
+                    0.38,
+                    bottom=bottom,
+                    color=plt.cm.tab10(ci % 10),
+                    label=cat if side == "predicted" else None,
+                    hatch="" if side == "predicted" else "//",
+                    edgecolor="white",
+                )
                 bottom = [b + v for b, v in zip(bottom, vals)]
     if capacity_bytes:
         ax.axhline(capacity_bytes / mib, color="red", linestyle="--", label="device capacity")
-    ax.set_xticks(x, [r["cell"] + ("" if r["status"] == "ok" else f"\n({r['status']})") for r in records],
-                  rotation=20, ha="right")
+    ax.set_xticks(
+        x, [r["cell"] + ("" if r["status"] == "ok" else f"\n({r['status']})") for r in records], rotation=20, ha="right"
+    )
     ax.set_ylabel("memory per rank, most loaded (MiB)")
     ax.set_title("memory by category: predicted (plain) | measured (hatched)")
     if ax.get_legend_handles_labels()[0]:

@@ -5,14 +5,13 @@ A run's config is built in three layers (later wins):
   2. a YAML recipe from `recipes/` picked by `recipe=NAME` (a recipe may name a `base:` recipe it extends),
   3. dotted `key=value` tokens from the command line.
 OmegaConf checks every key and type against the schema, so a typo fails with a suggestion.
-`validate(cfg, world_size)` then returns every violation of the arithmetic at once, before any process
-group starts; `derive()` computes the numbers a user should never set by hand (accumulation steps...).
+This module is the schema and the loading only, and imports no subsystem: `trainer/validate.py` checks a loaded
+config against every subsystem's rules and derives the numbers a user never sets by hand; `trainer/help.py` prints
+the schema with its comments (`--help`).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,19 +22,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from parallel.plan import PP_SCHEDULES, n_stages  # noqa: F401  (PP_SCHEDULES: re-exported)
-
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A config that must not start a run. `problems` lists every violation found."""
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid config ({len(self.problems)} problem{'s' * (len(self.problems) > 1)}):\n{lines}")
-
+from models.args import ConfigError
+from trainer.recipes import RECIPE_DIR, _recipe_chain, list_recipes
 
 # ----------------------------------------------------------------------------------------------
 # Schema
@@ -90,7 +78,8 @@ class WandbMode(StrEnum):
 
 class RopeScalingType(StrEnum):
     none = "none"  # plain RoPE
-    llama3 = "llama3"  # Llama-3.1's frequency scaling (long context): wavelengths past original/low_freq_factor divided by factor
+    llama3 = "llama3"  # Llama-3.1's frequency scaling (long context): wavelengths past original/low_freq_factor divided
+    #  by factor
 
 
 @dataclass
@@ -120,16 +109,21 @@ class ModelConfig:
     norm_eps: float | None = None  # RMSNorm epsilon
     rope_theta: float | None = None  # RoPE base
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
-    attention: str = "auto"  # SDPA's kernel: auto (SDPA picks), flash, cudnn or efficient (CUDA only); a named one runs or the step fails
-    expand_kv: bool | None = None  # repeat the kv heads to the query heads before attention (saves them so for backward); null: for cudnn and efficient, which need it
-
+    attention: str = "auto"  # SDPA's kernel: auto (SDPA picks), flash, cudnn or efficient (CUDA only); a named one runs
+    #  or the step fails
+    expand_kv: bool | None = (
+        None  # repeat the kv heads to the query heads before attention (saves them so for backward); null: for cudnn
+        #  and efficient, which need it
+    )
 
 
 @dataclass
 class DataConfig:
     source: DataSource = DataSource.default
     path: str | None = None  # for source=tokens: a directory with meta.json, train.bin, val.bin
-    cache_dir: str | None = None  # where the default dataset is built once; null: $SHARDWISE_CACHE or ~/.cache/shardwise
+    cache_dir: str | None = (
+        None  # where the default dataset is built once; null: $SHARDWISE_CACHE or ~/.cache/shardwise
+    )
     default_corpus_mb: float = 8.0  # how much standard-library source the default dataset reads (MiB)
     val_fraction: float = 0.05  # share of documents held out for validation (default dataset, prepare_data)
 
@@ -154,7 +148,9 @@ class TrainingConfig:
     # the blocks' linear layers in float8 through torchao (parallel/float8.py): none, tensorwise or rowwise scaling
     # (needs precision=bf16 and a GPU of compute capability >= 8.9)
     float8: str = "none"
-    float8_emulate: bool = False  # torchao's float8 emulation (quantize to float8 and back, matmul in high precision): CPU tests
+    float8_emulate: bool = (
+        False  # torchao's float8 emulation (quantize to float8 and back, matmul in high precision): CPU tests
+    )
 
 
 @dataclass
@@ -192,7 +188,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd only: share of the steps spent decaying at the end
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0 disables clipping)
-    in_backward: bool = False  # step each parameter inside the backward, as its gradient completes (needs max_grad_norm=0)
+    in_backward: bool = (
+        False  # step each parameter inside the backward, as its gradient completes (needs max_grad_norm=0)
+    )
     adafactor: AdafactorConfig = field(default_factory=AdafactorConfig)
 
 
@@ -204,17 +202,23 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (Megatron-style column/row split + sequence parallel)
     pp: int = 1  # pipeline-parallel degree (ranks along the pipeline)
     pp_schedule: str = "1f1b"  # gpipe, 1f1b, interleaved_1f1b, zbv (zero bubble V), dualpipev
-    cp: int = 1  # context-parallel degree: each sequence split over this many ranks (head and tail chunks), exact attention across them
+    cp: int = 1  # context-parallel degree: each sequence split over this many ranks (head and tail chunks), exact
+    #  attention across them
     cp_rotate: str = "allgather"  # cp > 1: how each rank sees the other ranks' keys and values: allgather or ring
     ac: ACMode = ACMode.none  # activation checkpointing of the transformer blocks
     ac_every: int = 1  # ac=full: checkpoint every k-th block only (1: all blocks)
-    sac_matmuls: str = "all"  # ac=selective: keep every matmul's output (all), or every_second: recompute the 2nd, 4th and 6th of a block's seven (wk, wo, w3), as torchtitan's op-level SAC does
+    sac_matmuls: str = "all"  # ac=selective: keep every matmul's output (all), or every_second: recompute the 2nd, 4th
+    #  and 6th of a block's seven (wk, wo, w3), as torchtitan's op-level SAC does
     compile: bool = False  # torch.compile each transformer block
-    reshard_after_forward: bool | None = None  # fsdp/hsdp: free gathered blocks after forward, gather again in backward; null: true except under pp
-    accumulate_unsharded_grads: bool = False  # fsdp/hsdp: keep whole fp32 gradients over micro-batches, reduce-scatter once (+4 bytes x params per rank)
+    reshard_after_forward: bool | None = (
+        None  # fsdp/hsdp: free gathered blocks after forward, gather again in backward; null: true except under pp
+    )
+    accumulate_unsharded_grads: bool = False  # fsdp/hsdp: keep whole fp32 gradients over micro-batches, reduce-scatter
+    #  once (+4 bytes x params per rank)
     offload: Offload = Offload.none  # keep model states in CPU memory (what moves depends on the strategy)
     offload_params: bool = False  # zero3 only: also keep the parameter partitions on the CPU (ZeRO-Infinity style)
-    activation_offload: bool = False  # what the blocks save for backward goes to host memory in forward, back one block ahead (parallel/offload.py)
+    activation_offload: bool = False  # what the blocks save for backward goes to host memory in forward, back one block
+    #  ahead (parallel/offload.py)
     activation_offload_min_bytes: int = 1048576  # activation_offload: storages smaller than this stay on the device
     deepspeed: dict[str, Any] = field(default_factory=dict)  # zero*: any ds_config keys, merged over the generated ones
 
@@ -231,10 +235,16 @@ class CheckpointConfig:
     dir: str | None = None  # null: run_dir/checkpoints
     resume: bool = True  # start from the newest complete checkpoint in `dir` when there is one
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, forever (0: none)
-    async_save: bool = False  # periodic saves write in a background thread (own gloo group); final and preemption saves are synchronous
+    async_save: bool = False  # periodic saves write in a background thread (own gloo group); final and preemption saves
+    #  are synchronous
     preempt_flag: str | None = None  # a file whose appearance stops the run at the next step (null: run_dir/PREEMPT)
-    init_from: str | None = None  # weights to start from when there is no checkpoint: an HF directory, a .safetensors file or a step-N directory
-    on_damaged: DamagedPolicy = DamagedPolicy.fallback  # a checkpoint whose files fail their checksums: fall back or stop
+    init_from: str | None = (
+        None  # weights to start from when there is no checkpoint: an HF directory, a .safetensors file or a step-N
+        #  directory
+    )
+    on_damaged: DamagedPolicy = (
+        DamagedPolicy.fallback
+    )  # a checkpoint whose files fail their checksums: fall back or stop
 
 
 class NonFinite(StrEnum):
@@ -268,7 +278,8 @@ class LoggingConfig:
     peak_tflops: float | None = None  # the accelerator's dense peak for MFU; null: detected for known GPUs
     sample_ids: bool = False  # run_dir/samples/rank-R.jsonl: the global sample indices each rank trained on per step
     memory_breakdown: bool = False  # track one step's memory per rank by category (torch's MemTracker) and log it
-    memory_breakdown_step: int = 3  # the step to track (1-based; the last step when the run is shorter); step 3 is steady: DDP rebuilds its buckets in step 2
+    memory_breakdown_step: int = 3  # the step to track (1-based; the last step when the run is shorter); step 3 is
+    #  steady: DDP rebuilds its buckets in step 2
 
 
 @dataclass
@@ -276,13 +287,16 @@ class ProfileConfig:
     steps: list[int] = field(default_factory=list)  # [start, end]: trace steps start..end (1-based) with torch.profiler
     memory_snapshot: bool = False  # CUDA: record allocator history over those steps (and dump it on an OOM)
     dir: str | None = None  # null: run_dir/profile
-    nvtx: bool = False  # CUDA: NVTX ranges around data, forward, backward, optimizer step, log sync and checkpoint saves (Nsight Systems)
+    nvtx: bool = False  # CUDA: NVTX ranges around data, forward, backward, optimizer step, log sync and checkpoint
+    #  saves (Nsight Systems)
 
 
 @dataclass
 class HardwareConfig:
     world_size: int | None = None  # the ranks this recipe is written for: launch/plan.py's default world_size (null: 8)
-    gpu_memory_gib: float | None = None  # the device memory it is sized for: launch/plan.py's default gpu_memory_gib (null: no verdict)
+    gpu_memory_gib: float | None = (
+        None  # the device memory it is sized for: launch/plan.py's default gpu_memory_gib (null: no verdict)
+    )
 
 
 @dataclass
@@ -303,125 +317,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# --help: the schema above, with its comments
-
-
-def _comments(cls) -> dict[str, str]:
-    """{field or member name: the comment written beside it (and on the comment lines right below)}."""
-    import inspect
-    import re
-
-    out, last = {}, None
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        m = re.match(r"^    (\w+)\s*(?::[^=#]*)?=[^#]*?(?:#\s?(.*))?$", line)
-        if m and not line.lstrip().startswith("#"):
-            last = m.group(1)
-            out[last] = (m.group(2) or "").strip()
-        elif last and re.match(r"^\s*#\s{2,}", line):  # a continuation, indented under the comment above
-            out[last] = (out[last] + " " + line.strip().lstrip("#").strip()).strip()
-        else:
-            last = None
-    return out
-
-
-def help_text(section: str | None = None) -> str:
-    """Every key of the schema (or of one section) with its type, default and comment."""
-    import dataclasses
-    import typing
-
-    top = {f.name: f for f in dataclasses.fields(Config)}
-    nested = [n for n, f in top.items() if f.default_factory is not dataclasses.MISSING]
-    if section is not None and section not in top:
-        close = difflib.get_close_matches(section, list(top), n=1)
-        raise ConfigError(f"--help {section}: no such section{f'; did you mean {close[0]}?' if close else ''} "
-                          f"Sections: {', '.join(nested)}")
-    lines: list[str] = []
-
-    def walk(cls, prefix: str, default_obj) -> None:
-        hints = typing.get_type_hints(cls)
-        comments = _comments(cls)
-        for f in dataclasses.fields(cls):
-            value = getattr(default_obj, f.name)
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.", value)
-                continue
-            choices = []
-            if isinstance(tp, type) and issubclass(tp, StrEnum):
-                member_notes = _comments(tp)
-                choices = [f"      {m.value:<10} {member_notes.get(m.name, '')}".rstrip() for m in tp]
-                type_name = " | ".join(m.value for m in tp)
-            else:
-                type_name = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            shown = json.dumps(value.value if isinstance(value, StrEnum) else value)
-            lines.append(f"  {prefix}{f.name}  ({type_name}, default {shown})")
-            if comments.get(f.name):
-                lines.append(f"      {comments[f.name]}")
-            lines.extend(choices)
-
-    default = Config()
-    for name in ([section] if section else list(top)):
-        if name in nested:
-            lines.append(f"{name}:")
-            walk(typing.get_type_hints(Config)[name], f"{name}.", getattr(default, name))
-        else:
-            tp = typing.get_type_hints(Config)[name]
-            lines.append(f"  {name}  ({getattr(tp, '__name__', tp)}, default {json.dumps(getattr(default, name))})")
-            if _comments(Config).get(name):
-                lines.append(f"      {_comments(Config)[name]}")
-    head = [usage(), "", "Keys (set any with key=value; `--help SECTION` shows one section):", ""]
-    return "\n".join((head if section is None else []) + lines)
-
-
-def usage() -> str:
-    return (f"usage: python launch/train.py recipe=NAME [key=value ...]     (or under torchrun)\n"
-            f"       python launch/train.py --help [SECTION]\n"
-            f"recipes: {', '.join(list_recipes())}\n"
-            f"example: python launch/train.py recipe=llama_debug training.steps=50 optim.lr=1e-3")
-
-
-# ----------------------------------------------------------------------------------------------
 # Recipes and overrides
-
-
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-
-
-def _recipe_path(name: str) -> Path:
-    if name.endswith((".yaml", ".yml")) or os.sep in name:
-        path = Path(name)
-        if not path.is_file():
-            raise ConfigError(f"recipe={name}: no such file")
-        return path
-    path = RECIPE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = list_recipes()
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"recipe={name}: unknown recipe.{hint} Known recipes: {', '.join(known)}")
-    return path
-
-
-def _recipe_chain(name: str, seen: tuple[str, ...] = ()) -> list[dict]:
-    """The recipe and its bases, base first. YAML is loaded safely: recipes hold data, never code."""
-    path = _recipe_path(name)
-    if str(path) in seen:
-        raise ConfigError(f"recipe={name}: 'base' chain loops: {' -> '.join(seen + (str(path),))}")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"recipe {path}: not valid YAML{at}: {what}; fix the file (recipes are YAML mappings of "
-                          f"the keys `--help` lists)") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path}: expected a mapping at the top level, got {type(data).__name__}")
-    base = data.pop("base", None)
-    chain = _recipe_chain(str(base), seen + (str(path),)) if base else []
-    return chain + [data]
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> str:
@@ -476,256 +372,25 @@ def save_resolved(cfg: DictConfig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Derived numbers and validation
-
-
-def model_args_of(cfg: DictConfig):
-    """The model shape: the flavor with the recipe's changes applied (models/llama.py args_from_config)."""
-    from models.llama import args_from_config
-
-    try:
-        return args_from_config(cfg.model)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Numbers derived from the config and the world size; never configured by hand."""
-
-    world_size: int
-    dp_size: int  # data-parallel ranks: each sees global_batch_size / dp_size sequences per step
-    micro_batch_size: int
-    accum_steps: int  # micro-batches per rank per optimizer step
-    tokens_per_step: int  # global_batch_size x seq_len
-    params: int
-    non_embedding_params: int
-    flops_per_token: int
-    dims: object = None  # parallel.plan.ParallelDims
-    memory: object = None  # parallel.plan.MemoryPlan: every term of every rank's memory at the step's peak
-    optimizer: str = "adamw"
-    strategy: str = "none"
-
-    def describe(self) -> str:
-        from parallel.plan import degenerate
-
-        g = self.micro_batch_size * self.accum_steps * self.dp_size
-        state = ["", "predicted memory per rank (parallel/plan.py; measured: logging.memory_breakdown=true)",
-                 self.memory.table()] if self.memory is not None else []
-        return "\n".join([
-            f"world size            {self.world_size}",
-            f"layout                dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard} x "
-            f"tp {self.dims.tp} x pp {self.dims.pp}",
-            f"data-parallel ranks   {self.dp_size}",
-            f"global batch          {g} sequences = micro-batch {self.micro_batch_size} x accumulation "
-            f"{self.accum_steps} x dp {self.dp_size}",
-            f"tokens per step       {self.tokens_per_step:,}",
-            f"parameters            {self.params:,} ({self.params / 1e9:.3f} B)",
-            f"  without embedding   {self.non_embedding_params:,}",
-            f"FLOPs per token       {self.flops_per_token:,} ({self.flops_per_token / 1e9:.2f} GFLOP)",
-            f"FLOPs per step        {self.flops_per_token * self.tokens_per_step:.3e}",
-            *(f"warning               {w}" for w in degenerate(self.strategy, self.dims)),
-            *state,
-        ])
-
-
-def banner(cfg: DictConfig, plan: Plan, args) -> list[str]:
-    """The start-up lines: what this run is, as resolved (the layout the world size produced included)."""
-    from parallel.plan import degenerate
-
-    gib = 2**30
-    lines = [
-        f"model {cfg.model.name} {cfg.model.flavor}: {plan.params:,} parameters ({plan.params / 1e6:.2f} M); "
-        f"strategy {cfg.parallel.data}; precision {cfg.training.precision}; world {plan.world_size}; "
-        f"optimizer {cfg.optim.name}",
-        f"layout {plan.dims.describe()}; global batch {cfg.training.global_batch_size} = micro-batch "
-        f"{plan.micro_batch_size} x accumulation {plan.accum_steps} x dp {plan.dp_size}; AC {cfg.parallel.ac}",
-    ]
-    if plan.memory is not None:
-        top = plan.memory.most_loaded
-        cats = ", ".join(f"{k} {v / gib:.3f}" for k, v in top.by_category().items() if v)
-        lines.append(f"predicted peak per rank (most loaded): {top.peak_bytes / gib:.3f} GiB of tensors at the "
-                     f"{top.phase} ({cats} GiB)" + (f"; {plan.memory.host_bytes_per_node / gib:.2f} GiB host memory "
-                                                    f"per node" if top.host_bytes else ""))
-    lines += [f"WARNING: {w}" for w in degenerate(str(cfg.parallel.data), plan.dims)]
-    return lines
-
-
-def parallel_dims(cfg: DictConfig, world_size: int):
-    """(ParallelDims or None, problems) for the recipe's layout on `world_size` ranks."""
-    from parallel.plan import resolve_dims
-
-    p = cfg.parallel
-    return resolve_dims(str(p.data), dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, cp=p.cp,
-                        world_size=world_size)
-
-
-def pp_stages(cfg: DictConfig) -> int:
-    """Pipeline stages in all: pp ranks x stages per rank (2 for looped and V schedules)."""
-    return n_stages(cfg.parallel.pp_schedule, cfg.parallel.pp)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def derive(cfg: DictConfig, world_size: int, *, capacity_gib: float | None = None, device: str | None = None,
-           ranks_per_node: int = 8) -> Plan:
-    args = model_args_of(cfg)
-    t = cfg.training
-    dims, problems = parallel_dims(cfg, world_size)
-    if problems:
-        raise ConfigError(problems)
-    from parallel.plan import memory_plan
-
-    dp = dims.dp_size
-    if device is None:
-        device = "cuda" if t.device == "cuda" or (t.device == "auto" and _cuda_available()) else "cpu"
-    return Plan(world_size=world_size, dp_size=dp, micro_batch_size=t.micro_batch_size,
-                accum_steps=t.global_batch_size // (t.micro_batch_size * dp), tokens_per_step=t.global_batch_size * t.seq_len,
-                params=args.num_params(), non_embedding_params=args.num_params(exclude_embedding=True),
-                flops_per_token=args.flops_per_token(t.seq_len), dims=dims,
-                memory=memory_plan(cfg, args, dims, device=device, capacity_gib=capacity_gib,
-                                   ranks_per_node=ranks_per_node),
-                optimizer=str(cfg.optim.name), strategy=str(cfg.parallel.data))
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # e.g. blocked with sys.modules[module] = None
-        return False
-
-
-def _writable_dir(path: Path) -> bool:
-    """Whether `path` exists as a writable directory or could be created. Tried for real (a temporary
-    directory made and removed at once): permission bits say yes to root even under /proc."""
-    import tempfile
-
-    p = path.expanduser().absolute()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        return False
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".shardwise-probe-", dir=p))
-    except OSError:
-        return False
-    return True
-
-
-def validate(cfg: DictConfig, world_size: int) -> list[str]:
-    """Every violation at once, each naming the settings and showing the arithmetic. [] means runnable.
-    Each subsystem states its own rules; this collects them (the training and logging sections are here)."""
-    from models.llama import config_problems as model_problems
-    from optim import config_problems as optim_problems
-    from parallel.float8 import config_problems as float8_problems
-    from parallel.plan import layout_problems
-    from parallel.zero import config_problems as zero_problems
-    from trainer.checkpoint import config_problems as checkpoint_problems
-    from trainer.data import config_problems as data_problems
-    from trainer.profiling import config_problems as profile_problems
-
-    t = cfg.training
-    try:
-        args = model_args_of(cfg)
-    except ConfigError as e:
-        return e.problems
-    problems = model_problems(args, cfg.model.name)
-    # training lengths and batch arithmetic
-    for key in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
-        if t[key] < 1:
-            problems.append(f"training.{key}={t[key]} must be >= 1")
-    if t.val_every < 0:
-        problems.append(f"training.val_every={t.val_every} must be >= 0 (0 validates only at the last step)")
-    if t.seq_len > args.max_seq_len:
-        problems.append(f"training.seq_len({t.seq_len}) exceeds model.max_seq_len({args.max_seq_len}); "
-                        f"raise model.max_seq_len or shorten the sequences")
-    if t.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"training.device={t.device} must be one of auto, cpu, cuda")
-    if t.loss_chunks < 0:
-        problems.append(f"training.loss_chunks={t.loss_chunks} must be >= 0 (0: the loss over whole logits)")
-    elif t.loss_chunks > t.micro_batch_size * t.seq_len >= 1:
-        problems.append(f"training.loss_chunks({t.loss_chunks}) exceeds the tokens of a micro-batch "
-                        f"(training.micro_batch_size({t.micro_batch_size}) x training.seq_len({t.seq_len}) = "
-                        f"{t.micro_batch_size * t.seq_len}); use at most that many")
-    if not t.master_weights:
-        p = cfg.parallel
-        if str(t.precision) != "bf16":
-            problems.append(f"training.master_weights=false with training.precision={t.precision}: parameters "
-                            f"without fp32 masters are stored in bf16; set training.precision=bf16")
-        if cfg.optim.name not in ("adamw_bf16", "adamw8bit"):
-            problems.append(f"training.master_weights=false with optim.name={cfg.optim.name}: a bf16 parameter "
-                            f"needs its update written back with stochastic rounding (rounding to nearest drops "
-                            f"updates under half a bf16 ulp), which adamw_bf16 and adamw8bit do; set "
-                            f"optim.name=adamw_bf16 or adamw8bit")
-        if str(p.data) not in ("none", "fsdp", "hsdp") or p.tp > 1 or p.pp > 1:
-            problems.append(f"training.master_weights=false with parallel.data={p.data}, tp={p.tp}, pp={p.pp}: built "
-                            f"for one process, fsdp and hsdp (DeepSpeed keeps its own fp32 partitions); use one "
-                            f"of those with tp=1, pp=1, or training.master_weights=true")
-    if t.loss_chunks and cfg.parallel.pp > 1:
-        problems.append(f"training.loss_chunks={t.loss_chunks} with parallel.pp={cfg.parallel.pp}: the last pipeline "
-                        f"stage computes its loss outside the stage module (torch's schedule), where the output "
-                        f"projection's weight is not gathered; set training.loss_chunks=0 under pipelining")
-    import torch
-
-    on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
-    if t.device == "cuda" and not torch.cuda.is_available():
-        problems.append(f"training.device=cuda, but this machine has no CUDA device this torch can use (torch "
-                        f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use training.device=auto "
-                        f"or cpu")
-    # what only a GPU has, refused where the run would be on the CPU (a dry run, launch/plan.py among them, may plan
-    # a GPU run from a machine without one)
-    runs_on_cpu = t.device == "cpu" or (on_cpu and not cfg.dry_run)
-    if args.attention in ("cudnn", "efficient") and runs_on_cpu:
-        problems.append(f"model.attention={args.attention} is a CUDA kernel and this run is on the CPU; use "
-                        f"model.attention=auto or flash there")
-    if args.attention != "auto" and cfg.parallel.cp > 1:
-        problems.append(f"model.attention={args.attention} with parallel.cp={cfg.parallel.cp}: context parallelism "
-                        f"calls its own attention kernels (parallel/context.py); leave model.attention=auto")
-    problems += float8_problems(cfg, runs_on_cpu=runs_on_cpu)
-    problems += layout_problems(cfg, args, world_size)
-    problems += zero_problems(cfg, on_cpu=on_cpu)
-    problems += optim_problems(cfg, args)
-    problems += data_problems(cfg, args)
-    problems += checkpoint_problems(cfg)
-    problems += profile_problems(cfg, runs_on_cpu=runs_on_cpu)
-
-    # logging and output
-    if cfg.logging.every < 1:
-        problems.append(f"logging.every={cfg.logging.every} must be >= 1")
-    if cfg.logging.memory_breakdown_step < 1:
-        problems.append(f"logging.memory_breakdown_step={cfg.logging.memory_breakdown_step} must be >= 1")
-    hw = cfg.hardware
-    if hw.world_size is not None and hw.world_size < 1:
-        problems.append(f"hardware.world_size={hw.world_size} must be >= 1 (or null)")
-    if hw.gpu_memory_gib is not None and hw.gpu_memory_gib <= 0:
-        problems.append(f"hardware.gpu_memory_gib={hw.gpu_memory_gib} must be > 0 (or null)")
-    if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
-        problems.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (or null to detect it)")
-    if not cfg.dry_run and not _writable_dir(Path(cfg.run_dir)):
-        problems.append(f"run_dir={cfg.run_dir}: cannot create or write there; choose another run_dir")
-    return problems
-
-
-def check(cfg: DictConfig, world_size: int) -> Plan:
-    """Raise ConfigError with every problem, or return the derived plan."""
-    problems = validate(cfg, world_size)
-    if problems:
-        raise ConfigError(problems)
-    return derive(cfg, world_size)
-
-
 def to_yaml(cfg: DictConfig) -> str:
     return yaml.safe_dump(to_container(cfg), sort_keys=False)
 
 
-__all__ = ["Config", "ConfigError", "Plan", "load_config", "validate", "check", "derive", "list_recipes",
-           "save_resolved", "to_container", "to_yaml", "model_args_of", "parallel_dims", "pp_stages", "Precision",
-           "DataSource", "Schedule", "DataParallel", "ACMode", "Offload", "WandbMode", "PP_SCHEDULES", "banner",
-           "DamagedPolicy"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "list_recipes",
+    "save_resolved",
+    "to_container",
+    "to_yaml",
+    "Precision",
+    "DataSource",
+    "Schedule",
+    "DataParallel",
+    "ACMode",
+    "Offload",
+    "WandbMode",
+    "DamagedPolicy",
+    "RECIPE_DIR",
+]

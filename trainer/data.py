@@ -90,8 +90,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -102,8 +106,17 @@ def _is_validation(name: str, val_fraction: float) -> bool:
     return (h % 1_000_000) < val_fraction * 1_000_000
 
 
-def write_token_files(docs: Iterable[tuple[str, str]], tokenizer, out_dir: Path, *, val_fraction: float,
-                      description: str, progress: bool = False, batch_docs: int = 64, eos: str = EOS) -> dict:
+def write_token_files(
+    docs: Iterable[tuple[str, str]],
+    tokenizer,
+    out_dir: Path,
+    *,
+    val_fraction: float,
+    description: str,
+    progress: bool = False,
+    batch_docs: int = 64,
+    eos: str = EOS,
+) -> dict:
     """Tokenize documents into out_dir/{train,val}.bin + meta.json + tokenizer.json, atomically.
 
     Everything is written to a temporary sibling directory and renamed into place at the end, so a crash
@@ -149,10 +162,19 @@ def write_token_files(docs: Iterable[tuple[str, str]], tokenizer, out_dir: Path,
         if counts["val"] == 0 or counts["train"] == 0:
             raise ValueError(f"split left {counts}; give more documents or change val_fraction ({val_fraction})")
         tokenizer.save(str(tmp / "tokenizer.json"))
-        meta = {"format_version": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
-                "eos": eos, "eos_id": eos_id, "train_tokens": counts["train"], "val_tokens": counts["val"],
-                "train_documents": docs_in["train"], "val_documents": docs_in["val"],
-                "val_fraction": val_fraction, "source": description}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": np.dtype(dtype).name,
+            "vocab_size": vocab,
+            "eos": eos,
+            "eos_id": eos_id,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "train_documents": docs_in["train"],
+            "val_documents": docs_in["val"],
+            "val_fraction": val_fraction,
+            "source": description,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -170,8 +192,9 @@ def default_dataset_dir(cache_dir: str | None, corpus_mb: float, val_fraction: f
     """Build (once) and return the default dataset. Safe when several ranks start at once (file lock)."""
     cache = Path(cache_dir or os.environ.get("SHARDWISE_CACHE") or "~/.cache/shardwise").expanduser()
     stdlib = sysconfig.get_paths()["stdlib"]
-    key = hashlib.sha256(json.dumps([FORMAT_VERSION, sys.version, stdlib, corpus_mb, val_fraction,
-                                     DEFAULT_VOCAB_SIZE]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([FORMAT_VERSION, sys.version, stdlib, corpus_mb, val_fraction, DEFAULT_VOCAB_SIZE]).encode()
+    ).hexdigest()[:12]
     out = cache / f"default-{key}"
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / f".default-{key}.lock", "w") as lock:
@@ -179,9 +202,14 @@ def default_dataset_dir(cache_dir: str | None, corpus_mb: float, val_fraction: f
         if not (out / "meta.json").is_file():
             max_bytes = int(corpus_mb * 2**20)
             tok = train_tokenizer((t for _, t in stdlib_documents(max_bytes)), DEFAULT_VOCAB_SIZE)
-            write_token_files(stdlib_documents(max_bytes), tok, out, val_fraction=val_fraction,
-                              description=f"Python {sys.version.split()[0]} standard library at {stdlib}, "
-                                          f"first {corpus_mb} MiB of .py files")
+            write_token_files(
+                stdlib_documents(max_bytes),
+                tok,
+                out,
+                val_fraction=val_fraction,
+                description=f"Python {sys.version.split()[0]} standard library at {stdlib}, "
+                f"first {corpus_mb} MiB of .py files",
+            )
     return out
 
 
@@ -206,7 +234,7 @@ class TokenFileSource:
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = i * self.seq_len
-        return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
 
 
 class SyntheticSource:
@@ -234,8 +262,9 @@ class BatchLoader:
     indices it holds (the same shape without the last dimension).
     """
 
-    def __init__(self, source, *, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 seed: int, shuffle: bool):
+    def __init__(
+        self, source, *, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool
+    ):
         if global_batch % (micro_batch * dp_size):
             raise ValueError(f"global_batch({global_batch}) % (micro_batch({micro_batch}) * dp({dp_size})) != 0")
         self.source = source
@@ -282,8 +311,11 @@ def open_sources(cfg, seq_len: int, vocab_size: int) -> tuple[object, object, st
     d = cfg.data
     if str(d.source) == "synthetic":
         seed = cfg.training.seed
-        return (SyntheticSource(vocab_size, seq_len, seed, "train"), SyntheticSource(vocab_size, seq_len, seed, "val"),
-                f"synthetic uniform tokens, vocab {vocab_size}")
+        return (
+            SyntheticSource(vocab_size, seq_len, seed, "train"),
+            SyntheticSource(vocab_size, seq_len, seed, "val"),
+            f"synthetic uniform tokens, vocab {vocab_size}",
+        )
     if str(d.source) == "default":
         path = default_dataset_dir(d.cache_dir, d.default_corpus_mb, d.val_fraction)
     else:
@@ -293,7 +325,7 @@ def open_sources(cfg, seq_len: int, vocab_size: int) -> tuple[object, object, st
 
 
 def config_problems(cfg, args) -> list[str]:
-    """The data section's rules: the source exists and fits the model (trainer/config.py::validate collects
+    """The data section's rules: the source exists and fits the model (trainer/validate.py::validate collects
     every subsystem's)."""
     t = cfg.training
     problems: list[str] = []
@@ -304,35 +336,46 @@ def config_problems(cfg, args) -> list[str]:
         else:
             root = Path(d.path).expanduser()
             if not root.is_dir():
-                problems.append(f"data.path={d.path}: no such directory; make one with "
-                                f"`python launch/prepare_data.py --tokenizer tokenizer.json --out {d.path} FILES...`")
+                problems.append(
+                    f"data.path={d.path}: no such directory; make one with "
+                    f"`python launch/prepare_data.py --tokenizer tokenizer.json --out {d.path} FILES...`"
+                )
             else:
                 missing = [f for f in ("meta.json", "train.bin", "val.bin") if not (root / f).is_file()]
                 if missing:
-                    problems.append(f"data.path={d.path}: missing {', '.join(missing)}; "
-                                    f"rebuild it with launch/prepare_data.py")
+                    problems.append(
+                        f"data.path={d.path}: missing {', '.join(missing)}; rebuild it with launch/prepare_data.py"
+                    )
                 else:
                     try:
                         meta = json.loads((root / "meta.json").read_text())
                         itemsize = np.dtype(meta["dtype"]).itemsize
                     except (ValueError, KeyError, TypeError) as e:
                         meta, itemsize = {}, 0
-                        problems.append(f"data.path={d.path}: meta.json is unreadable ({type(e).__name__}: {e}); "
-                                        f"rebuild it with launch/prepare_data.py")
+                        problems.append(
+                            f"data.path={d.path}: meta.json is unreadable ({type(e).__name__}: {e}); "
+                            f"rebuild it with launch/prepare_data.py"
+                        )
                     for split in ("train", "val") if itemsize else ():
                         n = (root / f"{split}.bin").stat().st_size // itemsize
                         if n < t.seq_len + 1:
-                            problems.append(f"data.path={d.path}: {split}.bin has {n} tokens, fewer than one sequence "
-                                            f"of training.seq_len + 1 = {t.seq_len + 1}; lower training.seq_len or "
-                                            f"give launch/prepare_data.py more text")
+                            problems.append(
+                                f"data.path={d.path}: {split}.bin has {n} tokens, fewer than one sequence "
+                                f"of training.seq_len + 1 = {t.seq_len + 1}; lower training.seq_len or "
+                                f"give launch/prepare_data.py more text"
+                            )
                     vocab = meta.get("vocab_size", 0)
                     if vocab > args.vocab_size:
-                        problems.append(f"the tokenizer of data.path has vocab_size {vocab} > model vocab_size "
-                                        f"{args.vocab_size}; set model.vocab_size={vocab} or larger")
+                        problems.append(
+                            f"the tokenizer of data.path has vocab_size {vocab} > model vocab_size "
+                            f"{args.vocab_size}; set model.vocab_size={vocab} or larger"
+                        )
     elif str(d.source) == "default":
         if args.vocab_size < DEFAULT_VOCAB_SIZE:
-            problems.append(f"the default dataset's tokenizer has {DEFAULT_VOCAB_SIZE} tokens > model vocab_size "
-                            f"{args.vocab_size}; set model.vocab_size={DEFAULT_VOCAB_SIZE} or larger")
+            problems.append(
+                f"the default dataset's tokenizer has {DEFAULT_VOCAB_SIZE} tokens > model vocab_size "
+                f"{args.vocab_size}; set model.vocab_size={DEFAULT_VOCAB_SIZE} or larger"
+            )
         if d.default_corpus_mb <= 0:
             problems.append(f"data.default_corpus_mb={d.default_corpus_mb} must be > 0")
     if not 0 < d.val_fraction < 1:

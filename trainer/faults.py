@@ -77,14 +77,17 @@ class RunLock:
                 holder = f.read().strip() or "unknown"
                 f.close()
                 self.release()
-                raise RefusedStart(f"{d} is in use by another shardwise run ({_describe_holder(holder)}); two runs "
-                                   f"writing one directory would overwrite each other's checkpoints and metrics. "
-                                   f"Wait for it to finish (or stop it), or choose another run_dir / checkpoint.dir")
+                raise RefusedStart(
+                    f"{d} is in use by another shardwise run ({_describe_holder(holder)}); two runs "
+                    f"writing one directory would overwrite each other's checkpoints and metrics. "
+                    f"Wait for it to finish (or stop it), or choose another run_dir / checkpoint.dir"
+                ) from None
             f.seek(0)
             previous = f.read().strip()
             if previous:
-                notes.append(f"took over the lock of {d} from a run that is no longer running "
-                             f"({_describe_holder(previous)})")
+                notes.append(
+                    f"took over the lock of {d} from a run that is no longer running ({_describe_holder(previous)})"
+                )
             f.seek(0)
             f.truncate()
             f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
@@ -120,8 +123,12 @@ def watch_parent(interval_s: float = 0.5) -> None:
         while True:
             time.sleep(interval_s)
             if os.getppid() != parent:  # reparented: the agent died
-                print(f"shardwise: rank {os.environ.get('RANK', '?')}: the torchrun agent (pid {parent}) is gone; "
-                      f"stopping this worker", file=sys.stderr, flush=True)
+                print(
+                    f"shardwise: rank {os.environ.get('RANK', '?')}: the torchrun agent (pid {parent}) is gone; "
+                    f"stopping this worker",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="shardwise-parent-watch", daemon=True).start()
@@ -154,8 +161,7 @@ class Faults:
     def __init__(self, rank: int):
         self.rank = rank
         self.first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        self.faults = [f for f in parse_faults(os.environ.get("SHARDWISE_FAULT"))
-                       if f.rank is None or f.rank == rank]
+        self.faults = [f for f in parse_faults(os.environ.get("SHARDWISE_FAULT")) if f.rank is None or f.rank == rank]
 
     def _at(self, kind: str, step: int) -> bool:
         return any(f.kind == kind and f.step == step for f in self.faults)

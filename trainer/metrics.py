@@ -76,8 +76,11 @@ class MemoryMonitor:
         if self.device.type == "cuda":
             alloc = torch.cuda.max_memory_allocated(self.device)
             reserved = torch.cuda.max_memory_reserved(self.device)
-            return {"mem/peak_allocated_gib": alloc / gib, "mem/peak_reserved_gib": reserved / gib,
-                    "mem/peak_pct": 100.0 * reserved / self.total}
+            return {
+                "mem/peak_allocated_gib": alloc / gib,
+                "mem/peak_reserved_gib": reserved / gib,
+                "mem/peak_pct": 100.0 * reserved / self.total,
+            }
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         return {"mem/peak_rss_gib": rss / gib, "mem/peak_pct": 100.0 * rss / self.total}
 
@@ -117,13 +120,16 @@ class ConsoleSink:
         if "train/loss" in m:
             mem = m.get("mem/peak_reserved_gib", m.get("mem/peak_rss_gib"))
             self.write(
-                f"step {step:>6}/{self.total_steps}  loss {m['train/loss']:.4f}  gnorm {_fmt(m.get('train/grad_norm'), '.3f')}"
+                f"step {step:>6}/{self.total_steps}  loss {m['train/loss']:.4f}  "
+                f"gnorm {_fmt(m.get('train/grad_norm'), '.3f')}"
                 f"  lr {m['train/lr']:.2e}  tok/s/dev {m['perf/tokens_per_sec_per_gpu']:,.0f}"
                 f"  TFLOP/s {m['perf/tflops_per_gpu']:.2f}  MFU {_pct(m.get('perf/mfu_pct'))}"
-                f"  mem {mem:.2f} GiB ({m['mem/peak_pct']:.0f}%)  eta {_duration(m.get('perf/eta_s', 0.0))}")
+                f"  mem {mem:.2f} GiB ({m['mem/peak_pct']:.0f}%)  eta {_duration(m.get('perf/eta_s', 0.0))}"
+            )
         if "val/loss" in m:
-            self.write(f"step {step:>6}/{self.total_steps}  val loss {m['val/loss']:.4f}  "
-                       f"val ppl {m['val/perplexity']:.2f}")
+            self.write(
+                f"step {step:>6}/{self.total_steps}  val loss {m['val/loss']:.4f}  val ppl {m['val/perplexity']:.2f}"
+            )
 
     def close(self) -> None:
         pass
@@ -177,10 +183,19 @@ class WandbSink:
 
         w = cfg.logging.wandb
         (run_dir / "wandb").parent.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(mode=str(w.mode), project=w.project, entity=w.entity, name=w.run_name or cfg.name,
-                              group=w.group, tags=list(w.tags), dir=str(run_dir), config=strip_secrets(config),
-                              id=run_id, resume="allow" if run_id else None,
-                              settings=wandb.Settings(console="off", quiet=True))
+        self.run = wandb.init(
+            mode=str(w.mode),
+            project=w.project,
+            entity=w.entity,
+            name=w.run_name or cfg.name,
+            group=w.group,
+            tags=list(w.tags),
+            dir=str(run_dir),
+            config=strip_secrets(config),
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", quiet=True),
+        )
         self.run.define_metric("train/step")
         self.run.define_metric("*", step_metric="train/step")
 
@@ -201,8 +216,9 @@ class ProgressBar:
     def __init__(self, total: int, initial: int = 0):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
-                        mininterval=1.0, leave=False)
+        self.bar = tqdm(
+            total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=1.0, leave=False
+        )
 
     def update(self, n: int = 1, **postfix) -> None:
         if postfix:
@@ -219,8 +235,9 @@ class ProgressBar:
 class MetricLogger:
     """Fans every logging step out to the configured sinks. On non-logging ranks it holds none."""
 
-    def __init__(self, cfg, run_dir: Path, *, enabled: bool, config: dict, start_step: int = 0,
-                 wandb_run_id: str | None = None):
+    def __init__(
+        self, cfg, run_dir: Path, *, enabled: bool, config: dict, start_step: int = 0, wandb_run_id: str | None = None
+    ):
         self.sinks: list[Sink] = []
         self.progress: ProgressBar | None = None
         self.wandb: WandbSink | None = None

@@ -71,7 +71,9 @@ class Profiler:
             torch.cuda.synchronize(self.device)
         self.prof.__exit__(None, None, None)
         a, b = self.window
-        trace = self.dir / f"trace-rank{self.rank}-steps{a}-{b}.pt.trace.json"  # (TensorBoard's profiler plugin reads *.pt.trace.json)
+        trace = (
+            self.dir / f"trace-rank{self.rank}-steps{a}-{b}.pt.trace.json"
+        )  # (TensorBoard's profiler plugin reads *.pt.trace.json)
         self.prof.export_chrome_trace(str(trace))
         self.prof = None
         self.note(f"profiler trace of steps {a}-{b}: {trace} (open in https://ui.perfetto.dev)")
@@ -91,7 +93,7 @@ class Profiler:
 
 
 def config_problems(cfg, *, runs_on_cpu: bool) -> list[str]:
-    """The profile section's rules (trainer/config.py::validate collects every subsystem's; `runs_on_cpu`: its
+    """The profile section's rules (trainer/validate.py::validate collects every subsystem's; `runs_on_cpu`: its
     verdict on where this run's steps run)."""
     t = cfg.training
     problems: list[str] = []
@@ -101,11 +103,15 @@ def config_problems(cfg, *, runs_on_cpu: bool) -> list[str]:
     if pr.memory_snapshot and not pr.steps:
         problems.append("profile.memory_snapshot=true needs profile.steps=[start,end] (the steps to record)")
     if pr.nvtx and runs_on_cpu:
-        problems.append(f"profile.nvtx=true writes NVTX ranges, which are CUDA's; training.device={t.device} runs on "
-                        "the CPU here (the same shardwise.* ranges are in the torch profiler trace: set profile.steps=[start,end])")
+        problems.append(
+            f"profile.nvtx=true writes NVTX ranges, which are CUDA's; training.device={t.device} runs on "
+            "the CPU here (the same shardwise.* ranges are in the torch profiler trace: set profile.steps=[start,end])"
+        )
     if pr.memory_snapshot and str(t.device) == "cpu":
-        problems.append("profile.memory_snapshot=true records the CUDA caching allocator; training.device=cpu has "
-                        "none (on CPU, peak RSS is logged every step)")
+        problems.append(
+            "profile.memory_snapshot=true records the CUDA caching allocator; training.device=cpu has "
+            "none (on CPU, peak RSS is logged every step)"
+        )
     return problems
 
 
@@ -180,7 +186,9 @@ def phase_split(events: list[dict], steps: int) -> dict:
         main = ranges[0].get("tid")
         ops = [e for e in xs if e.get("cat") == "cpu_op"]
         compute = [(e["ts"], e["ts"] + e["dur"]) for e in ops if e.get("tid") == main and not _is_comm(e["name"])]
-        comm = [(e["ts"], e["ts"] + e["dur"]) for e in xs if e.get("tid") != main and str(e["name"]).startswith("gloo:")]
+        comm = [
+            (e["ts"], e["ts"] + e["dur"]) for e in xs if e.get("tid") != main and str(e["name"]).startswith("gloo:")
+        ]
         timeline = "CPU threads (the main thread's operators compute; gloo's worker threads communicate)"
     clip = [(start, end)]
     compute_u, comm_u = _union(compute), _union(comm)
@@ -189,7 +197,15 @@ def phase_split(events: list[dict], steps: int) -> dict:
     busy = _overlap(_union(compute_u + comm_u), clip)
     exposed = busy - compute_t
     window = end - start
-    return {"steps": steps, "timeline": timeline, "phases": phases,
-            "device": {"window": window * us / steps, "compute": compute_t * us / steps,
-                       "communication": comm_t * us / steps, "communication_exposed": exposed * us / steps,
-                       "idle": (window - busy) * us / steps}}
+    return {
+        "steps": steps,
+        "timeline": timeline,
+        "phases": phases,
+        "device": {
+            "window": window * us / steps,
+            "compute": compute_t * us / steps,
+            "communication": comm_t * us / steps,
+            "communication_exposed": exposed * us / steps,
+            "idle": (window - busy) * us / steps,
+        },
+    }

@@ -17,20 +17,21 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.distributed.tensor.parallel import loss_parallel
 
-from models.loss import IGNORE_INDEX  # targets with this id (padding) carry no loss
+from models.args import model_args_of
+from models.dtensor import full
 from models.llama import build_model
+from models.loss import IGNORE_INDEX  # targets with this id (padding) carry no loss
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
-from parallel.dtensor import full
 from parallel.memory import OFFLOADED
 from parallel.mesh import destroy_distributed, init_distributed, needs_process_group
 from trainer.checkpoint import Checkpointer, checkpoint_root, select_resume
-from trainer.config import Plan, Precision, banner, model_args_of, save_resolved, to_container
+from trainer.config import Precision, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
 from trainer.faults import PREEMPT_FLAG, REQUEUE_MARKER, Faults, NonFiniteError, Preemption, RefusedStart, RunLock
-from trainer.profiling import Phases, Profiler
 from trainer.metrics import MemoryMonitor, MetricLogger, detect_peak_tflops, mfu_pct
-
+from trainer.profiling import Phases, Profiler
+from trainer.validate import Plan, banner
 
 
 def _schedule_step_has_return_outputs() -> bool:
@@ -70,10 +71,17 @@ class Trainer:
             # 2b. the checks that need the process group, before anything is written: this run owns its
             #     directories, and the checkpoint it resumes from (if any) is intact and fits this model
             self.notes += self._lock_run_dirs()
-            resume_from, notes, self.events = (select_resume(checkpoint_root(cfg), cfg, zero=str(cfg.parallel.data)
-                                                             .startswith("zero"), rank=self.world.rank,
-                                                             group=self.side_group)
-                                               if cfg.checkpoint.resume else (None, [], []))
+            resume_from, notes, self.events = (
+                select_resume(
+                    checkpoint_root(cfg),
+                    cfg,
+                    zero=str(cfg.parallel.data).startswith("zero"),
+                    rank=self.world.rank,
+                    group=self.side_group,
+                )
+                if cfg.checkpoint.resume
+                else (None, [], [])
+            )
             self.notes += notes
             self._build(cfg, plan, resume_from)
         except BaseException:
@@ -115,7 +123,7 @@ class Trainer:
         # (and DeepSpeed's fp32 master copy) exists, unless there is a checkpoint to resume
         self.init_note = None
         if cfg.checkpoint.init_from and resume_from is None:
-            from models.hf import load_weights
+            from trainer.hf import load_weights
 
             load_weights(self.par.parts, cfg, Path(cfg.checkpoint.init_from))
             self.init_note = f"initialized the weights from {cfg.checkpoint.init_from}"
@@ -137,8 +145,13 @@ class Trainer:
         self.model = self.par.model  # what the step calls: the model, its DDP wrapper or the DeepSpeed engine
 
         train_src, val_src, self.data_description = open_sources(cfg, t.seq_len, self.model_args.vocab_size)
-        loader_args = dict(global_batch=t.global_batch_size, micro_batch=t.micro_batch_size, dp_rank=self.dp_rank,
-                           dp_size=plan.dp_size, seed=t.seed)
+        loader_args = dict(
+            global_batch=t.global_batch_size,
+            micro_batch=t.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=plan.dp_size,
+            seed=t.seed,
+        )
         self.train_loader = BatchLoader(train_src, shuffle=True, **loader_args)
         self.val_source, self.val_loader_args = val_src, loader_args
         self.step = 0
@@ -157,8 +170,9 @@ class Trainer:
         if resume_from is not None and (resume_from / "train_state.json").is_file():
             with contextlib.suppress(ValueError, OSError):
                 wandb_id = json.loads((resume_from / "train_state.json").read_text()).get("wandb_run_id")
-        self.logger = MetricLogger(cfg, self.run_dir, enabled=self.world.is_logging_rank, config=to_container(cfg),
-                                   wandb_run_id=wandb_id)
+        self.logger = MetricLogger(
+            cfg, self.run_dir, enabled=self.world.is_logging_rank, config=to_container(cfg), wandb_run_id=wandb_id
+        )
         for line in banner(cfg, plan, self.model_args):
             self.logger.note(line)
         for note in [f"data: {self.data_description}", *self.par.notes, *self.notes]:
@@ -190,7 +204,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _all_reduce_sum(self, t: torch.Tensor, axis: str = "dp") -> torch.Tensor:
-        size = {"dp": self.par.dims.dp_size, "tp": self.par.dims.tp, "pp": self.par.dims.pp, "cp": self.par.dims.cp}[axis]
+        size = {"dp": self.par.dims.dp_size, "tp": self.par.dims.tp, "pp": self.par.dims.pp, "cp": self.par.dims.cp}[
+            axis
+        ]
         if size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.par.group(axis))
         return t
@@ -200,8 +216,9 @@ class Trainer:
         Under TP the logits may be split over the vocabulary: loss_parallel computes the softmax
         across the shards without gathering them."""
         with loss_parallel() if self.par.loss_parallel else contextlib.nullcontext():
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
-                                   ignore_index=IGNORE_INDEX)
+            return F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+            )
 
     def _local_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """Under context parallelism, this rank's positions of each sequence (a head and a tail chunk)."""
@@ -240,8 +257,9 @@ class Trainer:
                 with self.phases("forward"):
                     loss = self.faults.poison_loss(self.step + 1, self._loss_sum(batch[i]) / n_tokens)
                 with self.phases("backward"):  # DDP, FSDP and DeepSpeed average gradients over ranks; we want the sum
-                    self.par.backward(loss * self.par.grad_reduction_scale, last_micro=i == accum - 1,
-                                      scaler=self.scaler)
+                    self.par.backward(
+                        loss * self.par.grad_reduction_scale, last_micro=i == accum - 1, scaler=self.scaler
+                    )
             loss = loss.detach()
             loss_total += full(loss)  # a replicated DTensor under TP
         return self._all_reduce_sum(loss_total, "cp")  # context-parallel ranks hold shares of the same sequences
@@ -263,7 +281,7 @@ class Trainer:
         if not losses:
             return torch.zeros((), device=self.device)
         scale = self.par.pipeline_loss.scale  # the losses carry the DP (and loss-scaler) factor: remove it
-        return self._all_reduce_sum(torch.stack([l.detach() for l in losses]).sum() / scale, "cp")
+        return self._all_reduce_sum(torch.stack([x.detach() for x in losses]).sum() / scale, "cp")
 
     def learning_rates(self) -> dict[str, float]:
         """The schedule's lr for the step about to run: `train/lr` is the base lr (optim.lr x schedule),
@@ -297,14 +315,17 @@ class Trainer:
             grad_norm = self.optimizer.grad_norm(self.par.group("dp"), replicas=self.par.dims.dp_replicate)
             self.optimizer.step()  # a no-op that keeps the schedule's books (it checks the step was called)
         else:
-            grad_norm = self.par.step(self.cfg.optim.max_grad_norm or float("inf"), scaler=self.scaler,
-                                      apply=apply if skip else None)
+            grad_norm = self.par.step(
+                self.cfg.optim.max_grad_norm or float("inf"), scaler=self.scaler, apply=apply if skip else None
+            )
         if self.par.overflowed:  # fp16 under DeepSpeed: its loss scaler skipped the step (normal; it rescales)
             self.skipped_steps += 1
         elif skip and not applied[0]:
             self.skipped_steps += 1
-            self.logger.note(f"step {self.step + 1}: non-finite gradient norm; update skipped "
-                             f"({self.skipped_steps} skipped so far, numerics.on_nonfinite=skip)")
+            self.logger.note(
+                f"step {self.step + 1}: non-finite gradient norm; update skipped "
+                f"({self.skipped_steps} skipped so far, numerics.on_nonfinite=skip)"
+            )
         elif self.scaler is None and grad_norm is not None:  # raise: remember the first bad step, no sync
             if self._first_nonfinite is None:
                 self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=grad_norm.device)
@@ -321,9 +342,11 @@ class Trainer:
     def check_finite(self) -> None:
         """numerics.on_nonfinite=raise: stop (on every rank alike) if any step so far had a NaN/Inf norm."""
         if self._first_nonfinite is not None and (bad := int(self._first_nonfinite)) >= 0:
-            raise NonFiniteError(f"non-finite loss or gradient norm at step {bad} (numerics.on_nonfinite=raise); "
-                                 f"the parameters after it are not trustworthy, nothing was saved after it. "
-                                 f"Lower optim.lr, check the data, or set numerics.on_nonfinite=skip")
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm at step {bad} (numerics.on_nonfinite=raise); "
+                f"the parameters after it are not trustworthy, nothing was saved after it. "
+                f"Lower optim.lr, check the data, or set numerics.on_nonfinite=skip"
+            )
 
     def _set_train(self, mode: bool) -> None:
         for part in self.par.parts:
@@ -347,8 +370,12 @@ class Trainer:
             # pipeline: forward only, stage by stage (parallel/pipeline.py: the same for every schedule)
             flat = batch.flatten(0, 1)
             with self._autocast():
-                totals[0] += self.par.forward_only(self._local_tokens(flat[:, :-1]), self._local_tokens(flat[:, 1:]),
-                                                   batch.shape[0], self._logits_loss_sum)
+                totals[0] += self.par.forward_only(
+                    self._local_tokens(flat[:, :-1]),
+                    self._local_tokens(flat[:, 1:]),
+                    batch.shape[0],
+                    self._logits_loss_sum,
+                )
         self._all_reduce_sum(totals)  # over data-parallel ranks
         totals[0:1] = self._all_reduce_sum(totals[0:1].clone(), "cp")  # (the token counts are the whole sequences')
         totals[0:1] = self._all_reduce_sum(totals[0:1].clone(), "pp")  # only the last stage has losses
@@ -363,9 +390,16 @@ class Trainer:
         self._set_train(True)
         self.memory.reset()
         start_step = self.step
-        self.logger.event({"event": "start", "step": self.step, "resumed_from": str(self.resumed_from)
-                           if self.resumed_from else None, "world_size": self.world.world_size,
-                           "strategy": str(cfg.parallel.data), "layout": self.plan.dims.describe()})
+        self.logger.event(
+            {
+                "event": "start",
+                "step": self.step,
+                "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                "world_size": self.world.world_size,
+                "strategy": str(cfg.parallel.data),
+                "layout": self.plan.dims.describe(),
+            }
+        )
         if t.val_every and self.step == 0:  # the starting point of the validation curve
             first = self.validate()
             self.logger.log(first, 0)
@@ -476,8 +510,9 @@ class Trainer:
         for r, b in enumerate(ranks):
             parts = ", ".join(f"{k} {v / mib:.2f}" for k, v in b.items() if k not in ("peak", OFFLOADED) and v)
             host = f"; offloaded activations {b[OFFLOADED] / mib:.2f} MiB on the host" if OFFLOADED in b else ""
-            self.logger.note(f"memory at the peak of step {self.step}, rank {r}: {b['peak'] / mib:.2f} MiB "
-                             f"({parts} MiB){host}")
+            self.logger.note(
+                f"memory at the peak of step {self.step}, rank {r}: {b['peak'] / mib:.2f} MiB ({parts} MiB){host}"
+            )
         out = {"memory/tracked_peak_bytes": float(ranks[top]["peak"]), "memory/tracked_peak_rank": float(top)}
         out.update({f"memory/tracked/{k}_bytes": float(v) for k, v in ranks[top].items() if k != "peak"})
         return out
@@ -493,23 +528,35 @@ class Trainer:
         latest = self.checkpointer.root / "latest"
         last_ckpt = str(self.checkpointer.root / latest.read_text().strip()) if latest.is_file() else None
         final = next((r for r in reversed(history) if "train/loss" in r), {})
-        record = {"event": "end", "step": self.step, "steps_this_run": steps, "tokens_this_run": tokens,
-                  "wall_time_s": wall_s, "mean_tokens_per_sec_per_gpu": tps, "mean_mfu_pct": mfu,
-                  "peak_memory_gib": peak, "last_checkpoint": last_ckpt, "final_loss": final.get("train/loss"),
-                  "skipped_steps": self.skipped_steps}
+        record = {
+            "event": "end",
+            "step": self.step,
+            "steps_this_run": steps,
+            "tokens_this_run": tokens,
+            "wall_time_s": wall_s,
+            "mean_tokens_per_sec_per_gpu": tps,
+            "mean_mfu_pct": mfu,
+            "peak_memory_gib": peak,
+            "last_checkpoint": last_ckpt,
+            "final_loss": final.get("train/loss"),
+            "skipped_steps": self.skipped_steps,
+        }
         self.logger.event(record)
-        self.logger.note(f"done: {steps} steps (to step {self.step}), {tokens:,} tokens in {wall_s:.1f} s; "
-                         f"{tps:,.0f} tokens/s/device; MFU {'-' if mfu is None else f'{mfu:.1f}%'}; "
-                         f"peak memory {peak:.2f} GiB; final loss {final.get('train/loss', float('nan')):.4f}; "
-                         f"skipped steps {self.skipped_steps}; last checkpoint {last_ckpt or 'none'}")
+        self.logger.note(
+            f"done: {steps} steps (to step {self.step}), {tokens:,} tokens in {wall_s:.1f} s; "
+            f"{tps:,.0f} tokens/s/device; MFU {'-' if mfu is None else f'{mfu:.1f}%'}; "
+            f"peak memory {peak:.2f} GiB; final loss {final.get('train/loss', float('nan')):.4f}; "
+            f"skipped steps {self.skipped_steps}; last checkpoint {last_ckpt or 'none'}"
+        )
 
     def _stop_for_preemption(self) -> None:
         reason = self.preemption.local_reason() or "another rank was asked to stop"
         if self.world.rank == 0:
             marker = self.preemption.write_requeue_marker(self.run_dir, self.step, reason)
             self.preemption.flag_file.unlink(missing_ok=True)
-            self.logger.note(f"preempted ({reason}): saved step {self.step}, wrote {marker}; the same command "
-                             f"resumes from here")
+            self.logger.note(
+                f"preempted ({reason}): saved step {self.step}, wrote {marker}; the same command resumes from here"
+            )
 
     def close(self, *, keep_process_group: bool = False) -> None:
         """End the run. `keep_process_group`: leave the default process group up for another Trainer in this

@@ -1,6 +1,6 @@
 """Count the collectives of one Adafactor step (torch's CommDebugMode) and save them on rank 0.
 
-    torchrun --nproc_per_node=N tests/distributed/adafactor_comm_worker.py OUT.json recipe=... overrides...
+torchrun --nproc_per_node=N tests/distributed/adafactor_comm_worker.py OUT.json recipe=... overrides...
 """
 
 import json
@@ -10,8 +10,9 @@ import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
 
 from parallel.mesh import env_world_size
-from trainer.config import check, load_config
+from trainer.config import load_config
 from trainer.trainer import Trainer
+from trainer.validate import check
 
 
 def main(out: str, argv: list[str]) -> None:

@@ -15,8 +15,9 @@ import torch.distributed as dist
 
 from parallel.memory import StepMemory
 from parallel.mesh import env_world_size
-from trainer.config import check, load_config
+from trainer.config import load_config
 from trainer.trainer import Trainer
+from trainer.validate import check
 
 
 def measure(argv: list[str]) -> dict:

@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from models.dtensor import full
 from models.llama import canonical_name
-from parallel.dtensor import full
 from parallel.memory import model_state_bytes
 from parallel.mesh import env_world_size
-from trainer.config import check, load_config
+from trainer.config import load_config
 from trainer.trainer import Trainer
+from trainer.validate import check
 
 
 def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -73,9 +74,10 @@ def main(out: str, argv: list[str], *, last: bool = True) -> None:
         dist.all_gather_object(per_rank, held)
     if trainer.world.rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"losses": losses, "grad_norms": norms, "grads": grads, "bytes_per_rank": per_rank,
-                    "val_loss": val_loss},
-                   Path(out) / "result.pt")
+        torch.save(
+            {"losses": losses, "grad_norms": norms, "grads": grads, "bytes_per_rank": per_rank, "val_loss": val_loss},
+            Path(out) / "result.pt",
+        )
     trainer.close(keep_process_group=not last)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TINY
 from helpers import once_per_name, run_train
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import shutil
@@ -22,14 +21,30 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, read_jsonl, run_train
 
-TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.vocab_size=256", "data.source=synthetic", "training.seq_len=32", "training.precision=fp32",
-        "training.global_batch_size=8", "training.micro_batch_size=2", "training.steps=4", "training.val_every=0",
-        "optim.warmup_steps=1", "optim.lr=1e-2", "logging.every=1", "logging.tensorboard=false",
-        "logging.wandb.mode=disabled", "logging.sample_ids=true", "checkpoint.every=2"]
+TINY = [
+    "recipe=llama_debug",
+    "model.dim=64",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=256",
+    "data.source=synthetic",
+    "training.seq_len=32",
+    "training.precision=fp32",
+    "training.global_batch_size=8",
+    "training.micro_batch_size=2",
+    "training.steps=4",
+    "training.val_every=0",
+    "optim.warmup_steps=1",
+    "optim.lr=1e-2",
+    "logging.every=1",
+    "logging.tensorboard=false",
+    "logging.wandb.mode=disabled",
+    "logging.sample_ids=true",
+    "checkpoint.every=2",
+]
 
 LAYOUTS = {
     "ddp": (2, ["parallel.data=ddp"]),
@@ -42,8 +57,10 @@ LAYOUTS = {
     "fsdp_tp": (4, ["parallel.data=fsdp", "parallel.tp=2"]),
     "zero3": (2, ["parallel.data=zero3"]),
     # the optimizer steps inside the backward: one optimizer per parameter, saved under the same keys
-    "fsdp_in_backward": (2, ["parallel.data=fsdp", "optim.in_backward=true", "optim.max_grad_norm=0",
-                             "training.micro_batch_size=4"]),
+    "fsdp_in_backward": (
+        2,
+        ["parallel.data=fsdp", "optim.in_backward=true", "optim.max_grad_norm=0", "training.micro_batch_size=4"],
+    ),
 }
 
 
@@ -121,8 +138,9 @@ def test_resume_is_bitwise(layout, tmp_path, straight):
     straight = straight(nproc, [*TINY, *overrides])
     if layout == "fsdp_async":
         broken = tmp_path / "broken"
-        crashed = run_train([*TINY, *overrides, f"run_dir={broken}"], nproc=nproc, check=False,
-                            env={"SHARDWISE_FAULT": "crash@3:0"})
+        crashed = run_train(
+            [*TINY, *overrides, f"run_dir={broken}"], nproc=nproc, check=False, env={"SHARDWISE_FAULT": "crash@3:0"}
+        )
         assert crashed.returncode != 0
         assert (broken / "checkpoints" / "latest").read_text() == "step-2"
         proc = run_train([*TINY, *overrides, f"run_dir={broken}"], nproc=nproc)
@@ -134,8 +152,9 @@ def test_resume_is_bitwise(layout, tmp_path, straight):
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     want, got = samples(straight), samples(broken)
     assert {s: got[s] for s in (3, 4)} == {s: want[s] for s in (3, 4)}
-    assert_equal_trees(full_state(straight / "checkpoints" / "step-4"), full_state(broken / "checkpoints" / "step-4"),
-                       layout)
+    assert_equal_trees(
+        full_state(straight / "checkpoints" / "step-4"), full_state(broken / "checkpoints" / "step-4"), layout
+    )
 
 
 def test_kill_9_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, straight):
@@ -159,10 +178,25 @@ def test_torchrun_max_restarts_recovers_from_a_killed_rank(tmp_path, straight):
     args = [*TINY, "parallel.data=fsdp", "training.steps=6"]
     broken = tmp_path / "broken"
     straight = straight(2, args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           str(REPO / "launch" / "train.py"), *args, f"run_dir={broken}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "SHARDWISE_FAULT": "crash@3:1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        str(REPO / "launch" / "train.py"),
+        *args,
+        f"run_dir={broken}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SHARDWISE_FAULT": "crash@3:1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout  # the restarted workers resumed
     assert losses(broken)[6] == losses(straight)[6]
@@ -194,10 +228,24 @@ def test_preemption_stops_every_rank_at_one_step_and_resumes_bitwise(how, tmp_pa
     args = [*TINY, "parallel.data=fsdp", "training.steps=60", "checkpoint.every=0"]
     run = tmp_path / "run"
     straight = straight(2, args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "launch" / "train.py"), *args, f"run_dir={run}"]
-    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "launch" / "train.py"),
+        *args,
+        f"run_dir={run}",
+    ]
+    agent = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 5:
@@ -228,8 +276,12 @@ def test_preemption_stops_every_rank_at_one_step_and_resumes_bitwise(how, tmp_pa
 
 @pytest.mark.parametrize("target", ["fsdp_4", "tp_2", "pp_2", "one_process"])
 def test_fsdp_checkpoint_reshards_and_the_sample_stream_continues(target, tmp_path, straight):
-    nproc, overrides = {"fsdp_4": (4, ["parallel.data=fsdp"]), "tp_2": (2, ["parallel.tp=2"]),
-                        "pp_2": (2, ["parallel.pp=2"]), "one_process": (1, [])}[target]
+    nproc, overrides = {
+        "fsdp_4": (4, ["parallel.data=fsdp"]),
+        "tp_2": (2, ["parallel.tp=2"]),
+        "pp_2": (2, ["parallel.pp=2"]),
+        "one_process": (1, []),
+    }[target]
     straight = straight(2, [*TINY, "parallel.data=fsdp"])
     proc, moved = _resume_step_2(straight, tmp_path, [*TINY, *overrides], nproc)
     assert "at step 2" in proc.stdout
@@ -241,8 +293,12 @@ def test_fsdp_checkpoint_reshards_and_the_sample_stream_continues(target, tmp_pa
 
 def test_nan_on_one_rank_raise_stops_every_rank_naming_the_step(tmp_path):
     run = tmp_path / "run"
-    proc = run_train([*TINY, "parallel.data=fsdp", "training.steps=6", f"run_dir={run}"], nproc=2, check=False,
-                     env={"SHARDWISE_FAULT": "nan@3:1"})
+    proc = run_train(
+        [*TINY, "parallel.data=fsdp", "training.steps=6", f"run_dir={run}"],
+        nproc=2,
+        check=False,
+        env={"SHARDWISE_FAULT": "nan@3:1"},
+    )
     assert proc.returncode != 0
     assert "non-finite loss or gradient norm at step 3" in proc.stdout + proc.stderr
     for f in (run / "samples").glob("rank-*.jsonl"):
@@ -252,8 +308,19 @@ def test_nan_on_one_rank_raise_stops_every_rank_naming_the_step(tmp_path):
 
 def test_nan_on_one_rank_skip_leaves_the_parameters_and_goes_on(tmp_path):
     run = tmp_path / "run"
-    run_train([*TINY, "parallel.data=fsdp", "training.steps=4", "checkpoint.every=1", "checkpoint.keep=10",
-               "numerics.on_nonfinite=skip", f"run_dir={run}"], nproc=2, env={"SHARDWISE_FAULT": "nan@3:1"})
+    run_train(
+        [
+            *TINY,
+            "parallel.data=fsdp",
+            "training.steps=4",
+            "checkpoint.every=1",
+            "checkpoint.keep=10",
+            "numerics.on_nonfinite=skip",
+            f"run_dir={run}",
+        ],
+        nproc=2,
+        env={"SHARDWISE_FAULT": "nan@3:1"},
+    )
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["train/skipped_steps"] for r in rows if "train/skipped_steps" in r] == [0, 0, 1, 1]
     s2, s3, s4 = (full_state(run / "checkpoints" / f"step-{k}") for k in (2, 3, 4))
@@ -271,12 +338,15 @@ def one_checkpoint(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing_shard", "__1_0.distcp is missing"),
-    ("truncated_metadata", ".metadata is 100 bytes"),
-    ("zeroed_shard", "__0_0.distcp has other bytes than when saved (xxh3_128 differs)"),
-    ("other_model", "another model shape (model.n_layers: 4 in the checkpoint, 2 here)"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing_shard", "__1_0.distcp is missing"),
+        ("truncated_metadata", ".metadata is 100 bytes"),
+        ("zeroed_shard", "__0_0.distcp has other bytes than when saved (xxh3_128 differs)"),
+        ("other_model", "another model shape (model.n_layers: 4 in the checkpoint, 2 here)"),
+    ],
+)
 def test_a_damaged_only_checkpoint_is_refused_and_nothing_is_written(damage, message, one_checkpoint, tmp_path):
     """With no older checkpoint to fall back to, a damaged one stops the run before anything is loaded or
     written: one message from rank 0, the same config.yaml, no TensorBoard file, metrics untouched."""
@@ -307,7 +377,7 @@ def _zero_64k(f: Path) -> None:
     """64 KiB of zeros inside the file, its size unchanged."""
     data = bytearray(f.read_bytes())
     assert len(data) > 200_000
-    data[100_000:100_000 + 65536] = bytes(65536)
+    data[100_000 : 100_000 + 65536] = bytes(65536)
     f.write_bytes(bytes(data))
 
 
@@ -351,13 +421,27 @@ def test_on_damaged_fail_stops_and_the_converter_refuses_damage(two_checkpoints,
     shutil.copytree(two_checkpoints, run)
     step4 = run / "checkpoints" / "step-4"
     _zero_64k(step4 / "__1_0.distcp")
-    proc = run_train([*TINY, "parallel.data=fsdp", "training.steps=6", "checkpoint.on_damaged=fail",
-                      f"run_dir={run}"], nproc=2, check=False)
+    proc = run_train(
+        [*TINY, "parallel.data=fsdp", "training.steps=6", "checkpoint.on_damaged=fail", f"run_dir={run}"],
+        nproc=2,
+        check=False,
+    )
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
     assert "checkpoint damaged, refusing to load it (checkpoint.on_damaged=fail): step-4: __1_0.distcp" in proc.stderr
     assert step4.is_dir() and not (run / "checkpoints" / "step-4.damaged").exists()
-    conv = subprocess.run([sys.executable, str(REPO / "launch" / "convert_checkpoint.py"), str(step4), "--out",
-                           str(tmp_path / "w.safetensors")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    conv = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "convert_checkpoint.py"),
+            str(step4),
+            "--out",
+            str(tmp_path / "w.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert conv.returncode == 2 and "is damaged (__1_0.distcp has other bytes" in conv.stderr
     assert not (tmp_path / "w.safetensors").exists()
 
@@ -372,8 +456,11 @@ def test_a_stale_or_missing_latest_pointer_is_reported(pointer, two_checkpoints,
     else:
         latest.unlink()
     proc = run_train([*TINY, "parallel.data=fsdp", "training.steps=5", f"run_dir={run}"], nproc=2)
-    note = "names 'step-2', which is not the newest complete checkpoint (step-4)" if pointer == "stale" else \
-        "latest is missing; using the newest complete checkpoint step-4"
+    note = (
+        "names 'step-2', which is not the newest complete checkpoint (step-4)"
+        if pointer == "stale"
+        else "latest is missing; using the newest complete checkpoint step-4"
+    )
     assert note in proc.stdout and "at step 4" in proc.stdout
     assert any(r.get("event") == "checkpoint_pointer" for r in read_jsonl(run / "metrics.jsonl"))
 
@@ -387,17 +474,22 @@ def test_export_to_hf_and_start_other_strategies_from_it(tmp_path):
     that run's checkpoint -> safetensors -> an FSDP run starts from it: the validation loss of the
     starting weights is the same everywhere."""
     transformers = pytest.importorskip("transformers")
-    from models.hf import from_hf
     from models.llama import build_model
-    from trainer.checkpoint import consolidated_state_dict
+    from trainer.hf import from_hf
+    from trainer.state import consolidated_state_dict
 
     convert = [sys.executable, str(REPO / "launch" / "convert_checkpoint.py")]
     src = tmp_path / "fsdp"
     run_train([*TINY, "parallel.data=fsdp", "training.steps=2", f"run_dir={src}"], nproc=2)
     v_src = _val_losses(src)[2]
     hf_dir = tmp_path / "hf"
-    proc = subprocess.run([*convert, str(src / "checkpoints" / "step-2"), "--hf", str(hf_dir)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [*convert, str(src / "checkpoints" / "step-2"), "--hf", str(hf_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
     args, _ = from_hf(hf_dir)
@@ -410,13 +502,19 @@ def test_export_to_hf_and_start_other_strategies_from_it(tmp_path):
 
     start = ["training.steps=1", "training.val_every=1", "optim.lr=1e-9", "optim.warmup_steps=1"]
     zero = tmp_path / "zero3"
-    proc = run_train([*TINY, *start, "parallel.data=zero3", f"checkpoint.init_from={hf_dir}", f"run_dir={zero}"],
-                     nproc=2)
+    proc = run_train(
+        [*TINY, *start, "parallel.data=zero3", f"checkpoint.init_from={hf_dir}", f"run_dir={zero}"], nproc=2
+    )
     assert "initialized the weights from" in proc.stdout
     assert abs(_val_losses(zero)[0] - v_src) <= 1e-5 * v_src
     flat = tmp_path / "zero3.safetensors"
-    proc = subprocess.run([*convert, str(zero / "checkpoints" / "step-1"), "--out", str(flat)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [*convert, str(zero / "checkpoints" / "step-1"), "--out", str(flat)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     back = tmp_path / "back"
     run_train([*TINY, *start, "parallel.data=fsdp", f"checkpoint.init_from={flat}", f"run_dir={back}"], nproc=2)
@@ -448,10 +546,24 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
 def test_two_jobs_cannot_share_a_run_dir_and_workers_die_with_their_agent(tmp_path):
     run = tmp_path / "run"
     args = [*TINY, "parallel.data=fsdp", "training.steps=100000", "checkpoint.every=0", f"run_dir={run}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "launch" / "train.py"), *args]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "launch" / "train.py"),
+        *args,
+    ]
+    first = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ((run / "metrics.jsonl").is_file() and len(losses(run)) >= 2):
@@ -469,8 +581,10 @@ def test_two_jobs_cannot_share_a_run_dir_and_workers_die_with_their_agent(tmp_pa
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
         deadline = time.monotonic() + 20
-        while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
-                  for pid in workers.values()):
+        while any(
+            Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+            for pid in workers.values()
+        ):
             assert time.monotonic() < deadline, "workers kept training after their agent died"
             time.sleep(0.1)
     finally:

@@ -11,13 +11,14 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY
 from helpers import REPO, read_jsonl
 
 # README.md's and docs/compare.md's example, run here (shrunk: the tiny model, 6 steps) with one impossible cell more;
 # tests/distributed/test_docs_commands.py leaves it to this module
-DOCUMENTED = "python launch/compare.py recipe=llama_debug strategies=ddp,fsdp,zero2 nproc=2 steps=20 training.precision=fp32"
+DOCUMENTED = (
+    "python launch/compare.py recipe=llama_debug strategies=ddp,fsdp,zero2 nproc=2 steps=20 training.precision=fp32"
+)
 STRATEGIES = "ddp,fsdp,zero2,tp:tp=3"
 STEPS = 6
 
@@ -31,10 +32,22 @@ def test_the_example_of_the_docs_is_the_one_run_here():
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     shown = [a for a in DOCUMENTED.split()[2:] if not a.startswith(("strategies=", "steps="))]
-    args = [*shown, *TINY[1:], "training.global_batch_size=8", f"strategies={STRATEGIES}", f"steps={STEPS}",
-            f"out={out}", "gpu_memory_gib=0.01"]
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args], capture_output=True,
-                          text=True, timeout=900, cwd=REPO)
+    args = [
+        *shown,
+        *TINY[1:],
+        "training.global_batch_size=8",
+        f"strategies={STRATEGIES}",
+        f"steps={STEPS}",
+        f"out={out}",
+        "gpu_memory_gib=0.01",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "compare.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, args, proc.stdout
 
@@ -56,7 +69,9 @@ def test_the_table_holds_what_each_run_wrote(compared):
         assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
         assert float(row["final_loss"]) == steps[-1]["train/loss"]
         steady = [r for r in steps if r["step"] >= 4]  # after the tracked step 3
-        assert float(row["tokens_per_sec_per_device"]) == statistics.median(r["perf/tokens_per_sec_per_gpu"] for r in steady)
+        assert float(row["tokens_per_sec_per_device"]) == statistics.median(
+            r["perf/tokens_per_sec_per_gpu"] for r in steady
+        )
         assert float(row["step_time_s"]) == statistics.median(r["perf/step_time_s"] for r in steady)
         breakdown = next(r for r in metrics if r.get("event") == "memory_breakdown")
         assert int(row["measured_peak_bytes"]) == max(r["peak"] for r in breakdown["ranks"])
@@ -94,8 +109,10 @@ def test_the_plots_are_real_pngs_with_their_axes(compared):
     records = json.loads((out / "records.json").read_text())
     figs = figures(records)
     mem, thr, loss = (figs[k].axes[0] for k in ("memory", "throughput", "loss"))
-    assert mem.get_ylabel().startswith("memory per rank") and [t.get_text() for t in mem.get_xticklabels()][-1] == \
-        "tp:tp=3\n(refused)"
+    assert (
+        mem.get_ylabel().startswith("memory per rank")
+        and [t.get_text() for t in mem.get_xticklabels()][-1] == "tp:tp=3\n(refused)"
+    )
     assert {t.get_text() for t in mem.get_legend().get_texts()} >= {"params", "optim"}
     assert thr.get_ylabel() == "tokens/s per device" and len(thr.patches) == 3
     assert loss.get_xlabel() == "step" and loss.get_ylabel() == "training loss"
@@ -106,8 +123,10 @@ def test_the_plots_are_real_pngs_with_their_axes(compared):
 def test_the_time_model_stands_beside_the_measured_step_times(compared):
     """Each run cell has the step time parallel/timing.py predicts with the rates measured on this machine (kept in
     calibration.json), its communication per step, and both rankings in compare.md."""
+    from models.args import model_args_of
     from parallel.timing import Hardware, step_time
-    from trainer.config import derive, load_config, model_args_of
+    from trainer.config import load_config
+    from trainer.validate import derive
 
     out, _, _ = compared
     hw = Hardware(**json.loads((out / "calibration.json").read_text()))
@@ -122,8 +141,7 @@ def test_the_time_model_stands_beside_the_measured_step_times(compared):
         assert float(rows[cell]["predicted_step_time_s"]) == pytest.approx(expect.seconds)
         assert int(rows[cell]["predicted_comm_bytes_per_step"]) == expect.comm_total > 0
         measured = float(rows[cell]["step_time_s"])
-        assert float(rows[cell]["step_time_error_pct"]) == pytest.approx(
-            100 * (expect.seconds - measured) / measured)
+        assert float(rows[cell]["step_time_error_pct"]) == pytest.approx(100 * (expect.seconds - measured) / measured)
     # FSDP gathers the parameters in forward and backward and reduce-scatters the gradients: 3 model-sized
     # collectives against DDP's one all-reduce (2 x): more bytes per step
     assert int(rows["fsdp"]["predicted_comm_bytes_per_step"]) > int(rows["ddp"]["predicted_comm_bytes_per_step"])
@@ -145,27 +163,48 @@ def test_the_memory_plot_draws_the_device_capacity(compared):
 def test_a_rerun_keeps_the_finished_cells(compared):
     out, args, _ = compared
     before = {c: (out / "cells" / c / "record.json").stat().st_mtime_ns for c in ("ddp", "fsdp", "zero2")}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "compare.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("(finished before: kept)") == 4, proc.stdout
     assert before == {c: (out / "cells" / c / "record.json").stat().st_mtime_ns for c in before}
 
 
 def test_help_shows_the_usage():
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), "--help"], capture_output=True,
-                          text=True, timeout=60, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "compare.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert proc.returncode == 0 and "strategies=" in proc.stdout and "sweep=" in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["recipe=llama_debug", "strategies=fsdp,zero4"], "unknown strategy 'zero4'"),
-    (["recipe=llama_debug", "strategies=fsdp+gpu"], "unknown modifier '+gpu'"),
-    (["recipe=llama_debug", "strategies=fsdp", "sweep=training.micro_batch_size"], "sweep=training.micro_batch_size"),
-    (["strategies=fsdp"], "recipe=NAME is required"),
-    (["recipe=llama_debug", "strategies=fsdp", "nproc=two"], "nproc=two: expected int"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["recipe=llama_debug", "strategies=fsdp,zero4"], "unknown strategy 'zero4'"),
+        (["recipe=llama_debug", "strategies=fsdp+gpu"], "unknown modifier '+gpu'"),
+        (
+            ["recipe=llama_debug", "strategies=fsdp", "sweep=training.micro_batch_size"],
+            "sweep=training.micro_batch_size",
+        ),
+        (["strategies=fsdp"], "recipe=NAME is required"),
+        (["recipe=llama_debug", "strategies=fsdp", "nproc=two"], "nproc=two: expected int"),
+    ],
+)
 def test_bad_input_is_one_message(args, message):
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "compare.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import metric_rows, run_train
 
-TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.vocab_size=256", "data.source=synthetic", "training.seq_len=32", "training.precision=fp32",
-        "training.global_batch_size=8", "training.micro_batch_size=2", "training.steps=5", "training.val_every=0",
-        "optim.warmup_steps=1", "optim.lr=1e-2", "logging.every=1", "logging.tensorboard=false",
-        "logging.wandb.mode=disabled"]
+TINY = [
+    "recipe=llama_debug",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=256",
+    "data.source=synthetic",
+    "training.seq_len=32",
+    "training.precision=fp32",
+    "training.global_batch_size=8",
+    "training.micro_batch_size=2",
+    "training.steps=5",
+    "training.val_every=0",
+    "optim.warmup_steps=1",
+    "optim.lr=1e-2",
+    "logging.every=1",
+    "logging.tensorboard=false",
+    "logging.wandb.mode=disabled",
+]
 
 
 def test_ddp_matches_single_process(tmp_path):

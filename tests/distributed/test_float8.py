@@ -4,17 +4,24 @@ its speed. Each run is launched once and read back from its metrics.jsonl."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY
 from helpers import losses_of, once_per_name, run_train
 
-BASE = [*[a for a in TINY if not a.startswith(("logging.jsonl", "logging.console"))], "training.precision=bf16",
-        "training.global_batch_size=8", "training.steps=4", "logging.every=1"]
+BASE = [
+    *[a for a in TINY if not a.startswith(("logging.jsonl", "logging.console"))],
+    "training.precision=bf16",
+    "training.global_batch_size=8",
+    "training.steps=4",
+    "logging.every=1",
+]
 EMULATED = ["training.float8_emulate=true"]
-RUNS = {"bf16": (1, []), "tensorwise": (1, ["training.float8=tensorwise", *EMULATED]),
-        "rowwise": (1, ["training.float8=rowwise", *EMULATED]),
-        "fsdp_bf16": (2, ["parallel.data=fsdp"]),
-        "fsdp_tensorwise": (2, ["parallel.data=fsdp", "training.float8=tensorwise", *EMULATED])}
+RUNS = {
+    "bf16": (1, []),
+    "tensorwise": (1, ["training.float8=tensorwise", *EMULATED]),
+    "rowwise": (1, ["training.float8=rowwise", *EMULATED]),
+    "fsdp_bf16": (2, ["parallel.data=fsdp"]),
+    "fsdp_tensorwise": (2, ["parallel.data=fsdp", "training.float8=tensorwise", *EMULATED]),
+}
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,10 @@ IN_BACKWARD = ["optim.in_backward=true", "optim.max_grad_norm=0"]
 OFFLOAD = ["parallel.activation_offload=true", "parallel.activation_offload_min_bytes=4096"]
 FLOAT8 = ["training.float8=tensorwise", "training.float8_emulate=true"]
 LONG = ["training.seq_len=128", "training.micro_batch_size=1"]
-MASTERLESS = ["training.master_weights=false", "optim.name=adamw_bf16"]  # bf16 parameters, bf16 moments  # (one micro-batch per step: no accumulation)
+MASTERLESS = [
+    "training.master_weights=false",
+    "optim.name=adamw_bf16",
+]  # bf16 parameters, bf16 moments  # (one micro-batch per step: no accumulation)
 # (id, processes, overrides)
 LAYOUTS = [
     ("none", 1, []),
@@ -76,17 +79,29 @@ LAYOUTS = [
 ]
 # (ZeRO-Offload is not in the matrix: on a CPU machine the offloaded state stays on the same device, so it adds
 # nothing to check here; its host-memory term needs a GPU run. 3-D runs 8 ranks: four of the six modes.)
-MODES_OF = {"3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
-            "loss_chunks": ["none/fp32", "none/bf16", "full/bf16"], "fsdp_tp_loss_chunks": ["none/fp32", "none/bf16"],
-            "in_backward": ["none/fp32", "full/fp32", "none/bf16"],
-            "masterless": ["none/bf16", "full/bf16"], "fsdp_masterless": ["none/bf16", "full/bf16"], "fsdp_in_backward": ["none/fp32", "full/bf16"],
-            "activation_offload": ["none/fp32", "selective/fp32", "full/fp32", "none/bf16"],
-            "fsdp_activation_offload": ["none/fp32", "full/bf16"], "tp_activation_offload": ["none/fp32"],
-            "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
-            "float8": ["none/bf16", "selective/bf16", "full/bf16"], "fsdp_float8": ["none/bf16", "full/bf16"],
-            "ac_every_2": ["full/fp32", "full/bf16"], "fsdp_ac_every_2": ["full/fp32", "full/bf16"],
-            "sac_every_second": ["selective/fp32", "selective/bf16"], "tp_sac_every_second": ["selective/fp32"], "long": ["none/fp32", "full/bf16"], "cp_2": ["none/fp32", "full/bf16"], "cp_2_ring": ["none/fp32"],
-            "fsdp_cp_2x2": ["none/fp32"]}
+MODES_OF = {
+    "3d": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
+    "loss_chunks": ["none/fp32", "none/bf16", "full/bf16"],
+    "fsdp_tp_loss_chunks": ["none/fp32", "none/bf16"],
+    "in_backward": ["none/fp32", "full/fp32", "none/bf16"],
+    "masterless": ["none/bf16", "full/bf16"],
+    "fsdp_masterless": ["none/bf16", "full/bf16"],
+    "fsdp_in_backward": ["none/fp32", "full/bf16"],
+    "activation_offload": ["none/fp32", "selective/fp32", "full/fp32", "none/bf16"],
+    "fsdp_activation_offload": ["none/fp32", "full/bf16"],
+    "tp_activation_offload": ["none/fp32"],
+    "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
+    "float8": ["none/bf16", "selective/bf16", "full/bf16"],
+    "fsdp_float8": ["none/bf16", "full/bf16"],
+    "ac_every_2": ["full/fp32", "full/bf16"],
+    "fsdp_ac_every_2": ["full/fp32", "full/bf16"],
+    "sac_every_second": ["selective/fp32", "selective/bf16"],
+    "tp_sac_every_second": ["selective/fp32"],
+    "long": ["none/fp32", "full/bf16"],
+    "cp_2": ["none/fp32", "full/bf16"],
+    "cp_2_ring": ["none/fp32"],
+    "fsdp_cp_2x2": ["none/fp32"],
+}
 
 # Where the formulas are known to miss by more than 10% on this model (measured 2026-12-01, torch 2.13 CPU):
 # (layout, mode) -> (peak bound, why). docs/memory.md lists them.
@@ -106,8 +121,10 @@ STATES = ("params", "buffers", "optim", "master")
 def _update_temporary(rank) -> int:
     """AdamW's update temporary, as the planner's optimizer-step moment states it, or (optim.in_backward) the
     moment of the peak (0 without one)."""
-    return max(sum(t.bytes for t in terms if "update temporary" in t.name)
-               for terms in (rank.moments["optimizer step"], rank.terms))
+    return max(
+        sum(t.bytes for t in terms if "update temporary" in t.name)
+        for terms in (rank.moments["optimizer step"], rank.terms)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -127,8 +144,13 @@ def measured(tmp_path_factory):
         if key not in cache:
             out = tmp_path_factory.mktemp("memory")
             modes = MODES_OF.get(next((n for n, _, ov in LAYOUTS if ov == overrides), ""), MODES)
-            cache[key] = run_worker(worker, nproc, [str(out), ",".join(modes), *TINY, "training.global_batch_size=8",
-                                                    *overrides], out, extensions)
+            cache[key] = run_worker(
+                worker,
+                nproc,
+                [str(out), ",".join(modes), *TINY, "training.global_batch_size=8", *overrides],
+                out,
+                extensions,
+            )
         return cache[key]
 
     return run
@@ -136,12 +158,16 @@ def measured(tmp_path_factory):
 
 def plan_of(nproc: int, overrides: list[str], mode: str):
     from conftest import TINY
+
+    from models.args import model_args_of
     from parallel.plan import memory_plan
-    from trainer.config import load_config, model_args_of, parallel_dims
+    from trainer.config import load_config
+    from trainer.validate import parallel_dims
 
     ac, precision = mode.split("/")
-    cfg = load_config([*TINY, "training.global_batch_size=8", *overrides, f"parallel.ac={ac}",
-                       f"training.precision={precision}"])
+    cfg = load_config(
+        [*TINY, "training.global_batch_size=8", *overrides, f"parallel.ac={ac}", f"training.precision={precision}"]
+    )
     dims, problems = parallel_dims(cfg, nproc)
     assert not problems, problems
     return memory_plan(cfg, model_args_of(cfg), dims), dims
@@ -150,13 +176,17 @@ def plan_of(nproc: int, overrides: list[str], mode: str):
 def _table_row(name: str, mode: str, plan, dims, ranks: list[dict]) -> str:
     """One markdown row for docs/memory.md (written when SHARDWISE_MEMORY_TABLE names a file)."""
     per = len(ranks) // dims.pp
-    worst = max(range(len(ranks)), key=lambda r: abs(plan.ranks[r // per].peak_bytes - ranks[r]["peak"]) / ranks[r]["peak"])
+    worst = max(
+        range(len(ranks)), key=lambda r: abs(plan.ranks[r // per].peak_bytes - ranks[r]["peak"]) / ranks[r]["peak"]
+    )
     want, got = plan.ranks[worst // per], ranks[worst]
     kib = lambda b: f"{b / 1024:,.0f}"  # noqa: E731
     cats = want.by_category()
     act = lambda d: d.get("activations", 0) + d.get("temporaries", 0)  # noqa: E731
-    return (f"| {name} | {mode} | {worst} | {want.phase} | {kib(want.peak_bytes)} | {kib(got['peak'])} | "
-            f"{(want.peak_bytes - got['peak']) / got['peak']:+.1%} | {kib(act(cats))} | {kib(act(got))} |")
+    return (
+        f"| {name} | {mode} | {worst} | {want.phase} | {kib(want.peak_bytes)} | {kib(got['peak'])} | "
+        f"{(want.peak_bytes - got['peak']) / got['peak']:+.1%} | {kib(act(cats))} | {kib(act(got))} |"
+    )
 
 
 @pytest.mark.parametrize("name, nproc, overrides", LAYOUTS, ids=[x[0] for x in LAYOUTS])
@@ -170,20 +200,26 @@ def test_predicted_memory_matches_the_tracker(name, nproc, overrides, measured):
         bound, why = GAPS.get((name, mode)) or VARIES.get((name, mode), (0.10, ""))
         for rank, got in enumerate(results[mode]):
             want = plan.ranks[rank // (nproc // dims.pp)]
-            cats = want.by_category()
             where = f"{name} {mode} rank {rank}"
             err = abs(want.peak_bytes - got["peak"]) / got["peak"]
             if err > bound:
-                failures.append(f"{where}: peak predicted {want.peak_bytes:,}, measured {got['peak']:,} "
-                                f"({err:.1%} > {bound:.0%}{'; ' + why if why else ''})")
-            offloaded = max(sum(t.bytes for t in terms if t.name.startswith("offloaded block activations"))
-                            for terms in want.moments.values())
+                failures.append(
+                    f"{where}: peak predicted {want.peak_bytes:,}, measured {got['peak']:,} "
+                    f"({err:.1%} > {bound:.0%}{'; ' + why if why else ''})"
+                )
+            offloaded = max(
+                sum(t.bytes for t in terms if t.name.startswith("offloaded block activations"))
+                for terms in want.moments.values()
+            )
             if offloaded or OFFLOADED in got:  # activation offloading: the host copies' peak is the planner's
                 if abs(got.get(OFFLOADED, 0) - offloaded) > 0.01 * offloaded:
-                    failures.append(f"{where}: offloaded activations predicted {offloaded:,}, measured "
-                                    f"{got.get(OFFLOADED, 0):,}")
-            states = {k: sum(t.bytes for t in want.terms if t.category == k and "update temporary" not in t.name)
-                      for k in STATES}
+                    failures.append(
+                        f"{where}: offloaded activations predicted {offloaded:,}, measured {got.get(OFFLOADED, 0):,}"
+                    )
+            states = {
+                k: sum(t.bytes for t in want.terms if t.category == k and "update temporary" not in t.name)
+                for k in STATES
+            }
             temp = _update_temporary(want)
             for k in STATES:
                 tol = 0.15 if (k == "params" and name.startswith("zero3")) else 0.01
@@ -202,11 +238,13 @@ def test_known_gaps_are_still_gaps(measured):
     """A gap that closed must leave GAPS (and docs/memory.md): each is outside 10% today."""
     closed = []
     layouts = {name: (nproc, ov) for name, nproc, ov in LAYOUTS}
-    for (name, mode), (bound, _) in GAPS.items():
+    for (name, mode), _gap in GAPS.items():
         nproc, overrides = layouts[name]
         plan, dims = plan_of(nproc, overrides, mode)
-        worst = max(abs(plan.ranks[r // (nproc // dims.pp)].peak_bytes - got["peak"]) / got["peak"]
-                    for r, got in enumerate(measured(nproc, overrides)[mode]))
+        worst = max(
+            abs(plan.ranks[r // (nproc // dims.pp)].peak_bytes - got["peak"]) / got["peak"]
+            for r, got in enumerate(measured(nproc, overrides)[mode])
+        )
         if worst <= 0.10:
             closed.append(f"{name} {mode}: now within {worst:.1%}")
     assert not closed, closed
@@ -220,10 +258,14 @@ def test_memory_breakdown_reaches_every_sink(tmp_path):
 
     run_dir = tmp_path / "run"
     overrides = [*TINY, "training.global_batch_size=8", "parallel.data=fsdp", "training.steps=4", "logging.every=2"]
-    overrides = [o for o in overrides if not o.startswith(("logging.jsonl", "logging.tensorboard", "logging.console",
-                                                           "logging.wandb"))]
-    proc = run_train([*overrides, f"run_dir={run_dir}", "logging.memory_breakdown=true", "logging.wandb.mode=offline"],
-                     nproc=2)
+    overrides = [
+        o
+        for o in overrides
+        if not o.startswith(("logging.jsonl", "logging.tensorboard", "logging.console", "logging.wandb"))
+    ]
+    proc = run_train(
+        [*overrides, f"run_dir={run_dir}", "logging.memory_breakdown=true", "logging.wandb.mode=offline"], nproc=2
+    )
     assert "memory at the peak of step 3, rank 0: " in proc.stdout and "rank 1: " in proc.stdout
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -265,10 +307,25 @@ def test_simulation_matches_the_real_run(name, measured):
     from helpers import REPO
 
     nproc, overrides = next((n, ov) for x, n, ov in LAYOUTS if x == name)
-    args = [*TINY, "training.global_batch_size=8", *overrides, "parallel.ac=none", "training.precision=bf16",
-            f"world_size={nproc}", "device=cpu", "--simulate", "--json"]
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    args = [
+        *TINY,
+        "training.global_batch_size=8",
+        *overrides,
+        "parallel.ac=none",
+        "training.precision=bf16",
+        f"world_size={nproc}",
+        "device=cpu",
+        "--simulate",
+        "--json",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "plan.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     simulated = out["simulated"]

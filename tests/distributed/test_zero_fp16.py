@@ -14,19 +14,45 @@ import sys
 
 from helpers import REPO, read_jsonl
 
-TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.vocab_size=256", "data.source=synthetic", "training.seq_len=32", "training.global_batch_size=8",
-        "training.micro_batch_size=2", "training.steps=8", "training.val_every=0", "optim.warmup_steps=1",
-        "optim.lr=1e-2", "logging.every=1", "logging.tensorboard=false", "logging.wandb.mode=disabled"]
+TINY = [
+    "recipe=llama_debug",
+    "model.dim=64",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=256",
+    "data.source=synthetic",
+    "training.seq_len=32",
+    "training.global_batch_size=8",
+    "training.micro_batch_size=2",
+    "training.steps=8",
+    "training.val_every=0",
+    "optim.warmup_steps=1",
+    "optim.lr=1e-2",
+    "logging.every=1",
+    "logging.tensorboard=false",
+    "logging.wandb.mode=disabled",
+]
 
 
 def test_zero2_fp16_overflows_are_skipped_steps_with_the_loss_scale_logged(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "distributed" / "zero_fp16_worker.py"), *TINY, "parallel.data=zero2",
-           "training.precision=fp16", "parallel.deepspeed.fp16.initial_scale_power=24", f"run_dir={run}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "distributed" / "zero_fp16_worker.py"),
+        *TINY,
+        "parallel.data=zero2",
+        "training.precision=fp16",
+        "parallel.deepspeed.fp16.initial_scale_power=24",
+        f"run_dir={run}",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]  # overflows are normal fp16 operation, not an error
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))

@@ -13,11 +13,27 @@ import pytest
 DEVICE = os.environ.get("SHARDWISE_GPU_TESTS_ON", "cuda")
 
 # a tiny LLaMA: every dimension a multiple of 16 (float8's matmuls need it), fp32 unless a test says otherwise
-TINY = ["recipe=llama_debug", "model.dim=256", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.vocab_size=1024", "data.source=synthetic", "training.seq_len=256", "training.micro_batch_size=4",
-        "training.global_batch_size=8", "training.steps=4", "training.val_every=0", "optim.warmup_steps=1",
-        "optim.lr=1e-3", "logging.every=1", "logging.tensorboard=false", "logging.wandb.mode=disabled",
-        "training.precision=fp32", f"training.device={DEVICE}"]
+TINY = [
+    "recipe=llama_debug",
+    "model.dim=256",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=1024",
+    "data.source=synthetic",
+    "training.seq_len=256",
+    "training.micro_batch_size=4",
+    "training.global_batch_size=8",
+    "training.steps=4",
+    "training.val_every=0",
+    "optim.warmup_steps=1",
+    "optim.lr=1e-3",
+    "logging.every=1",
+    "logging.tensorboard=false",
+    "logging.wandb.mode=disabled",
+    "training.precision=fp32",
+    f"training.device={DEVICE}",
+]
 
 
 # name -> overrides of TINY; each run is launched once per test module that asks for it (`runs`), and the files
@@ -37,8 +53,11 @@ RUNS = {
     "efficient": ["training.precision=bf16", "model.attention=efficient"],
     "float8_tensorwise": ["training.precision=bf16", "training.float8=tensorwise"],
     "float8_rowwise": ["training.precision=bf16", "training.float8=rowwise"],
-    "activation_offload": ["parallel.activation_offload=true", "logging.memory_breakdown=true",
-                           "logging.memory_breakdown_step=3"],
+    "activation_offload": [
+        "parallel.activation_offload=true",
+        "logging.memory_breakdown=true",
+        "logging.memory_breakdown_step=3",
+    ],
     "no_offload_tracked": ["logging.memory_breakdown=true", "logging.memory_breakdown_step=3"],
     "profiled": ["training.precision=bf16", "profile.steps=[2,3]", "profile.memory_snapshot=true", "profile.nvtx=true"],
     "checkpointed": ["checkpoint.every=2", "checkpoint.keep=5"],

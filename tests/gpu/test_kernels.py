@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gpu_runs import close, runs  # noqa: F401  (runs: the fixture)
 
 

@@ -8,7 +8,6 @@ import pickle
 import shutil
 
 import pytest
-
 from gpu_runs import RUNS, TINY, runs  # noqa: F401  (runs: the fixture)
 from helpers import metric_rows, read_jsonl, run_train
 
@@ -55,8 +54,19 @@ def test_planner_predicts_the_allocator(ac, tmp_path):
     """launch/bench.py on CUDA, bf16 autocast: the planner's peak against the tracker's (10%) and the caching
     allocator's max_memory_allocated (15%: the allocator rounds blocks and holds cuBLAS workspaces)."""
     run_dir = tmp_path / "bench"
-    run_train([*TINY, "training.precision=bf16", f"parallel.ac={ac}", "steps=2", "warmup=1", "profile_steps=1",
-               f"run_dir={run_dir}"], script="bench.py", timeout=600)
+    run_train(
+        [
+            *TINY,
+            "training.precision=bf16",
+            f"parallel.ac={ac}",
+            "steps=2",
+            "warmup=1",
+            "profile_steps=1",
+            f"run_dir={run_dir}",
+        ],
+        script="bench.py",
+        timeout=600,
+    )
     r = json.loads((run_dir / "bench.json").read_text())
     allocated = r["memory"]["mem/peak_allocated_gib"] * 2**30
     assert abs(r["predicted_peak_bytes"] - r["tracked_peak_bytes"]) <= 0.10 * r["tracked_peak_bytes"], r

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from gpu_runs import close, runs  # noqa: F401  (runs: the fixture)
 
 

@@ -32,8 +32,9 @@ class _Outputs(TorchDispatchMode):
         self.ops += 1
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self.storages.append((StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes(),
-                                      t.untyped_storage().data_ptr()))
+                self.storages.append(
+                    (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes(), t.untyped_storage().data_ptr())
+                )
         return out
 
 
@@ -59,8 +60,12 @@ def _measure(mode: str) -> dict[str, float]:
         count = _Outputs()
         with count:
             y.backward(grad)
-    return {"saved_bytes": sum(alive.values()), "backward_flops": flops.get_total_flops(), "backward_ops": count.ops,
-            "grad": x.grad}
+    return {
+        "saved_bytes": sum(alive.values()),
+        "backward_flops": flops.get_total_flops(),
+        "backward_ops": count.ops,
+        "grad": x.grad,
+    }
 
 
 @pytest.fixture(scope="module")

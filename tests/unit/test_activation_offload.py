@@ -10,8 +10,8 @@ import torch
 
 from models.llama import ModelArgs, build_model
 from parallel.activation import apply_ac
+from parallel.memory_terms import block_saved_tensors
 from parallel.offload import attach
-from parallel.plan import block_saved_tensors
 
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
 B, T = 2, 64

@@ -25,8 +25,18 @@ def _run(opt_cls, steps=10, **kw):
     return params, opt
 
 
-@pytest.mark.parametrize("kw", [{}, {"lr": 1e-3}, {"weight_decay": 0.1}, {"maximize": True}, {"d": 2.0},
-                                {"beta2_decay": -0.5}, {"eps": (1e-20, 1e-2)}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"lr": 1e-3},
+        {"weight_decay": 0.1},
+        {"maximize": True},
+        {"d": 2.0},
+        {"beta2_decay": -0.5},
+        {"eps": (1e-20, 1e-2)},
+    ],
+)
 def test_matches_torch_adafactor(kw):
     ours, _ = _run(Adafactor, **kw)
     ref, _ = _run(torch.optim.Adafactor, **kw)

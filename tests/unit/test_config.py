@@ -6,15 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, check, derive, list_recipes, load_config, validate
+from trainer.config import ConfigError, list_recipes, load_config
+from trainer.validate import check, derive, validate
 
 
 def _recipe_world_size(cfg) -> int:
     """The smallest world a recipe's layout runs on: the fixed degrees, and 2 for a "the rest" degree."""
     p = cfg.parallel
     data = str(p.data)
-    dp = {"none": 1, "ddp": 2, "zero1": 2, "zero2": 2, "zero3": 2, "fsdp": p.dp_shard if p.dp_shard > 0 else 2,
-          "hsdp": max(p.dp_replicate, 1) * (p.dp_shard if p.dp_shard > 0 else 2)}[data]
+    dp = {
+        "none": 1,
+        "ddp": 2,
+        "zero1": 2,
+        "zero2": 2,
+        "zero3": 2,
+        "fsdp": p.dp_shard if p.dp_shard > 0 else 2,
+        "hsdp": max(p.dp_replicate, 1) * (p.dp_shard if p.dp_shard > 0 else 2),
+    }[data]
     return dp * p.tp * p.pp * p.cp
 
 
@@ -54,15 +62,18 @@ def test_base_recipe_is_extended_and_overrides_win(tmp_path):
     assert cfg.name == "child" and cfg.run_dir == "runs/child"
 
 
-@pytest.mark.parametrize("tokens, expected", [
-    (["recipe=llama_debg"], ["unknown recipe", "Did you mean 'llama_debug'", "Known recipes:"]),
-    (["training.stpes=3"], ["unknown key 'training.stpes'", "Did you mean: 'steps'"]),
-    (["optimm.lr=1"], ["unknown key 'optimm'", "Did you mean: 'optim'"]),
-    (["training.steps=abc"], ["training.steps", "'abc'", "could not be converted to Integer"]),
-    (["training.precision=fp8"], ["training.precision", "'fp8'", "expected one of [fp32, bf16, fp16]"]),
-    (["parallel.data=zero9"], ["parallel.data", "'zero9'", "expected one of"]),
-    (["steps"], ["'steps': expected key=value"]),
-])
+@pytest.mark.parametrize(
+    "tokens, expected",
+    [
+        (["recipe=llama_debg"], ["unknown recipe", "Did you mean 'llama_debug'", "Known recipes:"]),
+        (["training.stpes=3"], ["unknown key 'training.stpes'", "Did you mean: 'steps'"]),
+        (["optimm.lr=1"], ["unknown key 'optimm'", "Did you mean: 'optim'"]),
+        (["training.steps=abc"], ["training.steps", "'abc'", "could not be converted to Integer"]),
+        (["training.precision=fp8"], ["training.precision", "'fp8'", "expected one of [fp32, bf16, fp16]"]),
+        (["parallel.data=zero9"], ["parallel.data", "'zero9'", "expected one of"]),
+        (["steps"], ["'steps': expected key=value"]),
+    ],
+)
 def test_bad_input_messages(tokens, expected):
     with pytest.raises(ConfigError) as e:
         load_config(tokens)
@@ -78,101 +89,205 @@ def test_every_bad_override_is_reported_at_once():
 
 # (overrides, world size, the fragments the one message must contain)
 RULES = [
-    (["training.global_batch_size=16", "training.micro_batch_size=3"], 1,
-     "training.global_batch_size(16) must be divisible by training.micro_batch_size(3) * dp(1) = 3: 16 % 3 = 1"),
-    (["parallel.data=ddp", "training.global_batch_size=12", "training.micro_batch_size=4"], 2,
-     "training.global_batch_size(12) must be divisible by training.micro_batch_size(4) * dp(2) = 8: 12 % 8 = 4"),
-    (["model.n_heads=8", "model.n_kv_heads=3"], 1,
-     "model.n_kv_heads(3) must divide model.n_heads(8): 8 % 3 = 2"),
+    (
+        ["training.global_batch_size=16", "training.micro_batch_size=3"],
+        1,
+        "training.global_batch_size(16) must be divisible by training.micro_batch_size(3) * dp(1) = 3: 16 % 3 = 1",
+    ),
+    (
+        ["parallel.data=ddp", "training.global_batch_size=12", "training.micro_batch_size=4"],
+        2,
+        "training.global_batch_size(12) must be divisible by training.micro_batch_size(4) * dp(2) = 8: 12 % 8 = 4",
+    ),
+    (["model.n_heads=8", "model.n_kv_heads=3"], 1, "model.n_kv_heads(3) must divide model.n_heads(8): 8 % 3 = 2"),
     (["model.dim=250", "model.n_heads=8"], 1, "model.n_heads(8) must divide model.dim(250): 250 % 8 = 2"),
-    (["model.dim=40", "model.n_heads=8", "model.n_kv_heads=8"], 1, "head dim model.dim/model.n_heads = 40/8 = 5 must be even"),
+    (
+        ["model.dim=40", "model.n_heads=8", "model.n_kv_heads=8"],
+        1,
+        "head dim model.dim/model.n_heads = 40/8 = 5 must be even",
+    ),
     (["optim.lr=-1e-3"], 1, "optim.lr=-0.001 must be > 0"),
-    (["optim.warmup_steps=500", "training.steps=100"], 1, "optim.warmup_steps(500) must be in [0, training.steps(100)]"),
+    (
+        ["optim.warmup_steps=500", "training.steps=100"],
+        1,
+        "optim.warmup_steps(500) must be in [0, training.steps(100)]",
+    ),
     (["training.seq_len=4096"], 1, "training.seq_len(4096) exceeds model.max_seq_len(1024)"),
     (["training.steps=0"], 1, "training.steps=0 must be >= 1"),
     (["optim.beta2=1.0"], 1, "optim.beta2=1.0 must be in [0, 1)"),
     (["model.vocab_size=1000"], 1, "the default dataset's tokenizer has 4096 tokens > model vocab_size 1000"),
     (["data.source=tokens"], 1, "data.source=tokens needs data.path"),
-    (["data.source=tokens", "data.path=/nonexistent/shardwise-data"], 1,
-     "data.path=/nonexistent/shardwise-data: no such directory"),
-    ([], 2, "dp_replicate(1) * dp_shard(1) * tp(1) * pp(1) = 1 != WORLD_SIZE(2); parallel.data=none uses no "
-             "data-parallel ranks"),
-    (["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.tp=2"], 10,
-     "dp_replicate(2) * dp_shard(2) * tp(2) * pp(1) = 8 != WORLD_SIZE(10)"),
+    (
+        ["data.source=tokens", "data.path=/nonexistent/shardwise-data"],
+        1,
+        "data.path=/nonexistent/shardwise-data: no such directory",
+    ),
+    (
+        [],
+        2,
+        "dp_replicate(1) * dp_shard(1) * tp(1) * pp(1) = 1 != WORLD_SIZE(2); parallel.data=none uses no "
+        "data-parallel ranks",
+    ),
+    (
+        ["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.tp=2"],
+        10,
+        "dp_replicate(2) * dp_shard(2) * tp(2) * pp(1) = 8 != WORLD_SIZE(10)",
+    ),
     (["parallel.data=fsdp", "parallel.tp=4"], 6, "WORLD_SIZE(6) is not divisible by tp(4) * pp(1) = 4"),
     (["parallel.data=fsdp", "parallel.tp=3"], 6, "parallel.tp(3) must divide model.n_heads(8): 8 % 3 = 2"),
-    (["parallel.data=fsdp", "parallel.tp=8", "training.global_batch_size=8", "training.micro_batch_size=8"], 8,
-     "parallel.tp(8) must divide model.n_kv_heads(4): 4 % 8 = 4"),
+    (
+        ["parallel.data=fsdp", "parallel.tp=8", "training.global_batch_size=8", "training.micro_batch_size=8"],
+        8,
+        "parallel.tp(8) must divide model.n_kv_heads(4): 4 % 8 = 4",
+    ),
     (["parallel.pp=8"], 8, "pipeline stages pp(8) x 1 per rank (1f1b) = 8 > model.n_layers(4)"),
-    (["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b"], 4,
-     "pipeline stages pp(4) x 2 per rank (interleaved_1f1b) = 8 > model.n_layers(4)"),
-    (["parallel.pp=2", "training.global_batch_size=16", "training.micro_batch_size=16"], 2,
-     "pipeline microbatches = training.global_batch_size(16) / (training.micro_batch_size(16) * dp(1)) = 1 < 2 "
-     "stages, which 1f1b needs"),
-    (["parallel.pp=2", "parallel.pp_schedule=1f1c"], 2, "parallel.pp_schedule=1f1c: unknown schedule; did you mean 1f1b?"),
+    (
+        ["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b"],
+        4,
+        "pipeline stages pp(4) x 2 per rank (interleaved_1f1b) = 8 > model.n_layers(4)",
+    ),
+    (
+        ["parallel.pp=2", "training.global_batch_size=16", "training.micro_batch_size=16"],
+        2,
+        "pipeline microbatches = training.global_batch_size(16) / (training.micro_batch_size(16) * dp(1)) = 1 < 2 "
+        "stages, which 1f1b needs",
+    ),
+    (
+        ["parallel.pp=2", "parallel.pp_schedule=1f1c"],
+        2,
+        "parallel.pp_schedule=1f1c: unknown schedule; did you mean 1f1b?",
+    ),
     (["parallel.data=ddp", "parallel.tp=2"], 4, "DDP cannot wrap tensor-parallel (DTensor) parameters"),
     (["parallel.data=ddp", "parallel.offload=cpu"], 2, "parallel.offload=cpu needs a sharded strategy"),
-    (["parallel.data=zero2", "parallel.offload_params=true"], 2, "parallel.offload_params=true needs parallel.data=zero3"),
+    (
+        ["parallel.data=zero2", "parallel.offload_params=true"],
+        2,
+        "parallel.offload_params=true needs parallel.data=zero3",
+    ),
     (["parallel.data=zero3", "parallel.tp=2"], 4, "shardwise runs DeepSpeed ZeRO as pure data parallelism"),
     (["parallel.data=zero1", "parallel.pp=2"], 4, "shardwise runs DeepSpeed ZeRO as pure data parallelism"),
     (["parallel.data=zero3", "optim.name=adafactor"], 2, "optim.name=adafactor with parallel.data=zero3 is refused"),
     (["parallel.data=zero2", "optim.name=adamw8bit"], 2, "optim.name=adamw8bit with parallel.data=zero2 is refused"),
     (["parallel.data=zero1", "optim.name=adamw_bf16"], 2, "optim.name=adamw_bf16 with parallel.data=zero1 is refused"),
     (["optim.name=adamw8bt"], 1, "optim.name=adamw8bt: unknown optimizer. Did you mean adamw8bit?"),
-    (["parallel.data=fsdp", "parallel.deepspeed.zero_optimization.stage=2"], 2, "parallel.deepspeed sets ds_config keys"),
-    (["parallel.data=fsdp", "parallel.dp_replicate=2"], 4, "parallel.dp_replicate=2 replicates shards, which is "
-                                                          "parallel.data=hsdp"),
+    (
+        ["parallel.data=fsdp", "parallel.deepspeed.zero_optimization.stage=2"],
+        2,
+        "parallel.deepspeed sets ds_config keys",
+    ),
+    (
+        ["parallel.data=fsdp", "parallel.dp_replicate=2"],
+        4,
+        "parallel.dp_replicate=2 replicates shards, which is parallel.data=hsdp",
+    ),
     (["parallel.ac_every=0"], 1, "parallel.ac_every=0 must be >= 1"),
     (["logging.every=0"], 1, "logging.every=0 must be >= 1"),
     (["run_dir=/dev/null/run"], 1, "run_dir=/dev/null/run: cannot create or write there"),
     (["model.flavor=9b"], 1, "model.flavor=9b: unknown flavor"),
     # optim.in_backward: what an update inside the backward cannot do
-    (["optim.in_backward=true", "optim.max_grad_norm=1.0"], 1,
-     "optim.in_backward=true with optim.max_grad_norm=1.0: clipping by the global norm needs every gradient"),
-    (["optim.in_backward=true", "optim.max_grad_norm=0", "training.global_batch_size=16",
-      "training.micro_batch_size=4"], 1, "optim.in_backward=true with gradient accumulation: "
-     "training.global_batch_size(16) != training.micro_batch_size(4) x dp(1) = 4"),
-    (["optim.in_backward=true", "optim.max_grad_norm=0", "parallel.data=ddp"], 2,
-     "optim.in_backward=true with parallel.data=ddp: DDP's bucketed all-reduce"),
-    (["optim.in_backward=true", "optim.max_grad_norm=0", "parallel.data=zero2"], 2,
-     "optim.in_backward=true with parallel.data=zero2: DeepSpeed runs its own step"),
-    (["optim.in_backward=true", "optim.max_grad_norm=0", "parallel.data=fsdp", "parallel.tp=2"], 4,
-     "optim.in_backward=true with parallel.tp=2, parallel.pp=1: not built for tensor or pipeline"),
-    (["optim.in_backward=true", "optim.max_grad_norm=0", "training.precision=fp16"], 1,
-     "optim.in_backward=true with training.precision=fp16: the loss scaler"),
-    (["optim.in_backward=true", "optim.max_grad_norm=0", "numerics.on_nonfinite=skip"], 1,
-     "optim.in_backward=true with numerics.on_nonfinite=skip"),
-    (["training.master_weights=false", "optim.name=adamw_bf16", "training.precision=fp32"], 1,
-     "training.master_weights=false with training.precision=fp32: parameters without fp32 masters"),
-    (["training.master_weights=false", "optim.name=adamw"], 1,
-     "training.master_weights=false with optim.name=adamw: a bf16 parameter needs its update written back with "
-     "stochastic rounding"),
+    (
+        ["optim.in_backward=true", "optim.max_grad_norm=1.0"],
+        1,
+        "optim.in_backward=true with optim.max_grad_norm=1.0: clipping by the global norm needs every gradient",
+    ),
+    (
+        [
+            "optim.in_backward=true",
+            "optim.max_grad_norm=0",
+            "training.global_batch_size=16",
+            "training.micro_batch_size=4",
+        ],
+        1,
+        "optim.in_backward=true with gradient accumulation: "
+        "training.global_batch_size(16) != training.micro_batch_size(4) x dp(1) = 4",
+    ),
+    (
+        ["optim.in_backward=true", "optim.max_grad_norm=0", "parallel.data=ddp"],
+        2,
+        "optim.in_backward=true with parallel.data=ddp: DDP's bucketed all-reduce",
+    ),
+    (
+        ["optim.in_backward=true", "optim.max_grad_norm=0", "parallel.data=zero2"],
+        2,
+        "optim.in_backward=true with parallel.data=zero2: DeepSpeed runs its own step",
+    ),
+    (
+        ["optim.in_backward=true", "optim.max_grad_norm=0", "parallel.data=fsdp", "parallel.tp=2"],
+        4,
+        "optim.in_backward=true with parallel.tp=2, parallel.pp=1: not built for tensor or pipeline",
+    ),
+    (
+        ["optim.in_backward=true", "optim.max_grad_norm=0", "training.precision=fp16"],
+        1,
+        "optim.in_backward=true with training.precision=fp16: the loss scaler",
+    ),
+    (
+        ["optim.in_backward=true", "optim.max_grad_norm=0", "numerics.on_nonfinite=skip"],
+        1,
+        "optim.in_backward=true with numerics.on_nonfinite=skip",
+    ),
+    (
+        ["training.master_weights=false", "optim.name=adamw_bf16", "training.precision=fp32"],
+        1,
+        "training.master_weights=false with training.precision=fp32: parameters without fp32 masters",
+    ),
+    (
+        ["training.master_weights=false", "optim.name=adamw"],
+        1,
+        "training.master_weights=false with optim.name=adamw: a bf16 parameter needs its update written back with "
+        "stochastic rounding",
+    ),
     (["parallel.cp=2", "training.seq_len=30"], 2, "training.seq_len(30) must be divisible by 2 x parallel.cp = 4"),
     (["parallel.cp=2", "parallel.data=ddp"], 2, "parallel.cp=2 with parallel.data=ddp: context parallelism shards"),
     (["parallel.cp=2", "parallel.data=zero3"], 2, "parallel.cp=2 with parallel.data=zero3"),
     (["parallel.cp_rotate=spiral"], 1, "parallel.cp_rotate=spiral: unknown; known: allgather, ring"),
     (["parallel.cp=0"], 1, "parallel.cp=0 must be >= 1"),
     (["parallel.cp=2", "parallel.data=fsdp"], 3, "WORLD_SIZE(3) is not divisible by tp(1) * pp(1) * cp(2) = 2"),
-    (["parallel.cp=2", "optim.in_backward=true", "optim.max_grad_norm=0"], 2,
-     "optim.in_backward=true with parallel.cp=2: not built for context parallelism"),
-    (["training.master_weights=false", "optim.name=adamw_bf16", "parallel.data=zero2"], 2,
-     "training.master_weights=false with parallel.data=zero2, tp=1, pp=1: built for one process, fsdp and hsdp"),
+    (
+        ["parallel.cp=2", "optim.in_backward=true", "optim.max_grad_norm=0"],
+        2,
+        "optim.in_backward=true with parallel.cp=2: not built for context parallelism",
+    ),
+    (
+        ["training.master_weights=false", "optim.name=adamw_bf16", "parallel.data=zero2"],
+        2,
+        "training.master_weights=false with parallel.data=zero2, tp=1, pp=1: built for one process, fsdp and hsdp",
+    ),
     (["profile.nvtx=true", "training.device=cpu"], 1, "profile.nvtx=true writes NVTX ranges, which are CUDA's"),
     (["model.attention=cudnn", "training.device=cpu"], 1, "model.attention=cudnn is a CUDA kernel and this run is on"),
-    (["model.attention=flashy"], 1, "model.attention=flashy: unknown SDPA kernel; known: auto, flash, cudnn, efficient"),
+    (
+        ["model.attention=flashy"],
+        1,
+        "model.attention=flashy: unknown SDPA kernel; known: auto, flash, cudnn, efficient",
+    ),
     (["model.attention=efficient", "model.expand_kv=false"], 1, "that kernel takes no grouped kv heads"),
     (["model.attention=flash", "parallel.cp=2"], 2, "model.attention=flash with parallel.cp=2: context parallelism"),
-    (["parallel.sac_matmuls=every_second", "parallel.ac=full"], 1,
-     "parallel.sac_matmuls=every_second chooses what selective AC keeps; it needs parallel.ac=selective (now full)"),
+    (
+        ["parallel.sac_matmuls=every_second", "parallel.ac=full"],
+        1,
+        "parallel.sac_matmuls=every_second chooses what selective AC keeps; it needs parallel.ac=selective (now full)",
+    ),
     (["parallel.sac_matmuls=odd"], 1, "parallel.sac_matmuls=odd: unknown; known: all, every_second"),
-    (["training.float8=tensorwise", "training.device=cpu"], 1,
-     "training.float8=tensorwise: float8 matmuls need a CUDA GPU of compute capability >= 8.9"),
-    (["training.float8=rowwise", "training.float8_emulate=true", "training.precision=fp32"], 1,
-     "training.float8=rowwise with training.precision=fp32: float8 matmuls run inside bf16 training"),
-    (["training.float8=tensorwise", "training.float8_emulate=true", "parallel.tp=2"], 2,
-     "training.float8=tensorwise with parallel.tp=2: not built"),
-    (["training.float8=tensorwise", "training.float8_emulate=true", "parallel.data=zero2"], 2,
-     "training.float8=tensorwise with parallel.data=zero2: not built for DeepSpeed's engine"),
+    (
+        ["training.float8=tensorwise", "training.device=cpu"],
+        1,
+        "training.float8=tensorwise: float8 matmuls need a CUDA GPU of compute capability >= 8.9",
+    ),
+    (
+        ["training.float8=rowwise", "training.float8_emulate=true", "training.precision=fp32"],
+        1,
+        "training.float8=rowwise with training.precision=fp32: float8 matmuls run inside bf16 training",
+    ),
+    (
+        ["training.float8=tensorwise", "training.float8_emulate=true", "parallel.tp=2"],
+        2,
+        "training.float8=tensorwise with parallel.tp=2: not built",
+    ),
+    (
+        ["training.float8=tensorwise", "training.float8_emulate=true", "parallel.data=zero2"],
+        2,
+        "training.float8=tensorwise with parallel.data=zero2: not built for DeepSpeed's engine",
+    ),
     (["training.float8=e4m3"], 1, "training.float8=e4m3: unknown; known: none, tensorwise, rowwise"),
     (["training.float8_emulate=true"], 1, "training.float8_emulate=true without training.float8"),
 ]
@@ -199,24 +314,36 @@ def test_all_problems_are_reported_together():
     assert len(validate(cfg, 1)) == 3
 
 
-@pytest.mark.parametrize("overrides, world, layout", [
-    (["parallel.data=fsdp"], 4, (1, 4, 1, 1)),
-    (["parallel.data=ddp"], 4, (4, 1, 1, 1)),
-    (["parallel.data=hsdp", "parallel.dp_replicate=2"], 8, (2, 4, 1, 1)),
-    (["parallel.data=hsdp", "parallel.dp_shard=2", "parallel.dp_replicate=-1"], 8, (4, 2, 1, 1)),
-    (["parallel.data=fsdp", "parallel.tp=2", "parallel.pp=2"], 8, (1, 2, 2, 2)),
-    (["parallel.tp=2"], 2, (1, 1, 2, 1)),
-])
+@pytest.mark.parametrize(
+    "overrides, world, layout",
+    [
+        (["parallel.data=fsdp"], 4, (1, 4, 1, 1)),
+        (["parallel.data=ddp"], 4, (4, 1, 1, 1)),
+        (["parallel.data=hsdp", "parallel.dp_replicate=2"], 8, (2, 4, 1, 1)),
+        (["parallel.data=hsdp", "parallel.dp_shard=2", "parallel.dp_replicate=-1"], 8, (4, 2, 1, 1)),
+        (["parallel.data=fsdp", "parallel.tp=2", "parallel.pp=2"], 8, (1, 2, 2, 2)),
+        (["parallel.tp=2"], 2, (1, 1, 2, 1)),
+    ],
+)
 def test_layouts_resolve(overrides, world, layout):
-    cfg = load_config(["recipe=llama_debug", "training.global_batch_size=32", "training.micro_batch_size=2", *overrides])
+    cfg = load_config(
+        ["recipe=llama_debug", "training.global_batch_size=32", "training.micro_batch_size=2", *overrides]
+    )
     assert validate(cfg, world) == []
     d = derive(cfg, world).dims
     assert (d.dp_replicate, d.dp_shard, d.tp, d.pp) == layout
 
 
 def test_derived_numbers():
-    cfg = load_config(["recipe=llama_debug", "parallel.data=ddp", "training.global_batch_size=32",
-                       "training.micro_batch_size=4", "training.seq_len=128"])
+    cfg = load_config(
+        [
+            "recipe=llama_debug",
+            "parallel.data=ddp",
+            "training.global_batch_size=32",
+            "training.micro_batch_size=4",
+            "training.seq_len=128",
+        ]
+    )
     plan = derive(cfg, 2)
     assert (plan.dp_size, plan.micro_batch_size, plan.accum_steps) == (2, 4, 4)
     assert plan.tokens_per_step == 32 * 128
@@ -227,7 +354,8 @@ def test_every_recipe_validates_at_the_world_size_its_header_names():
     and every recipe is listed in docs/recipes.md."""
     import re
 
-    from trainer.config import RECIPE_DIR, ConfigError, check, load_config
+    from trainer.config import RECIPE_DIR, ConfigError, load_config
+    from trainer.validate import check
 
     docs = (RECIPE_DIR.parent / "docs" / "recipes.md").read_text()
     problems = []

@@ -9,10 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from helpers import REPO
-from trainer.data import (BatchLoader, SyntheticSource, TokenFileSource, default_dataset_dir, train_tokenizer,
-                          write_token_files)
+
+from trainer.data import (
+    BatchLoader,
+    SyntheticSource,
+    TokenFileSource,
+    default_dataset_dir,
+    train_tokenizer,
+    write_token_files,
+)
 
 
 class RangeSource:
@@ -112,11 +118,15 @@ def test_uint32_for_large_vocabularies(tmp_path):
     vocab["<|endoftext|>"] = 70000
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    meta = write_token_files([("a", "w1 w69999 w5"), ("b", "w2 w3")] * 20, tok, tmp_path / "big", val_fraction=0.3,
-                             description="test")
+    meta = write_token_files(
+        [("a", "w1 w69999 w5"), ("b", "w2 w3")] * 20, tok, tmp_path / "big", val_fraction=0.3, description="test"
+    )
     assert meta["dtype"] == "uint32"
-    assert 69999 in np.fromfile(tmp_path / "big" / "train.bin", dtype=np.uint32).tolist() + \
-        np.fromfile(tmp_path / "big" / "val.bin", dtype=np.uint32).tolist()
+    assert (
+        69999
+        in np.fromfile(tmp_path / "big" / "train.bin", dtype=np.uint32).tolist()
+        + np.fromfile(tmp_path / "big" / "val.bin", dtype=np.uint32).tolist()
+    )
 
 
 def test_default_dataset_is_built_once_and_reused(cache_dir):
@@ -134,37 +144,114 @@ def test_prepare_data_cli(tmp_path):
     for i in range(30):
         (corpus / f"f{i}.txt").write_text(f"line {i} " * 50)
     out = tmp_path / "tokens"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--train-tokenizer", "260",
-                           "--out", str(out), "--val-fraction", "0.2", "--no-progress", str(corpus)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "prepare_data.py"),
+            "--train-tokenizer",
+            "260",
+            "--out",
+            str(out),
+            "--val-fraction",
+            "0.2",
+            "--no-progress",
+            str(corpus),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "train and" in proc.stdout
     # and with the tokenizer it wrote, as any HF tokenizer.json would be used
     out2 = tmp_path / "tokens2"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--tokenizer",
-                           str(out / "tokenizer.json"), "--out", str(out2), "--val-fraction", "0.2", "--no-progress",
-                           str(corpus)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "prepare_data.py"),
+            "--tokenizer",
+            str(out / "tokenizer.json"),
+            "--out",
+            str(out2),
+            "--val-fraction",
+            "0.2",
+            "--no-progress",
+            str(corpus),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out2 / "train.bin").read_bytes() + (out2 / "val.bin").read_bytes()
-    bad = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--tokenizer", "/nope.json",
-                          "--out", str(tmp_path / "x"), str(corpus)], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "prepare_data.py"),
+            "--tokenizer",
+            "/nope.json",
+            "--out",
+            str(tmp_path / "x"),
+            str(corpus),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "--tokenizer /nope.json: no such file" in bad.stderr
-    tiny = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--tokenizer",
-                           str(out / "tokenizer.json"), "--out", str(tmp_path / "y"), "--no-progress",
-                           str(corpus / "f1.txt")], capture_output=True, text=True, timeout=60)
+    tiny = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "prepare_data.py"),
+            "--tokenizer",
+            str(out / "tokenizer.json"),
+            "--out",
+            str(tmp_path / "y"),
+            "--no-progress",
+            str(corpus / "f1.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert tiny.returncode == 2 and "give more documents or change val_fraction" in tiny.stderr
     # files that are not UTF-8 are reported by name (their bad bytes become U+FFFD), an empty folder is named
     (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 20)
-    mixed = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--tokenizer",
-                            str(out / "tokenizer.json"), "--out", str(tmp_path / "z"), "--val-fraction", "0.2",
-                            "--no-progress", str(corpus)], capture_output=True, text=True, timeout=120)
+    mixed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "prepare_data.py"),
+            "--tokenizer",
+            str(out / "tokenizer.json"),
+            "--out",
+            str(tmp_path / "z"),
+            "--val-fraction",
+            "0.2",
+            "--no-progress",
+            str(corpus),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert mixed.returncode == 0, mixed.stderr
     assert "note: 1 file(s) are not valid UTF-8" in mixed.stderr and "latin1.txt (40 byte sequences)" in mixed.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    none = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--train-tokenizer", "260",
-                           "--out", str(tmp_path / "e"), str(empty)], capture_output=True, text=True, timeout=60)
+    none = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "prepare_data.py"),
+            "--train-tokenizer",
+            "260",
+            "--out",
+            str(tmp_path / "e"),
+            str(empty),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert none.returncode == 2 and f"no text files in {empty}" in none.stderr and "split left" not in none.stderr
 
 
@@ -172,9 +259,23 @@ def test_checkpoint_checksum_benchmark_runs(tmp_path):
     """launch/bench_checkpoint.py (docs/checkpoints.md), shrunk to 16 MB."""
     import json
 
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "bench_checkpoint.py"), "--size-mb", "16", "--dir",
-                           str(tmp_path / "c"), "--repeats", "1", "--json", str(tmp_path / "r.json")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "bench_checkpoint.py"),
+            "--size-mb",
+            "16",
+            "--dir",
+            str(tmp_path / "c"),
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     row = json.loads((tmp_path / "r.json").read_text())[0]
     assert row["bytes"] >= 16 * 2**20 and row["seal_s"] > 0 and row["verify_s"] > 0

@@ -7,14 +7,23 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models.hf import from_hf, to_hf  # noqa: E402
 from models.llama import build_model  # noqa: E402
+from trainer.hf import from_hf, to_hf  # noqa: E402
 
 
 def tiny_hf(tmp_path, *, tie=False, kv=2):
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=kv, vocab_size=256, max_position_embeddings=128,
-                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+        vocab_size=256,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # HF initializes norms to 1: make them informative
@@ -52,7 +61,7 @@ def test_hf_model_loads_with_equal_logits_and_exports_back(tie, kv, tmp_path):
 
 def test_without_the_qk_permutation_the_logits_differ(tmp_path):
     """The permutation is what makes them agree (guards against a test that would pass anyway)."""
-    from models import hf as hf_mod
+    from trainer import hf as hf_mod
 
     hf = tiny_hf(tmp_path)
     args, sd = from_hf(tmp_path / "hf")
@@ -68,29 +77,53 @@ def test_without_the_qk_permutation_the_logits_differ(tmp_path):
         assert (ours.eval()(tokens) - hf(tokens).logits).abs().max() > 1e-3
 
 
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32}
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 
 def _save_hf(tmp_path, name="hf", **overrides):
-    cfg = transformers.LlamaConfig(**{**dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                             max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0),
-                                      **overrides})
+    cfg = transformers.LlamaConfig(
+        **{
+            **dict(
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=256,
+                max_position_embeddings=128,
+                rms_norm_eps=1e-5,
+                rope_theta=10000.0,
+            ),
+            **overrides,
+        }
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(tmp_path / name, safe_serialization=True)
     return model
 
 
-@pytest.mark.parametrize("overrides, named", [
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"head_dim": 32}, "head_dim=32 != hidden_size / num_attention_heads = 64/4 = 16"),
-    ({"attention_bias": True}, "attention_bias=True"),
-    ({"mlp_bias": True}, "mlp_bias=True"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}, "rope_type='yarn'"),
-    ({"sliding_window": 16}, "sliding_window=16 (shardwise implements null only)"),
-], ids=["gelu", "head_dim", "attention_bias", "mlp_bias", "yarn", "sliding_window"])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"head_dim": 32}, "head_dim=32 != hidden_size / num_attention_heads = 64/4 = 16"),
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"mlp_bias": True}, "mlp_bias=True"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+            "rope_type='yarn'",
+        ),
+        ({"sliding_window": 16}, "sliding_window=16 (shardwise implements null only)"),
+    ],
+    ids=["gelu", "head_dim", "attention_bias", "mlp_bias", "yarn", "sliding_window"],
+)
 def test_hf_configs_shardwise_does_not_implement_are_refused_by_name(overrides, named, tmp_path):
     _save_hf(tmp_path, **overrides)
     with pytest.raises(ValueError, match="does not implement") as e:
@@ -117,18 +150,41 @@ def test_llama31_rope_scaling_imports_trains_from_init_from_and_exports(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(tokens), hf(tokens).logits, rtol=0, atol=1e-5)
 
-    keys = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
-            "model.ffn_hidden_dim=160", "model.max_seq_len=128"]
-    base = ["recipe=llama_debug", *keys, "data.source=synthetic", "training.seq_len=64", "training.steps=1",
-            "training.global_batch_size=2", "training.micro_batch_size=2", "training.precision=fp32",
-            "optim.warmup_steps=0", "logging.tensorboard=false", "logging.wandb.mode=disabled",
-            "checkpoint.every=1", f"checkpoint.init_from={tmp_path / 'hf'}"]
+    keys = [
+        "model.dim=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.vocab_size=256",
+        "model.ffn_hidden_dim=160",
+        "model.max_seq_len=128",
+    ]
+    base = [
+        "recipe=llama_debug",
+        *keys,
+        "data.source=synthetic",
+        "training.seq_len=64",
+        "training.steps=1",
+        "training.global_batch_size=2",
+        "training.micro_batch_size=2",
+        "training.precision=fp32",
+        "optim.warmup_steps=0",
+        "logging.tensorboard=false",
+        "logging.wandb.mode=disabled",
+        "checkpoint.every=1",
+        f"checkpoint.init_from={tmp_path / 'hf'}",
+    ]
     # without the rope keys the run is refused before it starts, and told what to set
     refused = run_train([*base, f"run_dir={tmp_path / 'refused'}"], check=False, timeout=120)
     assert refused.returncode == 2 and "model.rope_scaling.type=llama3" in refused.stderr
     assert "rope_scaling: None there" not in refused.stderr and "Traceback" not in refused.stderr
-    rope = ["model.rope_scaling.type=llama3", "model.rope_scaling.factor=8", "model.rope_scaling.low_freq_factor=1",
-            "model.rope_scaling.high_freq_factor=4", "model.rope_scaling.original_max_seq_len=32"]
+    rope = [
+        "model.rope_scaling.type=llama3",
+        "model.rope_scaling.factor=8",
+        "model.rope_scaling.low_freq_factor=1",
+        "model.rope_scaling.high_freq_factor=4",
+        "model.rope_scaling.original_max_seq_len=32",
+    ]
     run = tmp_path / "run"
     proc = run_train([*base, *rope, "training.val_every=1", f"run_dir={run}"], timeout=180)
     assert "initialized the weights from" in proc.stdout
@@ -136,33 +192,58 @@ def test_llama31_rope_scaling_imports_trains_from_init_from_and_exports(tmp_path
     val0 = next(r["val/loss"] for r in read_jsonl(run / "metrics.jsonl") if r.get("step") == 0 and "val/loss" in r)
     assert 0 < val0 < 10
     out = tmp_path / "exported"
-    conv = subprocess.run([sys.executable, str(REPO / "launch" / "convert_checkpoint.py"),
-                           str(run / "checkpoints" / "step-1"), "--hf", str(out)], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    conv = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "convert_checkpoint.py"),
+            str(run / "checkpoints" / "step-1"),
+            "--hf",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert conv.returncode == 0, conv.stderr
     exported = json.loads((out / "config.json").read_text())["rope_scaling"]
     assert exported == LLAMA31_ROPE, exported
-    back = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    transformers.LlamaForCausalLM.from_pretrained(out)  # transformers loads what was exported
     args2, _ = from_hf(out)
     assert args2.rope_scaling == args.rope_scaling
 
 
-@pytest.mark.parametrize("source_layers, target_layers, named", [
-    (4, 3, "9 weight(s) with no place in this run's model: layers.3."),
-    (3, 4, "no weights for 9 parameter(s) of this run's model: layers.3."),
-])
+@pytest.mark.parametrize(
+    "source_layers, target_layers, named",
+    [
+        (4, 3, "9 weight(s) with no place in this run's model: layers.3."),
+        (3, 4, "no weights for 9 parameter(s) of this run's model: layers.3."),
+    ],
+)
 def test_init_from_with_other_layers_is_refused_with_the_names(source_layers, target_layers, named, tmp_path):
     from safetensors.torch import save_file
 
     from models.llama import model_args
-    from trainer.config import load_config, validate
+    from trainer.config import load_config
+    from trainer.validate import validate
 
-    src = build_model(model_args("debug", dim=64, n_layers=source_layers, n_heads=4, n_kv_heads=2, vocab_size=256),
-                      device="cpu")
+    src = build_model(
+        model_args("debug", dim=64, n_layers=source_layers, n_heads=4, n_kv_heads=2, vocab_size=256), device="cpu"
+    )
     src.init_weights(0)
     save_file({k: v for k, v in src.state_dict().items() if "rope" not in k}, str(tmp_path / "w.safetensors"))
-    cfg = load_config(["recipe=llama_debug", "model.dim=64", f"model.n_layers={target_layers}", "model.n_heads=4",
-                       "model.n_kv_heads=2", "model.vocab_size=256", "data.source=synthetic",
-                       f"checkpoint.init_from={tmp_path / 'w.safetensors'}", f"run_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        [
+            "recipe=llama_debug",
+            "model.dim=64",
+            f"model.n_layers={target_layers}",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.vocab_size=256",
+            "data.source=synthetic",
+            f"checkpoint.init_from={tmp_path / 'w.safetensors'}",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
     problems = [p for p in validate(cfg, 1) if "init_from" in p]
     assert len(problems) == 1 and named in problems[0], problems

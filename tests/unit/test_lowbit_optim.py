@@ -9,7 +9,10 @@ import torch
 
 from optim.adamw_bf16 import AdamWBF16, round_to_bf16_stochastic
 
-needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao, the optional `lowbit` extra (part of `dev`), is not installed")
+needs_torchao = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None,
+    reason="torchao, the optional `lowbit` extra (part of `dev`), is not installed",
+)
 
 
 def test_stochastic_rounding_is_unbiased_and_brackets_the_value():
@@ -95,8 +98,9 @@ def test_adamw_bf16_state_stays_bf16_through_load_state_dict():
         assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name, lo, hi", [("adamw", 8.0, 8.0), ("adamw_bf16", 4.0, 4.0), ("adamw8bit", 2.0, 2.1),
-                                          ("adafactor", 0.0, 0.05)])
+@pytest.mark.parametrize(
+    "name, lo, hi", [("adamw", 8.0, 8.0), ("adamw_bf16", 4.0, 4.0), ("adamw8bit", 2.0, 2.1), ("adafactor", 0.0, 0.05)]
+)
 def test_measured_state_bytes_per_parameter(name, lo, hi):
     if name == "adamw8bit" and importlib.util.find_spec("torchao") is None:
         pytest.skip("torchao, the optional `lowbit` extra (part of `dev`), is not installed")

@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import torch
 
-from trainer.config import check, load_config
+from trainer.config import load_config
 from trainer.trainer import Trainer
+from trainer.validate import check
 
-TINY = ["recipe=llama_debug", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.vocab_size=256", "data.source=synthetic", "training.seq_len=32", "training.precision=bf16",
-        "training.global_batch_size=2", "training.micro_batch_size=2", "optim.name=adamw_bf16", "optim.lr=3e-3",
-        "optim.warmup_steps=20", "training.steps=200", "logging.progress=false", "logging.console=false",
-        "logging.jsonl=false", "logging.tensorboard=false", "logging.wandb.mode=disabled", "training.val_every=0",
-        "checkpoint.every=0"]
+TINY = [
+    "recipe=llama_debug",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=256",
+    "data.source=synthetic",
+    "training.seq_len=32",
+    "training.precision=bf16",
+    "training.global_batch_size=2",
+    "training.micro_batch_size=2",
+    "optim.name=adamw_bf16",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=20",
+    "training.steps=200",
+    "logging.progress=false",
+    "logging.console=false",
+    "logging.jsonl=false",
+    "logging.tensorboard=false",
+    "logging.wandb.mode=disabled",
+    "training.val_every=0",
+    "checkpoint.every=0",
+]
 STEPS, WINDOW = 200, 20
 
 
@@ -36,7 +55,7 @@ def test_bf16_parameters_follow_the_fp32_master_run_over_200_steps(tmp_path):
     assert {p.dtype for p in t_bf16.par.parameters()} == {torch.bfloat16}
     moments = {v.dtype for s in t_bf16.optimizer.state.values() for k, v in s.items() if k.startswith("exp_avg")}
     assert moments == {torch.bfloat16}
-    means = lambda xs: [sum(xs[i:i + WINDOW]) / WINDOW for i in range(0, STEPS, WINDOW)]  # noqa: E731
+    means = lambda xs: [sum(xs[i : i + WINDOW]) / WINDOW for i in range(0, STEPS, WINDOW)]  # noqa: E731
     worst = max(abs(a - b) / a for a, b in zip(means(master), means(bf16)))
     assert worst <= 5e-3, f"masterless loss off the fp32-master run by {worst:.2%} over a {WINDOW}-step window"
     assert means(bf16)[-1] < means(bf16)[0] - 0.05, means(bf16)
@@ -62,8 +81,17 @@ def test_in_backward_draws_the_same_rounding_noise_as_the_whole_model_step(tmp_p
     all parameters, so bf16 parameters end bitwise equal to the ordinary step's after 4 steps."""
     params = {}
     for in_backward in (False, True):
-        cfg = load_config([*TINY, f"run_dir={tmp_path / str(in_backward)}", "training.master_weights=false",
-                           "optim.max_grad_norm=0", f"optim.in_backward={in_backward}", "training.steps=4", "optim.warmup_steps=1"])
+        cfg = load_config(
+            [
+                *TINY,
+                f"run_dir={tmp_path / str(in_backward)}",
+                "training.master_weights=false",
+                "optim.max_grad_norm=0",
+                f"optim.in_backward={in_backward}",
+                "training.steps=4",
+                "optim.warmup_steps=1",
+            ]
+        )
         trainer = Trainer(cfg, check(cfg, 1))
         for _ in range(4):
             batch, _ = trainer.train_loader.next_batch()

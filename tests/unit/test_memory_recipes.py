@@ -7,15 +7,19 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO
 
 GIB = 2**30
 
 
 def _plan(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args, "--json"], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "plan.py"), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -36,7 +40,8 @@ def test_20b_and_30b_train_on_one_h200(recipe, params):
     assert out["world_size"] == 1 and out["capacity_bytes"] == 131 * GIB
     assert out["peak_bytes"] + out["reserve_bytes"] <= 141e9 and out["fits"]
     assert out["host_bytes_per_node"] <= 128e9
-    from trainer.config import load_config, model_args_of
+    from models.args import model_args_of
+    from trainer.config import load_config
 
     assert model_args_of(load_config([f"recipe={recipe}"])).num_params() >= params
     terms = {t["name"]: t for t in out["ranks"][0]["terms"]}

@@ -61,7 +61,7 @@ def test_counter_based_values_match_their_definition():
     want = [reference_uniform(i, 5, "layers.0.w") for i in idx]
     assert uniform(torch.tensor(idx, dtype=torch.int64), 5, "layers.0.w").tolist() == want
     small = [i for i in idx if i < 2**31]
-    assert uniform(torch.tensor(small, dtype=torch.int32), 5, "layers.0.w").tolist() == want[:len(small)]
+    assert uniform(torch.tensor(small, dtype=torch.int32), 5, "layers.0.w").tolist() == want[: len(small)]
     assert all(0.0 < u < 1.0 for u in want)
 
 
@@ -97,7 +97,7 @@ def test_a_slice_draws_the_values_of_the_full_tensor():
         part = torch.full((20,), float("nan"))
         fill_flat_partition(part, start, flat.numel(), 2, "x", 0.0, 0.02, lo=-2.0, hi=2.0)
         n = max(0, min(20, flat.numel() - start))
-        assert torch.equal(part[:n], flat[start:start + n]) and torch.equal(part[n:], torch.zeros(20 - n))
+        assert torch.equal(part[:n], flat[start : start + n]) and torch.equal(part[n:], torch.zeros(20 - n))
 
 
 def test_init_statistics():
@@ -166,9 +166,19 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     gqa = _model()
     mha_args = ModelArgs(**{**TINY.__dict__, "n_kv_heads": 4})
     mha = _model(mha_args)
-    mha.load_state_dict({**gqa.state_dict(), **{
-        k: gqa.state_dict()[k].view(2, TINY.head_dim, -1).repeat_interleave(2, dim=0).reshape(4 * TINY.head_dim, -1)
-        for k in gqa.state_dict() if k.endswith(("wk.weight", "wv.weight"))}})
+    mha.load_state_dict(
+        {
+            **gqa.state_dict(),
+            **{
+                k: gqa.state_dict()[k]
+                .view(2, TINY.head_dim, -1)
+                .repeat_interleave(2, dim=0)
+                .reshape(4 * TINY.head_dim, -1)
+                for k in gqa.state_dict()
+                if k.endswith(("wk.weight", "wv.weight"))
+            },
+        }
+    )
     x = torch.randint(0, TINY.vocab_size, (2, 16))
     torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
 

@@ -6,11 +6,18 @@ import pytest
 
 from models.llama import ModelArgs, build_model
 from optim import build_optimizer, build_scheduler
-from trainer.config import load_config, validate
+from trainer.config import load_config
+from trainer.validate import validate
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=64)
-MODEL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
-         "data.source=synthetic"]
+MODEL = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=256",
+    "data.source=synthetic",
+]
 
 
 def _groups(*overrides, tmp_path=None):
@@ -41,9 +48,11 @@ def test_embeddings_can_be_decayed():
 
 def test_lr_multipliers_and_the_schedule_scale_together(tmp_path):
     rules = tmp_path / "r.yaml"
-    rules.write_text("base: llama_debug\noptim:\n  lr_multipliers:\n"
-                     "    - {pattern: 'tok_embeddings.*', scale: 0.1}\n"
-                     "    - {pattern: 'layers.*.feed_forward.*', scale: 2.0}\n")
+    rules.write_text(
+        "base: llama_debug\noptim:\n  lr_multipliers:\n"
+        "    - {pattern: 'tok_embeddings.*', scale: 0.1}\n"
+        "    - {pattern: 'layers.*.feed_forward.*', scale: 2.0}\n"
+    )
     cfg = load_config([f"recipe={rules}", *MODEL, "optim.lr=1e-3", "optim.warmup_steps=2", "training.steps=10"])
     model = build_model(ARGS, device="cpu")
     names = {id(p): n for n, p in model.named_parameters()}

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from models.llama import TP_SPLIT_DIM, FLAVORS, build_model, canonical_name
-from parallel.plan import in_flight, stage_ids
+from models.llama import FLAVORS, TP_SPLIT_DIM, build_model, canonical_name
+from parallel.layout import in_flight, stage_ids
 
 
 @pytest.mark.parametrize("flavor", ["debug", "1b", "8b"])
@@ -42,15 +42,19 @@ def _torch_actions(schedule: str, pp: int, n_micro: int, rank: int):
     process group: the attributes its constructor would set from them)."""
     from torch.distributed.pipelining import schedules as S
 
-    cls = {"interleaved_1f1b": S.ScheduleInterleaved1F1B, "zbv": S.ScheduleZBVZeroBubble,
-           "dualpipev": S.ScheduleDualPipeV}[schedule]
+    cls = {
+        "interleaved_1f1b": S.ScheduleInterleaved1F1B,
+        "zbv": S.ScheduleZBVZeroBubble,
+        "dualpipev": S.ScheduleDualPipeV,
+    }[schedule]
     o = object.__new__(cls)
     o.pp_group_size, o.n_local_stages, o.rank, o._n_microbatches = pp, 2, rank, n_micro
     o._num_stages = o.num_stages = 2 * pp
     o.number_of_rounds = max(1, n_micro // pp)
     o.microbatches_per_round = n_micro // o.number_of_rounds
-    o.stage_index_to_group_rank = S.generate_stage_to_rank_mapping(pp, 2 * pp, style="loop" if cls is
-                                                                   S.ScheduleInterleaved1F1B else "v")
+    o.stage_index_to_group_rank = S.generate_stage_to_rank_mapping(
+        pp, 2 * pp, style="loop" if cls is S.ScheduleInterleaved1F1B else "v"
+    )
     return o._calculate_single_rank_operations(rank)
 
 
@@ -62,7 +66,7 @@ def _held_at_peak(actions) -> dict[int, int]:
     for a in actions:
         if a is None:
             continue
-        for b in (getattr(a, "sub_actions", None) or [a]):
+        for b in getattr(a, "sub_actions", None) or [a]:
             if b.computation_type == S.FORWARD:
                 cur[b.stage_index] += 1
             elif b.computation_type in (S.FULL_BACKWARD, S.BACKWARD_WEIGHT):
@@ -81,38 +85,57 @@ def test_microbatches_in_flight_are_torchs(schedule, pp, n_micro):
         assert set(want) == set(stage_ids(schedule, rank, pp))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["recipe=llama7b_fsdp", "world_size=eight"], "world_size=eight: expected int"),
-    (["recipe=llama7b_fsdp", "--jsn"], "--jsn: unknown flag; known: --json, --simulate, --build"),
-    (["recipe=llama7b_fsdp", "--simulate", "--build"], "--simulate, --build and --search each need a process of their own"),
-    (["recipe=llama7b_fsdp", "--search"], "--search needs the memory to fit: add gpu_memory_gib=N"),
-    (["recipe=llama7b_fsdp", "world_size=6"], "training.global_batch_size(64) must be divisible by"),
-    (["recipe=llama7b_fsdp", "traning.steps=5"], "unknown key 'traning'"),
-    (["recipe=llama7b_zero3", "--simulate"], "--simulate: parallel.data=zero3 runs DeepSpeed's engine"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["recipe=llama7b_fsdp", "world_size=eight"], "world_size=eight: expected int"),
+        (["recipe=llama7b_fsdp", "--jsn"], "--jsn: unknown flag; known: --json, --simulate, --build"),
+        (
+            ["recipe=llama7b_fsdp", "--simulate", "--build"],
+            "--simulate, --build and --search each need a process of their own",
+        ),
+        (["recipe=llama7b_fsdp", "--search"], "--search needs the memory to fit: add gpu_memory_gib=N"),
+        (["recipe=llama7b_fsdp", "world_size=6"], "training.global_batch_size(64) must be divisible by"),
+        (["recipe=llama7b_fsdp", "traning.steps=5"], "unknown key 'traning'"),
+        (["recipe=llama7b_zero3", "--simulate"], "--simulate: parallel.data=zero3 runs DeepSpeed's engine"),
+    ],
+)
 def test_plan_cli_refuses_bad_input_with_one_message(args, message):
     import subprocess
     import sys
 
     from helpers import REPO
 
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_planner_is_pure_arithmetic():
-    """parallel/plan.py imports the standard library and the model's shape table, nothing that starts or
-    needs a process group, and nothing from trainer/ (which reads it: no import circle)."""
+    """The planner's three modules (parallel/layout.py, parallel/memory_terms.py, parallel/plan.py) import the
+    standard library, the model's shape table and each other: nothing that starts or needs a process group, no
+    tensor library, nothing from trainer/ (which reads them; tests/unit/test_layers.py checks every layer)."""
     import ast
 
     from helpers import REPO
 
-    tree = ast.parse((REPO / "parallel" / "plan.py").read_text())
-    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
-                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-    assert imported <= {"__future__", "difflib", "math", "dataclasses", "models.llama"}, imported
-    for path in ("parallel/memory.py", "trainer/data.py"):
-        text = (REPO / path).read_text()
-        assert "from trainer.config import" not in text and "import trainer.config" not in text, path
+    allowed = {
+        "__future__",
+        "difflib",
+        "math",
+        "dataclasses",
+        "models.llama",
+        "parallel.layout",
+        "parallel.memory_terms",
+    }
+    for name in ("layout", "memory_terms", "plan"):
+        tree = ast.parse((REPO / "parallel" / f"{name}.py").read_text())
+        imported = {
+            n.module if isinstance(n, ast.ImportFrom) else a.name
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in n.names
+        }
+        assert imported <= allowed, (name, imported - allowed)

@@ -9,11 +9,26 @@ from helpers import run_train
 
 def test_profiler_trace_has_the_steps_forward_and_backward(tmp_path):
     run = tmp_path / "run"
-    proc = run_train(["recipe=llama_debug", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.vocab_size=256",
-                      "data.source=synthetic", "training.seq_len=32", "training.global_batch_size=4",
-                      "training.micro_batch_size=2", "training.steps=4", "training.val_every=0", "optim.warmup_steps=1",
-                      "logging.wandb.mode=disabled", "logging.tensorboard=false", "profile.steps=[2,3]",
-                      f"run_dir={run}"])
+    proc = run_train(
+        [
+            "recipe=llama_debug",
+            "model.dim=64",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.vocab_size=256",
+            "data.source=synthetic",
+            "training.seq_len=32",
+            "training.global_batch_size=4",
+            "training.micro_batch_size=2",
+            "training.steps=4",
+            "training.val_every=0",
+            "optim.warmup_steps=1",
+            "logging.wandb.mode=disabled",
+            "logging.tensorboard=false",
+            "profile.steps=[2,3]",
+            f"run_dir={run}",
+        ]
+    )
     trace = run / "profile" / "trace-rank0-steps2-3.pt.trace.json"
     assert str(trace) in proc.stdout  # the path is printed
     events = json.loads(trace.read_text())["traceEvents"]
@@ -27,6 +42,15 @@ def test_profiler_trace_has_the_steps_forward_and_backward(tmp_path):
 
 
 def test_memory_snapshot_is_refused_on_cpu(tmp_path):
-    proc = run_train(["recipe=llama_debug", "training.device=cpu", "profile.steps=[1,1]", "profile.memory_snapshot=true",
-                      f"run_dir={tmp_path / 'run'}"], check=False, timeout=60)
+    proc = run_train(
+        [
+            "recipe=llama_debug",
+            "training.device=cpu",
+            "profile.steps=[1,1]",
+            "profile.memory_snapshot=true",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+        check=False,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "profile.memory_snapshot=true records the CUDA caching allocator" in proc.stderr

@@ -1,4 +1,4 @@
-"""parallel/timing.py (the step-time model) and parallel/search.py (plan.py --search): the communication
+"""parallel/timing.py (the step-time model) and trainer/search.py (plan.py --search): the communication
 volumes against their ring formulas, the terms moving the way the strategies do, and the search keeping only
 validated layouts that fit, fastest first."""
 
@@ -10,13 +10,15 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 from omegaconf import OmegaConf
 
-from helpers import REPO
+from models.args import model_args_of
 from parallel.plan import GIB
-from parallel.search import AC_ORDER, search
 from parallel.timing import Hardware, gpu_hardware, step_time
-from trainer.config import derive, load_config, model_args_of
+from trainer.config import load_config
+from trainer.search import AC_ORDER, search
+from trainer.validate import derive
 
 GPU = gpu_hardware(80, "bf16")
 
@@ -30,7 +32,7 @@ def _time(overrides: list[str], world: int, hw: Hardware = GPU, **kw):
 
 
 def _local_params(cfg, plan) -> int:
-    from parallel.plan import _params_of_rank
+    from parallel.memory_terms import _params_of_rank
 
     params = _params_of_rank(model_args_of(cfg), cfg, plan.dims, 0)[0]
     return sum(math.prod(q.tp) for q in params)
@@ -61,11 +63,15 @@ def test_tensor_and_pipeline_terms():
     assert plan.dims.tp > 1 and tp.parts["tp_comm"] > 0 and "TP activation collectives" in tp.comm_bytes
     full, _, _ = _time(["recipe=llama8b_fsdp_tp", "parallel.ac=full"], 16)
     assert full.comm_bytes["TP activation collectives"] == pytest.approx(
-        tp.comm_bytes["TP activation collectives"] * (12 * 32 + 4) / ((8 if str(cfg.parallel.ac) == "none" else 10)
-                                                                      * 32 + 4))
+        tp.comm_bytes["TP activation collectives"]
+        * (12 * 32 + 4)
+        / ((8 if str(cfg.parallel.ac) == "none" else 10) * 32 + 4)
+    )
     assert full.parts["recompute"] > 0 and full.hw_flops > full.flops == tp.flops
-    pp = {s: _time(["recipe=llama13b_pp_fsdp", f"parallel.pp_schedule={s}", "parallel.ac=full"], 16)[0]
-          for s in ("1f1b", "interleaved_1f1b", "zbv")}
+    pp = {
+        s: _time(["recipe=llama13b_pp_fsdp", f"parallel.pp_schedule={s}", "parallel.ac=full"], 16)[0]
+        for s in ("1f1b", "interleaved_1f1b", "zbv")
+    }
     assert pp["1f1b"].parts["bubble"] > pp["interleaved_1f1b"].parts["bubble"] > pp["zbv"].parts["bubble"] > 0
     assert all(p.comm_bytes["PP sends"] > 0 for p in pp.values())
 
@@ -82,7 +88,7 @@ def test_slower_links_and_offload_cost_time():
 
 
 def test_search_keeps_validated_layouts_that_fit_fastest_first():
-    from trainer.config import validate
+    from trainer.validate import validate
 
     cfg = load_config(["recipe=llama7b_fsdp"])
     cfg.training.device = "auto"
@@ -101,14 +107,14 @@ def test_search_keeps_validated_layouts_that_fit_fastest_first():
         layout = tuple(v for k, v in c.keys.items() if k not in ("parallel.ac", "parallel.offload"))
         assert layout not in seen  # one configuration per layout and micro-batch: the lightest that fits
         seen.add(layout)
-        lighter = AC_ORDER[:AC_ORDER.index(c.keys["parallel.ac"])]
+        lighter = AC_ORDER[: AC_ORDER.index(c.keys["parallel.ac"])]
         for ac in lighter:  # every lighter AC was tried and did not fit
             OmegaConf.update(check, "parallel.ac", ac)
             if not validate(check, 8):
                 assert derive(check, 8, capacity_gib=40, device="cuda").memory.peak_bytes + c.reserve_bytes > 40 * GIB
     # and nothing is missed: a layout is in the result exactly when some AC mode (with or without offload) of it
     # passes validation and fits, tried here one by one
-    from parallel.search import layouts
+    from trainer.search import layouts
 
     base = load_config(["recipe=llama7b_fsdp"])
     base.dry_run, base.training.device = True, "auto"
@@ -118,29 +124,56 @@ def test_search_keeps_validated_layouts_that_fit_fastest_first():
         fits_somehow = False
         for off in ("none", "cpu"):
             for ac in AC_ORDER:
-                for k, v in {"parallel.data": data, "parallel.dp_replicate": dr if data == "hsdp" else 1,
-                             "parallel.dp_shard": -1, "parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp,
-                             "parallel.pp_schedule": sched, "training.micro_batch_size": mb, "parallel.ac": ac,
-                             "parallel.offload": off}.items():
+                for k, v in {
+                    "parallel.data": data,
+                    "parallel.dp_replicate": dr if data == "hsdp" else 1,
+                    "parallel.dp_shard": -1,
+                    "parallel.tp": tp,
+                    "parallel.pp": pp,
+                    "parallel.cp": cp,
+                    "parallel.pp_schedule": sched,
+                    "training.micro_batch_size": mb,
+                    "parallel.ac": ac,
+                    "parallel.offload": off,
+                }.items():
                     OmegaConf.update(base, k, v)
                 if not validate(base, 8):
                     mem = derive(base, 8, capacity_gib=40, device="cuda").memory
                     fits_somehow |= mem.peak_bytes + mem.reserve_bytes <= 40 * GIB
-        assert ((data, dr, tp, pp, cp, sched, mb) in {_layout_of(c) for c in result.fits}) == fits_somehow, \
-            (data, dr, tp, pp, cp, sched, mb)
+        assert ((data, dr, tp, pp, cp, sched, mb) in {_layout_of(c) for c in result.fits}) == fits_somehow, (
+            data,
+            dr,
+            tp,
+            pp,
+            cp,
+            sched,
+            mb,
+        )
     assert cps == {1, 2, 4, 8}  # context parallelism is searched too (4,096 tokens: chunks of 256 at cp 8)
 
 
 def _layout_of(c) -> tuple:
     k = c.keys
-    return (k["parallel.data"], k["parallel.dp_replicate"], k["parallel.tp"], k["parallel.pp"], k["parallel.cp"],
-            k["parallel.pp_schedule"], k["training.micro_batch_size"])
+    return (
+        k["parallel.data"],
+        k["parallel.dp_replicate"],
+        k["parallel.tp"],
+        k["parallel.pp"],
+        k["parallel.cp"],
+        k["parallel.pp_schedule"],
+        k["training.micro_batch_size"],
+    )
 
 
 def test_plan_search_cli(tmp_path):
     def plan(*args):
-        return subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True,
-                              text=True, timeout=300, cwd=REPO)
+        return subprocess.run(
+            [sys.executable, str(REPO / "launch" / "plan.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
 
     missing = plan("recipe=llama7b_fsdp", "--search")
     assert missing.returncode == 2 and "gpu_memory_gib" in missing.stderr and "Traceback" not in missing.stderr
@@ -149,6 +182,7 @@ def test_plan_search_cli(tmp_path):
     got = json.loads(out.stdout)
     assert len(got["fits"]) == 3 and got["hardware"]["source"]["matmul_flops"].startswith("assumed")
     assert got["fits"][0]["step"]["seconds"] <= got["fits"][1]["step"]["seconds"]
-    given = plan("recipe=llama7b_fsdp", "world_size=8", "gpu_memory_gib=80", "--search", "--json", "top=1",
-                 "tflops=100")
+    given = plan(
+        "recipe=llama7b_fsdp", "world_size=8", "gpu_memory_gib=80", "--search", "--json", "top=1", "tflops=100"
+    )
     assert json.loads(given.stdout)["hardware"]["matmul_flops"] == 100e12

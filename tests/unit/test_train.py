@@ -8,15 +8,28 @@ import math
 import pytest
 import torch
 import yaml
-
 from helpers import read_jsonl, read_wandb_records, run_train, wandb_config, wandb_history
-from trainer.config import check, load_config
-from trainer.trainer import Trainer
 
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
-        "data.source=synthetic", "training.seq_len=32", "training.precision=fp32", "logging.progress=false",
-        "logging.console=false", "logging.jsonl=false", "logging.tensorboard=false", "logging.wandb.mode=disabled",
-        "training.val_every=0"]
+from trainer.config import load_config
+from trainer.trainer import Trainer
+from trainer.validate import check
+
+TINY = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=256",
+    "data.source=synthetic",
+    "training.seq_len=32",
+    "training.precision=fp32",
+    "logging.progress=false",
+    "logging.console=false",
+    "logging.jsonl=false",
+    "logging.tensorboard=false",
+    "logging.wandb.mode=disabled",
+    "training.val_every=0",
+]
 
 
 def _trainer(tmp_path, *overrides) -> Trainer:
@@ -40,7 +53,7 @@ def test_accumulation_1x8_equals_4x2(tmp_path):
     torch.testing.assert_close(loss1, loss4, rtol=1e-6, atol=0)
     g1, g4 = _grads(one), _grads(four)
     for name in g1:
-        torch.testing.assert_close(g4[name], g1[name], rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g4[name], g1[name], rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")  # noqa: B023 (called at once)
     # and the clipped global norms agree
     torch.testing.assert_close(one.optimizer_step(), four.optimizer_step(), rtol=1e-6, atol=0)
 
@@ -65,8 +78,14 @@ def test_training_is_reproducible(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path, precision):
-    tr = _trainer(tmp_path, f"training.precision={precision}", "training.steps=4", "logging.every=1",
-                  "optim.lr=1e-2", "optim.warmup_steps=0")
+    tr = _trainer(
+        tmp_path,
+        f"training.precision={precision}",
+        "training.steps=4",
+        "logging.every=1",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+    )
     assert (tr.scaler is not None) == (precision == "fp16")
     hist = tr.train()
     assert all(math.isfinite(r["train/loss"]) for r in hist)
@@ -77,18 +96,37 @@ def test_schedule_reaches_the_optimizer(tmp_path):
     tr = _trainer(tmp_path, "training.steps=10", "optim.warmup_steps=5", "optim.lr=1e-3", "logging.every=1")
     lrs = [r["train/lr"] for r in tr.train()]
     # the lr logged at step s is the one its update used: warmup 1/5, 2/5 ... of 1e-3, peak at step 5, decay
-    assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3) and lrs[5] == pytest.approx(1e-3) and lrs[-1] < lrs[6] < lrs[5]
+    assert (
+        lrs[0] == pytest.approx(2e-4)
+        and lrs[4] == pytest.approx(1e-3)
+        and lrs[5] == pytest.approx(1e-3)
+        and lrs[-1] < lrs[6] < lrs[5]
+    )
 
 
 def test_quickstart_run_writes_every_artifact_and_learns(tmp_path, cache_dir):
     """The real entry point on the default dataset: config, JSONL, TensorBoard, W&B offline; loss falls."""
     run_dir = tmp_path / "run"
-    proc = run_train(["recipe=llama_debug", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "training.steps=60",
-                      "optim.warmup_steps=10", "training.val_every=30", "logging.every=10", "logging.wandb.mode=offline"])
+    proc = run_train(
+        [
+            "recipe=llama_debug",
+            f"run_dir={run_dir}",
+            f"data.cache_dir={cache_dir}",
+            "training.steps=60",
+            "optim.warmup_steps=10",
+            "training.val_every=30",
+            "logging.every=10",
+            "logging.wandb.mode=offline",
+        ]
+    )
     # the start-up banner: what runs, as resolved, and the end-of-run summary
-    assert "shardwise: model llama debug: 5,0" in proc.stdout and "strategy none; precision bf16; world 1" in proc.stdout
-    assert "shardwise: layout pp 1 x dp_replicate 1 x dp_shard 1 x tp 1; global batch 16 = micro-batch 8 x " \
-           "accumulation 2 x dp 1" in proc.stdout
+    assert (
+        "shardwise: model llama debug: 5,0" in proc.stdout and "strategy none; precision bf16; world 1" in proc.stdout
+    )
+    assert (
+        "shardwise: layout pp 1 x dp_replicate 1 x dp_shard 1 x tp 1; global batch 16 = micro-batch 8 x "
+        "accumulation 2 x dp 1" in proc.stdout
+    )
     assert "shardwise: predicted peak per rank (most loaded): " in proc.stdout
     assert "shardwise: done: 60 steps (to step 60), 122,880 tokens in " in proc.stdout
     assert "last checkpoint none" in proc.stdout
@@ -108,8 +146,16 @@ def test_quickstart_run_writes_every_artifact_and_learns(tmp_path, cache_dir):
     assert val[-1]["val/loss"] < 6.5, f"validation loss did not fall enough: {[r['val/loss'] for r in val]}"
     assert val[-1]["val/loss"] < val[1]["val/loss"] < val[0]["val/loss"]
     assert val[-1]["val/perplexity"] == pytest.approx(math.exp(val[-1]["val/loss"]))
-    for key in ("train/grad_norm", "train/lr", "train/tokens_seen", "perf/tokens_per_sec_per_gpu",
-                "perf/tflops_per_gpu", "perf/step_time_s", "mem/peak_rss_gib", "mem/peak_pct"):
+    for key in (
+        "train/grad_norm",
+        "train/lr",
+        "train/tokens_seen",
+        "perf/tokens_per_sec_per_gpu",
+        "perf/tflops_per_gpu",
+        "perf/step_time_s",
+        "mem/peak_rss_gib",
+        "mem/peak_pct",
+    ):
         assert key in train[-1], key
     assert train[-1]["train/tokens_seen"] == 60 * 16 * 128
 
@@ -149,9 +195,19 @@ def test_train_lr_is_the_schedule_base_lr_and_each_multiplier_rule_is_logged(tmp
 
     rules = tmp_path / "r.yaml"
     rules.write_text("base: llama_debug\noptim:\n  lr_multipliers:\n    - {pattern: 'tok_embeddings.*', scale: 0.1}\n")
-    cfg = load_config([f"recipe={rules}", f"run_dir={tmp_path / 'run'}", *TINY, "training.steps=4",
-                       "optim.warmup_steps=2", "optim.lr=1e-3", "logging.every=1", "training.global_batch_size=4",
-                       "training.micro_batch_size=4"])
+    cfg = load_config(
+        [
+            f"recipe={rules}",
+            f"run_dir={tmp_path / 'run'}",
+            *TINY,
+            "training.steps=4",
+            "optim.warmup_steps=2",
+            "optim.lr=1e-3",
+            "logging.every=1",
+            "training.global_batch_size=4",
+            "training.micro_batch_size=4",
+        ]
+    )
     trainer = Trainer(cfg, check(cfg, 1))
     assert trainer.optimizer.param_groups[0]["lr"] != cfg.optim.lr  # the trap: group 0 is not the base
     history = [r for r in trainer.train() if "train/lr" in r]
@@ -170,14 +226,20 @@ def test_start_banner_names_the_layout_and_warns_when_a_strategy_degenerates():
     from helpers import REPO
 
     def dry(recipe, world):
-        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), f"recipe={recipe}", "dry_run=true"],
-                              capture_output=True, text=True, timeout=120, cwd=REPO,
-                              env={**os.environ, "WORLD_SIZE": str(world)})
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "launch" / "train.py"), f"recipe={recipe}", "dry_run=true"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            env={**os.environ, "WORLD_SIZE": str(world)},
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
     assert "warning               parallel.data=hsdp with dp_shard 1 shards nothing: 2 full replicas" in dry(
-        "llama_debug_hsdp", 2)
+        "llama_debug_hsdp", 2
+    )
     assert "warning" not in dry("llama_debug_hsdp", 4)
     assert "warning               parallel.data=fsdp with dp_shard 1 shards nothing" in dry("llama_debug_3d", 4)
     assert "layout                dp_replicate 1 x dp_shard 2 x tp 2 x pp 2" in dry("llama_debug_3d", 8)
@@ -186,9 +248,16 @@ def test_start_banner_names_the_layout_and_warns_when_a_strategy_degenerates():
 def test_fsdp_and_zero_run_as_one_plain_process(tmp_path):
     """`python launch/train.py` (no torchrun) with FSDP or DeepSpeed, as the one-GPU recipes run: a one-rank
     process group is started for them, and the losses are those of the same run without a strategy (fp32)."""
-    args = ["recipe=llama_debug", *[a for a in TINY if a != "logging.jsonl=false"], "training.global_batch_size=4",
-            "training.micro_batch_size=2", "training.steps=3", "optim.warmup_steps=1", "logging.every=1",
-            "training.device=cpu"]
+    args = [
+        "recipe=llama_debug",
+        *[a for a in TINY if a != "logging.jsonl=false"],
+        "training.global_batch_size=4",
+        "training.micro_batch_size=2",
+        "training.steps=3",
+        "optim.warmup_steps=1",
+        "logging.every=1",
+        "training.device=cpu",
+    ]
     got = {}
     for data in ("none", "fsdp", "zero2"):
         run_train([*args, f"parallel.data={data}", f"run_dir={tmp_path / data}"])

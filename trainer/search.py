@@ -18,8 +18,11 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from parallel.plan import GIB, V_SHAPED
-from parallel.timing import Hardware, StepTime, step_time
+from models.args import model_args_of
+from parallel.layout import V_SHAPED
+from parallel.plan import GIB
+from parallel.timing import ACHIEVABLE, Hardware, StepTime, step_time
+from trainer.validate import derive, validate
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv")
 MICRO_BATCHES = (1, 2, 4, 8)
@@ -39,9 +42,14 @@ class Candidate:
         return [f"{k}={v}" for k, v in self.keys.items()]
 
     def to_json(self) -> dict:
-        return {"keys": self.keys, "layout": self.layout, "peak_bytes": self.peak_bytes,
-                "reserve_bytes": self.reserve_bytes, "host_bytes_per_node": self.host_bytes_per_node,
-                "step": self.step.to_json()}
+        return {
+            "keys": self.keys,
+            "layout": self.layout,
+            "peak_bytes": self.peak_bytes,
+            "reserve_bytes": self.reserve_bytes,
+            "host_bytes_per_node": self.host_bytes_per_node,
+            "step": self.step.to_json(),
+        }
 
 
 @dataclass
@@ -82,7 +90,7 @@ def layouts(cfg, args, world_size: int, ranks_per_node: int, max_pp: int | None 
                     datas += [("fsdp", 1)] + [("hsdp", r) for r in _divisors(dp) if 1 < r <= most]
                 if cp == 1 and dp > 1 and tp == 1 and pp == 1:
                     datas += [(z, 1) for z in ("zero1", "zero2", "zero3")] + [("ddp", 1)]
-                for sched in (SCHEDULES if pp > 1 else (str(cfg.parallel.pp_schedule),)):
+                for sched in SCHEDULES if pp > 1 else (str(cfg.parallel.pp_schedule),):
                     stages = pp * (1 if sched == "1f1b" else 2) if pp > 1 else 1
                     if stages > args.n_layers:
                         continue
@@ -93,10 +101,18 @@ def layouts(cfg, args, world_size: int, ranks_per_node: int, max_pp: int | None 
                             yield data, dr, tp, pp, cp, sched, mb
 
 
-def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per_node: int = 8,
-           host_memory_gib: float | None = None, device: str = "cuda", max_pp: int | None = None,
-           offload: bool = True) -> SearchResult:
-    from trainer.config import derive, model_args_of, validate
+def search(
+    cfg,
+    world_size: int,
+    *,
+    capacity_gib: float,
+    hw: Hardware,
+    ranks_per_node: int = 8,
+    host_memory_gib: float | None = None,
+    device: str = "cuda",
+    max_pp: int | None = None,
+    offload: bool = True,
+) -> SearchResult:
 
     started = time.perf_counter()
     args = model_args_of(cfg)
@@ -105,11 +121,21 @@ def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per
     fits: list[Candidate] = []
     n_layouts = refused = too_big = 0
     refusal = ""
+
     def attempt(data, dr, tp, pp, cp, sched, mb, ac, off):
         """(validation's first problem or None, the candidate if it fits)."""
-        keys = {"parallel.data": data, "parallel.dp_replicate": dr if data == "hsdp" else 1, "parallel.dp_shard": -1,
-                "parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp, "parallel.pp_schedule": sched,
-                "training.micro_batch_size": mb, "parallel.ac": ac, "parallel.offload": off}
+        keys = {
+            "parallel.data": data,
+            "parallel.dp_replicate": dr if data == "hsdp" else 1,
+            "parallel.dp_shard": -1,
+            "parallel.tp": tp,
+            "parallel.pp": pp,
+            "parallel.cp": cp,
+            "parallel.pp_schedule": sched,
+            "training.micro_batch_size": mb,
+            "parallel.ac": ac,
+            "parallel.offload": off,
+        }
         for k, v in keys.items():
             OmegaConf.update(base, k, v)
         problems = validate(base, world_size)
@@ -122,15 +148,20 @@ def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per
             return None, None
         if data == "hsdp":
             keys["parallel.dp_shard"] = plan.dims.dp_shard
-        return None, Candidate(keys=keys, layout=layout_label(keys, world_size), peak_bytes=mem.peak_bytes,
-                               reserve_bytes=mem.reserve_bytes, host_bytes_per_node=mem.host_bytes_per_node,
-                               step=step_time(base, args, plan.dims, hw, ranks_per_node=ranks_per_node, device=device))
+        return None, Candidate(
+            keys=keys,
+            layout=layout_label(keys, world_size),
+            peak_bytes=mem.peak_bytes,
+            reserve_bytes=mem.reserve_bytes,
+            host_bytes_per_node=mem.host_bytes_per_node,
+            step=step_time(base, args, plan.dims, hw, ranks_per_node=ranks_per_node, device=device),
+        )
 
     for data, dr, tp, pp, cp, sched, mb in layouts(base, args, world_size, ranks_per_node, max_pp):
         n_layouts += 1
         sharded = data in ("fsdp", "hsdp", "zero1", "zero2", "zero3")
         found, any_valid = None, False
-        for off in (("none", "cpu") if offload and sharded and device == "cuda" else ("none",)):
+        for off in ("none", "cpu") if offload and sharded and device == "cuda" else ("none",):
             # full AC first: the least memory; the lighter (faster) modes are tried only when it fits, or when
             # validation refuses it (e.g. compile x TP x AC) and they may be accepted
             problem, lightest = attempt(data, dr, tp, pp, cp, sched, mb, "full", off)
@@ -159,8 +190,14 @@ def search(cfg, world_size: int, *, capacity_gib: float, hw: Hardware, ranks_per
         elif any_valid:
             too_big += 1
     fits.sort(key=lambda c: c.step.seconds)
-    return SearchResult(fits=fits, layouts=n_layouts, refused=refused, too_big=too_big,
-                        seconds=time.perf_counter() - started, refusal=refusal)
+    return SearchResult(
+        fits=fits,
+        layouts=n_layouts,
+        refused=refused,
+        too_big=too_big,
+        seconds=time.perf_counter() - started,
+        refusal=refusal,
+    )
 
 
 def layout_label(keys: dict, world_size: int) -> str:
@@ -180,16 +217,19 @@ def layout_label(keys: dict, world_size: int) -> str:
 
 
 def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardware) -> str:
-    lines = [f"{result.layouts} layouts tried ({result.refused} configurations refused by validation), "
-             f"{len(result.fits)} fit in {capacity_gib:g} GiB, {result.too_big} do not fit; "
-             f"{result.seconds:.1f} s",
-             f"time model: {hw.name}, matmul {hw.matmul_flops / 1e12:.1f} TFLOP/s, intra-node {hw.intra_bw / 1e9:.0f} GB/s, "
-             f"inter-node {hw.inter_bw / 1e9:.0f} GB/s, memory {hw.mem_bw / 1e9:.0f} GB/s "
-             f"({'measured' if 'measured' in str(hw.source.get('matmul_flops', '')) else 'assumed'}; "
-             f"parallel/timing.py)", "",
-             "| rank | layout | data | AC | mb | offload | peak + reserve GiB | step s | tokens/s/device | MFU | "
-             "compute | exposed comm | bubble | recompute | comm/step GiB |",
-             "| ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"{result.layouts} layouts tried ({result.refused} configurations refused by validation), "
+        f"{len(result.fits)} fit in {capacity_gib:g} GiB, {result.too_big} do not fit; "
+        f"{result.seconds:.1f} s",
+        f"time model: {hw.name}, matmul {hw.matmul_flops / 1e12:.1f} TFLOP/s, intra-node {hw.intra_bw / 1e9:.0f} GB/s, "
+        f"inter-node {hw.inter_bw / 1e9:.0f} GB/s, memory {hw.mem_bw / 1e9:.0f} GB/s "
+        f"({'measured' if 'measured' in str(hw.source.get('matmul_flops', '')) else 'assumed'}; "
+        f"parallel/timing.py)",
+        "",
+        "| rank | layout | data | AC | mb | offload | peak + reserve GiB | step s | tokens/s/device | MFU | "
+        "compute | exposed comm | bubble | recompute | comm/step GiB |",
+        "| ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for i, c in enumerate(result.fits[:top], 1):
         k, s = c.keys, c.step
         p = s.parts
@@ -200,17 +240,20 @@ def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardw
             f"| {i} | {layout} | {k['parallel.data']} | {k['parallel.ac']} | {k['training.micro_batch_size']} | "
             f"{k['parallel.offload']} | {(c.peak_bytes + c.reserve_bytes) / GIB:.1f} | {s.seconds:.3f} | "
             f"{s.tokens_per_sec_per_device:,.0f} | {mfu:.1f}% | {p['compute']:.3f} | {exposed:.3f} | "
-            f"{p.get('bubble', 0):.3f} | {p.get('recompute', 0):.3f} | {s.comm_total / GIB:.1f} |")
+            f"{p.get('bubble', 0):.3f} | {p.get('recompute', 0):.3f} | {s.comm_total / GIB:.1f} |"
+        )
     if not result.fits:
-        why = (f"validation refused every layout, e.g. {result.refusal}" if result.refused and not result.too_big
-               else "nothing fits: raise world_size or gpu_memory_gib, or shorten training.seq_len")
+        why = (
+            f"validation refused every layout, e.g. {result.refusal}"
+            if result.refused and not result.too_big
+            else "nothing fits: raise world_size or gpu_memory_gib, or shorten training.seq_len"
+        )
         lines.append(f"\n{why}")
     return "\n".join(lines)
 
 
 def _achievable(hw: Hardware) -> float:
     """MFU is against the datasheet peak: the assumed rate is ACHIEVABLE of it; a measured rate is the peak."""
-    from parallel.timing import ACHIEVABLE
 
     return ACHIEVABLE if "assumed" in str(hw.source.get("matmul_flops", "")) else 1.0
 

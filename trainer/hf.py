@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from models.llama import ModelArgs, RopeScaling, canonical_name
+from models.args import model_args_of
+from models.llama import ModelArgs, RopeScaling, build_model, canonical_name
+from parallel.zero import is_partitioned, load_full_into_partitions
+from trainer.state import consolidated_state_dict, state_module
 
 _BLOCK = {
     "self_attn.q_proj.weight": "attention.wq.weight",
@@ -33,8 +36,11 @@ _BLOCK = {
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
-_ROOT = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-         "lm_head.weight": "output.weight"}
+_ROOT = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def _halves_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -73,12 +79,17 @@ def _rope_of(c: dict) -> dict | None:
 
 def unsupported_fields(c: dict) -> list[str]:
     """Every field of an HF LLaMA config whose value shardwise does not implement, with the value."""
-    problems = [f"{k}={c[k]!r} (shardwise implements {' or '.join(map(repr, ok)) or 'null only'})"
-                for k, ok in _IMPLEMENTED.items() if k in c and c[k] is not None and c[k] not in ok]
+    problems = [
+        f"{k}={c[k]!r} (shardwise implements {' or '.join(map(repr, ok)) or 'null only'})"
+        for k, ok in _IMPLEMENTED.items()
+        if k in c and c[k] is not None and c[k] not in ok
+    ]
     heads, hidden = c.get("num_attention_heads"), c.get("hidden_size")
     if c.get("head_dim") is not None and heads and hidden and c["head_dim"] != hidden // heads:
-        problems.append(f"head_dim={c['head_dim']} != hidden_size / num_attention_heads = {hidden}/{heads} = "
-                        f"{hidden // heads} (shardwise derives the head size from the width)")
+        problems.append(
+            f"head_dim={c['head_dim']} != hidden_size / num_attention_heads = {hidden}/{heads} = "
+            f"{hidden // heads} (shardwise derives the head size from the width)"
+        )
     rope = _rope_of(c)
     if rope:
         kind = rope.get("rope_type", rope.get("type"))
@@ -92,36 +103,59 @@ def unsupported_fields(c: dict) -> list[str]:
 def args_from_hf_config(c: dict) -> ModelArgs:
     problems = unsupported_fields(c)
     if problems:
-        raise ValueError(f"this Hugging Face config has {len(problems)} setting(s) shardwise does not implement: "
-                         f"{'; '.join(problems)}")
+        raise ValueError(
+            f"this Hugging Face config has {len(problems)} setting(s) shardwise does not implement: "
+            f"{'; '.join(problems)}"
+        )
     scaling = _rope_of(c)
     rope = None
     if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
-        rope = RopeScaling(factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
-                           high_freq_factor=scaling["high_freq_factor"],
-                           original_max_seq_len=scaling["original_max_position_embeddings"])
+        rope = RopeScaling(
+            factor=scaling["factor"],
+            low_freq_factor=scaling["low_freq_factor"],
+            high_freq_factor=scaling["high_freq_factor"],
+            original_max_seq_len=scaling["original_max_position_embeddings"],
+        )
     theta = c.get("rope_theta") or (scaling or {}).get("rope_theta") or 10000.0
-    return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                     n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], vocab_size=c["vocab_size"],
-                     ffn_hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                     rope_theta=float(theta), rope_scaling=rope, max_seq_len=c.get("max_position_embeddings", 4096),
-                     tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    return ModelArgs(
+        dim=c["hidden_size"],
+        n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"],
+        n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        vocab_size=c["vocab_size"],
+        ffn_hidden_dim=c["intermediate_size"],
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=rope,
+        max_seq_len=c.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+    )
 
 
 def model_overrides(args: ModelArgs) -> list[str]:
     """The model.* keys that give a run this shape (for messages: what to set to load a checkpoint)."""
-    out = [f"model.dim={args.dim}", f"model.n_layers={args.n_layers}", f"model.n_heads={args.n_heads}",
-           f"model.n_kv_heads={args.kv_heads}", f"model.vocab_size={args.vocab_size}",
-           f"model.ffn_hidden_dim={args.ffn_hidden}", f"model.norm_eps={args.norm_eps}",
-           f"model.rope_theta={args.rope_theta}", f"model.tie_embeddings={str(args.tie_embeddings).lower()}"]
+    out = [
+        f"model.dim={args.dim}",
+        f"model.n_layers={args.n_layers}",
+        f"model.n_heads={args.n_heads}",
+        f"model.n_kv_heads={args.kv_heads}",
+        f"model.vocab_size={args.vocab_size}",
+        f"model.ffn_hidden_dim={args.ffn_hidden}",
+        f"model.norm_eps={args.norm_eps}",
+        f"model.rope_theta={args.rope_theta}",
+        f"model.tie_embeddings={str(args.tie_embeddings).lower()}",
+    ]
     r = args.rope_scaling
     if r is None:
         out.append("model.rope_scaling.type=none")
     else:
-        out += ["model.rope_scaling.type=llama3", f"model.rope_scaling.factor={r.factor}",
-                f"model.rope_scaling.low_freq_factor={r.low_freq_factor}",
-                f"model.rope_scaling.high_freq_factor={r.high_freq_factor}",
-                f"model.rope_scaling.original_max_seq_len={r.original_max_seq_len}"]
+        out += [
+            "model.rope_scaling.type=llama3",
+            f"model.rope_scaling.factor={r.factor}",
+            f"model.rope_scaling.low_freq_factor={r.low_freq_factor}",
+            f"model.rope_scaling.high_freq_factor={r.high_freq_factor}",
+            f"model.rope_scaling.original_max_seq_len={r.original_max_seq_len}",
+        ]
     return out
 
 
@@ -136,17 +170,34 @@ def _hf_to_ours(name: str) -> str | None:
 
 
 def hf_config(args: ModelArgs) -> dict:
-    c = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
-         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-         "num_key_value_heads": args.kv_heads, "intermediate_size": args.ffn_hidden, "vocab_size": args.vocab_size,
-         "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
-         "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-         "mlp_bias": False, "head_dim": args.head_dim, "torch_dtype": "float32"}
+    c = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "intermediate_size": args.ffn_hidden,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "head_dim": args.head_dim,
+        "torch_dtype": "float32",
+    }
     if args.rope_scaling is not None:
         r = args.rope_scaling
-        c["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
-                             "high_freq_factor": r.high_freq_factor,
-                             "original_max_position_embeddings": r.original_max_seq_len}
+        c["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": r.factor,
+            "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_seq_len,
+        }
     return c
 
 
@@ -203,8 +254,9 @@ def to_hf(sd: dict[str, torch.Tensor], args: ModelArgs, out: str | Path, dtype: 
         elif name.endswith("wk.weight"):
             w = _interleaved_to_halves(w, args.kv_heads)
         hf[f"model.layers.{i}.{inv_block[rest]}"] = w
-    save_file({k: v.to(dtype).contiguous() for k, v in hf.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in hf.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
+    )
     (out / "config.json").write_text(json.dumps(hf_config(args), indent=2))
     return out
 
@@ -219,10 +271,10 @@ def load_full_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], ModelArgs
 
         return load_file(str(path)), None
     if path.is_dir():
-        from trainer.checkpoint import consolidated_state_dict
-
         return consolidated_state_dict(path), None
-    raise ValueError(f"checkpoint.init_from={path}: expected an HF directory, a .safetensors file or a step-N directory")
+    raise ValueError(
+        f"checkpoint.init_from={path}: expected an HF directory, a .safetensors file or a step-N directory"
+    )
 
 
 def source_shapes(path: Path) -> tuple[ModelArgs | None, dict[str, tuple[int, ...]]]:
@@ -261,8 +313,6 @@ def source_shapes(path: Path) -> tuple[ModelArgs | None, dict[str, tuple[int, ..
     if path.is_dir() and (path / "train_state.json").is_file():
         from dataclasses import asdict
 
-        from models.llama import build_model, canonical_name
-
         try:
             m = dict(json.loads((path / "train_state.json").read_text())["model"])
             m["rope_scaling"] = RopeScaling(**m["rope_scaling"]) if m.get("rope_scaling") else None
@@ -271,19 +321,17 @@ def source_shapes(path: Path) -> tuple[ModelArgs | None, dict[str, tuple[int, ..
             raise ValueError(f"{path}/train_state.json is unreadable ({type(e).__name__}: {e})") from None
         model = build_model(args, device="meta")
         return args, {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
-    raise ValueError(f"{path} is not an HF model directory (config.json + *.safetensors), a .safetensors file or "
-                     f"a shardwise step-N checkpoint directory")
+    raise ValueError(
+        f"{path} is not an HF model directory (config.json + *.safetensors), a .safetensors file or "
+        f"a shardwise step-N checkpoint directory"
+    )
 
 
-def init_from_problems(cfg, path: Path, source_args: ModelArgs | None,
-                       shapes: dict[str, tuple[int, ...]]) -> list[str]:
+def init_from_problems(cfg, path: Path, source_args: ModelArgs | None, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Why the weights at `path` cannot start this run's model: every name without a place in the model
     (and the reverse) and every shape that differs, with the model.* keys to set when the source says its
     shape. Empty: every weight has exactly one place."""
     from dataclasses import asdict
-
-    from models.llama import build_model, canonical_name
-    from trainer.config import model_args_of
 
     ours = model_args_of(cfg)
     model = build_model(ours, device="meta")
@@ -296,11 +344,15 @@ def init_from_problems(cfg, path: Path, source_args: ModelArgs | None,
     extra = sorted(set(have) - set(want))
     wrong = [f"{n}: {have[n]} there, {want[n]} here" for n in sorted(set(want) & set(have)) if have[n] != want[n]]
     if missing:
-        problems.append(f"no weights for {len(missing)} parameter(s) of this run's model: "
-                        f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        problems.append(
+            f"no weights for {len(missing)} parameter(s) of this run's model: "
+            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}"
+        )
     if extra:
-        problems.append(f"{len(extra)} weight(s) with no place in this run's model: "
-                        f"{', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}")
+        problems.append(
+            f"{len(extra)} weight(s) with no place in this run's model: "
+            f"{', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}"
+        )
     if wrong:
         problems.append(f"{len(wrong)} shape(s) differ: {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
     if source_args is not None:
@@ -312,8 +364,11 @@ def init_from_problems(cfg, path: Path, source_args: ModelArgs | None,
         if differ:
             problems.append(f"its model differs from this run's ({'; '.join(differ)})")
     if problems:
-        fix = (f"; set the model.* keys to match: {' '.join(model_overrides(source_args))}"
-               if source_args is not None else "")
+        fix = (
+            f"; set the model.* keys to match: {' '.join(model_overrides(source_args))}"
+            if source_args is not None
+            else ""
+        )
         return [f"checkpoint.init_from={path}: {'; '.join(problems)}{fix}"]
     return []
 
@@ -322,14 +377,10 @@ def load_weights(parts, cfg, path: Path) -> None:
     """Overwrite the (already sharded) model parts' weights with the full weights at `path`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from trainer.checkpoint import state_module
-
     sd, args = load_full_state_dict(path)
     problems = init_from_problems(cfg, path, args, {k: tuple(v.shape) for k, v in sd.items()})
     if problems:  # validation checked this before the process group started; the files changed since
         raise ValueError(problems[0])
-    from parallel.zero import is_partitioned, load_full_into_partitions
-
     if is_partitioned(parts):  # ZeRO-3, built partitioned: each rank copies its slice of every tensor
         load_full_into_partitions(parts[0], sd)
         return
@@ -337,4 +388,6 @@ def load_weights(parts, cfg, path: Path) -> None:
     # this rank's stages only, in module order: every rank must visit the names in the same order (the
     # load distributes each full tensor collectively), so never iterate a set here
     names = list(dict.fromkeys(canonical_name(n) for n, _ in module.named_parameters()))
-    set_model_state_dict(module, {k: sd[k] for k in names}, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_model_state_dict(
+        module, {k: sd[k] for k in names}, options=StateDictOptions(full_state_dict=True, strict=False)
+    )

@@ -1,4 +1,5 @@
-"""Helpers that treat plain tensors and DTensors (FSDP2 / TP shards) alike."""
+"""Helpers that treat plain tensors and DTensors (FSDP2 / TP shards) alike. A leaf in the lowest layer (it imports
+nothing of shardwise's), so that the optimizers, the strategies, the memory tracker and the trainer can all use it."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ steps and tracks the third with `parallel.memory.StepMemory`. So a 70B layout at
 laptop in seconds, and launch/plan.py --simulate prints it beside the planner's formulas.
 
 What it cannot see: torch.compile (the simulation runs eager: a compiled block saves fewer tensors, so a
-compiled layout measures on the high side); the device's own kernels (it runs the CPU ones: on a GPU, SDPA's flash and cuDNN
-kernels save different tensors than the CPU one), allocator fragmentation, and DeepSpeed, whose engine
+compiled layout measures on the high side); the device's own kernels (it runs the CPU ones: on a GPU, SDPA's flash
+and cuDNN kernels save different tensors than the CPU one), allocator fragmentation, and DeepSpeed, whose engine
 does not run on FakeTensors, nor does DDP's C++ reducer (ZeRO and DDP layouts are refused with that
 reason). Known pitfalls, handled here:
 the device meshes are built before fake mode is entered (mesh construction creates real tensors); the model
@@ -20,6 +20,19 @@ given their input and output shapes, so that they need no shape-inference round 
 from __future__ import annotations
 
 import torch
+
+from models.args import model_args_of
+from models.dtensor import nbytes
+from models.llama import build_model
+from optim import build_optimizer, build_scheduler
+from parallel import parallelize
+from parallel.layout import n_stages
+from parallel.memory import StepMemory
+from parallel.mesh import World, build_meshes
+from trainer.faults import Faults
+from trainer.profiling import Phases
+from trainer.trainer import Trainer
+from trainer.validate import derive
 
 _INITIALIZED = False
 
@@ -39,29 +52,25 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
     """{category: bytes, "peak": bytes} of rank `rank` at the peak of a simulated step (CPU kernels)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from models.llama import build_model
-    from optim import build_optimizer, build_scheduler
-    from parallel import parallelize
-    from parallel.memory import StepMemory
-    from parallel.mesh import World, build_meshes
-    from trainer.config import derive, model_args_of
-    from trainer.faults import Faults
-    from trainer.profiling import Phases
-    from trainer.trainer import Trainer
-
     data, p = str(cfg.parallel.data), cfg.parallel
     if p.pp > 1 and (str(p.pp_schedule) not in ("gpipe", "1f1b") or p.tp > 1):
-        raise ValueError(f"--simulate: pipeline parallelism is simulated with one stage per rank and without TP "
-                         f"(gpipe, 1f1b); parallel.pp_schedule={p.pp_schedule}, tp={p.tp} fails under fake tensors "
-                         f"(the multi-stage schedules' loss backward, TP's stage shapes); measure it on real ranks")
+        raise ValueError(
+            f"--simulate: pipeline parallelism is simulated with one stage per rank and without TP "
+            f"(gpipe, 1f1b); parallel.pp_schedule={p.pp_schedule}, tp={p.tp} fails under fake tensors "
+            f"(the multi-stage schedules' loss backward, TP's stage shapes); measure it on real ranks"
+        )
     if data.startswith("zero") or data == "ddp":
         what = "DeepSpeed's engine" if data != "ddp" else "DDP's C++ reducer"
-        raise ValueError(f"--simulate: parallel.data={data} runs {what}, which does not run on FakeTensors; measure "
-                         f"this layout on real ranks (logging.memory_breakdown=true)")
+        raise ValueError(
+            f"--simulate: parallel.data={data} runs {what}, which does not run on FakeTensors; measure "
+            f"this layout on real ranks (logging.memory_breakdown=true)"
+        )
     if p.activation_offload:
-        raise ValueError("--simulate: parallel.activation_offload copies real tensors to the host, which fake tensors "
-                         "have not; the plan's terms are the prediction, measure it on real ranks "
-                         "(logging.memory_breakdown=true)")
+        raise ValueError(
+            "--simulate: parallel.activation_offload copies real tensors to the host, which fake tensors "
+            "have not; the plan's terms are the prediction, measure it on real ranks "
+            "(logging.memory_breakdown=true)"
+        )
     _without_data_dependent_setup()
     if cfg.parallel.compile:  # compiling under FakeTensorMode is not what the trainer runs; measure eager
         cfg = cfg.copy()
@@ -79,8 +88,16 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
     trainer.faults, trainer.skipped_steps, trainer._first_nonfinite, trainer.step = Faults(rank), 0, None, 0
     trainer.scaler = None  # (fp16's loss scale changes no byte that the simulation counts)
     trainer.phases = Phases()  # the step's profiler ranges (no NVTX in a simulation)
-    par = parallelize(build_model(args, device="meta"), cfg, plan.dims, world, loss_sum=trainer._logits_loss_sum,
-                      meshes=meshes, fake=fake, stage_shapes=_stage_shapes(cfg, args, plan) if plan.dims.pp > 1 else None)
+    par = parallelize(
+        build_model(args, device="meta"),
+        cfg,
+        plan.dims,
+        world,
+        loss_sum=trainer._logits_loss_sum,
+        meshes=meshes,
+        fake=fake,
+        stage_shapes=_stage_shapes(cfg, args, plan) if plan.dims.pp > 1 else None,
+    )
     with fake:
         trainer.par, trainer.autocast_dtype = par, par.autocast_dtype
         trainer.optimizer = build_optimizer(par.parts, cfg, device_type="cpu")
@@ -105,15 +122,9 @@ def build_cost(cfg, world_size: int, *, rank: int = 0) -> dict:
     `parallelize` (meta model, transforms, allocation, initial weights) with real tensors on the fake process
     group (collectives are no-ops, so nothing waits for the other ranks). Returns the wall time, the growth of
     the process's peak resident memory (ru_maxrss) over the build, and the parameter bytes this rank holds."""
+    import os
     import resource
     import time
-
-    from models.llama import build_model
-    from parallel import parallelize
-    from parallel.mesh import World, build_meshes
-    from trainer.config import derive, model_args_of
-
-    import os
 
     plan = derive(cfg, world_size)
     _fake_process_group(world_size, rank)
@@ -124,13 +135,16 @@ def build_cost(cfg, world_size: int, *, rank: int = 0) -> dict:
     before, start = rss(), time.perf_counter()
     par = parallelize(build_model(model_args_of(cfg), device="meta"), cfg, plan.dims, world, meshes=meshes)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_host_growth_bytes": rss() - before,
-            "param_bytes": _held_param_bytes(par), "world_size": world_size, "rank": rank}
+    return {
+        "seconds": seconds,
+        "peak_host_growth_bytes": rss() - before,
+        "param_bytes": _held_param_bytes(par),
+        "world_size": world_size,
+        "rank": rank,
+    }
 
 
 def _held_param_bytes(par) -> int:
-    from parallel.dtensor import nbytes
-
     seen, total = set(), 0
     for prm in par.parameters():
         if id(prm) not in seen:
@@ -161,19 +175,24 @@ def _without_data_dependent_setup() -> None:
 
 def _stage_shapes(cfg, args, plan):
     """(input, output) example tensors of every pipeline stage (meta tensors: shapes and dtypes only)."""
-    from parallel.plan import n_stages
 
     mb, T = cfg.training.micro_batch_size, cfg.training.seq_len
     # between stages travels the residual stream: fp32, except where the parameters themselves are 16-bit
     mixed = str(cfg.training.precision) != "fp32" and str(cfg.parallel.data) in ("fsdp", "hsdp")
-    hidden_dtype = torch.bfloat16 if mixed and str(cfg.training.precision) == "bf16" else (
-        torch.float16 if mixed else torch.float32)
+    hidden_dtype = (
+        torch.bfloat16
+        if mixed and str(cfg.training.precision) == "bf16"
+        else (torch.float16 if mixed else torch.float32)
+    )
     last = n_stages(str(cfg.parallel.pp_schedule), plan.dims.pp) - 1
     tokens = torch.empty(mb, T, dtype=torch.int64, device="meta")
     # (requires_grad: the stage reads from its example output whether a gradient comes back for it)
     hidden = torch.empty(mb, T, args.dim, dtype=hidden_dtype, device="meta", requires_grad=True)
-    logits_dtype = hidden_dtype if mixed or str(cfg.training.precision) == "fp32" else (
-        torch.bfloat16 if str(cfg.training.precision) == "bf16" else torch.float16)
+    logits_dtype = (
+        hidden_dtype
+        if mixed or str(cfg.training.precision) == "fp32"
+        else (torch.bfloat16 if str(cfg.training.precision) == "bf16" else torch.float16)
+    )
     logits = torch.empty(mb, T, args.vocab_size, dtype=logits_dtype, device="meta", requires_grad=True)
     return lambda sid: (tokens if sid == 0 else hidden, logits if sid == last else hidden)
 
@@ -182,8 +201,12 @@ def comparison(memory, simulated: dict) -> str:
     """The planner's categories for the most loaded rank beside the simulation's, with the differences."""
     top = memory.most_loaded
     predicted = top.by_category()
-    lines = ["", f"simulated (fake process group, FakeTensorMode, torch's MemTracker; CPU kernels), pipeline rank "
-                 f"{top.pp_rank}:", f"  {'category':<16} {'predicted':>14} {'simulated':>14} {'difference':>11}"]
+    lines = [
+        "",
+        f"simulated (fake process group, FakeTensorMode, torch's MemTracker; CPU kernels), pipeline rank "
+        f"{top.pp_rank}:",
+        f"  {'category':<16} {'predicted':>14} {'simulated':>14} {'difference':>11}",
+    ]
     keys = [k for k in simulated if k != "peak" and (simulated[k] or predicted.get(k))]
     for k in [*keys, "peak"]:
         p = top.peak_bytes if k == "peak" else predicted.get(k, 0)

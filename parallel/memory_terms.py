@@ -1,0 +1,835 @@
+"""The memory terms of one rank, each a named function whose docstring states its formula: the per-tensor
+arithmetic (optimizer state, the storages a block saves for backward, the recompute under AC, context-parallel
+attention's buffers) and, built from it, the terms of one pipeline rank at each moment of a step (model states,
+gradients, FSDP's gathered parameters, activations, the loss's temporaries, a block's backward, the optimizer
+step). parallel/plan.py assembles them into the three moments and picks the peak.
+
+Every term names the tensors it counts and the tracker category they fall in (`parallel.memory.CATEGORIES`, what
+torch's MemTracker / FSDPMemTracker measure). Pure arithmetic, like parallel/layout.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from models.llama import TP_SPLIT_DIM
+from parallel.layout import (
+    PERSISTENCE_THRESHOLD,
+    V_SHAPED,
+    ZERO_STAGES,
+    ParallelDims,
+    bucket_elements,
+    data_strategy,
+    in_flight,
+    microbatches,
+    n_stages,
+    reshards_after_forward,
+    split_blocks,
+    stage_ids,
+)
+
+
+@dataclass
+class Term:
+    name: str  # what it counts, e.g. "block activations x 4 blocks x 2 in flight"
+    bytes: int
+    category: str  # the tracker category it is measured in (parallel.memory.CATEGORIES), or "host"
+    note: str = ""
+
+
+SAVE_COMPUTE = ("fp32", "autocast", "mixed")  # how activations are stored (see _precision_mode)
+
+
+# bytes per element of the update's temporaries, for one parameter (torch's foreach AdamW: the sqrt of the second
+# moment; adamw_bf16: the fp32 copies of both moments, the noise and the rounding, 23 bytes, and with bf16
+# parameters their fp32 copy and its own rounding, 31; measured with torch's MemTracker, torch 2.13)
+UPDATE_TEMPORARY = {"adamw": (4, 4), "adamw_bf16": (23, 31)}
+
+
+def _update_bytes(opt: str, elements: int, master_weights: bool) -> int:
+    fp32, bf16 = UPDATE_TEMPORARY[opt]
+    return (fp32 if master_weights else bf16) * elements
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def optimizer_state_bytes(name: str, shape: tuple[int, ...], *, adafactor_beta1: bool = False) -> int:
+    """Bytes of optimizer state for one (local) tensor of this shape, as each optimizer allocates it
+    (the scalar step counters apart: `step_counter_bytes`)."""
+    n = math.prod(shape)
+    if name == "adamw":
+        return 8 * n
+    if name == "adamw_bf16":
+        return 4 * n
+    if name == "adamw8bit":  # torchao: int8 codes + an fp32 scale per 256 values + two 256-entry code maps
+        if n >= 4096 and n % 256 == 0:
+            return 2 * (n + 4 * (n // 256) + 4 * 256)
+        return 8 * n
+    if name == "adafactor":
+        factored = 4 * (shape[-2] + shape[-1]) if len(shape) >= 2 else 4 * n
+        return factored + (4 * n if adafactor_beta1 else 0)
+    raise ValueError(f"optim.name={name}: no state model")
+
+
+STEP_COUNTER_BYTES = {"adamw": 4, "adamw_bf16": 4, "adamw8bit": 4, "adafactor": 4}  # one fp32 scalar per tensor
+
+
+@dataclass
+class _Param:
+    name: str
+    full: tuple[int, ...]
+    tp: tuple[int, ...]  # after the TP split (the FSDP unit's unsharded shape)
+    local: tuple[int, ...]  # what this rank stores (after FSDP's dim-0 split)
+    unit: str  # the FSDP unit: "root" or the block index
+    decay: bool  # in the weight-decayed optimizer group (matrices, not embeddings unless decay_embeddings)
+
+
+def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_Param], list[int], bool, bool, int]:
+    """This pipeline rank's parameters, its block indices, whether it holds the first / last stage, and parts."""
+    p = cfg.parallel
+    sched, data = str(p.pp_schedule), data_strategy(cfg)
+    total = n_stages(sched, dims.pp)
+    mine = stage_ids(sched, pp_rank, dims.pp)
+    ranges = split_blocks(args.n_layers, total)
+    blocks = {i for s in mine for i in ranges[s]}
+    first, last = 0 in mine, total - 1 in mine
+    shapes = args.param_shapes()
+    if args.tie_embeddings and last and not first:  # the last stage's output projection holds its own copy
+        shapes.append(("output.weight", (args.vocab_size, args.dim)))
+    out, decay_embeddings = [], bool(cfg.optim.decay_embeddings)
+    for name, shape in shapes:
+        if name.startswith("layers."):
+            unit, module = name.split(".")[1], name.split(".", 2)[2].rsplit(".", 1)[0]
+            keep = int(unit) in blocks
+        else:
+            unit, module = "root", name.rsplit(".", 1)[0]
+            keep = first if module == "tok_embeddings" else last
+        if not keep:
+            continue
+        tp_shape = list(shape)
+        if dims.tp > 1 and (d := TP_SPLIT_DIM.get(module)) is not None:
+            tp_shape[d] = _ceil(tp_shape[d], dims.tp)
+        local = list(tp_shape)
+        if data in ("fsdp", "hsdp"):
+            local[0] = _ceil(local[0], dims.dp_shard * dims.cp)
+        decay = len(shape) >= 2 and (decay_embeddings or module != "tok_embeddings")
+        out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay))
+    return out, sorted(blocks), first, last, len(mine)
+
+
+def _precision_mode(cfg) -> str:
+    """How compute tensors are stored: fp32; `autocast` (bf16/fp16 autocast over fp32 parameters: the residual
+    stream and the norms stay fp32, every linear casts its input and weight); `mixed` (the parameters themselves
+    are cast for compute: FSDP's param_dtype, DeepSpeed's bf16/fp16 module: every activation in 2 bytes)."""
+    if str(cfg.training.precision) == "fp32":
+        return "fp32"
+    if not cfg.training.master_weights:  # the parameters are stored in bf16 (no cast, no fp32 copy)
+        return "mixed"
+    return "mixed" if data_strategy(cfg) in ("fsdp", "hsdp", *ZERO_STAGES) else "autocast"
+
+
+SELECTIVE_EVERY_SECOND = "selective_every_second"  # ac=selective with sac_matmuls=every_second, as the formulas see it
+
+
+def ac_mode(cfg) -> str:
+    """parallel.ac as the formulas take it: none, full, selective, or selective_every_second."""
+    p = cfg.parallel
+    ac = str(p.ac)
+    return SELECTIVE_EVERY_SECOND if ac == "selective" and str(p.sac_matmuls) == "every_second" else ac
+
+
+def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
+    """Per token of the micro-batch (averaged over the sequence), the bytes of each storage one block saves for
+    backward, as this model's ops run: RMSNorm saves its input, the normalized input and 1/rms; the linears their
+    input (under autocast each linear its own cast copy); RoPE's outputs q and k; SDPA q, k, v (k and v repeated to
+    the query heads under model.expand_kv), its output and the fp32 log-sum-exp; SwiGLU the gate and up outputs,
+    silu(gate) and the product. Under TP with sequence parallelism the residual stream and the norms are split over
+    the sequence (1/tp), the linears' gathered inputs are whole (D per token), heads and hidden units are split
+    (1/tp). (Activation offloading moves them storage by storage: parallel/offload.py.)"""
+    D, H = args.dim, args.n_heads
+    Q, K, F = H * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden
+    t = tp
+    if mode == "fp32":
+        res, lin, out = 4, 4, 4  # bytes: residual stream / norms, linear inputs, linear outputs
+    elif mode == "autocast":
+        res, lin, out = 4, 2, 2
+    else:
+        res, lin, out = 2, 2, 2
+    if ac == "full":
+        return [res * D / t]  # the block's input only
+    if ac.startswith("selective"):  # saved: the input, every matmul's output, SDPA's outputs; the rest is recomputed
+        # under TP the row-parallel matmuls (wo, w2) are recomputed and their reduce-scattered outputs saved
+        rows = [out * D / t] * 2 if t > 1 else [out * D] * 2
+        if ac == SELECTIVE_EVERY_SECOND:  # wk, wo and w3 recomputed (under TP wo's reduce-scattered output is kept)
+            return [
+                res * D / t,
+                out * Q / t,
+                out * K / t,
+                out * Q / t,
+                out * F / t,
+                4 * H / t,
+                *(rows if t > 1 else rows[:1]),
+            ]
+        return [
+            res * D / t,
+            out * Q / t,
+            out * K / t,
+            out * K / t,
+            out * Q / t,
+            out * F / t,
+            out * F / t,
+            4 * H / t,
+            *rows,
+        ]
+    norms = 2 * _norm_tensors(D, mode, t)  # two RMSNorms
+    casts = 3 if mode == "autocast" else 1  # autocast casts the shared input once per linear (wq, wk, wv)
+    gathered = [lin * D] * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
+    # rope(q), rope(k), v, SDPA out, lse; with model.expand_kv SDPA saves the keys and values repeated to the query
+    # heads instead (repeat_interleave's backward saves nothing)
+    kv = Q if args.kv_expanded else K
+    attention = [out * Q / t, out * kv / t, out * kv / t, out * Q / t, 4 * H / t]
+    mlp = [out * F / t] * 4  # gate, silu(gate), up, product
+    return norms + gathered + attention + mlp
+
+
+def blocks_by_ac(cfg, n_blocks: int) -> dict[str, int]:
+    """How many of a stage's `n_blocks` run under each AC mode: parallel.ac_every=k checkpoints the blocks whose
+    index in the stage is a multiple of k (parallel/activation.py apply_ac; full AC only), the rest keep
+    everything."""
+    ac, k = ac_mode(cfg), int(cfg.parallel.ac_every)
+    if ac != "full" or k <= 1:
+        return {ac: n_blocks}
+    checkpointed = -(-n_blocks // k)
+    return {"full": checkpointed, "none": n_blocks - checkpointed}
+
+
+def offloaded_per_token(cfg, args, tp: int, ac: str | None = None) -> float:
+    """parallel.activation_offload: per token of the micro-batch, the bytes of a block's saved storages that go to
+    the host (parallel/offload.py): those of at least activation_offload_min_bytes. Eager selective AC keeps its
+    chosen outputs in the checkpoint's own cache, out of the hooks' reach, so only the block input moves (a
+    compiled block saves them as its graph's outputs, which the hooks see)."""
+    p = cfg.parallel
+    if not p.activation_offload:
+        return 0.0
+    ac = ac or ac_mode(cfg)  # (`ac`: of one kind of block, under parallel.ac_every)
+    saved = block_saved_tensors(args, ac=ac, mode=_precision_mode(cfg), tp=tp)
+    movable = saved[:1] if ac.startswith("selective") and not p.compile else saved
+    mb_tokens = cfg.training.micro_batch_size * cfg.training.seq_len // max(p.cp, 1)
+    return sum(b for b in movable if b * mb_tokens >= p.activation_offload_min_bytes)
+
+
+def cp_attention_bytes(cfg, args, dims: ParallelDims) -> float:
+    """What parallel/context.py's attention holds in a block's backward beyond the saved activations: allgather,
+    every rank's keys and values (the whole sequence) and an fp32 gradient buffer for each; ring, this block
+    and the one arriving, and the travelling fp32 gradients (the one held, the one arriving); both, the fp32
+    query gradient and one kernel call's keys and values expanded to the query heads."""
+    t = cfg.training
+    mode = _precision_mode(cfg)
+    compute = 4 if mode == "fp32" else 2
+    kv = args.kv_heads * args.head_dim / dims.tp  # per token, keys (or values)
+    local = t.micro_batch_size * t.seq_len // dims.cp
+    if str(cfg.parallel.cp_rotate) == "allgather":
+        held = dims.cp * local * 2 * kv * (compute + 4)
+    else:
+        held = local * 2 * kv * (2 * compute + 2 * 4)
+    q = args.n_heads * args.head_dim / dims.tp
+    expanded = (local // 2) * 2 * q * compute  # one chunk's keys and values at the query heads
+    return held + local * q * 4 + expanded
+
+
+def block_activation_bytes(args, *, ac: str, mode: str, tp: int) -> float:
+    """Bytes one block saves for backward, per token of the micro-batch: `block_saved_tensors` summed."""
+    return sum(block_saved_tensors(args, ac=ac, mode=mode, tp=tp))
+
+
+def _norm_tensors(D: int, mode: str, tp: int) -> list[float]:
+    """Per token, what one RMSNorm saves: its input, the normalized input and 1/rms in the residual dtype (under
+    tensor parallelism on the sequence-sharded input). (Four fp32 copies of the input were measured here under
+    FSDP's bf16 parameters with TP while FSDP cast the blocks' inputs, the RoPE tables among them, to 16 bits; the
+    blocks no longer cast their inputs, and the tracker measures the plain three.)"""
+    res = 2 if mode == "mixed" else 4
+    return [res * D / tp, res * D / tp, res / tp]
+
+
+def _norm_bytes(D: int, mode: str, tp: int) -> float:
+    return sum(_norm_tensors(D, mode, tp))
+
+
+def block_recompute_bytes(args, *, ac: str, mode: str, tp: int) -> tuple[float, float]:
+    """Per token, (activations, gradient temporaries) a block adds during its own backward: under AC its
+    forward recomputed (what the un-checkpointed block saves, less what it kept), and the gradients of its
+    output and of the MLP's gate and up projections."""
+    res, g = (4, 4) if mode == "fp32" else (4, 2) if mode == "autocast" else (2, 2)
+    temps = res * args.dim / tp + g * 2 * args.ffn_hidden / tp
+    if ac == "none":
+        return 0.0, temps
+    everything = block_activation_bytes(args, ac="none", mode=mode, tp=tp)
+    if ac == "full":
+        recomputed = everything - block_activation_bytes(args, ac="full", mode=mode, tp=tp)  # the input is kept
+    else:  # selective: the kept matmul and attention outputs are reused, not made again
+        D, H = args.dim, args.n_heads
+        Q, K, F = H * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden
+        out = 4 if mode == "fp32" else 2
+        # input, v, SDPA out, gate, up (every_second: recomputed); lse
+        shared = res * D / tp + out * (Q + K + (F if ac == SELECTIVE_EVERY_SECOND else 2 * F)) / tp + 4 * H / tp
+        recomputed = everything - shared
+    return max(recomputed, 0.0), temps
+
+
+# DeepSpeed's bucket-sized buffers held at the peak, by (ZeRO stage, compute bytes): the double-buffered
+# reduce buckets of overlap_comm (the gradient partition of stages 2 and 3 is a term of its own). Measured
+# with the tracker on CPU (tests/distributed/test_memory_plan.py keeps it true).
+_DS_BUFFERS = {(1, 4): 2, (1, 2): 2, (2, 4): 2, (2, 2): 2, (3, 4): 2, (3, 2): 2}
+
+
+def _ds_setting(cfg, key: str, default: int) -> int:
+    """A zero_optimization value of the ds_config: the recipe's parallel.deepspeed override, else ours."""
+    zero = (cfg.parallel.deepspeed or {}).get("zero_optimization") or {}
+    return int(zero.get(key, default))
+
+
+def _model_states(cfg, params: list[_Param], dims: ParallelDims) -> dict[str, int]:
+    """Bytes of parameters, gradients (all of the step's), optimizer state and (ZeRO) fp32 master copies that
+    one rank of this pipeline stage stores, wherever they live (device or, offloaded, host)."""
+    data, o = data_strategy(cfg), cfg.optim
+    n_local = sum(math.prod(q.local) for q in params)
+    if data in ZERO_STAGES:
+        stage, compute = ZERO_STAGES[data], 4 if str(cfg.training.precision) == "fp32" else 2
+        part = _ceil(n_local, dims.dp_size)
+        # DeepSpeed keeps the module in the compute dtype, an fp32 master partition and AdamW's moments over it;
+        # ZeRO-1 holds whole gradients until the boundary, ZeRO-2/3 only their partition
+        return {
+            "params": compute * (part if stage == 3 else n_local),
+            "master": 4 * part,
+            "grads": compute * (n_local if stage == 1 else part),
+            "optim": 8 * part,
+        }
+    beta1, name = o.adafactor.beta1 is not None, str(o.name)
+    width = 4 if cfg.training.master_weights else 2  # training.master_weights=false: bf16 parameters and gradients
+    return {
+        "params": width * n_local,
+        "grads": width * n_local,
+        "optim": sum(optimizer_state_bytes(name, q.local, adafactor_beta1=beta1) for q in params),
+    }
+
+
+def model_states(cfg, args, dims: ParallelDims) -> list[dict[str, int]]:
+    """`_model_states` of every rank, in rank order (ranks are pipeline-major: pp is the outermost mesh axis)."""
+    per_stage = [_model_states(cfg, _params_of_rank(args, cfg, dims, r)[0], dims) for r in range(dims.pp)]
+    per = dims.world_size // dims.pp
+    return [per_stage[rank // per] for rank in range(dims.world_size)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The terms of one pipeline rank, moment by moment (parallel/plan.py assembles them)
+
+
+@dataclass(frozen=True)
+class RankShape:
+    """What every term of one pipeline rank reads, derived once from the config, the model and the layout."""
+
+    cfg: object
+    args: object
+    dims: ParallelDims
+    pp_rank: int
+    device: str
+    data: str  # parallel.data as resolved (data_strategy)
+    ac: str  # ac_mode: none, full, selective, selective_every_second
+    mode: str  # _precision_mode: fp32, autocast, mixed
+    params: list  # this rank's _Params
+    first: bool  # holds the first pipeline stage (the embedding)
+    last: bool  # holds the last stage (the output projection and the loss)
+    n_parts: int  # model parts (stages) this rank holds
+    mb_tokens: int  # tokens of one micro-batch on this rank: micro_batch_size x seq_len / cp
+    n_micro: int  # micro-batches per step
+    flying: dict  # {stage id: microbatches in flight} at the rank's fullest moment (in_flight)
+    ranges: list  # the blocks of every stage
+    offload: bool  # parallel.offload=cpu on a device (on CPU the host is the device)
+    states: dict  # _model_states: params, grads, optim (and master) bytes
+
+    @property
+    def fsdp(self) -> bool:
+        return self.data in ("fsdp", "hsdp")
+
+    @property
+    def zero(self) -> bool:
+        return self.data in ZERO_STAGES
+
+    @property
+    def compute(self) -> int:  # bytes of a compute-dtype element
+        return 4 if self.mode == "fp32" else 2
+
+    @property
+    def last_stage(self) -> int:
+        return n_stages(str(self.cfg.parallel.pp_schedule), self.dims.pp) - 1
+
+    @property
+    def local_elements(self) -> int:
+        """Elements of the parameters this rank stores (after the TP and FSDP splits)."""
+        return sum(math.prod(q.local) for q in self.params)
+
+    def tp_elements(self, unit=None) -> int:
+        """Elements of this rank's parameters after the TP split, before FSDP's (of one FSDP unit, or all)."""
+        return sum(math.prod(q.tp) for q in self.params if unit is None or q.unit == unit)
+
+    @property
+    def per_block(self) -> int:
+        """The largest block's parameter elements after the TP split (what FSDP gathers for one block)."""
+        return max((self.tp_elements(u) for u in {q.unit for q in self.params} if u != "root"), default=0)
+
+
+def rank_shape(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankShape:
+    t, sched = cfg.training, str(cfg.parallel.pp_schedule)
+    params, _, first, last, n_parts = _params_of_rank(args, cfg, dims, pp_rank)
+    n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
+    return RankShape(
+        cfg=cfg,
+        args=args,
+        dims=dims,
+        pp_rank=pp_rank,
+        device=device,
+        data=data_strategy(cfg),
+        ac=ac_mode(cfg),
+        mode=_precision_mode(cfg),
+        params=params,
+        first=first,
+        last=last,
+        n_parts=n_parts,
+        mb_tokens=t.micro_batch_size * t.seq_len // dims.cp,
+        n_micro=n_micro,
+        flying=in_flight(sched, dims.pp, pp_rank, n_micro),
+        ranges=split_blocks(args.n_layers, n_stages(sched, dims.pp)),
+        offload=str(cfg.parallel.offload) == "cpu" and device != "cpu",
+        states=_model_states(cfg, params, dims),
+    )
+
+
+def model_state_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
+    """(the states every moment holds, ZeRO-3's gathered parameters in use). Plain and FSDP: the parameters
+    (4 or 2 bytes x local elements) and the optimizer state with its step counters (`optimizer_state_bytes`).
+    DeepSpeed: the module in the compute dtype (its partition under ZeRO-3, plus the persisted small parameters),
+    the fp32 master partition (4 x n / dp), AdamW's moments over it (8 x n / dp), and its reduce buckets
+    (`_DS_BUFFERS` x reduce_bucket_size x gradient bytes); ZeRO-3's gathered parameters in use are
+    min(n_local - persisted, stage3_max_live_parameters) x compute bytes. Always: the RoPE tables,
+    parts x 2 x max_seq_len x head_dim / 2 x 4 bytes. Offloaded states are counted as host memory."""
+    cfg, args, t, dims, ms = r.cfg, r.args, r.cfg.training, r.dims, r.states
+    compute, opt = r.compute, str(cfg.optim.name)
+    n_local = r.local_elements
+    states: list[Term] = []
+    gathered_zero: list[Term] = []
+    if r.zero:
+        stage = ZERO_STAGES[r.data]
+        grad_bytes = 2 if compute == 2 else 4
+        states.append(
+            Term(
+                f"parameters ({'partition' if stage == 3 else 'whole model'}, {compute}-byte)",
+                ms["params"],
+                "params",
+                "DeepSpeed casts the module to the compute dtype" if compute == 2 else "",
+            )
+        )
+        states.append(Term("fp32 master partition", ms["master"], "host" if r.offload else "master"))
+        states.append(Term("AdamW moments over the partition", ms["optim"], "host" if r.offload else "optim"))
+        if stage == 3:
+            threshold = _ds_setting(cfg, "stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
+            small = sum(math.prod(q.full) for q in r.params if math.prod(q.full) < threshold)
+            states.append(
+                Term(f"persisted parameters (< {threshold:,} elements, kept gathered)", compute * small, "params")
+            )
+        bucket = _ds_setting(cfg, "reduce_bucket_size", bucket_elements(args.num_params()))
+        if stage == 3:
+            live = min(n_local - small, _ds_setting(cfg, "stage3_max_live_parameters", bucket))
+            gathered_zero = [
+                Term(
+                    f"gathered parameters in use (up to stage3_max_live_parameters = {live:,})",
+                    compute * live,
+                    "params",
+                )
+            ]
+        n_buckets = _DS_BUFFERS[(stage, compute)]
+        states.append(
+            Term(
+                f"DeepSpeed buffers: {n_buckets} x reduce bucket of {bucket:,} elements x {grad_bytes} bytes",
+                n_buckets * bucket * grad_bytes,
+                "temporaries",
+                "measured layout of DeepSpeed 0.19",
+            )
+        )
+    else:
+        what = "shards" if r.fsdp else ("TP shards" if dims.tp > 1 else "whole stage" if dims.pp > 1 else "whole model")
+        kind = "fp32" if t.master_weights else "bf16 (no fp32 masters)"
+        host = r.offload and r.fsdp
+        states.append(Term(f"{kind} parameters ({what})", ms["params"], "host" if host else "params"))
+        states.append(
+            Term(
+                f"optimizer state ({opt}, with its step counters)",
+                ms["optim"] + STEP_COUNTER_BYTES[opt] * len(r.params),
+                "host" if host else "optim",
+            )
+        )
+    hd = args.head_dim
+    states.append(Term("RoPE tables (cos, sin)", r.n_parts * 2 * args.max_seq_len * (hd // 2) * 4, "buffers"))
+    return states, gathered_zero
+
+
+def gradients_at_loss(r: RankShape) -> list[Term]:
+    """The gradients standing when the last micro-batch's backward starts: none without accumulation (or while
+    every micro-batch is still in flight); with it, all of the step's gradients as the rank holds them
+    (`_model_states`' grads), or under FSDP's accumulate_unsharded_grads (and the V schedules' split backward)
+    4 bytes x the rank's TP-split elements, unsharded. DeepSpeed ZeRO-2/3 keep their gradient partition
+    allocated from the first step."""
+    p, dims = r.cfg.parallel, r.dims
+    grads_where = "host" if r.offload and r.fsdp else "grads"
+    terms: list[Term] = []
+    if r.n_micro > max(r.flying.values()):  # gradients of earlier micro-batches exist at the peak
+        # (under pipelining the V schedules' split backward keeps torch's unsharded accumulation: parallel/pipeline.py)
+        if r.fsdp and (p.accumulate_unsharded_grads or (dims.pp > 1 and str(p.pp_schedule) in V_SHAPED)):
+            terms.append(
+                Term(
+                    "unsharded fp32 gradients accumulated over micro-batches",
+                    4 * r.tp_elements(),
+                    "unsharded_grads",
+                    "reduce-scattered once, after the last micro-batch",
+                )
+            )
+        elif not r.zero or ZERO_STAGES[r.data] == 1:
+            terms.append(Term("gradients accumulated over micro-batches", r.states["grads"], grads_where))
+    if r.zero and ZERO_STAGES[r.data] > 1:  # DeepSpeed's gradient partition is allocated once and kept
+        terms = [Term("gradient partition (DeepSpeed's contiguous buffer, kept)", r.states["grads"], "grads")]
+    return terms
+
+
+def fsdp_gathered(r: RankShape) -> tuple[list[Term], list[Term]]:
+    """FSDP's gathered parameters in the compute dtype at (the loss's backward, a block's backward): the output
+    unit (final norm, output projection; the embedding too when tied) is kept gathered from its forward into its
+    backward; in a block's backward that block and the prefetched next, 2 x compute x per_block. With
+    reshard_after_forward off every unit stays gathered: compute x the rank's TP-split elements at both."""
+    if not r.fsdp:
+        return [], []
+    args = r.args
+    at_loss: list[Term] = []
+    at_block: list[Term] = []
+    head = sum(
+        math.prod(q.tp)
+        for q in r.params
+        if q.unit == "root" and (args.tie_embeddings or not q.name.startswith("tok_embeddings"))
+    )
+    if r.last:
+        at_loss.append(
+            Term(
+                "gathered output projection and final norm (kept from forward into backward)",
+                r.compute * head,
+                "gathered_params",
+            )
+        )
+    if reshards_after_forward(r.cfg):
+        at_block.append(
+            Term(
+                "gathered blocks: the one in backward and the prefetched next",
+                2 * r.compute * r.per_block,
+                "gathered_params",
+            )
+        )
+    else:  # reshard_after_forward off (the default under pipelining): every unit stays gathered
+        kept = Term(
+            "gathered parameters: all of this rank's (reshard_after_forward off)",
+            r.compute * r.tp_elements(),
+            "gathered_params",
+        )
+        at_loss[:] = [kept]
+        at_block.append(kept)
+    return at_loss, at_block
+
+
+@dataclass(frozen=True)
+class BlockActivations:
+    """The (block, microbatch) pairs a rank holds by AC kind, and what offloading moves of each."""
+
+    pairs: dict  # {AC kind: (block, microbatch) pairs held}
+    moved_of: dict  # {AC kind: bytes per token one block of that kind sends to the host}
+    held: str  # "stage s: blocks x microbatches", for the terms' names
+
+    @property
+    def count(self) -> int:
+        return sum(self.pairs.values())
+
+    @property
+    def moved(self) -> float:
+        return max(self.moved_of.values(), default=0.0)
+
+
+def block_activations(r: RankShape) -> BlockActivations:
+    pairs: dict[str, int] = {}
+    for sid, n in r.flying.items():
+        for kind, count in blocks_by_ac(r.cfg, len(r.ranges[sid])).items():
+            pairs[kind] = pairs.get(kind, 0) + count * n
+    held = ", ".join(f"stage {sid}: {len(r.ranges[sid])} x {n}" for sid, n in r.flying.items())
+    moved_of = {kind: offloaded_per_token(r.cfg, r.args, r.dims.tp, ac=kind) for kind in pairs}
+    return BlockActivations(pairs=pairs, moved_of=moved_of, held=held)
+
+
+def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], list[Term]]:
+    """(activations, pipeline buffers). The blocks' saved tensors: sum over AC kinds of
+    (block_activation_bytes - offloaded_per_token) x pairs x mb_tokens on the device, the moved part as host;
+    autocast's 2-byte weight copies of the blocks that are not checkpointed (2 x their matrix elements, scaled by
+    the share of plain blocks under ac_every; none under float8, whose Float8Linear saves the weight itself);
+    under pipelining the stage outputs kept for backward (boundary x microbatches in flight of non-last stages)
+    and the receive buffers (boundary x one per microbatch of every stage that receives), where the boundary is
+    one microbatch's hidden state, 4 (2 when mixed) x D / tp x mb_tokens."""
+    args, dims, t = r.args, r.dims, r.cfg.training
+    ac, mode, pairs = r.ac, r.mode, b.pairs
+    blk = {kind: block_activation_bytes(args, ac=kind, mode=mode, tp=dims.tp) for kind in pairs}
+    kinds = " and ".join(f"{pairs[k]} under {k} AC" for k in pairs) if len(pairs) > 1 else f"{ac} AC"
+    acts = [
+        Term(
+            f"block activations ({kinds}), blocks x microbatches in flight: {b.held}"
+            + (" (what offloading leaves on the device)" if b.moved else ""),
+            int(sum((blk[k] - b.moved_of[k]) * pairs[k] for k in pairs) * r.mb_tokens),
+            "activations",
+        )
+    ]
+    if b.moved:
+        acts.append(
+            Term(
+                f"offloaded block activations (parallel.activation_offload): {b.held}",
+                int(sum(b.moved_of[k] * pairs[k] for k in pairs) * r.mb_tokens),
+                "host",
+            )
+        )
+    float8 = str(t.float8) != "none"
+    plain = b.count and pairs.get("full", 0) < b.count  # some blocks not checkpointed
+    if mode == "autocast" and plain and not float8:  # autocast's weight casts, saved for backward by each linear
+        # of a block that is not checkpointed (one copy: autocast caches them for its region, and a pipeline step
+        # runs in one region; under ac_every the share of the blocks that keep everything)
+        share = 1.0 - pairs.get("full", 0) / b.count if ac == "full" else 1.0
+        w = share * sum(math.prod(q.tp) for q in r.params if q.unit != "root" and len(q.full) == 2)
+        acts.append(Term("autocast's 2-byte copies of the block weights", int(2 * w), "activations"))
+    boundary = (4 if mode != "mixed" else 2) * args.dim / dims.tp * r.mb_tokens  # one microbatch's hidden state
+    pipeline: list[Term] = []
+    if dims.pp > 1:
+        recv = sum(r.n_micro for sid in r.flying if sid != 0) + sum(
+            r.n_micro for sid in r.flying if sid != r.last_stage
+        )
+        pipeline.append(
+            Term(
+                f"pipeline receive buffers: {recv} (activations into a stage, gradients into its "
+                f"output; one per microbatch, kept)",
+                int(recv * boundary),
+                "other",
+            )
+        )
+        sent = sum(n for sid, n in r.flying.items() if sid != r.last_stage)
+        acts.append(
+            Term(
+                f"stage outputs kept for their backward ({sent} microbatches in flight)",
+                int(sent * boundary),
+                "activations",
+            )
+        )
+    return acts, pipeline
+
+
+def loss_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
+    """(the loss's saved activations, its backward's temporaries), on the last stage only. Whole logits: per
+    token the final norm's tensors, the output projection's input, the fp32 log-softmax (4 x V / tp under
+    loss_parallel) and the targets, x the last stage's microbatches in flight; temporaries 2 (3 under
+    loss_parallel) x 4 x V_local x mb_tokens. training.loss_chunks=c (models/loss.py): the norm, the output input,
+    the log-sum-exp and the targets per token; the temporaries of one chunk's logits (4 + compute bytes x V_local
+    x tokens / c), the hidden states' gradient, and the weight gradient's copies. Under autocast, the output
+    projection's 2-byte copy."""
+    if not r.last:
+        return [], []
+    args, dims, t, mode, compute = r.args, r.dims, r.cfg.training, r.mode, r.compute
+    loss_parallel = dims.tp > 1 and dims.pp == 1
+    v_local = _ceil(args.vocab_size, dims.tp) if loss_parallel else args.vocab_size
+    acts: list[Term] = []
+    chunks = int(t.loss_chunks)
+    res = 4 if mode != "mixed" else 2  # the final norm's output, saved in its own dtype
+    if chunks:  # models/loss.py: the projection and the loss chunk by chunk, the logits never whole
+        final = _norm_bytes(args.dim, mode, dims.tp) + res * args.dim + 4 + 8
+        acts.append(
+            Term(
+                f"final norm, output input, log-sum-exp, targets (loss over {chunks} chunks)",
+                int(final * r.mb_tokens),
+                "activations",
+            )
+        )
+    else:
+        lin = 4 if mode == "fp32" else 2
+        final = _norm_bytes(args.dim, mode, dims.tp) + lin * args.dim + 4 * v_local + 8
+        n_last = r.flying[r.last_stage]
+        acts.append(
+            Term(
+                f"final norm, output input, fp32 log-softmax, targets x {n_last} in flight",
+                int(final * r.mb_tokens * n_last),
+                "activations",
+            )
+        )
+    if mode == "autocast":
+        out_w = math.prod(next(q.tp for q in r.params if q.name in ("output.weight", "tok_embeddings.weight")))
+        acts.append(Term("autocast's copy of the output projection", 2 * out_w, "activations"))
+    if chunks:
+        ct = _ceil(r.mb_tokens, chunks)
+        w_loc = v_local * args.dim
+        chunk = 4 * v_local * ct + (compute * v_local * ct if compute < 4 else 0)  # fp32 logits, their cast
+        extra = {"fp32": 0, "autocast": 2 * w_loc + 2 * args.dim * ct, "mixed": 6 * w_loc}[mode]
+        if r.device == "cpu":  # torch's CPU matmul against the transposed weight copies it (seen by the tracker;
+            extra += compute * w_loc  # cuBLAS reads it transposed)
+        temps = Term(
+            f"one chunk's logits gradient (fp32 and its {compute}-byte copy), the hidden states' gradient, "
+            f"the per-token loss scale, the weight gradient's fp32 accumulation",
+            int(chunk + (res * args.dim + 4) * r.mb_tokens + extra),
+            "temporaries",
+        )
+    else:
+        # loss_parallel's backward (DTensor's decomposed log-softmax and masked NLL) holds one fp32 logit-sized
+        # tensor more than the fused kernel's (measured on the tracker: 18 vs 14 bytes per local logit with the
+        # 16-bit logits and the saved output)
+        n_temps = 3 if loss_parallel else 2
+        temps = Term(
+            f"log-softmax gradient temporaries ({n_temps} x fp32 logits{', loss_parallel' if loss_parallel else ''})",
+            n_temps * 4 * v_local * r.mb_tokens,
+            "temporaries",
+        )
+    return acts, [temps]
+
+
+def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
+    """What the backward of a stage's last block adds to the saved activations: the offloaded storages back on the
+    device (moved x mb_tokens x up to 2 blocks), under AC its recomputed forward (`block_recompute_bytes`; none when
+    ac_every leaves the last block plain) with autocast's weight copies again, its gradient temporaries, context
+    parallel attention's buffers (`cp_attention_bytes`), and FSDP's unsharded block gradient (6 x per_block with a
+    16-bit compute dtype: the gradient and its fp32 copy) and reduce-scatter output, 4 x per_block / (dp_shard x
+    cp)."""
+    cfg, args, dims, p, ac, mode = r.cfg, r.args, r.dims, r.cfg.parallel, r.ac, r.mode
+    terms: list[Term] = []
+    extra, temps = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp)
+    if (
+        ac == "full"
+        and int(p.ac_every) > 1
+        and not any((len(r.ranges[sid]) - 1) % int(p.ac_every) == 0 for sid in r.flying)
+    ):
+        # the stage's last block keeps everything: nothing recomputed here, and a checkpointed block's
+        # recompute comes after the last block's activations are freed (a smaller sum than this one)
+        extra = 0.0
+    if b.moved:  # the block in backward came back from the host, and the one before it is coming
+        back = min(2, max(len(r.ranges[sid]) for sid in r.flying))
+        terms.append(
+            Term(
+                f"offloaded activations back on the device: {back} block(s) (the one in backward, "
+                f"the prefetched one before it)",
+                int(b.moved * r.mb_tokens * back),
+                "activations",
+            )
+        )
+    if extra:
+        terms.append(Term("the checkpointed block's recomputed forward", int(extra * r.mb_tokens), "activations"))
+        if mode == "autocast" and ac == "full" and str(cfg.training.float8) == "none":  # the weights cast again
+            w = max(
+                (
+                    sum(math.prod(q.tp) for q in r.params if q.unit == u and len(q.full) == 2)
+                    for u in {q.unit for q in r.params}
+                    if u != "root"
+                ),
+                default=0,
+            )
+            terms.append(Term("autocast's copies of the recomputed block's weights", 2 * w, "activations"))
+    terms.append(Term("the block's gradient temporaries (output, gate, up)", int(temps * r.mb_tokens), "temporaries"))
+    if dims.cp > 1:
+        terms.append(
+            Term(
+                f"context-parallel attention's backward ({p.cp_rotate}): keys and values of "
+                f"{'every rank' if p.cp_rotate == 'allgather' else 'two ranks'}, their fp32 "
+                f"gradients, the fp32 query gradient",
+                int(cp_attention_bytes(cfg, args, dims)),
+                "temporaries",
+            )
+        )
+    if r.fsdp:
+        if r.compute == 2:
+            terms.append(
+                Term(
+                    "the block's unsharded gradients in the compute dtype and their fp32 copy for the reduce-scatter",
+                    6 * r.per_block,
+                    "temporaries",
+                )
+            )
+        terms.append(
+            Term(
+                "the reduce-scatter's output (the block's fp32 gradient shard)",
+                4 * _ceil(r.per_block, dims.dp_shard * dims.cp),
+                "temporaries",
+            )
+        )
+    return terms
+
+
+def in_backward_terms(r: RankShape) -> list[Term]:
+    """optim.in_backward (optim/in_backward.py): at a block's backward one of its parameters is being stepped: its
+    gradient (not under FSDP, whose reduce-scatter output is already counted) and the update's temporary
+    (`UPDATE_TEMPORARY` x the largest block parameter's elements)."""
+    t, opt = r.cfg.training, str(r.cfg.optim.name)
+    largest = max((math.prod(q.local) for q in r.params if q.unit != "root"), default=0)
+    during = (
+        []
+        if r.fsdp
+        else [
+            Term(
+                "one block parameter's gradient, until its hook steps it (largest)",
+                (4 if t.master_weights else 2) * largest,
+                "grads",
+            )
+        ]
+    )
+    if opt in UPDATE_TEMPORARY:
+        during.append(
+            Term(
+                f"{opt}'s update temporary, one block parameter at a time in the backward (largest)",
+                _update_bytes(opt, largest, t.master_weights),
+                _step_where(r),
+            )
+        )
+    return during
+
+
+def _step_where(r: RankShape) -> str:
+    return "host" if r.offload and r.fsdp else "optim"  # FSDP's CPU offload steps on the host
+
+
+def optimizer_step_terms(r: RankShape) -> list[Term]:
+    """What the optimizer step adds to the states: every gradient (`_model_states`' grads; none when stepped in the
+    backward) and the update's largest temporary: torch's AdamW the sqrt of the second moment of the largest
+    parameter group (4 bytes x its elements), adamw_bf16 `UPDATE_TEMPORARY` x the largest parameter. DeepSpeed's
+    update runs inside its own partitions (counted with its buffers)."""
+    o, t, opt = r.cfg.optim, r.cfg.training, str(r.cfg.optim.name)
+    terms: list[Term] = []
+    if not o.in_backward:
+        terms.append(
+            Term("gradients (all, this rank's shards)", r.states["grads"], "host" if r.offload and r.fsdp else "grads")
+        )
+    if r.zero or o.in_backward:
+        return terms
+    if opt == "adamw":
+        groups: dict[bool, int] = {}
+        for q in r.params:
+            groups[q.decay] = groups.get(q.decay, 0) + math.prod(q.local)
+        terms.append(
+            Term(
+                "AdamW's update temporary (sqrt of the second moment, largest group)",
+                4 * max(groups.values(), default=0),
+                _step_where(r),
+            )
+        )
+    elif opt == "adamw_bf16":  # one parameter at a time
+        largest_any = max((math.prod(q.local) for q in r.params), default=0)
+        terms.append(
+            Term(
+                "adamw_bf16's update temporary (fp32 moments, the rounding noise; largest parameter)",
+                _update_bytes(opt, largest_any, t.master_weights),
+                _step_where(r),
+            )
+        )
+    return terms
