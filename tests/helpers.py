@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import struct
@@ -30,11 +33,11 @@ def read_wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # a block tail too short for a header is padding
             pos += block - pos % block
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += block - pos % block
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         assert zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF == crc, f"bad CRC at byte {pos} of {path}"
         pos += 7 + length
         if kind == 1:
@@ -72,22 +75,74 @@ def wandb_config(records) -> dict:
     return cfg
 
 
-def run_train(args: list[str], *, nproc: int = 1, timeout: float = 300, env: dict | None = None,
-              check: bool = True, script: str = "train.py") -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str],
+    *,
+    nproc: int = 1,
+    timeout: float = 300,
+    env: dict | None = None,
+    check: bool = True,
+    script: str = "train.py",
+) -> subprocess.CompletedProcess:
     """Run launch/train.py (or another launch/ script) for real: plain python for one process, torchrun for
     several."""
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "launch" / script), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "launch" / script), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-                "WANDB_SILENT": "true", **(env or {})}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(REPO / "launch" / script),
+            *args,
+        ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+        "WANDB_SILENT": "true",
+        **(env or {}),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
-                             f"stderr:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
     return proc
+
+
+_SCRIPTS: dict[str, object] = {}
+
+
+def run_cli(script: str, args: list[str], *, env: dict | None = None) -> subprocess.CompletedProcess:
+    """launch/<script>'s `main(args)` called in this process, with `env` set for the call and stdout and stderr
+    captured: what `run_train(..., check=False)` returns, without a process start (4-5 s of imports each on 2
+    cores). For what ends before any process group or training starts: --help, refusals, dry runs, the planner.
+    One real subprocess per script stays in the suite for the entry point itself (tests/unit/test_entrypoint.py,
+    tests/distributed/test_docs_commands.py run the documented lines that train)."""
+    if script not in _SCRIPTS:
+        name = f"_shardwise_launch_{Path(script).stem}"
+        spec = importlib.util.spec_from_file_location(name, REPO / "launch" / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SCRIPTS[script] = module
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = _SCRIPTS[script].main(list(args))
+            except SystemExit as e:  # argparse and friends
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def once_per_name(tmp_path_factory, launch):

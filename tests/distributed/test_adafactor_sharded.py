@@ -20,6 +20,19 @@ CASES = [
 ]
 
 
+def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
+    """What each selected test asks the worker for (conftest.py batches them, one launch per rank count)."""
+    if test == "test_adafactor_matches_single_process":
+        batch = f"training.global_batch_size={params['global_batch']}"
+        return [(1, [*ADAFACTOR, batch]), (params["nproc"], [*ADAFACTOR, *params["overrides"], batch])]
+    if test == "test_adafactor_learns_differently_from_adamw":
+        return [(1, [*ADAFACTOR, "training.global_batch_size=8"]), (1, ADAMW)]
+    return []
+
+
+ADAMW = ["optim.lr=1e-2", "training.steps=10", "training.precision=fp32", "training.global_batch_size=8"]
+
+
 @pytest.mark.parametrize("name, nproc, overrides, global_batch", CASES, ids=[c[0] for c in CASES])
 def test_adafactor_matches_single_process(name, nproc, overrides, global_batch, worker):
     ref = worker(1, [*ADAFACTOR, f"training.global_batch_size={global_batch}"])
@@ -34,14 +47,18 @@ def test_adafactor_matches_single_process(name, nproc, overrides, global_batch, 
 def test_adafactor_learns_differently_from_adamw(worker):
     """Guard against the optimizer switch being ignored: the two optimizers' loss curves differ."""
     ada = worker(1, [*ADAFACTOR, "training.global_batch_size=8"])
-    adamw = worker(1, ["optim.lr=1e-2", "training.steps=10", "training.precision=fp32", "training.global_batch_size=8"])
+    adamw = worker(1, ADAMW)
     assert ada["losses"][0] == adamw["losses"][0] and ada["losses"][-1] != adamw["losses"][-1]
 
 
-@pytest.mark.parametrize("nproc, overrides, per_step", [
-    (2, ["parallel.data=fsdp"], 3),  # 3 phases x 1 group (dp)
-    (4, ["parallel.data=fsdp", "parallel.tp=2"], 6),  # 3 phases x 2 groups (dp, tp)
-], ids=["fsdp_2", "fsdp_2_tp_2"])
+@pytest.mark.parametrize(
+    "nproc, overrides, per_step",
+    [
+        (2, ["parallel.data=fsdp"], 3),  # 3 phases x 1 group (dp)
+        (4, ["parallel.data=fsdp", "parallel.tp=2"], 6),  # 3 phases x 2 groups (dp, tp)
+    ],
+    ids=["fsdp_2", "fsdp_2_tp_2"],
+)
 def test_collectives_per_step_do_not_grow_with_parameters(nproc, overrides, per_step, tmp_path):
     import json
     import os
@@ -54,19 +71,35 @@ def test_collectives_per_step_do_not_grow_with_parameters(nproc, overrides, per_
     totals = {}
     for layers in (2, 4):
         out = tmp_path / f"{layers}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "tests" / "distributed" / "adafactor_comm_worker.py"), str(out), *TINY, *ADAFACTOR,
-               *overrides, f"model.n_layers={layers}", "training.global_batch_size=8", f"run_dir={tmp_path / 'run'}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(REPO / "tests" / "distributed" / "adafactor_comm_worker.py"),
+            str(out),
+            *TINY,
+            *ADAFACTOR,
+            *overrides,
+            f"model.n_layers={layers}",
+            "training.global_batch_size=8",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         totals[layers] = json.loads(out.read_text())
     assert totals[4]["params"] > totals[2]["params"]  # twice the blocks, many more parameters
     assert totals[2]["total"] == totals[4]["total"] == per_step, totals
 
 
-@pytest.mark.parametrize("second", [["parallel.data=fsdp", 4], ["parallel.tp=2", 2], ["parallel.data=none", 1]],
-                         ids=["fsdp_4", "tp_2", "one_process"])
+@pytest.mark.parametrize(
+    "second",
+    [["parallel.data=fsdp", 4], ["parallel.tp=2", 2], ["parallel.data=none", 1]],
+    ids=["fsdp_4", "tp_2", "one_process"],
+)
 def test_adafactor_state_reshards_through_dcp(second, tmp_path):
     """Save Adafactor (its factored statistics are DTensors) under FSDP on 2 ranks, resume under another
     layout: training continues with the uninterrupted run's losses (fp32 tolerance)."""
@@ -74,8 +107,15 @@ def test_adafactor_state_reshards_through_dcp(second, tmp_path):
     from helpers import metric_rows, run_train
 
     layout, nproc = second
-    base = [*TINY, *ADAFACTOR, "training.steps=4", "training.global_batch_size=8", "logging.every=1",
-            "logging.jsonl=true", "checkpoint.every=2"]
+    base = [
+        *TINY,
+        *ADAFACTOR,
+        "training.steps=4",
+        "training.global_batch_size=8",
+        "logging.every=1",
+        "logging.jsonl=true",
+        "checkpoint.every=2",
+    ]
     straight = tmp_path / "straight"
     run_train([*base, "parallel.data=fsdp", f"run_dir={straight}"], nproc=2)
     want = {r["step"]: r["train/loss"] for r in metric_rows(straight / "metrics.jsonl")}

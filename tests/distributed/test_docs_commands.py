@@ -16,12 +16,18 @@ import subprocess
 import sys
 
 import pytest
-
-from helpers import REPO, read_jsonl, run_train
+from helpers import REPO, read_jsonl, run_cli, run_train
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SHRINK = ["training.steps=3", "optim.warmup_steps=1", "training.val_every=1", "training.val_batches=1",
-          "logging.wandb.mode=disabled", "logging.tensorboard=false", "checkpoint.every=0"]
+SHRINK = [
+    "training.steps=3",
+    "optim.warmup_steps=1",
+    "training.val_every=1",
+    "training.val_batches=1",
+    "logging.wandb.mode=disabled",
+    "logging.tensorboard=false",
+    "checkpoint.every=0",
+]
 # documented commands run elsewhere, by the named test
 OTHER_COMMANDS = {
     "launch/convert_checkpoint.py": "test_checkpoints.py::test_export_to_hf_and_start_other_strategies_from_it",
@@ -64,7 +70,7 @@ def plan(line: str) -> tuple[str, int, list[str]]:
     toks = [t for t in shlex.split(line.replace("...", "")) if t]
     nproc = next((int(t.split("=")[1]) for t in toks if t.startswith("--nproc_per_node=")), 1)
     nnodes = next((int(t.split("=")[1]) for t in toks if t.startswith("--nnodes=")), 1)
-    args = toks[toks.index("launch/train.py") + 1:]
+    args = toks[toks.index("launch/train.py") + 1 :]
     if args[:1] == ["--help"]:
         return "help", 1, args
     recipe = next(a.split("=", 1)[1] for a in args if a.startswith("recipe="))
@@ -87,26 +93,31 @@ def test_documented_command_runs(line, tmp_path, cache_dir):
     kind, world, args = plan(line)
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    if kind == "help":
-        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], capture_output=True,
-                              text=True, timeout=60, cwd=REPO)
+    if kind == "help":  # in this process (tests/unit/test_entrypoint.py starts the entry point for real)
+        proc = run_cli("train.py", args)
         assert proc.returncode == 0 and f"  {args[1]}." in proc.stdout, proc.stderr
         return
-    if kind == "dry":
-        cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args, "dry_run=true"]
-        env["WORLD_SIZE"] = str(world)
-    else:
-        extra = [*SHRINK, f"data.cache_dir={cache_dir}", f"run_dir={run_dir}"]
-        if world == 1:
-            cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args, *extra]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                   str(REPO / "launch" / "train.py"), *args, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
-    assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
-    if kind == "dry":
+    if kind == "dry":  # the plan only: nothing starts, so in this process at the shown world size
+        proc = run_cli("train.py", [*args, "dry_run=true"], env={"WORLD_SIZE": world})
+        assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
         assert f"world size            {world}" in proc.stdout
         return
+    extra = [*SHRINK, f"data.cache_dir={cache_dir}", f"run_dir={run_dir}"]
+    if world == 1:
+        cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args, *extra]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={world}",
+            str(REPO / "launch" / "train.py"),
+            *args,
+            *extra,
+        ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
+    assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "val/loss" in r] == [0, 1, 2, 3], line  # validation before, during, after
     assert [r["step"] for r in rows if "train/loss" in r][-1] == 3
@@ -117,10 +128,25 @@ def test_the_readme_pipeline_command_validates_under_dualpipev_too(tmp_path, cac
     line = next(c for c in COMMANDS if "pp_schedule=zbv" in c)
     _, world, args = plan(line.replace("pp_schedule=zbv", "pp_schedule=dualpipev"))
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                           str(REPO / "launch" / "train.py"), *args, *SHRINK, f"data.cache_dir={cache_dir}",
-                           f"run_dir={run_dir}"], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={world}",
+            str(REPO / "launch" / "train.py"),
+            *args,
+            *SHRINK,
+            f"data.cache_dir={cache_dir}",
+            f"run_dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in r] == [0, 1, 2, 3]
 
@@ -170,8 +196,17 @@ def test_documented_plan_command_runs(line):
         args.append("model.n_layers=2")
     if "--search" in args:  # arithmetic only, but thousands of plans: pipelines of at most 2 stages
         args.append("max_pp=2")
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if "--simulate" in args or "--build" in args:  # fake process groups, a real build: a process of their own
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "launch" / "plan.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    else:  # arithmetic: in this process
+        proc = run_cli("plan.py", args)
     assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
     if "--search" in args:
         assert re.search(r"\d+ layouts tried .* \d+ fit in [\d.]+ GiB", proc.stdout), proc.stdout[-2000:]
@@ -201,8 +236,15 @@ def test_the_docs_show_compare_commands():
     assert COMPARE_COMMANDS and any("sweep=" in c for c in COMPARE_COMMANDS)
 
 
-COMPARE_SHRINK = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
-                  "data.source=synthetic", "training.seq_len=32"]
+COMPARE_SHRINK = [
+    "model.dim=64",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=256",
+    "data.source=synthetic",
+    "training.seq_len=32",
+]
 
 
 @pytest.mark.parametrize("line", COMPARE_COMMANDS)
@@ -217,23 +259,40 @@ def test_documented_compare_command_runs(line, tmp_path):
     args = [a for a in shlex.split(line)[2:] if not a.startswith(("steps=", "nproc=", "out=", "optim.warmup_steps="))]
     shown = int(next((a.split("=")[1] for a in shlex.split(line) if a.startswith("nproc=")), "2"))
     nproc = shown if "cp=" in line else min(2, shown)  # (a context-parallel cell needs its cp ranks)
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *args, *COMPARE_SHRINK, "steps=4",
-                           f"nproc={nproc}", f"out={tmp_path}"], capture_output=True, text=True, timeout=900, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "compare.py"),
+            *args,
+            *COMPARE_SHRINK,
+            "steps=4",
+            f"nproc={nproc}",
+            f"out={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, f"{line}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     strategies = next(a for a in args if a.startswith("strategies=")).split("=", 1)[1].split(",")
     with open(tmp_path / "compare.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["cell"].split("@")[0] for r in rows} == set(strategies)  # every cell is a row, failed ones too
     # a cell is refused here only if validation refuses it as documented (full size, the documented ranks)
-    documented = [a for a in shlex.split(line)[2:] if "=" in a and a.split("=")[0] not in (
-        "strategies", "steps", "nproc", "out", "sweep")]
+    documented = [
+        a
+        for a in shlex.split(line)[2:]
+        if "=" in a and a.split("=")[0] not in ("strategies", "steps", "nproc", "out", "sweep")
+    ]
     steps = next((a.split("=")[1] for a in shlex.split(line) if a.startswith("steps=")), "20")
     for r in rows:
         assert r["status"] in ("ok", "refused"), r
         if r["status"] == "refused":
-            as_shown = _predicted([*documented, *strategy_overrides(r["cell"].split("@")[0], shown),
-                                   f"training.steps={steps}"], shown)
+            as_shown = _predicted(
+                [*documented, *strategy_overrides(r["cell"].split("@")[0], shown), f"training.steps={steps}"], shown
+            )
             assert "refused" in as_shown, f"{r['cell']} refused only when shrunk: {r['message']}"
     for name in ("memory", "throughput", "loss"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
@@ -252,6 +311,6 @@ def test_documented_bench_command_runs(line, tmp_path):
     """launch/bench.py lines run as shown, at their rank count, shrunk to 2 timed steps after 1 of warm-up."""
     toks = shlex.split(line)
     nproc = next((int(t.split("=")[1]) for t in toks if t.startswith("--nproc_per_node=")), 1)
-    args = [*toks[toks.index("launch/bench.py") + 1:], "steps=2", "warmup=1", "profile_steps=1", f"run_dir={tmp_path}"]
+    args = [*toks[toks.index("launch/bench.py") + 1 :], "steps=2", "warmup=1", "profile_steps=1", f"run_dir={tmp_path}"]
     proc = run_train(args, nproc=nproc, script="bench.py", timeout=300)
     assert "tokens/s/device" in proc.stdout and (tmp_path / "bench.json").is_file()

@@ -8,20 +8,28 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 
 
+@pytest.mark.slow  # the GPU job's rehearsal (the slow tier: README)
 def test_gpu_check_rehearses_every_step_on_cpu(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_DIR": str(tmp_path / "gpu"), "OUT": str(tmp_path / "out"),
-           "OMP_NUM_THREADS": "2"}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "GPU_DIR": str(tmp_path / "gpu"),
+        "OUT": str(tmp_path / "out"),
+        "OMP_NUM_THREADS": "2",
+    }
     script = str(REPO / "launch" / "gpu_check.sh")
     prep = subprocess.run(["bash", script, "--prepare"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert prep.returncode == 0, prep.stderr[-3000:]
     wheels = sorted(p.name.split("-")[0] for p in (tmp_path / "gpu" / "wheels").glob("*.whl"))
     assert {"omegaconf", "wandb", "deepspeed", "torchao", "pydantic"} <= set(wheels)
     assert not any(w in ("torch", "numpy", "triton") for w in wheels)  # the GPU image has those
-    proc = subprocess.run(["bash", script, "--cpu-smoke", "--part", "all"], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=REPO)
+    proc = subprocess.run(
+        ["bash", script, "--cpu-smoke", "--part", "all"], capture_output=True, text=True, timeout=900, env=env, cwd=REPO
+    )
     out = tmp_path / "out"
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-2000:])
     assert "failed:" not in proc.stdout and "gpu_check.sh: done" in proc.stdout
@@ -29,12 +37,21 @@ def test_gpu_check_rehearses_every_step_on_cpu(tmp_path):
     assert {"gpu_check.log", "env.txt", "gpu_tests.log", "results.jsonl", "report.md", "trace.json.gz"} <= files
     assert len(files) <= 8  # what the device tool brings back
     env_txt = (out / "env.txt").read_text()
-    assert json.loads(env_txt[env_txt.index("\n{") + 1:])["torch"]  # the probe's JSON, after nvidia-smi's lines
+    assert json.loads(env_txt[env_txt.index("\n{") + 1 :])["torch"]  # the probe's JSON, after nvidia-smi's lines
     assert "skipped" in (out / "gpu_tests.log").read_text()  # tests/gpu/ collected, skipped without CUDA
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     names = [r["run_dir"].rsplit("/", 1)[1] for r in results]
-    assert names == ["llama1b_1gpu", "llama8b_1gpu", "base", "attention_flash", "sac_every_second",
-                     "fsdp_bf16_params", "loss_chunks_8", "float8_tensorwise", "float8_rowwise"]
+    assert names == [
+        "llama1b_1gpu",
+        "llama8b_1gpu",
+        "base",
+        "attention_flash",
+        "sac_every_second",
+        "fsdp_bf16_params",
+        "loss_chunks_8",
+        "float8_tensorwise",
+        "float8_rowwise",
+    ]
     report = (out / "report.md").read_text()
     assert report.count("\n| llama") == 9
     if (tmp_path / "gpu" / "plain_torch_llama.py").exists():  # the anchor beside this checkout: the ratios

@@ -8,12 +8,29 @@ import importlib.util
 import pytest
 
 # 128-wide so each FSDP/TP shard of a matrix has >= 4096 values: torchao quantizes only such tensors
-WIDE = ["model.dim=128", "training.steps=10", "training.precision=fp32", "training.global_batch_size=8", "optim.lr=3e-3"]
+WIDE = [
+    "model.dim=128",
+    "training.steps=10",
+    "training.precision=fp32",
+    "training.global_batch_size=8",
+    "optim.lr=3e-3",
+]
+
+
+def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
+    """What each selected test asks the worker for (conftest.py batches them, one launch per rank count)."""
+    if test != "test_low_precision_adamw_follows_one_process":
+        return []
+    if params["optimizer"] == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        return []
+    opt = f"optim.name={params['optimizer']}"
+    return [(1, [*WIDE, opt]), (params["nproc"], [*WIDE, opt, *params["overrides"]]), (1, WIDE)]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_bf16", "adamw8bit"])
-@pytest.mark.parametrize("nproc, overrides", [(2, ["parallel.data=fsdp"]), (2, ["parallel.tp=2"])],
-                         ids=["fsdp_2", "tp_2"])
+@pytest.mark.parametrize(
+    "nproc, overrides", [(2, ["parallel.data=fsdp"]), (2, ["parallel.tp=2"])], ids=["fsdp_2", "tp_2"]
+)
 def test_low_precision_adamw_follows_one_process(optimizer, nproc, overrides, worker):
     if optimizer == "adamw8bit" and importlib.util.find_spec("torchao") is None:
         pytest.skip("torchao, the optional `lowbit` extra (part of `dev`), is not installed")

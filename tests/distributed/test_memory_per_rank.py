@@ -13,6 +13,8 @@ AdamW keeps two fp32 moments per parameter; gradients match the parameters.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from models.llama import ModelArgs
@@ -38,9 +40,26 @@ LAYOUTS = [
     ("tp_2", 2, ["parallel.tp=2"], [(P - NORMS) // 2 + NORMS] * 2),
     ("fsdp_2_tp_2", 4, ["parallel.data=fsdp", "parallel.tp=2"], [((P - NORMS) // 2 + NORMS) // 2] * 4),
     ("pp_2", 2, ["parallel.pp=2"], [EMB + 2 * BLOCK, 2 * BLOCK + 64 + EMB]),
-    ("pp_2_fsdp_2", 4, ["parallel.data=fsdp", "parallel.pp=2"],  # mesh (pp, dp): ranks 0,1 stage 0
-     [(EMB + 2 * BLOCK) // 2] * 2 + [(2 * BLOCK + 64 + EMB) // 2] * 2),
+    (
+        "pp_2_fsdp_2",
+        4,
+        ["parallel.data=fsdp", "parallel.pp=2"],  # mesh (pp, dp): ranks 0,1 stage 0
+        [(EMB + 2 * BLOCK) // 2] * 2 + [(2 * BLOCK + 64 + EMB) // 2] * 2,
+    ),
 ]
+
+
+def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
+    """What each selected test asks the worker for (conftest.py batches them, one launch per rank count)."""
+    if test == "test_bytes_per_rank_equal_the_formula":
+        return [(params["nproc"], [*params["overrides"], "training.global_batch_size=8", "training.precision=fp32"])]
+    if test == "test_planner_predicts_each_optimizers_state_bytes":
+        from test_lowbit_sharded import WIDE
+
+        if params["optimizer"] == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+            return []
+        return [(2, [*WIDE, f"optim.name={params['optimizer']}", "parallel.data=fsdp"])]
+    return []
 
 
 @pytest.mark.parametrize("name, nproc, overrides, params", LAYOUTS, ids=[x[0] for x in LAYOUTS])
@@ -56,8 +75,11 @@ def test_bytes_per_rank_equal_the_formula(name, nproc, overrides, params, worker
 
 def predicted(overrides: list[str], nproc: int) -> list[dict]:
     from conftest import TINY
-    from parallel.plan import model_states
-    from trainer.config import load_config, model_args_of, parallel_dims
+
+    from models.args import model_args_of
+    from parallel.memory_terms import model_states
+    from trainer.config import load_config
+    from trainer.validate import parallel_dims
 
     cfg = load_config([*TINY, *overrides, "training.precision=fp32"])
     return model_states(cfg, model_args_of(cfg), parallel_dims(cfg, nproc)[0])

@@ -34,8 +34,14 @@ CASES = [
     ("pp_uneven_3_stages", 3, ["parallel.pp=3"], 8, "fp32", FP32),  # 4 blocks over 3 stages: 1, 2, 1
     ("pp_fsdp", 4, ["parallel.data=fsdp", "parallel.pp=2"], 8, "fp32", FP32),
     ("pp_tp", 4, ["parallel.tp=2", "parallel.pp=2"], 8, "fp32", FP32),
-    ("3d_pp_fsdp_tp", 8, ["parallel.data=fsdp", "parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=interleaved_1f1b"],
-     16, "fp32", FP32),
+    (
+        "3d_pp_fsdp_tp",
+        8,
+        ["parallel.data=fsdp", "parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=interleaved_1f1b"],
+        16,
+        "fp32",
+        FP32,
+    ),
     ("ac_full", 1, ["parallel.ac=full"], 8, "fp32", FP32),
     ("ac_full_every_2", 1, ["parallel.ac=full", "parallel.ac_every=2"], 8, "fp32", FP32),
     ("ac_selective", 1, ["parallel.ac=selective"], 8, "fp32", FP32),
@@ -52,12 +58,24 @@ CASES = [
     ("zero2_ac_full", 2, ["parallel.data=zero2", "parallel.ac=full"], 8, "fp32", FP32),
     ("zero3_ac_selective", 2, ["parallel.data=zero3", "parallel.ac=selective"], 8, "fp32", FP32),
     # the chunked loss (one process: tests/unit/test_loss.py) with FSDP and AC, and under TP's loss_parallel
-    ("fsdp_ac_full_loss_chunks", 2, ["parallel.data=fsdp", "parallel.ac=full", "training.loss_chunks=3"], 8, "fp32",
-     FP32),
+    (
+        "fsdp_ac_full_loss_chunks",
+        2,
+        ["parallel.data=fsdp", "parallel.ac=full", "training.loss_chunks=3"],
+        8,
+        "fp32",
+        FP32,
+    ),
     ("tp_loss_chunks", 2, ["parallel.tp=2", "training.loss_chunks=5"], 8, "fp32", FP32),
     ("compile", 1, ["parallel.compile=true"], 8, "fp32", FP32),
-    ("fsdp_compile_ac_selective", 2, ["parallel.data=fsdp", "parallel.compile=true", "parallel.ac=selective"], 8,
-     "fp32", FP32),
+    (
+        "fsdp_compile_ac_selective",
+        2,
+        ["parallel.data=fsdp", "parallel.compile=true", "parallel.ac=selective"],
+        8,
+        "fp32",
+        FP32,
+    ),
     ("tp_compile", 2, ["parallel.tp=2", "parallel.compile=true"], 8, "fp32", FP32),
     # activation offloading (one process: tests/unit/test_activation_offload.py, bitwise); every storage moves
     ("fsdp_ac_full_activation_offload", 2, ["parallel.data=fsdp", "parallel.ac=full", *OFFLOAD], 8, "fp32", FP32),
@@ -65,33 +83,64 @@ CASES = [
     ("pp_activation_offload", 2, ["parallel.pp=2", *OFFLOAD], 8, "fp32", FP32),
     ("zero2_activation_offload", 2, ["parallel.data=zero2", *OFFLOAD], 8, "fp32", FP32),
     # context parallelism (parallel/context.py), both ways of seeing the other ranks' keys and values
-    *[(f"cp_{name}{'_ring' if rotate == 'ring' else ''}", n, [*ov, f"parallel.cp_rotate={rotate}"], 8, "fp32", FP32)
-      for rotate in ("allgather", "ring")
-      for name, n, ov in [("2", 2, ["parallel.cp=2"]), ("4", 4, ["parallel.cp=4"]),
-                          ("fsdp_2x2", 4, ["parallel.data=fsdp", "parallel.cp=2"]),
-                          ("tp_2x2", 4, ["parallel.tp=2", "parallel.cp=2"]),
-                          ("pp_2x2", 4, ["parallel.pp=2", "parallel.cp=2"])]],
+    *[
+        (f"cp_{name}{'_ring' if rotate == 'ring' else ''}", n, [*ov, f"parallel.cp_rotate={rotate}"], 8, "fp32", FP32)
+        for rotate in ("allgather", "ring")
+        for name, n, ov in [
+            ("2", 2, ["parallel.cp=2"]),
+            ("4", 4, ["parallel.cp=4"]),
+            ("fsdp_2x2", 4, ["parallel.data=fsdp", "parallel.cp=2"]),
+            ("tp_2x2", 4, ["parallel.tp=2", "parallel.cp=2"]),
+            ("pp_2x2", 4, ["parallel.pp=2", "parallel.cp=2"]),
+        ]
+    ],
     ("cp_2_ac_full", 2, ["parallel.cp=2", "parallel.ac=full"], 8, "fp32", FP32),
     ("cp_2_compile", 2, ["parallel.cp=2", "parallel.compile=true"], 8, "fp32", FP32),
-    ("fsdp_cp_2_ring_compile", 2, ["parallel.data=fsdp", "parallel.cp=2", "parallel.cp_rotate=ring",
-                                   "parallel.compile=true"], 8, "fp32", FP32),
-    ("hsdp_cp_2x2", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.cp=2"], 8,
-     "fp32", FP32),
-    ("cp_2_ring_ac_selective", 2, ["parallel.cp=2", "parallel.cp_rotate=ring", "parallel.ac=selective"], 8, "fp32",
-     FP32),
+    (
+        "fsdp_cp_2_ring_compile",
+        2,
+        ["parallel.data=fsdp", "parallel.cp=2", "parallel.cp_rotate=ring", "parallel.compile=true"],
+        8,
+        "fp32",
+        FP32,
+    ),
+    (
+        "hsdp_cp_2x2",
+        4,
+        ["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.cp=2"],
+        8,
+        "fp32",
+        FP32,
+    ),
+    (
+        "cp_2_ring_ac_selective",
+        2,
+        ["parallel.cp=2", "parallel.cp_rotate=ring", "parallel.ac=selective"],
+        8,
+        "fp32",
+        FP32,
+    ),
     ("fsdp_bf16", 2, ["parallel.data=fsdp"], 8, "bf16", BF16),
     ("fsdp_fp16", 2, ["parallel.data=fsdp"], 8, "fp16", BF16),
     ("fsdp_tp_bf16", 4, ["parallel.data=fsdp", "parallel.tp=2"], 8, "bf16", BF16),
     # bf16 parameters without fp32 masters, bf16 moments (tests/unit/test_masterless.py: 200 steps on one process)
-    ("fsdp_bf16_masterless", 2, ["parallel.data=fsdp", "training.master_weights=false", "optim.name=adamw_bf16"], 8,
-     "bf16", BF16),
+    (
+        "fsdp_bf16_masterless",
+        2,
+        ["parallel.data=fsdp", "training.master_weights=false", "optim.name=adamw_bf16"],
+        8,
+        "bf16",
+        BF16,
+    ),
 ]
 
 
 def _strategy_runs(nproc, overrides, global_batch, precision) -> list[tuple[int, list[str]]]:
     """(the single-process reference, the layout's run) of one CASES row, as worker() requests."""
-    return [(1, [f"training.global_batch_size={global_batch}", "training.precision=fp32"]),
-            (nproc, [*overrides, f"training.global_batch_size={global_batch}", f"training.precision={precision}"])]
+    return [
+        (1, [f"training.global_batch_size={global_batch}", "training.precision=fp32"]),
+        (nproc, [*overrides, f"training.global_batch_size={global_batch}", f"training.precision={precision}"]),
+    ]
 
 
 def _in_backward_runs(nproc, overrides, global_batch) -> list[tuple[int, list[str]]]:
@@ -101,19 +150,13 @@ def _in_backward_runs(nproc, overrides, global_batch) -> list[tuple[int, list[st
     return [(1, [*common, *optim]), (nproc, [*common, *overrides, "optim.in_backward=true"])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _batched(request, worker):
-    """The selected tests' runs, one launch per rank count (conftest's worker.batch), before the first test."""
-    runs = []
-    for item in request.session.items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if item.module is not request.module or not params:
-            continue
-        if item.originalname == "test_strategy_matches_single_process":
-            runs += _strategy_runs(params["nproc"], params["overrides"], params["global_batch"], params["precision"])
-        elif item.originalname == "test_optimizer_in_backward_trains_like_the_step_after_backward":
-            runs += _in_backward_runs(params["nproc"], params["overrides"], params["global_batch"])
-    worker.batch(runs)
+def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
+    """What each selected test asks the worker for (conftest.py batches them, one launch per rank count)."""
+    if test == "test_strategy_matches_single_process":
+        return _strategy_runs(params["nproc"], params["overrides"], params["global_batch"], params["precision"])
+    if test == "test_optimizer_in_backward_trains_like_the_step_after_backward":
+        return _in_backward_runs(params["nproc"], params["overrides"], params["global_batch"])
+    return []
 
 
 @pytest.mark.parametrize("name, nproc, overrides, global_batch, precision, tol", CASES, ids=[c[0] for c in CASES])

@@ -5,24 +5,23 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from helpers import REPO, run_train
+from helpers import REPO, run_cli, run_train
 
 
 def test_dry_run_8b_prints_the_plan_without_allocating():
     import subprocess
     import sys
 
-    from helpers import REPO
-
     # run the entry point in a process that reports its own peak RSS when it is done
-    code = ("import resource, runpy, sys\n"
-            "sys.argv = ['train.py', 'recipe=llama8b', 'training.global_batch_size=64', 'dry_run=true']\n"
-            "try:\n"
-            f"    runpy.run_path('{REPO / 'launch' / 'train.py'}', run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    assert not e.code, e.code\n"
-            "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    code = (
+        "import resource, runpy, sys\n"
+        "sys.argv = ['train.py', 'recipe=llama8b', 'training.global_batch_size=64', 'dry_run=true']\n"
+        "try:\n"
+        f"    runpy.run_path('{REPO / 'launch' / 'train.py'}', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     took = time.perf_counter() - start
@@ -49,42 +48,72 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
     import subprocess
     import sys
 
-    from helpers import REPO
-
     lines = {}
     for opt in ("adamw", "adafactor"):
-        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "recipe=llama8b", "dry_run=true",
-                               "parallel.data=fsdp", f"optim.name={opt}"], capture_output=True, text=True,
-                              timeout=120, cwd=REPO, env={**os.environ, "WORLD_SIZE": "8"})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "launch" / "train.py"),
+                "recipe=llama8b",
+                "dry_run=true",
+                "parallel.data=fsdp",
+                f"optim.name={opt}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            env={**os.environ, "WORLD_SIZE": "8"},
+        )
         assert proc.returncode == 0, proc.stderr
-        lines[opt] = [ln.split()[:3] for ln in proc.stdout.splitlines() if ln.startswith(("  params ", "  grads ",
-                                                                                             "  optim "))]
+        lines[opt] = [
+            ln.split()[:3] for ln in proc.stdout.splitlines() if ln.startswith(("  params ", "  grads ", "  optim "))
+        ]
     # per rank: an eighth of the weights and gradients; Adafactor keeps only row/column statistics
     assert lines["adamw"] == [["params", "3.74", "GiB"], ["optim", "7.48", "GiB"], ["grads", "3.74", "GiB"]]
     assert lines["adafactor"] == [["params", "3.74", "GiB"], ["optim", "5.69", "MiB"], ["grads", "3.74", "GiB"]]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.source=tokens", "data.path=/nonexistent/tokens"], "data.path=/nonexistent/tokens: no such directory"),
-    (["training.global_batch_size=10", "training.micro_batch_size=4"],
-     "training.global_batch_size(10) must be divisible by training.micro_batch_size(4) * dp(1) = 4: 10 % 4 = 2"),
-    (["optim.lr=-0.1"], "optim.lr=-0.1 must be > 0"),
-    (["training.stpes=5"], "Did you mean: 'steps'"),
-    (["training.steps=2"], "optim.warmup_steps(40) must be in [0, training.steps(2)]: set optim.warmup_steps=2 or "
-                           "less (a short run: optim.warmup_steps=0)"),
-    (["data.source=tokens", "data.path={short}"], "val.bin has 10 tokens, fewer than one sequence of "
-                                                  "training.seq_len + 1 = 129"),
-    (["recipe={broken}"], "broken.yaml: not valid YAML at line 3, column 1: expected ',' or '}'"),
-    (["checkpoint.init_from=/etc/hostname"], "/etc/hostname is not an HF model directory"),
-    (["checkpoint.init_from={other_shape}"], "shape(s) differ: layers.0.attention.wk.weight"),
-    (["parallel.data=zero2", "training.precision=fp16", "training.device=cpu"],
-     "training.precision=fp16 with parallel.data=zero2 on the CPU: DeepSpeed's CPU accelerator runs fp16 only"),
-])
-def test_bad_input_never_starts_training(tmp_path, overrides, message):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.source=tokens", "data.path=/nonexistent/tokens"], "data.path=/nonexistent/tokens: no such directory"),
+        (
+            ["training.global_batch_size=10", "training.micro_batch_size=4"],
+            "training.global_batch_size(10) must be divisible by training.micro_batch_size(4) * dp(1) = 4: 10 % 4 = 2",
+        ),
+        (["optim.lr=-0.1"], "optim.lr=-0.1 must be > 0"),
+        (["training.stpes=5"], "Did you mean: 'steps'"),
+        (
+            ["training.steps=2"],
+            "optim.warmup_steps(40) must be in [0, training.steps(2)]: set optim.warmup_steps=2 or "
+            "less (a short run: optim.warmup_steps=0)",
+        ),
+        (
+            ["data.source=tokens", "data.path={short}"],
+            "val.bin has 10 tokens, fewer than one sequence of training.seq_len + 1 = 129",
+        ),
+        (["recipe={broken}"], "broken.yaml: not valid YAML at line 3, column 1: expected ',' or '}'"),
+        (["checkpoint.init_from=/etc/hostname"], "/etc/hostname is not an HF model directory"),
+        (["checkpoint.init_from={other_shape}"], "shape(s) differ: layers.0.attention.wk.weight"),
+        (
+            ["parallel.data=zero2", "training.precision=fp16", "training.device=cpu"],
+            "training.precision=fp16 with parallel.data=zero2 on the CPU: DeepSpeed's CPU accelerator runs fp16 only",
+        ),
+    ],
+)
+def test_bad_input_never_starts_training(tmp_path, overrides, message, monkeypatch):
+    import parallel.zero
+
     run_dir = tmp_path / "run"
-    overrides = [o.format(short=_short_tokens(tmp_path), broken=_broken_recipe(tmp_path),
-                          other_shape=_other_shape(tmp_path)) for o in overrides]
-    proc = run_train(["recipe=llama_debug", f"run_dir={run_dir}", *overrides], check=False, timeout=60)
+    overrides = [
+        o.format(short=_short_tokens(tmp_path), broken=_broken_recipe(tmp_path), other_shape=_other_shape(tmp_path))
+        for o in overrides
+    ]
+    # the CPU's fp16 capability forced to "none" (AMD EPYC's answer; an Intel Xeon with AVX512-FP16 says yes, and
+    # test_zero_fp16_on_the_cpu_follows_the_capability runs both answers on either kind)
+    monkeypatch.setattr(parallel.zero, "_deepspeed_cpu_fp16", lambda: False)
+    proc = run_cli("train.py", ["recipe=llama_debug", f"run_dir={run_dir}", *overrides])
     assert proc.returncode == 2
     assert message in proc.stderr
     assert proc.stderr.count("invalid config") == 1 and "Traceback" not in proc.stderr
@@ -121,23 +150,28 @@ def _other_shape(tmp_path):
     return f
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["training.device=cuda"], "training.device=cuda, but this machine has no CUDA device"),
-    (["run_dir=/proc/shardwise-run"], "run_dir=/proc/shardwise-run: cannot create or write there"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["training.device=cuda"], "training.device=cuda, but this machine has no CUDA device"),
+        (["run_dir=/proc/shardwise-run"], "run_dir=/proc/shardwise-run: cannot create or write there"),
+    ],
+)
 def test_bad_machine_settings_never_start_training(overrides, message):
     import torch
 
     if "training.device=cuda" in overrides and torch.cuda.is_available():
-        pytest.skip("training.device=cuda is a valid setting where CUDA exists; its refusal is only testable on a "
-                    "machine without CUDA, such as CI's")
-    proc = run_train(["recipe=llama_debug", *overrides], check=False, timeout=60)
+        pytest.skip(
+            "training.device=cuda is a valid setting where CUDA exists; its refusal is only testable on a "
+            "machine without CUDA, such as CI's"
+        )
+    proc = run_cli("train.py", ["recipe=llama_debug", *overrides])
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_help_lists_every_key_with_type_default_and_comment():
-    from dataclasses import fields, is_dataclass
     import typing
+    from dataclasses import fields, is_dataclass
 
     from trainer.config import Config
 
@@ -149,18 +183,18 @@ def test_help_lists_every_key_with_type_default_and_comment():
             else:
                 yield prefix + f.name
 
-    proc = run_train(["--help"], check=False, timeout=60)
+    proc = run_train(["--help"], check=False, timeout=60)  # the entry point's one real start in this file's help test
     assert proc.returncode == 0, proc.stderr
     listed = {ln.split()[0] for ln in proc.stdout.splitlines() if ln.startswith(" ") and "(" in ln and "default" in ln}
     missing = [k for k in keys(Config) if k not in listed]
     assert not missing, f"--help does not list {missing}"
     assert "  training.steps  (int, default 200)\n      optimizer steps" in proc.stdout
     assert "fp16       fp32 master weights, fp16 compute with a dynamic loss scaler" in proc.stdout
-    one = run_train(["--help", "checkpoint"], check=False, timeout=60)
+    one = run_cli("train.py", ["--help", "checkpoint"])
     assert one.returncode == 0 and "checkpoint.on_damaged" in one.stdout and "training.steps" not in one.stdout
-    bad = run_train(["--help", "trainin"], check=False, timeout=60)
+    bad = run_cli("train.py", ["--help", "trainin"])
     assert bad.returncode == 2 and "did you mean training?" in bad.stderr
-    bare = run_train([], check=False, timeout=60)
+    bare = run_cli("train.py", [])
     assert bare.returncode == 2 and "usage: python launch/train.py recipe=NAME" in bare.stderr
     assert "step" not in bare.stdout
 
@@ -170,13 +204,23 @@ def test_missing_token_file(tmp_path):
     data.mkdir()
     (data / "meta.json").write_text('{"vocab_size": 4096, "dtype": "uint16"}')
     (data / "val.bin").write_bytes(b"\0\0" * 100)
-    proc = run_train(["recipe=llama_debug", "data.source=tokens", f"data.path={data}"], check=False, timeout=60)
+    proc = run_cli("train.py", ["recipe=llama_debug", "data.source=tokens", f"data.path={data}"])
     assert proc.returncode == 2 and "missing train.bin" in proc.stderr
 
 
 def test_bad_input_under_torchrun_stops_every_rank_before_the_process_group(tmp_path):
-    proc = run_train(["recipe=llama_debug", "parallel.data=ddp", "training.global_batch_size=6",
-                      "training.micro_batch_size=4", f"run_dir={tmp_path / 'run'}"], nproc=2, check=False, timeout=120)
+    proc = run_train(
+        [
+            "recipe=llama_debug",
+            "parallel.data=ddp",
+            "training.global_batch_size=6",
+            "training.micro_batch_size=4",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+        nproc=2,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "training.global_batch_size(6) must be divisible by training.micro_batch_size(4) * dp(2) = 8" in proc.stderr
     assert proc.stderr.count("invalid config") == 1  # one message, from rank 0
@@ -192,12 +236,31 @@ def test_missing_deepspeed_is_one_clear_error(tmp_path):
     import subprocess
     import sys
 
-    from helpers import REPO
-
-    code = ("import sys, runpy; sys.modules['deepspeed'] = None; "
-            f"sys.argv = ['train.py', 'recipe=llama_debug_zero3', 'run_dir={tmp_path / 'run'}']; "
-            f"runpy.run_path('{REPO / 'launch' / 'train.py'}', run_name='__main__')")
+    code = (
+        "import sys, runpy; sys.modules['deepspeed'] = None; "
+        f"sys.argv = ['train.py', 'recipe=llama_debug_zero3', 'run_dir={tmp_path / 'run'}']; "
+        f"runpy.run_path('{REPO / 'launch' / 'train.py'}', run_name='__main__')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2
     assert "parallel.data=zero3 needs DeepSpeed, which is not installed: pip install -e '.[deepspeed]'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_zero_fp16_on_the_cpu_follows_the_capability(monkeypatch):
+    """DeepSpeed's fp16 on the CPU is refused where oneDNN has no fp16 kernels and accepted where it has (Intel Xeon
+    with AVX512-FP16): both answers forced here, so the rule is checked on either kind of CPU. Where fp16 runs,
+    tests/distributed/test_zero_fp16.py trains ZeRO-2 in fp16 for real (its worker lifts the gate on any CPU)."""
+    import parallel.zero
+    from trainer.config import load_config
+    from trainer.validate import validate
+
+    cfg = load_config(["recipe=llama_debug", "parallel.data=zero2", "training.precision=fp16", "training.device=cpu"])
+    refusal = "training.precision=fp16 with parallel.data=zero2 on the CPU"
+    monkeypatch.setattr(parallel.zero, "_deepspeed_cpu_fp16", lambda: False)
+    assert any(refusal in p for p in validate(cfg, 1))
+    monkeypatch.setattr(parallel.zero, "_deepspeed_cpu_fp16", lambda: True)
+    assert validate(cfg, 1) == []
+    # and the real answer of this machine's DeepSpeed is one of the two
+    monkeypatch.undo()
+    assert parallel.zero._deepspeed_cpu_fp16() in (True, False)
