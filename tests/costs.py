@@ -102,6 +102,29 @@ def tables(path: Path, top: int = 20) -> str:
     return "\n".join(out)
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+BEGIN, END = "<!-- costs: rendered by tests/unit/test_docs_tables.py from docs/testing/*.jsonl -->", "<!-- /costs -->"
+
+
+def docs_section() -> str:
+    """The cost tables of docs/architecture.md, from the committed logs that docs/testing/runs.json names."""
+    runs = json.loads((DOCS / "testing" / "runs.json").read_text())
+    parts = []
+    for run in runs:
+        parts += [f"**{run['title']}**", "", tables(DOCS / "testing" / run["file"]), ""]
+    return "\n".join([BEGIN, *parts, END])
+
+
+def write_docs() -> None:
+    page = DOCS / "architecture.md"
+    text = page.read_text()
+    a, b = text.index(BEGIN), text.index(END) + len(END)
+    page.write_text(text[:a] + docs_section() + text[b:])
+
+
 if __name__ == "__main__":
-    n = int(sys.argv[sys.argv.index("--top") + 1]) if "--top" in sys.argv else 20
-    print(tables(Path(sys.argv[1]), n))
+    if sys.argv[1] == "--write-docs":  # re-render docs/architecture.md's tables from docs/testing/
+        write_docs()
+    else:
+        n = int(sys.argv[sys.argv.index("--top") + 1]) if "--top" in sys.argv else 20
+        print(tables(Path(sys.argv[1]), n))

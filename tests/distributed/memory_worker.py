@@ -1,12 +1,17 @@
 """Measure one layout's per-rank memory by category for several AC modes and precisions, in one launch.
 
     torchrun --nproc_per_node=N tests/distributed/memory_worker.py OUT_DIR MODES recipe=... overrides...
+    torchrun --nproc_per_node=N tests/distributed/memory_worker.py --batch SPEC.json
+
+With --batch, SPEC.json lists [OUT_DIR, MODES, [arguments...]] layouts, measured one after the other in this launch
+(one process group for all), which spares each layout its launch.
 
 MODES is a comma-separated list of `ac/precision` (e.g. none/fp32,full/bf16). For each, the Trainer is built
 (the process group is started once and reused), steps 1-2 run untracked and step 3 under
 `parallel.memory.StepMemory`. Rank 0 saves OUT_DIR/result.pt: {mode: [breakdown of rank 0, rank 1, ...]}.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -42,7 +47,7 @@ def measure(argv: list[str]) -> dict:
     return ranks
 
 
-def main(out: str, modes: str, argv: list[str]) -> None:
+def main(out: str, modes: str, argv: list[str], *, last: bool = True) -> None:
     results = {}
     for mode in modes.split(","):
         ac, precision = mode.split("/")
@@ -52,8 +57,14 @@ def main(out: str, modes: str, argv: list[str]) -> None:
         torch.save(results, Path(out) / "result.pt")
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if last:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    if sys.argv[1] == "--batch":
+        layouts = json.loads(Path(sys.argv[2]).read_text())
+        for i, (out, modes, argv) in enumerate(layouts):
+            main(out, modes, argv, last=i == len(layouts) - 1)
+    else:
+        main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -9,6 +9,7 @@ documented commands (convert, prepare_data, submit, bench) are run by the tests 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -88,11 +89,54 @@ def test_the_docs_show_commands_and_each_is_understood():
         assert kind in ("other", "help") or any(a.startswith("recipe=") for a in args), line
 
 
+def _train_cmd(world: int, script: str, args: list[str]) -> list[str]:
+    if world == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", script, *args]
+
+
+@pytest.fixture(scope="module")
+def pooled(request, tmp_path_factory, cache_dir):
+    """{documented line: its run_dir}, for the selected lines that train, run through tests/distributed/
+    train_pool.py: one launch per rank count. DeepSpeed lines start the entry point for real, alone (its engine
+    keeps process-wide state); a pool launch that fails leaves its lines out, and each then runs alone in its test,
+    so a failure is its own."""
+    lines = {
+        item.callspec.params["line"]
+        for item in request.session.items
+        if item.module is request.module and item.originalname == "test_documented_command_runs"
+    }
+    by_world: dict[int, list[str]] = {}
+    for line in sorted(lines):
+        kind, world, args = plan(line)
+        if kind == "run" and not any(a.startswith("recipe=llama_debug_zero") for a in args):
+            by_world.setdefault(world, []).append(line)
+    done = {}
+    for world, group in by_world.items():
+        root = tmp_path_factory.mktemp(f"pool{world}")
+        jobs = [
+            [*plan(line)[2], *SHRINK, f"data.cache_dir={cache_dir}", f"run_dir={root / str(i)}"]
+            for i, line in enumerate(group)
+        ]
+        (root / "spec.json").write_text(json.dumps(jobs))
+        script = str(REPO / "tests" / "distributed" / "train_pool.py")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+        proc = subprocess.run(
+            _train_cmd(world, script, [str(root / "spec.json")]),
+            capture_output=True,
+            text=True,
+            timeout=300 + 120 * len(group),
+            cwd=REPO,
+            env=env,
+        )
+        if proc.returncode == 0:
+            done.update({line: root / str(i) for i, line in enumerate(group)})
+    return done
+
+
 @pytest.mark.parametrize("line", [c for c in COMMANDS if plan(c)[0] != "other"])
-def test_documented_command_runs(line, tmp_path, cache_dir):
+def test_documented_command_runs(line, tmp_path, cache_dir, pooled):
     kind, world, args = plan(line)
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     if kind == "help":  # in this process (tests/unit/test_entrypoint.py starts the entry point for real)
         proc = run_cli("train.py", args)
         assert proc.returncode == 0 and f"  {args[1]}." in proc.stdout, proc.stderr
@@ -102,22 +146,14 @@ def test_documented_command_runs(line, tmp_path, cache_dir):
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
         assert f"world size            {world}" in proc.stdout
         return
-    extra = [*SHRINK, f"data.cache_dir={cache_dir}", f"run_dir={run_dir}"]
-    if world == 1:
-        cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args, *extra]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={world}",
-            str(REPO / "launch" / "train.py"),
-            *args,
-            *extra,
-        ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
-    assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
+    run_dir = pooled.get(line)
+    if run_dir is None:  # a DeepSpeed line, or its pool failed: the entry point itself, alone
+        run_dir = tmp_path / "run"
+        extra = [*SHRINK, f"data.cache_dir={cache_dir}", f"run_dir={run_dir}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+        cmd = _train_cmd(world, str(REPO / "launch" / "train.py"), [*args, *extra])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
+        assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "val/loss" in r] == [0, 1, 2, 3], line  # validation before, during, after
     assert [r["step"] for r in rows if "train/loss" in r][-1] == 3

@@ -114,7 +114,13 @@ GAPS = {
 # 10% on this machine, so test_known_gaps_are_still_gaps leaves it out).
 # 3-D none/fp32: the last stage's loss backward measures 1,466,152 B here in every run (5, two of them with the
 # CPU loaded by other processes), -4.6%; one CI machine measured 1,564,452 B (-10.6%), 96 KiB more.
-VARIES = {("3d", "none/fp32"): (0.13, "the last stage's loss backward measured 96 KiB more on one CI machine")}
+# pp_fsdp full/bf16: within 10% on AMD EPYC; on an Intel Xeon with AMX, where bf16 takes oneDNN's AMX kernels with
+# other temporaries, rank 0 measured 1,931,376 B against the planner's 1,667,404 (13.7%, 2026-12-06 outside review).
+# The term is not found yet: it needs that CPU (docs/memory.md says which CPU each row was measured on).
+VARIES = {
+    ("3d", "none/fp32"): (0.13, "the last stage's loss backward measured 96 KiB more on one CI machine"),
+    ("pp_fsdp", "full/bf16"): (0.15, "bf16 on an Intel Xeon with AMX (oneDNN's kernels): 13.7% above the plan"),
+}
 STATES = ("params", "buffers", "optim", "master")
 
 
@@ -128,10 +134,15 @@ def _update_temporary(rank) -> int:
 
 
 @pytest.fixture(scope="session")
-def measured(tmp_path_factory):
-    """run(nproc, overrides) -> {mode: [breakdown per rank]}, one launch per layout, cached for the session."""
+def measured(tmp_path_factory, request):
+    """run(nproc, overrides) -> {mode: [breakdown per rank]}, cached for the session. The layouts of the selected
+    test_predicted_memory_matches_the_tracker rows are measured first, one launch per rank count
+    (memory_worker.py --batch; DeepSpeed layouts each alone, as its engine keeps process-wide state); a batch that
+    fails leaves its layouts to be measured alone when asked, so a failure is its own."""
+    import json
     import os
 
+    import torch
     from conftest import TINY, run_worker
     from helpers import REPO
 
@@ -139,19 +150,48 @@ def measured(tmp_path_factory):
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
     worker = str(REPO / "tests" / "distributed" / "memory_worker.py")
 
+    def args_of(out, overrides: list[str]) -> list[str]:
+        modes = MODES_OF.get(next((n for n, _, ov in LAYOUTS if ov == overrides), ""), MODES)
+        return [str(out), ",".join(modes), *TINY, "training.global_batch_size=8", *overrides]
+
     def run(nproc: int, overrides: list[str]) -> dict:
         key = (nproc, tuple(overrides))
         if key not in cache:
             out = tmp_path_factory.mktemp("memory")
-            modes = MODES_OF.get(next((n for n, _, ov in LAYOUTS if ov == overrides), ""), MODES)
-            cache[key] = run_worker(
+            cache[key] = run_worker(worker, nproc, args_of(out, overrides), out, extensions)
+        return cache[key]
+
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "originalname", "") == "test_predicted_memory_matches_the_tracker"
+    }
+    by_nproc: dict[int, list[list[str]]] = {}
+    for name, nproc, overrides in LAYOUTS:
+        if name in selected and not any(o.startswith("parallel.data=zero") for o in overrides):
+            by_nproc.setdefault(nproc, []).append(overrides)
+    for nproc, group in by_nproc.items():
+        if len(group) < 2:
+            continue
+        root = tmp_path_factory.mktemp("memory_batch")
+        spec = [args_of(root / str(i), ov) for i, ov in enumerate(group)]
+        for out, _, _ in (s[:3] for s in spec):
+            os.makedirs(out, exist_ok=True)
+        (root / "spec.json").write_text(json.dumps([[s[0], s[1], s[2:]] for s in spec]))
+        try:
+            run_worker(
                 worker,
                 nproc,
-                [str(out), ",".join(modes), *TINY, "training.global_batch_size=8", *overrides],
-                out,
+                ["--batch", str(root / "spec.json")],
+                root,
                 extensions,
+                timeout=600 + 90 * len(group),
+                result=None,
             )
-        return cache[key]
+        except AssertionError:
+            continue
+        for i, overrides in enumerate(group):
+            cache[(nproc, tuple(overrides))] = torch.load(root / str(i) / "result.pt")
 
     return run
 
