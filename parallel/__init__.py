@@ -29,7 +29,7 @@ from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
 from parallel.layout import microbatches, reshards_after_forward
 from parallel.mesh import ParallelDims, World, build_meshes, needs_process_group
 from parallel.parallelized import Parallelized, clip_grad_norm
-from parallel.pipeline import PipelineLoss, build_schedule, split_model
+from parallel.pipeline import PipelineLoss, split_model
 from parallel.tensor import apply_tp, keep_grads_sharded_like_params
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -149,6 +149,8 @@ def parallelize(
     if dims.cp > 1:
         par.cp_positions = positions
     if dims.pp > 1:
+        from parallel.schedules import build_schedule  # torch's pipelining imports dynamo: only runs with a pipeline
+
         n_stages = dims.pp * (len(parts_with_ids))
         ids = [sid for sid, _ in parts_with_ids]
         par.has_first_stage, par.has_last_stage = 0 in ids, n_stages - 1 in ids

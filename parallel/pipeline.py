@@ -9,6 +9,9 @@ Validation does not go through the schedule: torch's `schedule.eval()` replays t
 without backward, which the zero-bubble V schedules cannot do (their actions split backward into input and
 weight parts: "can't steal_bwd_input if this stage doesn't have backward"). `forward_only` instead walks the
 stages in order with point-to-point sends, one microbatch at a time: the same forward for every schedule.
+
+torch's schedules and stages (`torch.distributed.pipelining`, which imports dynamo: half a second of every start)
+live in parallel/schedules.py, imported by `parallelize` only when pp > 1.
 """
 
 from __future__ import annotations
@@ -19,25 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (
-    Schedule1F1B,
-    ScheduleDualPipeV,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleZBVZeroBubble,
-)
 
-from parallel.layout import PP_SCHEDULES, n_stages, split_blocks, stage_ids, stage_owners, stages_per_rank
-
-SCHEDULES = dict(
-    zip(
-        PP_SCHEDULES,
-        (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble, ScheduleDualPipeV),
-        strict=True,
-    )
-)
+from parallel.layout import n_stages, split_blocks, stage_ids, stage_owners
 
 
 def split_model(model: nn.Module, schedule: str, pp_rank: int, pp: int) -> list[tuple[int, nn.Module]]:
@@ -130,54 +116,3 @@ def forward_only(
             elif owners[sid + 1] != me:
                 _send(h, owners[sid + 1], group)
     return total
-
-
-class ShardedGradStage(PipelineStage):
-    """A stage whose FSDP gradients are reduce-scattered after every microbatch's backward.
-
-    torch's stage turns FSDP's gradient sync off for every microbatch but the last (`backward_maybe_with_nosync`),
-    so each rank accumulates its stage's gradients unsharded in fp32 between microbatches (llama13b_pp_fsdp:
-    24.2 GiB of a 55.6 GiB peak), then reduce-scatters once. This stage keeps the sync on: each microbatch's
-    gradients are reduce-scattered into the sharded gradients as its backward ends (FSDP's own accumulation,
-    as without pipelining), for (microbatches - 1) more reduce-scatters per step. Only for the full backward
-    of the single-stage and looped schedules: the V schedules split backward into input and weight passes,
-    where FSDP's post-backward hook comes before the weight gradients exist; they keep torch's way, and so does
-    `parallel.accumulate_unsharded_grads=true`."""
-
-    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
-        if backward_type != "full" or not isinstance(self.submod, FSDPModule):
-            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
-        sub = self.submod
-        keep = type(sub).set_requires_gradient_sync
-        sub.set_requires_gradient_sync = lambda requires, *, recurse=True: keep(sub, True, recurse=recurse)
-        try:  # the stage's own bookkeeping, with the sync left on
-            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
-        finally:
-            del sub.set_requires_gradient_sync
-
-
-def build_schedule(
-    parts: list[tuple[int, nn.Module]],
-    schedule: str,
-    *,
-    pp: int,
-    n_microbatches: int,
-    device: torch.device,
-    group,
-    loss_fn: PipelineLoss,
-    stage_shapes=None,
-    sync_each_microbatch: bool = True,
-):
-    def shapes(sid):  # given, the stage skips its shape-inference round trip (trainer/simulate.py)
-        if stage_shapes is None:
-            return {}
-        inp, out = stage_shapes(sid)
-        return {"input_args": (inp,), "output_args": (out,)}
-
-    stage_cls = ShardedGradStage if sync_each_microbatch else PipelineStage
-    stages = [stage_cls(m, sid, n_stages(schedule, pp), device, group=group, **shapes(sid)) for sid, m in parts]
-    cls = SCHEDULES[schedule]
-    # scale_grads=False: the loss is already normalized by the global token count
-    if stages_per_rank(schedule) == 1:
-        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -34,17 +34,6 @@ from trainer.profiling import Phases, Profiler
 from trainer.validate import Plan, banner
 
 
-def _schedule_step_has_return_outputs() -> bool:
-    import inspect
-
-    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
-
-    return "return_outputs" in inspect.signature(PipelineScheduleSingle.step).parameters
-
-
-_STEP_RETURNS_OUTPUTS = _schedule_step_has_return_outputs()
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, plan: Plan):
         # 1. the config was parsed and validated by the caller (trainer.config.check) before this point
@@ -266,6 +255,8 @@ class Trainer:
 
     def _pipeline_forward_backward(self, batch: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
         """One schedule step runs all `accum` micro-batches through the pipeline (forward and backward)."""
+        from parallel.schedules import STEP_RETURNS_OUTPUTS  # (torch's pipelining: imported only with a pipeline)
+
         flat = batch.flatten(0, 1)  # (accum * mb, T + 1): the schedule cuts it back into accum microbatches
         inputs, targets = self._local_tokens(flat[:, :-1]), self._local_tokens(flat[:, 1:])
         self.par.pipeline_loss.n_tokens = n_tokens
@@ -274,7 +265,7 @@ class Trainer:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.par.has_first_stage else ()
         kwargs = {"target": targets, "losses": losses} if self.par.has_last_stage else {}
-        if _STEP_RETURNS_OUTPUTS:  # the logits of every microbatch would otherwise be kept for a merged output
+        if STEP_RETURNS_OUTPUTS:  # the logits of every microbatch would otherwise be kept for a merged output
             kwargs["return_outputs"] = False
         with self._autocast():
             self.par.schedule.step(*args, **kwargs)
