@@ -161,14 +161,34 @@ def _writable_dir(path: Path) -> bool:
 
 def validate(cfg: DictConfig, world_size: int) -> list[str]:
     """Every violation at once, each naming the settings and showing the arithmetic. [] means runnable.
-    Each subsystem states its own rules; this collects them (the training and logging sections are here)."""
-    t = cfg.training
+    Each subsystem states its own rules; this collects them (the training, device and logging sections are here)."""
     try:
         args = model_args_of(cfg)
     except ConfigError as e:
         return e.problems
+    t = cfg.training
+    on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    # what only a GPU has, refused where the run would be on the CPU (a dry run, launch/plan.py among them, may plan
+    # a GPU run from a machine without one)
+    runs_on_cpu = t.device == "cpu" or (on_cpu and not cfg.dry_run)
     problems = model_problems(args, cfg.model.name)
-    # training lengths and batch arithmetic
+    problems += _training_problems(cfg, args)
+    problems += _device_problems(cfg, args, runs_on_cpu=runs_on_cpu)
+    problems += float8_problems(cfg, runs_on_cpu=runs_on_cpu)
+    problems += layout_problems(cfg, args, world_size)
+    problems += zero_problems(cfg, on_cpu=on_cpu)
+    problems += optim_problems(cfg, args)
+    problems += data_problems(cfg, args)
+    problems += checkpoint_problems(cfg)
+    problems += profile_problems(cfg, runs_on_cpu=runs_on_cpu)
+    problems += _logging_problems(cfg)
+    return problems
+
+
+def _training_problems(cfg: DictConfig, args) -> list[str]:
+    """The training section: lengths, the loss in chunks, parameters without fp32 masters."""
+    t = cfg.training
+    problems = []
     for key in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
         if t[key] < 1:
             problems.append(f"training.{key}={t[key]} must be >= 1")
@@ -215,16 +235,19 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
             f"stage computes its loss outside the stage module (torch's schedule), where the output "
             f"projection's weight is not gathered; set training.loss_chunks=0 under pipelining"
         )
-    on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    return problems
+
+
+def _device_problems(cfg: DictConfig, args, *, runs_on_cpu: bool) -> list[str]:
+    """The device asked for exists here, and the attention kernel named runs on it."""
+    t = cfg.training
+    problems = []
     if t.device == "cuda" and not torch.cuda.is_available():
         problems.append(
             f"training.device=cuda, but this machine has no CUDA device this torch can use (torch "
             f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use training.device=auto "
             f"or cpu"
         )
-    # what only a GPU has, refused where the run would be on the CPU (a dry run, launch/plan.py among them, may plan
-    # a GPU run from a machine without one)
-    runs_on_cpu = t.device == "cpu" or (on_cpu and not cfg.dry_run)
     if args.attention in ("cudnn", "efficient") and runs_on_cpu:
         problems.append(
             f"model.attention={args.attention} is a CUDA kernel and this run is on the CPU; use "
@@ -235,15 +258,12 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
             f"model.attention={args.attention} with parallel.cp={cfg.parallel.cp}: context parallelism "
             f"calls its own attention kernels (parallel/context.py); leave model.attention=auto"
         )
-    problems += float8_problems(cfg, runs_on_cpu=runs_on_cpu)
-    problems += layout_problems(cfg, args, world_size)
-    problems += zero_problems(cfg, on_cpu=on_cpu)
-    problems += optim_problems(cfg, args)
-    problems += data_problems(cfg, args)
-    problems += checkpoint_problems(cfg)
-    problems += profile_problems(cfg, runs_on_cpu=runs_on_cpu)
+    return problems
 
-    # logging and output
+
+def _logging_problems(cfg: DictConfig) -> list[str]:
+    """The logging and hardware sections, and the run directory (writable, unless this is a dry run)."""
+    problems = []
     if cfg.logging.every < 1:
         problems.append(f"logging.every={cfg.logging.every} must be >= 1")
     if cfg.logging.memory_breakdown_step < 1:
