@@ -55,6 +55,7 @@ def stage_owners(schedule: str, pp: int) -> dict[int, int]:
 
 
 def n_stages(schedule: str, pp: int) -> int:
+    """Pipeline stages in all: pp ranks x the schedule's stages per rank."""
     return pp * stages_per_rank(schedule) if pp > 1 else 1
 
 

@@ -48,11 +48,13 @@ UPDATE_TEMPORARY = {"adamw": (4, 4), "adamw_bf16": (23, 31)}
 
 
 def _update_bytes(opt: str, elements: int, master_weights: bool) -> int:
+    """The update's temporary for `elements` values: UPDATE_TEMPORARY[opt] bytes each (fp32 masters, or bf16)."""
     fp32, bf16 = UPDATE_TEMPORARY[opt]
     return (fp32 if master_weights else bf16) * elements
 
 
 def _ceil(a: int, b: int) -> int:
+    """ceil(a / b) for positive integers: the larger shard of a dimension split b ways."""
     return -(-a // b)
 
 
@@ -255,6 +257,7 @@ def _norm_tensors(D: int, mode: str, tp: int) -> list[float]:
 
 
 def _norm_bytes(D: int, mode: str, tp: int) -> float:
+    """Per token, one RMSNorm's saved bytes: `_norm_tensors` summed."""
     return sum(_norm_tensors(D, mode, tp))
 
 
@@ -382,6 +385,8 @@ class RankShape:
 
 
 def rank_shape(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankShape:
+    """The `RankShape` of pipeline rank `pp_rank`: its parameters (`_params_of_rank`), stages, micro-batch tokens
+    (micro_batch_size x seq_len / cp), microbatches in flight (`in_flight`) and model states (`_model_states`)."""
     t, sched = cfg.training, str(cfg.parallel.pp_schedule)
     params, _, first, last, n_parts = _params_of_rank(args, cfg, dims, pp_rank)
     n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
@@ -562,6 +567,8 @@ class BlockActivations:
 
 
 def block_activations(r: RankShape) -> BlockActivations:
+    """The (block, microbatch) pairs a rank holds, by AC kind (`blocks_by_ac` x microbatches in flight of each
+    stage), and per kind the bytes per token one block sends to the host (`offloaded_per_token`)."""
     pairs: dict[str, int] = {}
     for sid, n in r.flying.items():
         for kind, count in blocks_by_ac(r.cfg, len(r.ranges[sid])).items():
@@ -796,6 +803,7 @@ def in_backward_terms(r: RankShape) -> list[Term]:
 
 
 def _step_where(r: RankShape) -> str:
+    """Where the optimizer steps: on the host under FSDP's CPU offload, else on the device."""
     return "host" if r.offload and r.fsdp else "optim"  # FSDP's CPU offload steps on the host
 
 

@@ -169,6 +169,7 @@ class MemoryPlan:
 
 
 def _fmt_bytes(n: int) -> str:
+    """Bytes as GiB, MiB or KiB, for the plan's table."""
     if n >= GIB:
         return f"{n / GIB:.2f} GiB"
     if n >= 2**20:
