@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.checkpoint import HASH, checkpoint_files, hash_share, manifest_problems
+from trainer.integrity import HASH, checkpoint_files, hash_share, manifest_problems
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
