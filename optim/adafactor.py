@@ -209,7 +209,7 @@ class Adafactor(torch.optim.Optimizer):
                 work.append((p, grad, state, group, w))
         phase1.run()
 
-        for p, _, state, _group, w in work:
+        for p, _, state, group, w in work:
             state["step"] += 1
             t = state["step"].item()  # a CPU scalar: no device synchronization
             eps1 = group["eps"][0] if group["eps"][0] is not None else torch.finfo(w["P"].dtype).eps
