@@ -70,3 +70,37 @@ def test_beta1_zero_equals_no_first_moment():
 def test_bad_hyperparameters_are_refused(bad):
     with pytest.raises(ValueError, match="Adafactor"):
         Adafactor(_params(), **bad)
+
+
+def _run_groups(opt_cls, steps=5):
+    """Two parameter groups with their own settings (weight decay and learning rate differ, as shardwise's
+    decayed and not-decayed groups do), each parameter updated by its own group's."""
+    params = _params()
+    groups = [
+        {"params": params[:2], "weight_decay": 0.1, "lr": 1e-2},
+        {"params": params[2:], "weight_decay": 0.0, "lr": 5e-3},
+    ]
+    opt = opt_cls(groups)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return params
+
+
+def test_each_parameter_follows_its_own_group():
+    for a, b in zip(_run_groups(Adafactor), _run_groups(torch.optim.Adafactor)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # the check can fail: every group given the last group's settings (a loop reading a stale group variable,
+    # the bug this test was written after) moves the first group's parameters
+    wrong = _params()
+    opt = torch.optim.Adafactor(
+        [{"params": wrong[:2], "weight_decay": 0.0, "lr": 5e-3}, {"params": wrong[2:], "weight_decay": 0.0, "lr": 5e-3}]
+    )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p in wrong:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    assert not torch.allclose(wrong[0], _run_groups(Adafactor)[0], rtol=1e-6, atol=1e-7)
