@@ -59,7 +59,9 @@ def _leave(code: int) -> None:
     os._exit(code)  # peers may hold process groups this rank will never tear down politely
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, keep_process_group: bool = False) -> int:
+    """The entry point: 0 when the run ended, 2 when it was refused. `keep_process_group`: leave the default process
+    group up for another run in this process (tests/pool_server.py runs many; a user's run ends with it)."""
     if not argv:
         print(usage(), file=sys.stderr)
         return 2
@@ -98,7 +100,7 @@ def main(argv: list[str]) -> int:
             trainer.close()
             raise
         _fail_fast()
-    trainer.close()
+    trainer.close(keep_process_group=keep_process_group)
     return 0
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 _LOG = os.environ.get("SHARDWISE_COST_LOG")
+UNTIMED_POPEN = subprocess.Popen  # for the pools of tests/pool.py: their jobs are logged one by one instead
 
 
 def _write(record: dict) -> None:
@@ -72,6 +73,14 @@ def install() -> None:
         subprocess.Popen = _TimedPopen
 
 
+def log_pooled(args, seconds: float) -> None:
+    """One job run in a pool of tests/pool.py (`kind: pooled`): the test, the job, wall seconds from its submission
+    to its end (the first job of a pool includes the pool's start)."""
+    if _LOG:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+        _write({"kind": "pooled", "test": test, "what": describe(args), "seconds": round(seconds, 2)})
+
+
 def log_test(report_nodeid: str, seconds: float, outcome: str) -> None:
     if _LOG:
         _write({"kind": "test", "test": report_nodeid, "seconds": round(seconds, 2), "outcome": outcome})
@@ -83,10 +92,12 @@ def tables(path: Path, top: int = 20) -> str:
     ran = {r["test"]: r for r in rows if r["kind"] == "test" and r["outcome"] != "skipped"}
     tests = sorted(ran.values(), key=lambda r: -r["seconds"])
     launches = [r for r in rows if r["kind"] == "launch"]
+    pooled = [r for r in rows if r["kind"] == "pooled"]
     total = sum(r["seconds"] for r in tests)
     out = [
         f"{len(tests)} tests ran, {total / 60:.1f} min in all; {len(launches)} launches, "
-        f"{sum(r['seconds'] for r in launches) / 60:.1f} min of wall time inside them.",
+        f"{sum(r['seconds'] for r in launches) / 60:.1f} min of wall time inside them"
+        + (f"; {len(pooled)} jobs in pools, {sum(r['seconds'] for r in pooled) / 60:.1f} min." if pooled else "."),
         "",
         "| test | s |",
         "| --- | ---: |",

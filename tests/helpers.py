@@ -13,6 +13,8 @@ import sys
 import zlib
 from pathlib import Path
 
+import pool
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -84,8 +86,19 @@ def run_train(
     check: bool = True,
     script: str = "train.py",
 ) -> subprocess.CompletedProcess:
-    """Run launch/train.py (or another launch/ script) for real: plain python for one process, torchrun for
-    several."""
+    """Run launch/train.py (or another launch/ script): plain python for one process, torchrun for several. A
+    train.py job expected to succeed, with no environment of its own, runs in a long-lived pool of its rank count
+    (tests/pool.py: no process start; a failure there runs it again for real)."""
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+        "WANDB_SILENT": "true",
+        **(env or {}),
+    }
+    if script == "train.py" and check and not env and pool.enabled():
+        proc = pool.run(list(args), nproc, full_env, timeout)
+        if proc is not None:
+            return proc
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "launch" / script), *args]
     else:
@@ -98,12 +111,6 @@ def run_train(
             str(REPO / "launch" / script),
             *args,
         ]
-    full_env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-        "WANDB_SILENT": "true",
-        **(env or {}),
-    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(

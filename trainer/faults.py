@@ -117,6 +117,8 @@ def _describe_holder(text: str) -> str:
 def watch_parent(interval_s: float = 0.5) -> None:
     """Under torchrun: stop this worker when its agent (the parent process) is gone. The agent is what
     restarts, stops and reports the workers; without it a worker would train on unsupervised."""
+    if any(t.name == "shardwise-parent-watch" for t in threading.enumerate()):
+        return  # one per process (a process may run several jobs: tests/pool_server.py)
     parent = os.getppid()
 
     def watch() -> None:

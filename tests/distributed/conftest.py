@@ -31,6 +31,11 @@ TINY = [
     "logging.wandb.mode=disabled",
 ]
 
+# the parity rows' length, shared by the tests that read the same runs (test_parity.py, test_memory_per_rank.py):
+# step 1's gradients are compared parameter by parameter; steps 2 and 3 step on the sharded optimizer state the
+# first step made, and the validation loss after step 3 sees the trained parameters
+PARITY_STEPS = "training.steps=3"
+
 
 def run_worker(
     script: str,

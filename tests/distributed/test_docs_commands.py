@@ -134,7 +134,15 @@ def pooled(request, tmp_path_factory, cache_dir):
     return done
 
 
-@pytest.mark.parametrize("line", [c for c in COMMANDS if plan(c)[0] != "other"])
+# The lines that train start processes and check that a command runs end to end, no numbers: the slow tier (README).
+# The help and dry-run lines run in this process, in the main tier.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "line",
+    [pytest.param(c, marks=[SLOW] if plan(c)[0] == "run" else []) for c in COMMANDS if plan(c)[0] != "other"],
+)
 def test_documented_command_runs(line, tmp_path, cache_dir, pooled):
     kind, world, args = plan(line)
     if kind == "help":  # in this process (tests/unit/test_entrypoint.py starts the entry point for real)
@@ -159,6 +167,7 @@ def test_documented_command_runs(line, tmp_path, cache_dir, pooled):
     assert [r["step"] for r in rows if "train/loss" in r][-1] == 3
 
 
+@SLOW
 def test_the_readme_pipeline_command_validates_under_dualpipev_too(tmp_path, cache_dir):
     """The README's zbv line with the other zero-bubble V schedule (validation crashed in both before)."""
     line = next(c for c in COMMANDS if "pp_schedule=zbv" in c)
@@ -222,7 +231,10 @@ def test_the_docs_show_plan_commands():
     assert any("--json" in c for c in PLAN_COMMANDS) and any("--simulate" in c for c in PLAN_COMMANDS)
 
 
-@pytest.mark.parametrize("line", PLAN_COMMANDS)
+@pytest.mark.parametrize(
+    "line",
+    [pytest.param(c, marks=[SLOW] if ("--simulate" in c or "--build" in c) else []) for c in PLAN_COMMANDS],
+)
 def test_documented_plan_command_runs(line):
     """launch/plan.py lines run as shown (they need no GPU: the planner is arithmetic, the simulation fake)."""
     import json
@@ -283,6 +295,7 @@ COMPARE_SHRINK = [
 ]
 
 
+@SLOW
 @pytest.mark.parametrize("line", COMPARE_COMMANDS)
 def test_documented_compare_command_runs(line, tmp_path):
     """launch/compare.py lines run as shown, shrunk: the tiny model, 4 steps, at most 2 ranks unless a cell is
@@ -342,6 +355,7 @@ def test_the_docs_show_bench_commands():
     assert any(c.startswith("torchrun") for c in BENCH_COMMANDS) and any(c.startswith("python") for c in BENCH_COMMANDS)
 
 
+@SLOW
 @pytest.mark.parametrize("line", BENCH_COMMANDS)
 def test_documented_bench_command_runs(line, tmp_path):
     """launch/bench.py lines run as shown, at their rank count, shrunk to 2 timed steps after 1 of warm-up."""

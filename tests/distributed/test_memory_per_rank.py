@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from conftest import PARITY_STEPS
 
 from models.llama import ModelArgs
 
@@ -24,6 +25,7 @@ P = 229_952
 BLOCK = 49_280
 NORMS = 4 * 128 + 64
 EMB = 256 * 64
+FP32_8 = ["training.global_batch_size=8", "training.precision=fp32"]  # (as test_parity.py asks: the same runs)
 
 
 def test_hand_count_matches_the_model():
@@ -52,7 +54,7 @@ LAYOUTS = [
 def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
     """What each selected test asks the worker for (conftest.py batches them, one launch per rank count)."""
     if test == "test_bytes_per_rank_equal_the_formula":
-        return [(params["nproc"], [*params["overrides"], "training.global_batch_size=8", "training.precision=fp32"])]
+        return [(params["nproc"], [PARITY_STEPS, *params["overrides"], *FP32_8])]
     if test == "test_planner_predicts_each_optimizers_state_bytes":
         from test_lowbit_sharded import WIDE
 
@@ -64,7 +66,7 @@ def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
 
 @pytest.mark.parametrize("name, nproc, overrides, params", LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_bytes_per_rank_equal_the_formula(name, nproc, overrides, params, worker):
-    held = worker(nproc, [*overrides, "training.global_batch_size=8", "training.precision=fp32"])["bytes_per_rank"]
+    held = worker(nproc, [PARITY_STEPS, *overrides, *FP32_8])["bytes_per_rank"]  # test_parity's runs
     assert len(held) == nproc
     for rank, (h, numel) in enumerate(zip(held, params)):
         want = {"params": 4 * numel, "grads": 4 * numel, "optim": 8 * numel}  # fp32: 4 + 4 + 2 x 4 bytes
@@ -109,7 +111,7 @@ ZERO = [
 
 @pytest.mark.parametrize("stage, numel", ZERO, ids=[z[0] for z in ZERO])
 def test_zero_bytes_per_rank_equal_the_zero_formulas(stage, numel, worker):
-    held = worker(2, [f"parallel.data={stage}", "training.global_batch_size=8", "training.precision=fp32"])
+    held = worker(2, [PARITY_STEPS, f"parallel.data={stage}", *FP32_8])
     for rank, h in enumerate(held["bytes_per_rank"]):
         want = {k: 4 * v for k, v in numel.items()}
         assert h == want, f"{stage} rank {rank}: holds {h}, the ZeRO formula says {want}"

@@ -124,6 +124,23 @@ VARIES = {
 STATES = ("params", "buffers", "optim", "master")
 
 
+def batch_of(nproc: int, overrides: list[str]) -> str:
+    """The global batch a layout is measured at: 8 (a layout's own setting wins: 16 for 3-D), but at most two
+    micro-batches per data-parallel rank outside a pipeline. Two are the steady state of accumulation (the
+    first's gradients held while the second runs); more only repeat it, at the cost of the suite's time.
+    Pipelines keep 8: their schedules' microbatch counts are what their rows measure."""
+    from conftest import TINY
+
+    from trainer.config import load_config
+    from trainer.validate import parallel_dims
+
+    cfg = load_config([*TINY, *overrides])
+    dims, _ = parallel_dims(cfg, nproc)
+    if dims.pp > 1:
+        return "training.global_batch_size=8"
+    return f"training.global_batch_size={min(8, 2 * cfg.training.micro_batch_size * dims.dp_size)}"
+
+
 def _update_temporary(rank) -> int:
     """AdamW's update temporary, as the planner's optimizer-step moment states it, or (optim.in_backward) the
     moment of the peak (0 without one)."""
@@ -152,7 +169,7 @@ def measured(tmp_path_factory, request):
 
     def args_of(out, overrides: list[str]) -> list[str]:
         modes = MODES_OF.get(next((n for n, _, ov in LAYOUTS if ov == overrides), ""), MODES)
-        return [str(out), ",".join(modes), *TINY, "training.global_batch_size=8", *overrides]
+        return [str(out), ",".join(modes), *TINY, batch_of(nproc, overrides), *overrides]
 
     def run(nproc: int, overrides: list[str]) -> dict:
         key = (nproc, tuple(overrides))
@@ -206,7 +223,7 @@ def plan_of(nproc: int, overrides: list[str], mode: str):
 
     ac, precision = mode.split("/")
     cfg = load_config(
-        [*TINY, "training.global_batch_size=8", *overrides, f"parallel.ac={ac}", f"training.precision={precision}"]
+        [*TINY, batch_of(nproc, overrides), *overrides, f"parallel.ac={ac}", f"training.precision={precision}"]
     )
     dims, problems = parallel_dims(cfg, nproc)
     assert not problems, problems
@@ -349,7 +366,7 @@ def test_simulation_matches_the_real_run(name, measured):
     nproc, overrides = next((n, ov) for x, n, ov in LAYOUTS if x == name)
     args = [
         *TINY,
-        "training.global_batch_size=8",
+        batch_of(nproc, overrides),
         *overrides,
         "parallel.ac=none",
         "training.precision=bf16",

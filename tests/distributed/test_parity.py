@@ -1,6 +1,6 @@
 """Every strategy, combination and AC mode trains to the single-process numbers.
 
-For each row, tests/distributed/parity_worker.py runs 5 steps under torchrun with gloo and saves the
+For each row, tests/distributed/parity_worker.py runs 3 steps under torchrun with gloo and saves the
 per-step global losses, gradient norms and the full gradients after step 1; the same worker on one
 process with the same seed and global batch is the reference. fp32 rows must agree to a relative 1e-5
 (losses and norms per step; each parameter's gradient by ||g - g_ref|| / ||g_ref||); bf16 and fp16 rows
@@ -10,6 +10,7 @@ are compared with the fp32 reference under looser bounds (BF16 below).
 from __future__ import annotations
 
 import pytest
+from conftest import PARITY_STEPS
 
 # (id, processes, overrides, global batch, precision, tolerance)
 # (loss and grad-norm tolerance, per-parameter gradient tolerance), relative
@@ -135,17 +136,20 @@ CASES = [
 ]
 
 
+STEPS = PARITY_STEPS  # (conftest.py says why three)
+
+
 def _strategy_runs(nproc, overrides, global_batch, precision) -> list[tuple[int, list[str]]]:
     """(the single-process reference, the layout's run) of one CASES row, as worker() requests."""
     return [
-        (1, [f"training.global_batch_size={global_batch}", "training.precision=fp32"]),
-        (nproc, [*overrides, f"training.global_batch_size={global_batch}", f"training.precision={precision}"]),
+        (1, [STEPS, f"training.global_batch_size={global_batch}", "training.precision=fp32"]),
+        (nproc, [STEPS, *overrides, f"training.global_batch_size={global_batch}", f"training.precision={precision}"]),
     ]
 
 
 def _in_backward_runs(nproc, overrides, global_batch) -> list[tuple[int, list[str]]]:
     """(the reference with the step after the backward, the in-backward run) of one IN_BACKWARD row."""
-    common = [f"training.global_batch_size={global_batch}", "training.precision=fp32", "optim.max_grad_norm=0"]
+    common = [STEPS, f"training.global_batch_size={global_batch}", "training.precision=fp32", "optim.max_grad_norm=0"]
     optim = [o for o in overrides if o.startswith("optim.")]
     return [(1, [*common, *optim]), (nproc, [*common, *overrides, "optim.in_backward=true"])]
 
@@ -162,14 +166,14 @@ def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
 @pytest.mark.parametrize("name, nproc, overrides, global_batch, precision, tol", CASES, ids=[c[0] for c in CASES])
 def test_strategy_matches_single_process(name, nproc, overrides, global_batch, precision, tol, worker):
     ref, got = (worker(*run) for run in _strategy_runs(nproc, overrides, global_batch, precision))
-    assert len(got["losses"]) == 5
+    assert len(got["losses"]) == len(ref["losses"]) == 3
     loss_tol, grad_tol = tol
     for step, (a, b) in enumerate(zip(ref["losses"], got["losses"]), 1):
         assert abs(b - a) <= loss_tol * abs(a), f"{name}: loss at step {step} is {b}, single process {a}"
     for step, (a, b) in enumerate(zip(ref["grad_norms"], got["grad_norms"]), 1):
         assert abs(b - a) <= grad_tol * abs(a), f"{name}: grad norm at step {step} is {b}, single process {a}"
     a, b = ref["val_loss"], got["val_loss"]
-    assert abs(b - a) <= loss_tol * abs(a), f"{name}: validation loss after step 5 is {b}, single process {a}"
+    assert abs(b - a) <= loss_tol * abs(a), f"{name}: validation loss after step 3 is {b}, single process {a}"
     assert got["grads"].keys() == ref["grads"].keys(), f"{name}: parameters differ"
     for key, g in ref["grads"].items():
         err = ((got["grads"][key] - g).norm() / g.norm()).item()
@@ -196,13 +200,13 @@ def test_optimizer_in_backward_trains_like_the_step_after_backward(name, nproc, 
         for step, (a, b) in enumerate(zip(ref[what], got[what]), 1):
             assert abs(b - a) <= 1e-5 * abs(a), f"{name}: {what} at step {step} is {b}, single process {a}"
     a, b = ref["val_loss"], got["val_loss"]
-    assert abs(b - a) <= 1e-5 * abs(a), f"{name}: validation loss after step 5 is {b}, single process {a}"
+    assert abs(b - a) <= 1e-5 * abs(a), f"{name}: validation loss after step 3 is {b}, single process {a}"
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
 def test_zero_matches_fsdp(stage, worker):
     """DeepSpeed's ZeRO and FSDP2 shard differently but must train the same recipe to the same numbers."""
-    fsdp = worker(2, ["parallel.data=fsdp", "training.global_batch_size=8", "training.precision=fp32"])
-    zero = worker(2, [f"parallel.data={stage}", "training.global_batch_size=8", "training.precision=fp32"])
+    fsdp = worker(2, [STEPS, "parallel.data=fsdp", "training.global_batch_size=8", "training.precision=fp32"])
+    zero = worker(2, [STEPS, f"parallel.data={stage}", "training.global_batch_size=8", "training.precision=fp32"])
     for step, (a, b) in enumerate(zip(fsdp["losses"], zero["losses"]), 1):
         assert abs(b - a) <= 1e-5 * abs(a), f"{stage}: loss at step {step} is {b}, fsdp {a}"
