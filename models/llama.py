@@ -581,6 +581,11 @@ class Transformer(nn.Module):
         (models/init.py gives each element a value from its index in the full tensor)."""
         if name.endswith("norm.weight"):
             return {"fill": 1.0}
+        if name == "tok_embeddings.weight" and self.args.tie_embeddings:
+            # one table as input and output (Llama 3.2 1B/3B): std 0.02, as Megatron-LM and Hugging Face draw it.
+            # At the embedding's std 1 every token's own logit starts near sqrt(D) x |e_t| and step 0's loss far
+            # above ln V (about 64 on the parity model); at 0.02 the logits start small and the loss near ln V
+            return {"mean": 0.0, "std": 0.02, "lo": -2.0, "hi": 2.0}
         if name == "tok_embeddings.weight":
             return {"mean": 0.0, "std": 1.0}
         if name == "output.weight":

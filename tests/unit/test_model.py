@@ -207,3 +207,29 @@ def test_expanded_kv_heads_and_a_named_kernel_give_the_grouped_result():
     for n, g in out["grouped"][1].items():
         torch.testing.assert_close(out["expanded"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
     assert replace(TINY, attention="cudnn").kv_expanded and not replace(TINY, attention="flash").kv_expanded
+
+
+def _shrunk(flavor: str) -> ModelArgs:
+    """The flavor at 256 wide, 2 blocks, a 4096-token vocabulary: its other choices kept (tied embeddings, GQA, the
+    feed-forward sizing, RoPE scaling). The initial logits' scale does not depend on the width (the output is drawn
+    at std dim^-0.5 over a unit-RMS input), so the shrunk copy starts where the full shape does."""
+    from dataclasses import replace
+
+    a = FLAVORS[flavor]
+    kv = None if a.n_kv_heads is None else min(a.n_kv_heads, 4)
+    return replace(a, dim=256, n_layers=2, n_heads=4, n_kv_heads=kv, vocab_size=4096, max_seq_len=64)
+
+
+@pytest.mark.parametrize("flavor", sorted(FLAVORS))
+def test_every_shape_starts_near_ln_vocab(flavor):
+    """Step 0's loss on uniform tokens is about ln V (logits of unit variance: ln V + 1/2 at most) for every shape,
+    tied or not. A tied table drawn at the embedding's std 1 started the tied shapes (1b, 3b) at about 64."""
+    args = _shrunk(flavor)
+    m = _model(args)
+    x = torch.randint(0, args.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = F.cross_entropy(m(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item()
+    ln_v = math.log(args.vocab_size)
+    assert ln_v - 0.1 <= loss <= ln_v + 0.6, (
+        f"{flavor} (tied: {args.tie_embeddings}): step-0 loss {loss:.2f}, ln V {ln_v:.2f}"
+    )
