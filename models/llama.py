@@ -264,6 +264,23 @@ def args_from_config(m) -> ModelArgs:
 def config_problems(args: ModelArgs, name: str) -> list[str]:
     """The model section's rules (trainer/validate.py::validate collects every subsystem's)."""
     problems: list[str] = []
+    sizes = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size}
+    sizes |= {"max_seq_len": args.max_seq_len, "n_kv_heads": args.n_kv_heads, "ffn_hidden_dim": args.ffn_hidden_dim}
+    for key, value in sizes.items():
+        if value is not None and value < 1:
+            problems.append(f"model.{key}={value} must be >= 1")
+    if problems:  # (the rules below divide by these)
+        return problems
+    if args.rope_scaling is not None:
+        r = args.rope_scaling
+        for key in ("factor", "low_freq_factor", "original_max_seq_len"):
+            if getattr(r, key) <= 0:
+                problems.append(f"model.rope_scaling.{key}={getattr(r, key)} must be > 0 (Llama 3.1's RoPE scaling)")
+        if r.high_freq_factor <= r.low_freq_factor:
+            problems.append(
+                f"model.rope_scaling.high_freq_factor({r.high_freq_factor}) must be above low_freq_factor"
+                f"({r.low_freq_factor}): the wavelengths between the two are blended over their difference"
+            )
     if args.dim % args.n_heads:
         problems.append(
             f"model.n_heads({args.n_heads}) must divide model.dim({args.dim}): "

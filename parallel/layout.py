@@ -329,6 +329,13 @@ def _pp_problems(cfg, args, dp: int) -> list[str]:
                     f"which {p.pp_schedule} needs to fill the pipeline; lower training.micro_batch_size or raise "
                     f"training.global_batch_size"
                 )
+    if p.pp > 1 and args.tie_embeddings:
+        problems.append(
+            f"model.tie_embeddings=true with parallel.pp={p.pp}: the tied table would be the first stage's embedding "
+            f"and the last stage's output, two copies whose gradients nothing sums (the stages would train them "
+            f"apart); set model.tie_embeddings=false for a pipeline (the tied shapes 1b and 3b fit without one), "
+            f"or parallel.pp=1"
+        )
     if p.pp > 1 and p.pp_schedule in V_SHAPED and p.ac == "selective":
         problems.append(
             f"parallel.ac=selective with parallel.pp_schedule={p.pp_schedule}: that schedule splits each "

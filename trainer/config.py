@@ -109,8 +109,8 @@ class ModelConfig:
     norm_eps: float | None = None  # RMSNorm epsilon
     rope_theta: float | None = None  # RoPE base
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
-    attention: str = "auto"  # SDPA's kernel: auto (SDPA picks), flash, cudnn or efficient (CUDA only); a named one runs
-    #  or the step fails
+    attention: str = "auto"  # SDPA's kernel: auto (SDPA picks), flash (CUDA, and torch's CPU kernel), cudnn or
+    #  efficient (CUDA only: refused on a CPU run); a named one runs or the step fails
     expand_kv: bool | None = (
         None  # repeat the kv heads to the query heads before attention (saves them so for backward); null: for cudnn
         #  and efficient, which need it

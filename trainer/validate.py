@@ -261,6 +261,24 @@ def _device_problems(cfg: DictConfig, args, *, runs_on_cpu: bool) -> list[str]:
     return problems
 
 
+def _wandb_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+
+
+def _wandb_key() -> bool:
+    """Whether W&B has an API key here: WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes (read, not sent)."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(_wandb_host()) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def _logging_problems(cfg: DictConfig) -> list[str]:
     """The logging and hardware sections, and the run directory (writable, unless this is a dry run)."""
     problems = []
@@ -275,6 +293,13 @@ def _logging_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"hardware.gpu_memory_gib={hw.gpu_memory_gib} must be > 0 (or null)")
     if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
         problems.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (or null to detect it)")
+    if cfg.logging.wandb.mode == "online" and not cfg.dry_run and not _wandb_key():
+        host = _wandb_host()
+        problems.append(
+            f"logging.wandb.mode=online: no W&B API key here (WANDB_API_KEY is unset and ~/.netrc has no {host} "
+            f"entry); run `wandb login` or set WANDB_API_KEY, or log offline (logging.wandb.mode=offline) and "
+            f"`wandb sync` the run later"
+        )
     if not cfg.dry_run and not _writable_dir(Path(cfg.run_dir)):
         problems.append(f"run_dir={cfg.run_dir}: cannot create or write there; choose another run_dir")
     return problems

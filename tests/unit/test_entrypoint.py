@@ -100,6 +100,18 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
             ["parallel.data=zero2", "training.precision=fp16", "training.device=cpu"],
             "training.precision=fp16 with parallel.data=zero2 on the CPU: DeepSpeed's CPU accelerator runs fp16 only",
         ),
+        # each of these raised a traceback after the run directory was written, or trained (2026-12-06 review)
+        (["logging.wandb.mode=online"], "logging.wandb.mode=online: no W&B API key here"),
+        (["model.dim=0"], "model.dim=0 must be >= 1"),
+        (
+            ["model.rope_scaling.type=llama3", "model.rope_scaling.factor=-1"],
+            "model.rope_scaling.factor=-1.0 must be > 0",
+        ),
+        (["model.attention=cudnn", "training.device=cpu"], "model.attention=cudnn is a CUDA kernel"),
+        (
+            ["model.tie_embeddings=true", "parallel.pp=2", "WORLD_SIZE=2"],
+            "model.tie_embeddings=true with parallel.pp=2: the tied table would be",
+        ),
     ],
 )
 def test_bad_input_never_starts_training(tmp_path, overrides, message, monkeypatch):
@@ -113,7 +125,10 @@ def test_bad_input_never_starts_training(tmp_path, overrides, message, monkeypat
     # the CPU's fp16 capability forced to "none" (AMD EPYC's answer; an Intel Xeon with AVX512-FP16 says yes, and
     # test_zero_fp16_on_the_cpu_follows_the_capability runs both answers on either kind)
     monkeypatch.setattr(parallel.zero, "_deepspeed_cpu_fp16", lambda: False)
-    proc = run_cli("train.py", ["recipe=llama_debug", f"run_dir={run_dir}", *overrides])
+    env = {"NETRC": str(tmp_path / "no-netrc")}  # (no W&B key on this machine, whatever its ~/.netrc holds)
+    env |= {o.split("=")[0]: o.split("=")[1] for o in overrides if o.startswith("WORLD_SIZE=")}
+    overrides = [o for o in overrides if not o.startswith("WORLD_SIZE=")]
+    proc = run_cli("train.py", ["recipe=llama_debug", f"run_dir={run_dir}", *overrides], env=env)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert proc.stderr.count("invalid config") == 1 and "Traceback" not in proc.stderr
