@@ -260,8 +260,10 @@ class Trainer:
         flat = batch.flatten(0, 1)  # (accum * mb, T + 1): the schedule cuts it back into accum microbatches
         inputs, targets = self._local_tokens(flat[:, :-1]), self._local_tokens(flat[:, 1:])
         self.par.pipeline_loss.n_tokens = n_tokens
-        if self.scaler:
-            self.par.pipeline_loss.scale = self.par.grad_reduction_scale * self.scaler.get_scale()
+        if self.scaler:  # the scaler's own scale(), as a backward of a scaled loss would call it (and no host sync)
+            self.par.pipeline_loss.scale = self.scaler.scale(
+                torch.tensor(self.par.grad_reduction_scale, device=self.device, dtype=torch.float32)
+            )
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.par.has_first_stage else ()
         kwargs = {"target": targets, "losses": losses} if self.par.has_last_stage else {}
