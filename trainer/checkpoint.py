@@ -365,11 +365,24 @@ class Checkpointer:
             "data": t.train_loader.state_dict(),
             "step": t.step,
             "tokens_seen": t.tokens_seen,
+            "skipped_steps": t.skipped_steps,
+        }
+
+    def _layout(self) -> dict:
+        """This run's layout, as train_state.json records it (a per-rank file means the same thing only under
+        the same one)."""
+        d = self.t.plan.dims
+        return {
+            "dp_replicate": d.dp_replicate,
+            "dp_shard": d.dp_shard,
+            "tp": d.tp,
+            "pp": d.pp,
+            "cp": d.cp,
+            "world_size": self.t.world.world_size,
         }
 
     def _train_state(self, step: int) -> dict:
         t = self.t
-        d = t.plan.dims
         return {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -380,13 +393,7 @@ class Checkpointer:
             "data": t.train_loader.state_dict(),
             "config_hash": config_hash(t.cfg),
             "strategy": str(t.cfg.parallel.data),
-            "layout": {
-                "dp_replicate": d.dp_replicate,
-                "dp_shard": d.dp_shard,
-                "tp": d.tp,
-                "pp": d.pp,
-                "world_size": t.world.world_size,
-            },
+            "layout": self._layout(),
             "wandb_run_id": t.logger.wandb.run_id if t.logger.wandb else None,
         }
 
@@ -434,12 +441,20 @@ class Checkpointer:
             t.scaler.load_state_dict(ts["scaler"])
         t.train_loader.load_state_dict(ts["data"])
         t.step, t.tokens_seen = ts["step"], ts["tokens_seen"]
+        saved = json.loads((path / "train_state.json").read_text())
+        # (checkpoints written before the counter was saved here have it in train_state.json)
+        t.skipped_steps = ts.get("skipped_steps", saved.get("skipped_steps", 0))
+        layout = {"cp": 1, **saved.get("layout", {})}  # (cp was not recorded before: those runs had cp 1)
         rng = path / f"rng-rank-{self.rank}.pt"
-        if rng.is_file():  # the same layout: restore this rank's streams exactly
+        if layout == self._layout() and rng.is_file():  # the same layout: this rank's streams, exactly
             r = torch.load(rng, weights_only=False)
             torch.set_rng_state(r["cpu"])
             if r["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(r["cuda"])
+            self.rng_note = "random streams restored (the same layout)"
+        else:  # rank r of another layout drew other numbers: this run's seeds stand
+            changed = ", ".join(f"{k} {layout.get(k)} -> {v}" for k, v in self._layout().items() if layout.get(k) != v)
+            self.rng_note = f"random streams from this run's seed (the layout changed: {changed})"
 
 
 def config_problems(cfg) -> list[str]:

@@ -176,7 +176,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self, group=self.save_group, control_group=self.side_group)
         if resume_from is not None:
             self.checkpointer.load(resume_from)
-            self.logger.note(f"resumed from {resume_from} at step {self.step}")
+            self.logger.note(f"resumed from {resume_from} at step {self.step}; {self.checkpointer.rng_note}")
         elif self.init_note:
             self.logger.note(self.init_note)
         self.resumed_from = resume_from

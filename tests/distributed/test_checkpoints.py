@@ -150,6 +150,7 @@ def test_resume_is_bitwise(layout, tmp_path, straight):
         want = losses(straight)
         assert losses(broken) == {3: want[3], 4: want[4]}
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert "random streams restored (the same layout)" in proc.stdout
     want, got = samples(straight), samples(broken)
     assert {s: got[s] for s in (3, 4)} == {s: want[s] for s in (3, 4)}
     assert_equal_trees(
@@ -329,6 +330,11 @@ def test_nan_on_one_rank_skip_leaves_the_parameters_and_goes_on(tmp_path):
     assert moments and all(torch.equal(s2["optim"][k], s3["optim"][k]) for k in moments), "step 3 optimizer state"
     assert any(not torch.equal(s3["model"][k], s4["model"][k]) for k in s3["model"]), "step 4 trained"
     assert all(torch.isfinite(v).all() for v in s4["model"].values())
+    # resumed, the count goes on from the checkpoint's (it restarted at 0 before)
+    resume = [*TINY, "parallel.data=fsdp", "training.steps=6", "numerics.on_nonfinite=skip", f"run_dir={run}"]
+    run_train(resume, nproc=2)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["train/skipped_steps"] for r in rows if "train/skipped_steps" in r][-2:] == [1, 1]
 
 
 @pytest.fixture(scope="module")
@@ -602,6 +608,9 @@ def test_context_parallel_checkpoint_reshards_from_cp_2_to_cp_4(tmp_path, straig
     straight = straight(2, [*TINY, "parallel.cp=2"])
     proc, moved = _resume_step_2(straight, tmp_path, [*TINY, "parallel.cp=4"], 4)
     assert "at step 2" in proc.stdout and "parallel.cp=4" in proc.stdout
+    # the layout record names cp, and rank r of cp 2 drew other numbers than rank r of cp 4: not restored
+    assert json.loads((straight / "checkpoints" / "step-2" / "train_state.json").read_text())["layout"]["cp"] == 2
+    assert "random streams from this run's seed (the layout changed: " in proc.stdout and "cp 2 -> 4" in proc.stdout
     _continues_like(straight, moved, "cp 4")
 
 
