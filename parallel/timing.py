@@ -378,7 +378,7 @@ def _ring(n: int) -> float:
 
 
 def _link(size: int, stride: int, ranks_per_node: int, hw: Hardware) -> float:
-    """The bus bandwidth of a group of `size` ranks `stride` apart (mesh order pp, dp_replicate, dp_shard, tp)."""
+    """The bus bandwidth of a group of `size` ranks `stride` apart (mesh order pp, dp_replicate, dp_shard, cp, tp)."""
     return hw.intra_bw if size * stride <= ranks_per_node else hw.inter_bw
 
 
@@ -495,8 +495,9 @@ def step_time(
             sends = sum(1 for s in stage_ids(sched, pp_rank, dims.pp) if s != len(ranges) - 1)
             recvs = sum(1 for s in stage_ids(sched, pp_rank, dims.pp) if s != 0)
             comm["PP sends"] = n_micro * (sends + recvs) * act
+            # the pp axis is the mesh's outermost: its neighbours are dp x cp x tp ranks apart
             comm_t["PP sends"] = n_micro * (sends + recvs) * hw.latency_s + comm["PP sends"] / _link(
-                dims.pp, tp * dp, ranks_per_node, hw
+                dims.pp, tp * dp * dims.cp, ranks_per_node, hw
             )
         busy = parts["compute"] + parts["memory_bound_ops"] + parts.get("recompute", 0.0)
         hide = busy * hw.overlap  # the compute a data-parallel collective can run under

@@ -186,3 +186,14 @@ def test_plan_search_cli(tmp_path):
         "recipe=llama7b_fsdp", "world_size=8", "gpu_memory_gib=80", "--search", "--json", "top=1", "tflops=100"
     )
     assert json.loads(given.stdout)["hardware"]["matmul_flops"] == 100e12
+
+
+def test_pipeline_sends_cross_nodes_when_context_parallelism_spreads_the_stages():
+    """pp 2 x dp 2 x cp 2 x tp 2 on nodes of 8: a stage's neighbour is dp x cp x tp = 8 ranks away, on the next
+    node (the stride counted without cp, 4, put both stages on one node and the sends on NVLink)."""
+    base = ["recipe=llama7b_fsdp", "training.global_batch_size=16", "training.micro_batch_size=1"]
+    st, plan, cfg = _time([*base, "parallel.pp=2", "parallel.tp=2", "parallel.cp=2", "training.seq_len=4096"], 16)
+    assert (plan.dims.pp, plan.dims.dp_size, plan.dims.cp, plan.dims.tp) == (2, 2, 2, 2)
+    n_micro = 16 // (1 * 2)
+    latency = n_micro * GPU.latency_s  # rank 0 holds the first stage: the model counts its one send per microbatch
+    assert st.parts["pp_comm"] == pytest.approx(latency + st.comm_bytes["PP sends"] / GPU.inter_bw)
