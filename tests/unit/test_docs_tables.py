@@ -1,9 +1,109 @@
-"""docs/architecture.md's test-cost tables are the committed cost logs (docs/testing/) rendered by tests/costs.py:
-a table edited by hand, or a log replaced without re-rendering (`python tests/costs.py --write-docs`), fails here."""
+"""Tables in docs/ rendered from committed result files, so that a number edited by hand, or a result replaced without
+re-rendering, fails here:
+- docs/architecture.md's test-cost tables from the cost logs of docs/testing/ (`python tests/costs.py --write-docs`);
+- docs/memory.md's prediction-against-simulation table from docs/benchmarks/plan-vs-simulation.json (the simulated
+  peaks of `launch/plan.py --simulate` runs) and the planner's predictions, computed here
+  (`python tests/unit/test_docs_tables.py --write` re-renders it).
+"""
 
-import costs
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import costs  # noqa: E402
+from helpers import REPO, run_cli  # noqa: E402
+
+GIB = 1024**3
+RESULTS = REPO / "docs" / "benchmarks" / "plan-vs-simulation.json"
+MEMORY_PAGE = REPO / "docs" / "memory.md"
+BEGIN = "<!-- plan-vs-simulation: rendered by tests/unit/test_docs_tables.py from docs/benchmarks/plan-vs-simulation.json -->"
+END = "<!-- /plan-vs-simulation -->"
+# (recipe, world size, why it is not simulated where it is not)
+PLAN_ROWS = [
+    ("llama1b", 1, None),
+    ("llama7b_fsdp", 8, None),
+    ("llama8b_fsdp_tp", 16, None),
+    ("llama8b", 1, "not simulated (does not fit)"),
+    ("llama13b_pp_fsdp", 16, "not simulated (two stages per rank)"),
+    ("llama70b_3d", 512, "not simulated (pipeline with TP)"),
+    ("llama7b_zero3", 8, "not simulated (DeepSpeed)"),
+    ("llama7b_zero2_offload", 8, "not simulated (DeepSpeed)"),
+]
 
 
 def test_the_cost_tables_are_the_committed_logs():
     page = (costs.DOCS / "architecture.md").read_text()
     assert costs.docs_section() in page, "re-render with: python tests/costs.py --write-docs"
+
+
+def _planned(recipe: str, world: int) -> dict:
+    proc = run_cli("plan.py", [f"recipe={recipe}", f"world_size={world}", "gpu_memory_gib=80", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _layout(recipe: str, planned: dict) -> str:
+    from trainer.config import load_config
+
+    cfg = load_config([f"recipe={recipe}"])
+    p = cfg.parallel
+    dims = dict(zip(planned["layout"].split()[0::3], (int(n) for n in planned["layout"].split()[1::3]), strict=True))
+    shape = " x ".join(f"{k} {v}" for k, v in dims.items() if v > 1) or "one rank"
+    schedule = f", {p.pp_schedule}" if dims.get("pp", 1) > 1 else ""
+    return f"{shape}: {p.data}, {cfg.training.precision}, AC {p.ac}{schedule}"
+
+
+def plan_table() -> str:
+    """The table, from the committed simulations and this code's predictions (which must be the ones the
+    simulations were printed beside: a planner change needs the simulations rerun)."""
+    results = json.loads(RESULTS.read_text())
+    simulated = {(r["recipe"], r["world_size"]): r for r in results["rows"]}
+    lines = [
+        f"Prediction against simulation for the GPU recipes at the world sizes they are meant for ({results['measured']};"
+        f" `{results['command']}`; peak tensor bytes of the most loaded rank, 80 GiB card):",
+        "",
+        "| recipe | world | layout | predicted peak | simulated peak | difference | + reserve on 80 GiB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for recipe, world, why in PLAN_ROWS:
+        planned = _planned(recipe, world)
+        peak, reserve, host = planned["peak_bytes"], planned["reserve_bytes"], planned["host_bytes_per_node"]
+        predicted = f"{peak / GIB:.2f} GiB" + (f" + {host / GIB:.2f} GiB host per node" if host else "")
+        room = planned["capacity_bytes"] - peak - reserve
+        fits = f"fits ({(peak + reserve) / GIB:.2f}" if room >= 0 else f"does not fit by {-room / GIB:.2f} GiB"
+        sim = simulated.get((recipe, world))
+        if sim is None:
+            cells = [why or "not simulated", "-"]
+        else:
+            assert sim["predicted_peak_bytes"] == peak, (
+                f"{recipe}: the planner now predicts {peak:,} B, the simulation was run beside {sim['predicted_peak_bytes']:,}: "
+                f"rerun `{results['command'].replace('RECIPE', recipe).replace('WORLD', str(world))}` into {RESULTS.name}"
+            )
+            s = sim["simulated_peak_bytes"]
+            cells = [f"{s / GIB:.2f} GiB", f"{(peak - s) / s:+.1%}"]
+            if room >= 0:
+                fits += f"; simulated {(s + reserve) / GIB:.2f}"
+        fits += ")" if room >= 0 else ""
+        lines.append(f"| {recipe} | {world} | {_layout(recipe, planned)} | {predicted} | {' | '.join(cells)} | {fits} |")
+    return "\n".join(lines)
+
+
+def _rendered_section() -> str:
+    return f"{BEGIN}\n{plan_table()}\n{END}"
+
+
+def test_the_plan_against_simulation_table_is_the_committed_results():
+    page = MEMORY_PAGE.read_text()
+    assert BEGIN in page and END in page
+    current = page[page.index(BEGIN) : page.index(END) + len(END)]
+    assert current == _rendered_section(), "re-render with: python tests/unit/test_docs_tables.py --write"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    page = MEMORY_PAGE.read_text()
+    start, end = page.index(BEGIN), page.index(END) + len(END)
+    MEMORY_PAGE.write_text(page[:start] + _rendered_section() + page[end:])
