@@ -19,7 +19,8 @@ the peak host memory, parameter bytes held.
 `--search` enumerates the layouts validation accepts (data strategy, dp/tp/pp degrees, pipeline schedule,
 micro-batch, AC, offload), keeps those predicted to fit in gpu_memory_gib (and host_memory_gib per node, when
 given) and ranks them by the step time parallel/timing.py predicts; `top` (default 15) rows are printed.
-The rates are a GPU's assumed ones (device=cuda; tflops=, intra_gbps=, inter_gbps=, hbm_gbps=, pcie_gbps=
+The rates are a GPU's assumed ones (device=cuda: the matmul rate `achievable` (default 0.6, an assumption no run
+has measured) of the datasheet's peak; tflops=, intra_gbps=, inter_gbps=, hbm_gbps=, pcie_gbps=
 override them; measured when this machine has a GPU) or, with device=cpu, measured on this machine.
 `max_pp` caps the pipeline degree tried.
 """
@@ -33,7 +34,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from models.args import model_args_of
-from parallel.timing import calibrate_cpu, calibrate_cuda, gpu_hardware, override, step_time
+from parallel.timing import ACHIEVABLE, calibrate_cpu, calibrate_cuda, gpu_hardware, override, step_time
 from trainer.config import ConfigError, load_config
 from trainer.search import search, table
 from trainer.validate import derive, validate  # noqa: E402
@@ -46,6 +47,7 @@ OWN_KEYS = {
     "top": int,
     "host_memory_gib": float,
     "max_pp": int,
+    "achievable": float,
     "tflops": float,
     "intra_gbps": float,
     "inter_gbps": float,
@@ -90,6 +92,11 @@ def with_defaults(own: dict, cfg, flags: set[str]) -> dict:
         raise ConfigError(f"world_size={own['world_size']} must be >= 1")
     if own["device"] is None:
         own["device"] = "cuda" if own["gpu_memory_gib"] is not None else "cpu"
+    if own["achievable"] is not None and not 0 < own["achievable"] <= 1:
+        raise ConfigError(
+            f"achievable={own['achievable']} must be in (0, 1]: the fraction of the datasheet's matmul peak a GPU "
+            f"reaches (default {ACHIEVABLE}, an assumption)"
+        )
     if own["device"] not in ("cuda", "cpu"):
         raise ConfigError(f"device={own['device']}: expected cuda or cpu")
     return own
@@ -204,7 +211,9 @@ def _hardware(cfg, own: dict):
         hw = (
             calibrate_cuda(cfg, own["gpu_memory_gib"])
             if torch.cuda.is_available()
-            else gpu_hardware(own["gpu_memory_gib"], str(cfg.training.precision))
+            else gpu_hardware(
+                own["gpu_memory_gib"], str(cfg.training.precision), achievable=own["achievable"] or ACHIEVABLE
+            )
         )
     return override(hw, **rates)
 

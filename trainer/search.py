@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from models.args import model_args_of
 from parallel.layout import V_SHAPED
 from parallel.plan import GIB
-from parallel.timing import ACHIEVABLE, Hardware, StepTime, step_time
+from parallel.timing import Hardware, StepTime, step_time
 from trainer.validate import derive, validate
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv")
@@ -223,8 +223,7 @@ def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardw
         f"{result.seconds:.1f} s",
         f"time model: {hw.name}, matmul {hw.matmul_flops / 1e12:.1f} TFLOP/s, intra-node {hw.intra_bw / 1e9:.0f} GB/s, "
         f"inter-node {hw.inter_bw / 1e9:.0f} GB/s, memory {hw.mem_bw / 1e9:.0f} GB/s "
-        f"({'measured' if 'measured' in str(hw.source.get('matmul_flops', '')) else 'assumed'}; "
-        f"parallel/timing.py)",
+        f"(matmul: {hw.source.get('matmul_flops', 'assumed')}; parallel/timing.py)",
         "",
         "| rank | layout | data | AC | mb | offload | peak + reserve GiB | step s | tokens/s/device | MFU | "
         "compute | exposed comm | bubble | recompute | comm/step GiB |",
@@ -235,7 +234,7 @@ def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardw
         p = s.parts
         layout = c.layout
         exposed = p.get("dp_comm_exposed", 0) + p.get("tp_comm", 0) + p.get("pp_comm", 0)
-        mfu = 100 * s.flops / s.seconds / hw.matmul_flops * _achievable(hw)
+        mfu = 100 * s.flops / s.seconds / (hw.peak_flops or hw.matmul_flops)  # against the datasheet peak
         lines.append(
             f"| {i} | {layout} | {k['parallel.data']} | {k['parallel.ac']} | {k['training.micro_batch_size']} | "
             f"{k['parallel.offload']} | {(c.peak_bytes + c.reserve_bytes) / GIB:.1f} | {s.seconds:.3f} | "
@@ -250,12 +249,6 @@ def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardw
         )
         lines.append(f"\n{why}")
     return "\n".join(lines)
-
-
-def _achievable(hw: Hardware) -> float:
-    """MFU is against the datasheet peak: the assumed rate is ACHIEVABLE of it; a measured rate is the peak."""
-
-    return ACHIEVABLE if "assumed" in str(hw.source.get("matmul_flops", "")) else 1.0
 
 
 __all__ = ["Candidate", "SearchResult", "search", "table", "layouts"]

@@ -20,7 +20,10 @@ from helpers import REPO, run_cli  # noqa: E402
 GIB = 1024**3
 RESULTS = REPO / "docs" / "benchmarks" / "plan-vs-simulation.json"
 MEMORY_PAGE = REPO / "docs" / "memory.md"
-BEGIN = "<!-- plan-vs-simulation: rendered by tests/unit/test_docs_tables.py from docs/benchmarks/plan-vs-simulation.json -->"
+BEGIN = (
+    "<!-- plan-vs-simulation: rendered by tests/unit/test_docs_tables.py"
+    " from docs/benchmarks/plan-vs-simulation.json -->"
+)
 END = "<!-- /plan-vs-simulation -->"
 # (recipe, world size, why it is not simulated where it is not)
 PLAN_ROWS = [
@@ -63,8 +66,8 @@ def plan_table() -> str:
     results = json.loads(RESULTS.read_text())
     simulated = {(r["recipe"], r["world_size"]): r for r in results["rows"]}
     lines = [
-        f"Prediction against simulation for the GPU recipes at the world sizes they are meant for ({results['measured']};"
-        f" `{results['command']}`; peak tensor bytes of the most loaded rank, 80 GiB card):",
+        "Prediction against simulation for the GPU recipes at the world sizes they are meant for "
+        f"({results['measured']}; `{results['command']}`; peak tensor bytes of the most loaded rank, 80 GiB card):",
         "",
         "| recipe | world | layout | predicted peak | simulated peak | difference | + reserve on 80 GiB |",
         "| --- | ---: | --- | ---: | ---: | ---: | --- |",
@@ -79,16 +82,19 @@ def plan_table() -> str:
         if sim is None:
             cells = [why or "not simulated", "-"]
         else:
+            rerun = results["command"].replace("RECIPE", recipe).replace("WORLD", str(world))
             assert sim["predicted_peak_bytes"] == peak, (
-                f"{recipe}: the planner now predicts {peak:,} B, the simulation was run beside {sim['predicted_peak_bytes']:,}: "
-                f"rerun `{results['command'].replace('RECIPE', recipe).replace('WORLD', str(world))}` into {RESULTS.name}"
+                f"{recipe}: the planner now predicts {peak:,} B, the simulation was run beside "
+                f"{sim['predicted_peak_bytes']:,}: rerun `{rerun}` into {RESULTS.name}"
             )
             s = sim["simulated_peak_bytes"]
             cells = [f"{s / GIB:.2f} GiB", f"{(peak - s) / s:+.1%}"]
             if room >= 0:
                 fits += f"; simulated {(s + reserve) / GIB:.2f}"
         fits += ")" if room >= 0 else ""
-        lines.append(f"| {recipe} | {world} | {_layout(recipe, planned)} | {predicted} | {' | '.join(cells)} | {fits} |")
+        lines.append(
+            f"| {recipe} | {world} | {_layout(recipe, planned)} | {predicted} | {' | '.join(cells)} | {fits} |"
+        )
     return "\n".join(lines)
 
 
