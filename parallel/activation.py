@@ -10,12 +10,21 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 
+def _matmuls() -> tuple:
+    """The ops a block's linear layers run as: `mm`, and float8's `_scaled_mm` (torchao's Float8Linear dispatches
+    `mm` on its float8 tensors, which the policy sees; a compiled or hand-written float8 path calls `_scaled_mm`
+    itself, as torchtitan's save list expects)."""
+    aten = torch.ops.aten
+    return (aten.mm.default, *((aten._scaled_mm.default,) if hasattr(aten, "_scaled_mm") else ()))
+
+
 def _ops_to_save() -> set:
     """Outputs worth keeping: the matmuls and attention (expensive to recompute) and the TP
     reduce-scatter (recomputing it would repeat communication). Everything else (norms, SiLU, RoPE,
     casts, views) is recomputed in backward."""
     aten = torch.ops.aten
-    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+    ops = set(_matmuls())
+    ops |= {aten.addmm.default, aten.bmm.default}
     for name in (
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention",
@@ -29,19 +38,22 @@ def _ops_to_save() -> set:
     return ops
 
 
+_MATMULS = _matmuls()
+
+
 def _selective_policy(
     save: set, partial_width: int | None, counts: dict | None, ctx, op, *args, **kwargs
 ) -> CheckpointPolicy:
     if op not in save:
         return CheckpointPolicy.PREFER_RECOMPUTE
-    if counts is not None and op is torch.ops.aten.mm.default:
+    if counts is not None and op in _MATMULS:
         # parallel.sac_matmuls=every_second: of the block's matmuls in order (wq, wk, wv, wo, w1, w3, w2) the
         # even-numbered ones are recomputed; the forward and its recomputation count apart, so both agree
         key = "recompute" if ctx.is_recompute else "forward"
         counts[key] += 1
         if counts[key] % 2 == 0:
             return CheckpointPolicy.PREFER_RECOMPUTE
-    if partial_width is not None and op is torch.ops.aten.mm.default and args[1].shape[-1] == partial_width:
+    if partial_width is not None and op in _MATMULS and args[1].shape[-1] == partial_width:
         # under TP a row-parallel projection (wo, w2) multiplies into the full model width over the full sequence:
         # its output is a partial sum about to be reduce-scattered, t times the size of what is kept after the
         # reduce-scatter (which is saved); recomputing the matmul costs one matmul in backward, saving it

@@ -6,11 +6,12 @@
 Job K is QUEUE_DIR/K.json, {"argv": [...], "env": {...}}. Every rank runs it as the entry point would
 (`launch/train.py`'s main, which parses, validates, builds a Trainer, trains and closes it), keeping the default
 process group for the next job, and writes K.rank-R.out, K.rank-R.err and last K.rank-R.rc. Before each job the
-process takes the job's environment (the caller's, as a subprocess would inherit it, with the variables torchrun set
-for this rank), and after it gets back its working directory, signal handlers and warning filters; dynamo's caches
-are reset. The Trainer seeds torch's generator from the recipe, the data its own generators, so nothing of an
-earlier job's random state reaches the next. A job that fails or raises leaves the rank at once (the pool's state
-is unknown): tests/pool.py then stops the pool and runs the job as a real launch, whose output the test sees.
+process takes the job's environment (the caller's, as a subprocess would inherit it, with the variables torchrun
+set for this rank; torch's thread count from its OMP_NUM_THREADS), and after it gets back its working directory,
+signal handlers and warning filters; dynamo's caches are reset. The Trainer seeds torch's generator from the
+recipe, the data its own generators, so nothing of an earlier job's random state reaches the next. A job that
+fails or raises leaves the rank at once (the pool's state is unknown): tests/pool.py then stops the pool and runs
+the job as a real launch, whose output the test sees.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def serve(queue: Path) -> None:
                 if torch.distributed.is_initialized():
                     torch.distributed.destroy_process_group()
                 return
-            time.sleep(0.02)
+            time.sleep(0.05)  # (an idle rank: about 1% of a core)
         spec = json.loads(job.read_text())
         os.environ.clear()
         os.environ.update({**spec["env"], **own})
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # (read once at start-up by torch: a process would)
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         handlers = {s: signal.getsignal(s) for s in SIGNALS}
         torch._dynamo.reset()
         with (

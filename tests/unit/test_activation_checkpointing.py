@@ -105,3 +105,54 @@ def test_every_second_matmul_recomputes_wk_wo_and_w3(measured):
     D, K, F = ARGS.dim, ARGS.kv_heads * ARGS.head_dim, ARGS.ffn_hidden
     assert sel["saved_bytes"] - sel2["saved_bytes"] == B * T * (K + D + F) * 4
     assert sel2["backward_flops"] - sel["backward_flops"] == 2 * B * T * (D * K + D * D + D * F)
+
+
+@pytest.mark.parametrize("sac_matmuls", ["all", "every_second"])
+def test_selective_policy_keeps_float8_matmuls(sac_matmuls, monkeypatch):
+    """A block of torchao float8 linears (not emulated: torch's _scaled_mm runs on the CPU) under selective AC: the
+    policy sees each of the seven matmuls, in the forward and again in the recomputation, and keeps them all
+    (`all`) or every other one (`every_second`), the same ones both times."""
+    import parallel.activation as act
+    from models.llama import ModelArgs, build_model
+    from parallel.float8 import convert
+
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=64, max_seq_len=32)
+    model = build_model(args, "cpu")
+    model.init_weights(0)
+    assert convert(model, "tensorwise", emulate=False) == 7
+    seen = []
+    policy = act._selective_policy
+
+    def spy(save, width, counts, ctx, op, *a, **k):
+        decision = policy(save, width, counts, ctx, op, *a, **k)
+        if op in act._MATMULS:
+            seen.append((ctx.is_recompute, decision.name))
+        return decision
+
+    monkeypatch.setattr(act, "_selective_policy", spy)
+    act.apply_ac(model, "selective", sac_matmuls=sac_matmuls)
+    x = torch.randint(0, args.vocab_size, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum().backward()
+    forward = [d for r, d in seen if not r]
+    want = ["MUST_SAVE"] * 7 if sac_matmuls == "all" else ["MUST_SAVE", "PREFER_RECOMPUTE"] * 3 + ["MUST_SAVE"]
+    assert forward == want, seen
+    assert [d for r, d in seen if r] in ([], want)  # (recomputed, when anything is, with the same decisions)
+
+
+def test_selective_policy_saves_scaled_mm_and_counts_it_as_a_matmul():
+    """Where float8's `_scaled_mm` reaches the policy itself (a compiled or hand-written float8 path; torchtitan
+    saves it), it is a matmul like `mm`: saved, and counted by every_second (it was recomputed before)."""
+    from types import SimpleNamespace
+
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from parallel.activation import _ops_to_save, _selective_policy
+
+    scaled = torch.ops.aten._scaled_mm.default
+    ctx = SimpleNamespace(is_recompute=False)
+    b = torch.empty(64, 192)
+    assert _selective_policy(_ops_to_save(), None, None, ctx, scaled, None, b) == CheckpointPolicy.MUST_SAVE
+    counts = {"forward": 0, "recompute": 0}
+    decisions = [_selective_policy(_ops_to_save(), None, counts, ctx, scaled, None, b).name for _ in range(4)]
+    assert decisions == ["MUST_SAVE", "PREFER_RECOMPUTE"] * 2

@@ -67,7 +67,8 @@ def plan_table() -> str:
     simulated = {(r["recipe"], r["world_size"]): r for r in results["rows"]}
     lines = [
         "Prediction against simulation for the GPU recipes at the world sizes they are meant for "
-        f"({results['measured']}; `{results['command']}`; peak tensor bytes of the most loaded rank, 80 GiB card):",
+        f"({results['measured']}; `launch/plan.py --simulate` at each row's recipe and world size; peak tensor bytes "
+        "of the most loaded rank, 80 GiB card):",
         "",
         "| recipe | world | layout | predicted peak | simulated peak | difference | + reserve on 80 GiB |",
         "| --- | ---: | --- | ---: | ---: | ---: | --- |",
