@@ -23,8 +23,7 @@ def _ops_to_save() -> set:
     reduce-scatter (recomputing it would repeat communication). Everything else (norms, SiLU, RoPE,
     casts, views) is recomputed in backward."""
     aten = torch.ops.aten
-    ops = set(_matmuls())
-    ops |= {aten.addmm.default, aten.bmm.default}
+    ops = {*_MATMULS, aten.addmm.default, aten.bmm.default}
     for name in (
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention",
