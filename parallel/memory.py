@@ -60,6 +60,8 @@ _TORCH_NAMES = {
 
 
 def _repeatable(base):
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY
+
     """torch's trackers refuse a second forward of a root module within one tracked region ("does not support
     memory tracking for multiple iterative calls"), which every gradient-accumulation step and every pipeline
     schedule does. The fix is theirs (`reset_mod_stats()` between iterations): a global forward pre-hook,
@@ -89,6 +91,16 @@ def _repeatable(base):
             if self._depth == 0 and self._repeat_handle is not None:
                 self._repeat_handle.remove()
                 self._repeat_handle = None
+
+        def _update_peak_stats(self, peak_state) -> None:
+            """The global peak only. torch's version (called after every operator) also walks every module it has
+            tracked so far to update per-module peaks, deep-copying snapshots: most of a tracked step's time,
+            and nothing shardwise reads. The global part is torch's own, its snapshot a copy of a flat dict."""
+            for dev, snap in self._curr_mem_snap.items():
+                total = snap[_TOTAL_KEY]
+                if self._peak_mem.get(dev, 0) < total:
+                    self._peak_mem[dev] = total
+                    self._peak_mem_snap[dev] = dict(snap)
 
     return Repeatable
 
