@@ -12,6 +12,7 @@ the schema with its comments (`--help`).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -330,6 +331,13 @@ def _explain(err: OmegaConfBaseException, source: str) -> str:
     return f"{source}: {first}"
 
 
+@functools.cache
+def _schema() -> DictConfig:
+    """The typed defaults, built once (OmegaConf's dataclass conversion is most of a config's cost). Never handed
+    out: OmegaConf.merge copies its first argument."""
+    return OmegaConf.structured(Config)
+
+
 def load_config(argv: list[str]) -> DictConfig:
     """`['recipe=NAME', 'a.b=c', ...]` -> a typed, merged config. Raises ConfigError on any typo."""
     recipe = "llama_debug"
@@ -341,20 +349,25 @@ def load_config(argv: list[str]) -> DictConfig:
             recipe = tok.split("=", 1)[1]
         else:
             overrides.append(tok)
-    cfg = OmegaConf.structured(Config)
-    for layer in _recipe_chain(recipe):
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as e:
-            raise ConfigError(_explain(e, f"recipe {recipe}")) from None
-    problems = []
-    for tok in overrides:  # one at a time, so that every bad token is reported and named
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([tok]))
-        except OmegaConfBaseException as e:
-            problems.append(_explain(e, f"override '{tok}'"))
-    if problems:
-        raise ConfigError(problems)
+    layers = _recipe_chain(recipe)
+    try:  # one merge: each merge copies the whole config; the layers and then the tokens apply in order
+        dotlists = [OmegaConf.from_dotlist([tok]) for tok in overrides]
+        cfg = OmegaConf.merge(_schema(), *layers, *dotlists)
+    except OmegaConfBaseException:  # again step by step, to name the recipe or every bad token
+        cfg = _schema()
+        for layer in layers:
+            try:
+                cfg = OmegaConf.merge(cfg, layer)
+            except OmegaConfBaseException as e:
+                raise ConfigError(_explain(e, f"recipe {recipe}")) from None
+        problems = []
+        for tok in overrides:
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([tok]))
+            except OmegaConfBaseException as e:
+                problems.append(_explain(e, f"override '{tok}'"))
+        if problems:
+            raise ConfigError(problems) from None
     if not cfg.name:
         cfg.name = Path(recipe).stem
     return cfg

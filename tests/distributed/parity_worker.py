@@ -9,9 +9,9 @@ group, a Trainer each), which spares each case the launch.
 Saves OUT_DIR/result.pt on rank 0: the per-step global losses and gradient norms, the validation loss
 after the last step (every layout's validation path, pipeline schedules included), the full
 (unsharded, fp32) gradient of every parameter after step 1, keyed by its canonical name, and the bytes
-of parameters, gradients and optimizer state each rank held during step 1. Gradients
-are gathered from DTensor shards and from every pipeline stage, so any layout is comparable to one
-process.
+of parameters, gradients and optimizer state each rank held during step 1, and every parameter after the last
+step (fp32, full: DeepSpeed's master copy). Gradients and parameters are gathered from DTensor shards and from every
+pipeline stage, so any layout is comparable to one process.
 """
 
 import json
@@ -50,6 +50,25 @@ def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     return grads
 
 
+def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter, full and fp32, keyed by its canonical name (the master copy where one is kept)."""
+    params = {}
+    for part in trainer.par.parts:
+        for name, p in part.named_parameters():
+            if getattr(trainer.par, "engine", None) is not None:
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                value = safe_get_full_fp32_param(p)
+            else:
+                value = full(p.detach())
+            params[canonical_name(name)] = value.detach().float().cpu()
+    if trainer.par.dims.pp > 1:
+        gathered = [None] * trainer.par.dims.pp
+        dist.all_gather_object(gathered, params, group=trainer.par.group("pp"))
+        params = {k: v for d in gathered for k, v in d.items()}
+    return params
+
+
 def main(out: str, argv: list[str], *, last: bool = True) -> None:
     cfg = load_config(argv)
     trainer = Trainer(cfg, check(cfg, env_world_size()))
@@ -67,6 +86,7 @@ def main(out: str, argv: list[str], *, last: bool = True) -> None:
                 held = trainer.par.model_state_bytes()
         loss = trainer._all_reduce_sum(trainer._all_reduce_sum(loss, "pp"))
         losses.append(loss.item())
+    params = full_params(trainer)
     val_loss = trainer.validate()["val/loss"]  # after training: every strategy's validation path
     per_rank = [held]
     if trainer.world.distributed:
@@ -75,7 +95,14 @@ def main(out: str, argv: list[str], *, last: bool = True) -> None:
     if trainer.world.rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"losses": losses, "grad_norms": norms, "grads": grads, "bytes_per_rank": per_rank, "val_loss": val_loss},
+            {
+                "losses": losses,
+                "grad_norms": norms,
+                "grads": grads,
+                "params": params,
+                "bytes_per_rank": per_rank,
+                "val_loss": val_loss,
+            },
             Path(out) / "result.pt",
         )
     trainer.close(keep_process_group=not last)

@@ -120,6 +120,10 @@ GAPS = {
 VARIES = {
     ("3d", "none/fp32"): (0.13, "the last stage's loss backward measured 96 KiB more on one CI machine"),
     ("pp_fsdp", "full/bf16"): (0.15, "bf16 on an Intel Xeon with AMX (oneDNN's kernels): 13.7% above the plan"),
+    # ZeRO-2 full/fp32: 5,617,084 B (-7.9%) on both ranks in most runs; in 1 of 3 runs alone (2026-12-06, AMD EPYC)
+    # one rank peaked at 6,113,212 B (-15.4%): 496,128 B more, about one gradient partition, which DeepSpeed's
+    # overlap_comm reduction held a moment longer. Not found yet which buffer: the planner does not predict it.
+    ("zero2", "full/fp32"): (0.16, "DeepSpeed's overlapped reduction held ~1 gradient partition more in 1 of 3 runs"),
 }
 STATES = ("params", "buffers", "optim", "master")
 
@@ -154,8 +158,8 @@ def _update_temporary(rank) -> int:
 def measured(tmp_path_factory, request):
     """run(nproc, overrides) -> {mode: [breakdown per rank]}, cached for the session. The layouts of the selected
     test_predicted_memory_matches_the_tracker rows are measured first, one launch per rank count
-    (memory_worker.py --batch; DeepSpeed layouts each alone, as its engine keeps process-wide state); a batch that
-    fails leaves its layouts to be measured alone when asked, so a failure is its own."""
+    (memory_worker.py --batch; the DeepSpeed layouts in a launch of their own, as its engine keeps process-wide
+    state); a batch that fails leaves its layouts to be measured alone when asked, so a failure is its own."""
     import json
     import os
 
@@ -167,7 +171,7 @@ def measured(tmp_path_factory, request):
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
     worker = str(REPO / "tests" / "distributed" / "memory_worker.py")
 
-    def args_of(out, overrides: list[str]) -> list[str]:
+    def args_of(out, nproc: int, overrides: list[str]) -> list[str]:
         modes = MODES_OF.get(next((n for n, _, ov in LAYOUTS if ov == overrides), ""), MODES)
         return [str(out), ",".join(modes), *TINY, batch_of(nproc, overrides), *overrides]
 
@@ -175,7 +179,7 @@ def measured(tmp_path_factory, request):
         key = (nproc, tuple(overrides))
         if key not in cache:
             out = tmp_path_factory.mktemp("memory")
-            cache[key] = run_worker(worker, nproc, args_of(out, overrides), out, extensions)
+            cache[key] = run_worker(worker, nproc, args_of(out, nproc, overrides), out, extensions)
         return cache[key]
 
     selected = {
@@ -183,15 +187,16 @@ def measured(tmp_path_factory, request):
         for item in request.session.items
         if getattr(item, "originalname", "") == "test_predicted_memory_matches_the_tracker"
     }
-    by_nproc: dict[int, list[list[str]]] = {}
+    by_nproc: dict[tuple[int, bool], list[list[str]]] = {}
     for name, nproc, overrides in LAYOUTS:
-        if name in selected and not any(o.startswith("parallel.data=zero") for o in overrides):
-            by_nproc.setdefault(nproc, []).append(overrides)
-    for nproc, group in by_nproc.items():
+        if name in selected:
+            deepspeed = any(o.startswith("parallel.data=zero") for o in overrides)
+            by_nproc.setdefault((nproc, deepspeed), []).append(overrides)
+    for (nproc, _), group in by_nproc.items():
         if len(group) < 2:
             continue
         root = tmp_path_factory.mktemp("memory_batch")
-        spec = [args_of(root / str(i), ov) for i, ov in enumerate(group)]
+        spec = [args_of(root / str(i), nproc, ov) for i, ov in enumerate(group)]
         for out, _, _ in (s[:3] for s in spec):
             os.makedirs(out, exist_ok=True)
         (root / "spec.json").write_text(json.dumps([[s[0], s[1], s[2:]] for s in spec]))
