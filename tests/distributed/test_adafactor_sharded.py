@@ -76,20 +76,11 @@ def test_adafactor_learns_differently_from_adamw(worker):
 )
 def test_collectives_per_step_do_not_grow_with_parameters(nproc, overrides, per_step, tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    from conftest import TINY
+    from conftest import TINY, run_worker
     from helpers import REPO
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(REPO / "tests" / "distributed" / "adafactor_comm_worker.py"),
+    args = [
         "--layers",
         "2,4",  # one launch, a Trainer for each block count
         str(tmp_path / "out.json"),
@@ -99,10 +90,8 @@ def test_collectives_per_step_do_not_grow_with_parameters(nproc, overrides, per_
         "training.global_batch_size=8",
         f"run_dir={tmp_path / 'run'}",
     ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    worker = str(REPO / "tests" / "distributed" / "adafactor_comm_worker.py")
+    run_worker(worker, nproc, args, tmp_path, str(tmp_path / "extensions"), timeout=300, result=None)
     totals = {layers: json.loads((tmp_path / f"{layers}.json").read_text()) for layers in (2, 4)}
     assert totals[4]["params"] > totals[2]["params"]  # twice the blocks, many more parameters
     assert totals[2]["total"] == totals[4]["total"] == per_step, totals
