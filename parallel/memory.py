@@ -60,13 +60,12 @@ _TORCH_NAMES = {
 
 
 def _repeatable(base):
-    from torch.distributed._tools.mem_tracker import _TOTAL_KEY
-
     """torch's trackers refuse a second forward of a root module within one tracked region ("does not support
     memory tracking for multiple iterative calls"), which every gradient-accumulation step and every pipeline
     schedule does. The fix is theirs (`reset_mod_stats()` between iterations): a global forward pre-hook,
     registered ahead of the tracker's own, clears a root's per-module statistics when it starts a new forward.
     The global peak and its categories, which are what shardwise reports, carry on across micro-batches."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 
     class Repeatable(base):
         def __init__(self, roots, *args):

@@ -354,7 +354,7 @@ def load_config(argv: list[str]) -> DictConfig:
         dotlists = [OmegaConf.from_dotlist([tok]) for tok in overrides]
         cfg = OmegaConf.merge(_schema(), *layers, *dotlists)
     except OmegaConfBaseException:  # again step by step, to name the recipe or every bad token
-        cfg = _schema()
+        cfg = OmegaConf.merge(_schema())  # (a copy: the cached schema is never changed)
         for layer in layers:
             try:
                 cfg = OmegaConf.merge(cfg, layer)
