@@ -45,6 +45,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_setup(item):
+    """Pools idle since a while are stopped before the next test (tests/pool.py: idle ranks cost CPU)."""
+    import pool
+
+    pool.stop_idle()
+
+
 def pytest_runtest_logreport(report):
     """Each test's setup, call and teardown seconds, summed into one row of the cost log (tests/costs.py)."""
     state = _test_seconds.setdefault(report.nodeid, [0.0, "passed"])

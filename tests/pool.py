@@ -45,6 +45,7 @@ class Pool:
             cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
         )
         self.jobs = 0
+        self.last_used = time.monotonic()
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess | None:
         """The job's CompletedProcess, or None when it failed here (the pool is then stopped)."""
@@ -60,6 +61,7 @@ class Pool:
                 self.stop(now=True)
                 return None
             time.sleep(0.02)
+        self.last_used = time.monotonic()
         codes = [int(f.read_text()) for f in rcs]
         if any(codes):
             self.stop(now=True)
@@ -92,6 +94,24 @@ def _stop_all() -> None:
     for pool in _POOLS.values():
         if pool.alive():
             pool.stop()
+
+
+# A pool left idle this long is stopped (conftest.py asks before each test): an idle rank is not free. Each job's
+# Trainer leaves its mesh's gloo groups in the process (torch's DTensor caches key meshes by their ranks, so the
+# groups cannot be destroyed while the process lives), and their threads wake: a 2-rank pool after its checkpoint
+# tests took 5-15% of a core per rank doing nothing, ~8 such ranks alive for most of the run, 20% of the 2 cores
+# (top, 2026-12-06). Stopping costs the next job of that kind one pool start (~5 s).
+IDLE_S = 45.0
+
+
+def stop_idle(after: float = IDLE_S) -> None:
+    """Stop the pools whose last job ended more than `after` seconds ago."""
+    now = time.monotonic()
+    for key, pool in list(_POOLS.items()):
+        if now - pool.last_used > after:
+            if pool.alive():
+                pool.stop()
+            del _POOLS[key]
 
 
 def enabled() -> bool:

@@ -73,3 +73,18 @@ def test_a_job_that_fails_in_its_pool_leaves_the_run_directory_as_it_was(tmp_pat
     again = run_train([*TINY, "training.steps=4", f"run_dir={run_dir}"])
     assert again.args[0] == "pool" and "at step 3" in again.stdout  # (the step-3 run's last checkpoint)
     assert pool._POOLS[(1, "reads")] is not stopped and pool._POOLS[(1, "reads")].alive()
+
+
+def test_an_idle_pool_is_stopped_cleanly_and_the_next_job_starts_a_new_one(tmp_path):
+    """conftest.py stops pools idle for pool.IDLE_S before each test: the ranks leave between jobs (exit 0, not
+    killed), and the next job of that kind starts a new pool."""
+    if not pool.enabled():
+        return
+    run_train([*TINY, "training.steps=1", f"run_dir={tmp_path / 'a'}"])
+    idle = pool._POOLS[(1, "fresh")]
+    pool.stop_idle(after=60.0)
+    assert pool._POOLS.get((1, "fresh")) is idle and idle.alive()  # used a moment ago: kept
+    pool.stop_idle(after=0.0)
+    assert (1, "fresh") not in pool._POOLS and idle.proc.returncode == 0
+    again = run_train([*TINY, "training.steps=1", f"run_dir={tmp_path / 'b'}"])
+    assert again.args[0] == "pool" and pool._POOLS[(1, "fresh")] is not idle
