@@ -16,6 +16,12 @@ import torch.distributed as dist
 
 from parallel.layout import ParallelDims
 
+# (the default process group, the layout's dims, device type) -> build_meshes' answer. A process that builds
+# Trainer after Trainer (the test workers and pools; a notebook) gets the same meshes for the same layout: new ones
+# would be new gloo groups each time, whose threads stay for the process's life (torch's DTensor caches key meshes
+# by their ranks, so groups under a mesh cannot be destroyed while the default group lives) and wake even when idle.
+_MESHES: dict[tuple, dict] = {}
+
 
 def build_meshes(dims: ParallelDims, device_type: str) -> dict:
     """Named sub-meshes of one (pp, dp_replicate, dp_shard, cp, tp) DeviceMesh: each axis by its name, "dp" =
@@ -23,6 +29,26 @@ def build_meshes(dims: ParallelDims, device_type: str) -> dict:
     (dp_shard, cp) flattened, what FSDP shards over (context-parallel ranks hold different tokens of the same
     sequences, so their gradients are reduced like data parallelism's, as torchtitan does); "hsdp" =
     (dp_replicate, fsdp), FSDP's 2-D mesh."""
+    key = (dist.group.WORLD, dims, device_type)
+    if key not in _MESHES:
+        for old in [k for k in _MESHES if k[0] is not key[0]]:  # an earlier default group's: never again
+            del _MESHES[old]
+        _MESHES[key] = _build_meshes(dims, device_type)
+    return _MESHES[key]
+
+
+def side_groups() -> tuple:
+    """Two gloo groups over every rank beside the training ones (trainer.Trainer: one for the background thread
+    of async checkpoint writes, one for the main thread's votes), made once per default group, like the meshes."""
+    key = (dist.group.WORLD, "side")
+    if key not in _MESHES:
+        for old in [k for k in _MESHES if k[0] is not key[0]]:
+            del _MESHES[old]
+        _MESHES[key] = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
+    return _MESHES[key]
+
+
+def _build_meshes(dims: ParallelDims, device_type: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)

@@ -24,7 +24,7 @@ from models.loss import IGNORE_INDEX  # targets with this id (padding) carry no 
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.memory import OFFLOADED
-from parallel.mesh import destroy_distributed, init_distributed, needs_process_group
+from parallel.mesh import destroy_distributed, init_distributed, needs_process_group, side_groups
 from trainer.checkpoint import Checkpointer, checkpoint_root, select_resume
 from trainer.config import Precision, save_resolved, to_container
 from trainer.data import BatchLoader, open_sources
@@ -49,8 +49,7 @@ class Trainer:
         # training collectives: one for the background thread of async checkpoint writes, one for the
         # main thread's votes (preemption, "has the async write finished"). Two threads must never issue
         # collectives on one group: their order could differ between ranks.
-        self.save_group = dist.new_group(backend="gloo") if self.world.distributed else None
-        self.side_group = dist.new_group(backend="gloo") if self.world.distributed else None
+        self.save_group, self.side_group = side_groups() if self.world.distributed else (None, None)
         self.faults = Faults(self.world.rank)
         self.skipped_steps = 0
         self._first_nonfinite = None  # device tensor: the first step whose gradient norm was not finite
