@@ -17,6 +17,7 @@ the job as a real launch, whose output the test sees.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import json
 import os
@@ -45,6 +46,9 @@ def serve(queue: Path) -> None:
     start_env = json.loads((queue / "env.json").read_text())
     own = {k: v for k, v in os.environ.items() if start_env.get(k) != v}  # what torchrun set for this rank
     train = _entry_point()
+    import trainer.trainer  # noqa: F401  (what each job imports, before the freeze)
+
+    gc.freeze()  # the imports live as long as the process: each Trainer.close collects its own garbage only
     cwd = os.getcwd()
     parent = os.getppid()
     k = 0

@@ -11,6 +11,7 @@ MODES is a comma-separated list of `ac/precision` (e.g. none/fp32,full/bf16). Fo
 `parallel.memory.StepMemory`. Rank 0 saves OUT_DIR/result.pt: {mode: [breakdown of rank 0, rank 1, ...]}.
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def main(out: str, modes: str, argv: list[str], *, last: bool = True) -> None:
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the imports live as long as the process: each Trainer.close collects its own garbage only
     if sys.argv[1] == "--batch":
         layouts = json.loads(Path(sys.argv[2]).read_text())
         for i, (out, modes, argv) in enumerate(layouts):

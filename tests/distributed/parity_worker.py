@@ -14,6 +14,7 @@ step (fp32, full: DeepSpeed's master copy). Gradients and parameters are gathere
 pipeline stage, so any layout is comparable to one process.
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -109,6 +110,7 @@ def main(out: str, argv: list[str], *, last: bool = True) -> None:
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the imports live as long as the process: each Trainer.close collects its own garbage only
     if sys.argv[1] == "--batch":
         cases = json.loads(Path(sys.argv[2]).read_text())
         for i, (out, argv) in enumerate(cases):

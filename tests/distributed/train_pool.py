@@ -6,6 +6,7 @@ them, so each command pays no process start, no import and no rendezvous of its 
 started for real elsewhere (tests/unit/test_entrypoint.py, the DeepSpeed and SLURM lines of the docs).
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from trainer.trainer import Trainer
 from trainer.validate import check
 
 if __name__ == "__main__":
+    gc.freeze()  # the imports live as long as the process: each Trainer.close collects its own garbage only
     jobs = json.loads(Path(sys.argv[1]).read_text())
     for i, argv in enumerate(jobs):
         torch._dynamo.reset()  # a compiled recipe leaves nothing cached for the next one
