@@ -161,4 +161,5 @@ def destroy_distributed() -> None:
     deadline = time.monotonic() + 60.0
     while store.add(key, 0) < dist.get_world_size() and time.monotonic() < deadline:
         time.sleep(0.005)
+    _MESHES.clear()  # (the holders of groups go before the groups: Trainer.close then collects them)
     dist.destroy_process_group()

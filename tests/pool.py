@@ -96,11 +96,12 @@ def _stop_all() -> None:
             pool.stop()
 
 
-# A pool left idle this long is stopped (conftest.py asks before each test): an idle rank is not free. Each job's
-# Trainer leaves its mesh's gloo groups in the process (torch's DTensor caches key meshes by their ranks, so the
-# groups cannot be destroyed while the process lives), and their threads wake: a 2-rank pool after its checkpoint
-# tests took 5-15% of a core per rank doing nothing, ~8 such ranks alive for most of the run, 20% of the 2 cores
-# (top, 2026-12-06). Stopping costs the next job of that kind one pool start (~5 s).
+# A pool left idle this long is stopped (conftest.py asks before each test): an idle rank is not free. Each layout
+# a pool has run leaves its meshes' gloo groups in the process (parallel/mesh.py reuses them per layout; torch's DTensor
+# caches key meshes by their ranks, so they cannot be destroyed while the process lives), and their threads wake: a
+# 2-rank pool after its checkpoint tests took 5-15% of a core per rank doing nothing (before the meshes were reused,
+# every job added groups), ~8 such ranks alive for most of the run, 20% of the 2 cores (top, 2026-12-06). Stopping
+# costs the next job of that kind one pool start (~5 s).
 IDLE_S = 45.0
 
 
