@@ -16,11 +16,11 @@ import torch.distributed as dist
 
 from parallel.layout import ParallelDims
 
-# (the default process group, the layout's dims, device type) -> build_meshes' answer. A process that builds
+# (the default process group, what) -> build_meshes' and side_groups' answers. A process that builds
 # Trainer after Trainer (the test workers and pools; a notebook) gets the same meshes for the same layout: new ones
 # would be new gloo groups each time, whose threads stay for the process's life (torch's DTensor caches key meshes
 # by their ranks, so groups under a mesh cannot be destroyed while the default group lives) and wake even when idle.
-_MESHES: dict[tuple, dict] = {}
+_MESHES: dict[tuple, object] = {}
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> dict:
@@ -29,22 +29,22 @@ def build_meshes(dims: ParallelDims, device_type: str) -> dict:
     (dp_shard, cp) flattened, what FSDP shards over (context-parallel ranks hold different tokens of the same
     sequences, so their gradients are reduced like data parallelism's, as torchtitan does); "hsdp" =
     (dp_replicate, fsdp), FSDP's 2-D mesh."""
-    key = (dist.group.WORLD, dims, device_type)
-    if key not in _MESHES:
-        for old in [k for k in _MESHES if k[0] is not key[0]]:  # an earlier default group's: never again
-            del _MESHES[old]
-        _MESHES[key] = _build_meshes(dims, device_type)
-    return _MESHES[key]
+    return _once(("meshes", dims, device_type), lambda: _build_meshes(dims, device_type))
 
 
 def side_groups() -> tuple:
     """Two gloo groups over every rank beside the training ones (trainer.Trainer: one for the background thread
     of async checkpoint writes, one for the main thread's votes), made once per default group, like the meshes."""
-    key = (dist.group.WORLD, "side")
+    return _once(("side",), lambda: (dist.new_group(backend="gloo"), dist.new_group(backend="gloo")))
+
+
+def _once(what: tuple, make):
+    """`make()` once per default process group and `what` (an earlier default group's entries: never again)."""
+    key = (dist.group.WORLD, *what)
     if key not in _MESHES:
         for old in [k for k in _MESHES if k[0] is not key[0]]:
             del _MESHES[old]
-        _MESHES[key] = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
+        _MESHES[key] = make()
     return _MESHES[key]
 
 

@@ -76,6 +76,7 @@ def test_adafactor_learns_differently_from_adamw(worker):
 )
 def test_collectives_per_step_do_not_grow_with_parameters(nproc, overrides, per_step, tmp_path):
     import json
+    import os
 
     from conftest import TINY, run_worker
     from helpers import REPO
@@ -91,7 +92,7 @@ def test_collectives_per_step_do_not_grow_with_parameters(nproc, overrides, per_
         f"run_dir={tmp_path / 'run'}",
     ]
     worker = str(REPO / "tests" / "distributed" / "adafactor_comm_worker.py")
-    run_worker(worker, nproc, args, tmp_path, str(tmp_path / "extensions"), timeout=300, result=None)
+    run_worker(worker, nproc, args, tmp_path, os.environ["TORCH_EXTENSIONS_DIR"], timeout=300, result=None)
     totals = {layers: json.loads((tmp_path / f"{layers}.json").read_text()) for layers in (2, 4)}
     assert totals[4]["params"] > totals[2]["params"]  # twice the blocks, many more parameters
     assert totals[2]["total"] == totals[4]["total"] == per_step, totals
