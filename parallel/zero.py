@@ -35,6 +35,18 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _deepspeed():
+    """The deepspeed module, told not to build the shared-memory communication op: on a CPU accelerator its
+    communication layer JIT-builds that op at init (about 35 s on 2 cores the first time, a ninja check in every
+    process after) for `inference_all_reduce` only, which training never calls; our collectives go through
+    torch.distributed."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def build_ds_config(cfg, dims: ParallelDims, n_params: int) -> dict:
     """The ds_config for our recipe; `parallel.deepspeed` entries are merged over it last."""
     from omegaconf import OmegaConf
@@ -116,10 +128,8 @@ class ZeroParallelized(Parallelized):
         return {"ds_config.json": json.dumps(self.ds_config, indent=2)}
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        import deepspeed
-
         self.optimizer = optimizer
-        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
+        self.engine, self.ds_optimizer, _, _ = _deepspeed().initialize(
             model=self.parts[0], optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.model = self.engine
@@ -196,8 +206,7 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
 def build_partitioned(meta_model: nn.Module, ds_config: dict, device: torch.device, *, seed: int) -> nn.Module:
     """The model of `meta_model`'s shape, constructed under `deepspeed.zero.Init` on `device` (or, with
     offload_param, in host memory), its partitions filled from `seed`."""
-    import deepspeed
-
+    deepspeed = _deepspeed()
     # DeepSpeed's communication layer wraps our process group (as deepspeed.initialize would), so that
     # zero.Init checks the batch sizes against the real world size and partitions over it
     deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
