@@ -10,6 +10,7 @@ torch's MemTracker / FSDPMemTracker measure). Pure arithmetic, like parallel/lay
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -89,6 +90,23 @@ class _Param:
     decay: bool  # in the weight-decayed optimizer group (matrices, not embeddings unless decay_embeddings)
 
 
+@functools.lru_cache(maxsize=64)
+def _named_shapes(args, *, tied_copy: bool) -> tuple[tuple[str, tuple[int, ...], str, str], ...]:
+    """(name, shape, FSDP unit: a block index or "root", module path) of every parameter of `args`' model, with the
+    last stage's own output table where `tied_copy` (a tied model split over pipeline stages). Cached: a layout
+    search asks for the same model's shapes for every candidate and stage."""
+    shapes = args.param_shapes()
+    if tied_copy:  # the last stage's output projection holds its own copy
+        shapes.append(("output.weight", (args.vocab_size, args.dim)))
+    out = []
+    for name, shape in shapes:
+        if name.startswith("layers."):
+            out.append((name, tuple(shape), name.split(".")[1], name.split(".", 2)[2].rsplit(".", 1)[0]))
+        else:
+            out.append((name, tuple(shape), "root", name.rsplit(".", 1)[0]))
+    return tuple(out)
+
+
 def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_Param], list[int], bool, bool, int]:
     """This pipeline rank's parameters, its block indices, whether it holds the first / last stage, and parts."""
     p = cfg.parallel
@@ -98,17 +116,9 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
     ranges = split_blocks(args.n_layers, total)
     blocks = {i for s in mine for i in ranges[s]}
     first, last = 0 in mine, total - 1 in mine
-    shapes = args.param_shapes()
-    if args.tie_embeddings and last and not first:  # the last stage's output projection holds its own copy
-        shapes.append(("output.weight", (args.vocab_size, args.dim)))
     out, decay_embeddings = [], bool(cfg.optim.decay_embeddings)
-    for name, shape in shapes:
-        if name.startswith("layers."):
-            unit, module = name.split(".")[1], name.split(".", 2)[2].rsplit(".", 1)[0]
-            keep = int(unit) in blocks
-        else:
-            unit, module = "root", name.rsplit(".", 1)[0]
-            keep = first if module == "tok_embeddings" else last
+    for name, shape, unit, module in _named_shapes(args, tied_copy=args.tie_embeddings and last and not first):
+        keep = (int(unit) in blocks) if unit != "root" else (first if module == "tok_embeddings" else last)
         if not keep:
             continue
         tp_shape = list(shape)
@@ -369,7 +379,7 @@ class RankShape:
     def last_stage(self) -> int:
         return n_stages(str(self.cfg.parallel.pp_schedule), self.dims.pp) - 1
 
-    @property
+    @functools.cached_property
     def local_elements(self) -> int:
         """Elements of the parameters this rank stores (after the TP and FSDP splits)."""
         return sum(math.prod(q.local) for q in self.params)
@@ -378,10 +388,14 @@ class RankShape:
         """Elements of this rank's parameters after the TP split, before FSDP's (of one FSDP unit, or all)."""
         return sum(math.prod(q.tp) for q in self.params if unit is None or q.unit == unit)
 
-    @property
+    @functools.cached_property
     def per_block(self) -> int:
         """The largest block's parameter elements after the TP split (what FSDP gathers for one block)."""
-        return max((self.tp_elements(u) for u in {q.unit for q in self.params} if u != "root"), default=0)
+        per_unit: dict[str, int] = {}
+        for q in self.params:
+            if q.unit != "root":
+                per_unit[q.unit] = per_unit.get(q.unit, 0) + math.prod(q.tp)
+        return max(per_unit.values(), default=0)
 
 
 def rank_shape(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankShape:

@@ -114,6 +114,9 @@ if __name__ == "__main__":
     if sys.argv[1] == "--batch":
         cases = json.loads(Path(sys.argv[2]).read_text())
         for i, (out, argv) in enumerate(cases):
+            import time as _t
+            _s = _t.perf_counter()
             main(out, argv, last=i == len(cases) - 1)
+            Path(out, "secs.txt").write_text(f"{_t.perf_counter() - _s:.2f} {' '.join(argv)}")
     else:
         main(sys.argv[1], sys.argv[2:])

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from helpers import REPO
+from helpers import run_cli
 
 GIB = 2**30
 
 
 def _plan(*args: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "plan.py"), *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    proc = run_cli("plan.py", [*args, "--json"])  # in-process: plan.py's main
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

@@ -101,14 +101,10 @@ def test_microbatches_in_flight_are_torchs(schedule, pp, n_micro):
     ],
 )
 def test_plan_cli_refuses_bad_input_with_one_message(args, message):
-    import subprocess
-    import sys
+    # in-process (plan.py's main); tests/unit/test_timing.py::test_plan_search_cli runs plan.py as its own process
+    from helpers import run_cli
 
-    from helpers import REPO
-
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "plan.py"), *args], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    proc = run_cli("plan.py", args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
@@ -126,6 +122,7 @@ def test_planner_is_pure_arithmetic():
         "difflib",
         "math",
         "dataclasses",
+        "functools",
         "models.llama",
         "parallel.layout",
         "parallel.memory_terms",
