@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, run_cli
 
 from trainer.data import (
     BatchLoader,
@@ -163,12 +163,12 @@ def test_prepare_data_cli(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "train and" in proc.stdout
+    # the rest in-process (prepare_data.py's main; the call above ran the script as its own process)
     # and with the tokenizer it wrote, as any HF tokenizer.json would be used
     out2 = tmp_path / "tokens2"
-    proc = subprocess.run(
+    proc = run_cli(
+        "prepare_data.py",
         [
-            sys.executable,
-            str(REPO / "launch" / "prepare_data.py"),
             "--tokenizer",
             str(out / "tokenizer.json"),
             "--out",
@@ -178,31 +178,23 @@ def test_prepare_data_cli(tmp_path):
             "--no-progress",
             str(corpus),
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert (out2 / "train.bin").read_bytes() + (out2 / "val.bin").read_bytes()
-    bad = subprocess.run(
+    bad = run_cli(
+        "prepare_data.py",
         [
-            sys.executable,
-            str(REPO / "launch" / "prepare_data.py"),
             "--tokenizer",
             "/nope.json",
             "--out",
             str(tmp_path / "x"),
             str(corpus),
         ],
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert bad.returncode == 2 and "--tokenizer /nope.json: no such file" in bad.stderr
-    tiny = subprocess.run(
+    tiny = run_cli(
+        "prepare_data.py",
         [
-            sys.executable,
-            str(REPO / "launch" / "prepare_data.py"),
             "--tokenizer",
             str(out / "tokenizer.json"),
             "--out",
@@ -210,17 +202,13 @@ def test_prepare_data_cli(tmp_path):
             "--no-progress",
             str(corpus / "f1.txt"),
         ],
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert tiny.returncode == 2 and "give more documents or change val_fraction" in tiny.stderr
     # files that are not UTF-8 are reported by name (their bad bytes become U+FFFD), an empty folder is named
     (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 20)
-    mixed = subprocess.run(
+    mixed = run_cli(
+        "prepare_data.py",
         [
-            sys.executable,
-            str(REPO / "launch" / "prepare_data.py"),
             "--tokenizer",
             str(out / "tokenizer.json"),
             "--out",
@@ -230,27 +218,20 @@ def test_prepare_data_cli(tmp_path):
             "--no-progress",
             str(corpus),
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
     assert mixed.returncode == 0, mixed.stderr
     assert "note: 1 file(s) are not valid UTF-8" in mixed.stderr and "latin1.txt (40 byte sequences)" in mixed.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    none = subprocess.run(
+    none = run_cli(
+        "prepare_data.py",
         [
-            sys.executable,
-            str(REPO / "launch" / "prepare_data.py"),
             "--train-tokenizer",
             "260",
             "--out",
             str(tmp_path / "e"),
             str(empty),
         ],
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert none.returncode == 2 and f"no text files in {empty}" in none.stderr and "split left" not in none.stderr
 
