@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import TINY
-from helpers import REPO, read_jsonl
+from helpers import REPO, read_jsonl, run_cli
 
 # README.md's and docs/compare.md's example, run here (shrunk: the tiny model, 6 steps) with one impossible cell more;
 # tests/distributed/test_docs_commands.py leaves it to this module
@@ -176,13 +176,8 @@ def test_a_rerun_keeps_the_finished_cells(compared):
 
 
 def test_help_shows_the_usage():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "compare.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    # --help and the refusals below in-process (compare.py's main); the runs above start it as its own process
+    proc = run_cli("compare.py", ["--help"])
     assert proc.returncode == 0 and "strategies=" in proc.stdout and "sweep=" in proc.stdout
 
 
@@ -200,11 +195,5 @@ def test_help_shows_the_usage():
     ],
 )
 def test_bad_input_is_one_message(args, message):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "compare.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    proc = run_cli("compare.py", args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
