@@ -141,7 +141,9 @@ def run_cli(script: str, args: list[str], *, env: dict | None = None) -> subproc
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = _SCRIPTS[script].main(list(args))
-            except SystemExit as e:  # argparse and friends
+            except SystemExit as e:  # argparse and friends; a message is printed to stderr as the interpreter would
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         for k, v in saved.items():

@@ -115,6 +115,7 @@ if __name__ == "__main__":
         cases = json.loads(Path(sys.argv[2]).read_text())
         for i, (out, argv) in enumerate(cases):
             import time as _t
+
             _s = _t.perf_counter()
             main(out, argv, last=i == len(cases) - 1)
             Path(out, "secs.txt").write_text(f"{_t.perf_counter() - _s:.2f} {' '.join(argv)}")

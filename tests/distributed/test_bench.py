@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import TINY
-from helpers import once_per_name, run_train
+from helpers import once_per_name, run_cli, run_train
 
 BENCH = [*TINY, "training.global_batch_size=8", "steps=3", "warmup=2", "profile_steps=2"]
 LAYOUTS = {"one_process": (1, []), "fsdp_2": (2, ["parallel.data=fsdp"])}
@@ -55,5 +55,5 @@ def test_bench_reports_speed_memory_and_the_split(name, bench):
 
 
 def test_bench_refuses_a_bad_count(tmp_path):
-    proc = run_train([*TINY, "steps=ten", f"run_dir={tmp_path}"], script="bench.py", check=False, timeout=60)
+    proc = run_cli("bench.py", [*TINY, "steps=ten", f"run_dir={tmp_path}"])  # in-process: refused before it starts
     assert proc.returncode != 0 and "steps='ten' must be a whole number" in proc.stderr

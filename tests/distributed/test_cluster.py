@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, metric_rows, run_train
+from helpers import REPO, metric_rows, run_cli, run_train
 
 SUBMIT = [sys.executable, str(REPO / "launch" / "submit.py")]
 SMALL = [
@@ -194,9 +194,8 @@ def test_two_torchrun_agents_as_two_nodes_match_one_agent(tmp_path):
 )
 def test_submit_refuses_bad_requests_before_queueing(extra, message):
     before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout if shutil.which("squeue") else ""
-    proc = subprocess.run(
-        [*SUBMIT, "recipe=llama_debug_fsdp", *extra], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    # in-process (submit.py's main); the dry run below starts the script as its own process
+    proc = run_cli("submit.py", ["recipe=llama_debug_fsdp", *extra])
     assert proc.returncode == 2 and "refused, nothing was queued" in proc.stderr and message in proc.stderr, proc.stderr
     if shutil.which("squeue"):
         assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import run_train
+from helpers import run_cli, run_train
 
 
 def test_profiler_trace_has_the_steps_forward_and_backward(tmp_path):
@@ -42,7 +42,8 @@ def test_profiler_trace_has_the_steps_forward_and_backward(tmp_path):
 
 
 def test_memory_snapshot_is_refused_on_cpu(tmp_path):
-    proc = run_train(
+    proc = run_cli(  # in-process: refused before anything starts
+        "train.py",
         [
             "recipe=llama_debug",
             "training.device=cpu",
@@ -50,7 +51,5 @@ def test_memory_snapshot_is_refused_on_cpu(tmp_path):
             "profile.memory_snapshot=true",
             f"run_dir={tmp_path / 'run'}",
         ],
-        check=False,
-        timeout=60,
     )
     assert proc.returncode == 2 and "profile.memory_snapshot=true records the CUDA caching allocator" in proc.stderr

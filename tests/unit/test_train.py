@@ -219,21 +219,10 @@ def test_train_lr_is_the_schedule_base_lr_and_each_multiplier_rule_is_logged(tmp
 
 
 def test_start_banner_names_the_layout_and_warns_when_a_strategy_degenerates():
-    import os
-    import subprocess
-    import sys
+    from helpers import run_cli
 
-    from helpers import REPO
-
-    def dry(recipe, world):
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "launch" / "train.py"), f"recipe={recipe}", "dry_run=true"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO,
-            env={**os.environ, "WORLD_SIZE": str(world)},
-        )
+    def dry(recipe, world):  # in-process (train.py's main): a dry run starts no process group
+        proc = run_cli("train.py", [f"recipe={recipe}", "dry_run=true"], env={"WORLD_SIZE": world})
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
