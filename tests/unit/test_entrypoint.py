@@ -44,26 +44,14 @@ def test_dry_run_8b_prints_the_plan_without_allocating():
 
 
 def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
-    import os
-    import subprocess
-    import sys
+    from helpers import run_cli
 
     lines = {}
-    for opt in ("adamw", "adafactor"):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "launch" / "train.py"),
-                "recipe=llama8b",
-                "dry_run=true",
-                "parallel.data=fsdp",
-                f"optim.name={opt}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO,
-            env={**os.environ, "WORLD_SIZE": "8"},
+    for opt in ("adamw", "adafactor"):  # in-process (train.py's main): a dry run starts no process group
+        proc = run_cli(
+            "train.py",
+            ["recipe=llama8b", "dry_run=true", "parallel.data=fsdp", f"optim.name={opt}"],
+            env={"WORLD_SIZE": 8},
         )
         assert proc.returncode == 0, proc.stderr
         lines[opt] = [
