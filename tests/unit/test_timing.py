@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, run_cli
 from omegaconf import OmegaConf
 
 from models.args import model_args_of
@@ -175,15 +175,17 @@ def test_plan_search_cli(tmp_path):
             cwd=REPO,
         )
 
-    missing = plan("recipe=llama7b_fsdp", "--search")
+    # the refusal and the second search in-process (plan.py's main); the first search as its own process
+    missing = run_cli("plan.py", ["recipe=llama7b_fsdp", "--search"])
     assert missing.returncode == 2 and "gpu_memory_gib" in missing.stderr and "Traceback" not in missing.stderr
     out = plan("recipe=llama7b_fsdp", "world_size=8", "gpu_memory_gib=80", "--search", "--json", "top=3")
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert len(got["fits"]) == 3 and got["hardware"]["source"]["matmul_flops"].startswith("assumed")
     assert got["fits"][0]["step"]["seconds"] <= got["fits"][1]["step"]["seconds"]
-    given = plan(
-        "recipe=llama7b_fsdp", "world_size=8", "gpu_memory_gib=80", "--search", "--json", "top=1", "tflops=100"
+    given = run_cli(
+        "plan.py",
+        ["recipe=llama7b_fsdp", "world_size=8", "gpu_memory_gib=80", "--search", "--json", "top=1", "tflops=100"],
     )
     assert json.loads(given.stdout)["hardware"]["matmul_flops"] == 100e12
 
