@@ -81,6 +81,15 @@ def log_pooled(args, seconds: float) -> None:
         _write({"kind": "pooled", "test": test, "what": describe(args), "seconds": round(seconds, 2)})
 
 
+def log_batched(nproc: int, overrides, seconds: float) -> None:
+    """One case of a worker batch (tests/distributed/conftest.py's `batch`, `kind: batched`): the rank count, the
+    case's own overrides (after the shared tiny model's), its wall seconds inside the batch's launch."""
+    if _LOG:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+        what = f"x{nproc} " + " ".join(overrides)
+        _write({"kind": "batched", "test": test, "what": what[:110], "seconds": round(seconds, 2)})
+
+
 def log_test(report_nodeid: str, seconds: float, outcome: str) -> None:
     if _LOG:
         _write({"kind": "test", "test": report_nodeid, "seconds": round(seconds, 2), "outcome": outcome})
@@ -93,11 +102,18 @@ def tables(path: Path, top: int = 20) -> str:
     tests = sorted(ran.values(), key=lambda r: -r["seconds"])
     launches = [r for r in rows if r["kind"] == "launch"]
     pooled = [r for r in rows if r["kind"] == "pooled"]
+    batched = [r for r in rows if r["kind"] == "batched"]
     total = sum(r["seconds"] for r in tests)
     out = [
         f"{len(tests)} tests ran, {total / 60:.1f} min in all; {len(launches)} launches, "
         f"{sum(r['seconds'] for r in launches) / 60:.1f} min of wall time inside them"
-        + (f"; {len(pooled)} jobs in pools, {sum(r['seconds'] for r in pooled) / 60:.1f} min." if pooled else "."),
+        + (f"; {len(pooled)} jobs in pools, {sum(r['seconds'] for r in pooled) / 60:.1f} min" if pooled else "")
+        + (
+            f"; {len(batched)} worker cases in batches, {sum(r['seconds'] for r in batched) / 60:.1f} min"
+            if batched
+            else ""
+        )
+        + ".",
         "",
         "| test | s |",
         "| --- | ---: |",
@@ -112,6 +128,9 @@ def tables(path: Path, top: int = 20) -> str:
     out += ["", "| launch | test | s |", "| --- | --- | ---: |"]
     for r in sorted(launches, key=lambda r: -r["seconds"])[:top]:
         out.append(f"| `{r['what']}` | `{r['test'].split('::')[-1][:60]}` | {r['seconds']:.0f} |")
+    if batched:  # the parity worker's cases, each inside its rank count's one launch
+        out += ["", "| batched worker case | s |", "| --- | ---: |"]
+        out += [f"| `{r['what']}` | {r['seconds']:.0f} |" for r in sorted(batched, key=lambda r: -r["seconds"])[:top]]
     return "\n".join(out)
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import costs
 import pytest
 import torch
 from helpers import REPO
@@ -126,6 +127,7 @@ def worker(tmp_path_factory, request):
                 continue
             for (out, _), overrides in zip(cases, group):
                 cache[(nproc, overrides)] = torch.load(Path(out) / "result.pt")
+                costs.log_batched(nproc, overrides, json.loads((Path(out) / "seconds.json").read_text()))
 
     run.batch = batch
     batch(selected_worker_runs(request.session))
