@@ -38,6 +38,10 @@ CATEGORIES = (
 )
 
 OFFLOADED = "offloaded_activations"  # host memory, beside the categories (parallel/offload.py)
+# on CUDA, the pinned host allocator's peak (blocks rounded to powers of two, cached ones included): activation
+# offloading's buffers, FSDP's CPU offload; beside the categories, like OFFLOADED
+PINNED = "pinned_host_bytes"
+BESIDE = ("peak", OFFLOADED, PINNED)  # the keys of a breakdown that are not device categories
 
 # torch's category names (mem_tracker._MemRefType, fsdp2_mem_tracker._FSDPRefType) -> ours
 _TORCH_NAMES = {
@@ -178,6 +182,8 @@ class StepMemory:
     def __enter__(self):
         if self.offload is not None:
             self.offload.reset_peak()
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_host_memory_stats()
         self.tracker.__enter__()
         return self
 
@@ -202,6 +208,8 @@ class StepMemory:
         out["peak"] = total
         if self.offload is not None:
             out[OFFLOADED] = self.offload.host_peak
+        if torch.cuda.is_initialized() and (pinned := torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)):
+            out[PINNED] = pinned
         return out
 
 

@@ -218,19 +218,35 @@ def blocks_by_ac(cfg, n_blocks: int) -> dict[str, int]:
     return {"full": checkpointed, "none": n_blocks - checkpointed}
 
 
-def offloaded_per_token(cfg, args, tp: int, ac: str | None = None) -> float:
-    """parallel.activation_offload: per token of the micro-batch, the bytes of a block's saved storages that go to
-    the host (parallel/offload.py): those of at least activation_offload_min_bytes. Eager selective AC keeps its
-    chosen outputs in the checkpoint's own cache, out of the hooks' reach, so only the block input moves (a
+def offloaded_storages(cfg, args, tp: int, ac: str | None = None) -> list[float]:
+    """parallel.activation_offload: per token of the micro-batch, the bytes of each of a block's saved storages that
+    go to the host (parallel/offload.py): those of at least activation_offload_min_bytes. Eager selective AC keeps
+    its chosen outputs in the checkpoint's own cache, out of the hooks' reach, so only the block input moves (a
     compiled block saves them as its graph's outputs, which the hooks see)."""
     p = cfg.parallel
     if not p.activation_offload:
-        return 0.0
+        return []
     ac = ac or ac_mode(cfg)  # (`ac`: of one kind of block, under parallel.ac_every)
     saved = block_saved_tensors(args, ac=ac, mode=_precision_mode(cfg), tp=tp)
     movable = saved[:1] if ac.startswith("selective") and not p.compile else saved
     mb_tokens = cfg.training.micro_batch_size * cfg.training.seq_len // max(p.cp, 1)
-    return sum(b for b in movable if b * mb_tokens >= p.activation_offload_min_bytes)
+    return [b for b in movable if b * mb_tokens >= p.activation_offload_min_bytes]
+
+
+def offloaded_per_token(cfg, args, tp: int, ac: str | None = None) -> float:
+    """The bytes per token of the micro-batch one block sends to the host: the sum of `offloaded_storages`."""
+    return sum(offloaded_storages(cfg, args, tp, ac))
+
+
+PINNED_ROUNDING = "pinned host memory's power-of-two rounding (torch's CachingHostAllocator)"
+
+
+def pinned_bytes(nbytes: float) -> int:
+    """What torch's pinned host allocator takes for a request of `nbytes` on a CUDA machine: the next power of two
+    (ATen's CachingHostAllocator rounds every request with PowerOf2Ceil before cudaHostAlloc and keeps the block for
+    reuse). A 96 MiB storage holds 128 MiB of host memory."""
+    n = int(round(nbytes))
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def cp_attention_bytes(cfg, args, dims: ParallelDims) -> float:
@@ -482,6 +498,8 @@ def model_state_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
         kind = "fp32" if t.master_weights else "bf16 (no fp32 masters)"
         host = r.offload and r.fsdp
         states.append(Term(f"{kind} parameters ({what})", ms["params"], "host" if host else "params"))
+        if host and r.device == "cuda":  # FSDP2's CPUOffloadPolicy pins each parameter's shard
+            states.append(Term(PINNED_ROUNDING + ": the parameter shards", _pinned_shards(r, "params"), "host"))
         states.append(
             Term(
                 f"optimizer state ({opt}, with its step counters)",
@@ -492,6 +510,23 @@ def model_state_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
     hd = args.head_dim
     states.append(Term("RoPE tables (cos, sin)", r.n_parts * 2 * args.max_seq_len * (hd // 2) * 4, "buffers"))
     return states, gathered_zero
+
+
+def _pinned_shards(r: RankShape, state: str) -> int:
+    """The `pinned_bytes` rounding of one state ("params" or "grads", `_model_states`' bytes) held shard by shard
+    in pinned host memory: sum over this rank's parameters of pinned_bytes(w x local elements) - w x local
+    elements, w the state's bytes per element."""
+    n_local = r.local_elements
+    width = r.states[state] // n_local if n_local else 0
+    return sum(pinned_bytes(width * math.prod(q.local)) - width * math.prod(q.local) for q in r.params)
+
+
+def _pinned_grads(r: RankShape) -> list[Term]:
+    """FSDP2's CPU offload on a GPU copies each reduced gradient shard to the host with non_blocking=True, into
+    pinned memory (not when a post-accumulate hook steps in the backward: optim.in_backward)."""
+    if not (r.offload and r.fsdp and r.device == "cuda") or r.cfg.optim.in_backward:
+        return []
+    return [Term(PINNED_ROUNDING + ": the gradient shards", _pinned_shards(r, "grads"), "host")]
 
 
 def gradients_at_loss(r: RankShape) -> list[Term]:
@@ -516,6 +551,7 @@ def gradients_at_loss(r: RankShape) -> list[Term]:
             )
         elif not r.zero or ZERO_STAGES[r.data] == 1:
             terms.append(Term("gradients accumulated over micro-batches", r.states["grads"], grads_where))
+            terms += _pinned_grads(r)
     if r.zero and ZERO_STAGES[r.data] > 1:  # DeepSpeed's gradient partition is allocated once and kept
         terms = [Term("gradient partition (DeepSpeed's contiguous buffer, kept)", r.states["grads"], "grads")]
     return terms
@@ -570,6 +606,7 @@ class BlockActivations:
     pairs: dict  # {AC kind: (block, microbatch) pairs held}
     moved_of: dict  # {AC kind: bytes per token one block of that kind sends to the host}
     held: str  # "stage s: blocks x microbatches", for the terms' names
+    storages_of: dict | None = None  # {AC kind: `offloaded_storages` of one block of that kind}
 
     @property
     def count(self) -> int:
@@ -588,8 +625,9 @@ def block_activations(r: RankShape) -> BlockActivations:
         for kind, count in blocks_by_ac(r.cfg, len(r.ranges[sid])).items():
             pairs[kind] = pairs.get(kind, 0) + count * n
     held = ", ".join(f"stage {sid}: {len(r.ranges[sid])} x {n}" for sid, n in r.flying.items())
-    moved_of = {kind: offloaded_per_token(r.cfg, r.args, r.dims.tp, ac=kind) for kind in pairs}
-    return BlockActivations(pairs=pairs, moved_of=moved_of, held=held)
+    storages_of = {kind: offloaded_storages(r.cfg, r.args, r.dims.tp, ac=kind) for kind in pairs}
+    moved_of = {kind: sum(storages) for kind, storages in storages_of.items()}
+    return BlockActivations(pairs=pairs, moved_of=moved_of, held=held, storages_of=storages_of)
 
 
 def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], list[Term]]:
@@ -620,6 +658,13 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
                 "host",
             )
         )
+        if r.device == "cuda":  # each storage goes to its own pinned buffer (parallel/offload.py)
+            extra = sum(
+                pairs[k] * sum(pinned_bytes(x * r.mb_tokens) - round(x * r.mb_tokens) for x in b.storages_of[k])
+                for k in pairs
+            )
+            if extra:
+                acts.append(Term(PINNED_ROUNDING + ": the offloaded activations' storages", int(extra), "host"))
     float8 = str(t.float8) != "none"
     plain = b.count and pairs.get("full", 0) < b.count  # some blocks not checkpointed
     if mode == "autocast" and plain and not float8:  # autocast's weight casts, saved for backward by each linear
@@ -832,6 +877,7 @@ def optimizer_step_terms(r: RankShape) -> list[Term]:
         terms.append(
             Term("gradients (all, this rank's shards)", r.states["grads"], "host" if r.offload and r.fsdp else "grads")
         )
+        terms += _pinned_grads(r)
     if r.zero or o.in_backward:
         return terms
     if opt == "adamw":

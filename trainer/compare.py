@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from models.args import model_args_of
-from parallel.memory import OFFLOADED
+from parallel.memory import BESIDE, OFFLOADED
 from parallel.timing import Hardware, calibrate_cpu, calibrate_cuda, step_time
 from trainer.config import ConfigError, load_config
 from trainer.validate import derive, validate
@@ -161,7 +161,7 @@ def _read_run(run_dir: Path) -> dict:
         out.update(
             measured_peak_bytes=ranks[top]["peak"],
             measured_rank=top,
-            measured_categories={k: v for k, v in ranks[top].items() if k not in ("peak", OFFLOADED)},
+            measured_categories={k: v for k, v in ranks[top].items() if k not in BESIDE},
         )
         if OFFLOADED in ranks[top]:  # activation offloading's host copies, apart from the device's memory
             out["measured_offloaded_bytes"] = ranks[top][OFFLOADED]

@@ -23,7 +23,7 @@ from models.llama import build_model
 from models.loss import IGNORE_INDEX  # targets with this id (padding) carry no loss
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
-from parallel.memory import OFFLOADED
+from parallel.memory import BESIDE, OFFLOADED, PINNED
 from parallel.mesh import destroy_distributed, init_distributed, needs_process_group, side_groups
 from trainer.checkpoint import Checkpointer, checkpoint_root, select_resume
 from trainer.config import Precision, save_resolved, to_container
@@ -500,8 +500,9 @@ class Trainer:
         self.logger.event({"event": "memory_breakdown", "step": self.step, "unit": "bytes", "ranks": ranks})
         mib = 2**20
         for r, b in enumerate(ranks):
-            parts = ", ".join(f"{k} {v / mib:.2f}" for k, v in b.items() if k not in ("peak", OFFLOADED) and v)
+            parts = ", ".join(f"{k} {v / mib:.2f}" for k, v in b.items() if k not in BESIDE and v)
             host = f"; offloaded activations {b[OFFLOADED] / mib:.2f} MiB on the host" if OFFLOADED in b else ""
+            host += f"; pinned host memory {b[PINNED] / mib:.2f} MiB" if PINNED in b else ""
             self.logger.note(
                 f"memory at the peak of step {self.step}, rank {r}: {b['peak'] / mib:.2f} MiB ({parts} MiB){host}"
             )

@@ -23,6 +23,20 @@ def test_activation_offload_is_exact_and_moves_memory_to_the_host(runs):
     assert rec["activation_offload"].get("offloaded_activations", 0) > 0
 
 
+def test_the_planner_predicts_the_pinned_host_memory_of_activation_offload(runs):
+    """Each offloaded storage takes a pinned block rounded up to a power of two (torch's CachingHostAllocator):
+    the planner's host terms (the storages and their rounding) against the allocator's own peak in the step."""
+    from parallel.memory import PINNED
+    from trainer.config import load_config
+    from trainer.validate import derive
+
+    rows = read_jsonl(runs("activation_offload")[2] / "metrics.jsonl")
+    measured = next(r for r in rows if r.get("event") == "memory_breakdown")["ranks"][0][PINNED]
+    cfg = load_config([*TINY, *RUNS["activation_offload"]])
+    predicted = derive(cfg, 1, device="cuda").memory.ranks[0].host_bytes
+    assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
 def test_checkpoint_resumes_bitwise_on_cuda(runs, tmp_path):
     _, want, straight = runs("checkpointed")
     moved = tmp_path / "moved"

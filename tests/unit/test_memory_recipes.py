@@ -39,6 +39,31 @@ def test_20b_and_30b_train_on_one_h200(recipe, params):
     terms = {t["name"]: t for t in out["ranks"][0]["terms"]}
     names = " ".join(terms)
     assert "bf16 (no fp32 masters) parameters" in names and "gradients (all" not in names
-    # only the offloaded block inputs are on the host
-    assert [t["category"] for t in terms.values() if t["category"] == "host"] == ["host"]
+    # only the offloaded block inputs are on the host, with the pinned allocator's rounding of each to a power of two
+    host = {name: t["bytes"] for name, t in terms.items() if t["category"] == "host"}
+    moved = next(b for name, b in host.items() if name.startswith("offloaded block activations"))
+    rounding = next(b for name, b in host.items() if name.startswith("pinned host memory"))
+    assert len(host) == 2 and out["host_bytes_per_node"] == moved + rounding
     assert out["step_time"]["tokens_per_sec_per_device"] > 0
+
+
+def test_pinned_host_memory_is_rounded_to_powers_of_two_on_cuda():
+    """torch's pinned host allocator (CachingHostAllocator, on CUDA) rounds each request up to a power of two and
+    keeps the block: the planner counts that rounding for every pinned storage. llama20b_1gpu_h200 offloads 40
+    block inputs of 2 x 4,096 tokens x 6,144 x 2 bytes = 96 MiB: 40 x 128 MiB = 5 GiB of host memory, not 3.75.
+    FSDP's CPU offload (llama8b_1gpu_16g) pins every parameter and gradient shard: a 14,336 x 4,096 fp32 shard
+    (224 MiB) takes 256 MiB. On a CPU run nothing is pinned and nothing is added."""
+    from parallel.memory_terms import PINNED_ROUNDING, pinned_bytes
+
+    assert [pinned_bytes(n) for n in (0, 1, 3, 64 * 2**20, 96 * 2**20)] == [0, 1, 4, 64 * 2**20, 128 * 2**20]
+    out = _plan("recipe=llama20b_1gpu_h200")
+    assert out["host_bytes_per_node"] == 40 * 128 * 2**20
+    on_cpu = _plan("recipe=llama20b_1gpu_h200", "device=cpu")
+    assert not [t for t in on_cpu["ranks"][0]["terms"] if t["name"].startswith(PINNED_ROUNDING)]
+    fsdp = {t["name"]: t["bytes"] for t in _plan("recipe=llama8b_1gpu_16g")["ranks"][0]["terms"]}
+    shards = fsdp[PINNED_ROUNDING + ": the parameter shards"]
+    # per block: w1 and w3 (14,336 x 4,096) and w2 (4,096 x 14,336) round 224 -> 256 MiB; q, k, v, o and the norms
+    # are powers of two already; the embedding and output tables (128,256 x 4,096 x 4 bytes) round up to 2 GiB
+    table = 128256 * 4096 * 4
+    assert shards == 32 * 3 * 32 * 2**20 + 2 * (2**31 - table)
+    assert fsdp[PINNED_ROUNDING + ": the gradient shards"] == shards
