@@ -24,6 +24,7 @@ TINY = [
     "training.micro_batch_size=2",
     "training.steps=5",
     "training.val_every=0",
+    "training.val_batches=1",  # the workers' one validation (its loss is compared): one global batch of it
     "optim.warmup_steps=1",
     "optim.lr=1e-2",
     "logging.tensorboard=false",
