@@ -216,6 +216,7 @@ def build_partitioned(meta_model: nn.Module, ds_config: dict, device: torch.devi
         _without_default_init(),
     ):
         model = type(meta_model)(meta_model.args)
+    model.loss_chunks = meta_model.loss_chunks  # (the Trainer's setting on the meta model: the loss in chunks)
     model.init_weights(seed=seed, buffer_device=device, values=False)  # the RoPE tables (buffers: not partitioned)
     for name, prm in model.named_parameters():
         name = canonical_name(name)
