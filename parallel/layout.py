@@ -343,6 +343,14 @@ def _pp_problems(cfg, args, dp: int) -> list[str]:
             f'checkpointing allows one backward per checkpointed region ("Trying to backward an extra '
             f'time"); use parallel.ac=full, or pp_schedule=1f1b or interleaved_1f1b'
         )
+    if p.pp > 1 and p.pp_schedule in V_SHAPED and p.compile:
+        problems.append(
+            f"parallel.compile=true with parallel.pp_schedule={p.pp_schedule}: that schedule's split backward (input "
+            f"gradients with the graph retained, then weight gradients) fails in compiled blocks (AOT autograd's "
+            f"donated buffers), and with those turned off the gradients came out 1e-3 away from one process (the "
+            f"pairwise parity matrix, tests/distributed/test_parity.py); use pp_schedule=1f1b or interleaved_1f1b, "
+            f"or parallel.compile=false"
+        )
     return problems
 
 

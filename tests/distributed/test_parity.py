@@ -9,8 +9,11 @@ are compared with the fp32 reference under looser bounds (BF16 below).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
-from conftest import PARITY_STEPS
+from conftest import PARITY_STEPS, TINY
+from pairwise import AXES, matrix, values_of
 
 # (id, processes, overrides, global batch, precision, tolerance)
 # (loss and grad-norm tolerance, per-parameter gradient tolerance), relative
@@ -140,6 +143,9 @@ CASES = [
 
 STEPS = PARITY_STEPS  # (conftest.py says why three)
 
+# the axis values each row holds: the pairwise matrix (pairwise.py) adds runs only for the pairs these leave out
+SEEDS = tuple(tuple(values_of(ov, nproc=n, global_batch=gb, precision=prec).items()) for _, n, ov, gb, prec, _ in CASES)
+
 
 def _strategy_runs(nproc, overrides, global_batch, precision) -> list[tuple[int, list[str]]]:
     """(the single-process reference, the layout's run) of one CASES row, as worker() requests."""
@@ -156,8 +162,25 @@ def _in_backward_runs(nproc, overrides, global_batch) -> list[tuple[int, list[st
     return [(1, [*common, *optim]), (nproc, [*common, *overrides, "optim.in_backward=true"])]
 
 
+# the pairwise matrix (pairwise.py): the runs that hold the pairs of values CASES leaves out. Two steps: step 1's
+# gradients, parameter by parameter, and step 2's loss, which sees the optimizer's first update
+MATRIX_STEPS = "training.steps=2"
+PAIRWISE = matrix((*TINY, MATRIX_STEPS), SEEDS)
+FIRST_FP32 = next(i for i, r in enumerate(PAIRWISE.runs) if r.values["precision"] == "fp32")
+
+
+def _pairwise_runs(index: int) -> list[tuple[int, list[str]]]:
+    """(the single-process reference, the run) of one pairwise run."""
+    run = PAIRWISE.runs[index]
+    return [(1, [MATRIX_STEPS, *run.reference()]), (run.nproc, [MATRIX_STEPS, *run.overrides])]
+
+
 def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
     """What each selected test asks the worker for (conftest.py batches them, one launch per rank count)."""
+    if test == "test_pairwise_matrix_matches_single_process":
+        return _pairwise_runs(params["index"])
+    if test == "test_the_pairwise_comparison_fails_when_blocks_are_broken":
+        return _pairwise_runs(FIRST_FP32)
     if test == "test_strategy_matches_single_process":
         return _strategy_runs(params["nproc"], params["overrides"], params["global_batch"], params["precision"])
     if test == "test_optimizer_in_backward_trains_like_the_step_after_backward":
@@ -165,21 +188,35 @@ def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
     return []
 
 
+def differences(name: str, ref: dict, got: dict, tol: tuple[float, float]) -> list[str]:
+    """Where a run leaves the single process: the loss and gradient norm of every step, the validation loss, and
+    every parameter's gradient after step 1 (||g - g_ref|| / ||g_ref||), each against its relative bound."""
+    loss_tol, grad_tol = tol
+    out = []
+    for step, (a, b) in enumerate(zip(ref["losses"], got["losses"]), 1):
+        if abs(b - a) > loss_tol * abs(a):
+            out.append(f"{name}: loss at step {step} is {b}, single process {a}")
+    for step, (a, b) in enumerate(zip(ref["grad_norms"], got["grad_norms"]), 1):
+        if abs(b - a) > grad_tol * abs(a):
+            out.append(f"{name}: grad norm at step {step} is {b}, single process {a}")
+    a, b = ref["val_loss"], got["val_loss"]
+    if abs(b - a) > loss_tol * abs(a):
+        out.append(f"{name}: validation loss after the last step is {b}, single process {a}")
+    if got["grads"].keys() != ref["grads"].keys():
+        return [*out, f"{name}: parameters differ: {sorted(got['grads'].keys() ^ ref['grads'].keys())[:4]}"]
+    for key, g in ref["grads"].items():
+        err = ((got["grads"][key] - g).norm() / g.norm()).item()
+        if not err <= grad_tol:
+            out.append(f"{name}: gradient of {key} off by {err:.2e} (relative)")
+    return out
+
+
 @pytest.mark.parametrize("name, nproc, overrides, global_batch, precision, tol", CASES, ids=[c[0] for c in CASES])
 def test_strategy_matches_single_process(name, nproc, overrides, global_batch, precision, tol, worker):
     ref, got = (worker(*run) for run in _strategy_runs(nproc, overrides, global_batch, precision))
     assert len(got["losses"]) == len(ref["losses"]) == 3
-    loss_tol, grad_tol = tol
-    for step, (a, b) in enumerate(zip(ref["losses"], got["losses"]), 1):
-        assert abs(b - a) <= loss_tol * abs(a), f"{name}: loss at step {step} is {b}, single process {a}"
-    for step, (a, b) in enumerate(zip(ref["grad_norms"], got["grad_norms"]), 1):
-        assert abs(b - a) <= grad_tol * abs(a), f"{name}: grad norm at step {step} is {b}, single process {a}"
-    a, b = ref["val_loss"], got["val_loss"]
-    assert abs(b - a) <= loss_tol * abs(a), f"{name}: validation loss after step 3 is {b}, single process {a}"
-    assert got["grads"].keys() == ref["grads"].keys(), f"{name}: parameters differ"
-    for key, g in ref["grads"].items():
-        err = ((got["grads"][key] - g).norm() / g.norm()).item()
-        assert err <= grad_tol, f"{name}: gradient of {key} off by {err:.2e} (relative)"
+    problems = differences(name, ref, got, tol)
+    assert not problems, "\n".join(problems)
 
 
 # optim.in_backward: no gradient accumulation and no clipping (both refused), so (id, processes, overrides, global
@@ -212,3 +249,62 @@ def test_zero_matches_fsdp(stage, worker):
     zero = worker(2, [STEPS, f"parallel.data={stage}", "training.global_batch_size=8", "training.precision=fp32"])
     for step, (a, b) in enumerate(zip(fsdp["losses"], zero["losses"]), 1):
         assert abs(b - a) <= 1e-5 * abs(a), f"{stage}: loss at step {step} is {b}, fsdp {a}"
+
+
+@pytest.mark.parametrize("index", range(len(PAIRWISE.runs)), ids=[r.name for r in PAIRWISE.runs])
+def test_pairwise_matrix_matches_single_process(index, worker):
+    """Each run of the pairwise matrix against one process: fp32 to 1e-5, 16-bit compute under BF16's bounds."""
+    run = PAIRWISE.runs[index]
+    ref, got = (worker(*r) for r in _pairwise_runs(index))
+    assert len(got["losses"]) == len(ref["losses"]) == 2
+    problems = differences(run.name, ref, got, FP32 if run.values["precision"] == "fp32" else BF16)
+    assert not problems, "\n".join(problems)
+    assert all(g.norm() > 0 for k, g in got["grads"].items() if k.startswith("layers.")), "a block has no gradient"
+
+
+def test_the_pairwise_comparison_fails_when_blocks_are_broken(worker):
+    """The comparison above can fail: the first fp32 pairwise run's gradients with one block's gradients zeroed (a
+    frozen block) or scaled by 1.001 (a wrong reduction), and its step-2 loss nudged by 1e-4, are each caught."""
+    ref, got = (worker(*r) for r in _pairwise_runs(FIRST_FP32))
+    assert not differences("as run", ref, got, FP32)
+    block = [k for k in got["grads"] if k.startswith("layers.1.")]
+    frozen = {**got, "grads": {k: (0 * g if k in block else g) for k, g in got["grads"].items()}}
+    assert len(differences("frozen", ref, frozen, FP32)) >= len(block)
+    scaled = {**got, "grads": {k: (1.001 * g if k in block else g) for k, g in got["grads"].items()}}
+    assert len(differences("scaled", ref, scaled, FP32)) == len(block)
+    nudged = {**got, "losses": [got["losses"][0], got["losses"][1] * (1 + 1e-4)]}
+    assert differences("nudged", ref, nudged, FP32) == [
+        f"nudged: loss at step 2 is {nudged['losses'][1]}, single process {ref['losses'][1]}"
+    ]
+
+
+def test_the_pairwise_matrix_holds_every_pair_validation_accepts():
+    """Every pair of values of two axes is in one of test_parity.py's rows or one pairwise run, or validation
+    refuses it (each with its message); the runs are valid layouts of at most MAX_WORLD ranks."""
+    from pairwise import MAX_WORLD
+
+    held = set()
+    for values in [dict(v) for v in SEEDS] + [r.values for r in PAIRWISE.runs]:
+        held |= {frozenset(p) for p in itertools.combinations(values.items(), 2)}
+    labels = {a: [v for v, _ in options] for a, options in AXES.items()}
+    axes = list(AXES)
+    for i, a in enumerate(axes):
+        for b in axes[i + 1 :]:
+            for x in labels[a]:
+                for y in labels[b]:
+                    pair = ((a, x), (b, y))
+                    assert (frozenset(pair) in held) != (pair in PAIRWISE.refused), pair
+                    assert pair not in PAIRWISE.refused or PAIRWISE.refused[pair], pair
+    assert all(r.nproc <= MAX_WORLD for r in PAIRWISE.runs)
+    assert PAIRWISE.pairs == len(held) + len(PAIRWISE.refused)
+    # docs/strategies.md's command, in this process (it prints the matrix made above)
+    import contextlib
+    import io
+    import runpy
+
+    import pairwise
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runpy.run_path(pairwise.__file__, run_name="__main__")
+    assert out.getvalue().startswith(f"{PAIRWISE.pairs} pairs of values: ") and "refused:" in out.getvalue()
