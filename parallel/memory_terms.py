@@ -604,9 +604,13 @@ class BlockActivations:
     """The (block, microbatch) pairs a rank holds by AC kind, and what offloading moves of each."""
 
     pairs: dict  # {AC kind: (block, microbatch) pairs held}
-    moved_of: dict  # {AC kind: bytes per token one block of that kind sends to the host}
+    storages_of: dict  # {AC kind: `offloaded_storages` of one block of that kind, bytes per token each}
     held: str  # "stage s: blocks x microbatches", for the terms' names
-    storages_of: dict | None = None  # {AC kind: `offloaded_storages` of one block of that kind}
+
+    @property
+    def moved_of(self) -> dict:
+        """{AC kind: bytes per token one block of that kind sends to the host}."""
+        return {kind: sum(storages) for kind, storages in self.storages_of.items()}
 
     @property
     def count(self) -> int:
@@ -619,15 +623,14 @@ class BlockActivations:
 
 def block_activations(r: RankShape) -> BlockActivations:
     """The (block, microbatch) pairs a rank holds, by AC kind (`blocks_by_ac` x microbatches in flight of each
-    stage), and per kind the bytes per token one block sends to the host (`offloaded_per_token`)."""
+    stage), and per kind the storages one block sends to the host (`offloaded_storages`)."""
     pairs: dict[str, int] = {}
     for sid, n in r.flying.items():
         for kind, count in blocks_by_ac(r.cfg, len(r.ranges[sid])).items():
             pairs[kind] = pairs.get(kind, 0) + count * n
     held = ", ".join(f"stage {sid}: {len(r.ranges[sid])} x {n}" for sid, n in r.flying.items())
     storages_of = {kind: offloaded_storages(r.cfg, r.args, r.dims.tp, ac=kind) for kind in pairs}
-    moved_of = {kind: sum(storages) for kind, storages in storages_of.items()}
-    return BlockActivations(pairs=pairs, moved_of=moved_of, held=held, storages_of=storages_of)
+    return BlockActivations(pairs=pairs, storages_of=storages_of, held=held)
 
 
 def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], list[Term]]:

@@ -171,12 +171,21 @@ def values_of(overrides: list[str], *, nproc: int, global_batch: int, precision:
 @functools.cache
 def matrix(base_args: tuple[str, ...], seeds: tuple[tuple[tuple[str, str], ...], ...] = ()) -> Matrix:
     """The runs (over `base_args`, the tiny model's recipe and overrides) that cover every accepted pair not
-    already held by one of `seeds` (the axis values of runs made elsewhere, `values_of`)."""
+    already held by one of `seeds` (the axis values of runs made elsewhere, `values_of`). Generated as on a CPU
+    without fp16 kernels, whatever this one has: the same matrix on every CI machine (DeepSpeed's fp16 on a CPU
+    with them is tests/distributed/test_zero_fp16.py's)."""
     from unittest import mock
 
+    import parallel.zero
+
+    with mock.patch.object(parallel.zero, "_deepspeed_cpu_fp16", lambda: False):
+        return _generate(base_args, seeds)
+
+
+def _generate(base_args: tuple[str, ...], seeds: tuple[tuple[tuple[str, str], ...], ...] = ()) -> Matrix:
+    """`matrix` without its cache and capability."""
     from omegaconf import OmegaConf
 
-    import parallel.zero
     from trainer.config import load_config
     from trainer.validate import validate
 
@@ -189,10 +198,7 @@ def matrix(base_args: tuple[str, ...], seeds: tuple[tuple[tuple[str, str], ...],
             return f"{world} ranks (more than the {MAX_WORLD} this matrix runs)"
         for k, v in keys.items():  # every key a run sets, so one config serves every candidate
             OmegaConf.update(cfg, k, v)
-        # as on a CPU without fp16 kernels, whatever this one has: the same matrix on every CI machine (DeepSpeed's
-        # fp16 on a CPU with them is tests/distributed/test_zero_fp16.py's)
-        with mock.patch.object(parallel.zero, "_deepspeed_cpu_fp16", lambda: False):
-            found = validate(cfg, world)
+        found = validate(cfg, world)
         return found[0] if found else None
 
     def ok(values: dict) -> bool:
