@@ -10,6 +10,7 @@ import torch
 from helpers import REPO
 
 WORKER = str(REPO / "tests" / "distributed" / "parity_worker.py")
+MEMORY_WORKER = str(REPO / "tests" / "distributed" / "memory_worker.py")
 
 # a 4-block LLaMA small enough that 8 gloo ranks run 5 steps in seconds
 TINY = [
@@ -65,55 +66,74 @@ def run_worker(
     return torch.load(out / result) if result else None
 
 
-def selected_worker_runs(session) -> list[tuple[int, list[str]]]:
-    """Every run the session's selected tests will ask the worker for, from their modules' `worker_runs(test name,
-    parameters) -> [(nproc, overrides)]` (test_parity.py, test_adafactor_sharded.py, test_lowbit_sharded.py,
-    test_memory_per_rank.py): batched together, across modules, before the first of them runs."""
-    runs = []
+def selected_worker_runs(session) -> tuple[list[tuple[int, list[str]]], list[tuple[int, str, list[str]]]]:
+    """Every run the session's selected tests will ask the workers for, from their modules' hooks: `worker_runs(test
+    name, parameters) -> [(nproc, overrides)]` for the parity worker (test_parity.py, test_adafactor_sharded.py,
+    test_lowbit_sharded.py, test_float8.py, test_memory_per_rank.py) and `memory_runs(test name, parameters) ->
+    [(nproc, modes, arguments)]` for the memory worker (test_memory_plan.py): batched together, across modules,
+    before the first of them runs."""
+    runs, memory = [], []
     for item in session.items:
-        hook = getattr(getattr(item, "module", None), "worker_runs", None)
-        if hook is not None:
-            runs += hook(item.originalname, getattr(getattr(item, "callspec", None), "params", {}))
-    return runs
+        module = getattr(item, "module", None)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (hook := getattr(module, "worker_runs", None)) is not None:
+            runs += hook(item.originalname, params)
+        if (hook := getattr(module, "memory_runs", None)) is not None:
+            memory += hook(item.originalname, params)
+    return runs, memory
 
 
 @pytest.fixture(scope="session")
 def worker(tmp_path_factory, request):
-    """run(nproc, overrides) -> the worker's result.pt, cached for the session by its arguments. The selected
-    tests' runs are launched first, one launch per rank count for all the modules that declare them."""
-    cache = {}
+    """run(nproc, overrides) -> the parity worker's result.pt, and run.memory(nproc, modes, arguments) -> the memory
+    worker's, each cached for the session by its arguments. The selected tests' runs of both workers are launched
+    first, one launch per rank count for all the modules that declare them (parity_worker.py --batch runs the
+    memory worker's layouts too, those first)."""
+    cache: dict[tuple, dict] = {}
     # DeepSpeed compiles its CPU Adam and shared-memory ops on first use: once per test session
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
 
     def run(nproc: int, overrides: list[str]) -> dict:
-        key = (nproc, tuple(overrides))
-        if key in cache:
-            return cache[key]
-        out = tmp_path_factory.mktemp("worker")
-        cache[key] = run_worker(WORKER, nproc, [str(out), *TINY, *overrides, f"run_dir={out}"], out, extensions)
+        key = ("parity", nproc, tuple(overrides))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("worker")
+            cache[key] = run_worker(WORKER, nproc, [str(out), *TINY, *overrides, f"run_dir={out}"], out, extensions)
         return cache[key]
 
-    def batch(requests: list[tuple[int, list[str]]]) -> None:
-        """Run the requests not yet cached, those of one rank count in one launch (the worker's --batch), to spare
-        each its launch. DeepSpeed cases share a launch of their own: its engine keeps process-wide state, which
-        leaves DeepSpeed's own results as they are alone (checked 2026-12-06: losses, gradients, parameters and
-        bytes bitwise the same batched and alone) but is kept away from the native strategies. A launch that
-        fails leaves its cases uncached, and each then runs alone when its test asks, so the failure is its own."""
-        todo: dict[tuple[int, bool], list[tuple[str, ...]]] = {}
-        for nproc, overrides in requests:
-            key = (nproc, tuple(overrides))
-            group = (nproc, any(o.startswith("parallel.data=zero") for o in overrides))
-            if key not in cache and key[1] not in todo.get(group, []):
-                todo.setdefault(group, []).append(key[1])
+    def memory(nproc: int, modes: str, arguments: list[str]) -> dict:
+        key = ("memory", nproc, modes, tuple(arguments))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("memory")
+            cache[key] = run_worker(MEMORY_WORKER, nproc, [str(out), modes, *arguments], out, extensions)
+        return cache[key]
+
+    def batch(requests: list[tuple[int, list[str]]], memory_requests: list[tuple[int, str, list[str]]] = ()) -> None:
+        """Run the requests not yet cached, those of one rank count in one launch (the parity worker's --batch, the
+        memory layouts first), to spare each its launch. DeepSpeed cases share a launch of their own: its engine
+        keeps process-wide state, which leaves DeepSpeed's own results as they are alone (checked 2026-12-06:
+        losses, gradients, parameters and bytes bitwise the same batched and alone) but is kept away from the
+        native strategies. A launch that fails leaves its cases uncached, and each then runs alone when its test
+        asks, so the failure is its own."""
+        keys = [("memory", n, modes, tuple(a)) for n, modes, a in memory_requests]
+        keys += [("parity", n, tuple(o)) for n, o in requests]
+        todo: dict[tuple[int, bool], list[tuple]] = {}
+        for key in keys:
+            group = (key[1], any(o.startswith("parallel.data=zero") for o in key[-1]))
+            if key not in cache and key not in todo.get(group, []):
+                todo.setdefault(group, []).append(key)
         for (nproc, _), group in todo.items():
             if len(group) < 2:
                 continue
             root = tmp_path_factory.mktemp("batch")
-            cases = [
-                (str(root / str(i)), [*TINY, *overrides, f"run_dir={root / str(i)}"])
-                for i, overrides in enumerate(group)
-            ]
+            cases = []
+            for i, key in enumerate(group):
+                out = str(root / str(i))
+                if key[0] == "memory":
+                    cases.append({"out": out, "modes": key[2], "argv": list(key[3])})
+                else:
+                    cases.append({"out": out, "argv": [*TINY, *key[2], f"run_dir={out}"]})
             (root / "spec.json").write_text(json.dumps(cases))
+            memory_cases = sum(key[0] == "memory" for key in group)
             try:
                 run_worker(
                     WORKER,
@@ -121,15 +141,26 @@ def worker(tmp_path_factory, request):
                     ["--batch", str(root / "spec.json")],
                     root,
                     extensions,
-                    timeout=600 + 60 * len(cases),
+                    timeout=600 + 60 * len(group) + 30 * memory_cases,
                     result=None,
                 )
             except AssertionError:
                 continue
-            for (out, _), overrides in zip(cases, group):
-                cache[(nproc, overrides)] = torch.load(Path(out) / "result.pt")
-                costs.log_batched(nproc, overrides, json.loads((Path(out) / "seconds.json").read_text()))
+            for case, key in zip(cases, group):
+                cache[key] = torch.load(Path(case["out"]) / "result.pt")
+                own = ["memory", key[2], *key[3][len(TINY) :]] if key[0] == "memory" else list(key[2])
+                costs.log_batched(nproc, own, json.loads((Path(case["out"]) / "seconds.json").read_text()))
 
+    run.memory = memory
     run.batch = batch
-    batch(selected_worker_runs(request.session))
+    batch(*selected_worker_runs(request.session))
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """The first selected test that asks for `worker` waits for every batched launch (parity and memory layouts, ten
+    minutes and more on 2 cores with cold caches): its timeout (pytest-timeout's marker) covers them. Each launch
+    keeps its own subprocess timeout."""
+    first = next((item for item in items if "worker" in getattr(item, "fixturenames", ())), None)
+    if first is not None:
+        first.add_marker(pytest.mark.timeout(2400))

@@ -1,10 +1,9 @@
 """Measure one layout's per-rank memory by category for several AC modes and precisions, in one launch.
 
     torchrun --nproc_per_node=N tests/distributed/memory_worker.py OUT_DIR MODES recipe=... overrides...
-    torchrun --nproc_per_node=N tests/distributed/memory_worker.py --batch SPEC.json
 
-With --batch, SPEC.json lists [OUT_DIR, MODES, [arguments...]] layouts, measured one after the other in this launch
-(one process group for all), which spares each layout its launch.
+The test suite batches layouts into the launches of tests/distributed/parity_worker.py --batch (one per rank count),
+which calls `main` for each; the process group is started once for them all.
 
 MODES is a comma-separated list of `ac/precision` (e.g. none/fp32,full/bf16). For each, the Trainer is built
 (the process group is started once and reused), steps 1-2 run untracked and step 3 under
@@ -12,7 +11,6 @@ MODES is a comma-separated list of `ac/precision` (e.g. none/fp32,full/bf16). Fo
 """
 
 import gc
-import json
 import sys
 from pathlib import Path
 
@@ -64,9 +62,4 @@ def main(out: str, modes: str, argv: list[str], *, last: bool = True) -> None:
 
 if __name__ == "__main__":
     gc.freeze()  # the imports live as long as the process: each Trainer.close collects its own garbage only
-    if sys.argv[1] == "--batch":
-        layouts = json.loads(Path(sys.argv[2]).read_text())
-        for i, (out, modes, argv) in enumerate(layouts):
-            main(out, modes, argv, last=i == len(layouts) - 1)
-    else:
-        main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node=N tests/distributed/parity_worker.py OUT_DIR recipe=... overrides...
     torchrun --nproc_per_node=N tests/distributed/parity_worker.py --batch SPEC.json
 
-With --batch, SPEC.json lists [OUT_DIR, [arguments...]] cases, run one after the other in this launch (one process
-group, a Trainer each), which spares each case the launch.
+With --batch, SPEC.json lists cases, {"out": OUT_DIR, "argv": [arguments...]}, run one after the other in this
+launch (one process group, a Trainer each), which spares each case the launch; a case that also names "modes" is a
+layout of tests/distributed/memory_worker.py, measured by it in this launch.
 
 Saves OUT_DIR/result.pt on rank 0: the per-step global losses and gradient norms, the validation loss
 after the last step (every layout's validation path, pipeline schedules included), the full
@@ -114,9 +115,14 @@ if __name__ == "__main__":
     gc.freeze()  # the imports live as long as the process: each Trainer.close collects its own garbage only
     if sys.argv[1] == "--batch":
         cases = json.loads(Path(sys.argv[2]).read_text())
-        for i, (out, argv) in enumerate(cases):
-            started = time.perf_counter()
-            main(out, argv, last=i == len(cases) - 1)
+        for i, case in enumerate(cases):
+            started, out, last = time.perf_counter(), case["out"], i == len(cases) - 1
+            if "modes" in case:
+                import memory_worker  # tests/distributed/, beside this script
+
+                memory_worker.main(out, case["modes"], case["argv"], last=last)
+            else:
+                main(out, case["argv"], last=last)
             # each case's wall time, for the suite's cost log (tests/costs.py: `kind: batched`)
             Path(out, "seconds.json").write_text(json.dumps(time.perf_counter() - started))
     else:

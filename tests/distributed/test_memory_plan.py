@@ -1,7 +1,8 @@
 """The planner's per-rank memory (parallel/plan.py) against torch's tracker on real gloo runs.
 
-One torchrun launch per layout (tests/distributed/memory_worker.py) builds the Trainer for every AC mode
-and precision in turn and tracks step 3 of each with parallel.memory.StepMemory. For every rank:
+tests/distributed/memory_worker.py builds the Trainer of a layout for every AC mode and precision in turn and tracks
+step 3 of each with parallel.memory.StepMemory (the layouts of one rank count in one launch, with the parity runs).
+For every rank:
 - the peak is within 10% of the measured one (a few stated gaps below: within their own bound);
 - the model states the tracker sees as such (parameters, buffers, optimizer state, master copies) agree
   to 1% (ZeRO-3: its gathered parameters are an estimate, 15%; a peak inside the optimizer step also holds
@@ -158,66 +159,30 @@ def _update_temporary(rank) -> int:
     )
 
 
+def _memory_arguments(nproc: int, overrides: list[str]) -> tuple[str, list[str]]:
+    """(the modes, the memory worker's arguments) of a layout."""
+    from conftest import TINY
+
+    modes = MODES_OF.get(next((n for n, _, ov in LAYOUTS if ov == overrides), ""), MODES)
+    return ",".join(modes), [*TINY, batch_of(nproc, overrides), *overrides]
+
+
+def memory_runs(test: str, params: dict) -> list[tuple[int, str, list[str]]]:
+    """The layouts the selected rows measure (conftest.py's `worker` batches them with the parity runs, one launch
+    per rank count)."""
+    if test == "test_predicted_memory_matches_the_tracker":
+        return [(params["nproc"], *_memory_arguments(params["nproc"], params["overrides"]))]
+    return []
+
+
 @pytest.fixture(scope="session")
-def measured(tmp_path_factory, request):
-    """run(nproc, overrides) -> {mode: [breakdown per rank]}, cached for the session. The layouts of the selected
-    test_predicted_memory_matches_the_tracker rows are measured first, one launch per rank count
-    (memory_worker.py --batch; the DeepSpeed layouts in a launch of their own, as its engine keeps process-wide
-    state); a batch that fails leaves its layouts to be measured alone when asked, so a failure is its own."""
-    import json
-    import os
-
-    import torch
-    from conftest import TINY, run_worker
-    from helpers import REPO
-
-    cache = {}
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
-    worker = str(REPO / "tests" / "distributed" / "memory_worker.py")
-
-    def args_of(out, nproc: int, overrides: list[str]) -> list[str]:
-        modes = MODES_OF.get(next((n for n, _, ov in LAYOUTS if ov == overrides), ""), MODES)
-        return [str(out), ",".join(modes), *TINY, batch_of(nproc, overrides), *overrides]
+def measured(worker):
+    """run(nproc, overrides) -> {mode: [breakdown per rank]}, cached for the session (tests/distributed/conftest.py's
+    `worker`: the selected rows' layouts were measured in the batched launches; another layout is measured alone
+    when asked, so a failure is its own)."""
 
     def run(nproc: int, overrides: list[str]) -> dict:
-        key = (nproc, tuple(overrides))
-        if key not in cache:
-            out = tmp_path_factory.mktemp("memory")
-            cache[key] = run_worker(worker, nproc, args_of(out, nproc, overrides), out, extensions)
-        return cache[key]
-
-    selected = {
-        item.callspec.params["name"]
-        for item in request.session.items
-        if getattr(item, "originalname", "") == "test_predicted_memory_matches_the_tracker"
-    }
-    by_nproc: dict[tuple[int, bool], list[list[str]]] = {}
-    for name, nproc, overrides in LAYOUTS:
-        if name in selected:
-            deepspeed = any(o.startswith("parallel.data=zero") for o in overrides)
-            by_nproc.setdefault((nproc, deepspeed), []).append(overrides)
-    for (nproc, _), group in by_nproc.items():
-        if len(group) < 2:
-            continue
-        root = tmp_path_factory.mktemp("memory_batch")
-        spec = [args_of(root / str(i), nproc, ov) for i, ov in enumerate(group)]
-        for out, _, _ in (s[:3] for s in spec):
-            os.makedirs(out, exist_ok=True)
-        (root / "spec.json").write_text(json.dumps([[s[0], s[1], s[2:]] for s in spec]))
-        try:
-            run_worker(
-                worker,
-                nproc,
-                ["--batch", str(root / "spec.json")],
-                root,
-                extensions,
-                timeout=600 + 90 * len(group),
-                result=None,
-            )
-        except AssertionError:
-            continue
-        for i, overrides in enumerate(group):
-            cache[(nproc, tuple(overrides))] = torch.load(root / str(i) / "result.pt")
+        return worker.memory(nproc, *_memory_arguments(nproc, overrides))
 
     return run
 
