@@ -185,7 +185,7 @@ def parallelize_zero(model: nn.Module, cfg, dims: ParallelDims, world: World, me
     if str(p.offload) == "cpu":
         notes.append(
             "ZeRO-Offload: the optimizer runs as DeepSpeed's CPU Adam, whose C++ op is compiled on first "
-            "use (about a minute, cached in ~/.cache/torch_extensions)"
+            "use (about a minute, cached in ~/.cache/torch_extensions; launch/build_ops.py builds it ahead)"
         )
     par = ZeroParallelized(
         parts=[model],

@@ -1,6 +1,5 @@
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,13 @@ import costs  # noqa: E402  (tests/costs.py: with SHARDWISE_COST_LOG set, every 
 
 costs.install()
 
-# DeepSpeed compiles its CPU Adam and shared-memory ops on first use (a minute or more): one build directory for
-# every test and every process the suite starts, kept between runs on this machine
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / f"shardwise-torch-extensions-{os.getuid()}")
-)
+# DeepSpeed compiles its CPU Adam op on first use (a minute on 2 cores): every test and every process the suite
+# starts reads the build directory a user's runs read (~/.cache/torch_extensions/<python>_<device>, resolved here
+# because the test workers run with a HOME of their own), which the README's set-up fills (launch/build_ops.py)
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.dirname(_get_build_directory("cpu_adam", verbose=False))
 
 
 @pytest.fixture(scope="session")

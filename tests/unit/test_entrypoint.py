@@ -271,3 +271,28 @@ def test_zero_fp16_on_the_cpu_follows_the_capability(monkeypatch):
     # and the real answer of this machine's DeepSpeed is one of the two
     monkeypatch.undo()
     assert parallel.zero._deepspeed_cpu_fp16() in (True, False)
+
+
+def test_build_ops_compiles_or_loads_cpu_adam_where_the_runs_read_it(monkeypatch):
+    """launch/build_ops.py (the README's set-up runs it): DeepSpeed's CPU Adam op built, or loaded when the set-up
+    built it already, in the directory every run and test reads ($TORCH_EXTENSIONS_DIR, tests/conftest.py); a real
+    process, as the set-up starts it. Its usage and a missing DeepSpeed in-process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    root = os.environ["TORCH_EXTENSIONS_DIR"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "build_ops.py")], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DeepSpeed's cpu_adam op ready in" in proc.stdout and f"({root}/cpu_adam)" in proc.stdout, proc.stdout
+    assert list(Path(root, "cpu_adam").glob("cpu_adam*.so")), sorted(os.listdir(Path(root, "cpu_adam")))
+    usage = run_cli("build_ops.py", ["--help"])
+    assert usage.returncode == 0 and "DS_BUILD_CPU_ADAM=1" in usage.stderr
+    assert run_cli("build_ops.py", ["now"]).returncode == 2
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.op_builder", None)  # what an import without DeepSpeed meets
+    missing = run_cli("build_ops.py", [])
+    assert missing.returncode == 2 and "DeepSpeed is not installed" in missing.stderr
