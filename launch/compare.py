@@ -32,7 +32,8 @@ OWN = {"strategies": str, "nproc": int, "steps": int, "out": str, "sweep": str, 
 SLURM = {"partition": str, "slurm_time": str, "slurm_parallel": int, "cpus_per_task": int, "slurm_gpus": bool}
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, launch=None) -> int:
+    """The command line; `launch` (for the test suite) runs each cell's job in place of torchrun."""
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -84,6 +85,7 @@ def main(argv: list[str]) -> int:
             sweep=own["sweep"],
             gpu_memory_gib=own["gpu_memory_gib"],
             slurm=slurm,
+            launch=launch,
         )
     except CompareError as e:
         print(f"shardwise: {e}", file=sys.stderr)

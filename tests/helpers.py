@@ -122,12 +122,13 @@ def run_train(
 _SCRIPTS: dict[str, object] = {}
 
 
-def run_cli(script: str, args: list[str], *, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(script: str, args: list[str], *, env: dict | None = None, **main_kwargs) -> subprocess.CompletedProcess:
     """launch/<script>'s `main(args)` called in this process, with `env` set for the call and stdout and stderr
     captured: what `run_train(..., check=False)` returns, without a process start (4-5 s of imports each on 2
     cores). For what ends before any process group or training starts: --help, refusals, dry runs, the planner.
     One real subprocess per script stays in the suite for the entry point itself (tests/unit/test_entrypoint.py,
-    tests/distributed/test_docs_commands.py run the documented lines that train)."""
+    tests/distributed/test_docs_commands.py run the documented lines that train). `main_kwargs` go to `main`
+    (compare.py's `launch`)."""
     if script not in _SCRIPTS:
         name = f"_shardwise_launch_{Path(script).stem}"
         spec = importlib.util.spec_from_file_location(name, REPO / "launch" / script)
@@ -140,7 +141,7 @@ def run_cli(script: str, args: list[str], *, env: dict | None = None) -> subproc
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = _SCRIPTS[script].main(list(args))
+                code = _SCRIPTS[script].main(list(args), **main_kwargs)
             except SystemExit as e:  # argparse and friends; a message is printed to stderr as the interpreter would
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)

@@ -179,25 +179,28 @@ def _status_of(returncode: int, text: str) -> tuple[str, str]:
     return "crashed", tail
 
 
+def _report_step(line: str, *, cell: str, steps: int, started: float, progress) -> None:
+    """Report a logged training step of a cell's job (about five reports per cell)."""
+    head = line.split()
+    if len(head) >= 3 and head[0] == "step" and "/" in head[1] and head[2] == "loss":
+        done = int(head[1].split("/")[0])
+        if done % max(1, steps // 5) == 0 or done == steps:
+            rate = (time.perf_counter() - started) / done
+            progress(f"compare:   {cell}: step {done}/{steps}, about {rate * (steps - done):.0f} s left in this cell")
+
+
 def _run_streaming(cmd: list[str], *, timeout: int, cell: str, steps: int, progress) -> tuple[int, str]:
-    """Run a cell's job, reporting its training steps as they are logged (about five reports per cell)."""
+    """Run a cell's job, reporting its training steps as they are logged."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     import threading
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     watchdog = threading.Timer(timeout, proc.kill)  # a job that hangs without printing is stopped too
     watchdog.start()
-    deadline, lines, every, started = time.monotonic() + timeout, [], max(1, steps // 5), time.perf_counter()
+    deadline, lines, started = time.monotonic() + timeout, [], time.perf_counter()
     for line in proc.stdout:
         lines.append(line)
-        head = line.split()
-        if len(head) >= 3 and head[0] == "step" and "/" in head[1] and head[2] == "loss":
-            done = int(head[1].split("/")[0])
-            if done % every == 0 or done == steps:
-                rate = (time.perf_counter() - started) / done
-                progress(
-                    f"compare:   {cell}: step {done}/{steps}, about {rate * (steps - done):.0f} s left in this cell"
-                )
+        _report_step(line, cell=cell, steps=steps, started=started, progress=progress)
         if time.monotonic() > deadline:
             proc.kill()
             lines.append(f"\ntimed out after {timeout} s\n")
@@ -220,8 +223,11 @@ def run_cell(
     out: Path,
     timeout: int = 1800,
     progress=print,
+    launch=None,
 ) -> dict:
-    """One cell, or its saved record when it finished before."""
+    """One cell, or its saved record when it finished before. `launch(train.py arguments, nproc, timeout) ->
+    (exit code, output)` runs the cell's job instead of `torchrun launch/train.py` (the test suite's long-lived
+    pools); its output's steps are reported when it returns."""
     strategy = cell.split("@")[0]
     cell_dir = out / "cells" / _safe(cell)
     saved = cell_dir / "record.json"
@@ -262,7 +268,12 @@ def run_cell(
         if nproc == 1:
             cmd = [sys.executable, str(REPO / "launch" / "train.py"), *cfg_overrides, *COMMON, f"run_dir={run_dir}"]
         started = time.perf_counter()
-        code, text = _run_streaming(cmd, timeout=timeout, cell=cell, steps=steps, progress=progress)
+        if launch is None:
+            code, text = _run_streaming(cmd, timeout=timeout, cell=cell, steps=steps, progress=progress)
+        else:
+            code, text = launch([*cfg_overrides, *COMMON, f"run_dir={run_dir}"], nproc, timeout)
+            for line in text.splitlines():
+                _report_step(line, cell=cell, steps=steps, started=started, progress=progress)
         (cell_dir / "output.log").write_text(text)
         status, message = _status_of(code, text)
         record.update(status=status, message=message, wall_s=time.perf_counter() - started)
@@ -415,11 +426,13 @@ def run(
     as_frame=False,
     gpu_memory_gib: float | None = None,
     slurm: dict | None = None,
+    launch=None,
 ):
     """Run every cell (skipping finished ones), write the table and plots into `out`, return the records
     (a pandas DataFrame with `as_frame=True`, when pandas is installed). `gpu_memory_gib` draws the device's
     capacity on the memory plot. `slurm` (a dict: partition, time, parallel, cpus_per_task, gpus; {} for the
-    defaults) runs the cells that are not finished as one SLURM job array instead of one after the other."""
+    defaults) runs the cells that are not finished as one SLURM job array instead of one after the other.
+    `launch` runs each cell's job in place of torchrun (`run_cell`)."""
     strategies = [s for s in (strategies.split(",") if isinstance(strategies, str) else strategies) if s]
     if not strategies:
         raise CompareError("strategies: give at least one, e.g. strategies=ddp,fsdp,zero2")
@@ -485,7 +498,15 @@ def run(
             rec = {"cell": cell, "strategy": cell.split("@")[0], "nproc": nproc, **json.loads(failed.read_text())}
         else:  # without SLURM: the cell runs here; with it, it finished in the array (its record is read back)
             rec = run_cell(
-                cell, extra, recipe=recipe, overrides=overrides, nproc=nproc, steps=steps, out=out, progress=progress
+                cell,
+                extra,
+                recipe=recipe,
+                overrides=overrides,
+                nproc=nproc,
+                steps=steps,
+                out=out,
+                progress=progress,
+                launch=launch,
             )
             if slurm is not None and cell in ran_in_array:
                 rec.pop("kept", None)

@@ -1,6 +1,6 @@
-"""launch/compare.py: three strategies and one impossible one on 2 CPU ranks, one launch each, shared by the
-assertions: the CSV against each run's own metrics.jsonl, real PNGs with the expected axes, the refused cell with
-validation's message, the loss agreement of the fp32 cells, and a rerun that keeps the finished cells."""
+"""launch/compare.py: three strategies and one impossible one on 2 CPU ranks, one job each (in the suite's pools),
+shared by the assertions: the CSV against each run's own metrics.jsonl, real PNGs with the expected axes, the refused
+cell with validation's message, the loss agreement of the fp32 cells, and a rerun that keeps the finished cells."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import TINY
-from helpers import REPO, read_jsonl, run_cli
+from helpers import REPO, read_jsonl, run_cli, run_train
 
 # README.md's and docs/compare.md's example, run here (shrunk: the tiny model, 6 steps) with one impossible cell more;
 # tests/distributed/test_docs_commands.py leaves it to this module
@@ -41,15 +41,17 @@ def compared(tmp_path_factory):
         f"out={out}",
         "gpu_memory_gib=0.01",
     ]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "compare.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
+    proc = run_cli("compare.py", args, launch=_pooled)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, args, proc.stdout
+
+
+def _pooled(argv: list[str], nproc: int, timeout: float) -> tuple[int, str]:
+    """A cell's launch/train.py job in the suite's pool of its rank count (tests/pool.py), what compare.py's
+    torchrun would print. compare.py itself runs in this process; test_a_rerun_keeps_the_finished_cells starts it
+    as its own process, and the slow tier runs the documented lines with their own torchrun cells."""
+    proc = run_train(argv, nproc=nproc, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def _cells(out):
