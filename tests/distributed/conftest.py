@@ -10,7 +10,6 @@ import torch
 from helpers import REPO
 
 WORKER = str(REPO / "tests" / "distributed" / "parity_worker.py")
-MEMORY_WORKER = str(REPO / "tests" / "distributed" / "memory_worker.py")
 
 # a 4-block LLaMA small enough that 8 gloo ranks run 5 steps in seconds
 TINY = [
@@ -66,29 +65,29 @@ def run_worker(
     return torch.load(out / result) if result else None
 
 
-def selected_worker_runs(session) -> tuple[list[tuple[int, list[str]]], list[tuple[int, str, list[str]]]]:
+def selected_worker_runs(session) -> tuple[list[tuple[int, list[str]]], list[tuple[str, int, list[str]]]]:
     """Every run the session's selected tests will ask the workers for, from their modules' hooks: `worker_runs(test
     name, parameters) -> [(nproc, overrides)]` for the parity worker (test_parity.py, test_adafactor_sharded.py,
-    test_lowbit_sharded.py, test_float8.py, test_memory_per_rank.py) and `memory_runs(test name, parameters) ->
-    [(nproc, modes, arguments)]` for the memory worker (test_memory_plan.py): batched together, across modules,
-    before the first of them runs."""
-    runs, memory = [], []
+    test_lowbit_sharded.py, test_float8.py, test_memory_per_rank.py) and `worker_cases(test name, parameters) ->
+    [(worker, nproc, arguments)]` for the other workers (memory_worker: test_memory_plan.py; adafactor_comm_worker:
+    test_adafactor_sharded.py): batched together, across modules, before the first of them runs."""
+    runs, cases = [], []
     for item in session.items:
         module = getattr(item, "module", None)
         params = getattr(getattr(item, "callspec", None), "params", {})
         if (hook := getattr(module, "worker_runs", None)) is not None:
             runs += hook(item.originalname, params)
-        if (hook := getattr(module, "memory_runs", None)) is not None:
-            memory += hook(item.originalname, params)
-    return runs, memory
+        if (hook := getattr(module, "worker_cases", None)) is not None:
+            cases += hook(item.originalname, params)
+    return runs, cases
 
 
 @pytest.fixture(scope="session")
 def worker(tmp_path_factory, request):
-    """run(nproc, overrides) -> the parity worker's result.pt, and run.memory(nproc, modes, arguments) -> the memory
-    worker's, each cached for the session by its arguments. The selected tests' runs of both workers are launched
-    first, one launch per rank count for all the modules that declare them (parity_worker.py --batch runs the
-    memory worker's layouts too, those first)."""
+    """run(nproc, overrides) -> the parity worker's result.pt, and run.case(worker, nproc, arguments) -> another
+    worker's (tests/distributed/<worker>.py OUT_DIR arguments...), each cached for the session by its arguments. The
+    selected tests' runs of every worker are launched first, one launch per rank count for all the modules that
+    declare them (parity_worker.py --batch runs the other workers' cases too, those first)."""
     cache: dict[tuple, dict] = {}
     # DeepSpeed compiles its CPU Adam and shared-memory ops on first use: once per test session
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
@@ -100,40 +99,39 @@ def worker(tmp_path_factory, request):
             cache[key] = run_worker(WORKER, nproc, [str(out), *TINY, *overrides, f"run_dir={out}"], out, extensions)
         return cache[key]
 
-    def memory(nproc: int, modes: str, arguments: list[str]) -> dict:
-        key = ("memory", nproc, modes, tuple(arguments))
+    def case(name: str, nproc: int, arguments: list[str]) -> dict:
+        key = (name, nproc, tuple(arguments))
         if key not in cache:
-            out = tmp_path_factory.mktemp("memory")
-            cache[key] = run_worker(MEMORY_WORKER, nproc, [str(out), modes, *arguments], out, extensions)
+            out = tmp_path_factory.mktemp(name)
+            script = str(REPO / "tests" / "distributed" / f"{name}.py")
+            cache[key] = run_worker(script, nproc, [str(out), *arguments], out, extensions)
         return cache[key]
 
-    def batch(requests: list[tuple[int, list[str]]], memory_requests: list[tuple[int, str, list[str]]] = ()) -> None:
+    def batch(requests: list[tuple[int, list[str]]], cases: list[tuple[str, int, list[str]]] = ()) -> None:
         """Run the requests not yet cached, those of one rank count in one launch (the parity worker's --batch, the
-        memory layouts first), to spare each its launch. DeepSpeed cases share a launch of their own: its engine
-        keeps process-wide state, which leaves DeepSpeed's own results as they are alone (checked 2026-12-06:
+        other workers' cases first), to spare each its launch. DeepSpeed cases share a launch of their own: its
+        engine keeps process-wide state, which leaves DeepSpeed's own results as they are alone (checked 2026-12-06:
         losses, gradients, parameters and bytes bitwise the same batched and alone) but is kept away from the
         native strategies. A launch that fails leaves its cases uncached, and each then runs alone when its test
         asks, so the failure is its own."""
-        keys = [("memory", n, modes, tuple(a)) for n, modes, a in memory_requests]
-        keys += [("parity", n, tuple(o)) for n, o in requests]
+        keys = [(name, n, tuple(a)) for name, n, a in cases] + [("parity", n, tuple(o)) for n, o in requests]
         todo: dict[tuple[int, bool], list[tuple]] = {}
         for key in keys:
-            group = (key[1], any(o.startswith("parallel.data=zero") for o in key[-1]))
+            group = (key[1], any(o.startswith("parallel.data=zero") for o in key[2]))
             if key not in cache and key not in todo.get(group, []):
                 todo.setdefault(group, []).append(key)
         for (nproc, _), group in todo.items():
             if len(group) < 2:
                 continue
             root = tmp_path_factory.mktemp("batch")
-            cases = []
-            for i, key in enumerate(group):
+            spec = []
+            for i, (name, _, arguments) in enumerate(group):
                 out = str(root / str(i))
-                if key[0] == "memory":
-                    cases.append({"out": out, "modes": key[2], "argv": list(key[3])})
+                if name == "parity":
+                    spec.append({"out": out, "argv": [*TINY, *arguments, f"run_dir={out}"]})
                 else:
-                    cases.append({"out": out, "argv": [*TINY, *key[2], f"run_dir={out}"]})
-            (root / "spec.json").write_text(json.dumps(cases))
-            memory_cases = sum(key[0] == "memory" for key in group)
+                    spec.append({"out": out, "worker": name, "argv": list(arguments)})
+            (root / "spec.json").write_text(json.dumps(spec))
             try:
                 run_worker(
                     WORKER,
@@ -141,17 +139,18 @@ def worker(tmp_path_factory, request):
                     ["--batch", str(root / "spec.json")],
                     root,
                     extensions,
-                    timeout=600 + 60 * len(group) + 30 * memory_cases,
+                    timeout=600 + 90 * len(group),
                     result=None,
                 )
             except AssertionError:
                 continue
-            for case, key in zip(cases, group):
-                cache[key] = torch.load(Path(case["out"]) / "result.pt")
-                own = ["memory", key[2], *key[3][len(TINY) :]] if key[0] == "memory" else list(key[2])
-                costs.log_batched(nproc, own, json.loads((Path(case["out"]) / "seconds.json").read_text()))
+            for entry, key in zip(spec, group):
+                cache[key] = torch.load(Path(entry["out"]) / "result.pt")
+                tiny = key[0] != "parity" and len(key[2]) > len(TINY) and list(key[2][1 : 1 + len(TINY)]) == TINY
+                own = [key[0], key[2][0], *key[2][1 + len(TINY) :]] if tiny else list(key[2])
+                costs.log_batched(nproc, own, json.loads((Path(entry["out"]) / "seconds.json").read_text()))
 
-    run.memory = memory
+    run.case = case
     run.batch = batch
     batch(*selected_worker_runs(request.session))
     return run

@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=N tests/distributed/parity_worker.py --batch SPEC.json
 
 With --batch, SPEC.json lists cases, {"out": OUT_DIR, "argv": [arguments...]}, run one after the other in this
-launch (one process group, a Trainer each), which spares each case the launch; a case that also names "modes" is a
-layout of tests/distributed/memory_worker.py, measured by it in this launch.
+launch (one process group, a Trainer each), which spares each case the launch; a case that also names a "worker"
+(memory_worker, adafactor_comm_worker) is run by that script's `main(OUT_DIR, argv[0], argv[1:])` in this launch.
 
 Saves OUT_DIR/result.pt on rank 0: the per-step global losses and gradient norms, the validation loss
 after the last step (every layout's validation path, pipeline schedules included), the full
@@ -117,10 +117,10 @@ if __name__ == "__main__":
         cases = json.loads(Path(sys.argv[2]).read_text())
         for i, case in enumerate(cases):
             started, out, last = time.perf_counter(), case["out"], i == len(cases) - 1
-            if "modes" in case:
-                import memory_worker  # tests/distributed/, beside this script
+            if "worker" in case:  # another worker of tests/distributed/, beside this script: main(OUT, first, rest)
+                import importlib
 
-                memory_worker.main(out, case["modes"], case["argv"], last=last)
+                importlib.import_module(case["worker"]).main(out, case["argv"][0], case["argv"][1:], last=last)
             else:
                 main(out, case["argv"], last=last)
             # each case's wall time, for the suite's cost log (tests/costs.py: `kind: batched`)

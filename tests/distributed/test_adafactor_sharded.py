@@ -66,6 +66,20 @@ def test_adafactor_learns_differently_from_adamw(worker):
     assert len(_params_match(adamw["params"], ada["params"])) == len(ada["params"])
 
 
+def _comm_case(nproc: int, overrides: list[str]) -> tuple[str, int, list[str]]:
+    """The collective count of 2 and 4 blocks (tests/distributed/adafactor_comm_worker.py, a Trainer each)."""
+    from conftest import TINY
+
+    return ("adafactor_comm_worker", nproc, ["2,4", *TINY, *ADAFACTOR, *overrides, "training.global_batch_size=8"])
+
+
+def worker_cases(test: str, params: dict) -> list[tuple[str, int, list[str]]]:
+    """The other workers' cases of the selected tests (conftest.py batches them with the parity runs)."""
+    if test == "test_collectives_per_step_do_not_grow_with_parameters":
+        return [_comm_case(params["nproc"], params["overrides"])]
+    return []
+
+
 @pytest.mark.parametrize(
     "nproc, overrides, per_step",
     [
@@ -74,26 +88,8 @@ def test_adafactor_learns_differently_from_adamw(worker):
     ],
     ids=["fsdp_2", "fsdp_2_tp_2"],
 )
-def test_collectives_per_step_do_not_grow_with_parameters(nproc, overrides, per_step, tmp_path):
-    import json
-    import os
-
-    from conftest import TINY, run_worker
-    from helpers import REPO
-
-    args = [
-        "--layers",
-        "2,4",  # one launch, a Trainer for each block count
-        str(tmp_path / "out.json"),
-        *TINY,
-        *ADAFACTOR,
-        *overrides,
-        "training.global_batch_size=8",
-        f"run_dir={tmp_path / 'run'}",
-    ]
-    worker = str(REPO / "tests" / "distributed" / "adafactor_comm_worker.py")
-    run_worker(worker, nproc, args, tmp_path, os.environ["TORCH_EXTENSIONS_DIR"], timeout=300, result=None)
-    totals = {layers: json.loads((tmp_path / f"{layers}.json").read_text()) for layers in (2, 4)}
+def test_collectives_per_step_do_not_grow_with_parameters(nproc, overrides, per_step, worker):
+    totals = worker.case(*_comm_case(nproc, overrides))
     assert totals[4]["params"] > totals[2]["params"]  # twice the blocks, many more parameters
     assert totals[2]["total"] == totals[4]["total"] == per_step, totals
 

@@ -167,11 +167,12 @@ def _memory_arguments(nproc: int, overrides: list[str]) -> tuple[str, list[str]]
     return ",".join(modes), [*TINY, batch_of(nproc, overrides), *overrides]
 
 
-def memory_runs(test: str, params: dict) -> list[tuple[int, str, list[str]]]:
+def worker_cases(test: str, params: dict) -> list[tuple[str, int, list[str]]]:
     """The layouts the selected rows measure (conftest.py's `worker` batches them with the parity runs, one launch
     per rank count)."""
     if test == "test_predicted_memory_matches_the_tracker":
-        return [(params["nproc"], *_memory_arguments(params["nproc"], params["overrides"]))]
+        modes, arguments = _memory_arguments(params["nproc"], params["overrides"])
+        return [("memory_worker", params["nproc"], [modes, *arguments])]
     return []
 
 
@@ -182,7 +183,8 @@ def measured(worker):
     when asked, so a failure is its own)."""
 
     def run(nproc: int, overrides: list[str]) -> dict:
-        return worker.memory(nproc, *_memory_arguments(nproc, overrides))
+        modes, arguments = _memory_arguments(nproc, overrides)
+        return worker.case("memory_worker", nproc, [modes, *arguments])
 
     return run
 
