@@ -145,6 +145,7 @@ def parallelize(
         autocast_dtype=None if fsdp or masterless else _DTYPES[precision],
         loss_parallel=loss_parallel,
         notes=notes,
+        zero_grads_in_place=data == "ddp",
     )
     if dims.cp > 1:
         par.cp_positions = positions

@@ -70,7 +70,8 @@ def fsdp_no_sync(model: nn.Module):
 
 def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.parallel.DistributedDataParallel:
     # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets; without it DDP keeps
-    # a second, bucketed copy of every gradient (4 bytes x parameters more per rank)
+    # a second, bucketed copy of every gradient (4 bytes x parameters more per rank). The step zeroes them in place
+    # (Parallelized.zero_grads_in_place), so they stay the buckets' views from step to step
     return nn.parallel.DistributedDataParallel(
         model,
         process_group=mesh.get_group(),

@@ -41,6 +41,10 @@ class Parallelized:
     device: torch.device | None = None
     activation_offload: object | None = None  # parallel/offload.py's ActivationOffload, when on
     cp_positions: torch.Tensor | None = None  # parallel.cp > 1: the token positions of each sequence this rank holds
+    # DDP: the gradients are views into its all-reduce buckets, which it keeps between steps anyway; zeroed in place
+    # instead of dropped, every micro-batch accumulates into the buckets (dropped, the micro-batches under no_sync
+    # build gradients of their own, copied into the buckets at the last one: a second gradient-sized buffer)
+    zero_grads_in_place: bool = False
 
     def group(self, axis: str):
         """The process group of one mesh axis ("dp", "tp", "pp"), or None on one process."""
@@ -101,14 +105,14 @@ class Parallelized:
         if apply is not None and not apply(norm):
             if scaler is not None:
                 scaler.update()  # the unscale recorded an overflow, or not; keep the scaler's books
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=not self.zero_grads_in_place)
             return norm
         if scaler is not None:
             scaler.step(self.optimizer)  # skips the update when gradients overflowed
             scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.zero_grads_in_place)
         return norm
 
 

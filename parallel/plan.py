@@ -210,12 +210,14 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     loss_acts, loss_temps = loss_terms(r)
     acts += loss_acts
     states = states + pipeline
-    # measured: DDP holds a parameter-sized buffer beside the (bucket-view) gradients during backward
-    during_backward = (
-        [Term("DDP's gradient all-reduce buffer", 4 * r.local_elements, "temporaries", "seen by the tracker on CPU")]
-        if r.data == "ddp"
-        else []
-    )
+    # DDP: the gradients are views into its all-reduce buckets, kept from step to step and zeroed in place, so they
+    # stand through the whole step (accumulation included: the micro-batches add into them)
+    during_backward = []
+    if r.data == "ddp":
+        during_backward = [
+            Term("gradients (views into DDP's all-reduce buckets, kept between steps)", r.states["grads"], "grads")
+        ]
+        grads_at_loss = []
     # A: the loss's backward on the last micro-batch (ranks holding the last stage)
     moment_a = (
         states + during_backward + grads_at_loss + gathered_at_loss + gathered_zero + acts + loss_temps

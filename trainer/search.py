@@ -13,8 +13,11 @@ Each candidate goes through trainer/config.py's `validate` and parallel/plan.py'
 from __future__ import annotations
 
 import copy
+import csv
+import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -22,6 +25,7 @@ from models.args import model_args_of
 from parallel.layout import V_SHAPED
 from parallel.plan import GIB
 from parallel.timing import Hardware, StepTime, step_time
+from trainer.compare import spearman
 from trainer.validate import derive, validate
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv")
@@ -216,6 +220,29 @@ def layout_label(keys: dict, world_size: int) -> str:
     return " x ".join(out) or "1 rank"
 
 
+# the one run that measured the time model against real step times: docs/compare.md's every-strategy table
+MEASURED_ERRORS = Path(__file__).resolve().parent.parent / "docs" / "compare" / "compare.csv"
+
+
+def time_model_error(path: Path = MEASURED_ERRORS) -> str:
+    """One line on how far the time model was from measured step times, read from a compare.py result file (its
+    step_time_error_pct column): how many strategies, the median and largest error, the rank correlation."""
+    try:
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step_time_error_pct")]
+    except OSError:
+        rows = []
+    if not rows:
+        return "time model error: never measured here (no compare.py result file); the ranking is the model's alone"
+    errors = [abs(float(r["step_time_error_pct"])) for r in rows]
+    rho = spearman([float(r["predicted_step_time_s"]) for r in rows], [float(r["step_time_s"]) for r in rows])
+    return (
+        f"time model error, measured once ({len(rows)} strategies on a 2-core CPU, docs/compare.md): step times off "
+        f"by {statistics.median(errors):.0f}% in the median, {max(errors):.0f}% at most, rank correlation "
+        f"{rho:.2f}; never measured on a GPU, so read the ranking as the model's, not as timings"
+    )
+
+
 def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardware) -> str:
     lines = [
         f"{result.layouts} layouts tried ({result.refused} configurations refused by validation), "
@@ -224,6 +251,7 @@ def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardw
         f"time model: {hw.name}, matmul {hw.matmul_flops / 1e12:.1f} TFLOP/s, intra-node {hw.intra_bw / 1e9:.0f} GB/s, "
         f"inter-node {hw.inter_bw / 1e9:.0f} GB/s, memory {hw.mem_bw / 1e9:.0f} GB/s "
         f"(matmul: {hw.source.get('matmul_flops', 'assumed')}; parallel/timing.py)",
+        time_model_error(),
         "",
         "| rank | layout | data | AC | mb | offload | peak + reserve GiB | step s | tokens/s/device | MFU | "
         "compute | exposed comm | bubble | recompute | comm/step GiB |",

@@ -219,3 +219,22 @@ def test_the_assumed_matmul_fraction_is_a_stated_parameter():
     assert a.parts["compute"] == pytest.approx(2 * b.parts["compute"])
     bad = run_cli("plan.py", [*base, "achievable=1.5"])
     assert bad.returncode != 0 and "achievable=1.5 must be in (0, 1]" in bad.stderr
+
+
+def test_every_search_ranking_states_the_time_models_measured_error(tmp_path):
+    """The search table carries the time model's error as measured by the one compare.py run that timed it
+    (docs/compare/compare.csv, re-read each time), and says so when no such file exists."""
+    import csv
+    import statistics
+
+    from trainer.search import MEASURED_ERRORS, time_model_error
+
+    with open(MEASURED_ERRORS) as f:
+        rows = [r for r in csv.DictReader(f) if r["step_time_error_pct"]]
+    errors = [abs(float(r["step_time_error_pct"])) for r in rows]
+    line = time_model_error()
+    assert f"({len(rows)} strategies" in line and f"{statistics.median(errors):.0f}% in the median" in line
+    assert f"{max(errors):.0f}% at most" in line and "never measured on a GPU" in line
+    assert "never measured here" in time_model_error(tmp_path / "missing.csv")
+    out = run_cli("plan.py", ["recipe=llama7b_fsdp", "world_size=8", "gpu_memory_gib=80", "--search", "top=3"])
+    assert out.returncode == 0 and line in out.stdout, out.stdout[-2000:]
