@@ -35,8 +35,9 @@ TINY = [
 @pytest.mark.parametrize(
     "strategy, extra",
     [
-        # torchao's 8-bit states (tensor subclasses inside DTensors) through DCP; 128-wide so they are quantized
-        ("fsdp", ["optim.name=adamw8bit", "model.dim=128"]),
+        # torchao's 8-bit states (tensor subclasses inside DTensors) through DCP; 128-wide so they are quantized, the
+        # shapes of test_lowbit_sharded.py's WIDE model, whose compiled updates this run then finds in inductor's cache
+        ("fsdp", ["optim.name=adamw8bit", "model.dim=128", "model.n_kv_heads=4", "model.ffn_hidden_dim=256"]),
         ("fsdp", ["optim.name=adamw_bf16"]),  # bf16 moments; the rounding noise is a function of the step
     ],
     ids=["fsdp_adamw8bit", "fsdp_adamw_bf16"],
