@@ -534,7 +534,10 @@ def gradients_at_loss(r: RankShape) -> list[Term]:
     every micro-batch is still in flight); with it, all of the step's gradients as the rank holds them
     (`_model_states`' grads), or under FSDP's accumulate_unsharded_grads (and the V schedules' split backward)
     4 bytes x the rank's TP-split elements, unsharded. DeepSpeed ZeRO-2/3 keep their gradient partition
-    allocated from the first step."""
+    allocated from the first step. DDP's gradients are views into its all-reduce buckets, zeroed in place after each
+    step (parallel/parallelized.py): all of them stand the whole step, with or without accumulation."""
+    if r.data == "ddp":
+        return [Term("gradients (views into DDP's all-reduce buckets, kept between steps)", r.states["grads"], "grads")]
     p, dims = r.cfg.parallel, r.dims
     grads_where = "host" if r.offload and r.fsdp else "grads"
     terms: list[Term] = []

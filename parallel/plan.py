@@ -210,34 +210,14 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     loss_acts, loss_temps = loss_terms(r)
     acts += loss_acts
     states = states + pipeline
-    # DDP: the gradients are views into its all-reduce buckets, kept from step to step and zeroed in place, so they
-    # stand through the whole step (accumulation included: the micro-batches add into them)
-    during_backward = []
-    if r.data == "ddp":
-        during_backward = [
-            Term("gradients (views into DDP's all-reduce buckets, kept between steps)", r.states["grads"], "grads")
-        ]
-        grads_at_loss = []
     # A: the loss's backward on the last micro-batch (ranks holding the last stage)
-    moment_a = (
-        states + during_backward + grads_at_loss + gathered_at_loss + gathered_zero + acts + loss_temps
-        if r.last
-        else None
-    )
+    moment_a = states + grads_at_loss + gathered_at_loss + gathered_zero + acts + loss_temps if r.last else None
     # B: the backward of the micro-batch's last block (its forward recomputed first under AC); the logits' tensors
     # are gone, the block's gradient temporaries and FSDP's reduce-scatter are there
     moment_b = None
     if blocks.count:
         kept = [a for a in acts if not a.name.startswith("final norm")]
-        moment_b = (
-            states
-            + during_backward
-            + grads_at_loss
-            + gathered_at_block
-            + gathered_zero
-            + kept
-            + block_backward_terms(r, blocks)
-        )
+        moment_b = states + grads_at_loss + gathered_at_block + gathered_zero + kept + block_backward_terms(r, blocks)
         if cfg.optim.in_backward:
             moment_b += in_backward_terms(r)
     # C: the optimizer step: every gradient, the update's largest temporary

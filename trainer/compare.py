@@ -254,24 +254,14 @@ def run_cell(
         )
         cell_dir.mkdir(parents=True, exist_ok=True)
         run_dir = cell_dir / "run"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(REPO / "launch" / "train.py"),
-            *cfg_overrides,
-            *COMMON,
-            f"run_dir={run_dir}",
-        ]
-        if nproc == 1:
-            cmd = [sys.executable, str(REPO / "launch" / "train.py"), *cfg_overrides, *COMMON, f"run_dir={run_dir}"]
+        train_args = [*cfg_overrides, *COMMON, f"run_dir={run_dir}"]
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = [sys.executable, *launcher, str(REPO / "launch" / "train.py"), *train_args]
         started = time.perf_counter()
         if launch is None:
             code, text = _run_streaming(cmd, timeout=timeout, cell=cell, steps=steps, progress=progress)
         else:
-            code, text = launch([*cfg_overrides, *COMMON, f"run_dir={run_dir}"], nproc, timeout)
+            code, text = launch(train_args, nproc, timeout)
             for line in text.splitlines():
                 _report_step(line, cell=cell, steps=steps, started=started, progress=progress)
         (cell_dir / "output.log").write_text(text)
