@@ -149,8 +149,7 @@ def worker(tmp_path_factory, request):
                 continue
             for entry, key in zip(spec, group):
                 cache[key] = torch.load(Path(entry["out"]) / "result.pt")
-                tiny = key[0] != "parity" and len(key[2]) > len(TINY) and list(key[2][1 : 1 + len(TINY)]) == TINY
-                own = [key[0], key[2][0], *key[2][1 + len(TINY) :]] if tiny else list(key[2])
+                own = list(key[2]) if key[0] == "parity" else [key[0], *(a for a in key[2] if a not in TINY)]
                 costs.log_batched(nproc, own, json.loads((Path(entry["out"]) / "seconds.json").read_text()))
 
     run.case = case
