@@ -152,6 +152,8 @@ class TrainingConfig:
     float8_emulate: bool = (
         False  # torchao's float8 emulation (quantize to float8 and back, matmul in high precision): CPU tests
     )
+    # torch.use_deterministic_algorithms (strict) with cuBLAS's fixed workspace: bitwise-repeatable CUDA runs, slower
+    deterministic: bool = False
 
 
 @dataclass

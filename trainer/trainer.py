@@ -6,6 +6,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import re
 import time
 import warnings
@@ -34,6 +35,18 @@ from trainer.profiling import Phases, Profiler
 from trainer.validate import Plan, banner
 
 
+def deterministic(on: bool) -> bool:
+    """training.deterministic: torch's deterministic algorithms, strict (an op without a deterministic kernel
+    raises; SDPA's flash and memory-efficient backward take their deterministic paths, cuDNN attention is excluded),
+    and cuBLAS's fixed workspace, which must be set before its first handle (the variable is only read then).
+    Returns what was set before, for close() to restore (a test pool runs several Trainers in one process)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return before
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, plan: Plan):
         # 1. the config was parsed and validated by the caller (trainer.config.check) before this point
@@ -45,6 +58,7 @@ class Trainer:
         self.world = init_distributed(t.device, one_rank_group=needs_process_group(str(cfg.parallel.data)))
         self.device = self.world.device
         torch.manual_seed(t.seed)
+        self._was_deterministic = deterministic(t.deterministic)
         # two gloo groups beside the training one, so that neither interleaves with (or synchronizes) the
         # training collectives: one for the background thread of async checkpoint writes, one for the
         # main thread's votes (preemption, "has the async write finished"). Two threads must never issue
@@ -560,6 +574,7 @@ class Trainer:
         self.lock.release()
         if not keep_process_group:
             destroy_distributed()
+        torch.use_deterministic_algorithms(self._was_deterministic)
         # Drop everything that holds process groups (meshes, DTensors, FSDP/DeepSpeed state) and collect it
         # now: left to interpreter teardown, gloo's threads can be destroyed in the wrong order and abort
         # a finished process ("terminate called without an active exception").

@@ -253,6 +253,11 @@ def _device_problems(cfg: DictConfig, args, *, runs_on_cpu: bool) -> list[str]:
             f"model.attention={args.attention} is a CUDA kernel and this run is on the CPU; use "
             f"model.attention=auto or flash there"
         )
+    if t.deterministic and args.attention == "cudnn":
+        problems.append(
+            "model.attention=cudnn with training.deterministic=true: torch's deterministic mode excludes the cuDNN "
+            "attention kernel; use model.attention=flash, efficient or auto"
+        )
     if args.attention != "auto" and cfg.parallel.cp > 1:
         problems.append(
             f"model.attention={args.attention} with parallel.cp={cfg.parallel.cp}: context parallelism "

@@ -97,6 +97,10 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
         ),
         (["model.attention=cudnn", "training.device=cpu"], "model.attention=cudnn is a CUDA kernel"),
         (
+            ["model.attention=cudnn", "training.deterministic=true"],
+            "model.attention=cudnn with training.deterministic=true: torch's deterministic mode excludes the cuDNN",
+        ),
+        (
             ["model.tie_embeddings=true", "parallel.pp=2", "WORLD_SIZE=2"],
             "model.tie_embeddings=true with parallel.pp=2: the tied table would be",
         ),

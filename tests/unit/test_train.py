@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -74,6 +75,21 @@ def test_training_is_reproducible(tmp_path):
     a = _trainer(tmp_path / "a", *args).train()
     b = _trainer(tmp_path / "b", *args).train()
     assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
+
+
+def test_deterministic_mode_holds_for_the_run_and_is_restored_after(tmp_path):
+    """training.deterministic: torch's deterministic algorithms (strict) and cuBLAS's fixed workspace for the
+    Trainer's life, switched back at its end (the test pools run several Trainers in one process). On the CPU, whose
+    kernels are deterministic already, the losses are those of the same run without it."""
+    args = ("training.steps=3", "optim.warmup_steps=1", "logging.every=1")
+    assert not torch.are_deterministic_algorithms_enabled()
+    trainer = _trainer(tmp_path / "on", *args, "training.deterministic=true")
+    assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    on = trainer.train()
+    trainer.close()
+    assert not torch.are_deterministic_algorithms_enabled()
+    off = _trainer(tmp_path / "off", *args).train()
+    assert [r["train/loss"] for r in on] == [r["train/loss"] for r in off]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
