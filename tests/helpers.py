@@ -180,3 +180,18 @@ def read_jsonl(path: Path) -> list[dict]:
 def metric_rows(path: Path) -> list[dict]:
     """The logging-step records of a metrics.jsonl (the `event` records of starts, ends etc. left out)."""
     return [r for r in read_jsonl(path) if "event" not in r]
+
+
+def relative_errors(ref: dict, got: dict, key: str = "grads", prefix: str = "layers.") -> dict[str, float]:
+    """A parity worker's result.pt (tests/distributed/parity_worker.py) against a reference's, tensor by tensor:
+    ||x - x_ref|| / ||x_ref|| for each name under `prefix` (the transformer blocks by default; "" for all) of
+    `key` ("grads": every parameter's gradient after step 1; "params": every parameter after the last step). A
+    reference block gradient that is zero fails: a check must see the blocks."""
+    errors = {}
+    for name, want in ref[key].items():
+        if name.startswith(prefix):
+            if key == "grads":
+                assert want.norm() > 0, f"{name}: no gradient reaches the block"
+            errors[name] = ((got[key][name] - want).norm() / want.norm()).item()
+    assert errors, f"no {key} under {prefix!r}"
+    return errors

@@ -56,3 +56,20 @@ def test_gpu_check_rehearses_every_step_on_cpu(tmp_path):
     assert report.count("\n| llama") == 9
     if (tmp_path / "gpu" / "plain_torch_llama.py").exists():  # the anchor beside this checkout: the ratios
         assert "x of " in report and "| tiny seq 32" in report
+
+
+@pytest.mark.slow  # (docs/benchmarks.md's rehearsal of tests/gpu/: the GPU tests' own code, on the CPU)
+def test_the_gpu_tests_rehearse_on_the_cpu():
+    """`SHARDWISE_GPU_TESTS_ON=cpu python -m pytest tests/gpu -m "not cuda_only"`, as docs/benchmarks.md shows it:
+    every comparison of tests/gpu/ that a CPU can run passes here, each checked against broken blocks too."""
+    env = {**os.environ, "SHARDWISE_GPU_TESTS_ON": "cpu", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu", "-m", "not cuda_only"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "11 passed" in proc.stdout, proc.stdout[-2000:]
