@@ -131,8 +131,9 @@ class StepMemory:
 
     FSDP parts use torch's FSDPMemTracker, which tells sharded from gathered parameters and gradients and
     sees the all-gather and reduce-scatter buffers; every other layout uses MemTracker. Tensors that exist
-    before the step and that neither tracker registers by itself (DeepSpeed's fp32 master partitions) are
-    registered by hand. Both trackers are TorchDispatchModes: CPU and CUDA tensors alike, and FakeTensors.
+    before the step and that neither tracker registers by itself (DeepSpeed's fp32 master partitions; ZeRO-3's
+    reduce bucket and gradient partition, allocated with its optimizer) are registered by hand. Both trackers are
+    TorchDispatchModes: CPU and CUDA tensors alike, and FakeTensors.
     """
 
     def __init__(self, par, optimizer):
@@ -167,6 +168,12 @@ class StepMemory:
             tracker.track_external(*parts, optimizer if engine_opt is None else engine_opt.optimizer)
         for t in self.master:  # registered as "Other": under ZeRO nothing else is, so Other is the masters
             tracker._update_and_maybe_create_winfos(t, tracker._ref_class.OTH)
+        if engine_opt is not None and stage == 3:  # allocated with the optimizer and kept: the step never makes them
+            for bucket in engine_opt.ipg_buckets.values():  # the reduce bucket, per gradient dtype
+                if bucket.buffer is not None:
+                    tracker._update_and_maybe_create_winfos(bucket.buffer, tracker._ref_class.TEMP)
+            flat = engine_opt.grad_partitions_flat_buffer  # the gradient partition, every parameter's slice of it
+            tracker._update_and_maybe_create_winfos(flat, tracker._ref_class.GRAD)
         for prm in (p for part in parts for p in part.parameters()):  # ZeRO-3: each parameter's own partition
             if getattr(prm, "ds_tensor", None) is not None:
                 tracker._update_and_maybe_create_winfos(prm.ds_tensor, tracker._ref_class.PARAM)

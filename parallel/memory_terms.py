@@ -2,7 +2,7 @@
 arithmetic (optimizer state, the storages a block saves for backward, the recompute under AC, context-parallel
 attention's buffers) and, built from it, the terms of one pipeline rank at each moment of a step (model states,
 gradients, FSDP's gathered parameters, activations, the loss's temporaries, a block's backward, the optimizer
-step). parallel/plan.py assembles them into the three moments and picks the peak.
+step). parallel/plan.py assembles them into a step's moments and picks the peak.
 
 Every term names the tensors it counts and the tracker category they fall in (`parallel.memory.CATEGORIES`, what
 torch's MemTracker / FSDPMemTracker measure). Pure arithmetic, like parallel/layout.py.
@@ -153,7 +153,7 @@ def ac_mode(cfg) -> str:
     return SELECTIVE_EVERY_SECOND if ac == "selective" and str(p.sac_matmuls) == "every_second" else ac
 
 
-def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
+def block_saved_tensors(args, *, ac: str, mode: str, tp: int, device: str = "cuda") -> list[float]:
     """Per token of the micro-batch (averaged over the sequence), the bytes of each storage one block saves for
     backward, as this model's ops run: RMSNorm saves its input, the normalized input and 1/rms; the linears their
     input (under autocast each linear its own cast copy); RoPE's outputs q and k; SDPA q, k, v (k and v repeated to
@@ -196,7 +196,7 @@ def block_saved_tensors(args, *, ac: str, mode: str, tp: int) -> list[float]:
             4 * H / t,
             *rows,
         ]
-    norms = 2 * _norm_tensors(D, mode, t)  # two RMSNorms
+    norms = 2 * _norm_tensors(D, mode, t, device)  # two RMSNorms
     casts = 3 if mode == "autocast" else 1  # autocast casts the shared input once per linear (wq, wk, wv)
     gathered = [lin * D] * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
     # rope(q), rope(k), v, SDPA out, lse; with model.expand_kv SDPA saves the keys and values repeated to the query
@@ -218,24 +218,24 @@ def blocks_by_ac(cfg, n_blocks: int) -> dict[str, int]:
     return {"full": checkpointed, "none": n_blocks - checkpointed}
 
 
-def offloaded_storages(cfg, args, tp: int, ac: str | None = None) -> list[float]:
+def offloaded_storages(cfg, args, tp: int, ac: str | None = None, device: str = "cuda") -> list[float]:
     """parallel.activation_offload: per token of the micro-batch, the bytes of each of a block's saved storages that
-    go to the host (parallel/offload.py): those of at least activation_offload_min_bytes. Eager selective AC keeps
-    its chosen outputs in the checkpoint's own cache, out of the hooks' reach, so only the block input moves (a
-    compiled block saves them as its graph's outputs, which the hooks see)."""
+    go to the host (parallel/offload.py): those of at least activation_offload_min_bytes. Selective AC keeps its
+    chosen outputs in the checkpoint's own cache, out of the hooks' reach, so only the block input moves, eager or
+    compiled (measured: tests/distributed/test_memory_plan.py's compile_activation_offload rows)."""
     p = cfg.parallel
     if not p.activation_offload:
         return []
     ac = ac or ac_mode(cfg)  # (`ac`: of one kind of block, under parallel.ac_every)
-    saved = block_saved_tensors(args, ac=ac, mode=_precision_mode(cfg), tp=tp)
-    movable = saved[:1] if ac.startswith("selective") and not p.compile else saved
+    saved = block_saved_tensors(args, ac=ac, mode=_precision_mode(cfg), tp=tp, device=device)
+    movable = saved[:1] if ac.startswith("selective") else saved
     mb_tokens = cfg.training.micro_batch_size * cfg.training.seq_len // max(p.cp, 1)
     return [b for b in movable if b * mb_tokens >= p.activation_offload_min_bytes]
 
 
-def offloaded_per_token(cfg, args, tp: int, ac: str | None = None) -> float:
+def offloaded_per_token(cfg, args, tp: int, ac: str | None = None, device: str = "cuda") -> float:
     """The bytes per token of the micro-batch one block sends to the host: the sum of `offloaded_storages`."""
-    return sum(offloaded_storages(cfg, args, tp, ac))
+    return sum(offloaded_storages(cfg, args, tp, ac, device))
 
 
 PINNED_ROUNDING = "pinned host memory's power-of-two rounding (torch's CachingHostAllocator)"
@@ -268,26 +268,29 @@ def cp_attention_bytes(cfg, args, dims: ParallelDims) -> float:
     return held + local * q * 4 + expanded
 
 
-def block_activation_bytes(args, *, ac: str, mode: str, tp: int) -> float:
+def block_activation_bytes(args, *, ac: str, mode: str, tp: int, device: str = "cuda") -> float:
     """Bytes one block saves for backward, per token of the micro-batch: `block_saved_tensors` summed."""
-    return sum(block_saved_tensors(args, ac=ac, mode=mode, tp=tp))
+    return sum(block_saved_tensors(args, ac=ac, mode=mode, tp=tp, device=device))
 
 
-def _norm_tensors(D: int, mode: str, tp: int) -> list[float]:
+def _norm_tensors(D: int, mode: str, tp: int, device: str = "cuda") -> list[float]:
     """Per token, what one RMSNorm saves: its input, the normalized input and 1/rms in the residual dtype (under
-    tensor parallelism on the sequence-sharded input). (Four fp32 copies of the input were measured here under
-    FSDP's bf16 parameters with TP while FSDP cast the blocks' inputs, the RoPE tables among them, to 16 bits; the
-    blocks no longer cast their inputs, and the tracker measures the plain three.)"""
-    res = 2 if mode == "mixed" else 4
+    tensor parallelism on the sequence-sharded input). On the CPU, 16-bit inputs (`mixed`: FSDP's or DeepSpeed's
+    16-bit parameters) take torch's composite rms_norm, which upcasts: it saves the fp32 copy of the input, the
+    fp32 normalized input and 1/rms (measured: 9 norms x 4 x (D + 1) bytes per token more than 2-byte copies, the
+    whole gap of FSDP, HSDP, ZeRO-1/2/3 and PP at launch/compare.py's defaults, 2026-12-07). (Four fp32 copies of
+    the input were measured here under FSDP's bf16 parameters with TP while FSDP cast the blocks' inputs, the RoPE
+    tables among them, to 16 bits; the blocks no longer cast their inputs.)"""
+    res = 2 if mode == "mixed" and device != "cpu" else 4
     return [res * D / tp, res * D / tp, res / tp]
 
 
-def _norm_bytes(D: int, mode: str, tp: int) -> float:
+def _norm_bytes(D: int, mode: str, tp: int, device: str = "cuda") -> float:
     """Per token, one RMSNorm's saved bytes: `_norm_tensors` summed."""
-    return sum(_norm_tensors(D, mode, tp))
+    return sum(_norm_tensors(D, mode, tp, device))
 
 
-def block_recompute_bytes(args, *, ac: str, mode: str, tp: int) -> tuple[float, float]:
+def block_recompute_bytes(args, *, ac: str, mode: str, tp: int, device: str = "cuda") -> tuple[float, float]:
     """Per token, (activations, gradient temporaries) a block adds during its own backward: under AC its
     forward recomputed (what the un-checkpointed block saves, less what it kept), and the gradients of its
     output and of the MLP's gate and up projections."""
@@ -295,9 +298,9 @@ def block_recompute_bytes(args, *, ac: str, mode: str, tp: int) -> tuple[float, 
     temps = res * args.dim / tp + g * 2 * args.ffn_hidden / tp
     if ac == "none":
         return 0.0, temps
-    everything = block_activation_bytes(args, ac="none", mode=mode, tp=tp)
+    everything = block_activation_bytes(args, ac="none", mode=mode, tp=tp, device=device)
     if ac == "full":
-        recomputed = everything - block_activation_bytes(args, ac="full", mode=mode, tp=tp)  # the input is kept
+        recomputed = everything - block_activation_bytes(args, ac="full", mode=mode, tp=tp, device=device)
     else:  # selective: the kept matmul and attention outputs are reused, not made again
         D, H = args.dim, args.n_heads
         Q, K, F = H * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden
@@ -308,10 +311,12 @@ def block_recompute_bytes(args, *, ac: str, mode: str, tp: int) -> tuple[float, 
     return max(recomputed, 0.0), temps
 
 
-# DeepSpeed's bucket-sized buffers held at the peak, by (ZeRO stage, compute bytes): the double-buffered
-# reduce buckets of overlap_comm (the gradient partition of stages 2 and 3 is a term of its own). Measured
-# with the tracker on CPU (tests/distributed/test_memory_plan.py keeps it true).
-_DS_BUFFERS = {(1, 4): 2, (1, 2): 2, (2, 4): 2, (2, 2): 2, (3, 4): 2, (3, 2): 2}
+# DeepSpeed 0.19's reduce buckets (reduce_bucket_size elements of the gradient dtype each), by ZeRO stage. Stages 1
+# and 2 (stage_1_and_2.py): two (overlap_comm double-buffers them), allocated by `setup_buckets` at a backward's
+# first reduced gradient and freed by `_release_ipg_buffers` at its end, with stage 2's gradient partition
+# (`grads_in_partition`): they exist during the blocks' backward, not while the loss's backward holds the logits'
+# temporaries, nor at the optimizer step. Stage 3 (stage3.py): one, allocated when the optimizer is built and kept.
+_DS_BUCKETS = {1: 2, 2: 2, 3: 1}
 
 
 def _ds_setting(cfg, key: str, default: int) -> int:
@@ -457,7 +462,6 @@ def model_state_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
     gathered_zero: list[Term] = []
     if r.zero:
         stage = ZERO_STAGES[r.data]
-        grad_bytes = 2 if compute == 2 else 4
         states.append(
             Term(
                 f"parameters ({'partition' if stage == 3 else 'whole model'}, {compute}-byte)",
@@ -484,15 +488,8 @@ def model_state_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
                     "params",
                 )
             ]
-        n_buckets = _DS_BUFFERS[(stage, compute)]
-        states.append(
-            Term(
-                f"DeepSpeed buffers: {n_buckets} x reduce bucket of {bucket:,} elements x {grad_bytes} bytes",
-                n_buckets * bucket * grad_bytes,
-                "temporaries",
-                "measured layout of DeepSpeed 0.19",
-            )
-        )
+        if stage == 3:
+            states += deepspeed_buckets(r)
     else:
         what = "shards" if r.fsdp else ("TP shards" if dims.tp > 1 else "whole stage" if dims.pp > 1 else "whole model")
         kind = "fp32" if t.master_weights else "bf16 (no fp32 masters)"
@@ -510,6 +507,40 @@ def model_state_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
     hd = args.head_dim
     states.append(Term("RoPE tables (cos, sin)", r.n_parts * 2 * args.max_seq_len * (hd // 2) * 4, "buffers"))
     return states, gathered_zero
+
+
+def deepspeed_buckets(r: RankShape) -> list[Term]:
+    """DeepSpeed's reduce buckets (`_DS_BUCKETS`): n x reduce_bucket_size x the gradient's bytes (2 in bf16/fp16,
+    4 in fp32). ZeRO-3 keeps its one from the start (a state); ZeRO-1/2's two, with ZeRO-2's gradient partition
+    (`_model_states`' grads), exist from a backward's first reduced gradient to its end (`in_backward_buffers`)."""
+    stage = ZERO_STAGES[r.data]
+    grad_bytes = 2 if r.compute == 2 else 4
+    bucket = _ds_setting(r.cfg, "reduce_bucket_size", bucket_elements(r.args.num_params()))
+    n = _DS_BUCKETS[stage]
+    return [
+        Term(
+            f"DeepSpeed reduce buckets: {n} x {bucket:,} elements x {grad_bytes} bytes",
+            n * bucket * grad_bytes,
+            "temporaries",
+            "kept from the start" if stage == 3 else "from the backward's first reduced gradient to its end",
+        )
+    ]
+
+
+def in_backward_buffers(r: RankShape) -> list[Term]:
+    """What DeepSpeed allocates for the gradients' reduction in the backward. ZeRO-1/2: the reduce buckets, at the
+    first reduced gradient, freed at the backward's end, and under ZeRO-2 the gradient partition (unless
+    accumulation already holds it: `gradients_at_loss`). ZeRO-3: a reduced bucket's copy (`postscale_gradients`
+    multiplies the averaged bucket out of place), up to one bucket x the gradient's bytes."""
+    if not r.zero:
+        return []
+    if ZERO_STAGES[r.data] == 3:
+        (kept,) = deepspeed_buckets(r)
+        return [Term("ZeRO-3's reduce: the averaged bucket's copy (postscale_gradients)", kept.bytes, "temporaries")]
+    terms = deepspeed_buckets(r)
+    if ZERO_STAGES[r.data] == 2 and r.n_micro <= max(r.flying.values()):
+        terms.append(Term("gradient partition (DeepSpeed's grads_in_partition)", r.states["grads"], "grads"))
+    return terms
 
 
 def _pinned_shards(r: RankShape, state: str) -> int:
@@ -555,8 +586,10 @@ def gradients_at_loss(r: RankShape) -> list[Term]:
         elif not r.zero or ZERO_STAGES[r.data] == 1:
             terms.append(Term("gradients accumulated over micro-batches", r.states["grads"], grads_where))
             terms += _pinned_grads(r)
-    if r.zero and ZERO_STAGES[r.data] > 1:  # DeepSpeed's gradient partition is allocated once and kept
-        terms = [Term("gradient partition (DeepSpeed's contiguous buffer, kept)", r.states["grads"], "grads")]
+    if r.zero and ZERO_STAGES[r.data] == 3:  # ZeRO-3's gradient partition: allocated with the optimizer, kept
+        terms = [Term("gradient partition (DeepSpeed's grad_partitions_flat_buffer, kept)", r.states["grads"], "grads")]
+    elif r.zero and ZERO_STAGES[r.data] == 2 and r.n_micro > max(r.flying.values()):  # earlier micro-batches'
+        terms = [Term("gradient partition (DeepSpeed's, holding earlier micro-batches')", r.states["grads"], "grads")]
     return terms
 
 
@@ -632,7 +665,7 @@ def block_activations(r: RankShape) -> BlockActivations:
         for kind, count in blocks_by_ac(r.cfg, len(r.ranges[sid])).items():
             pairs[kind] = pairs.get(kind, 0) + count * n
     held = ", ".join(f"stage {sid}: {len(r.ranges[sid])} x {n}" for sid, n in r.flying.items())
-    storages_of = {kind: offloaded_storages(r.cfg, r.args, r.dims.tp, ac=kind) for kind in pairs}
+    storages_of = {kind: offloaded_storages(r.cfg, r.args, r.dims.tp, ac=kind, device=r.device) for kind in pairs}
     return BlockActivations(pairs=pairs, storages_of=storages_of, held=held)
 
 
@@ -646,7 +679,7 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
     one microbatch's hidden state, 4 (2 when mixed) x D / tp x mb_tokens."""
     args, dims, t = r.args, r.dims, r.cfg.training
     ac, mode, pairs = r.ac, r.mode, b.pairs
-    blk = {kind: block_activation_bytes(args, ac=kind, mode=mode, tp=dims.tp) for kind in pairs}
+    blk = {kind: block_activation_bytes(args, ac=kind, mode=mode, tp=dims.tp, device=r.device) for kind in pairs}
     kinds = " and ".join(f"{pairs[k]} under {k} AC" for k in pairs) if len(pairs) > 1 else f"{ac} AC"
     acts = [
         Term(
@@ -721,7 +754,7 @@ def loss_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
     chunks = int(t.loss_chunks)
     res = 4 if mode != "mixed" else 2  # the final norm's output, saved in its own dtype
     if chunks:  # models/loss.py: the projection and the loss chunk by chunk, the logits never whole
-        final = _norm_bytes(args.dim, mode, dims.tp) + res * args.dim + 4 + 8
+        final = _norm_bytes(args.dim, mode, dims.tp, r.device) + res * args.dim + 4 + 8
         acts.append(
             Term(
                 f"final norm, output input, log-sum-exp, targets (loss over {chunks} chunks)",
@@ -731,7 +764,7 @@ def loss_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
         )
     else:
         lin = 4 if mode == "fp32" else 2
-        final = _norm_bytes(args.dim, mode, dims.tp) + lin * args.dim + 4 * v_local + 8
+        final = _norm_bytes(args.dim, mode, dims.tp, r.device) + lin * args.dim + 4 * v_local + 8
         n_last = r.flying[r.last_stage]
         acts.append(
             Term(
@@ -778,7 +811,7 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
     cp)."""
     cfg, args, dims, p, ac, mode = r.cfg, r.args, r.dims, r.cfg.parallel, r.ac, r.mode
     terms: list[Term] = []
-    extra, temps = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp)
+    extra, temps = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp, device=r.device)
     if (
         ac == "full"
         and int(p.ac_every) > 1
@@ -820,8 +853,10 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
                 "temporaries",
             )
         )
-    if r.fsdp:
-        if r.compute == 2:
+    if r.fsdp and r.compute == 2 and dims.pp == 1:  # (their fp32 copy and reduce-scatter: `fsdp_reduce_terms`)
+        terms.append(Term("the block's unsharded gradients in the compute dtype", 2 * r.per_block, "temporaries"))
+    elif r.fsdp:
+        if r.compute == 2:  # under pipelining the stage reduce-scatters after its backward (parallel/pipeline.py)
             terms.append(
                 Term(
                     "the block's unsharded gradients in the compute dtype and their fp32 copy for the reduce-scatter",
@@ -829,14 +864,49 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
                     "temporaries",
                 )
             )
-        terms.append(
-            Term(
-                "the reduce-scatter's output (the block's fp32 gradient shard)",
-                4 * _ceil(r.per_block, dims.dp_shard * dims.cp),
-                "temporaries",
-            )
-        )
+        terms.append(_reduce_scatter_output(r))
     return terms
+
+
+def _reduce_scatter_output(r: RankShape) -> Term:
+    return Term(
+        "the reduce-scatter's output (the block's fp32 gradient shard)",
+        4 * _ceil(r.per_block, r.dims.dp_shard * r.dims.cp),
+        "temporaries",
+    )
+
+
+def fsdp_reduce_terms(r: RankShape, b: BlockActivations, acts: list[Term]) -> list[Term] | None:
+    """FSDP with 16-bit compute parameters, the last block's reduce-scatter, a moment of its own: the block's
+    backward is over (its recomputed forward, gradient temporaries and saved activations are freed) and its
+    unsharded gradients (2 x per_block) stand with their fp32 copy (4 x per_block, FSDP reduces in fp32) and the
+    reduce-scatter's output (4 x per_block / (dp_shard x cp)). `acts`: the activations held through the backward,
+    less here one block's (of the last block's AC kind). None where there is no such moment (fp32 reduces the
+    gradients as they are; under pipelining, whose stages reduce-scatter after the stage's backward, these stay
+    in the block's backward, as measured there)."""
+    if not (r.fsdp and r.compute == 2 and b.count and r.dims.pp == 1):
+        return None
+    p = r.cfg.parallel
+    last_plain = (
+        r.ac == "full"
+        and int(p.ac_every) > 1
+        and any((len(r.ranges[sid]) - 1) % int(p.ac_every) != 0 for sid in r.flying)
+    )
+    kind = "none" if last_plain else r.ac
+    one = block_activation_bytes(r.args, ac=kind, mode=r.mode, tp=r.dims.tp, device=r.device)
+    freed = int((one - b.moved_of.get(kind, 0.0)) * r.mb_tokens)
+    held = [
+        Term(t.name + " (less the last block's, freed by its backward)", max(t.bytes - freed, 0), t.category)
+        if i == 0
+        else t
+        for i, t in enumerate(acts)
+    ]
+    return [
+        *held,
+        Term("the block's unsharded gradients in the compute dtype", 2 * r.per_block, "temporaries"),
+        Term("their fp32 copy for the reduce-scatter", 4 * r.per_block, "temporaries"),
+        _reduce_scatter_output(r),
+    ]
 
 
 def in_backward_terms(r: RankShape) -> list[Term]:

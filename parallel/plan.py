@@ -7,11 +7,14 @@ from what the trainer builds.
 
 How the memory model is built (docs/memory.md has the formulas with their derivation): every term names
 the tensors it counts and the tracker category they fall in (`parallel.memory.CATEGORIES`, what torch's
-MemTracker / FSDPMemTracker measure). A step's peak is the largest of three moments:
+MemTracker / FSDPMemTracker measure). A step's peak is the largest of these moments:
   A. the loss's backward starts on the last micro-batch: every saved activation of the micro-batches in
      flight, the fp32 log-softmax and two logit-sized gradient temporaries, the gradients accumulated so far;
   B. the backward of the micro-batch's last block: (under AC) its forward recomputed on top of the others'
-     saved tensors, its gradient temporaries, FSDP's gathered blocks and reduce-scatter buffers;
+     saved tensors, its gradient temporaries, FSDP's gathered blocks (in fp32: and reduce-scatter output),
+     DeepSpeed's reduce buckets;
+  B'. under FSDP with 16-bit compute parameters, that block's reduce-scatter: its backward's tensors freed, its
+     unsharded gradients with their fp32 copy and the reduce-scatter's output;
   C. the optimizer step: every gradient, the states, and the largest temporary of the update.
 The activation formulas count the tensors autograd saves for this model's ops as torch runs them (SwiGLU's
 four hidden-size tensors, RMSNorm's input, normalized input and 1/rms, SDPA's output and log-sum-exp, the
@@ -29,7 +32,9 @@ from parallel.memory_terms import (
     block_activations,
     block_backward_terms,
     fsdp_gathered,
+    fsdp_reduce_terms,
     gradients_at_loss,
+    in_backward_buffers,
     in_backward_terms,
     loss_terms,
     model_state_terms,
@@ -200,7 +205,7 @@ def memory_plan(
 
 
 def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankMemory:
-    """One pipeline rank's three moments (module docstring), each the sum of its terms; the peak is the largest."""
+    """One pipeline rank's moments (module docstring), each the sum of its terms; the peak is the largest."""
     r = rank_shape(cfg, args, dims, pp_rank, device=device)
     states, gathered_zero = model_state_terms(r)
     grads_at_loss = gradients_at_loss(r)
@@ -218,11 +223,21 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     if blocks.count:
         kept = [a for a in acts if not a.name.startswith("final norm")]
         moment_b = states + grads_at_loss + gathered_at_block + gathered_zero + kept + block_backward_terms(r, blocks)
+        moment_b += in_backward_buffers(r)
         if cfg.optim.in_backward:
             moment_b += in_backward_terms(r)
+    # B': under FSDP with 16-bit compute parameters, that block's reduce-scatter (its backward's tensors freed)
+    moment_r = None
+    if blocks.count and (reduce := fsdp_reduce_terms(r, blocks, kept)) is not None:
+        moment_r = states + grads_at_loss + gathered_at_block + gathered_zero + reduce
     # C: the optimizer step: every gradient, the update's largest temporary
     moment_c = states + optimizer_step_terms(r)
-    moments = {"loss backward": moment_a, "last block's backward": moment_b, "optimizer step": moment_c}
+    moments = {
+        "loss backward": moment_a,
+        "last block's backward": moment_b,
+        "last block's reduce-scatter": moment_r,
+        "optimizer step": moment_c,
+    }
     totals = {k: sum(x.bytes for x in v if x.category != "host") for k, v in moments.items() if v is not None}
     phase = max(totals, key=totals.get)
     return RankMemory(

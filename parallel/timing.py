@@ -423,9 +423,9 @@ def step_time(
         hw_flops = flops
         # the memory-bound ops (norms, RoPE, SwiGLU's products, casts, the residual adds): what a block's forward
         # saves is written once and read again in backward, whose gradients of the same size are written and read
-        saved = block_activation_bytes(args, ac="none", mode=mode, tp=dims.tp)
+        saved = block_activation_bytes(args, ac="none", mode=mode, tp=dims.tp, device=device)
         parts["memory_bound_ops"] = 4 * saved * tokens_rank * len(blocks) / hw.mem_bw
-        recomputed, _ = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp)
+        recomputed, _ = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp, device=device)
         if ac == "full":  # (parallel.ac_every=k: the checkpointed share of the blocks runs its forward again)
             share = blocks_by_ac(cfg, len(blocks)).get("full", 0) / len(blocks) if blocks else 0.0
             extra = share * tokens_rank * (2 * block_n + len(blocks) * attn / 3 / dims.tp)
@@ -544,7 +544,7 @@ def step_time(
             parts["host_transfers"] = local * (4 + param_bytes) / hw.host_bw
         else:
             parts["optimizer"] = touched / hw.mem_bw
-        if device != "cpu" and (moved := offloaded_per_token(cfg, args, dims.tp)):
+        if device != "cpu" and (moved := offloaded_per_token(cfg, args, dims.tp, device=device)):
             # activation offloading: each block's saved storages down in forward and up in backward over PCIe, on a
             # side stream under the compute; the last block's come back unprefetched
             transfer = 2 * moved * tokens_rank * len(blocks) / hw.host_bw

@@ -60,6 +60,8 @@ LAYOUTS = [
     ("activation_offload", 1, OFFLOAD),
     ("fsdp_activation_offload", 2, ["parallel.data=fsdp", *OFFLOAD]),
     ("tp_activation_offload", 2, ["parallel.tp=2", *OFFLOAD]),
+    # compiled blocks: inductor chooses what a block saves (its graph's outputs, which the offload hooks see)
+    ("compile_activation_offload", 1, [*OFFLOAD, "parallel.compile=true"]),
     # context parallelism on a longer sequence (128 tokens, 4 x the rest): the same layout on one process, cp 2 both
     # ways, FSDP 2 x cp 2
     # the kv heads repeated to the query heads before SDPA (what cuDNN's and the memory-efficient kernel need)
@@ -91,6 +93,7 @@ MODES_OF = {
     "activation_offload": ["none/fp32", "selective/fp32", "full/fp32", "none/bf16"],
     "fsdp_activation_offload": ["none/fp32", "full/bf16"],
     "tp_activation_offload": ["none/fp32"],
+    "compile_activation_offload": ["none/fp32", "selective/fp32", "full/fp32", "none/bf16"],
     "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
     "float8": ["none/bf16", "selective/bf16", "full/bf16"],
     "fsdp_float8": ["none/bf16", "full/bf16"],
