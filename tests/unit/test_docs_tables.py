@@ -2,8 +2,10 @@
 re-rendering, fails here:
 - docs/architecture.md's test-cost tables from the cost logs of docs/testing/ (`python tests/costs.py --write-docs`);
 - docs/memory.md's prediction-against-simulation table from docs/benchmarks/plan-vs-simulation.json (the simulated
-  peaks of `launch/plan.py --simulate` runs) and the planner's predictions, computed here
-  (`python tests/unit/test_docs_tables.py --write` re-renders it).
+  peaks of `launch/plan.py --simulate` runs) and the planner's predictions, computed here;
+- docs/memory.md's table of launch/compare.py at its defaults from that run's records.json (the planner's
+  prediction recomputed here must be the one the run printed, and every strategy within 10% of the tracker).
+`python tests/unit/test_docs_tables.py --write` re-renders the last two.
 """
 
 from __future__ import annotations
@@ -110,7 +112,53 @@ def test_the_plan_against_simulation_table_is_the_committed_results():
     assert current == _rendered_section(), "re-render with: python tests/unit/test_docs_tables.py --write"
 
 
+COMPARE_RUN = REPO / "docs" / "compare" / "defaults-2026-12-07"
+COMPARE_BEGIN = (
+    "<!-- compare-defaults: rendered by tests/unit/test_docs_tables.py"
+    " from docs/compare/defaults-2026-12-07/records.json -->"
+)
+COMPARE_END = "<!-- /compare-defaults -->"
+
+
+def compare_defaults_table() -> str:
+    """The memory columns of the compare run at its defaults: the planner's peak for the most loaded rank beside
+    the tracker's, per strategy. The prediction is recomputed with this code (on the CPU, where the run was made)
+    and must be the run's: a planner change needs the run made again."""
+    from trainer.compare import _predicted
+
+    records = json.loads((COMPARE_RUN / "records.json").read_text())
+    mib = 2**20
+    lines = [
+        "| strategy | layout | predicted peak | measured peak | error |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in records:
+        assert r["status"] == "ok", r["cell"]
+        now = _predicted([*r["overrides"], "training.device=cpu"], r["nproc"])["peak_bytes"]
+        assert now == r["predicted_peak_bytes"], (
+            f"{r['cell']}: the planner now predicts {now:,} B, the run printed {r['predicted_peak_bytes']:,}: rerun "
+            f"docs/memory.md's compare command into {COMPARE_RUN.relative_to(REPO)}"
+        )
+        predicted, measured = r["predicted_peak_bytes"], r["measured_peak_bytes"]
+        error = (predicted - measured) / measured
+        assert abs(error) <= 0.10, f"{r['cell']}: predicted {predicted:,}, measured {measured:,} ({error:+.1%})"
+        lines.append(
+            f"| {r['cell']} | {r['layout']} | {predicted / mib:,.2f} MiB | {measured / mib:,.2f} MiB | {error:+.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def test_compare_at_its_defaults_is_within_10_percent_for_every_strategy():
+    page = MEMORY_PAGE.read_text()
+    rendered = f"{COMPARE_BEGIN}\n{compare_defaults_table()}\n{COMPARE_END}"
+    current = page[page.index(COMPARE_BEGIN) : page.index(COMPARE_END) + len(COMPARE_END)]
+    assert current == rendered, "re-render with: python tests/unit/test_docs_tables.py --write"
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     page = MEMORY_PAGE.read_text()
     start, end = page.index(BEGIN), page.index(END) + len(END)
-    MEMORY_PAGE.write_text(page[:start] + _rendered_section() + page[end:])
+    page = page[:start] + _rendered_section() + page[end:]
+    start, end = page.index(COMPARE_BEGIN), page.index(COMPARE_END) + len(COMPARE_END)
+    page = page[:start] + f"{COMPARE_BEGIN}\n{compare_defaults_table()}\n{COMPARE_END}" + page[end:]
+    MEMORY_PAGE.write_text(page)
