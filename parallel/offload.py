@@ -93,6 +93,38 @@ def _is_weight(t: torch.Tensor) -> bool:
     )
 
 
+class CudaStreams:
+    """The CUDA side of the copies: one side stream for both directions, events, `record_stream`, pinned host
+    buffers. ActivationOffload calls only these methods, so that a CPU test can run the same code with a backend
+    that records the order of the calls (tests/unit/test_activation_offload.py rehearses it)."""
+
+    pinned = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+
+    def current(self):
+        return torch.cuda.current_stream(self.device)
+
+    def on_side(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self.side)
+
+    def side_waits_for(self, stream) -> None:
+        self.side.wait_stream(stream)
+
+    def record_stream(self, t: torch.Tensor, stream) -> None:
+        t.record_stream(stream)
+
+    def event_on_side(self):
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    def wait_event(self, stream, event) -> None:
+        stream.wait_event(event)
+
+
 def _bytes_of(storage, device: torch.device) -> torch.Tensor:
     """A storage as a flat uint8 tensor (no copy)."""
     return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
@@ -101,12 +133,13 @@ def _bytes_of(storage, device: torch.device) -> torch.Tensor:
 class ActivationOffload:
     """One per rank. `block(index)` is the context a block's forward runs in (the model enters it)."""
 
-    def __init__(self, device: torch.device, *, min_bytes: int = DEFAULT_MIN_BYTES, constants=()):
+    def __init__(self, device: torch.device, *, min_bytes: int = DEFAULT_MIN_BYTES, constants=(), streams=None):
         self.device = device
         # the storages of the model's buffers (the RoPE tables a checkpointed block saves as an input): held anyway
         self._constants = {b.untyped_storage().data_ptr() for b in constants if b.device.type != "meta"}
         self.min_bytes = int(min_bytes)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # CUDA: the side stream and its events (`CudaStreams`); on the CPU none, or a test's recording backend
+        self.streams = streams if streams is not None else CudaStreams(device) if device.type == "cuda" else None
         self.host_bytes = 0  # offloaded bytes now held on the host
         self.host_peak = 0
         self.storages = 0  # storages offloaded so far (for tests and the log)
@@ -147,12 +180,13 @@ class ActivationOffload:
                 return t
             with _disable_current_modes():  # the host copy is not the device's memory: the step's tracker skips it
                 src = _bytes_of(storage, local.device)
-                if self.stream is not None:
-                    self.stream.wait_stream(torch.cuda.current_stream(local.device))  # the tensor is complete
-                    with torch.cuda.stream(self.stream):
-                        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                streams = self.streams
+                if streams is not None:
+                    streams.side_waits_for(streams.current())  # the tensor is complete
+                    with streams.on_side():
+                        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=streams.pinned)
                         host.copy_(src, non_blocking=True)
-                    src.record_stream(self.stream)  # its memory is not reused until the copy has read it
+                    streams.record_stream(src, streams.side)  # its memory is not reused until the copy has read it
                 else:
                     host = src.clone()
             stored = _Stored(self, host, nbytes)
@@ -171,13 +205,13 @@ class ActivationOffload:
         group.stored, group.by_address = [], {}
         if not live:
             return
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
+        streams = self.streams
+        if streams is not None:
+            streams.side_waits_for(streams.current())
+            with streams.on_side():
                 for s in live:
                     s.back = s.host.to(self.device, non_blocking=True)
-            group.ready = torch.cuda.Event()
-            group.ready.record(self.stream)
+            group.ready = streams.event_on_side()
         else:
             for s in live:
                 s.back = s.host.clone()  # made on the device: the tracker sees it come back
@@ -193,10 +227,10 @@ class ActivationOffload:
         if group.prev is not None and not group.prev.fetched:
             self._fetch(group.prev)  # backward reaches the block before next: its copies overlap this block's work
         back = stored.back
-        if self.stream is not None and group.ready is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(group.ready)
-            back.record_stream(current)
+        if self.streams is not None and group.ready is not None:
+            current = self.streams.current()
+            self.streams.wait_event(current, group.ready)
+            self.streams.record_stream(back, current)
         out = torch.empty(0, dtype=x.dtype, device=back.device).set_(back.untyped_storage(), x.offset, x.size, x.stride)
         if x.dtensor is not None:
             from torch.distributed.tensor import DTensor
@@ -206,9 +240,10 @@ class ActivationOffload:
         return out
 
 
-def attach(parts, device: torch.device, *, min_bytes: int) -> ActivationOffload:
+def attach(parts, device: torch.device, *, min_bytes: int, streams=None) -> ActivationOffload:
     """Offload the blocks' saved tensors of every model part (each part's forward enters `block`)."""
-    off = ActivationOffload(device, min_bytes=min_bytes, constants=[b for part in parts for b in part.buffers()])
+    constants = [b for part in parts for b in part.buffers()]
+    off = ActivationOffload(device, min_bytes=min_bytes, constants=constants, streams=streams)
     for part in parts:
         part.block_context = off.block
     return off
