@@ -4,8 +4,9 @@ re-rendering, fails here:
 - docs/memory.md's prediction-against-simulation table from docs/benchmarks/plan-vs-simulation.json (the simulated
   peaks of `launch/plan.py --simulate` runs) and the planner's predictions, computed here;
 - docs/memory.md's table of launch/compare.py at its defaults from that run's records.json (the planner's
-  prediction recomputed here must be the one the run printed, and every strategy within 10% of the tracker).
-`python tests/unit/test_docs_tables.py --write` re-renders the last two.
+  prediction recomputed here must be the one the run printed, and every strategy within 10% of the tracker);
+- docs/compare.md's every-strategy tables from docs/compare/records.json (compare.py's own markdown of them).
+`python tests/unit/test_docs_tables.py --write` re-renders the last three.
 """
 
 from __future__ import annotations
@@ -155,7 +156,30 @@ def test_compare_at_its_defaults_is_within_10_percent_for_every_strategy():
     assert current == rendered, "re-render with: python tests/unit/test_docs_tables.py --write"
 
 
+COMPARE_PAGE = REPO / "docs" / "compare.md"
+RUN_BEGIN = "<!-- compare-run: rendered by tests/unit/test_docs_tables.py from docs/compare/records.json -->"
+RUN_END = "<!-- /compare-run -->"
+
+
+def compare_run_section() -> str:
+    """docs/compare.md's every-strategy tables: trainer/compare.py's own markdown of the committed run's records
+    (what the run wrote as compare.md)."""
+    from trainer.compare import markdown
+
+    records = json.loads((REPO / "docs" / "compare" / "records.json").read_text())
+    return f"{RUN_BEGIN}\n{markdown(records)}{RUN_END}"
+
+
+def test_the_every_strategy_tables_are_the_committed_run():
+    page = COMPARE_PAGE.read_text()
+    current = page[page.index(RUN_BEGIN) : page.index(RUN_END) + len(RUN_END)]
+    assert current == compare_run_section(), "re-render with: python tests/unit/test_docs_tables.py --write"
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    page = COMPARE_PAGE.read_text()
+    start, end = page.index(RUN_BEGIN), page.index(RUN_END) + len(RUN_END)
+    COMPARE_PAGE.write_text(page[:start] + compare_run_section() + page[end:])
     page = MEMORY_PAGE.read_text()
     start, end = page.index(BEGIN), page.index(END) + len(END)
     page = page[:start] + _rendered_section() + page[end:]
