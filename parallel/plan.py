@@ -31,6 +31,7 @@ from parallel.memory_terms import (
     activation_terms,
     block_activations,
     block_backward_terms,
+    deepspeed_buckets_at_loss,
     fsdp_gathered,
     fsdp_reduce_terms,
     gradients_at_loss,
@@ -216,7 +217,10 @@ def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) ->
     acts += loss_acts
     states = states + pipeline
     # A: the loss's backward on the last micro-batch (ranks holding the last stage)
-    moment_a = states + grads_at_loss + gathered_at_loss + gathered_zero + acts + loss_temps if r.last else None
+    moment_a = None
+    if r.last:
+        moment_a = states + grads_at_loss + deepspeed_buckets_at_loss(r) + gathered_at_loss + gathered_zero + acts
+        moment_a += loss_temps
     # B: the backward of the micro-batch's last block (its forward recomputed first under AC); the logits' tensors
     # are gone, the block's gradient temporaries and FSDP's reduce-scatter are there
     moment_b = None

@@ -18,6 +18,7 @@ launch to seconds; its block-level terms weigh more than in a real model, so the
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -117,20 +118,23 @@ GAPS = {
 }
 # Within 10% here but not on every machine: (layout, mode) -> (peak bound, why). Not a known gap (it is inside
 # 10% on this machine, so test_known_gaps_are_still_gaps leaves it out).
-# 3-D none/fp32: the last stage's loss backward measures 1,466,152 B here in every run (5, two of them with the
-# CPU loaded by other processes), -4.6%; one CI machine measured 1,564,452 B (-10.6%), 96 KiB more.
-# pp_fsdp full/bf16: within 10% on AMD EPYC; on an Intel Xeon with AMX, where bf16 takes oneDNN's AMX kernels with
-# other temporaries, rank 0 measured 1,931,376 B against the planner's 1,667,404 (13.7%, 2026-12-06 outside review).
-# The term is not found yet: it needs that CPU (docs/memory.md says which CPU each row was measured on).
+# 3-D none/fp32: the last stage's loss backward measures 1,466,152 B on the AMD EPYC in every run (5, two of them
+# with the CPU loaded by other processes), -4.6%; one CI machine measured 1,564,452 B (-10.6%), 96 KiB more, and so
+# did an Intel Xeon with AMX (2026-12-07, 1,528 KiB): the CPU kind.
+# (pp_fsdp full/bf16 was here: +13.7% on an Intel Xeon with AMX in the 2026-12-06 review; the missing term was the
+# norms' fp32 copies of 16-bit inputs on the CPU, now counted: +5.5% on that Intel machine, 2026-12-07.)
 VARIES = {
-    ("3d", "none/fp32"): (0.13, "the last stage's loss backward measured 96 KiB more on one CI machine"),
-    ("pp_fsdp", "full/bf16"): (0.15, "bf16 on an Intel Xeon with AMX (oneDNN's kernels): 13.7% above the plan"),
+    ("3d", "none/fp32"): (
+        0.13,
+        "the last stage's loss backward measures 96 KiB more on an Intel Xeon (CI, 2026-12-07)",
+    ),
     # ZeRO-2 full/fp32: 5,617,084 B (-7.9%) on both ranks in most runs; in 1 of 3 runs alone (2026-12-06, AMD EPYC)
     # one rank peaked at 6,113,212 B (-15.4%): 496,128 B more, about one gradient partition, which DeepSpeed's
     # overlap_comm reduction held a moment longer. Not found yet which buffer: the planner does not predict it.
     ("zero2", "full/fp32"): (0.16, "DeepSpeed's overlapped reduction held ~1 gradient partition more in 1 of 3 runs"),
     # the same in bf16: 3,531,708 B (-6.3%) usually; 3,779,772 B (-12.4%, 248,064 B more) on rank 1 in CI's run of
-    # 7966868 (2026-12-06, AMD EPYC)
+    # 7966868 (2026-12-06, AMD EPYC); on an Intel Xeon with AMX (2026-12-07) -11.6% on rank 1 in one of
+    # three runs (3,691 KiB), and the same extra partition once in selective/fp32 (5,970 KiB, -5.5%: inside 10%)
     ("zero2", "full/bf16"): (0.14, "DeepSpeed's overlapped reduction held ~1 gradient partition more in one CI run"),
 }
 STATES = ("params", "buffers", "optim", "master")
@@ -192,37 +196,29 @@ def measured(worker):
     return run
 
 
-def plan_of(nproc: int, overrides: list[str], mode: str):
+def _machine() -> str:
+    """Where and when a measurement was made: the date, the CPU's model name, torch."""
+    import datetime
+
+    import torch
+
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    return f"{datetime.date.today()}, {cpu} ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def args_of(nproc: int, overrides: list[str], mode: str) -> list[str]:
+    """The train.py arguments a layout is measured with in one mode (`ac/precision`)."""
     from conftest import TINY
 
-    from models.args import model_args_of
-    from parallel.plan import memory_plan
-    from trainer.config import load_config
-    from trainer.validate import parallel_dims
-
     ac, precision = mode.split("/")
-    cfg = load_config(
-        [*TINY, batch_of(nproc, overrides), *overrides, f"parallel.ac={ac}", f"training.precision={precision}"]
-    )
-    dims, problems = parallel_dims(cfg, nproc)
-    assert not problems, problems
-    return memory_plan(cfg, model_args_of(cfg), dims), dims
+    return [*TINY, batch_of(nproc, overrides), *overrides, f"parallel.ac={ac}", f"training.precision={precision}"]
 
 
-def _table_row(name: str, mode: str, plan, dims, ranks: list[dict]) -> str:
-    """One markdown row for docs/memory.md (written when SHARDWISE_MEMORY_TABLE names a file)."""
-    per = len(ranks) // dims.pp
-    worst = max(
-        range(len(ranks)), key=lambda r: abs(plan.ranks[r // per].peak_bytes - ranks[r]["peak"]) / ranks[r]["peak"]
-    )
-    want, got = plan.ranks[worst // per], ranks[worst]
-    kib = lambda b: f"{b / 1024:,.0f}"  # noqa: E731
-    cats = want.by_category()
-    act = lambda d: d.get("activations", 0) + d.get("temporaries", 0)  # noqa: E731
-    return (
-        f"| {name} | {mode} | {worst} | {want.phase} | {kib(want.peak_bytes)} | {kib(got['peak'])} | "
-        f"{(want.peak_bytes - got['peak']) / got['peak']:+.1%} | {kib(act(cats))} | {kib(act(got))} |"
-    )
+def plan_of(nproc: int, overrides: list[str], mode: str):
+    from memory_table import plan_from_args
+
+    return plan_from_args(args_of(nproc, overrides, mode), nproc)
 
 
 @pytest.mark.parametrize("name, nproc, overrides", LAYOUTS, ids=[x[0] for x in LAYOUTS])
@@ -262,11 +258,27 @@ def test_predicted_memory_matches_the_tracker(name, nproc, overrides, measured):
                 low, high = states[k] * (1 - tol), (states[k] + (temp if k == "optim" else 0)) * (1 + tol)
                 if not low - 8 <= got[k] <= high + 8:
                     failures.append(f"{where}: {k} predicted {states[k]:,}, measured {got[k]:,}")
+    # docs/memory.md's table: SHARDWISE_MEMORY_RESULTS=docs/benchmarks/memory-matrix.jsonl keeps the measurements
+    # (tests/unit/test_docs_tables.py renders the table from them), SHARDWISE_MEMORY_TABLE the rows themselves
+    records = [
+        {
+            "layout": name,
+            "mode": mode,
+            "nproc": nproc,
+            "args": args_of(nproc, overrides, mode),
+            "ranks": results[mode],
+            "measured": _machine(),
+        }
+        for mode in modes
+    ]
+    if path := os.environ.get("SHARDWISE_MEMORY_RESULTS"):
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
     if table := os.environ.get("SHARDWISE_MEMORY_TABLE"):
+        from memory_table import row
+
         with open(table, "a") as f:
-            for mode in modes:
-                plan, dims = plan_of(nproc, overrides, mode)
-                f.write(_table_row(name, mode, plan, dims, results[mode]) + "\n")
+            f.writelines(row(r) + "\n" for r in records)
     assert not failures, "\n".join(failures)
 
 

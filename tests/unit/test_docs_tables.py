@@ -5,8 +5,10 @@ re-rendering, fails here:
   peaks of `launch/plan.py --simulate` runs) and the planner's predictions, computed here;
 - docs/memory.md's table of launch/compare.py at its defaults from that run's records.json (the planner's
   prediction recomputed here must be the one the run printed, and every strategy within 10% of the tracker);
-- docs/compare.md's every-strategy tables from docs/compare/records.json (compare.py's own markdown of them).
-`python tests/unit/test_docs_tables.py --write` re-renders the last three.
+- docs/compare.md's every-strategy tables from docs/compare/records.json (compare.py's own markdown of them);
+- docs/memory.md's validation table from the measurements of tests/distributed/test_memory_plan.py,
+  docs/benchmarks/memory-matrix.jsonl, beside the planner's predictions computed here.
+`python tests/unit/test_docs_tables.py --write` re-renders all but the first.
 """
 
 from __future__ import annotations
@@ -156,6 +158,35 @@ def test_compare_at_its_defaults_is_within_10_percent_for_every_strategy():
     assert current == rendered, "re-render with: python tests/unit/test_docs_tables.py --write"
 
 
+MATRIX = REPO / "docs" / "benchmarks" / "memory-matrix.jsonl"
+MATRIX_BEGIN = (
+    "<!-- memory-matrix: rendered by tests/unit/test_docs_tables.py from docs/benchmarks/memory-matrix.jsonl -->"
+)
+MATRIX_END = "<!-- /memory-matrix -->"
+
+
+def memory_matrix_section() -> str:
+    """docs/memory.md's validation table: each measured row (tests/distributed/test_memory_plan.py run with
+    SHARDWISE_MEMORY_RESULTS) beside the planner's prediction for the same arguments, computed here (tests/
+    memory_table.py): a planner change shows in the table at the next re-render, the measurements stay."""
+    from memory_table import row
+
+    records = [json.loads(line) for line in MATRIX.read_text().splitlines()]
+    lines = [
+        "| layout | AC / precision | rank | predicted moment | predicted peak | measured peak | error | "
+        "predicted act.+temp. | measured act.+temp. |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        *(row(r) for r in records),
+    ]
+    return f"{MATRIX_BEGIN}\n" + "\n".join(lines) + f"\n{MATRIX_END}"
+
+
+def test_the_memory_matrix_table_is_the_committed_measurements():
+    page = MEMORY_PAGE.read_text()
+    current = page[page.index(MATRIX_BEGIN) : page.index(MATRIX_END) + len(MATRIX_END)]
+    assert current == memory_matrix_section(), "re-render with: python tests/unit/test_docs_tables.py --write"
+
+
 COMPARE_PAGE = REPO / "docs" / "compare.md"
 RUN_BEGIN = "<!-- compare-run: rendered by tests/unit/test_docs_tables.py from docs/compare/records.json -->"
 RUN_END = "<!-- /compare-run -->"
@@ -185,4 +216,6 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     page = page[:start] + _rendered_section() + page[end:]
     start, end = page.index(COMPARE_BEGIN), page.index(COMPARE_END) + len(COMPARE_END)
     page = page[:start] + f"{COMPARE_BEGIN}\n{compare_defaults_table()}\n{COMPARE_END}" + page[end:]
+    start, end = page.index(MATRIX_BEGIN), page.index(MATRIX_END) + len(MATRIX_END)
+    page = page[:start] + memory_matrix_section() + page[end:]
     MEMORY_PAGE.write_text(page)
