@@ -347,6 +347,45 @@ def test_documented_compare_command_runs(line, tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
 
 
+# docs/compare.md's search tables: each between markers naming the command that prints it, re-rendered from that
+# command (full size: the search is arithmetic, 40-100 s for the 70B ones on 2 cores, so in the slow tier)
+SEARCH_BEGIN = re.compile(r"<!-- plan-search: (python launch/plan\.py [^>]*--search) -->\n")
+SEARCH_END = "<!-- /plan-search -->"
+SEARCH_ROWS = 8  # the table's first rows
+
+
+def search_block(line: str) -> str:
+    """What a documented `plan.py ... --search` prints, as the docs show it: the heading and counts (without the
+    search's own wall time) and the table's first SEARCH_ROWS rows; the time-model lines are left out."""
+    proc = run_cli("plan.py", shlex.split(line)[2:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    head = [lines[0], re.sub(r"; [\d.]+ s$", "", lines[1])]
+    table = [x for x in lines if x.startswith("|")][: 2 + SEARCH_ROWS]
+    return "\n".join([*head, "", *table]) + "\n"
+
+
+def search_sections(text: str) -> list[tuple[str, int, int]]:
+    """(command, start, end) of every search section of a page: its content is text[start:end]."""
+    return [(m.group(1), m.end(), text.index(SEARCH_END, m.end())) for m in SEARCH_BEGIN.finditer(text)]
+
+
+SEARCH_PAGE = REPO / "docs" / "compare.md"
+
+
+@SLOW
+@pytest.mark.parametrize("line", [c for c, _, _ in search_sections(SEARCH_PAGE.read_text())])
+def test_the_search_tables_are_what_the_planner_prints(line):
+    text = SEARCH_PAGE.read_text()
+    (start, end) = next((s, e) for c, s, e in search_sections(text) if c == line)
+    assert text[start:end] == search_block(line), "the planner prints another table now: re-render it (search_block)"
+
+
+def test_the_search_tables_name_documented_commands():
+    shown = search_sections(SEARCH_PAGE.read_text())
+    assert len(shown) == 3 and all(c in PLAN_COMMANDS for c, _, _ in shown), shown
+
+
 # (the --report form is run by tests/distributed/test_gpu_check.py)
 BENCH_COMMANDS = [c for c in documented_script_commands("bench.py", torchrun=True) if "--report" not in c]
 
