@@ -77,8 +77,9 @@ class CompareError(ValueError):
 
 
 def strategy_overrides(name: str, nproc: int) -> list[str]:
-    """`fsdp:ac=full`, `zero3+offload`, `tp:tp=2` -> the config overrides of that cell."""
-    head, _, keys = name.partition(":")
+    """`fsdp:ac=full`, `zero3+offload`, `tp:tp=2`, `none:ac=full:training.loss_chunks=8` -> the config overrides of
+    that cell (each key=value after a colon; short keys mean `parallel.*`)."""
+    head, *keys = name.split(":")
     base, *mods = head.split("+")
     if base not in BASE:
         raise CompareError(
@@ -90,7 +91,7 @@ def strategy_overrides(name: str, nproc: int) -> list[str]:
         if m not in MODIFIERS:
             raise CompareError(f"strategies: unknown modifier '+{m}' in '{name}'; known: +{', +'.join(MODIFIERS)}")
         out += MODIFIERS[m]
-    for kv in filter(None, keys.split(",")):
+    for kv in filter(None, keys):
         k, eq, v = kv.partition("=")
         if not eq:
             raise CompareError(f"strategies: '{kv}' in '{name}' is not key=value (e.g. fsdp:ac=full)")
@@ -635,20 +636,31 @@ def _fmt(v, spec: str, unit: str = "") -> str:
 
 def markdown(records: list[dict]) -> str:
     mib = 2**20
+    # activation offloading in any cell: the host copies' peak, predicted and measured, beside the device's
+    offload = any(r.get("measured_offloaded_bytes") for r in records)
     lines = [
-        "| strategy | layout | memory predicted | memory measured | error | tokens/s/device | MFU | step time | "
-        "final loss | status |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| strategy | layout | memory predicted | memory measured | error | "
+        + ("offloaded predicted | offloaded measured | " if offload else "")
+        + "tokens/s/device | MFU | step time | final loss | status |",
+        "| --- | --- | ---: | ---: | ---: | "
+        + ("---: | ---: | " if offload else "")
+        + "---: | ---: | ---: | ---: | --- |",
     ]
     for r in records:
         row = _row(r)
         last = (r.get("message") or "").strip().splitlines()[-1:]
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {last[0][:200] if last else ''}"
+        host = (
+            f"{_fmt(row['predicted_host_bytes'] and row['predicted_host_bytes'] / mib, ',.2f', ' MiB')} | "
+            f"{_fmt(row['measured_offloaded_bytes'] and row['measured_offloaded_bytes'] / mib, ',.2f', ' MiB')} | "
+            if offload
+            else ""
+        )
         lines.append(
             f"| {r['cell']} | {r.get('layout') or '-'} | "
             f"{_fmt(row['predicted_peak_bytes'] and row['predicted_peak_bytes'] / mib, ',.2f', ' MiB')} | "
             f"{_fmt(row['measured_peak_bytes'] and row['measured_peak_bytes'] / mib, ',.2f', ' MiB')} | "
-            f"{_fmt(row['memory_error_pct'], '+.1f', '%')} | {_fmt(row['tokens_per_sec_per_device'], ',.0f')} | "
+            f"{_fmt(row['memory_error_pct'], '+.1f', '%')} | {host}{_fmt(row['tokens_per_sec_per_device'], ',.0f')} | "
             f"{_fmt(row['mfu_pct'], '.1f', '%')} | {_fmt(row['step_time_s'], '.3f', ' s')} | "
             f"{_fmt(row['final_loss'], '.4f')} | {status.replace('|', '/')} |"
         )

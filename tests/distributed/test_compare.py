@@ -199,3 +199,12 @@ def test_help_shows_the_usage():
 def test_bad_input_is_one_message(args, message):
     proc = run_cli("compare.py", args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_cell_carries_several_keys_each_after_its_own_colon():
+    from trainer.compare import CompareError, strategy_overrides
+
+    got = strategy_overrides("none:ac=full:training.loss_chunks=8:activation_offload=true", 1)
+    assert got[-3:] == ["parallel.ac=full", "training.loss_chunks=8", "parallel.activation_offload=true"]
+    with pytest.raises(CompareError, match="'ac' in 'fsdp:ac' is not key=value"):
+        strategy_overrides("fsdp:ac", 2)

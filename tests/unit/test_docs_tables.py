@@ -14,6 +14,7 @@ re-rendering, fails here:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -187,6 +188,34 @@ def test_the_memory_matrix_table_is_the_committed_measurements():
     assert current == memory_matrix_section(), "re-render with: python tests/unit/test_docs_tables.py --write"
 
 
+TABLE_BEGIN = re.compile(
+    r"<!-- compare-table: rendered by tests/unit/test_docs_tables.py from (docs/compare/[\w.-]+/records\.json) -->\n"
+)
+TABLE_END = "<!-- /compare-table -->"
+
+
+def compare_table(path: str) -> str:
+    """The first table of trainer/compare.py's markdown for a committed compare.py run (its records.json)."""
+    from trainer.compare import markdown
+
+    return markdown(json.loads((REPO / path).read_text())).split("\n\n")[0] + "\n"
+
+
+def compare_table_sections(text: str) -> list[tuple[str, int, int]]:
+    return [(m.group(1), m.end(), text.index(TABLE_END, m.end())) for m in TABLE_BEGIN.finditer(text)]
+
+
+def test_every_compare_table_in_the_docs_is_its_committed_run():
+    """Each docs table between compare-table markers: the run it names, as compare.py renders it."""
+    shown = 0
+    for page in sorted((REPO / "docs").glob("*.md")):
+        text = page.read_text()
+        for path, start, end in compare_table_sections(text):
+            assert text[start:end] == compare_table(path), f"{page.name}: {path}: re-render with --write"
+            shown += 1
+    assert shown >= 2
+
+
 COMPARE_PAGE = REPO / "docs" / "compare.md"
 RUN_BEGIN = "<!-- compare-run: rendered by tests/unit/test_docs_tables.py from docs/compare/records.json -->"
 RUN_END = "<!-- /compare-run -->"
@@ -208,6 +237,11 @@ def test_the_every_strategy_tables_are_the_committed_run():
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    for doc in sorted((REPO / "docs").glob("*.md")):
+        text = doc.read_text()
+        for path, start, end in reversed(compare_table_sections(text)):
+            text = text[:start] + compare_table(path) + text[end:]
+        doc.write_text(text)
     page = COMPARE_PAGE.read_text()
     start, end = page.index(RUN_BEGIN), page.index(RUN_END) + len(RUN_END)
     COMPARE_PAGE.write_text(page[:start] + compare_run_section() + page[end:])
