@@ -216,6 +216,63 @@ def test_every_compare_table_in_the_docs_is_its_committed_run():
     assert shown >= 2
 
 
+BENCH_RUNS = REPO / "docs" / "benchmarks" / "cpu-2026-12-07"
+BENCH_BEGIN = "<!-- bench: rendered by tests/unit/test_docs_tables.py from docs/benchmarks/cpu-2026-12-07/*.json -->"
+PHASES_BEGIN = (
+    "<!-- bench-phases: rendered by tests/unit/test_docs_tables.py from docs/benchmarks/cpu-2026-12-07/"
+    "llama_debug_fsdp.json -->"
+)
+BENCH_END, PHASES_END = "<!-- /bench -->", "<!-- /bench-phases -->"
+
+
+def bench_table() -> str:
+    """docs/benchmarks.md's CPU table: one row per committed launch/bench.py result."""
+    mib = 2**20
+    lines = [
+        "| run | tokens/s/device | MFU of the measured matmul | peak predicted / tracked | forward / backward / "
+        "optimizer (ms) | compute / communication (exposed) / idle (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("llama_debug", "llama_debug_fsdp"):
+        r = json.loads((BENCH_RUNS / f"{name}.json").read_text())
+        ph, dev = r["split"]["phases"], r["split"]["device"]
+        ms = lambda x: f"{1e3 * x:.1f}"  # noqa: E731
+        where = "one process" if r["world_size"] == 1 else f"{r['world_size']} ranks"
+        lines.append(
+            f"| `{r['recipe']}`, {where} | {r['tokens_per_s_per_device']:,.0f} | {100 * r['mfu_vs_measured']:.1f}% "
+            f"({r['tflops_per_device']:.2f} TFLOP/s) | {r['predicted_peak_bytes'] / mib:.1f} / "
+            f"{r['tracked_peak_bytes'] / mib:.1f} MiB | {ms(ph['forward'])} / {ms(ph['backward'])} / "
+            f"{ms(ph['optimizer_step'])} | {ms(dev['compute'])} / {ms(dev['communication'])} "
+            f"({ms(dev['communication_exposed'])}) / {ms(dev['idle'])} |"
+        )
+    return f"{BENCH_BEGIN}\n" + "\n".join(lines) + f"\n{BENCH_END}"
+
+
+def phases_table() -> str:
+    """docs/observability.md's per-phase table: the FSDP bench run's rank 0, per step."""
+    r = json.loads((BENCH_RUNS / "llama_debug_fsdp.json").read_text())
+    ph, dev = r["split"]["phases"], r["split"]["device"]
+    ms = lambda x: f"{1e3 * x:.1f}"  # noqa: E731
+    left = [("data", ph["data"]), ("forward", ph["forward"]), ("backward", ph["backward"])]
+    left += [("optimizer step", ph["optimizer_step"]), None]
+    right = [("window", dev["window"]), ("compute", dev["compute"]), ("communication", dev["communication"])]
+    right += [("of it exposed", dev["communication_exposed"]), ("idle", dev["idle"])]
+    lines = ["| phase | ms | | device timeline | ms |", "| --- | ---: | --- | --- | ---: |"]
+    for a, b in zip(left, right, strict=True):
+        lines.append((f"| {a[0]} | {ms(a[1])} |" if a else "| | |") + f" | {b[0]} | {ms(b[1])} |")
+    return f"{PHASES_BEGIN}\n" + "\n".join(lines) + f"\n{PHASES_END}"
+
+
+def _section(page: Path, begin: str, end: str) -> str:
+    text = page.read_text()
+    return text[text.index(begin) : text.index(end) + len(end)]
+
+
+def test_the_bench_tables_are_the_committed_runs():
+    assert _section(REPO / "docs" / "benchmarks.md", BENCH_BEGIN, BENCH_END) == bench_table()
+    assert _section(REPO / "docs" / "observability.md", PHASES_BEGIN, PHASES_END) == phases_table()
+
+
 COMPARE_PAGE = REPO / "docs" / "compare.md"
 RUN_BEGIN = "<!-- compare-run: rendered by tests/unit/test_docs_tables.py from docs/compare/records.json -->"
 RUN_END = "<!-- /compare-run -->"
@@ -237,6 +294,12 @@ def test_the_every_strategy_tables_are_the_committed_run():
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    for doc, begin, end, render in (
+        (REPO / "docs" / "benchmarks.md", BENCH_BEGIN, BENCH_END, bench_table),
+        (REPO / "docs" / "observability.md", PHASES_BEGIN, PHASES_END, phases_table),
+    ):
+        text = doc.read_text()
+        doc.write_text(text.replace(_section(doc, begin, end), render()))
     for doc in sorted((REPO / "docs").glob("*.md")):
         text = doc.read_text()
         for path, start, end in reversed(compare_table_sections(text)):
