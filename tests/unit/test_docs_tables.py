@@ -273,6 +273,38 @@ def test_the_bench_tables_are_the_committed_runs():
     assert _section(REPO / "docs" / "observability.md", PHASES_BEGIN, PHASES_END) == phases_table()
 
 
+QUICKSTART = REPO / "docs" / "benchmarks" / "quickstart-2026-12-07.json"
+_QS_FROM = "rendered by tests/unit/test_docs_tables.py from docs/benchmarks/quickstart-2026-12-07.json -->"
+QS_BEGIN = f"<!-- quickstart: {_QS_FROM}"
+QS_END = "<!-- /quickstart -->"
+QS_LOG_BEGIN = f"<!-- quickstart-log: {_QS_FROM}"
+QS_LOG_END = "<!-- /quickstart-log -->"
+
+
+def quickstart_table() -> str:
+    """docs/quickstart.md's validation losses and perplexities (exp of the loss) of the committed run."""
+    import math
+
+    run = json.loads(QUICKSTART.read_text())
+    lines = ["| step | validation loss | validation perplexity |", "| ---: | ---: | ---: |"]
+    lines += [f"| {v['step']} | {v['val/loss']:.3f} | {math.exp(v['val/loss']):.0f} |" for v in run["validation"]]
+    return f"{QS_BEGIN}\n" + "\n".join(lines) + f"\n{QS_END}"
+
+
+def quickstart_log() -> str:
+    """The run's first and last console lines, as docs/quickstart.md shows them."""
+    run = json.loads(QUICKSTART.read_text())
+    return f"{QS_LOG_BEGIN}\n```\n" + "\n".join(run["console"]) + f"\n```\n{QS_LOG_END}"
+
+
+def test_the_quickstart_numbers_are_the_committed_run():
+    page = REPO / "docs" / "quickstart.md"
+    assert _section(page, QS_BEGIN, QS_END) == quickstart_table()
+    assert _section(page, QS_LOG_BEGIN, QS_LOG_END) == quickstart_log()
+    banner = (REPO / "docs" / "observability.md").read_text()  # docs/observability.md quotes the same lines
+    assert all(line in banner for line in json.loads(QUICKSTART.read_text())["console"])
+
+
 COMPARE_PAGE = REPO / "docs" / "compare.md"
 RUN_BEGIN = "<!-- compare-run: rendered by tests/unit/test_docs_tables.py from docs/compare/records.json -->"
 RUN_END = "<!-- /compare-run -->"
@@ -297,6 +329,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     for doc, begin, end, render in (
         (REPO / "docs" / "benchmarks.md", BENCH_BEGIN, BENCH_END, bench_table),
         (REPO / "docs" / "observability.md", PHASES_BEGIN, PHASES_END, phases_table),
+        (REPO / "docs" / "quickstart.md", QS_BEGIN, QS_END, quickstart_table),
+        (REPO / "docs" / "quickstart.md", QS_LOG_BEGIN, QS_LOG_END, quickstart_log),
     ):
         text = doc.read_text()
         doc.write_text(text.replace(_section(doc, begin, end), render()))
