@@ -74,6 +74,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
+    ap.add_argument("--json", metavar="FILE", help="also write the rows, with the machine and date, to FILE")
     args = ap.parse_args(argv)
     rows = []
     for name in args.optimizers:
@@ -86,6 +87,19 @@ def main(argv: list[str]) -> int:
     print("| --- | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['optimizer']} | {r['state_bytes']:,} B | {r['bytes_per_param']:.4f} | {r['step_ms']:.1f} ms |")
+    if args.json:
+        import datetime
+        import json
+        import platform
+
+        where = {"date": str(datetime.date.today()), "cpu": platform.processor() or platform.machine()}
+        if args.device == "cpu":
+            with open("/proc/cpuinfo") as f:
+                where["cpu"] = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), where["cpu"])
+        else:
+            where["gpu"] = torch.cuda.get_device_name()
+        meta = {**where, "torch": torch.__version__, "flavor": args.flavor, "device": args.device, "steps": args.steps}
+        Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -305,6 +305,28 @@ def test_the_quickstart_numbers_are_the_committed_run():
     assert all(line in banner for line in json.loads(QUICKSTART.read_text())["console"])
 
 
+OPTIMIZERS = REPO / "docs" / "benchmarks" / "optimizers-2026-12-07.json"
+OPT_BEGIN = (
+    "<!-- optimizers: rendered by tests/unit/test_docs_tables.py from docs/benchmarks/optimizers-2026-12-07.json -->"
+)
+OPT_END = "<!-- /optimizers -->"
+
+
+def optimizers_table() -> str:
+    """docs/optimizers.md's state bytes and step times: `launch/optimizer_memory.py --json`'s rows."""
+    run = json.loads(OPTIMIZERS.read_text())
+    lines = ["| optimizer | optimizer state | bytes per parameter | step time (CPU) |", "| --- | ---: | ---: | ---: |"]
+    lines += [
+        f"| `{r['optimizer']}` | {r['state_bytes']:,} B | {r['bytes_per_param']:.4f} | {r['step_ms']:.1f} ms |"
+        for r in run["rows"]
+    ]
+    return f"{OPT_BEGIN}\n" + "\n".join(lines) + f"\n{OPT_END}"
+
+
+def test_the_optimizer_table_is_the_committed_run():
+    assert _section(REPO / "docs" / "optimizers.md", OPT_BEGIN, OPT_END) == optimizers_table()
+
+
 COMPARE_PAGE = REPO / "docs" / "compare.md"
 RUN_BEGIN = "<!-- compare-run: rendered by tests/unit/test_docs_tables.py from docs/compare/records.json -->"
 RUN_END = "<!-- /compare-run -->"
@@ -331,6 +353,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
         (REPO / "docs" / "observability.md", PHASES_BEGIN, PHASES_END, phases_table),
         (REPO / "docs" / "quickstart.md", QS_BEGIN, QS_END, quickstart_table),
         (REPO / "docs" / "quickstart.md", QS_LOG_BEGIN, QS_LOG_END, quickstart_log),
+        (REPO / "docs" / "optimizers.md", OPT_BEGIN, OPT_END, optimizers_table),
     ):
         text = doc.read_text()
         doc.write_text(text.replace(_section(doc, begin, end), render()))

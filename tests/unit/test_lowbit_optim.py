@@ -136,3 +136,18 @@ def test_adamw8bit_states_are_int8_codes_and_learn():
     names, _ = st.__tensor_flatten__()
     assert any(getattr(st, n).dtype in (torch.int8, torch.uint8) for n in names)
     assert opt.state[model.bias]["exp_avg"].dtype == torch.float32
+
+
+def test_optimizer_memory_cli_writes_its_rows(tmp_path):
+    """`python launch/optimizer_memory.py --json FILE` (docs/optimizers.md's table is rendered from such a file):
+    the printed table and the file's rows, with the machine and date."""
+    import json
+
+    from helpers import run_cli
+
+    out = tmp_path / "rows.json"
+    proc = run_cli("optimizer_memory.py", ["--optimizers", "adamw", "adafactor", "--steps", "1", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(out.read_text())
+    assert [r["optimizer"] for r in run["rows"]] == ["adamw", "adafactor"] and run["date"] and run["cpu"]
+    assert run["rows"][0]["state_bytes"] == 8 * 5_048_576 and "| adamw | 40,388,608 B | 8.0000 |" in proc.stdout
