@@ -116,3 +116,15 @@ def test_zero_bytes_per_rank_equal_the_zero_formulas(stage, numel, worker):
         want = {k: 4 * v for k, v in numel.items()}
         assert h == want, f"{stage} rank {rank}: holds {h}, the ZeRO formula says {want}"
     assert predicted([f"parallel.data={stage}"], 2) == held["bytes_per_rank"]
+
+
+def test_docs_zero_table_is_these_formulas():
+    """docs/zero.md's measured table is the ZeRO formulas above at P = 229,952, which the test above holds the
+    measured bytes to: the docs cannot drift from what the worker measured."""
+    from helpers import REPO
+
+    page = (REPO / "docs" / "zero.md").read_text()
+    for stage, numel in ZERO:
+        b = {k: f"{4 * v:,}" for k, v in numel.items()}
+        row = f"| {stage} | {b['params']}"
+        assert row in page and all(b[k] in page[page.index(row) :].split("\n", 1)[0] for k in b), stage

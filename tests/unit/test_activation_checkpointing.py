@@ -156,3 +156,24 @@ def test_selective_policy_saves_scaled_mm_and_counts_it_as_a_matmul():
     counts = {"forward": 0, "recompute": 0}
     decisions = [_selective_policy(_ops_to_save(), None, counts, ctx, scaled, None, b).name for _ in range(4)]
     assert decisions == ["MUST_SAVE", "PREFER_RECOMPUTE"] * 2
+
+
+def test_the_docs_table_is_this_measurement(measured):
+    """docs/strategies.md's AC table is this module's measurement (bytes kept, backward FLOPs, ops), row by row."""
+    from helpers import REPO
+
+    names = {
+        "none": "none",
+        "selective": "selective",
+        "selective_every_second": "selective, `sac_matmuls=every_second`",
+    }
+    rows = []
+    for mode, label in [*names.items(), ("full", "full")]:
+        m = measured[mode]
+        kept = f"{m['saved_bytes']:,}" if m["saved_bytes"] else "0 (only the block input)"
+        rows.append(f"| {label} | {kept} | {m['backward_flops'] / 1e9:.2f} G | {m['backward_ops']} |")
+    page = (REPO / "docs" / "strategies.md").read_text()
+    header = (
+        "| ac | bytes kept for backward | backward matmul FLOPs | ops run in backward |\n| --- | ---: | ---: | ---: |\n"
+    )
+    assert header + "\n".join(rows) + "\n" in page, "\n".join(rows)

@@ -67,3 +67,41 @@ def test_pinned_host_memory_is_rounded_to_powers_of_two_on_cuda():
     table = 128256 * 4096 * 4
     assert shards == 32 * 3 * 32 * 2**20 + 2 * (2**31 - table)
     assert fsdp[PINNED_ROUNDING + ": the gradient shards"] == shards
+
+
+def test_the_llama8b_ablation_table_is_the_planners():
+    """docs/memory.md's Llama-3-8B table, row by row: the planner's peak and its moment for the documented command
+    with that row's settings and those above it (the planner is arithmetic: the table is recomputed here)."""
+    from helpers import REPO
+
+    from trainer.config import load_config
+    from trainer.validate import derive
+
+    base = [
+        "recipe=llama8b",
+        "parallel.data=none",
+        "training.micro_batch_size=1",
+        "training.global_batch_size=1",
+        "training.seq_len=2048",
+        "optim.max_grad_norm=0",
+        "hardware.gpu_memory_gib=80",
+    ]
+    steps = [
+        ("baseline (bf16 autocast, fp32 parameters and AdamW)", []),
+        ("+ full AC", ["parallel.ac=full"]),
+        ("+ loss in 8 chunks", ["training.loss_chunks=8"]),
+        ("+ optimizer in backward", ["optim.in_backward=true"]),
+        ("+ bf16 AdamW moments (`optim.name=adamw_bf16`)", ["optim.name=adamw_bf16"]),
+        ("+ 8-bit AdamW (`optim.name=adamw8bit`, torchao)", ["optim.name=adamw8bit"]),
+        ("+ bf16 parameters without fp32 masters (`training.master_weights=false`)", ["training.master_weights=false"]),
+        ("+ activation offloading (`parallel.activation_offload=true`", ["parallel.activation_offload=true"]),
+    ]
+    page = (REPO / "docs" / "memory.md").read_text()
+    args = list(base)
+    for label, more in steps:
+        args += more
+        cfg = load_config(args)
+        rank = derive(cfg, 1, device="cuda").memory.ranks[0]
+        moment = {"last block's backward": "a block's backward"}.get(rank.phase, rank.phase)
+        line = next(x for x in page.splitlines() if x.startswith(f"| {label}"))
+        assert line.endswith(f"| {rank.peak_bytes / 2**30:.2f} GiB | {moment} |"), (line, rank.peak_bytes, moment)
