@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.adapters import AdapterLinear, adapter_init_spec, init_adapters
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -596,6 +598,11 @@ class Transformer(nn.Module):
     def init_spec(self, name: str) -> dict:
         """How the parameter `name` (canonical) starts: {"fill": v}, or a normal draw {"mean", "std", "lo", "hi"}
         (models/init.py gives each element a value from its index in the full tensor)."""
+        if name.endswith(AdapterLinear.ADAPTER_NAMES):  # LoRA/DoRA (models/adapters.py): A's std from the fan-in
+            a = self.args
+            linear = name.split(".")[3]  # layers.<i>.<attention|feed_forward>.<linear>....
+            fan_in = {"wo": a.n_heads * a.head_dim, "w2": a.ffn_hidden}.get(linear, a.dim)
+            return adapter_init_spec(name, fan_in)
         if name.endswith("norm.weight"):
             return {"fill": 1.0}
         if name == "tok_embeddings.weight" and self.args.tie_embeddings:
@@ -635,6 +642,8 @@ class Transformer(nn.Module):
                     (p.to_local() if hasattr(p, "to_local") else p).fill_(spec["fill"])
             else:
                 fill_normal(p, seed, name, **spec)
+        if values:
+            init_adapters(self)  # DoRA's magnitudes from the base rows just drawn
         cos, sin = rope_tables(self.args)
         device = buffer_device or self.rope_cos.device  # with CPU offload, parameters live on the CPU
         self.rope_cos = cos.to(device)

@@ -1,0 +1,117 @@
+"""models/adapters.py: LoRA and DoRA on a frozen base (issue 26's model side). At step 0 the adapted model computes
+exactly what the base computes; only the adapters get gradients; a trained adapter merged into plain weights
+computes what the adapted model computes; DoRA's magnitudes start at the base's row norms. Each check is shown
+failing once on a broken adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.adapters import AdapterLinear, AdapterSpec, adapter_parameters, apply_adapters
+from models.llama import ModelArgs, build_model
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
+B, T = 2, 32
+
+
+def _models(kind: str, rank: int = 4):
+    """(the base model, the same base with adapters on every block linear), both initialized from seed 0."""
+    base = build_model(ARGS)
+    base.to_empty(device="cpu")
+    base.init_weights(seed=0)
+    adapted = build_model(ARGS)
+    replaced = apply_adapters(adapted, AdapterSpec(kind=kind, rank=rank, alpha=2.0 * rank))
+    adapted.to_empty(device="cpu")
+    adapted.init_weights(seed=0)
+    assert len(replaced) == 7 * ARGS.n_layers
+    return base, adapted
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(0, ARGS.vocab_size, (B, T), generator=g) for _ in range(2))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_step_0_is_the_base_model_exactly(kind):
+    base, adapted = _models(kind)
+    tokens, _ = _batch()
+    with torch.no_grad():
+        assert torch.equal(adapted(tokens), base(tokens))
+        # the check can fail: a nonzero B changes the output
+        for mod in adapted.modules():
+            if isinstance(mod, AdapterLinear):
+                mod.lora_b.weight.fill_(1e-3)
+        assert not torch.equal(adapted(tokens), base(tokens))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_only_the_adapters_get_gradients(kind):
+    _, adapted = _models(kind)
+    tokens, targets = _batch()
+    loss = torch.nn.functional.cross_entropy(adapted(tokens).flatten(0, 1), targets.flatten())
+    loss.backward()
+    trainable = adapter_parameters(adapted)
+    assert set(trainable) == {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert len(trainable) == 7 * ARGS.n_layers * (3 if kind == "dora" else 2)
+    for name, p in adapted.named_parameters():
+        if name in trainable:
+            # at step 0 B = 0, so A's gradient (through B) is zero; B's and m's are not
+            assert p.grad is not None and (name.endswith("lora_a.weight") or p.grad.abs().sum() > 0), name
+        else:
+            assert p.grad is None, f"{name}: the base is frozen"
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_a_trained_adapter_merges_into_plain_weights(kind):
+    """Three AdamW steps on the adapters, then each AdapterLinear's merged weight put into the base model: the same
+    logits (fp32, 1e-5). The comparison fails on a merge that leaves the adapter out."""
+    base, adapted = _models(kind)
+    tokens, targets = _batch()
+    opt = torch.optim.AdamW(adapter_parameters(adapted).values(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(adapted(tokens).flatten(0, 1), targets.flatten()).backward()
+        opt.step()
+    merged = {
+        f"{name}.weight": mod.merged_weight() for name, mod in adapted.named_modules() if isinstance(mod, AdapterLinear)
+    }
+    with torch.no_grad():
+        want = adapted(tokens)
+        unmerged = base(tokens)
+        state = base.state_dict()
+        state.update(merged)
+        base.load_state_dict(state, strict=True)
+        torch.testing.assert_close(base(tokens), want, rtol=1e-5, atol=1e-5)
+        assert (unmerged - want).abs().max() > 1e-3  # the adapters changed the model: the check can fail
+
+
+def test_dora_magnitudes_start_at_the_base_row_norms():
+    _, adapted = _models("dora")
+    for mod in adapted.modules():
+        if isinstance(mod, AdapterLinear):
+            torch.testing.assert_close(mod.magnitude, torch.linalg.vector_norm(mod.weight, dim=1), rtol=0, atol=0)
+
+
+def test_adapter_draws_are_the_same_in_every_build():
+    """A is drawn from the counter-based generator (models/init.py): two builds hold the same values."""
+    _, a = _models("lora")
+    _, b = _models("lora")
+    for (n, p), (_, q) in zip(adapter_parameters(a).items(), adapter_parameters(b).items(), strict=True):
+        assert torch.equal(p, q), n
+    first = next(p for n, p in adapter_parameters(a).items() if n.endswith("lora_a.weight"))
+    assert first.std() > 0.5 * first.shape[1] ** -0.5
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (dict(kind="qlora", rank=4, alpha=8), "adapter kind 'qlora'"),
+        (dict(kind="lora", rank=0, alpha=8), "adapter rank 0 must be >= 1"),
+        (dict(kind="lora", rank=4, alpha=8, targets=("wq", "output")), "adapter targets ['output']"),
+    ],
+)
+def test_bad_specs_are_refused_by_name(spec, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        AdapterSpec(**spec)
