@@ -261,6 +261,55 @@ def to_hf(sd: dict[str, torch.Tensor], args: ModelArgs, out: str | Path, dtype: 
     return out
 
 
+def to_peft(model, args: ModelArgs, spec, out: str | Path, base: str = "") -> Path:
+    """Write a model's LoRA/DoRA adapters (models/adapters.py) as a PEFT adapter directory: adapter_config.json and
+    adapter_model.safetensors under PEFT's names (`base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`,
+    `...lora_B.weight`, DoRA's `...lora_magnitude_vector`), which `peft.PeftModel.from_pretrained` loads onto the
+    base `to_hf` wrote (`base`: its path, recorded as base_model_name_or_path). The rows of wq and wk are in HF's
+    RoPE order there, so B's rows and the magnitudes of those two are permuted as their base weights are."""
+    from safetensors.torch import save_file
+
+    from models.adapters import AdapterLinear
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    inv_block = {v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in _BLOCK.items()}
+    tensors, targets = {}, set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, AdapterLinear):
+            continue
+        name = canonical_name(name)
+        _, i, rest = name.split(".", 2)
+        hf = inv_block[rest]
+        targets.add(hf.rsplit(".", 1)[1])
+        rows = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}.get(rest)
+        a, b = mod.lora_a.weight.detach(), mod.lora_b.weight.detach()
+        m = None if mod.magnitude is None else mod.magnitude.detach()
+        if rows:
+            b = _interleaved_to_halves(b, rows)
+            m = None if m is None else _interleaved_to_halves(m.unsqueeze(1), rows).squeeze(1)
+        prefix = f"base_model.model.model.layers.{i}.{hf}"
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+        if m is not None:
+            tensors[f"{prefix}.lora_magnitude_vector"] = m
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": sorted(targets),
+        "use_dora": spec.kind == "dora",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def load_full_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], ModelArgs | None]:
     """Full fp32 weights from an HF directory, a .safetensors file or a step-N checkpoint (any strategy)."""
     if path.is_dir() and (path / "config.json").is_file():

@@ -115,3 +115,31 @@ def test_adapter_draws_are_the_same_in_every_build():
 def test_bad_specs_are_refused_by_name(spec, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         AdapterSpec(**spec)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_peft_loads_the_exported_adapter_to_the_same_logits(kind, tmp_path):
+    """trainer/hf.py: the base exported with `to_hf`, the trained adapter with `to_peft`; transformers builds the base,
+    peft (`PeftModel.from_pretrained`) puts the adapter on it, and the logits are shardwise's adapted model's (fp32,
+    1e-5). The comparison can fail: the base alone is more than 1e-3 away."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from trainer.hf import to_hf, to_peft
+
+    spec = AdapterSpec(kind=kind, rank=4, alpha=8.0)
+    base, adapted = _models(kind)
+    tokens, targets = _batch()
+    opt = torch.optim.AdamW(adapter_parameters(adapted).values(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(adapted(tokens).flatten(0, 1), targets.flatten()).backward()
+        opt.step()
+    to_hf({k: v for k, v in base.state_dict().items() if "rope" not in k}, ARGS, tmp_path / "base")
+    to_peft(adapted, ARGS, spec, tmp_path / "adapter", base=str(tmp_path / "base"))
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        plain = hf(tokens).logits
+        tuned = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        got, want = tuned(tokens).logits, adapted.eval()(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (plain - want).abs().max() > 1e-3
