@@ -105,3 +105,18 @@ def test_the_llama8b_ablation_table_is_the_planners():
         moment = {"last block's backward": "a block's backward"}.get(rank.phase, rank.phase)
         line = next(x for x in page.splitlines() if x.startswith(f"| {label}"))
         assert line.endswith(f"| {rank.peak_bytes / 2**30:.2f} GiB | {moment} |"), (line, rank.peak_bytes, moment)
+
+
+def test_llama8b_1gpu_16g_states_the_host_memory_it_needs():
+    """The recipe and docs/recipes.md say how much host memory the offloaded states take, as the planner predicts
+    it (pinned memory's rounding included): a user with less host memory sees it before renting the GPU."""
+    from helpers import REPO
+
+    from trainer.config import load_config
+    from trainer.validate import derive
+
+    cfg = load_config(["recipe=llama8b_1gpu_16g"])
+    host = derive(cfg, 1, device="cuda").memory.host_bytes_per_node
+    said = f"{host / 2**30:.1f} GiB"
+    assert said in (REPO / "recipes" / "llama8b_1gpu_16g.yaml").read_text(), said
+    assert said in (REPO / "docs" / "recipes.md").read_text(), said
