@@ -149,3 +149,52 @@ def init_adapters(model: nn.Module) -> None:
     for mod in model.modules():
         if isinstance(mod, AdapterLinear):
             mod.reset_magnitude()
+
+
+def spec_of(cfg) -> AdapterSpec | None:
+    """The run's adapters (the `finetune` section), or None for full training."""
+    f = cfg.finetune
+    if str(f.method) == "full":
+        return None
+    return AdapterSpec(str(f.method), int(f.rank), float(f.alpha), float(f.dropout), tuple(f.targets))
+
+
+def config_problems(cfg) -> list[str]:
+    """The `finetune` section: a known method, a valid spec, and (this first version) only where it is built and
+    tested: LoRA on one process, without the options whose interplay with adapters is not tested yet."""
+    f, p, t = cfg.finetune, cfg.parallel, cfg.training
+    method = str(f.method)
+    if method == "full":
+        return []
+    if method not in ("lora",):
+        why = "DoRA's saved tensors are not in the planner yet" if method == "dora" else "unknown method"
+        return [f"finetune.method={method}: use full or lora ({why})"]
+    try:
+        spec_of(cfg)
+    except ValueError as e:
+        return [f"finetune: {e}"]
+    problems = []
+    where = {
+        "parallel.data": (str(p.data), "none"),
+        "parallel.tp": (int(p.tp), 1),
+        "parallel.pp": (int(p.pp), 1),
+        "parallel.cp": (int(p.cp), 1),
+        "parallel.compile": (bool(p.compile), False),
+        "parallel.activation_offload": (bool(p.activation_offload), False),
+        "training.float8": (str(t.float8), "none"),
+        "training.master_weights": (bool(t.master_weights), True),
+        "optim.in_backward": (bool(cfg.optim.in_backward), False),
+        "checkpoint.init_from": (cfg.checkpoint.init_from, None),
+    }
+    if str(p.ac) == "selective":
+        problems.append(
+            "finetune.method=lora with parallel.ac=selective: the planner does not count what selective AC keeps of "
+            "the adapters' matmuls yet; use parallel.ac=none or full"
+        )
+    for key, (value, supported) in where.items():
+        if value != supported:
+            problems.append(
+                f"finetune.method=lora with {key}={value}: adapters are built for one process so far "
+                f"({key}={supported}); the strategies, loading a base and these options come next (issue 26)"
+            )
+    return problems

@@ -126,6 +126,11 @@ def _leaf_safe_mod_tracker():
     return LeafSafe()
 
 
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
 class StepMemory:
     """Track one training step (forward, backward, optimizer) of this rank; `breakdown()` is the peak.
 
@@ -184,9 +189,14 @@ class StepMemory:
             for buf in pipeline_buffers(par.schedule):
                 tracker._update_and_maybe_create_winfos(buf, other)
         self.tracker = tracker
+        self.frozen = [p for part in parts for p in part.parameters() if not p.requires_grad]
         self.offload = getattr(par, "activation_offload", None)
 
     def __enter__(self):
+        # torch's MemTracker registers a gradient hook on every parameter it meets, which a frozen one refuses
+        # (a base under adapters): mark those as hooked already, with handles that remove nothing
+        for p in self.frozen:
+            self.tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
         if self.offload is not None:
             self.offload.reset_peak()
         if torch.cuda.is_initialized():

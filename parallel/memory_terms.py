@@ -14,6 +14,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+from models.adapters import spec_of as adapter_spec_of
 from models.llama import TP_SPLIT_DIM
 from parallel.layout import (
     PERSISTENCE_THRESHOLD,
@@ -88,6 +89,7 @@ class _Param:
     local: tuple[int, ...]  # what this rank stores (after FSDP's dim-0 split)
     unit: str  # the FSDP unit: "root" or the block index
     decay: bool  # in the weight-decayed optimizer group (matrices, not embeddings unless decay_embeddings)
+    trainable: bool = True  # False: a frozen base under adapters (finetune): no gradient, no optimizer state
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,6 +119,7 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
     blocks = {i for s in mine for i in ranges[s]}
     first, last = 0 in mine, total - 1 in mine
     out, decay_embeddings = [], bool(cfg.optim.decay_embeddings)
+    adapters = adapter_spec_of(cfg)
     for name, shape, unit, module in _named_shapes(args, tied_copy=args.tie_embeddings and last and not first):
         keep = (int(unit) in blocks) if unit != "root" else (first if module == "tok_embeddings" else last)
         if not keep:
@@ -128,8 +131,31 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
         if data in ("fsdp", "hsdp"):
             local[0] = _ceil(local[0], dims.dp_shard * dims.cp)
         decay = len(shape) >= 2 and (decay_embeddings or module != "tok_embeddings")
-        out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay))
+        out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay, not adapters))
+    for i in sorted(blocks) if adapters else ():  # finetune: LoRA's A (rank x in) and B (out x rank), trainable
+        for module, (n_out, n_in) in _adapted_linears(args, adapters):
+            for part, shape in (("lora_a", (adapters.rank, n_in)), ("lora_b", (n_out, adapters.rank))):
+                name = f"layers.{i}.{module}.{part}.weight"
+                out.append(_Param(name, shape, shape, shape, str(i), True, True))
     return out, sorted(blocks), first, last, len(mine)
+
+
+def _adapted_linears(args, spec) -> list[tuple[str, tuple[int, int]]]:
+    """(module path in a block, (out, in) features) of each linear the adapters wrap (models/adapters.py)."""
+    Q, K, D, F = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.dim, args.ffn_hidden
+    shapes = {"wq": (Q, D), "wk": (K, D), "wv": (K, D), "wo": (D, Q), "w1": (F, D), "w2": (D, F), "w3": (F, D)}
+    parent = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention"}
+    return [(f"{parent.get(n, 'feed_forward')}.{n}", shapes[n]) for n in spec.targets]
+
+
+def adapter_saved_per_token(r) -> float:
+    """What the adapters add to a block's saved tensors, per token (LoRA, AC none): each wrapped linear's B saves
+    its input, A's output (rank x the activation bytes). A saves the layer's input (under autocast its own cast)
+    where the frozen base no longer does: nothing more (measured with saved-tensor hooks, 2026-12-07)."""
+    if r.adapters is None:
+        return 0.0
+    act = 4 if r.mode == "fp32" else 2
+    return act * r.adapters.rank * len(r.adapters.targets)
 
 
 def _precision_mode(cfg) -> str:
@@ -153,7 +179,9 @@ def ac_mode(cfg) -> str:
     return SELECTIVE_EVERY_SECOND if ac == "selective" and str(p.sac_matmuls) == "every_second" else ac
 
 
-def block_saved_tensors(args, *, ac: str, mode: str, tp: int, device: str = "cuda") -> list[float]:
+def block_saved_tensors(
+    args, *, ac: str, mode: str, tp: int, device: str = "cuda", frozen: bool = False
+) -> list[float]:
     """Per token of the micro-batch (averaged over the sequence), the bytes of each storage one block saves for
     backward, as this model's ops run: RMSNorm saves its input, the normalized input and 1/rms; the linears their
     input (under autocast each linear its own cast copy); RoPE's outputs q and k; SDPA q, k, v (k and v repeated to
@@ -196,7 +224,7 @@ def block_saved_tensors(args, *, ac: str, mode: str, tp: int, device: str = "cud
             4 * H / t,
             *rows,
         ]
-    norms = 2 * _norm_tensors(D, mode, t, device)  # two RMSNorms
+    norms = 2 * _norm_tensors(D, mode, t, device, frozen)  # two RMSNorms
     casts = 3 if mode == "autocast" else 1  # autocast casts the shared input once per linear (wq, wk, wv)
     gathered = [lin * D] * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
     # rope(q), rope(k), v, SDPA out, lse; with model.expand_kv SDPA saves the keys and values repeated to the query
@@ -268,12 +296,12 @@ def cp_attention_bytes(cfg, args, dims: ParallelDims) -> float:
     return held + local * q * 4 + expanded
 
 
-def block_activation_bytes(args, *, ac: str, mode: str, tp: int, device: str = "cuda") -> float:
+def block_activation_bytes(args, *, ac: str, mode: str, tp: int, device: str = "cuda", frozen: bool = False) -> float:
     """Bytes one block saves for backward, per token of the micro-batch: `block_saved_tensors` summed."""
-    return sum(block_saved_tensors(args, ac=ac, mode=mode, tp=tp, device=device))
+    return sum(block_saved_tensors(args, ac=ac, mode=mode, tp=tp, device=device, frozen=frozen))
 
 
-def _norm_tensors(D: int, mode: str, tp: int, device: str = "cuda") -> list[float]:
+def _norm_tensors(D: int, mode: str, tp: int, device: str = "cuda", frozen: bool = False) -> list[float]:
     """Per token, what one RMSNorm saves: its input, the normalized input and 1/rms in the residual dtype (under
     tensor parallelism on the sequence-sharded input). On the CPU, 16-bit inputs (`mixed`: FSDP's or DeepSpeed's
     16-bit parameters) take torch's composite rms_norm, which upcasts: it saves the fp32 copy of the input, the
@@ -282,15 +310,19 @@ def _norm_tensors(D: int, mode: str, tp: int, device: str = "cuda") -> list[floa
     the input were measured here under FSDP's bf16 parameters with TP while FSDP cast the blocks' inputs, the RoPE
     tables among them, to 16 bits; the blocks no longer cast their inputs.)"""
     res = 2 if mode == "mixed" and device != "cpu" else 4
+    if frozen:  # a frozen norm weight (a base under adapters) needs no normalized input for its gradient
+        return [res * D / tp, res / tp]
     return [res * D / tp, res * D / tp, res / tp]
 
 
-def _norm_bytes(D: int, mode: str, tp: int, device: str = "cuda") -> float:
+def _norm_bytes(D: int, mode: str, tp: int, device: str = "cuda", frozen: bool = False) -> float:
     """Per token, one RMSNorm's saved bytes: `_norm_tensors` summed."""
-    return sum(_norm_tensors(D, mode, tp, device))
+    return sum(_norm_tensors(D, mode, tp, device, frozen))
 
 
-def block_recompute_bytes(args, *, ac: str, mode: str, tp: int, device: str = "cuda") -> tuple[float, float]:
+def block_recompute_bytes(
+    args, *, ac: str, mode: str, tp: int, device: str = "cuda", frozen: bool = False
+) -> tuple[float, float]:
     """Per token, (activations, gradient temporaries) a block adds during its own backward: under AC its
     forward recomputed (what the un-checkpointed block saves, less what it kept), and the gradients of its
     output and of the MLP's gate and up projections."""
@@ -298,9 +330,11 @@ def block_recompute_bytes(args, *, ac: str, mode: str, tp: int, device: str = "c
     temps = res * args.dim / tp + g * 2 * args.ffn_hidden / tp
     if ac == "none":
         return 0.0, temps
-    everything = block_activation_bytes(args, ac="none", mode=mode, tp=tp, device=device)
+    everything = block_activation_bytes(args, ac="none", mode=mode, tp=tp, device=device, frozen=frozen)
     if ac == "full":
-        recomputed = everything - block_activation_bytes(args, ac="full", mode=mode, tp=tp, device=device)
+        recomputed = everything - block_activation_bytes(
+            args, ac="full", mode=mode, tp=tp, device=device, frozen=frozen
+        )
     else:  # selective: the kept matmul and attention outputs are reused, not made again
         D, H = args.dim, args.n_heads
         Q, K, F = H * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden
@@ -343,10 +377,11 @@ def _model_states(cfg, params: list[_Param], dims: ParallelDims) -> dict[str, in
         }
     beta1, name = o.adafactor.beta1 is not None, str(o.name)
     width = 4 if cfg.training.master_weights else 2  # training.master_weights=false: bf16 parameters and gradients
+    trained = [q for q in params if q.trainable]  # (a frozen base under adapters: neither gradient nor state)
     return {
         "params": width * n_local,
-        "grads": width * n_local,
-        "optim": sum(optimizer_state_bytes(name, q.local, adafactor_beta1=beta1) for q in params),
+        "grads": width * sum(math.prod(q.local) for q in trained),
+        "optim": sum(optimizer_state_bytes(name, q.local, adafactor_beta1=beta1) for q in trained),
     }
 
 
@@ -383,6 +418,11 @@ class RankShape:
     ranges: list  # the blocks of every stage
     offload: bool  # parallel.offload=cpu on a device (on CPU the host is the device)
     states: dict  # _model_states: params, grads, optim (and master) bytes
+
+    @property
+    def adapters(self):
+        """The run's adapter spec (models/adapters.py) or None (full training)."""
+        return adapter_spec_of(self.cfg)
 
     @property
     def fsdp(self) -> bool:
@@ -500,7 +540,7 @@ def model_state_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
         states.append(
             Term(
                 f"optimizer state ({opt}, with its step counters)",
-                ms["optim"] + STEP_COUNTER_BYTES[opt] * len(r.params),
+                ms["optim"] + STEP_COUNTER_BYTES[opt] * sum(q.trainable for q in r.params),
                 "host" if host else "optim",
             )
         )
@@ -689,7 +729,11 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
     one microbatch's hidden state, 4 (2 when mixed) x D / tp x mb_tokens."""
     args, dims, t = r.args, r.dims, r.cfg.training
     ac, mode, pairs = r.ac, r.mode, b.pairs
-    blk = {kind: block_activation_bytes(args, ac=kind, mode=mode, tp=dims.tp, device=r.device) for kind in pairs}
+    frozen = r.adapters is not None
+    blk = {
+        kind: block_activation_bytes(args, ac=kind, mode=mode, tp=dims.tp, device=r.device, frozen=frozen)
+        for kind in pairs
+    }
     kinds = " and ".join(f"{pairs[k]} under {k} AC" for k in pairs) if len(pairs) > 1 else f"{ac} AC"
     acts = [
         Term(
@@ -714,6 +758,14 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
             )
             if extra:
                 acts.append(Term(PINNED_ROUNDING + ": the offloaded activations' storages", int(extra), "host"))
+    if r.adapters is not None and pairs.get("none"):  # LoRA's saved tensors (AC none: config_problems)
+        acts.append(
+            Term(
+                "LoRA adapters' saved tensors (A's output; under autocast A's own cast of the input)",
+                int(adapter_saved_per_token(r) * pairs["none"] * r.mb_tokens),
+                "activations",
+            )
+        )
     float8 = str(t.float8) != "none"
     plain = b.count and pairs.get("full", 0) < b.count  # some blocks not checkpointed
     if mode == "autocast" and plain and not float8:  # autocast's weight casts, saved for backward by each linear
@@ -764,7 +816,7 @@ def loss_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
     chunks = int(t.loss_chunks)
     res = 4 if mode != "mixed" else 2  # the final norm's output, saved in its own dtype
     if chunks:  # models/loss.py: the projection and the loss chunk by chunk, the logits never whole
-        final = _norm_bytes(args.dim, mode, dims.tp, r.device) + res * args.dim + 4 + 8
+        final = _norm_bytes(args.dim, mode, dims.tp, r.device, r.adapters is not None) + res * args.dim + 4 + 8
         acts.append(
             Term(
                 f"final norm, output input, log-sum-exp, targets (loss over {chunks} chunks)",
@@ -774,7 +826,9 @@ def loss_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
         )
     else:
         lin = 4 if mode == "fp32" else 2
-        final = _norm_bytes(args.dim, mode, dims.tp, r.device) + lin * args.dim + 4 * v_local + 8
+        final = (
+            _norm_bytes(args.dim, mode, dims.tp, r.device, r.adapters is not None) + lin * args.dim + 4 * v_local + 8
+        )
         n_last = r.flying[r.last_stage]
         acts.append(
             Term(
@@ -821,7 +875,9 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
     cp)."""
     cfg, args, dims, p, ac, mode = r.cfg, r.args, r.dims, r.cfg.parallel, r.ac, r.mode
     terms: list[Term] = []
-    extra, temps = block_recompute_bytes(args, ac=ac, mode=mode, tp=dims.tp, device=r.device)
+    extra, temps = block_recompute_bytes(
+        args, ac=ac, mode=mode, tp=dims.tp, device=r.device, frozen=r.adapters is not None
+    )
     if (
         ac == "full"
         and int(p.ac_every) > 1
@@ -969,7 +1025,8 @@ def optimizer_step_terms(r: RankShape) -> list[Term]:
     if opt == "adamw":
         groups: dict[bool, int] = {}
         for q in r.params:
-            groups[q.decay] = groups.get(q.decay, 0) + math.prod(q.local)
+            if q.trainable:
+                groups[q.decay] = groups.get(q.decay, 0) + math.prod(q.local)
         terms.append(
             Term(
                 "AdamW's update temporary (sqrt of the second moment, largest group)",

@@ -303,6 +303,17 @@ class HardwareConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Low-rank adapters on a frozen base (models/adapters.py): only the adapters train and hold optimizer state."""
+
+    method: str = "full"  # full (every parameter trains) or lora; dora and the strategies come with issue 26
+    rank: int = 8  # the adapters' rank r
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # block linears
+
+
+@dataclass
 class Config:
     name: str = ""  # the run's name; empty: the recipe's name
     run_dir: str = "runs/${name}"  # everything the run writes lands here
@@ -317,6 +328,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)  # what the recipe is sized for (launch/plan.py)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ----------------------------------------------------------------------------------------------

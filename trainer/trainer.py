@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.distributed.tensor.parallel import loss_parallel
 
+from models.adapters import apply_adapters
+from models.adapters import spec_of as adapter_spec_of
 from models.args import model_args_of
 from models.dtensor import full
 from models.llama import build_model
@@ -114,6 +116,8 @@ class Trainer:
         self.model_args = model_args_of(cfg)
         model = build_model(self.model_args, device="meta")
         model.loss_chunks = int(t.loss_chunks)  # (read by its TP plan and its forward)
+        if (spec := adapter_spec_of(cfg)) is not None:  # finetune: adapters on the frozen base, before the split
+            apply_adapters(model, spec)
 
         # 4. + 5. parallelize in the fixed order (pipeline split, TP, AC, compile, FSDP), then allocate
         #    on the device and initialize every parameter and buffer from the seed (the same weights in

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from models.adapters import config_problems as adapter_problems
 from models.args import ConfigError, model_args_of
 from models.llama import config_problems as model_problems
 from optim import config_problems as optim_problems
@@ -182,6 +183,7 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     problems += checkpoint_problems(cfg)
     problems += profile_problems(cfg, runs_on_cpu=runs_on_cpu)
     problems += _logging_problems(cfg)
+    problems += adapter_problems(cfg)
     return problems
 
 

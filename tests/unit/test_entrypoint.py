@@ -97,6 +97,14 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
         ),
         (["model.attention=cudnn", "training.device=cpu"], "model.attention=cudnn is a CUDA kernel"),
         (
+            ["finetune.method=dora"],
+            "finetune.method=dora: use full or lora (DoRA's saved tensors are not in the planner",
+        ),
+        (
+            ["finetune.method=lora", "parallel.data=fsdp"],
+            "finetune.method=lora with parallel.data=fsdp: adapters are built for one process so far",
+        ),
+        (
             ["model.attention=cudnn", "training.deterministic=true"],
             "model.attention=cudnn with training.deterministic=true: torch's deterministic mode excludes the cuDNN",
         ),

@@ -111,8 +111,9 @@ def test_plan_cli_refuses_bad_input_with_one_message(args, message):
 
 def test_planner_is_pure_arithmetic():
     """The planner's three modules (parallel/layout.py, parallel/memory_terms.py, parallel/plan.py) import the
-    standard library, the model's shape table and each other: nothing that starts or needs a process group, no
-    tensor library, nothing from trainer/ (which reads them; tests/unit/test_layers.py checks every layer)."""
+    standard library, the model's shape table, the adapters' spec and each other: nothing that starts or needs a
+    process group, no tensor library, nothing from trainer/ (which reads them; tests/unit/test_layers.py checks every
+    layer)."""
     import ast
 
     from helpers import REPO
@@ -124,6 +125,7 @@ def test_planner_is_pure_arithmetic():
         "dataclasses",
         "functools",
         "models.llama",
+        "models.adapters",  # the adapters' spec read off the config (spec_of), beside the model's shape table
         "parallel.layout",
         "parallel.memory_terms",
     }
