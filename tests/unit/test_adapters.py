@@ -33,6 +33,17 @@ def _batch():
     return (torch.randint(0, ARGS.vocab_size, (B, T), generator=g) for _ in range(2))
 
 
+def _trained(adapted) -> torch.Tensor:
+    """Three AdamW steps on the adapters (lr 1e-2); returns the batch's tokens."""
+    tokens, targets = _batch()
+    opt = torch.optim.AdamW(adapter_parameters(adapted).values(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(adapted(tokens).flatten(0, 1), targets.flatten()).backward()
+        opt.step()
+    return tokens
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_step_0_is_the_base_model_exactly(kind):
     base, adapted = _models(kind)
@@ -68,12 +79,7 @@ def test_a_trained_adapter_merges_into_plain_weights(kind):
     """Three AdamW steps on the adapters, then each AdapterLinear's merged weight put into the base model: the same
     logits (fp32, 1e-5). The comparison fails on a merge that leaves the adapter out."""
     base, adapted = _models(kind)
-    tokens, targets = _batch()
-    opt = torch.optim.AdamW(adapter_parameters(adapted).values(), lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(adapted(tokens).flatten(0, 1), targets.flatten()).backward()
-        opt.step()
+    tokens = _trained(adapted)
     merged = {
         f"{name}.weight": mod.merged_weight() for name, mod in adapted.named_modules() if isinstance(mod, AdapterLinear)
     }
@@ -128,12 +134,7 @@ def test_peft_loads_the_exported_adapter_to_the_same_logits(kind, tmp_path):
 
     spec = AdapterSpec(kind=kind, rank=4, alpha=8.0)
     base, adapted = _models(kind)
-    tokens, targets = _batch()
-    opt = torch.optim.AdamW(adapter_parameters(adapted).values(), lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(adapted(tokens).flatten(0, 1), targets.flatten()).backward()
-        opt.step()
+    tokens = _trained(adapted)
     to_hf({k: v for k, v in base.state_dict().items() if "rope" not in k}, ARGS, tmp_path / "base")
     to_peft(adapted, ARGS, spec, tmp_path / "adapter", base=str(tmp_path / "base"))
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
