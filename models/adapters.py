@@ -74,8 +74,10 @@ class AdapterLinear(nn.Linear):
         return self.spec.scaling * (self.lora_b.weight @ self.lora_a.weight)
 
     def row_norms(self) -> torch.Tensor:
-        """||W + s B A|| per output row, detached (DoRA)."""
-        return torch.linalg.vector_norm(self.weight + self.delta(), dim=1).detach()
+        """||W + s B A|| per output row, without a graph (DoRA detaches it): computed under no_grad, so that no
+        weight-sized tensor is saved for a backward that never comes."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(self.weight + self.delta(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight)
@@ -161,14 +163,13 @@ def spec_of(cfg) -> AdapterSpec | None:
 
 def config_problems(cfg) -> list[str]:
     """The `finetune` section: a known method, a valid spec, and (this first version) only where it is built and
-    tested: LoRA on one process, without the options whose interplay with adapters is not tested yet."""
+    tested: LoRA and DoRA on one process, without the options whose interplay with adapters is not tested yet."""
     f, p, t = cfg.finetune, cfg.parallel, cfg.training
     method = str(f.method)
     if method == "full":
         return []
-    if method not in ("lora",):
-        why = "DoRA's saved tensors are not in the planner yet" if method == "dora" else "unknown method"
-        return [f"finetune.method={method}: use full or lora ({why})"]
+    if method not in KINDS:
+        return [f"finetune.method={method}: use full, lora or dora"]
     try:
         spec_of(cfg)
     except ValueError as e:
@@ -188,13 +189,13 @@ def config_problems(cfg) -> list[str]:
     }
     if str(p.ac) == "selective":
         problems.append(
-            "finetune.method=lora with parallel.ac=selective: the planner does not count what selective AC keeps of "
-            "the adapters' matmuls yet; use parallel.ac=none or full"
+            f"finetune.method={method} with parallel.ac=selective: the planner does not count what selective AC "
+            "keeps of the adapters' matmuls yet; use parallel.ac=none or full"
         )
     for key, (value, supported) in where.items():
         if value != supported:
             problems.append(
-                f"finetune.method=lora with {key}={value}: adapters are built for one process so far "
+                f"finetune.method={method} with {key}={value}: adapters are built for one process so far "
                 f"({key}={supported}); the strategies, loading a base and these options come next (issue 26)"
             )
     return problems

