@@ -102,10 +102,12 @@ class AdapterLinear(nn.Linear):
         return w
 
 
-def apply_adapters(model: nn.Module, spec: AdapterSpec) -> list[str]:
+def apply_adapters(model: nn.Module, spec: AdapterSpec, *, share_base: bool = True) -> list[str]:
     """Replace each target linear of every block (`model.layers`) by an AdapterLinear (on the linear's own device:
     the meta device before the build allocates) and freeze every other parameter. Returns the replaced modules'
-    names. The adapters' values are set by `init_adapters` (or a checkpoint)."""
+    names. The adapters' values are set by `init_adapters` (or a checkpoint). `share_base=False` leaves the new
+    layer its own base weight (under DeepSpeed's zero.Init: already partitioned, filled later) instead of the old
+    layer's storage."""
     replaced = []
     for p in model.parameters():
         p.requires_grad_(False)
@@ -115,12 +117,18 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec) -> list[str]:
                 if child_name in spec.targets and type(child) is nn.Linear:
                     with torch.device(child.weight.device):
                         new = AdapterLinear(child.in_features, child.out_features, spec, bias=child.bias is not None)
-                    new.weight.data = child.weight.data  # the base's own storage (meta or real), frozen
-                    if child.bias is not None:
+                    if share_base:
+                        new.weight.data = child.weight.data  # the base's own storage (meta or real), frozen
+                    if child.bias is not None and share_base:
                         new.bias.data = child.bias.data
                     setattr(parent, child_name, new)
                     replaced.append(f"layers.{block_name}.{parent_name}.{child_name}")
     return replaced
+
+
+def adapter_spec(model: nn.Module) -> AdapterSpec | None:
+    """The spec of the adapters applied to `model`, or None where it has none."""
+    return next((m.spec for m in model.modules() if isinstance(m, AdapterLinear)), None)
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -162,8 +170,10 @@ def spec_of(cfg) -> AdapterSpec | None:
 
 
 def config_problems(cfg) -> list[str]:
-    """The `finetune` section: a known method, a valid spec, and (this first version) only where it is built and
-    tested: LoRA and DoRA on one process, without the options whose interplay with adapters is not tested yet."""
+    """The `finetune` section: a known method, a valid spec, and only where it is built and tested. Adapters train
+    under one process, DDP, FSDP2, HSDP, TP (parallel/tensor.py splits them with their layer), PP, CP and their
+    combinations, and ZeRO-1/2/3 (LoRA; DoRA's magnitudes are read from the whole base rows, which ZeRO-3
+    partitions); the options below are refused until the planner counts them with adapters."""
     f, p, t = cfg.finetune, cfg.parallel, cfg.training
     method = str(f.method)
     if method == "full":
@@ -175,11 +185,13 @@ def config_problems(cfg) -> list[str]:
     except ValueError as e:
         return [f"finetune: {e}"]
     problems = []
+    if method == "dora" and str(p.data) == "zero3":
+        problems.append(
+            "finetune.method=dora with parallel.data=zero3: DoRA's magnitudes start at the base's row norms, which "
+            "ZeRO-3 partitions before they can be read; use parallel.data=fsdp (or zero1/zero2), or "
+            "finetune.method=lora"
+        )
     where = {
-        "parallel.data": (str(p.data), "none"),
-        "parallel.tp": (int(p.tp), 1),
-        "parallel.pp": (int(p.pp), 1),
-        "parallel.cp": (int(p.cp), 1),
         "parallel.compile": (bool(p.compile), False),
         "parallel.activation_offload": (bool(p.activation_offload), False),
         "training.float8": (str(t.float8), "none"),
@@ -195,7 +207,7 @@ def config_problems(cfg) -> list[str]:
     for key, (value, supported) in where.items():
         if value != supported:
             problems.append(
-                f"finetune.method={method} with {key}={value}: adapters are built for one process so far "
-                f"({key}={supported}); the strategies, loading a base and these options come next (issue 26)"
+                f"finetune.method={method} with {key}={value}: not built with adapters yet (the planner does not "
+                f"count it with them); use {key}={supported}"
             )
     return problems

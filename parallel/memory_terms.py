@@ -134,11 +134,22 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
         out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay, not adapters))
     for i in sorted(blocks) if adapters else ():  # finetune: A (rank x in), B (out x rank), DoRA's m: trainable
         for module, (n_out, n_in) in _adapted_linears(args, adapters):
-            for part, shape in (("lora_a", (adapters.rank, n_in)), ("lora_b", (n_out, adapters.rank))):
-                name = f"layers.{i}.{module}.{part}.weight"
-                out.append(_Param(name, shape, shape, shape, str(i), True, True))
+            parts = [("lora_a.weight", (adapters.rank, n_in)), ("lora_b.weight", (n_out, adapters.rank))]
             if adapters.kind == "dora":  # the magnitude per output feature (1-D: no weight decay)
-                out.append(_Param(f"layers.{i}.{module}.magnitude", (n_out,), (n_out,), (n_out,), str(i), False, True))
+                parts.append(("magnitude", (n_out,)))
+            # under TP (parallel/tensor.py) a column-parallel layer splits B's rows and the magnitude, a row-parallel
+            # one A's columns; FSDP then splits dim 0 of what each rank holds
+            colwise = TP_SPLIT_DIM.get(module) == 0
+            for part, shape in parts:
+                tp_shape = list(shape)
+                d = 1 if part == "lora_a.weight" and not colwise else 0 if part != "lora_a.weight" and colwise else None
+                if dims.tp > 1 and d is not None:
+                    tp_shape[d] = _ceil(tp_shape[d], dims.tp)
+                local = list(tp_shape)
+                if data in ("fsdp", "hsdp"):
+                    local[0] = _ceil(local[0], dims.dp_shard * dims.cp)
+                name = f"layers.{i}.{module}.{part}"
+                out.append(_Param(name, shape, tuple(tp_shape), tuple(local), str(i), len(shape) == 2, True))
     return out, sorted(blocks), first, last, len(mine)
 
 
@@ -158,10 +169,19 @@ def adapter_saved_per_token(r) -> float:
     if r.adapters is None:
         return 0.0
     act = 4 if r.mode == "fp32" else 2
-    per = act * r.adapters.rank * len(r.adapters.targets)
+    per = act * r.adapters.rank * len(r.adapters.targets)  # (A's output is whole on every TP rank)
     if r.adapters.kind == "dora":  # the unscaled output, saved for the magnitude's gradient
-        per += act * sum(n_out for _, (n_out, _) in _adapted_linears(r.args, r.adapters))
+        per += act * _dora_outputs(r)
     return per
+
+
+def _dora_outputs(r) -> int:
+    """DoRA's output features per token that one rank scales: under TP a column-parallel layer's share of its
+    outputs, a row-parallel layer's whole (partial-sum) output."""
+    return sum(
+        _ceil(n_out, r.dims.tp) if TP_SPLIT_DIM.get(module) == 0 else n_out
+        for module, (n_out, _) in _adapted_linears(r.args, r.adapters)
+    )
 
 
 def adapter_saved_per_block(r) -> float:
@@ -169,7 +189,7 @@ def adapter_saved_per_block(r) -> float:
     parts, measured as 8 bytes per output feature in fp32 and 6 under autocast (an fp32 and a 16-bit copy)."""
     if r.adapters is None or r.adapters.kind != "dora":
         return 0.0
-    return (8 if r.mode == "fp32" else 6) * sum(n_out for _, (n_out, _) in _adapted_linears(r.args, r.adapters))
+    return (8 if r.mode == "fp32" else 6) * _dora_outputs(r)
 
 
 def _precision_mode(cfg) -> str:
@@ -382,12 +402,15 @@ def _model_states(cfg, params: list[_Param], dims: ParallelDims) -> dict[str, in
         stage, compute = ZERO_STAGES[data], 4 if str(cfg.training.precision) == "fp32" else 2
         part = _ceil(n_local, dims.dp_size)
         # DeepSpeed keeps the module in the compute dtype, an fp32 master partition and AdamW's moments over it;
-        # ZeRO-1 holds whole gradients until the boundary, ZeRO-2/3 only their partition
+        # ZeRO-1 holds whole gradients until the boundary, ZeRO-2/3 only their partition. A frozen base under
+        # adapters is kept (ZeRO-3: partitioned) but has no master, gradient or moments
+        n_train = sum(math.prod(q.local) for q in params if q.trainable)
+        t_part = _ceil(n_train, dims.dp_size)
         return {
             "params": compute * (part if stage == 3 else n_local),
-            "master": 4 * part,
-            "grads": compute * (n_local if stage == 1 else part),
-            "optim": 8 * part,
+            "master": 4 * t_part,
+            "grads": compute * (n_train if stage == 1 else t_part),
+            "optim": 8 * t_part,
         }
     beta1, name = o.adafactor.beta1 is not None, str(o.name)
     width = 4 if cfg.training.master_weights else 2  # training.master_weights=false: bf16 parameters and gradients
@@ -469,6 +492,16 @@ class RankShape:
         per_unit: dict[str, int] = {}
         for q in self.params:
             if q.unit != "root":
+                per_unit[q.unit] = per_unit.get(q.unit, 0) + math.prod(q.tp)
+        return max(per_unit.values(), default=0)
+
+    @functools.cached_property
+    def grads_per_block(self) -> int:
+        """The largest block's trainable elements after the TP split (its unsharded gradient under FSDP): per_block,
+        or under adapters only theirs (a frozen base has no gradient to reduce)."""
+        per_unit: dict[str, int] = {}
+        for q in self.params:
+            if q.unit != "root" and q.trainable:
                 per_unit[q.unit] = per_unit.get(q.unit, 0) + math.prod(q.tp)
         return max(per_unit.values(), default=0)
 
@@ -936,13 +969,13 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
             )
         )
     if r.fsdp and r.compute == 2 and dims.pp == 1:  # (their fp32 copy and reduce-scatter: `fsdp_reduce_terms`)
-        terms.append(Term("the block's unsharded gradients in the compute dtype", 2 * r.per_block, "temporaries"))
+        terms.append(Term("the block's unsharded gradients in the compute dtype", 2 * r.grads_per_block, "temporaries"))
     elif r.fsdp:
         if r.compute == 2:  # under pipelining the stage reduce-scatters after its backward (parallel/pipeline.py)
             terms.append(
                 Term(
                     "the block's unsharded gradients in the compute dtype and their fp32 copy for the reduce-scatter",
-                    6 * r.per_block,
+                    6 * r.grads_per_block,
                     "temporaries",
                 )
             )
@@ -953,7 +986,7 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
 def _reduce_scatter_output(r: RankShape) -> Term:
     return Term(
         "the reduce-scatter's output (the block's fp32 gradient shard)",
-        4 * _ceil(r.per_block, r.dims.dp_shard * r.dims.cp),
+        4 * _ceil(r.grads_per_block, r.dims.dp_shard * r.dims.cp),
         "temporaries",
     )
 
@@ -985,8 +1018,8 @@ def fsdp_reduce_terms(r: RankShape, b: BlockActivations, acts: list[Term]) -> li
     ]
     return [
         *held,
-        Term("the block's unsharded gradients in the compute dtype", 2 * r.per_block, "temporaries"),
-        Term("their fp32 copy for the reduce-scatter", 4 * r.per_block, "temporaries"),
+        Term("the block's unsharded gradients in the compute dtype", 2 * r.grads_per_block, "temporaries"),
+        Term("their fp32 copy for the reduce-scatter", 4 * r.grads_per_block, "temporaries"),
         _reduce_scatter_output(r),
     ]
 

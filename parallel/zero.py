@@ -17,6 +17,7 @@ import json
 import torch
 from torch import nn
 
+from models.adapters import adapter_spec, apply_adapters
 from models.args import installed
 from models.dtensor import nbytes
 from models.init import fill_flat_partition
@@ -216,6 +217,8 @@ def build_partitioned(meta_model: nn.Module, ds_config: dict, device: torch.devi
         _without_default_init(),
     ):
         model = type(meta_model)(meta_model.args)
+        if (spec := adapter_spec(meta_model)) is not None:  # finetune: the same adapters, partitioned as made
+            apply_adapters(model, spec, share_base=False)
     model.loss_chunks = meta_model.loss_chunks  # (the Trainer's setting on the meta model: the loss in chunks)
     model.init_weights(seed=seed, buffer_device=device, values=False)  # the RoPE tables (buffers: not partitioned)
     for name, prm in model.named_parameters():

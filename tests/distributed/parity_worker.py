@@ -58,10 +58,15 @@ def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
     params = {}
     for part in trainer.par.parts:
         for name, p in part.named_parameters():
-            if getattr(trainer.par, "engine", None) is not None:
+            if getattr(trainer.par, "engine", None) is not None and p.requires_grad:
                 from deepspeed.utils import safe_get_full_fp32_param
 
                 value = safe_get_full_fp32_param(p)
+            elif getattr(p, "ds_status", None) is not None:  # a frozen ZeRO-3 parameter: gathered to read it
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p]):
+                    value = p.detach().clone()
             else:
                 value = full(p.detach())
             params[canonical_name(name)] = value.detach().float().cpu()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 from conftest import PARITY_STEPS, TINY
 from pairwise import AXES, matrix, values_of
 
@@ -175,6 +176,37 @@ def _pairwise_runs(index: int) -> list[tuple[int, list[str]]]:
     return [(1, [MATRIX_STEPS, *run.reference()]), (run.nproc, [MATRIX_STEPS, *run.overrides])]
 
 
+# LoRA and DoRA on a frozen base (models/adapters.py) under every strategy that holds them, over five steps: the
+# reference is one process with the same adapters. A's gradient after step 1 is exactly zero everywhere (B starts
+# at zero), so step 1 compares B's (and DoRA's magnitudes); A trains from step 2 on, which the losses of steps 3-5
+# and the validation loss see. (id, processes, overrides), global batch 8, fp32
+ADAPTER_STEPS = "training.steps=5"
+ADAPTER_CASES = [
+    ("lora_ddp", 2, ["finetune.method=lora", "parallel.data=ddp"]),
+    ("lora_fsdp", 2, ["finetune.method=lora", "parallel.data=fsdp"]),
+    ("dora_fsdp", 2, ["finetune.method=dora", "parallel.data=fsdp"]),
+    ("lora_hsdp_2x2", 4, ["finetune.method=lora", "parallel.data=hsdp", "parallel.dp_replicate=2"]),
+    ("lora_tp", 2, ["finetune.method=lora", "parallel.tp=2"]),
+    ("dora_tp", 2, ["finetune.method=dora", "parallel.tp=2"]),
+    ("dora_fsdp_tp", 4, ["finetune.method=dora", "parallel.data=fsdp", "parallel.tp=2"]),
+    ("lora_pp", 2, ["finetune.method=lora", "parallel.pp=2"]),
+    ("dora_pp_fsdp", 4, ["finetune.method=dora", "parallel.pp=2", "parallel.data=fsdp", "parallel.ac=full"]),
+    ("lora_pp_tp", 4, ["finetune.method=lora", "parallel.pp=2", "parallel.tp=2"]),
+    ("lora_cp_2", 2, ["finetune.method=lora", "parallel.cp=2"]),
+    ("dora_tp_cp_2x2", 4, ["finetune.method=dora", "parallel.tp=2", "parallel.cp=2", "parallel.cp_rotate=ring"]),
+    ("lora_zero1", 2, ["finetune.method=lora", "parallel.data=zero1"]),
+    ("lora_zero2", 2, ["finetune.method=lora", "parallel.data=zero2"]),
+    ("lora_zero3", 2, ["finetune.method=lora", "parallel.data=zero3"]),
+]
+
+
+def _adapter_runs(nproc, overrides) -> list[tuple[int, list[str]]]:
+    """(one process with the row's adapters, the row's layout) of one ADAPTER_CASES row."""
+    common = [ADAPTER_STEPS, "training.global_batch_size=8", "training.precision=fp32"]
+    method = [o for o in overrides if o.startswith("finetune.")]
+    return [(1, [*common, *method]), (nproc, [*common, *overrides])]
+
+
 def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
     """What each selected test asks the worker for (conftest.py batches them, one launch per rank count)."""
     if test == "test_pairwise_matrix_matches_single_process":
@@ -185,6 +217,8 @@ def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
         return _strategy_runs(params["nproc"], params["overrides"], params["global_batch"], params["precision"])
     if test == "test_optimizer_in_backward_trains_like_the_step_after_backward":
         return _in_backward_runs(params["nproc"], params["overrides"], params["global_batch"])
+    if test == "test_adapters_match_single_process":
+        return _adapter_runs(params["nproc"], params["overrides"])
     return []
 
 
@@ -205,7 +239,8 @@ def differences(name: str, ref: dict, got: dict, tol: tuple[float, float]) -> li
     if got["grads"].keys() != ref["grads"].keys():
         return [*out, f"{name}: parameters differ: {sorted(got['grads'].keys() ^ ref['grads'].keys())[:4]}"]
     for key, g in ref["grads"].items():
-        err = ((got["grads"][key] - g).norm() / g.norm()).item()
+        # (an adapter's A is exactly zero at step 1: B starts at zero; it must be zero in the layout too)
+        err = ((got["grads"][key] - g).norm() / g.norm()).item() if g.norm() > 0 else got["grads"][key].norm().item()
         if not err <= grad_tol:
             out.append(f"{name}: gradient of {key} off by {err:.2e} (relative)")
     return out
@@ -240,6 +275,36 @@ def test_optimizer_in_backward_trains_like_the_step_after_backward(name, nproc, 
             assert abs(b - a) <= 1e-5 * abs(a), f"{name}: {what} at step {step} is {b}, single process {a}"
     a, b = ref["val_loss"], got["val_loss"]
     assert abs(b - a) <= 1e-5 * abs(a), f"{name}: validation loss after step 3 is {b}, single process {a}"
+
+
+@pytest.mark.parametrize("name, nproc, overrides", ADAPTER_CASES, ids=[c[0] for c in ADAPTER_CASES])
+def test_adapters_match_single_process(name, nproc, overrides, worker):
+    """Adapters under a strategy train as on one process: losses, gradient norms and validation loss over five steps
+    and every adapter parameter's gradient after step 1 (fp32, 1e-5); only adapters have gradients, and the frozen
+    base leaves the run bitwise as it came (where DeepSpeed keeps no fp32 copy of it: the parameters themselves)."""
+    ref, got = (worker(*run) for run in _adapter_runs(nproc, overrides))
+    assert len(got["losses"]) == len(ref["losses"]) == 5
+    problems = differences(name, ref, got, FP32)
+    assert not problems, "\n".join(problems)
+    trained = {k for k in ref["grads"]}
+    assert trained and all(k.endswith(("lora_a.weight", "lora_b.weight", "magnitude")) for k in trained), trained
+    assert sum(ref["grads"][k].norm() > 0 for k in trained if k.endswith("lora_b.weight")) == 4 * 7  # every B
+    moved = [k for k in ref["params"] if k not in trained and not torch.equal(got["params"][k], ref["params"][k])]
+    assert not moved, f"{name}: frozen base parameters differ from one process after 5 steps: {moved[:3]}"
+
+
+def test_the_adapter_comparison_fails_when_the_adapters_are_broken(worker):
+    """The comparison above fails where adapters are broken: one layer's B gradient zeroed (a frozen adapter), its
+    magnitude's gradient scaled (a wrong reduction), and A trained at step 1 (B's zero start lost)."""
+    ref, got = (worker(*run) for run in _adapter_runs(*ADAPTER_CASES[6][1:]))  # dora_fsdp_tp
+    assert not differences("as run", ref, got, FP32)
+    b, m, a = (f"layers.2.feed_forward.w2.{n}" for n in ("lora_b.weight", "magnitude", "lora_a.weight"))
+    for broken in (
+        {**got["grads"], b: 0 * got["grads"][b]},
+        {**got["grads"], m: 1.001 * got["grads"][m]},
+        {**got["grads"], a: got["grads"][a] + 1e-3 * got["grads"][b].norm()},
+    ):
+        assert len(differences("broken", ref, {**got, "grads": broken}, FP32)) == 1
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])

@@ -101,8 +101,12 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
             "finetune.method=qlora: use full, lora or dora",
         ),
         (
-            ["finetune.method=lora", "parallel.data=fsdp"],
-            "finetune.method=lora with parallel.data=fsdp: adapters are built for one process so far",
+            ["finetune.method=lora", "parallel.compile=true"],
+            "finetune.method=lora with parallel.compile=True: not built with adapters yet",
+        ),
+        (
+            ["finetune.method=dora", "parallel.data=zero3", "WORLD_SIZE=2"],
+            "finetune.method=dora with parallel.data=zero3: DoRA's magnitudes start at the base's row norms",
         ),
         (
             ["model.attention=cudnn", "training.deterministic=true"],
