@@ -144,6 +144,13 @@ def refusal(path: Path, cfg, *, zero: bool) -> str | None:
             f"checkpoint {path} was written for another model shape ({'; '.join(differ)}); refusing to load "
             f"it. Set those model.* keys to the checkpoint's values, or point checkpoint.dir elsewhere"
         )
+    ours_ft, theirs_ft = finetune_record(cfg), state.get("finetune", {"method": "full"})
+    if ours_ft != theirs_ft:
+        return (
+            f"checkpoint {path} holds {_describe(theirs_ft)}, this run trains {_describe(ours_ft)}; refusing to "
+            "load it. Set the finetune.* keys (and the base: training.seed, checkpoint.init_from) to the "
+            "checkpoint's, or point checkpoint.dir elsewhere"
+        )
     saved_zero = str(state.get("strategy", "")).startswith("zero")
     if saved_zero != zero:
         return (
@@ -153,6 +160,35 @@ def refusal(path: Path, cfg, *, zero: bool) -> str | None:
             f"checkpoint.init_from=model.safetensors (weights only)"
         )
     return None
+
+
+def finetune_record(cfg) -> dict:
+    """What a checkpoint holds and on what (train_state.json's "finetune"): full training holds the whole model; an
+    adapter run only the adapters and their optimizer state, so it names its frozen base (drawn from the seed, the
+    only base adapters start from so far) and the adapters' settings: resuming on another base or with other
+    adapters would silently train something else."""
+    from models.adapters import spec_of
+
+    spec = spec_of(cfg)
+    if spec is None:
+        return {"method": "full"}
+    return {
+        "method": spec.kind,
+        "rank": spec.rank,
+        "alpha": spec.alpha,
+        "targets": list(spec.targets),
+        "base": {"source": "seed", "seed": int(cfg.training.seed)},
+    }
+
+
+def _describe(record: dict) -> str:
+    if record["method"] == "full":
+        return "the whole model (full training)"
+    base = record["base"]
+    return (
+        f"{record['method']} adapters (rank {record['rank']}, alpha {record['alpha']}, on "
+        f"{', '.join(record['targets'])}) on the base drawn from training.seed={base.get('seed')}"
+    )
 
 
 def _move_aside(path: Path) -> Path:
@@ -245,6 +281,7 @@ class Checkpointer:
         self.control = control_group  # the main thread's checks while a background save uses `group`
         self.pending = None  # (future, path) of an async save not yet marked complete
         self.module = state_module(trainer.par.parts)
+        self.adapters_only = finetune_record(cfg)["method"] != "full"
 
     # -- saving
 
@@ -265,7 +302,9 @@ class Checkpointer:
         par = self.t.par
         if getattr(par, "engine", None) is not None:
             # DeepSpeed writes its partitioned model and optimizer states into root/step-N itself
-            par.engine.save_checkpoint(str(self.root), tag=path.name, save_latest=False)
+            par.engine.save_checkpoint(
+                str(self.root), tag=path.name, save_latest=False, exclude_frozen_parameters=self.adapters_only
+            )
         elif self.async_save and not sync:
             import torch.distributed.checkpoint as dcp
 
@@ -351,11 +390,13 @@ class Checkpointer:
         """The optimizer, or under optim.in_backward its per-parameter ones (the same flattened keys)."""
         return getattr(self.t.optimizer, "optimizers", self.t.optimizer)
 
-    @staticmethod
-    def _options():
+    def _options(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(flatten_optimizer_state_dict=True)
+        # adapters on a frozen base: the checkpoint holds the trainable parameters only (the base is rebuilt from
+        # its source, which train_state.json names), and loading leaves the base as the build made it
+        adapters = self.adapters_only
+        return StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=adapters, strict=not adapters)
 
     def _trainer_state(self) -> dict:
         t = self.t
@@ -393,6 +434,7 @@ class Checkpointer:
             "data": t.train_loader.state_dict(),
             "config_hash": config_hash(t.cfg),
             "strategy": str(t.cfg.parallel.data),
+            "finetune": finetune_record(t.cfg),
             "layout": self._layout(),
             "wandb_run_id": t.logger.wandb.run_id if t.logger.wandb else None,
         }
@@ -413,7 +455,11 @@ class Checkpointer:
         par = self.t.par
         if getattr(par, "engine", None) is not None:
             loaded, _ = par.engine.load_checkpoint(
-                str(self.root), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+                str(self.root),
+                tag=path.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                load_module_strict=not self.adapters_only,
             )
             if loaded is None:
                 raise ValueError(f"DeepSpeed could not load {path}")

@@ -351,6 +351,7 @@ def one_checkpoint(tmp_path_factory):
         ("truncated_metadata", ".metadata is 100 bytes"),
         ("zeroed_shard", "__0_0.distcp has other bytes than when saved (xxh3_128 differs)"),
         ("other_model", "another model shape (model.n_layers: 4 in the checkpoint, 2 here)"),
+        ("full_into_lora", "holds the whole model (full training), this run trains lora adapters (rank 8"),
     ],
 )
 def test_a_damaged_only_checkpoint_is_refused_and_nothing_is_written(damage, message, one_checkpoint, tmp_path):
@@ -367,6 +368,8 @@ def test_a_damaged_only_checkpoint_is_refused_and_nothing_is_written(damage, mes
         meta.write_bytes(meta.read_bytes()[:100])
     elif damage == "zeroed_shard":
         _zero_64k(step / "__0_0.distcp")
+    elif damage == "full_into_lora":
+        args = [*args, "finetune.method=lora"]
     else:
         args = [*args, "model.n_layers=2"]
     before = {f: (run / f).read_bytes() for f in ("metrics.jsonl", "config.yaml")}
@@ -633,3 +636,56 @@ def _continues_like(source: Path, moved: Path, what: str):
     s_want, s_got = samples(source), samples(moved)
     assert s_got == {3: s_want[3], 4: s_want[4]}
     return s_want, s_got
+
+
+# adapters on a frozen base (models/adapters.py): the checkpoint holds the adapters and their optimizer state only
+LORA = ["finetune.method=lora"]
+
+
+def _dcp_keys(step_dir: Path) -> list[str]:
+    import torch.distributed.checkpoint as dcp
+
+    return list(dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata)
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "zero3"])
+def test_adapter_checkpoints_hold_only_the_adapters_and_resume_bitwise(layout, tmp_path, straight):
+    """A LoRA run's checkpoint holds the adapters, their optimizer state and the name of the base (train_state.json),
+    no base weight; resumed at step 2 in the same layout, the losses, samples and the step-4 state are identical."""
+    nproc, overrides = LAYOUTS[layout]
+    run = straight(nproc, [*TINY, *LORA, *overrides])
+    step2 = run / "checkpoints" / "step-2"
+    record = json.loads((step2 / "train_state.json").read_text())["finetune"]
+    assert record == {
+        "method": "lora",
+        "rank": 8,
+        "alpha": 16.0,
+        "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+        "base": {"source": "seed", "seed": 0},
+    }
+    if layout == "fsdp":
+        tensors = [k for k in _dcp_keys(step2) if k.startswith("model.")]
+        assert tensors and all(".lora_" in k for k in tensors), [k for k in tensors if ".lora_" not in k][:3]
+    else:  # DeepSpeed's module file keeps no frozen parameter
+        module = torch.load(step2 / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert all(".lora_" in k for k in module), [k for k in module if ".lora_" not in k][:3]
+    proc, resumed = _resume_step_2(run, tmp_path, [*TINY, *LORA, *overrides], nproc)
+    assert "at step 2" in proc.stdout and "random streams restored (the same layout)" in proc.stdout
+    want = losses(run)
+    assert losses(resumed) == {3: want[3], 4: want[4]}
+    assert_equal_trees(full_state(run / "checkpoints" / "step-4"), full_state(resumed / "checkpoints" / "step-4"))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_checkpoints_reshard_from_fsdp_to_tp(method, tmp_path, straight):
+    """An FSDP adapter checkpoint resumed under TP (B split by rows, A by columns, DoRA's magnitudes with B): the
+    uninterrupted run's losses (1e-5) and samples; resuming with other adapters is refused before anything loads."""
+    run = straight(2, [*TINY, f"finetune.method={method}", "parallel.data=fsdp"])
+    proc, moved = _resume_step_2(run, tmp_path, [*TINY, f"finetune.method={method}", "parallel.tp=2"], 2)
+    assert "at step 2" in proc.stdout
+    _continues_like(run, moved, f"{method} fsdp -> tp")
+    if method == "dora":
+        other = run_train([*TINY, "finetune.method=dora", "finetune.rank=4", f"run_dir={run}"], nproc=1, check=False)
+        assert other.returncode != 0
+        assert "holds dora adapters (rank 8, alpha 16.0" in other.stderr
+        assert "this run trains dora adapters (rank 4" in other.stderr
