@@ -197,7 +197,6 @@ def config_problems(cfg) -> list[str]:
         "training.float8": (str(t.float8), "none"),
         "training.master_weights": (bool(t.master_weights), True),
         "optim.in_backward": (bool(cfg.optim.in_backward), False),
-        "checkpoint.init_from": (cfg.checkpoint.init_from, None),
     }
     if str(p.ac) == "selective":
         problems.append(

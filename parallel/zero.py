@@ -265,6 +265,8 @@ def load_full_into_partitions(model: nn.Module, full: dict[str, torch.Tensor]) -
 
     with torch.no_grad():
         for name, prm in model.named_parameters():
+            if canonical_name(name) not in full:  # an adapter (models/adapters.py) keeps its own start
+                continue
             src, flat = full[canonical_name(name)].reshape(-1), prm.ds_tensor
             start = partition_start(prm)
             n = max(0, min(flat.numel(), src.numel() - start))

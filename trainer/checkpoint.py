@@ -23,6 +23,7 @@ in every layout, so DCP reshards them on load: any native strategy and world siz
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -177,17 +178,56 @@ def finetune_record(cfg) -> dict:
         "rank": spec.rank,
         "alpha": spec.alpha,
         "targets": list(spec.targets),
-        "base": {"source": "seed", "seed": int(cfg.training.seed)},
+        "base": base_record(cfg),
     }
+
+
+def base_record(cfg) -> dict:
+    """The frozen base an adapter run trains on: drawn from training.seed, or the weights at checkpoint.init_from
+    (its path and the xxh3-128 checksum of its weight files, so that a changed file is noticed)."""
+    if not cfg.checkpoint.init_from:
+        return {"source": "seed", "seed": int(cfg.training.seed)}
+    path = Path(cfg.checkpoint.init_from)
+    return {"source": "init_from", "path": str(path.resolve()), "checksum": weights_checksum(path.resolve())}
+
+
+def weights_checksum(path: Path) -> str:
+    """xxh3-128 over the weight files at `path` (a .safetensors file; an HF directory's *.safetensors and
+    config.json; a step-N checkpoint's files), in name order: one hex string."""
+    if path.is_file():
+        files = [path]
+    elif (path / "config.json").is_file():
+        files = sorted([*path.glob("*.safetensors"), path / "config.json"])
+    else:
+        files = [path / f for f in checkpoint_files(path)]
+    return _digest_of(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.cache
+def _digest_of(files: tuple[tuple[str, int, int], ...]) -> str:
+    """(cached by name, size and modification time: a process asks for its base's checksum at each save)"""
+    import xxhash
+
+    from trainer.integrity import file_digest
+
+    h = xxhash.xxh3_128()
+    for name, _, _ in files:
+        h.update(f"{Path(name).name}:{file_digest(Path(name))};".encode())
+    return h.hexdigest()
 
 
 def _describe(record: dict) -> str:
     if record["method"] == "full":
         return "the whole model (full training)"
     base = record["base"]
+    on = (
+        f"the base drawn from training.seed={base.get('seed')}"
+        if base["source"] == "seed"
+        else f"the base {base['path']} (xxh3-128 {base['checksum'][:12]}...)"
+    )
     return (
         f"{record['method']} adapters (rank {record['rank']}, alpha {record['alpha']}, on "
-        f"{', '.join(record['targets'])}) on the base drawn from training.seed={base.get('seed')}"
+        f"{', '.join(record['targets'])}) on {on}"
     )
 
 

@@ -436,7 +436,8 @@ def load_weights(parts, cfg, path: Path) -> None:
     module = state_module(parts)
     # this rank's stages only, in module order: every rank must visit the names in the same order (the
     # load distributes each full tensor collectively), so never iterate a set here
-    names = list(dict.fromkeys(canonical_name(n) for n, _ in module.named_parameters()))
+    # (adapters on the base, models/adapters.py, are not in the source: they keep their own start)
+    names = list(dict.fromkeys(canonical_name(n) for n, _ in module.named_parameters() if canonical_name(n) in sd))
     set_model_state_dict(
         module, {k: sd[k] for k in names}, options=StateDictOptions(full_state_dict=True, strict=False)
     )

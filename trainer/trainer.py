@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.distributed.tensor.parallel import loss_parallel
 
-from models.adapters import apply_adapters
+from models.adapters import apply_adapters, init_adapters
 from models.adapters import spec_of as adapter_spec_of
 from models.args import model_args_of
 from models.dtensor import full
@@ -127,12 +127,16 @@ class Trainer:
 
         # starting weights from elsewhere (checkpoint.init_from) replace the seeded ones before the optimizer
         # (and DeepSpeed's fp32 master copy) exists, unless there is a checkpoint to resume
+        # (an adapter run's checkpoints hold no base: its base is loaded on resume too)
         self.init_note = None
-        if cfg.checkpoint.init_from and resume_from is None:
+        if cfg.checkpoint.init_from and (resume_from is None or spec is not None):
             from trainer.hf import load_weights
 
             load_weights(self.par.parts, cfg, Path(cfg.checkpoint.init_from))
-            self.init_note = f"initialized the weights from {cfg.checkpoint.init_from}"
+            if spec is not None:
+                for part in self.par.parts:
+                    init_adapters(part)  # DoRA's magnitudes from the loaded base's rows
+            self.init_note = f"initialized the {'base ' if spec else ''}weights from {cfg.checkpoint.init_from}"
 
         # 6. precision, optimizer, schedule, data, loggers
         self.precision = Precision(str(t.precision))

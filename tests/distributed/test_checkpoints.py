@@ -689,3 +689,46 @@ def test_adapter_checkpoints_reshard_from_fsdp_to_tp(method, tmp_path, straight)
         assert other.returncode != 0
         assert "holds dora adapters (rank 8, alpha 16.0" in other.stderr
         assert "this run trains dora adapters (rank 4" in other.stderr
+
+
+def test_dora_on_an_hf_base_exports_to_peft_and_a_merged_model(one_checkpoint, tmp_path):
+    """A shardwise model exported to HF is the frozen base of a DoRA run under FSDP (checkpoint.init_from); its
+    checkpoint exports as a PEFT adapter that peft loads onto that base, and as merged HF weights built from the base's
+    original file, both with shardwise's logits (fp32, 1e-5; the base alone is far off). A changed base file is
+    noticed by its checksum: the converter and a resume both refuse it."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from helpers import run_cli
+
+    from trainer.state import adapted_model
+
+    base_dir, run = tmp_path / "base", tmp_path / "dora"
+    assert run_cli("convert_checkpoint.py", [str(one_checkpoint / "checkpoints" / "step-2"), "--hf", str(base_dir)])
+    ft = ["finetune.method=dora", "parallel.data=fsdp", f"checkpoint.init_from={base_dir}"]
+    proc = run_train([*TINY, *ft, f"run_dir={run}"], nproc=2)
+    assert "initialized the base weights from" in proc.stdout
+    step4 = run / "checkpoints" / "step-4"
+    out = run_cli("convert_checkpoint.py", [str(step4), "--peft", str(tmp_path / "peft"), "--hf", str(tmp_path / "hf")])
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base_dir.resolve()
+    )
+    ours, args, _, _ = adapted_model(step4)
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    load = transformers.LlamaForCausalLM.from_pretrained
+    with torch.no_grad():
+        want = ours.eval()(tokens)
+        base = load(base_dir, torch_dtype=torch.float32).eval()
+        alone = base(tokens).logits
+        with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()(tokens).logits
+        merged = load(tmp_path / "hf", torch_dtype=torch.float32).eval()(tokens).logits
+    rel = lambda a: ((a - want).norm() / want.norm()).item()  # noqa: E731
+    assert rel(with_adapter) < 1e-5 and rel(merged) < 1e-5, (rel(with_adapter), rel(merged))
+    assert rel(alone) > 1e-2  # the adapters changed the model: the comparison can fail
+
+    with open(base_dir / "config.json", "a") as f:
+        f.write("\n")  # the same model, another file: the recorded checksum no longer matches
+    refused = run_cli("convert_checkpoint.py", [str(step4), "--hf", str(tmp_path / "again")])
+    assert refused.returncode != 0 and "not the file it trained on" in refused.stderr
+    resumed = run_train([*TINY, *ft, "training.steps=6", f"run_dir={run}"], nproc=1, check=False)
+    assert resumed.returncode != 0 and "holds dora adapters" in resumed.stderr and "xxh3-128" in resumed.stderr
