@@ -37,6 +37,7 @@ class AdapterSpec:
     alpha: float
     dropout: float = 0.0
     targets: tuple[str, ...] = LINEARS
+    nf4: bool = False  # QLoRA: the adapted linears' base weights in NF4 (`quantize_nf4`)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -73,14 +74,19 @@ class AdapterLinear(nn.Linear):
         """s B A: what the adapter adds to the weight, (out, in)."""
         return self.spec.scaling * (self.lora_b.weight @ self.lora_a.weight)
 
+    def base_weight(self) -> torch.Tensor:
+        """W as a plain tensor of the adapters' dtype (an NF4 base dequantized: a temporary)."""
+        return self.weight.to(self.lora_b.weight.dtype) if is_nf4(self.weight) else self.weight
+
     def row_norms(self) -> torch.Tensor:
         """||W + s B A|| per output row, without a graph (DoRA detaches it): computed under no_grad, so that no
         weight-sized tensor is saved for a backward that never comes."""
         with torch.no_grad():
-            return torch.linalg.vector_norm(self.weight + self.delta(), dim=1)
+            return torch.linalg.vector_norm(self.base_weight() + self.delta(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight)
+        # an NF4 base (QLoRA): dequantized to x's dtype for the product, and only the 4-bit weight kept for backward
+        base = _linear_nf4(x, self.weight) if is_nf4(self.weight) else F.linear(x, self.weight)
         out = base + self.spec.scaling * self.lora_b(self.lora_a(self.dropout(x)))
         if self.magnitude is not None:
             out = (self.magnitude / self.row_norms()).to(out.dtype) * out
@@ -96,10 +102,78 @@ class AdapterLinear(nn.Linear):
     def merged_weight(self) -> torch.Tensor:
         """The plain weight that computes what this layer computes (dropout off): W + s B A, and for DoRA scaled
         per row to m."""
-        w = self.weight + self.delta()
+        w = self.base_weight() + self.delta()
         if self.magnitude is not None:
             w = w * (self.magnitude / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
         return w
+
+
+def is_nf4(t) -> bool:
+    """An NF4 tensor (torchao), or a DTensor (FSDP2's shard) holding one."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return type(t).__name__ == "NF4Tensor"
+
+
+def _nf4():
+    """torchao's NF4 module (it moved from torchao.dtypes to torchao.quantization in 0.15)."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    except ImportError:
+        from torchao.dtypes import nf4tensor as nf4_tensor
+    return nf4_tensor
+
+
+def _linear_nf4(x, weight):
+    return _nf4().linear_nf4(x, weight)
+
+
+NF4_BLOCK = 64  # elements per absmax block (QLoRA's, Dettmers et al. 2023)
+NF4_SCALER_BLOCK = 256  # block scales per second-level (double-quantization) block
+
+
+def nf4_problems(name: str, shape: tuple[int, int], shards: int, scaler_block: int) -> list[str]:
+    """Why a weight cannot be an NF4 base split `shards` ways (FSDP splits rows and every NF4 part evenly)."""
+    numel = shape[0] * shape[1]
+    per = NF4_BLOCK * scaler_block
+    if numel % per or shape[0] % shards or (numel // per) % shards:
+        return [
+            f"{name} {tuple(shape)}: NF4 with finetune.nf4_scaler_block={scaler_block} needs whole blocks of "
+            f"{NF4_BLOCK} x {scaler_block} elements, {shards} way(s) split (FSDP) by rows"
+        ]
+    return []
+
+
+def quantize_nf4(w: torch.Tensor, scaler_block: int = NF4_SCALER_BLOCK):
+    """W in NF4 (torchao's NF4Tensor: 4-bit codes, an int8 scale per 64 elements, an fp32 factor per `scaler_block`
+    scales), quantized from bf16 as QLoRA does. The same values however FSDP splits it afterwards."""
+    return _nf4().to_nf4(w.to(torch.bfloat16).contiguous(), NF4_BLOCK, scaler_block)
+
+
+def quantize_base(block: nn.Module, prefix: str, read, device, scaler_block: int = NF4_SCALER_BLOCK) -> int:
+    """Replace the base weight of each AdapterLinear in `block` (still on the meta device) by its NF4 copy, read
+    whole (`read(canonical name) -> tensor`) on `device` and quantized at once, before FSDP splits it (FSDP2 gathers
+    NF4 parameters in 4 bits: torchao's all-gather extension). One weight in full precision at a time. Returns the
+    number quantized."""
+    n = 0
+    for name, mod in block.named_modules():
+        if isinstance(mod, AdapterLinear) and not is_nf4(mod.weight):
+            full = f"{prefix}.{name}.weight".replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+            w = read(full, tuple(mod.weight.shape)).to(device)
+            mod.weight = nn.Parameter(quantize_nf4(w, scaler_block), requires_grad=False)
+            del w
+            n += 1
+    return n
+
+
+def unquantized(parts) -> list[str]:
+    """Adapted linears whose base is not NF4 any more (QLoRA's check after wrapping: a strategy that turned the
+    4-bit weights into plain ones would train with none of the memory saved), by name."""
+    return [
+        name
+        for part in parts
+        for name, mod in part.named_modules()
+        if isinstance(mod, AdapterLinear) and not is_nf4(mod.weight)
+    ]
 
 
 def apply_adapters(model: nn.Module, spec: AdapterSpec, *, share_base: bool = True) -> list[str]:
@@ -166,7 +240,9 @@ def spec_of(cfg) -> AdapterSpec | None:
     f = cfg.finetune
     if str(f.method) == "full":
         return None
-    return AdapterSpec(str(f.method), int(f.rank), float(f.alpha), float(f.dropout), tuple(f.targets))
+    return AdapterSpec(
+        str(f.method), int(f.rank), float(f.alpha), float(f.dropout), tuple(f.targets), bool(f.quantize_base)
+    )
 
 
 def config_problems(cfg) -> list[str]:
@@ -177,14 +253,22 @@ def config_problems(cfg) -> list[str]:
     f, p, t = cfg.finetune, cfg.parallel, cfg.training
     method = str(f.method)
     if method == "full":
-        return []
+        return (
+            ["finetune.quantize_base=true with finetune.method=full: a quantized base cannot train; use lora or dora"]
+            if f.quantize_base
+            else []
+        )
     if method not in KINDS:
-        return [f"finetune.method={method}: use full, lora or dora"]
+        return [
+            f"finetune.method={method}: use full, lora or dora (QLoRA: lora or dora with finetune.quantize_base=true)"
+        ]
     try:
         spec_of(cfg)
     except ValueError as e:
         return [f"finetune: {e}"]
     problems = []
+    if f.quantize_base:
+        problems += _qlora_problems(cfg)
     if method == "dora" and str(p.data) == "zero3":
         problems.append(
             "finetune.method=dora with parallel.data=zero3: DoRA's magnitudes start at the base's row norms, which "
@@ -210,3 +294,42 @@ def config_problems(cfg) -> list[str]:
                 f"count it with them); use {key}={supported}"
             )
     return problems
+
+
+def _qlora_problems(cfg) -> list[str]:
+    """finetune.quantize_base (QLoRA): where an NF4 base is built and tested. FSDP2 gathers NF4 in 4 bits; DDP would
+    broadcast and DeepSpeed re-partition the quantized weights, TP would need each shard quantized after the split
+    (not built yet), FSDP's CPU offload would copy them as plain tensors."""
+    import importlib.util
+
+    p, problems = cfg.parallel, []
+    if importlib.util.find_spec("torchao") is None:
+        problems.append("finetune.quantize_base=true needs torchao's NF4 (pip install 'shardwise[lowbit]')")
+    why = {
+        "parallel.data": (str(p.data), ("none", "fsdp", "hsdp"), "use parallel.data=fsdp or hsdp (or none)"),
+        "parallel.tp": (int(p.tp), (1,), "each TP shard's own quantization is not built yet; use parallel.tp=1"),
+        "parallel.offload": (str(p.offload), ("none",), "use parallel.offload=none"),
+    }
+    for key, (value, ok, fix) in why.items():
+        if value not in ok:
+            problems.append(f"finetune.quantize_base=true with {key}={value}: the NF4 base is not built there; {fix}")
+    return problems
+
+
+def target_shapes(args, targets) -> list[tuple[str, tuple[int, int]]]:
+    """(module path in a block, (out, in) features) of each linear the adapters wrap."""
+    Q, K, D, F = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.dim, args.ffn_hidden
+    shapes = {"wq": (Q, D), "wk": (K, D), "wv": (K, D), "wo": (D, Q), "w1": (F, D), "w2": (D, F), "w3": (F, D)}
+    parent = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention"}
+    return [(f"{parent.get(n, 'feed_forward')}.{n}", shapes[n]) for n in targets]
+
+
+def nf4_layout_problems(cfg, args, dims) -> list[str]:
+    """Every adapted weight must split into whole NF4 blocks over FSDP's shards (dp_shard x cp)."""
+    shards = dims.dp_shard * dims.cp if str(cfg.parallel.data) in ("fsdp", "hsdp") or dims.cp > 1 else 1
+    problems = []
+    for module, shape in target_shapes(args, tuple(cfg.finetune.targets)):
+        problems += nf4_problems(module, shape, shards, int(cfg.finetune.nf4_scaler_block))
+    if problems:
+        return [f"finetune.quantize_base=true: {'; '.join(problems[:3])}; choose model sizes that divide"]
+    return []

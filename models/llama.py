@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.adapters import AdapterLinear, adapter_init_spec, init_adapters
+from models.adapters import AdapterLinear, adapter_init_spec, init_adapters, is_nf4
 
 
 @dataclass(frozen=True)
@@ -635,6 +635,8 @@ class Transformer(nn.Module):
         from models.init import fill_normal
 
         for name, p in self.named_parameters() if values else ():  # a tied table is visited once, as tok_embeddings
+            if is_nf4(p):  # a QLoRA base, drawn (or read) and quantized before FSDP split it
+                continue
             name = canonical_name(name)
             spec = self.init_spec(name)
             if "fill" in spec:

@@ -36,14 +36,24 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def parallelize(
-    model: nn.Module, cfg, dims: ParallelDims, world: World, *, loss_sum=None, meshes=None, fake=None, stage_shapes=None
+    model: nn.Module,
+    cfg,
+    dims: ParallelDims,
+    world: World,
+    *,
+    loss_sum=None,
+    meshes=None,
+    fake=None,
+    stage_shapes=None,
+    base_reader=None,
 ) -> Parallelized:
     """Apply the strategies of `cfg.parallel` to a meta-device model, then allocate and initialize it.
 
     For trainer/simulate.py: `meshes` reuses meshes built beforehand; `fake`, a FakeTensorMode, is where the
     parameters are allocated (the transforms run outside it, on the meta device) and no initial weights are
     drawn (fake tensors have shapes, no values); `stage_shapes(stage id) -> (input, output)` example tensors
-    spare the pipeline stages their shape inference over the process group."""
+    spare the pipeline stages their shape inference over the process group. `base_reader(name, shape)`: where a
+    QLoRA base (finetune.quantize_base) reads its weights (checkpoint.init_from), else they are drawn from the seed."""
     values = fake is None
     allocation = fake if fake is not None else contextlib.nullcontext()
     p, t = cfg.parallel, cfg.training
@@ -97,6 +107,9 @@ def parallelize(
         # 4. compile
         if p.compile:
             apply_compile(part)
+        # 4b. QLoRA: each block's adapted base weights read whole and quantized to NF4, one block at a time, just
+        #     before FSDP splits the block (FSDP2 keeps and gathers them in 4 bits)
+        quantize = _nf4_quantizer(part, cfg, dims, device, base_reader) if values else None
         # 5. FSDP / HSDP
         if fsdp:
             dp_mesh = mesh["hsdp"] if data == "hsdp" else mesh["fsdp"]
@@ -106,7 +119,11 @@ def parallelize(
                 param_dtype=_DTYPES[precision],
                 reshard_after_forward=reshards_after_forward(cfg),
                 offload=offload,
+                before_block=quantize,
             )
+        elif quantize is not None:
+            for name, block in part.blocks.items():
+                quantize(name, block)
         # 6. allocate, then initialize from the seed (the same values as on one process)
         with allocation:
             _allocate(part, "cpu" if offload else device, fake=not values)
@@ -172,6 +189,27 @@ def parallelize(
     return _offload_activations(par, cfg, device)
 
 
+def _nf4_quantizer(part: nn.Module, cfg, dims: ParallelDims, device, base_reader):
+    """The per-block step that quantizes a QLoRA base (models/adapters.py `quantize_base`), or None."""
+    from models.adapters import adapter_spec, quantize_base
+
+    spec = adapter_spec(part)
+    if spec is None or not spec.nf4:
+        return None
+    seed = int(cfg.training.seed)
+
+    def drawn(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        from models.init import fill_normal
+
+        w = torch.empty(shape, dtype=torch.float32, device=device)
+        fill_normal(w, seed, name, **part.init_spec(name))
+        return w
+
+    read = base_reader or drawn
+    scaler_block = int(cfg.finetune.nf4_scaler_block)
+    return lambda name, block: quantize_base(block, f"layers.{name}", read, device, scaler_block)
+
+
 def _offload_activations(par: Parallelized, cfg, device: torch.device) -> Parallelized:
     """parallel.activation_offload: every part's blocks save to host memory (parallel/offload.py)."""
     if cfg.parallel.activation_offload:
@@ -191,7 +229,8 @@ def _allocate(part: nn.Module, device, *, fake: bool) -> None:
     DTensor) meta parameters cannot be swapped for fake ones by Module._apply ("Couldn't swap"); they are
     replaced one by one instead, keeping a shared (tied) parameter shared."""
     if not fake or any(hasattr(p, "placements") for p in part.parameters()):
-        part.to_empty(device=device)
+        # (a QLoRA base is already on the device, quantized: kept)
+        part._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
         return
     made: dict[int, nn.Parameter] = {}
     for module in part.modules():

@@ -12,7 +12,13 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 
 def apply_fsdp(
-    model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool, offload: bool
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool,
+    offload: bool,
+    before_block=None,
 ) -> None:
     """Shard the embedding, each block, the output projection, then the root (the final norm), over `mesh`.
 
@@ -46,7 +52,9 @@ def apply_fsdp(
             param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
         ),
     }
-    for block in model.blocks.values():
+    for name, block in model.blocks.items():
+        if before_block is not None:  # (QLoRA: the block's base quantized whole, just before FSDP splits it)
+            before_block(name, block)
         fully_shard(block, reshard_after_forward=reshard_after_forward, **block_kw)
     if model.output is not None and not model.args.tie_embeddings:
         # (a unit of one module: torch's FSDPMemTracker mishandles a unit made of a module list)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from models.adapters import spec_of as adapter_spec_of
+from models.adapters import target_shapes
 from models.llama import TP_SPLIT_DIM
 from parallel.layout import (
     PERSISTENCE_THRESHOLD,
@@ -155,10 +156,7 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
 
 def _adapted_linears(args, spec) -> list[tuple[str, tuple[int, int]]]:
     """(module path in a block, (out, in) features) of each linear the adapters wrap (models/adapters.py)."""
-    Q, K, D, F = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.dim, args.ffn_hidden
-    shapes = {"wq": (Q, D), "wk": (K, D), "wv": (K, D), "wo": (D, Q), "w1": (F, D), "w2": (D, F), "w3": (F, D)}
-    parent = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention"}
-    return [(f"{parent.get(n, 'feed_forward')}.{n}", shapes[n]) for n in spec.targets]
+    return target_shapes(args, spec.targets)
 
 
 def adapter_saved_per_token(r) -> float:

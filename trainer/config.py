@@ -306,11 +306,13 @@ class HardwareConfig:
 class FinetuneConfig:
     """Low-rank adapters on a frozen base (models/adapters.py): only the adapters train and hold optimizer state."""
 
-    method: str = "full"  # full (every parameter trains), lora or dora; the strategies come with issue 26
+    method: str = "full"  # full (every parameter trains), lora or dora
     rank: int = 8  # the adapters' rank r
     alpha: float = 16.0  # the update is scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapters' input
     targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # block linears
+    quantize_base: bool = False  # QLoRA: the adapted linears' frozen weights in NF4 (torchao), 4 bits + scales
+    nf4_scaler_block: int = 256  # block scales per double-quantization block (QLoRA's 256; less for tiny models)
 
 
 @dataclass

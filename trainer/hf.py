@@ -422,14 +422,63 @@ def init_from_problems(cfg, path: Path, source_args: ModelArgs | None, shapes: d
     return []
 
 
+class TensorReader:
+    """One tensor at a time from local weights, by our name, fp32: an HF directory's safetensors files (HF names
+    mapped, wq/wk rows into our RoPE order), a .safetensors file of ours, or (whole, once) a step-N checkpoint. A
+    QLoRA base is read like this, each weight quantized before the next is read."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path, self.index, self.full, self.heads = Path(path), {}, None, {}
+        if (self.path / "config.json").is_file():
+            args = args_from_hf_config(json.loads((self.path / "config.json").read_text()))
+            self.heads = {"wq.weight": args.n_heads, "wk.weight": args.kv_heads}
+            for f in sorted(self.path.glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as h:
+                    for key in h.keys():
+                        if ours := _hf_to_ours(key):
+                            self.index[ours] = (f, key)
+        elif self.path.is_file() and self.path.suffix == ".safetensors":
+            with safe_open(str(self.path), framework="pt") as h:
+                self.index = {key: (self.path, key) for key in h.keys()}
+        else:
+            self.full, _ = load_full_state_dict(self.path)
+
+    def names(self) -> list[str]:
+        return list(self.full) if self.full is not None else list(self.index)
+
+    def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if self.full is not None:
+            w = self.full[name]
+        else:
+            from safetensors import safe_open
+
+            f, key = self.index[name]
+            with safe_open(str(f), framework="pt") as h:
+                w = h.get_tensor(key)
+            rows = self.heads.get(name.rsplit(".", 2)[-2] + ".weight") if name.startswith("layers.") else None
+            if rows:
+                w = _halves_to_interleaved(w, rows)
+        if shape is not None and tuple(w.shape) != tuple(shape):
+            raise ValueError(f"{self.path}: {name} is {tuple(w.shape)}, the model's is {tuple(shape)}")
+        return w.float().contiguous()
+
+
 def load_weights(parts, cfg, path: Path) -> None:
     """Overwrite the (already sharded) model parts' weights with the full weights at `path`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    sd, args = load_full_state_dict(path)
-    problems = init_from_problems(cfg, path, args, {k: tuple(v.shape) for k, v in sd.items()})
+    from models.adapters import is_nf4
+
+    args, shapes = source_shapes(path)
+    problems = init_from_problems(cfg, path, args, shapes)
     if problems:  # validation checked this before the process group started; the files changed since
         raise ValueError(problems[0])
+    # every weight but a QLoRA base (read and quantized while the model was built), one tensor read at a time
+    read = TensorReader(path)
+    nf4 = {canonical_name(n) for part in parts for n, p in part.named_parameters() if is_nf4(p)}
+    sd = {k: read(k) for k in read.names() if k not in nf4}
     if is_partitioned(parts):  # ZeRO-3, built partitioned: each rank copies its slice of every tensor
         load_full_into_partitions(parts[0], sd)
         return

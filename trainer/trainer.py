@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.distributed.tensor.parallel import loss_parallel
 
-from models.adapters import apply_adapters, init_adapters
+from models.adapters import AdapterLinear, apply_adapters, init_adapters, unquantized
 from models.adapters import spec_of as adapter_spec_of
 from models.args import model_args_of
 from models.dtensor import full
@@ -122,7 +122,21 @@ class Trainer:
         # 4. + 5. parallelize in the fixed order (pipeline split, TP, AC, compile, FSDP), then allocate
         #    on the device and initialize every parameter and buffer from the seed (the same weights in
         #    every layout), then DDP (parallel/__init__.py explains the order)
-        self.par = parallelize(model, cfg, plan.dims, self.world, loss_sum=self._logits_loss_sum)
+        reader = None
+        if spec is not None and spec.nf4 and cfg.checkpoint.init_from:  # QLoRA: the base read tensor by tensor
+            from trainer.hf import TensorReader
+
+            reader = TensorReader(Path(cfg.checkpoint.init_from))
+        self.par = parallelize(model, cfg, plan.dims, self.world, loss_sum=self._logits_loss_sum, base_reader=reader)
+        if spec is not None and spec.nf4:
+            # the check others' FSDP + QLoRA stacks lacked: after every wrapper, each base is still 4-bit
+            if lost := unquantized(self.par.parts):
+                raise RuntimeError(f"finetune.quantize_base: these base weights are no longer NF4: {lost[:5]}")
+            n = sum(1 for part in self.par.parts for m in part.modules() if isinstance(m, AdapterLinear))
+            self.par.notes.append(
+                f"finetune.quantize_base: {n} base weights in NF4 (torchao; 64-element blocks, "
+                f"{cfg.finetune.nf4_scaler_block} scales per double-quantization block), still NF4 after wrapping"
+            )
         self.dp_rank = self.par.dp_rank
 
         # starting weights from elsewhere (checkpoint.init_from) replace the seeded ones before the optimizer

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from models.adapters import config_problems as adapter_problems
+from models.adapters import nf4_layout_problems
 from models.args import ConfigError, model_args_of
 from models.llama import config_problems as model_problems
 from optim import config_problems as optim_problems
@@ -184,6 +185,9 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     problems += profile_problems(cfg, runs_on_cpu=runs_on_cpu)
     problems += _logging_problems(cfg)
     problems += adapter_problems(cfg)
+    if not problems and cfg.finetune.quantize_base:  # (the layout is valid: its FSDP split is known)
+        dims, _ = parallel_dims(cfg, world_size)
+        problems += nf4_layout_problems(cfg, args, dims)
     return problems
 
 
