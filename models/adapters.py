@@ -143,6 +143,12 @@ def nf4_problems(name: str, shape: tuple[int, int], shards: int, scaler_block: i
     return []
 
 
+def nf4_bytes(numel: int, scaler_block: int = NF4_SCALER_BLOCK) -> int:
+    """What an NF4 tensor of `numel` elements (or an FSDP shard of them) stores: the 4-bit codes, an int8 scale per
+    64-element block, a bf16 factor per `scaler_block` scales, the bf16 mean of the scales and the 16-value table."""
+    return numel // 2 + numel // NF4_BLOCK + 2 * (numel // (NF4_BLOCK * scaler_block)) + 2 + 16 * 2
+
+
 def quantize_nf4(w: torch.Tensor, scaler_block: int = NF4_SCALER_BLOCK):
     """W in NF4 (torchao's NF4Tensor: 4-bit codes, an int8 scale per 64 elements, an fp32 factor per `scaler_block`
     scales), quantized from bf16 as QLoRA does. The same values however FSDP splits it afterwards."""

@@ -14,8 +14,8 @@ import functools
 import math
 from dataclasses import dataclass
 
+from models.adapters import nf4_bytes, target_shapes
 from models.adapters import spec_of as adapter_spec_of
-from models.adapters import target_shapes
 from models.llama import TP_SPLIT_DIM
 from parallel.layout import (
     PERSISTENCE_THRESHOLD,
@@ -91,6 +91,7 @@ class _Param:
     unit: str  # the FSDP unit: "root" or the block index
     decay: bool  # in the weight-decayed optimizer group (matrices, not embeddings unless decay_embeddings)
     trainable: bool = True  # False: a frozen base under adapters (finetune): no gradient, no optimizer state
+    nf4: int = 0  # QLoRA: an NF4 base weight, its scaler block (models/adapters.py `nf4_bytes`); 0: plain
 
 
 @functools.lru_cache(maxsize=64)
@@ -121,6 +122,7 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
     first, last = 0 in mine, total - 1 in mine
     out, decay_embeddings = [], bool(cfg.optim.decay_embeddings)
     adapters = adapter_spec_of(cfg)
+    quantized = {m for m, _ in _adapted_linears(args, adapters)} if adapters and adapters.nf4 else set()
     for name, shape, unit, module in _named_shapes(args, tied_copy=args.tie_embeddings and last and not first):
         keep = (int(unit) in blocks) if unit != "root" else (first if module == "tok_embeddings" else last)
         if not keep:
@@ -132,7 +134,8 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
         if data in ("fsdp", "hsdp"):
             local[0] = _ceil(local[0], dims.dp_shard * dims.cp)
         decay = len(shape) >= 2 and (decay_embeddings or module != "tok_embeddings")
-        out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay, not adapters))
+        nf4 = int(cfg.finetune.nf4_scaler_block) if adapters and adapters.nf4 and module in quantized else 0
+        out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay, not adapters, nf4))
     for i in sorted(blocks) if adapters else ():  # finetune: A (rank x in), B (out x rank), DoRA's m: trainable
         for module, (n_out, n_in) in _adapted_linears(args, adapters):
             parts = [("lora_a.weight", (adapters.rank, n_in)), ("lora_b.weight", (n_out, adapters.rank))]
@@ -414,10 +417,22 @@ def _model_states(cfg, params: list[_Param], dims: ParallelDims) -> dict[str, in
     width = 4 if cfg.training.master_weights else 2  # training.master_weights=false: bf16 parameters and gradients
     trained = [q for q in params if q.trainable]  # (a frozen base under adapters: neither gradient nor state)
     return {
-        "params": width * n_local,
+        "params": sum(_param_bytes(q, width) for q in params),
         "grads": width * sum(math.prod(q.local) for q in trained),
         "optim": sum(optimizer_state_bytes(name, q.local, adafactor_beta1=beta1) for q in trained),
     }
+
+
+# torchao 0.18's NF4Tensor.get_original_weight holds, at its peak, both halves of the codes as int64 (4 + 4 bytes
+# per element), their bf16 values, those scaled, and the stacked result (1 + 1 + 1 + 1 + 2): 14 bytes per element of
+# the weight, measured with torch's MemTracker around linear_nf4's forward and backward (2026-12-07, fp32 and bf16)
+NF4_DEQUANT_BYTES = 14
+
+
+def _param_bytes(q: _Param, width: int) -> int:
+    """What a rank stores for one parameter: its local elements x `width`, or a QLoRA base in NF4."""
+    n = math.prod(q.local)
+    return nf4_bytes(n, q.nf4) if q.nf4 else width * n
 
 
 def model_states(cfg, args, dims: ParallelDims) -> list[dict[str, int]]:
@@ -491,6 +506,17 @@ class RankShape:
         for q in self.params:
             if q.unit != "root":
                 per_unit[q.unit] = per_unit.get(q.unit, 0) + math.prod(q.tp)
+        return max(per_unit.values(), default=0)
+
+    @functools.cached_property
+    def gathered_block_bytes(self) -> int:
+        """What FSDP gathers for the largest block: its parameters in the compute dtype, a QLoRA base in NF4 (FSDP2
+        gathers torchao's NF4 parts: 4-bit codes and scales)."""
+        per_unit: dict[str, int] = {}
+        for q in self.params:
+            if q.unit != "root":
+                n = math.prod(q.tp)
+                per_unit[q.unit] = per_unit.get(q.unit, 0) + (nf4_bytes(n, q.nf4) if q.nf4 else self.compute * n)
         return max(per_unit.values(), default=0)
 
     @functools.cached_property
@@ -715,14 +741,14 @@ def fsdp_gathered(r: RankShape) -> tuple[list[Term], list[Term]]:
         at_block.append(
             Term(
                 "gathered blocks: the one in backward and the prefetched next",
-                2 * r.compute * r.per_block,
+                2 * r.gathered_block_bytes,
                 "gathered_params",
             )
         )
     else:  # reshard_after_forward off (the default under pipelining): every unit stays gathered
         kept = Term(
             "gathered parameters: all of this rank's (reshard_after_forward off)",
-            r.compute * r.tp_elements(),
+            sum(nf4_bytes(math.prod(q.tp), q.nf4) if q.nf4 else r.compute * math.prod(q.tp) for q in r.params),
             "gathered_params",
         )
         at_loss[:] = [kept]
@@ -818,7 +844,8 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
         # of a block that is not checkpointed (one copy: autocast caches them for its region, and a pipeline step
         # runs in one region; under ac_every the share of the blocks that keep everything)
         share = 1.0 - pairs.get("full", 0) / b.count if ac == "full" else 1.0
-        w = share * sum(math.prod(q.tp) for q in r.params if q.unit != "root" and len(q.full) == 2)
+        # (an NF4 base is dequantized into a temporary per product, not cast by autocast: no copy kept)
+        w = share * sum(math.prod(q.tp) for q in r.params if q.unit != "root" and len(q.full) == 2 and not q.nf4)
         acts.append(Term("autocast's 2-byte copies of the block weights", int(2 * w), "activations"))
     boundary = (4 if mode != "mixed" else 2) * args.dim / dims.tp * r.mb_tokens  # one microbatch's hidden state
     pipeline: list[Term] = []
@@ -948,7 +975,7 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
         if mode == "autocast" and ac == "full" and str(cfg.training.float8) == "none":  # the weights cast again
             w = max(
                 (
-                    sum(math.prod(q.tp) for q in r.params if q.unit == u and len(q.full) == 2)
+                    sum(math.prod(q.tp) for q in r.params if q.unit == u and len(q.full) == 2 and not q.nf4)
                     for u in {q.unit for q in r.params}
                     if u != "root"
                 ),
@@ -956,6 +983,15 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
             )
             terms.append(Term("autocast's copies of the recomputed block's weights", 2 * w, "activations"))
     terms.append(Term("the block's gradient temporaries (output, gate, up)", int(temps * r.mb_tokens), "temporaries"))
+    if nf4 := max((math.prod(q.tp) for q in r.params if q.nf4), default=0):
+        terms.append(
+            Term(
+                "NF4 dequantization of the largest base weight (torchao unpacks the 4-bit codes into int64 indices "
+                f"and bf16 values: {NF4_DEQUANT_BYTES} bytes per element, measured)",
+                NF4_DEQUANT_BYTES * nf4,
+                "temporaries",
+            )
+        )
     if dims.cp > 1:
         terms.append(
             Term(

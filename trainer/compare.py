@@ -9,8 +9,10 @@ lines of its output). `write(records, out)` writes compare.csv, compare.md and t
 does both). Cells that finished are not run again: their record is kept in `out/cells/<cell>/record.json`.
 
 Strategy names: none, ddp, fsdp, hsdp (2 replicas), zero1, zero2, zero3, tp (tensor parallel over every rank),
-pp (pipeline over every rank), fsdp_tp (FSDP x TP 2). A name may carry its own keys: `zero3+offload`
-(parallel.offload=cpu), `fsdp:ac=full`, `tp:tp=2`, `fsdp:training.precision=fp32` (short keys are parallel.*).
+pp (pipeline over every rank), fsdp_tp (FSDP x TP 2); and the fine-tuning methods full, lora, dora, qlora (LoRA on an
+NF4 base). A name may carry its own keys: `zero3+offload` (parallel.offload=cpu), `fsdp:ac=full`, `tp:tp=2`,
+`fsdp:training.precision=fp32` (short keys are parallel.*; after a fine-tuning method, its own: `lora:rank=16`,
+`qlora:data=fsdp`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,14 @@ BASE = {
     "tp": ["parallel.data=none", "parallel.tp={nproc}"],
     "pp": ["parallel.data=none", "parallel.pp={nproc}"],
     "fsdp_tp": ["parallel.data=fsdp", "parallel.tp=2"],
+    # fine-tuning on one process (another layout by keys: lora:data=fsdp): every parameter, or adapters on a frozen
+    # base, in full precision or (qlora) NF4
+    "full": [],
+    "lora": ["finetune.method=lora"],
+    "dora": ["finetune.method=dora"],
+    "qlora": ["finetune.method=lora", "finetune.quantize_base=true"],
 }
+FINETUNE_CELLS = ("full", "lora", "dora", "qlora")
 MODIFIERS = {"offload": ["parallel.offload=cpu"], "offload_params": ["parallel.offload_params=true"]}
 # every cell: the same logging, so the records are comparable; one tracked step for the memory breakdown
 COMMON = [
@@ -95,8 +104,12 @@ def strategy_overrides(name: str, nproc: int) -> list[str]:
         k, eq, v = kv.partition("=")
         if not eq:
             raise CompareError(f"strategies: '{kv}' in '{name}' is not key=value (e.g. fsdp:ac=full)")
-        out.append(f"{k if '.' in k else 'parallel.' + k}={v}")
+        section = "finetune" if base in FINETUNE_CELLS and k in _FINETUNE_KEYS else "parallel"
+        out.append(f"{k if '.' in k else section + '.' + k}={v}")
     return out
+
+
+_FINETUNE_KEYS = ("method", "rank", "alpha", "dropout", "targets", "quantize_base", "nf4_scaler_block")
 
 
 def cells(strategies: list[str], sweep: str | None) -> list[tuple[str, list[str]]]:

@@ -208,3 +208,19 @@ def test_a_cell_carries_several_keys_each_after_its_own_colon():
     assert got[-3:] == ["parallel.ac=full", "training.loss_chunks=8", "parallel.activation_offload=true"]
     with pytest.raises(CompareError, match="'ac' in 'fsdp:ac' is not key=value"):
         strategy_overrides("fsdp:ac", 2)
+
+
+def test_fine_tuning_methods_are_cells_with_their_own_short_keys():
+    """full, lora, dora, qlora are cells like the strategies; after a method, its own keys are short (`rank=16`),
+    the others still parallel.*."""
+    from trainer.compare import strategy_overrides
+
+    assert strategy_overrides("full", 1) == []
+    assert strategy_overrides("lora:rank=16", 1) == ["finetune.method=lora", "finetune.rank=16"]
+    assert strategy_overrides("qlora:data=fsdp:nf4_scaler_block=64", 2) == [
+        "finetune.method=lora",
+        "finetune.quantize_base=true",
+        "parallel.data=fsdp",
+        "finetune.nf4_scaler_block=64",
+    ]
+    assert strategy_overrides("dora:ac=full", 1) == ["finetune.method=dora", "parallel.ac=full"]

@@ -29,6 +29,7 @@ MODES = ["none/fp32", "selective/fp32", "full/fp32", "none/bf16", "selective/bf1
 ZERO3_SMALL = "parallel.deepspeed.zero_optimization.stage3_param_persistence_threshold=1000"  # partition the matrices
 
 IN_BACKWARD = ["optim.in_backward=true", "optim.max_grad_norm=0"]
+NF4 = ["finetune.quantize_base=true", "finetune.nf4_scaler_block=8"]  # (the tiny model's weights: 32 x 64 blocks)
 # every storage of at least 4 KiB moves (on the tiny model: all but 1/rms and the log-sum-exp)
 OFFLOAD = ["parallel.activation_offload=true", "parallel.activation_offload_min_bytes=4096"]
 FLOAT8 = ["training.float8=tensorwise", "training.float8_emulate=true"]
@@ -71,6 +72,10 @@ LAYOUTS = [
     ("dora_tp", 2, ["finetune.method=dora", "parallel.tp=2"]),
     ("lora_zero2", 2, ["finetune.method=lora", "parallel.data=zero2"]),
     ("lora_zero3", 2, ["finetune.method=lora", "parallel.data=zero3", ZERO3_SMALL]),
+    # QLoRA: the base in NF4 (4-bit codes and scales), gathered in 4 bits by FSDP, dequantized per product
+    ("qlora", 1, ["finetune.method=lora", *NF4]),
+    ("qdora", 1, ["finetune.method=dora", *NF4]),
+    ("qlora_fsdp", 2, ["finetune.method=lora", "parallel.data=fsdp", *NF4]),
     # compiled blocks: inductor chooses what a block saves (its graph's outputs, which the offload hooks see)
     ("compile_activation_offload", 1, [*OFFLOAD, "parallel.compile=true"]),
     # context parallelism on a longer sequence (128 tokens, 4 x the rest): the same layout on one process, cp 2 both
@@ -110,6 +115,9 @@ MODES_OF = {
     **{f"{k}_{s}": ["none/fp32", "full/bf16"] for k in ("lora", "dora") for s in ("fsdp", "tp")},
     "lora_zero2": ["none/fp32", "full/bf16"],
     "lora_zero3": ["none/fp32", "full/bf16"],
+    "qlora": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
+    "qdora": ["none/fp32", "full/bf16"],
+    "qlora_fsdp": ["none/fp32", "full/bf16"],
     "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
     "float8": ["none/bf16", "selective/bf16", "full/bf16"],
     "fsdp_float8": ["none/bf16", "full/bf16"],

@@ -181,6 +181,7 @@ def _pairwise_runs(index: int) -> list[tuple[int, list[str]]]:
 # at zero), so step 1 compares B's (and DoRA's magnitudes); A trains from step 2 on, which the losses of steps 3-5
 # and the validation loss see. (id, processes, overrides), global batch 8, fp32
 ADAPTER_STEPS = "training.steps=5"
+NF4 = ["finetune.quantize_base=true", "finetune.nf4_scaler_block=8"]  # (the tiny model's weights: 32 x 64 blocks)
 ADAPTER_CASES = [
     ("lora_ddp", 2, ["finetune.method=lora", "parallel.data=ddp"]),
     ("lora_fsdp", 2, ["finetune.method=lora", "parallel.data=fsdp"]),
@@ -197,6 +198,12 @@ ADAPTER_CASES = [
     ("lora_zero1", 2, ["finetune.method=lora", "parallel.data=zero1"]),
     ("lora_zero2", 2, ["finetune.method=lora", "parallel.data=zero2"]),
     ("lora_zero3", 2, ["finetune.method=lora", "parallel.data=zero3"]),
+    # QLoRA: the reference is one process on the same NF4 weights (quantized whole, then split by FSDP)
+    ("qlora_fsdp", 2, ["finetune.method=lora", *NF4, "parallel.data=fsdp"]),
+    ("qdora_fsdp_4", 4, ["finetune.method=dora", *NF4, "parallel.data=fsdp", "parallel.ac=full"]),
+    ("qlora_hsdp_2x2", 4, ["finetune.method=lora", *NF4, "parallel.data=hsdp", "parallel.dp_replicate=2"]),
+    ("qlora_pp_fsdp", 4, ["finetune.method=lora", *NF4, "parallel.pp=2", "parallel.data=fsdp"]),
+    ("qlora_cp_2", 2, ["finetune.method=lora", *NF4, "parallel.cp=2"]),
 ]
 
 
@@ -205,6 +212,11 @@ def _adapter_runs(nproc, overrides) -> list[tuple[int, list[str]]]:
     common = [ADAPTER_STEPS, "training.global_batch_size=8", "training.precision=fp32"]
     method = [o for o in overrides if o.startswith("finetune.")]
     return [(1, [*common, *method]), (nproc, [*common, *overrides])]
+
+
+def _qlora_references() -> list[tuple[int, list[str]]]:
+    """One process with LoRA on the NF4 base and on the fp32 base (the qlora rows' and the lora rows' references)."""
+    return [_adapter_runs(2, ["finetune.method=lora", *NF4])[0], _adapter_runs(2, ["finetune.method=lora"])[0]]
 
 
 def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
@@ -219,6 +231,10 @@ def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
         return _in_backward_runs(params["nproc"], params["overrides"], params["global_batch"])
     if test == "test_adapters_match_single_process":
         return _adapter_runs(params["nproc"], params["overrides"])
+    if test == "test_qlora_trains_on_its_nf4_base_not_the_full_precision_one":
+        return _qlora_references()
+    if test == "test_the_adapter_comparison_fails_when_the_adapters_are_broken":
+        return _adapter_runs(*ADAPTER_CASES[6][1:])
     return []
 
 
@@ -291,6 +307,15 @@ def test_adapters_match_single_process(name, nproc, overrides, worker):
     assert sum(ref["grads"][k].norm() > 0 for k in trained if k.endswith("lora_b.weight")) == 4 * 7  # every B
     moved = [k for k in ref["params"] if k not in trained and not torch.equal(got["params"][k], ref["params"][k])]
     assert not moved, f"{name}: frozen base parameters differ from one process after 5 steps: {moved[:3]}"
+
+
+def test_qlora_trains_on_its_nf4_base_not_the_full_precision_one(worker):
+    """The NF4 rows compare like with like, and NF4 is really in the product: one process with LoRA on the NF4 base
+    and on the fp32 base of the same draw differ at step 1 and in every B's gradient, beyond the rows' bound."""
+    nf4, plain = (worker(*run) for run in _qlora_references())
+    assert nf4["losses"][0] != plain["losses"][0]
+    off = [d for d in differences("nf4 vs fp32 base", plain, nf4, FP32) if "lora_b.weight off by" in d]
+    assert len(off) == 4 * 7, off  # every B's gradient beyond 1e-5
 
 
 def test_the_adapter_comparison_fails_when_the_adapters_are_broken(worker):

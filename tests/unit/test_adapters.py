@@ -144,3 +144,28 @@ def test_peft_loads_the_exported_adapter_to_the_same_logits(kind, tmp_path):
         got, want = tuned(tokens).logits, adapted.eval()(tokens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (plain - want).abs().max() > 1e-3
+
+
+def test_an_nf4_base_stores_what_the_planner_counts_and_computes_with_its_dequantized_values():
+    """QLoRA's base (torchao NF4): the bytes it stores are models/adapters.py `nf4_bytes` (the planner's count: about
+    0.52 bytes per weight), the adapted layer computes its dequantized weight's product plus the adapter, and
+    `unquantized` names a base that is plain again (the check after wrapping, shown failing)."""
+    pytest.importorskip("torchao")
+    from models.adapters import nf4_bytes, quantize_nf4, unquantized
+    from models.dtensor import nbytes
+
+    torch.manual_seed(0)
+    w = torch.randn(128, 256) * 0.02
+    q = quantize_nf4(w, 16)
+    assert nbytes(q) == nf4_bytes(w.numel(), 16) and nbytes(q) / w.numel() < 0.53
+    back = q.to(torch.float32)
+    assert 0 < ((back - w).norm() / w.norm()).item() < 0.12  # 4 bits: close, not equal
+    layer = AdapterLinear(256, 128, AdapterSpec("lora", 4, 8.0))
+    torch.nn.init.normal_(layer.lora_a.weight)
+    torch.nn.init.normal_(layer.lora_b.weight)
+    layer.weight = torch.nn.Parameter(q, requires_grad=False)
+    x = torch.randn(3, 256)
+    want = x @ back.T + 2.0 * (x @ layer.lora_a.weight.T) @ layer.lora_b.weight.T
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    model = torch.nn.ModuleDict({"a": layer, "b": AdapterLinear(8, 8, AdapterSpec("lora", 2, 4.0))})
+    assert unquantized([model]) == ["b"]

@@ -105,6 +105,18 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
             "finetune.method=lora with parallel.compile=True: not built with adapters yet",
         ),
         (
+            ["finetune.quantize_base=true"],
+            "finetune.quantize_base=true with finetune.method=full: a quantized base cannot train",
+        ),
+        (
+            ["finetune.method=lora", "finetune.quantize_base=true", "parallel.data=ddp", "WORLD_SIZE=2"],
+            "finetune.quantize_base=true with parallel.data=ddp: the NF4 base is not built there",
+        ),
+        (
+            ["finetune.method=lora", "finetune.quantize_base=true", "model.dim=64", "model.n_heads=4"],
+            "finetune.quantize_base=true: attention.wq (64, 64): NF4 with finetune.nf4_scaler_block=256 needs whole",
+        ),
+        (
             ["finetune.method=dora", "parallel.data=zero3", "WORLD_SIZE=2"],
             "finetune.method=dora with parallel.data=zero3: DoRA's magnitudes start at the base's row norms",
         ),
