@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
         if record["method"] == "full":
             sd = consolidated_state_dict(a.checkpoint)
         else:
-            from trainer.state import adapted_model, merged_state_dict
+            from trainer.hf import adapted_model, merged_state_dict
 
             model, args, spec, base = adapted_model(a.checkpoint)
             sd = merged_state_dict(model)

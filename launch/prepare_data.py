@@ -5,7 +5,8 @@
 Any Hugging Face `tokenizer.json` works (for a Llama-3 tokenizer, the one in the model's directory);
 the token dtype is uint16 when the vocabulary fits, else uint32. Each file is one document, followed by
 the EOS token; documents are split into train/validation by a hash of their path. With
-`--train-tokenizer N` a byte-level BPE of N tokens is trained on the same files instead.
+`--train-tokenizer N` a byte-level BPE of N tokens is trained on the same files instead; `--tokenizer default` uses
+the default dataset's (the tokens a model pretrained on `data.source=default` reads: docs/finetune.md).
 """
 
 import argparse
@@ -20,7 +21,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("inputs", nargs="+", help="text files or directories (read recursively)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--tokenizer", help="a Hugging Face tokenizer.json")
+    src.add_argument("--tokenizer", help="a Hugging Face tokenizer.json, or `default`: the default dataset's")
     src.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this size")
     p.add_argument("--eos", default=None, help=f"the end-of-document token (default: {EOS}, or the tokenizer's)")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -34,6 +35,12 @@ def main(argv: list[str]) -> int:
         p.error(f"--val-fraction={a.val_fraction} must be in (0, 1)")
     from tokenizers import Tokenizer
 
+    if a.tokenizer == "default":  # the default dataset's (data.source=default): a model pretrained on it reads these
+        from trainer.config import DataConfig
+        from trainer.data import default_dataset_dir
+
+        d = DataConfig()
+        a.tokenizer = str(default_dataset_dir(d.cache_dir, d.default_corpus_mb, d.val_fraction) / "tokenizer.json")
     if a.tokenizer:
         if not Path(a.tokenizer).is_file():
             p.error(f"--tokenizer {a.tokenizer}: no such file")

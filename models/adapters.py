@@ -13,9 +13,11 @@ A is drawn at random (std 1 / sqrt(in), from the counter-based draw of models/in
 from the same adapter), B starts at zero and m at the row norms of W: at step 0 the adapted model computes exactly
 what the base computes (DoRA's scale is m / ||W||_row = 1 exactly, the same float operation on the same data).
 
-This module is the model side only: which layers get adapters (`AdapterSpec.targets`), the adapters' names
-(`adapter_parameters`, the one place that collects them), the merged weight (`merged_weight`). The config keys,
-the strategies, QLoRA's NF4 base, checkpoints and PEFT export build on it (issue 26).
+This module is the model side: which layers get adapters (`AdapterSpec.targets`), the adapters' names
+(`adapter_parameters`, the one place that collects them), the merged weight (`merged_weight`), QLoRA's NF4 base
+(`quantize_base`, `nf4_bytes`) and the finetune section's rules (`config_problems`). The strategies split adapters
+in parallel/tensor.py and quantize bases in parallel/__init__.py; checkpoints, PEFT and merged export are in
+trainer/ (docs/finetune.md).
 """
 
 from __future__ import annotations

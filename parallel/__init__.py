@@ -90,6 +90,11 @@ def parallelize(
             "training.master_weights=false: parameters and gradients in bf16, no fp32 copy; updates "
             "stochastically rounded by the optimizer"
         )
+    if str(cfg.finetune.method) != "full" and not masterless and _DTYPES[precision] is not None:
+        # adapters on a frozen base: the base needs no fp32 master (it never steps), so it is stored in the compute
+        # dtype, as it is read; only the adapters keep fp32 (still on the meta device here)
+        n = sum(_store_frozen_in(part, _DTYPES[precision]) for part in parts)
+        notes.append(f"finetune: the frozen base ({n:,} tensors) stored in {precision}; the adapters in fp32")
     if str(t.float8) != "none":  # 1b. the blocks' linears in float8 (parallel/float8.py), before any wrapping
         from parallel.float8 import convert
 
@@ -187,6 +192,18 @@ def parallelize(
             sync_each_microbatch=not (fsdp and p.accumulate_unsharded_grads),
         )
     return _offload_activations(par, cfg, device)
+
+
+def _store_frozen_in(part: nn.Module, dtype: torch.dtype) -> int:
+    """Every frozen (requires_grad=False) parameter of a meta-device `part` in `dtype`; returns how many."""
+    made: dict[int, nn.Parameter] = {}  # (a tied table stays one parameter)
+    for module in part.modules():
+        for name, prm in list(module._parameters.items()):
+            if prm is not None and not prm.requires_grad and prm.dtype != dtype:
+                if id(prm) not in made:
+                    made[id(prm)] = nn.Parameter(prm.to(dtype), requires_grad=False)
+                module._parameters[name] = made[id(prm)]
+    return len(made)
 
 
 def _nf4_quantizer(part: nn.Module, cfg, dims: ParallelDims, device, base_reader):

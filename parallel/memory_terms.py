@@ -416,8 +416,10 @@ def _model_states(cfg, params: list[_Param], dims: ParallelDims) -> dict[str, in
     beta1, name = o.adafactor.beta1 is not None, str(o.name)
     width = 4 if cfg.training.master_weights else 2  # training.master_weights=false: bf16 parameters and gradients
     trained = [q for q in params if q.trainable]  # (a frozen base under adapters: neither gradient nor state)
+    # a frozen base is stored in the 16-bit compute dtype (parallel/__init__.py: no master for what never steps)
+    frozen = 2 if str(cfg.training.precision) != "fp32" else width
     return {
-        "params": sum(_param_bytes(q, width) for q in params),
+        "params": sum(_param_bytes(q, width if q.trainable else frozen) for q in params),
         "grads": width * sum(math.prod(q.local) for q in trained),
         "optim": sum(optimizer_state_bytes(name, q.local, adafactor_beta1=beta1) for q in trained),
     }
@@ -604,6 +606,9 @@ def model_state_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
     else:
         what = "shards" if r.fsdp else ("TP shards" if dims.tp > 1 else "whole stage" if dims.pp > 1 else "whole model")
         kind = "fp32" if t.master_weights else "bf16 (no fp32 masters)"
+        if r.adapters is not None:  # (parallel/__init__.py: a frozen base in the compute dtype, or NF4)
+            base = "NF4 and " if r.adapters.nf4 else ""
+            kind = f"adapters' fp32 and the frozen base's {base}{'fp32' if t.precision == 'fp32' else t.precision}"
         host = r.offload and r.fsdp
         states.append(Term(f"{kind} parameters ({what})", ms["params"], "host" if host else "params"))
         if host and r.device == "cuda":  # FSDP2's CPUOffloadPolicy pins each parameter's shard
@@ -844,8 +849,9 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
         # of a block that is not checkpointed (one copy: autocast caches them for its region, and a pipeline step
         # runs in one region; under ac_every the share of the blocks that keep everything)
         share = 1.0 - pairs.get("full", 0) / b.count if ac == "full" else 1.0
-        # (an NF4 base is dequantized into a temporary per product, not cast by autocast: no copy kept)
-        w = share * sum(math.prod(q.tp) for q in r.params if q.unit != "root" and len(q.full) == 2 and not q.nf4)
+        # (an NF4 base is dequantized into a temporary per product, not cast by autocast, and a frozen base is
+        # already 16-bit: no copy kept of either)
+        w = share * sum(math.prod(q.tp) for q in r.params if q.unit != "root" and len(q.full) == 2 and q.trainable)
         acts.append(Term("autocast's 2-byte copies of the block weights", int(2 * w), "activations"))
     boundary = (4 if mode != "mixed" else 2) * args.dim / dims.tp * r.mb_tokens  # one microbatch's hidden state
     pipeline: list[Term] = []
@@ -910,14 +916,16 @@ def loss_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
                 "activations",
             )
         )
-    if mode == "autocast":
-        out_w = math.prod(next(q.tp for q in r.params if q.name in ("output.weight", "tok_embeddings.weight")))
-        acts.append(Term("autocast's copy of the output projection", 2 * out_w, "activations"))
+    out_q = next(q for q in r.params if q.name in ("output.weight", "tok_embeddings.weight"))
+    if mode == "autocast" and out_q.trainable:  # (a frozen output projection is stored 16-bit: nothing to copy)
+        acts.append(Term("autocast's copy of the output projection", 2 * math.prod(out_q.tp), "activations"))
     if chunks:
         ct = _ceil(r.mb_tokens, chunks)
         w_loc = v_local * args.dim
         chunk = 4 * v_local * ct + (compute * v_local * ct if compute < 4 else 0)  # fp32 logits, their cast
         extra = {"fp32": 0, "autocast": 2 * w_loc + 2 * args.dim * ct, "mixed": 6 * w_loc}[mode]
+        if not out_q.trainable:  # a frozen output projection (adapters): no weight gradient, no 16-bit copy
+            extra = {"fp32": 0, "autocast": 2 * args.dim * ct, "mixed": 0}[mode]
         if r.device == "cpu":  # torch's CPU matmul against the transposed weight copies it (seen by the tracker;
             extra += compute * w_loc  # cuBLAS reads it transposed)
         temps = Term(
@@ -975,7 +983,7 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
         if mode == "autocast" and ac == "full" and str(cfg.training.float8) == "none":  # the weights cast again
             w = max(
                 (
-                    sum(math.prod(q.tp) for q in r.params if q.unit == u and len(q.full) == 2 and not q.nf4)
+                    sum(math.prod(q.tp) for q in r.params if q.unit == u and len(q.full) == 2 and q.trainable)
                     for u in {q.unit for q in r.params}
                     if u != "root"
                 ),

@@ -23,7 +23,6 @@ in every layout, so DCP reshards them on load: any native strategy and world siz
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -45,6 +44,7 @@ from trainer.integrity import (
     checkpoint_files,
     damage,
     hash_share,
+    weights_checksum,
 )
 from trainer.state import state_module
 
@@ -189,31 +189,6 @@ def base_record(cfg) -> dict:
         return {"source": "seed", "seed": int(cfg.training.seed)}
     path = Path(cfg.checkpoint.init_from)
     return {"source": "init_from", "path": str(path.resolve()), "checksum": weights_checksum(path.resolve())}
-
-
-def weights_checksum(path: Path) -> str:
-    """xxh3-128 over the weight files at `path` (a .safetensors file; an HF directory's *.safetensors and
-    config.json; a step-N checkpoint's files), in name order: one hex string."""
-    if path.is_file():
-        files = [path]
-    elif (path / "config.json").is_file():
-        files = sorted([*path.glob("*.safetensors"), path / "config.json"])
-    else:
-        files = [path / f for f in checkpoint_files(path)]
-    return _digest_of(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-
-
-@functools.cache
-def _digest_of(files: tuple[tuple[str, int, int], ...]) -> str:
-    """(cached by name, size and modification time: a process asks for its base's checksum at each save)"""
-    import xxhash
-
-    from trainer.integrity import file_digest
-
-    h = xxhash.xxh3_128()
-    for name, _, _ in files:
-        h.update(f"{Path(name).name}:{file_digest(Path(name))};".encode())
-    return h.hexdigest()
 
 
 def _describe(record: dict) -> str:

@@ -59,13 +59,18 @@ def stdlib_documents(max_bytes: int) -> Iterator[tuple[str, str]]:
 
 
 def text_documents(paths: Iterable[str | Path], undecodable: list | None = None) -> Iterator[tuple[str, str]]:
-    """(path, text) for files and (recursively) the files in directories, sorted. Bytes that are not UTF-8
+    """(path, text) for files and (recursively) the files in directories, sorted; in a directory, binary files (a
+    NUL byte in their first 8 KiB, as git decides) and `__pycache__` folders are passed over. Bytes that are not UTF-8
     become U+FFFD, and each such file is appended to `undecodable` as (path, count) for the caller to report.
     Raises ValueError when there is no file at all."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file())
+            files += sorted(
+                q
+                for q in p.rglob("*")
+                if q.is_file() and "__pycache__" not in q.relative_to(p).parts and not _binary(q)
+            )
         elif p.is_file():
             files.append(p)
         else:
@@ -81,6 +86,11 @@ def text_documents(paths: Iterable[str | Path], undecodable: list | None = None)
             if undecodable is not None:
                 undecodable.append((str(f), text.count("\ufffd") - data.count("\ufffd".encode())))
         yield str(f), text
+
+
+def _binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):

@@ -490,3 +490,59 @@ def load_weights(parts, cfg, path: Path) -> None:
     set_model_state_dict(
         module, {k: sd[k] for k in names}, options=StateDictOptions(full_state_dict=True, strict=False)
     )
+
+
+def adapted_model(path: Path):
+    """An adapter run's step-N checkpoint as a whole model on the CPU: (the model with its adapters loaded, its
+    ModelArgs, the AdapterSpec, the base's record from train_state.json). The base is rebuilt from its source:
+    the original weights of checkpoint.init_from (never a quantized copy), or the draw of training.seed."""
+    import json
+
+    from models.adapters import AdapterSpec, apply_adapters, init_adapters
+    from trainer.integrity import weights_checksum
+
+    state = json.loads((path / "train_state.json").read_text())
+    record = state.get("finetune", {"method": "full"})
+    if record["method"] == "full":
+        raise ValueError(f"{path} holds a full model, not adapters (train_state.json: finetune.method=full)")
+    m = dict(state["model"])
+    m["rope_scaling"] = RopeScaling(**m["rope_scaling"]) if m.get("rope_scaling") else None
+    args = ModelArgs(**m)
+    spec = AdapterSpec(record["method"], record["rank"], record["alpha"], 0.0, tuple(record["targets"]))
+    model = build_model(args, device="cpu")
+    apply_adapters(model, spec)
+    base = record["base"]
+    if base["source"] == "seed":
+        model.init_weights(seed=base["seed"])
+    else:
+        source = Path(base["path"])
+        if not source.exists() or weights_checksum(source) != base["checksum"]:
+            raise ValueError(
+                f"{path}: its base {source} is {'missing' if not source.exists() else 'not the file it trained on'}"
+                " (train_state.json records its xxh3-128 checksum); the adapters need that base"
+            )
+        sd, _ = load_full_state_dict(source)
+        model.load_state_dict(sd, strict=False)
+        init_adapters(model)
+    adapters = consolidated_state_dict(path)
+    missing, unexpected = model.load_state_dict(adapters, strict=False)
+    frozen = {canonical_name(n) for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise ValueError(f"{path}: adapters that do not fit ({sorted(set(missing) - frozen)[:3]} {unexpected[:3]})")
+    return model, args, spec, base
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's weights that compute what `model` (with adapters) computes: every adapted linear's weight
+    merged (models/adapters.py `merged_weight`), every other weight as it is, fp32."""
+    from models.adapters import AdapterLinear
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, AdapterLinear):
+            out[f"{canonical_name(name)}.weight"] = mod.merged_weight().float().contiguous()
+    for name, p in model.named_parameters():
+        name = canonical_name(name)
+        if not name.endswith(AdapterLinear.ADAPTER_NAMES) and name not in out:
+            out[name] = p.detach().float().contiguous().clone()
+    return out

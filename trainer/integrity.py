@@ -5,6 +5,7 @@ do with a damaged one). Version-2 checkpoints, which have no manifest, get the s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -144,3 +145,24 @@ def verify_deepspeed(path: Path, state: dict) -> None:
             f"checkpoint {path}: expected DeepSpeed model states and {world} optimizer "
             f"partitions, found {len(model)} and {len(optim)}; refusing to load it"
         )
+
+
+def weights_checksum(path: Path) -> str:
+    """xxh3-128 over the weight files at `path` (a .safetensors file; an HF directory's *.safetensors and
+    config.json; a step-N checkpoint's files), in name order: one hex string."""
+    if path.is_file():
+        files = [path]
+    elif (path / "config.json").is_file():
+        files = sorted([*path.glob("*.safetensors"), path / "config.json"])
+    else:
+        files = [path / f for f in checkpoint_files(path)]
+    return _digest_of(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.cache
+def _digest_of(files: tuple[tuple[str, int, int], ...]) -> str:
+    """(cached by name, size and modification time: a process asks for its base's checksum at each save)"""
+    h = xxhash.xxh3_128()
+    for name, _, _ in files:
+        h.update(f"{Path(name).name}:{file_digest(Path(name))};".encode())
+    return h.hexdigest()

@@ -700,7 +700,7 @@ def test_dora_on_an_hf_base_exports_to_peft_and_a_merged_model(one_checkpoint, t
     peft = pytest.importorskip("peft")
     from helpers import run_cli
 
-    from trainer.state import adapted_model
+    from trainer.hf import adapted_model
 
     base_dir, run = tmp_path / "base", tmp_path / "dora"
     assert run_cli("convert_checkpoint.py", [str(one_checkpoint / "checkpoints" / "step-2"), "--hf", str(base_dir)])

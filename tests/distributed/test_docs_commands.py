@@ -39,6 +39,8 @@ OTHER_COMMANDS = {
     "checkpoint.init_from=hf-model/": "test_checkpoints.py::test_export_to_hf_and_start_other_strategies_from_it",
     "data.source=tokens data.path=data/mine": "test_data.py::test_prepare_data_cli",
     "profile.steps=[10,12]": "test_profiling.py",
+    "checkpoint.init_from=runs/pretrain-hf": "test_docs_commands.py::test_the_finetune_page_runs_end_to_end",
+    "run_dir=runs/pretrain": "test_docs_commands.py::test_the_finetune_page_runs_end_to_end",
     "pip install": ".ci/run (the README's set-up command)",
 }
 
@@ -292,6 +294,7 @@ COMPARE_SHRINK = [
     "model.vocab_size=256",
     "data.source=synthetic",
     "training.seq_len=32",
+    "finetune.nf4_scaler_block=8",  # (a qlora cell: the tiny model's weights are 32 x 64 NF4 blocks)
 ]
 
 
@@ -403,3 +406,51 @@ def test_documented_bench_command_runs(line, tmp_path):
     args = [*toks[toks.index("launch/bench.py") + 1 :], "steps=2", "warmup=1", "profile_steps=1", f"run_dir={tmp_path}"]
     proc = run_train(args, nproc=nproc, script="bench.py", timeout=300)
     assert "tokens/s/device" in proc.stdout and (tmp_path / "bench.json").is_file()
+
+
+def _blocks(text: str, lang: str) -> list[str]:
+    """The fenced code blocks of one language, backslash continuations joined."""
+    return [b.replace("\\\n", " ") for b in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)]
+
+
+@SLOW
+def test_the_finetune_page_runs_end_to_end(tmp_path, cache_dir):
+    """docs/finetune.md's walk-through as shown, shrunk to 3 steps a run: pretrain, export to HF, tokenize other text
+    with the default tokenizer, LoRA and QLoRA from the export, the PEFT and merged export, and the Python block that
+    loads them with peft and transformers (its two errors printed below 1e-5)."""
+    page = (REPO / "docs" / "finetune.md").read_text()
+    commands = [c for c in _blocks(page, "bash")[0].splitlines() if c.strip()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "SHARDWISE_CACHE": cache_dir}
+    fix = {
+        "runs/": f"{tmp_path}/runs/",
+        "data/torch-distributed": f"{tmp_path}/data/torch-distributed",
+        "step-400": "step-3",
+    }
+    fix["step-200"] = "step-3"
+    shrink = ["training.steps=3", "optim.warmup_steps=1", "training.val_every=1", "training.val_batches=1"]
+    shrink.append("checkpoint.every=3")
+    shrink += ["logging.wandb.mode=disabled", "logging.tensorboard=false", f"data.cache_dir={cache_dir}"]
+    for line in commands:
+        for a, b in fix.items():
+            line = line.replace(a, b)
+        if "$(" in line:  # (the tokenizing line finds torch's package with a shell substitution: run in a shell)
+            shell = line.replace("python ", f"{sys.executable} ") + " --no-progress"
+            proc = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+            assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
+            continue
+        args = shlex.split(line)
+        if "launch/train.py" in line:
+            args += shrink
+        proc = subprocess.run(
+            [sys.executable, *args[1:]], capture_output=True, text=True, timeout=600, cwd=REPO, env=env
+        )
+        assert proc.returncode == 0, f"{line}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
+        if "recipe=llama_debug_" in line:
+            assert "initialized the base weights from" in proc.stdout
+    code = _blocks(page, "python")[0]
+    for a, b in fix.items():
+        code = code.replace(a, b)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peft_err, merged_err = (float(x) for x in proc.stdout.split()[-2:])
+    assert peft_err < 1e-5 and merged_err < 1e-5, proc.stdout

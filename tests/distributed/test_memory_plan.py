@@ -72,6 +72,9 @@ LAYOUTS = [
     ("dora_tp", 2, ["finetune.method=dora", "parallel.tp=2"]),
     ("lora_zero2", 2, ["finetune.method=lora", "parallel.data=zero2"]),
     ("lora_zero3", 2, ["finetune.method=lora", "parallel.data=zero3", ZERO3_SMALL]),
+    # the loss in chunks against a frozen output projection: no weight gradient accumulated
+    ("lora_loss_chunks", 1, ["finetune.method=lora", "training.loss_chunks=4"]),
+    ("lora_fsdp_loss_chunks", 2, ["finetune.method=lora", "parallel.data=fsdp", "training.loss_chunks=4"]),
     # QLoRA: the base in NF4 (4-bit codes and scales), gathered in 4 bits by FSDP, dequantized per product
     ("qlora", 1, ["finetune.method=lora", *NF4]),
     ("qdora", 1, ["finetune.method=dora", *NF4]),
@@ -115,6 +118,8 @@ MODES_OF = {
     **{f"{k}_{s}": ["none/fp32", "full/bf16"] for k in ("lora", "dora") for s in ("fsdp", "tp")},
     "lora_zero2": ["none/fp32", "full/bf16"],
     "lora_zero3": ["none/fp32", "full/bf16"],
+    "lora_loss_chunks": ["none/fp32", "none/bf16"],
+    "lora_fsdp_loss_chunks": ["none/bf16", "full/bf16"],
     "qlora": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
     "qdora": ["none/fp32", "full/bf16"],
     "qlora_fsdp": ["none/fp32", "full/bf16"],

@@ -1,0 +1,173 @@
+"""docs/finetune.md's tables, rendered here so that a number edited by hand, or a result replaced without re-rendering,
+fails:
+- the fine-tune on this machine from docs/benchmarks/finetune-2026-12-07.json, which `--collect RUNS_DIR` writes from
+  the documented runs (their metrics.jsonl, and PEFT's and transformers' logits against shardwise's);
+- the parity rows from tests/distributed/test_parity.py's ADAPTER_CASES (the test holds each to its bounds);
+- the recipes at real shapes from launch/plan.py, against the targets and the best published figures.
+`python tests/unit/test_finetune_docs.py --write` re-renders them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "distributed"))
+
+from helpers import REPO, run_cli  # noqa: E402
+
+PAGE = REPO / "docs" / "finetune.md"
+GIB = 1024**3
+RESULTS = REPO / "docs" / "benchmarks" / "finetune-2026-12-07.json"
+
+
+def _markers(name: str, source: str) -> tuple[str, str]:
+    return f"<!-- {name}: rendered by tests/unit/test_finetune_docs.py from {source} -->", f"<!-- /{name} -->"
+
+
+RUN_BEGIN, RUN_END = _markers("finetune-run", "docs/benchmarks/finetune-2026-12-07.json")
+PARITY_BEGIN, PARITY_END = _markers("adapter-parity", "tests/distributed/test_parity.py")
+PLAN_BEGIN, PLAN_END = _markers("finetune-plan", "launch/plan.py")
+# (recipe, target per GPU in GiB, target host GiB per node or None, best published): issue 26's table
+TARGETS = [
+    ("llama8b_qlora_1gpu", 6, None, "torchtune 7.4 GiB (RTX 4090); Unsloth: 6 GB minimum"),
+    ("llama8b_lora_1gpu", 15, None, "torchtune 16.2 GiB"),
+    ("llama8b_1gpu_16g", 18, 64, "torchtune 18.9 GiB (full fine-tune, one 24 GB GPU)"),
+    ("llama70b_qlora_2gpu", 16, 64, "Answer.AI 14.92 GiB with > 128 GB host; PEFT 19.6 GB + 107 GB host"),
+    ("llama70b_lora_8gpu", 25, None, "torchtune 27.6 GiB"),
+]
+RUNS = ("lora", "qlora")
+
+
+def _section(begin: str, end: str) -> str:
+    text = PAGE.read_text()
+    return text[text.index(begin) : text.index(end) + len(end)]
+
+
+def run_table() -> str:
+    r = json.loads(RESULTS.read_text())
+    lines = [
+        f"Measured {r['measured']}.",
+        "",
+        "| run | trained parameters | held-out loss, step 0 | held-out loss, last step | tokens/s | peak RSS |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in RUNS:
+        x = r["runs"][name]
+        lines.append(
+            f"| {x['recipe']} | {x['trained']:,} of {x['parameters']:,} | {x['val_first']:.3f} | "
+            f"{x['val_last']:.3f} (step {x['last_step']}) | {x['tokens_per_s']:,.0f} | {x['peak_gib']:.2f} GiB |"
+        )
+    p = r["peft"]
+    lines += [
+        "",
+        f"PEFT's logits against shardwise's: {p['peft']:.1e} (relative); the merged model's in transformers: "
+        f"{p['merged']:.1e}; the base alone: {p['base']:.2f}.",
+    ]
+    return f"{RUN_BEGIN}\n" + "\n".join(lines) + f"\n{RUN_END}"
+
+
+def parity_table() -> str:
+    from adapter_cases import ADAPTER_CASES
+
+    lines = ["| row | processes | settings |", "| --- | ---: | --- |"]
+    for name, nproc, overrides in ADAPTER_CASES:
+        lines.append(f"| {name} | {nproc} | `{' '.join(overrides)}` |")
+    return f"{PARITY_BEGIN}\n" + "\n".join(lines) + f"\n{PARITY_END}"
+
+
+def plan_table() -> str:
+    lines = [
+        "| recipe | GPUs | predicted per GPU (with the 2 GiB reserve) | host per node | target | best published |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for recipe, target, host, published in TARGETS:
+        proc = run_cli("plan.py", [f"recipe={recipe}", "--json"])
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        need = (out["peak_bytes"] + out["reserve_bytes"]) / GIB
+        have = out["host_bytes_per_node"] / GIB
+        met = need <= target and (host is None or have <= host)
+        lines.append(
+            f"| `{recipe}` | {out['world_size']} x {out['capacity_bytes'] / GIB:.0f} GiB | {need:.2f} GiB | "
+            f"{have:.1f} GiB | <= {target} GiB{f' and <= {host} GiB host' if host else ''}: "
+            f"{'met' if met else 'missed'} | {published} |"
+        )
+    return f"{PLAN_BEGIN}\n" + "\n".join(lines) + f"\n{PLAN_END}"
+
+
+def test_the_finetune_run_table_is_the_committed_run():
+    r = json.loads(RESULTS.read_text())
+    for name in RUNS:  # the fine-tune learned the new text
+        assert r["runs"][name]["val_last"] < r["runs"][name]["val_first"] - 0.5, name
+    assert r["peft"]["peft"] < 1e-5 and r["peft"]["merged"] < 1e-5 and r["peft"]["base"] > 1e-2
+    assert _section(RUN_BEGIN, RUN_END) == run_table(), "re-render: python tests/unit/test_finetune_docs.py --write"
+
+
+def test_the_parity_rows_are_the_tests_rows():
+    assert _section(PARITY_BEGIN, PARITY_END) == parity_table(), "re-render with --write"
+
+
+def test_the_recipe_plans_are_the_planners():
+    assert _section(PLAN_BEGIN, PLAN_END) == plan_table(), "re-render with --write"
+
+
+def collect(runs: Path) -> dict:
+    """The documented runs' numbers: each fine-tune's first and last validation loss, its steady tokens/s and peak
+    memory, and the exported adapter's logits in PEFT and the merged model's in transformers against shardwise's."""
+    import datetime
+    import os
+
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from trainer.hf import adapted_model
+
+    out = {"runs": {}}
+    for name in RUNS:
+        rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        val = [(x["step"], x["val/loss"]) for x in rows if "val/loss" in x]
+        speed = [x["perf/tokens_per_sec_per_gpu"] for x in rows if "perf/tokens_per_sec_per_gpu" in x][2:]
+        step = runs / name / "checkpoints" / f"step-{val[-1][0]}"
+        model, args, spec, _ = adapted_model(step)
+        out["runs"][name] = {
+            "recipe": f"llama_debug_{name}",
+            "val_first": val[0][1],
+            "val_last": val[-1][1],
+            "last_step": val[-1][0],
+            "tokens_per_s": sorted(speed)[len(speed) // 2],
+            "peak_gib": max(x.get("mem/peak_rss_gib", 0) for x in rows),
+            "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+    model, args, _, _ = adapted_model(runs / "lora" / "checkpoints" / f"step-{out['runs']['lora']['last_step']}")
+    tokens = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(tokens)
+        hf = LlamaForCausalLM.from_pretrained(runs / "pretrain-hf", torch_dtype=torch.float32).eval()
+        base = hf(tokens).logits
+        peft = PeftModel.from_pretrained(hf, runs / "lora-peft").eval()(tokens).logits
+        merged = LlamaForCausalLM.from_pretrained(runs / "lora-merged", torch_dtype=torch.float32).eval()(tokens).logits
+    rel = lambda a: ((a - want).norm() / want.norm()).item()  # noqa: E731
+    out["peft"] = {"peft": rel(peft), "merged": rel(merged), "base": rel(base)}
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    out["measured"] = f"{datetime.date.today()}, {cpu} ({os.cpu_count()} cores), torch {torch.__version__}"
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--collect"]:
+        RESULTS.write_text(json.dumps(collect(Path(sys.argv[2])), indent=1) + "\n")
+    elif sys.argv[1:] == ["--write"]:
+        text = PAGE.read_text()
+        for begin, end, render in (
+            (RUN_BEGIN, RUN_END, run_table),
+            (PARITY_BEGIN, PARITY_END, parity_table),
+            (PLAN_BEGIN, PLAN_END, plan_table),
+        ):
+            text = text.replace(text[text.index(begin) : text.index(end) + len(end)], render())
+        PAGE.write_text(text)
