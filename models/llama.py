@@ -505,8 +505,9 @@ class Transformer(nn.Module):
 
     def to_empty(self, *, device, recurse: bool = True) -> Transformer:
         # Module.to_empty replaces each module's parameters one module at a time, which silently unties
-        # a shared embedding/output table (each side gets its own empty tensor); tie it again.
-        super().to_empty(device=device, recurse=recurse)
+        # a shared embedding/output table (each side gets its own empty tensor); tie it again. A tensor that is
+        # not on the meta device any more (a QLoRA base, quantized before FSDP split it) keeps its values.
+        self._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t, recurse=recurse)
         if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
         return self

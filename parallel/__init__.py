@@ -246,8 +246,7 @@ def _allocate(part: nn.Module, device, *, fake: bool) -> None:
     DTensor) meta parameters cannot be swapped for fake ones by Module._apply ("Couldn't swap"); they are
     replaced one by one instead, keeping a shared (tied) parameter shared."""
     if not fake or any(hasattr(p, "placements") for p in part.parameters()):
-        # (a QLoRA base is already on the device, quantized: kept)
-        part._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+        part.to_empty(device=device)  # (the model's own: re-ties a shared table, keeps a quantized QLoRA base)
         return
     made: dict[int, nn.Parameter] = {}
     for module in part.modules():

@@ -14,7 +14,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from models.adapters import nf4_bytes, target_shapes
+from models.adapters import AdapterLinear, nf4_bytes, target_shapes
 from models.adapters import spec_of as adapter_spec_of
 from models.llama import TP_SPLIT_DIM
 from parallel.layout import (
@@ -435,6 +435,24 @@ def _param_bytes(q: _Param, width: int) -> int:
     """What a rank stores for one parameter: its local elements x `width`, or a QLoRA base in NF4."""
     n = math.prod(q.local)
     return nf4_bytes(n, q.nf4) if q.nf4 else width * n
+
+
+def load_host_bytes(cfg, args, dims: ParallelDims) -> int:
+    """checkpoint.init_from: a rank's host memory at the peak of reading the weights (trainer/hf.py load_weights):
+    one tensor at a time, read from the file (up to 4 bytes per element) and converted to fp32 (4 more): the
+    largest slice this rank holds (its FSDP/TP block; the whole tensor under ZeRO-3, whose partitions are filled
+    from whole tensors, and for a QLoRA base, quantized whole before FSDP splits it, with its bf16 copy: 2 more)."""
+    if not cfg.checkpoint.init_from:
+        return 0
+    zero3 = data_strategy(cfg) == "zero3"
+    largest = 0
+    for pp_rank in range(dims.pp):
+        for q in _params_of_rank(args, cfg, dims, pp_rank)[0]:
+            if q.name.endswith(AdapterLinear.ADAPTER_NAMES):  # (adapters are not read: they start from the seed)
+                continue
+            n = math.prod(q.full if zero3 or q.nf4 else q.local)
+            largest = max(largest, (10 if q.nf4 else 8) * n)
+    return largest
 
 
 def model_states(cfg, args, dims: ParallelDims) -> list[dict[str, int]]:

@@ -37,6 +37,7 @@ from parallel.memory_terms import (
     gradients_at_loss,
     in_backward_buffers,
     in_backward_terms,
+    load_host_bytes,
     loss_terms,
     model_state_terms,
     optimizer_step_terms,
@@ -90,6 +91,7 @@ class MemoryPlan:
     capacity_bytes: int | None  # the device memory to fit in (None: not asked)
     ranks_per_node: int  # for host memory per node (offload)
     warnings: list[str] = field(default_factory=list)  # where the prediction is known to be short
+    load_host_bytes: int = 0  # checkpoint.init_from: a rank's host memory at the peak of reading the weights
 
     @property
     def most_loaded(self) -> RankMemory:
@@ -168,6 +170,11 @@ class MemoryPlan:
                 f"host memory        {_fmt_bytes(self.host_bytes_per_node):>12}  per node of "
                 f"{self.ranks_per_node} ranks (offloaded states and activations)"
             )
+        if self.load_host_bytes:
+            lines.append(
+                f"host at load       {_fmt_bytes(self.load_host_bytes):>12}  per rank, reading checkpoint.init_from "
+                f"one slice at a time (trainer/hf.py)"
+            )
         if (v := self.verdict()) is not None:
             lines.append(f"verdict            {v}")
         lines += [f"warning            {w}" for w in self.warnings]
@@ -202,6 +209,7 @@ def memory_plan(
         capacity_bytes=None if capacity_gib is None else int(capacity_gib * GIB),
         ranks_per_node=min(ranks_per_node, dims.world_size),
         warnings=warnings,
+        load_host_bytes=load_host_bytes(cfg, args, dims),
     )
 
 

@@ -448,6 +448,33 @@ class TensorReader:
     def names(self) -> list[str]:
         return list(self.full) if self.full is not None else list(self.index)
 
+    def __contains__(self, name: str) -> bool:
+        return name in (self.full if self.full is not None else self.index)
+
+    def __getitem__(self, name: str) -> torch.Tensor:  # (a mapping to ZeRO-3's partition fill: one tensor at a time)
+        return self(name)
+
+    def slice(self, name: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """The block [offset, offset + shape) of `name` in our layout, fp32, reading only the rows and columns it
+        covers from the file (safetensors' lazy slices); wq/wk rows in our RoPE order come from whole heads of HF's."""
+        if self.full is not None:
+            return self.full[name][tuple(slice(o, o + n) for o, n in zip(offset, shape))].float().contiguous()
+        from safetensors import safe_open
+
+        f, key = self.index[name]
+        rows = self.heads.get(name.rsplit(".", 2)[-2] + ".weight") if name.startswith("layers.") else None
+        with safe_open(str(f), framework="pt") as h:
+            sl = h.get_slice(key)
+            r0, r1 = offset[0], offset[0] + shape[0]
+            cols = (slice(offset[1], offset[1] + shape[1]),) if len(shape) == 2 else ()
+            if not rows:
+                w = sl[(slice(r0, r1), *cols)]
+            else:  # rows of whole heads, reordered, then the ones asked for
+                hd = sl.get_shape()[0] // rows
+                h0, h1 = r0 // hd, -(-r1 // hd)
+                w = _halves_to_interleaved(sl[(slice(h0 * hd, h1 * hd), *cols)], h1 - h0)[r0 - h0 * hd : r1 - h0 * hd]
+        return w.float().contiguous()
+
     def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if self.full is not None:
             w = self.full[name]
@@ -465,9 +492,16 @@ class TensorReader:
         return w.float().contiguous()
 
 
-def load_weights(parts, cfg, path: Path) -> None:
-    """Overwrite the (already sharded) model parts' weights with the full weights at `path`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def load_weights(parts, cfg, path: Path) -> int:
+    """Overwrite the (already sharded) model parts' weights with the weights at `path`, each rank reading only the
+    slices it holds (a DTensor shard's rows and columns; ZeRO-3's partitions one whole tensor at a time), so that no
+    rank holds the whole model in host memory. A QLoRA base was read and quantized while the model was built.
+    Returns the host memory this rank grew by at the load's peak (bytes, from the process's peak resident set: an
+    upper bound)."""
+    import math
+    import resource
+
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     from models.adapters import is_nf4
 
@@ -475,21 +509,35 @@ def load_weights(parts, cfg, path: Path) -> None:
     problems = init_from_problems(cfg, path, args, shapes)
     if problems:  # validation checked this before the process group started; the files changed since
         raise ValueError(problems[0])
-    # every weight but a QLoRA base (read and quantized while the model was built), one tensor read at a time
+    before = _resident_bytes()
     read = TensorReader(path)
     nf4 = {canonical_name(n) for part in parts for n, p in part.named_parameters() if is_nf4(p)}
-    sd = {k: read(k) for k in read.names() if k not in nf4}
     if is_partitioned(parts):  # ZeRO-3, built partitioned: each rank copies its slice of every tensor
-        load_full_into_partitions(parts[0], sd)
-        return
-    module = state_module(parts)
-    # this rank's stages only, in module order: every rank must visit the names in the same order (the
-    # load distributes each full tensor collectively), so never iterate a set here
-    # (adapters on the base, models/adapters.py, are not in the source: they keep their own start)
-    names = list(dict.fromkeys(canonical_name(n) for n, _ in module.named_parameters() if canonical_name(n) in sd))
-    set_model_state_dict(
-        module, {k: sd[k] for k in names}, options=StateDictOptions(full_state_dict=True, strict=False)
-    )
+        load_full_into_partitions(parts[0], read)
+    else:
+        module = state_module(parts)
+        with torch.no_grad():
+            # (adapters on the base, models/adapters.py, are not in the source: they keep their own start)
+            for n, p in module.named_parameters():
+                name = canonical_name(n)
+                if name not in read or name in nf4:
+                    continue
+                if hasattr(p, "placements"):  # a DTensor (FSDP2, TP): this rank's block of the full tensor
+                    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                    local = p.to_local()
+                else:
+                    shape, offset, local = tuple(p.shape), (0,) * p.dim(), p
+                if math.prod(shape):
+                    local.copy_(read.slice(name, tuple(offset), tuple(shape)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB on Linux)
+    return max(0, peak - before)
+
+
+def _resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def adapted_model(path: Path):

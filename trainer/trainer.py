@@ -146,11 +146,14 @@ class Trainer:
         if cfg.checkpoint.init_from and (resume_from is None or spec is not None):
             from trainer.hf import load_weights
 
-            load_weights(self.par.parts, cfg, Path(cfg.checkpoint.init_from))
+            grew = load_weights(self.par.parts, cfg, Path(cfg.checkpoint.init_from))
             if spec is not None:
                 for part in self.par.parts:
                     init_adapters(part)  # DoRA's magnitudes from the loaded base's rows
-            self.init_note = f"initialized the {'base ' if spec else ''}weights from {cfg.checkpoint.init_from}"
+            self.init_note = (
+                f"initialized the {'base ' if spec else ''}weights from {cfg.checkpoint.init_from}, each rank "
+                f"reading its own slices (rank {self.world.rank}: host memory +{grew / 2**20:,.1f} MiB at most)"
+            )
 
         # 6. precision, optimizer, schedule, data, loggers
         self.precision = Precision(str(t.precision))

@@ -732,3 +732,56 @@ def test_dora_on_an_hf_base_exports_to_peft_and_a_merged_model(one_checkpoint, t
     assert refused.returncode != 0 and "not the file it trained on" in refused.stderr
     resumed = run_train([*TINY, *ft, "training.steps=6", f"run_dir={run}"], nproc=1, check=False)
     assert resumed.returncode != 0 and "holds dora adapters" in resumed.stderr and "xxh3-128" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_a_sharded_load_reads_only_each_ranks_slices(tmp_path):
+    """checkpoint.init_from with an HF directory under FSDP over 2 ranks: each rank reads only the rows it holds, so
+    its host memory grows by far less than the model (a 119 M-parameter model, 476 MB in fp32) while loading; the
+    same weights from a step-N checkpoint, which every rank reads whole, grow it by at least the model: the bound
+    tells the two apart. (The growth is the run's note: the peak resident set over the resident set before the load,
+    an upper bound.)"""
+    import re
+
+    from models.args import model_args_of
+    from models.llama import build_model
+    from trainer.config import load_config
+    from trainer.hf import to_hf
+
+    shape = ["model.dim=1024", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=8", "model.vocab_size=8192"]
+    args_model = model_args_of(load_config([*TINY, *shape]))
+    model = build_model(args_model, device="cpu")
+    model.init_weights(seed=1)
+    full_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert full_bytes > 400e6
+    to_hf(
+        {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("rope")}, args_model, tmp_path / "hf"
+    )
+    del model
+    start = [*TINY, *shape, "parallel.data=fsdp", "training.steps=1", "training.global_batch_size=4"]
+
+    def grown(source: Path, run: Path, extra=()) -> list[float]:
+        proc = run_train([*start, *extra, f"checkpoint.init_from={source}", f"run_dir={run}"], nproc=2)
+        return [float(x.replace(",", "")) * 2**20 for x in re.findall(r"host memory \+([\d,.]+) MiB", proc.stdout)]
+
+    sliced = grown(tmp_path / "hf", tmp_path / "a", ["checkpoint.every=1"])
+    assert sliced and max(sliced) < 0.25 * full_bytes, (sliced, full_bytes)
+    whole = grown(tmp_path / "a" / "checkpoints" / "step-1", tmp_path / "b")
+    assert whole and max(whole) >= full_bytes, (whole, full_bytes)
+    from memory_table import plan_from_args
+
+    plan, _ = plan_from_args([*start, f"checkpoint.init_from={tmp_path / 'hf'}"], 2)
+    # docs/finetune.md's numbers (tests/unit/test_finetune_docs.py renders them)
+    if path := os.environ.get("SHARDWISE_LOAD_RESULTS"):
+        import datetime
+
+        with open("/proc/cpuinfo") as f:
+            cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), "unknown CPU")
+        record = {
+            "model_bytes": full_bytes,
+            "sliced": max(sliced),
+            "whole": max(whole),
+            "planned": plan.load_host_bytes,
+            "measured": f"{datetime.date.today()}, {cpu} ({os.cpu_count()} cores), torch {torch.__version__}",
+        }
+        Path(path).write_text(json.dumps(record, indent=1) + "\n")

@@ -30,6 +30,8 @@ def _markers(name: str, source: str) -> tuple[str, str]:
 RUN_BEGIN, RUN_END = _markers("finetune-run", "docs/benchmarks/finetune-2026-12-07.json")
 PARITY_BEGIN, PARITY_END = _markers("adapter-parity", "tests/distributed/test_parity.py")
 PLAN_BEGIN, PLAN_END = _markers("finetune-plan", "launch/plan.py")
+LOAD = REPO / "docs" / "benchmarks" / "sharded-load-2026-12-07.json"
+LOAD_BEGIN, LOAD_END = _markers("sharded-load", "docs/benchmarks/sharded-load-2026-12-07.json")
 # (recipe, target per GPU in GiB, target host GiB per node or None, best published): issue 26's table
 TARGETS = [
     ("llama8b_qlora_1gpu", 6, None, "torchtune 7.4 GiB (RTX 4090); Unsloth: 6 GB minimum"),
@@ -96,6 +98,24 @@ def plan_table() -> str:
             f"{'met' if met else 'missed'} | {published} |"
         )
     return f"{PLAN_BEGIN}\n" + "\n".join(lines) + f"\n{PLAN_END}"
+
+
+def load_text() -> str:
+    r = json.loads(LOAD.read_text())
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    text = (
+        f"Measured {r['measured']} (`test_a_sharded_load_reads_only_each_ranks_slices`, FSDP over 2 ranks, a model of "
+        f"{mib(r['model_bytes'])} in fp32): rank 0's host memory grew by at most {mib(r['sliced'])} while reading "
+        f"the HF directory slice by slice (the planner's bound: {mib(r['planned'])} per rank), and by "
+        f"{mib(r['whole'])} reading the same weights from a step-N checkpoint, which every rank reads whole."
+    )
+    return f"{LOAD_BEGIN}\n{text}\n{LOAD_END}"
+
+
+def test_the_sharded_load_numbers_are_the_committed_run():
+    r = json.loads(LOAD.read_text())
+    assert r["sliced"] < 0.25 * r["model_bytes"] <= r["whole"]
+    assert _section(LOAD_BEGIN, LOAD_END) == load_text(), "re-render with --write"
 
 
 def test_the_finetune_run_table_is_the_committed_run():
@@ -168,6 +188,7 @@ if __name__ == "__main__":
             (RUN_BEGIN, RUN_END, run_table),
             (PARITY_BEGIN, PARITY_END, parity_table),
             (PLAN_BEGIN, PLAN_END, plan_table),
+            (LOAD_BEGIN, LOAD_END, load_text),
         ):
             text = text.replace(text[text.index(begin) : text.index(end) + len(end)], render())
         PAGE.write_text(text)
