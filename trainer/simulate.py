@@ -48,6 +48,21 @@ def _fake_process_group(world_size: int, rank: int) -> None:
     _INITIALIZED = True
 
 
+def _model(cfg, args):
+    """The run's meta-device model, with its adapters (finetune.*) as the Trainer builds it."""
+    from models.adapters import apply_adapters, spec_of
+
+    model = build_model(args, device="meta")
+    if (spec := spec_of(cfg)) is not None:
+        if spec.nf4:
+            raise ValueError(
+                "--simulate with finetune.quantize_base=true: fake tensors hold no values to quantize, so the "
+                "simulation would run a 16-bit base; the planner (launch/plan.py without --simulate) counts NF4"
+            )
+        apply_adapters(model, spec)
+    return model
+
+
 def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dict:
     """{category: bytes, "peak": bytes} of rank `rank` at the peak of a simulated step (CPU kernels)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -89,7 +104,7 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
     trainer.scaler = None  # (fp16's loss scale changes no byte that the simulation counts)
     trainer.phases = Phases()  # the step's profiler ranges (no NVTX in a simulation)
     par = parallelize(
-        build_model(args, device="meta"),
+        _model(cfg, args),
         cfg,
         plan.dims,
         world,
@@ -133,7 +148,7 @@ def build_cost(cfg, world_size: int, *, rank: int = 0) -> dict:
     meshes = build_meshes(plan.dims, "cpu") if world_size > 1 else None
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 (Linux: KiB)
     before, start = rss(), time.perf_counter()
-    par = parallelize(build_model(model_args_of(cfg), device="meta"), cfg, plan.dims, world, meshes=meshes)
+    par = parallelize(_model(cfg, model_args_of(cfg)), cfg, plan.dims, world, meshes=meshes)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,

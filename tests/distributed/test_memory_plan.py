@@ -116,6 +116,7 @@ MODES_OF = {
     "lora": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
     "dora": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
     **{f"{k}_{s}": ["none/fp32", "full/bf16"] for k in ("lora", "dora") for s in ("fsdp", "tp")},
+    "lora_fsdp": ["none/fp32", "none/bf16", "full/bf16"],  # (none/bf16: the simulation's mode)
     "lora_zero2": ["none/fp32", "full/bf16"],
     "lora_zero3": ["none/fp32", "full/bf16"],
     "lora_loss_chunks": ["none/fp32", "none/bf16"],
@@ -367,7 +368,7 @@ def test_memory_breakdown_reaches_every_sink(tmp_path):
     assert [(h["train/step"], h["memory/tracked_peak_bytes"]) for h in logged] == [(3, top["peak"])]
 
 
-SIMULATED = ["hsdp_2x2", "fsdp_tp", "pp_fsdp"]
+SIMULATED = ["hsdp_2x2", "fsdp_tp", "pp_fsdp", "lora_fsdp"]
 
 
 @pytest.mark.parametrize("name", SIMULATED)
@@ -416,6 +417,16 @@ def test_simulation_matches_the_real_run(name, measured):
     assert abs(simulated["peak"] - real["peak"]) <= bound * real["peak"], f"simulated {simulated}, real {real}"
     for k in STATES:
         assert simulated[k] == real[k], (k, simulated[k], real[k])
+
+
+def test_the_simulation_refuses_an_nf4_base():
+    """FakeTensorMode has no values to quantize: --simulate of a QLoRA run would simulate a 16-bit base; refused."""
+    from conftest import TINY
+    from helpers import run_cli
+
+    args = [*TINY, "finetune.method=lora", "finetune.quantize_base=true", "finetune.nf4_scaler_block=8"]
+    proc = run_cli("plan.py", [*args, "world_size=1", "device=cpu", "--simulate"])
+    assert proc.returncode != 0 and "--simulate with finetune.quantize_base=true" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_context_parallelism_divides_the_activations(measured):
