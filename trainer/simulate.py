@@ -54,17 +54,22 @@ def _model(cfg, args):
 
     model = build_model(args, device="meta")
     if (spec := spec_of(cfg)) is not None:
-        if spec.nf4:
-            raise ValueError(
-                "--simulate with finetune.quantize_base=true: fake tensors hold no values to quantize, so the "
-                "simulation would run a 16-bit base; the planner (launch/plan.py without --simulate) counts NF4"
-            )
         apply_adapters(model, spec)
     return model
 
 
+def _refuse_nf4(cfg) -> None:
+    """(before any process group exists: a refusal leaves nothing behind)"""
+    if cfg.finetune.quantize_base:
+        raise ValueError(
+            "--simulate with finetune.quantize_base=true: fake tensors hold no values to quantize, so the "
+            "simulation would run a 16-bit base; the planner (launch/plan.py without --simulate) counts NF4"
+        )
+
+
 def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dict:
     """{category: bytes, "peak": bytes} of rank `rank` at the peak of a simulated step (CPU kernels)."""
+    _refuse_nf4(cfg)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     data, p = str(cfg.parallel.data), cfg.parallel
@@ -141,6 +146,7 @@ def build_cost(cfg, world_size: int, *, rank: int = 0) -> dict:
     import resource
     import time
 
+    _refuse_nf4(cfg)
     plan = derive(cfg, world_size)
     _fake_process_group(world_size, rank)
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's communication layer reads it
