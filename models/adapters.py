@@ -157,20 +157,16 @@ def quantize_nf4(w: torch.Tensor, scaler_block: int = NF4_SCALER_BLOCK):
     return _nf4().to_nf4(w.to(torch.bfloat16).contiguous(), NF4_BLOCK, scaler_block)
 
 
-def quantize_base(block: nn.Module, prefix: str, read, device, scaler_block: int = NF4_SCALER_BLOCK) -> int:
+def quantize_base(block: nn.Module, read, device, scaler_block: int = NF4_SCALER_BLOCK) -> None:
     """Replace the base weight of each AdapterLinear in `block` (still on the meta device) by its NF4 copy, read
-    whole (`read(canonical name) -> tensor`) on `device` and quantized at once, before FSDP splits it (FSDP2 gathers
-    NF4 parameters in 4 bits: torchao's all-gather extension). One weight in full precision at a time. Returns the
-    number quantized."""
-    n = 0
+    whole (`read(name in the block, shape) -> tensor`) on `device` and quantized at once, before FSDP splits it
+    (FSDP2 gathers NF4 parameters in 4 bits: torchao's all-gather extension). One weight in full precision at a
+    time."""
     for name, mod in block.named_modules():
         if isinstance(mod, AdapterLinear) and not is_nf4(mod.weight):
-            full = f"{prefix}.{name}.weight".replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-            w = read(full, tuple(mod.weight.shape)).to(device)
+            w = read(f"{name}.weight", tuple(mod.weight.shape)).to(device)
             mod.weight = nn.Parameter(quantize_nf4(w, scaler_block), requires_grad=False)
             del w
-            n += 1
-    return n
 
 
 def unquantized(parts) -> list[str]:

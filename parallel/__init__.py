@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from models.llama import canonical_name
 from parallel.activation import apply_ac
 from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
@@ -224,7 +225,12 @@ def _nf4_quantizer(part: nn.Module, cfg, dims: ParallelDims, device, base_reader
 
     read = base_reader or drawn
     scaler_block = int(cfg.finetune.nf4_scaler_block)
-    return lambda name, block: quantize_base(block, f"layers.{name}", read, device, scaler_block)
+
+    def quantize(block_name: str, block: nn.Module) -> None:
+        # (the block's own names, AC's and compile's wrappers in them, to the model's canonical ones)
+        quantize_base(block, lambda n, s: read(canonical_name(f"layers.{block_name}.{n}"), s), device, scaler_block)
+
+    return quantize
 
 
 def _offload_activations(par: Parallelized, cfg, device: torch.device) -> Parallelized:

@@ -122,7 +122,7 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
     first, last = 0 in mine, total - 1 in mine
     out, decay_embeddings = [], bool(cfg.optim.decay_embeddings)
     adapters = adapter_spec_of(cfg)
-    quantized = {m for m, _ in _adapted_linears(args, adapters)} if adapters and adapters.nf4 else set()
+    quantized = {m for m, _ in target_shapes(args, adapters.targets)} if adapters and adapters.nf4 else set()
     for name, shape, unit, module in _named_shapes(args, tied_copy=args.tie_embeddings and last and not first):
         keep = (int(unit) in blocks) if unit != "root" else (first if module == "tok_embeddings" else last)
         if not keep:
@@ -137,7 +137,7 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
         nf4 = int(cfg.finetune.nf4_scaler_block) if adapters and adapters.nf4 and module in quantized else 0
         out.append(_Param(name, tuple(shape), tuple(tp_shape), tuple(local), unit, decay, not adapters, nf4))
     for i in sorted(blocks) if adapters else ():  # finetune: A (rank x in), B (out x rank), DoRA's m: trainable
-        for module, (n_out, n_in) in _adapted_linears(args, adapters):
+        for module, (n_out, n_in) in target_shapes(args, adapters.targets):
             parts = [("lora_a.weight", (adapters.rank, n_in)), ("lora_b.weight", (n_out, adapters.rank))]
             if adapters.kind == "dora":  # the magnitude per output feature (1-D: no weight decay)
                 parts.append(("magnitude", (n_out,)))
@@ -155,11 +155,6 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
                 name = f"layers.{i}.{module}.{part}"
                 out.append(_Param(name, shape, tuple(tp_shape), tuple(local), str(i), len(shape) == 2, True))
     return out, sorted(blocks), first, last, len(mine)
-
-
-def _adapted_linears(args, spec) -> list[tuple[str, tuple[int, int]]]:
-    """(module path in a block, (out, in) features) of each linear the adapters wrap (models/adapters.py)."""
-    return target_shapes(args, spec.targets)
 
 
 def adapter_saved_per_token(r) -> float:
@@ -181,7 +176,7 @@ def _dora_outputs(r) -> int:
     outputs, a row-parallel layer's whole (partial-sum) output."""
     return sum(
         _ceil(n_out, r.dims.tp) if TP_SPLIT_DIM.get(module) == 0 else n_out
-        for module, (n_out, _) in _adapted_linears(r.args, r.adapters)
+        for module, (n_out, _) in target_shapes(r.args, r.adapters.targets)
     )
 
 

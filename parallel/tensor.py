@@ -92,10 +92,8 @@ def keep_grads_sharded_like_params(model: nn.Module) -> None:
     back to the parameter's own placement as it is produced (Replicate -> Shard is a local slice).
     Call it on allocated parameters: `to_empty()` replaces the parameter objects and their hooks."""
     for p in model.parameters():
-        if hasattr(p, "placements") and any(pl.is_shard() for pl in p.placements):
-            placements = p.placements
-            if not p.requires_grad:  # a frozen base under adapters: no gradient to slice
-                continue
+        if p.requires_grad and hasattr(p, "placements") and any(pl.is_shard() for pl in p.placements):
+            placements = p.placements  # (a frozen base under adapters has no gradient to slice)
             p.register_hook(
                 lambda g, placements=placements: (
                     g if g.placements == placements else g.redistribute(placements=placements)

@@ -475,21 +475,21 @@ class TensorReader:
                 w = _halves_to_interleaved(sl[(slice(h0 * hd, h1 * hd), *cols)], h1 - h0)[r0 - h0 * hd : r1 - h0 * hd]
         return w.float().contiguous()
 
-    def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def shape(self, name: str) -> tuple[int, ...]:
         if self.full is not None:
-            w = self.full[name]
-        else:
-            from safetensors import safe_open
+            return tuple(self.full[name].shape)
+        from safetensors import safe_open
 
-            f, key = self.index[name]
-            with safe_open(str(f), framework="pt") as h:
-                w = h.get_tensor(key)
-            rows = self.heads.get(name.rsplit(".", 2)[-2] + ".weight") if name.startswith("layers.") else None
-            if rows:
-                w = _halves_to_interleaved(w, rows)
-        if shape is not None and tuple(w.shape) != tuple(shape):
-            raise ValueError(f"{self.path}: {name} is {tuple(w.shape)}, the model's is {tuple(shape)}")
-        return w.float().contiguous()
+        f, key = self.index[name]
+        with safe_open(str(f), framework="pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
+    def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The whole tensor (`slice` over all of it); `shape`: the model's, checked."""
+        have = self.shape(name)
+        if shape is not None and have != tuple(shape):
+            raise ValueError(f"{self.path}: {name} is {have}, the model's is {tuple(shape)}")
+        return self.slice(name, (0,) * len(have), have)
 
 
 def load_weights(parts, cfg, path: Path) -> int:

@@ -165,7 +165,11 @@ def test_an_nf4_base_stores_what_the_planner_counts_and_computes_with_its_dequan
     torch.nn.init.normal_(layer.lora_b.weight)
     layer.weight = torch.nn.Parameter(q, requires_grad=False)
     x = torch.randn(3, 256)
-    want = x @ back.T + 2.0 * (x @ layer.lora_a.weight.T) @ layer.lora_b.weight.T
+    adapter = 2.0 * (x @ layer.lora_a.weight.T) @ layer.lora_b.weight.T
+    want = x @ back.T + adapter
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    # the comparison can fail: with the full-precision base instead of the NF4 one, or without the adapter
+    for wrong in (x @ w.T + adapter, x @ back.T):
+        assert not torch.allclose(layer(x), wrong, rtol=1e-5, atol=1e-5)
     model = torch.nn.ModuleDict({"a": layer, "b": AdapterLinear(8, 8, AdapterSpec("lora", 2, 4.0))})
     assert unquantized([model]) == ["b"]
