@@ -78,7 +78,7 @@ class AdapterLinear(nn.Linear):
 
     def base_weight(self) -> torch.Tensor:
         """W as a plain tensor of the adapters' dtype (an NF4 base dequantized: a temporary)."""
-        return self.weight.to(self.lora_b.weight.dtype) if is_nf4(self.weight) else self.weight
+        return _dequantized(self.weight, self.lora_b.weight.dtype) if is_nf4(self.weight) else self.weight
 
     def row_norms(self) -> torch.Tensor:
         """||W + s B A|| per output row, without a graph (DoRA detaches it): computed under no_grad, so that no
@@ -125,7 +125,56 @@ def _nf4():
     return nf4_tensor
 
 
+def _nf4_regather_under_tp() -> None:
+    """FSDP2's second all-gather of a TP-split NF4 base (backward, after resharding) passes the unsharded parameter
+    as `out=`: a DTensor holding the NF4 tensor, which torchao's `NF4Tensor.fsdp_post_all_gather` (0.18) asserts to
+    be an NF4Tensor itself (torchao's float8 weights accept both). The gathered data already is that NF4 tensor's
+    storage: hand it the local tensor. Wrapped once per process; nothing else changes."""
+    cls = _nf4().NF4Tensor
+    original = cls.fsdp_post_all_gather
+    if getattr(original, "accepts_dtensor", False):
+        return
+
+    def post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        if out is not None and hasattr(out, "_local_tensor"):
+            out = out._local_tensor
+        return original(self, outputs, metadata, param_dtype, out=out)
+
+    post_all_gather.accepts_dtensor = True
+    cls.fsdp_post_all_gather = post_all_gather
+
+
+def _dequantized(w, dtype: torch.dtype) -> torch.Tensor:
+    """An NF4 base as a plain tensor of `dtype` (a temporary). A TP shard's (a DTensor holding NF4) is dequantized
+    explicitly: DTensor's `.to(dtype)` returns the tensor itself when the NF4 tensor's nominal dtype is already
+    `dtype` (bf16), and a matmul on the undequantized tensor goes through torchao's NF4 `mm`, which computes x W^T
+    whatever was asked (a transposed product in the backward's grad @ W)."""
+    if not hasattr(w, "placements"):
+        return w.to(dtype)
+    from torch.distributed.tensor import DTensor
+
+    plain = w.to_local().get_original_weight().to(dtype)
+    return DTensor.from_local(plain, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride())
+
+
+class _LinearNF4TP(torch.autograd.Function):
+    """x W^T for a TP-split NF4 base (torchao's `linear_nf4`, with the dequantization explicit): only the 4-bit
+    weight is saved for backward, which dequantizes it again."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return F.linear(x, _dequantized(weight, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ _dequantized(weight, grad.dtype), None
+
+
 def _linear_nf4(x, weight):
+    if hasattr(weight, "placements"):
+        return _LinearNF4TP.apply(x, weight)
     return _nf4().linear_nf4(x, weight)
 
 
@@ -139,7 +188,7 @@ def nf4_problems(name: str, shape: tuple[int, int], shards: int, scaler_block: i
     per = NF4_BLOCK * scaler_block
     if numel % per or shape[0] % shards or (numel // per) % shards:
         return [
-            f"{name} {tuple(shape)}: NF4 with finetune.nf4_scaler_block={scaler_block} needs whole blocks of "
+            f"{name}: NF4 with finetune.nf4_scaler_block={scaler_block} needs whole blocks of "
             f"{NF4_BLOCK} x {scaler_block} elements, {shards} way(s) split (FSDP) by rows"
         ]
     return []
@@ -159,14 +208,43 @@ def quantize_nf4(w: torch.Tensor, scaler_block: int = NF4_SCALER_BLOCK):
 
 def quantize_base(block: nn.Module, read, device, scaler_block: int = NF4_SCALER_BLOCK) -> None:
     """Replace the base weight of each AdapterLinear in `block` (still on the meta device) by its NF4 copy, read
-    whole (`read(name in the block, shape) -> tensor`) on `device` and quantized at once, before FSDP splits it
-    (FSDP2 gathers NF4 parameters in 4 bits: torchao's all-gather extension). One weight in full precision at a
-    time."""
+    (`read(name in the block, shape, offset, local shape) -> the block [offset, offset + local shape) of the weight`)
+    on `device` and quantized at once, one weight in full precision at a time. A plain weight is read whole, before
+    FSDP splits it (FSDP2 gathers NF4 parameters in 4 bits: torchao's all-gather extension). A tensor-parallel
+    weight (a DTensor: parallel/tensor.py split it by rows or columns) reads only this rank's rows or columns and
+    quantizes that shard on its own (its 64-element blocks and the scales' mean are the shard's), the NF4 shard
+    then wrapped as the same DTensor; FSDP splits it further by rows."""
     for name, mod in block.named_modules():
         if isinstance(mod, AdapterLinear) and not is_nf4(mod.weight):
-            w = read(f"{name}.weight", tuple(mod.weight.shape)).to(device)
-            mod.weight = nn.Parameter(quantize_nf4(w, scaler_block), requires_grad=False)
+            wt, shape = mod.weight, tuple(mod.weight.shape)
+            if hasattr(wt, "placements"):
+                from torch.distributed.tensor import DTensor
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+                _nf4_regather_under_tp()
+                local, offset = compute_local_shape_and_global_offset(wt.shape, wt.device_mesh, wt.placements)
+                w = read(f"{name}.weight", shape, tuple(offset), tuple(local)).to(device)
+                q = DTensor.from_local(
+                    quantize_nf4(w, scaler_block),
+                    wt.device_mesh,
+                    wt.placements,
+                    run_check=False,
+                    shape=wt.shape,
+                    stride=wt.stride(),
+                )
+            else:
+                w = read(f"{name}.weight", shape, (0,) * len(shape), shape).to(device)
+                q = quantize_nf4(w, scaler_block)
+            mod.weight = nn.Parameter(q, requires_grad=False)
             del w
+
+
+def quantized_like_tp(w: torch.Tensor, dim: int, tp: int, scaler_block: int = NF4_SCALER_BLOCK) -> torch.Tensor:
+    """The values a `tp`-way tensor-parallel QLoRA base computes with for weight `w`, split on `dim` (0: a
+    column-parallel layer's rows, 1: a row-parallel layer's columns): each shard quantized on its own
+    (`quantize_base`), dequantized, put back together (fp32). One process on these values computes what the TP
+    run computes (its parity reference)."""
+    return torch.cat([quantize_nf4(c.contiguous(), scaler_block).to(torch.float32) for c in w.chunk(tp, dim)], dim)
 
 
 def unquantized(parts) -> list[str]:
@@ -301,9 +379,9 @@ def config_problems(cfg) -> list[str]:
 
 
 def _qlora_problems(cfg) -> list[str]:
-    """finetune.quantize_base (QLoRA): where an NF4 base is built and tested. FSDP2 gathers NF4 in 4 bits; DDP would
-    broadcast and DeepSpeed re-partition the quantized weights, TP would need each shard quantized after the split
-    (not built yet), FSDP's CPU offload would copy them as plain tensors."""
+    """finetune.quantize_base (QLoRA): where an NF4 base is built and tested. FSDP2 gathers NF4 in 4 bits and TP
+    quantizes each rank's shard after the split (`quantize_base`); DDP would broadcast and DeepSpeed re-partition
+    the quantized weights, FSDP's CPU offload would copy them as plain tensors."""
     import importlib.util
 
     p, problems = cfg.parallel, []
@@ -311,7 +389,6 @@ def _qlora_problems(cfg) -> list[str]:
         problems.append("finetune.quantize_base=true needs torchao's NF4 (pip install 'shardwise[lowbit]')")
     why = {
         "parallel.data": (str(p.data), ("none", "fsdp", "hsdp"), "use parallel.data=fsdp or hsdp (or none)"),
-        "parallel.tp": (int(p.tp), (1,), "each TP shard's own quantization is not built yet; use parallel.tp=1"),
         "parallel.offload": (str(p.offload), ("none",), "use parallel.offload=none"),
     }
     for key, (value, ok, fix) in why.items():
@@ -329,11 +406,17 @@ def target_shapes(args, targets) -> list[tuple[str, tuple[int, int]]]:
 
 
 def nf4_layout_problems(cfg, args, dims) -> list[str]:
-    """Every adapted weight must split into whole NF4 blocks over FSDP's shards (dp_shard x cp)."""
+    """Every adapted weight's TP shard (its rows or columns, models/llama.py `TP_SPLIT_DIM`) must split into whole
+    NF4 blocks over FSDP's shards (dp_shard x cp)."""
+    from models.llama import TP_SPLIT_DIM
+
     shards = dims.dp_shard * dims.cp if str(cfg.parallel.data) in ("fsdp", "hsdp") or dims.cp > 1 else 1
     problems = []
     for module, shape in target_shapes(args, tuple(cfg.finetune.targets)):
-        problems += nf4_problems(module, shape, shards, int(cfg.finetune.nf4_scaler_block))
+        local = list(shape)
+        local[TP_SPLIT_DIM[module]] //= dims.tp
+        where = f"{module} {tuple(shape)}" + (f" (its TP shard {tuple(local)})" if dims.tp > 1 else "")
+        problems += nf4_problems(where, tuple(local), shards, int(cfg.finetune.nf4_scaler_block))
     if problems:
         return [f"finetune.quantize_base=true: {'; '.join(problems[:3])}; choose model sizes that divide"]
     return []

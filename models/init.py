@@ -172,6 +172,22 @@ def fill_normal(
 
 
 @torch.no_grad()
+def normal_block(
+    seed: int, name: str, shape: tuple[int, int], offset: tuple[int, int], local: tuple[int, int], device, **spec
+) -> torch.Tensor:
+    """The block [offset, offset + local) of the 2-D parameter `name` of `shape`, as `fill_normal` draws it (the
+    same values however the parameter is split), drawn for the block's elements only, fp32."""
+    out = torch.empty(local, dtype=torch.float32, device=device)
+    dtype = index_dtype(shape[0] * shape[1])
+    cols = torch.arange(offset[1], offset[1] + local[1], dtype=dtype, device=device)
+    step = max(1, _CHUNK // max(local[1], 1))
+    for r0 in range(0, local[0], step):
+        rows = torch.arange(offset[0] + r0, offset[0] + min(local[0], r0 + step), dtype=dtype, device=device)
+        out[r0 : r0 + step].copy_(normal(rows.unsqueeze(1) * shape[1] + cols, seed, name, **spec))
+    return out
+
+
+@torch.no_grad()
 def fill_flat_partition(
     flat: torch.Tensor,
     start: int,

@@ -216,19 +216,24 @@ def _nf4_quantizer(part: nn.Module, cfg, dims: ParallelDims, device, base_reader
         return None
     seed = int(cfg.training.seed)
 
-    def drawn(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        from models.init import fill_normal
+    def drawn(name: str, shape: tuple[int, ...], offset: tuple[int, ...], local: tuple[int, ...]) -> torch.Tensor:
+        from models.init import normal_block
 
-        w = torch.empty(shape, dtype=torch.float32, device=device)
-        fill_normal(w, seed, name, **part.init_spec(name))
-        return w
+        return normal_block(seed, name, shape, offset, local, device, **part.init_spec(name))
 
-    read = base_reader or drawn
+    def sliced(name: str, shape: tuple[int, ...], offset: tuple[int, ...], local: tuple[int, ...]) -> torch.Tensor:
+        if tuple(base_reader.shape(name)) != tuple(shape):
+            raise ValueError(f"{base_reader.path}: {name} is {base_reader.shape(name)}, the model's is {tuple(shape)}")
+        return base_reader.slice(name, offset, local)
+
+    read = drawn if base_reader is None else sliced
     scaler_block = int(cfg.finetune.nf4_scaler_block)
 
     def quantize(block_name: str, block: nn.Module) -> None:
         # (the block's own names, AC's and compile's wrappers in them, to the model's canonical ones)
-        quantize_base(block, lambda n, s: read(canonical_name(f"layers.{block_name}.{n}"), s), device, scaler_block)
+        quantize_base(
+            block, lambda n, *where: read(canonical_name(f"layers.{block_name}.{n}"), *where), device, scaler_block
+        )
 
     return quantize
 

@@ -436,7 +436,8 @@ def load_host_bytes(cfg, args, dims: ParallelDims) -> int:
     """checkpoint.init_from: a rank's host memory at the peak of reading the weights (trainer/hf.py load_weights):
     one tensor at a time, read from the file (up to 4 bytes per element) and converted to fp32 (4 more): the
     largest slice this rank holds (its FSDP/TP block; the whole tensor under ZeRO-3, whose partitions are filled
-    from whole tensors, and for a QLoRA base, quantized whole before FSDP splits it, with its bf16 copy: 2 more)."""
+    from whole tensors, and for a QLoRA base its TP shard, quantized whole before FSDP splits it, with its bf16
+    copy: 2 more)."""
     if not cfg.checkpoint.init_from:
         return 0
     zero3 = data_strategy(cfg) == "zero3"
@@ -445,7 +446,7 @@ def load_host_bytes(cfg, args, dims: ParallelDims) -> int:
         for q in _params_of_rank(args, cfg, dims, pp_rank)[0]:
             if q.name.endswith(AdapterLinear.ADAPTER_NAMES):  # (adapters are not read: they start from the seed)
                 continue
-            n = math.prod(q.full if zero3 or q.nf4 else q.local)
+            n = math.prod(q.full if zero3 else q.tp if q.nf4 else q.local)
             largest = max(largest, (10 if q.nf4 else 8) * n)
     return largest
 

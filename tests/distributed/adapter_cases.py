@@ -29,4 +29,8 @@ ADAPTER_CASES = [
     ("qlora_hsdp_2x2", 4, ["finetune.method=lora", *NF4, "parallel.data=hsdp", "parallel.dp_replicate=2"]),
     ("qlora_pp_fsdp", 4, ["finetune.method=lora", *NF4, "parallel.pp=2", "parallel.data=fsdp"]),
     ("qlora_cp_2", 2, ["finetune.method=lora", *NF4, "parallel.cp=2"]),
+    # QLoRA under TP quantizes each rank's shard on its own: the reference is one process on a plain base holding
+    # those shards' dequantized values (parity_worker.py `nf4_like_tp_reference`)
+    ("qlora_tp", 2, ["finetune.method=lora", *NF4, "parallel.tp=2"]),
+    ("qdora_fsdp_tp", 4, ["finetune.method=dora", *NF4, "parallel.data=fsdp", "parallel.tp=2"]),
 ]

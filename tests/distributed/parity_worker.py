@@ -67,8 +67,8 @@ def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
 
                 with deepspeed.zero.GatheredParameters([p]):
                     value = p.detach().clone()
-            else:
-                value = full(p.detach())
+            else:  # (a QLoRA base dequantized before it is gathered: NF4 shards do not gather as plain tensors)
+                value = full(p.detach().float())
             params[canonical_name(name)] = value.detach().float().cpu()
     if trainer.par.dims.pp > 1:
         gathered = [None] * trainer.par.dims.pp
@@ -77,7 +77,40 @@ def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return params
 
 
+NF4_LIKE_TP = "worker.nf4_like_tp="  # (an argument of this worker, not of the trainer: `nf4_like_tp_reference`)
+
+
+def nf4_like_tp_reference(out: str, argv: list[str]) -> list[str]:
+    """The single-process reference of a tensor-parallel QLoRA row (argv names `worker.nf4_like_tp=N`): TP quantizes
+    each rank's shard on its own (models/adapters.py `quantize_base`), which one process holding whole NF4 weights
+    cannot reproduce; so this reference trains on a plain fp32 base holding exactly the values the TP run computes
+    with: the seed's base, each adapted weight quantized shard by shard as `N`-way TP splits it and dequantized
+    (`quantized_like_tp`), read through checkpoint.init_from. Returns the trainer's arguments."""
+    from safetensors.torch import save_file
+
+    from models.adapters import quantized_like_tp, target_shapes
+    from models.args import model_args_of
+    from models.llama import TP_SPLIT_DIM, build_model
+
+    tp = int(next(a for a in argv if a.startswith(NF4_LIKE_TP))[len(NF4_LIKE_TP) :])
+    argv = [a for a in argv if not a.startswith(NF4_LIKE_TP)]
+    cfg = load_config(argv)
+    model = build_model(model_args_of(cfg), device="meta").to_empty(device="cpu")
+    model.init_weights(seed=int(cfg.training.seed))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if "rope" not in k}
+    modules = [m for m, _ in target_shapes(model.args, tuple(cfg.finetune.targets))]
+    for name in state:
+        module = name.split(".", 2)[-1].rsplit(".", 1)[0] if name.startswith("layers.") else None
+        if module in modules:
+            state[name] = quantized_like_tp(state[name], TP_SPLIT_DIM[module], tp, int(cfg.finetune.nf4_scaler_block))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_file(state, str(Path(out) / "base.safetensors"))
+    return [*argv, "finetune.quantize_base=false", f"checkpoint.init_from={Path(out) / 'base.safetensors'}"]
+
+
 def main(out: str, argv: list[str], *, last: bool = True) -> None:
+    if any(a.startswith(NF4_LIKE_TP) for a in argv):
+        argv = nf4_like_tp_reference(out, argv)
     cfg = load_config(argv)
     trainer = Trainer(cfg, check(cfg, env_world_size()))
     losses, norms, grads = [], [], None

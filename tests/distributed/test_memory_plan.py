@@ -79,6 +79,7 @@ LAYOUTS = [
     ("qlora", 1, ["finetune.method=lora", *NF4]),
     ("qdora", 1, ["finetune.method=dora", *NF4]),
     ("qlora_fsdp", 2, ["finetune.method=lora", "parallel.data=fsdp", *NF4]),
+    ("qlora_tp", 2, ["finetune.method=lora", "parallel.tp=2", *NF4]),  # (each rank's shard quantized on its own)
     # compiled blocks: inductor chooses what a block saves (its graph's outputs, which the offload hooks see)
     ("compile_activation_offload", 1, [*OFFLOAD, "parallel.compile=true"]),
     # context parallelism on a longer sequence (128 tokens, 4 x the rest): the same layout on one process, cp 2 both
@@ -124,6 +125,7 @@ MODES_OF = {
     "qlora": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
     "qdora": ["none/fp32", "full/bf16"],
     "qlora_fsdp": ["none/fp32", "full/bf16"],
+    "qlora_tp": ["none/fp32", "full/bf16"],
     "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
     "float8": ["none/bf16", "selective/bf16", "full/bf16"],
     "fsdp_float8": ["none/bf16", "full/bf16"],

@@ -181,6 +181,9 @@ def _adapter_runs(nproc, overrides) -> list[tuple[int, list[str]]]:
     """(one process with the row's adapters, the row's layout) of one ADAPTER_CASES row."""
     common = [ADAPTER_STEPS, "training.global_batch_size=8", "training.precision=fp32"]
     method = [o for o in overrides if o.startswith("finetune.")]
+    tp = next((o.split("=")[1] for o in overrides if o.startswith("parallel.tp=")), None)
+    if tp is not None and set(NF4) <= set(overrides):  # (TP's NF4 shards: parity_worker.py nf4_like_tp_reference)
+        method.append(f"worker.nf4_like_tp={tp}")
     return [(1, [*common, *method]), (nproc, [*common, *overrides])]
 
 
@@ -203,6 +206,8 @@ def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
         return _adapter_runs(params["nproc"], params["overrides"])
     if test == "test_qlora_trains_on_its_nf4_base_not_the_full_precision_one":
         return _qlora_references()
+    if test == "test_qlora_under_tp_quantizes_each_shard_on_its_own":
+        return [_qlora_references()[0], _adapter_runs(*QLORA_TP[1:])[0]]
     if test == "test_the_adapter_comparison_fails_when_the_adapters_are_broken":
         return _adapter_runs(*ADAPTER_CASES[6][1:])
     return []
@@ -286,6 +291,18 @@ def test_qlora_trains_on_its_nf4_base_not_the_full_precision_one(worker):
     assert nf4["losses"][0] != plain["losses"][0]
     off = [d for d in differences("nf4 vs fp32 base", plain, nf4, FP32) if "lora_b.weight off by" in d]
     assert len(off) == 4 * 7, off  # every B's gradient beyond 1e-5
+
+
+QLORA_TP = next(c for c in ADAPTER_CASES if c[0] == "qlora_tp")
+
+
+def test_qlora_under_tp_quantizes_each_shard_on_its_own(worker):
+    """The TP rows' reference is not the other NF4 rows' one: each TP rank quantizes its own rows or columns (its own
+    64-element blocks and scale mean), so one process on whole-tensor NF4 weights differs from it in every B gradient
+    beyond the rows' bound. A TP run that quantized whole weights and then split them would fail its parity row."""
+    whole, per_shard = worker(*_qlora_references()[0]), worker(*_adapter_runs(*QLORA_TP[1:])[0])
+    off = [d for d in differences("whole vs per shard", whole, per_shard, FP32) if "lora_b.weight off by" in d]
+    assert len(off) == 4 * 7, off
 
 
 def test_the_adapter_comparison_fails_when_the_adapters_are_broken(worker):

@@ -173,3 +173,42 @@ def test_an_nf4_base_stores_what_the_planner_counts_and_computes_with_its_dequan
         assert not torch.allclose(layer(x), wrong, rtol=1e-5, atol=1e-5)
     model = torch.nn.ModuleDict({"a": layer, "b": AdapterLinear(8, 8, AdapterSpec("lora", 2, 4.0))})
     assert unquantized([model]) == ["b"]
+
+
+def test_a_tp_split_nf4_base_computes_its_dequantized_product_in_bf16_too():
+    """A TP shard of a QLoRA base (a DTensor holding NF4): forward x W^T and backward grad W with the dequantized
+    weight, in fp32 and in bf16, where DTensor's `.to(bf16)` returns the undequantized tensor and torchao's NF4 `mm`
+    would compute grad W^T (a square weight: silently wrong, which torchao's own `linear_nf4` is shown to do here).
+    On a one-rank mesh: the dispatch is DTensor's whatever the ranks."""
+    pytest.importorskip("torchao")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from models.adapters import _linear_nf4, _nf4, quantize_nf4
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        q = quantize_nf4(torch.randn(64, 64), 8)
+        w = DTensor.from_local(q, mesh, [Shard(0)], run_check=False, shape=q.shape, stride=q.stride())
+        for dtype in (torch.float32, torch.bfloat16):
+            back = q.get_original_weight().to(dtype)
+            x = torch.randn(5, 64, dtype=dtype, requires_grad=True)
+            grad = torch.randn(5, 64, dtype=dtype)
+
+            def run(linear, x=x, grad=grad):
+                x.grad = None
+                y = linear(DTensor.from_local(x, mesh, [Replicate()], run_check=False), w).full_tensor()
+                y.backward(grad)
+                return y.detach(), x.grad.clone()
+
+            y, gx = run(_linear_nf4)
+            torch.testing.assert_close(y, x.detach() @ back.T, rtol=0, atol=0)
+            torch.testing.assert_close(gx, grad @ back, rtol=0, atol=0)
+            if dtype == torch.bfloat16:  # the check can fail: torchao's linear on the DTensor transposes the backward
+                _, wrong = run(_nf4().linear_nf4)
+                assert not torch.allclose(wrong, grad @ back) and torch.allclose(wrong, grad @ back.T)
+    finally:
+        dist.destroy_process_group()

@@ -116,6 +116,12 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
             ["finetune.method=lora", "finetune.quantize_base=true", "model.dim=64", "model.n_heads=4"],
             "finetune.quantize_base=true: attention.wq (64, 64): NF4 with finetune.nf4_scaler_block=256 needs whole",
         ),
+        (  # (wq's 2 blocks of 64 x 32 split over FSDP 2 alone, but its TP shard holds 1)
+            ["finetune.method=lora", "finetune.quantize_base=true", "finetune.nf4_scaler_block=32", "model.dim=64"]
+            + ["model.n_heads=4", "parallel.tp=2", "parallel.data=fsdp", "WORLD_SIZE=4"],
+            "finetune.quantize_base=true: attention.wq (64, 64) (its TP shard (32, 64)): NF4 with "
+            "finetune.nf4_scaler_block=32 needs whole blocks",
+        ),
         (
             ["finetune.method=dora", "parallel.data=zero3", "WORLD_SIZE=2"],
             "finetune.method=dora with parallel.data=zero3: DoRA's magnitudes start at the base's row norms",

@@ -98,6 +98,18 @@ def test_a_slice_draws_the_values_of_the_full_tensor():
         fill_flat_partition(part, start, flat.numel(), 2, "x", 0.0, 0.02, lo=-2.0, hi=2.0)
         n = max(0, min(20, flat.numel() - start))
         assert torch.equal(part[:n], flat[start : start + n]) and torch.equal(part[n:], torch.zeros(20 - n))
+    # a block of rows and columns (a TP shard of a QLoRA base, drawn before it is quantized), in row chunks too
+    from models import init
+    from models.init import normal_block
+
+    for offset, local in (((0, 0), (37, 11)), ((5, 3), (20, 6)), ((36, 10), (1, 1))):
+        block = normal_block(2, "x", (37, 11), offset, local, "cpu", mean=0.0, std=0.02, lo=-2.0, hi=2.0)
+        assert torch.equal(block, full[offset[0] : offset[0] + local[0], offset[1] : offset[1] + local[1]])
+    chunk, init._CHUNK = init._CHUNK, 13
+    try:
+        assert torch.equal(normal_block(2, "x", (37, 11), (1, 2), (30, 5), "cpu", mean=0.0, std=0.02), full[1:31, 2:7])
+    finally:
+        init._CHUNK = chunk
 
 
 def test_init_statistics():
