@@ -8,7 +8,9 @@
 The recipe and overrides are those of launch/train.py and are validated the same way (one message naming
 every problem). `world_size` is the number of ranks (default: the recipe's `hardware.world_size`, else 8),
 `ranks_per_node` (default 8) sizes the host memory per node that offloaded state needs, `gpu_memory_gib` the
-device to fit (default: the recipe's `hardware.gpu_memory_gib`; with neither, only predict),
+device to fit (default: the recipe's `hardware.gpu_memory_gib`; with neither, only predict), `host_memory_gib` the
+host memory of a node that the offloaded state must fit (default: the recipe's `hardware.host_memory_gib`; with
+neither, no host verdict),
 `device` (cuda, the default when gpu_memory_gib is given, or cpu) picks the device reserve.
 `--json` prints the same numbers as JSON (peak tensor bytes per rank under `peak_bytes`, the device reserve
 apart under `reserve_bytes`). `--simulate` builds the most loaded rank for real on this machine, without
@@ -80,12 +82,17 @@ def parse(argv: list[str]) -> tuple[dict, list[str], set[str]]:
 
 
 def with_defaults(own: dict, cfg, flags: set[str]) -> dict:
-    """world_size and gpu_memory_gib from the recipe's `hardware` section where the command line gave none."""
+    """world_size, gpu_memory_gib and host_memory_gib from the recipe's `hardware` section where the command line
+    gave none."""
     own = dict(own)
     if own["world_size"] is None:
         own["world_size"] = cfg.hardware.world_size or 8
     if own["gpu_memory_gib"] is None:
         own["gpu_memory_gib"] = cfg.hardware.gpu_memory_gib
+    if own["host_memory_gib"] is None:
+        own["host_memory_gib"] = cfg.hardware.host_memory_gib
+    if own["host_memory_gib"] is not None and own["host_memory_gib"] <= 0:
+        raise ConfigError(f"host_memory_gib={own['host_memory_gib']} must be > 0: the host memory of one node")
     if "--search" in flags and own["gpu_memory_gib"] is None:
         raise ConfigError("--search needs the memory to fit: add gpu_memory_gib=N (e.g. gpu_memory_gib=80)")
     if own["world_size"] < 1:
@@ -125,6 +132,8 @@ def main(argv: list[str]) -> int:
             device=own["device"],
             ranks_per_node=own["ranks_per_node"],
         )
+        if own["host_memory_gib"] is not None:
+            plan.memory.host_capacity_bytes = int(own["host_memory_gib"] * 2**30)
     except ConfigError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         return 2

@@ -92,6 +92,7 @@ class MemoryPlan:
     ranks_per_node: int  # for host memory per node (offload)
     warnings: list[str] = field(default_factory=list)  # where the prediction is known to be short
     load_host_bytes: int = 0  # checkpoint.init_from: a rank's host memory at the peak of reading the weights
+    host_capacity_bytes: int | None = None  # the host memory per node to fit in (None: not asked)
 
     @property
     def most_loaded(self) -> RankMemory:
@@ -119,6 +120,15 @@ class MemoryPlan:
         over = (need - self.capacity_bytes) / GIB
         return f"does not fit by {over:.2f} GiB ({need / GIB:.2f} > {self.capacity_bytes / GIB:.2f} GiB)"
 
+    def host_verdict(self) -> str | None:
+        """Whether the offloaded state of a node's ranks fits its host memory (host_memory_gib), or None."""
+        if self.host_capacity_bytes is None:
+            return None
+        need, have = self.host_bytes_per_node, self.host_capacity_bytes
+        if need <= have:
+            return f"fits: {need / GIB:.2f} of {have / GIB:.2f} GiB per node"
+        return f"does not fit by {(need - have) / GIB:.2f} GiB ({need / GIB:.2f} > {have / GIB:.2f} GiB per node)"
+
     def to_json(self) -> dict:
         top = self.most_loaded
         return {
@@ -131,6 +141,10 @@ class MemoryPlan:
             "warnings": self.warnings,
             "most_loaded_pp_rank": top.pp_rank,
             "host_bytes_per_node": self.host_bytes_per_node,
+            "host_capacity_bytes": self.host_capacity_bytes,
+            "host_fits": None
+            if self.host_capacity_bytes is None
+            else self.host_bytes_per_node <= self.host_capacity_bytes,
             "ranks": [
                 {
                     "pp_rank": r.pp_rank,
@@ -177,6 +191,8 @@ class MemoryPlan:
             )
         if (v := self.verdict()) is not None:
             lines.append(f"verdict            {v}")
+        if (v := self.host_verdict()) is not None:
+            lines.append(f"host verdict       {v}")
         lines += [f"warning            {w}" for w in self.warnings]
         return "\n".join(lines)
 

@@ -300,6 +300,8 @@ class HardwareConfig:
     gpu_memory_gib: float | None = (
         None  # the device memory it is sized for: launch/plan.py's default gpu_memory_gib (null: no verdict)
     )
+    # the host memory per node it is sized for: launch/plan.py's default host_memory_gib (null: no host verdict)
+    host_memory_gib: float | None = None
 
 
 @dataclass

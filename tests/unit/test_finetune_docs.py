@@ -36,6 +36,7 @@ LOAD_BEGIN, LOAD_END = _markers("sharded-load", "docs/benchmarks/sharded-load-20
 TARGETS = [
     ("llama8b_qlora_1gpu", 6, None, "torchtune 7.4 GiB (RTX 4090); Unsloth: 6 GB minimum"),
     ("llama8b_lora_1gpu", 15, None, "torchtune 16.2 GiB"),
+    ("llama8b_full_1gpu_24g", 18, 64, "torchtune 18.9 GiB (full fine-tune, one 24 GB GPU)"),
     ("llama8b_1gpu_16g", 18, 64, "torchtune 18.9 GiB (full fine-tune, one 24 GB GPU)"),
     ("llama70b_qlora_2gpu", 16, 64, "Answer.AI 14.92 GiB with > 128 GB host; PEFT 19.6 GB + 107 GB host"),
     ("llama70b_lora_8gpu", 25, None, "torchtune 27.6 GiB"),

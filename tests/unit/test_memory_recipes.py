@@ -120,3 +120,17 @@ def test_llama8b_1gpu_16g_states_the_host_memory_it_needs():
     said = f"{host / 2**30:.1f} GiB"
     assert said in (REPO / "recipes" / "llama8b_1gpu_16g.yaml").read_text(), said
     assert said in (REPO / "docs" / "recipes.md").read_text(), said
+
+
+def test_the_plan_says_whether_the_offloaded_state_fits_the_host():
+    """host_memory_gib (the recipe's `hardware` section, or plan.py's argument) gets a verdict of its own: the 8B
+    full fine-tune sized for 24 GB and 64 GiB of host memory fits both; the 16 GiB recipe's fp32 states (153.8 GiB
+    of host memory) do not fit 64 GiB, and the JSON says so."""
+    out = _plan("recipe=llama8b_full_1gpu_24g")  # hardware: 1 GPU of 24 GiB, 64 GiB of host memory
+    assert out["fits"] and out["host_fits"] and out["host_capacity_bytes"] == 64 * GIB
+    assert out["peak_bytes"] + out["reserve_bytes"] <= 18 * GIB and out["host_bytes_per_node"] <= 64 * GIB
+    out = _plan("recipe=llama8b_1gpu_16g", "host_memory_gib=64")
+    assert out["fits"] and out["host_fits"] is False and out["host_bytes_per_node"] > 64 * GIB
+    assert _plan("recipe=llama8b_1gpu_16g")["host_fits"] is None  # (no host memory given: no host verdict)
+    proc = run_cli("plan.py", ["recipe=llama8b_1gpu_16g", "host_memory_gib=64"])
+    assert "host verdict       does not fit by 89.79 GiB (153.79 > 64.00 GiB per node)" in proc.stdout, proc.stdout
