@@ -405,16 +405,14 @@ def target_shapes(args, targets) -> list[tuple[str, tuple[int, int]]]:
     return [(f"{parent.get(n, 'feed_forward')}.{n}", shapes[n]) for n in targets]
 
 
-def nf4_layout_problems(cfg, args, dims) -> list[str]:
-    """Every adapted weight's TP shard (its rows or columns, models/llama.py `TP_SPLIT_DIM`) must split into whole
-    NF4 blocks over FSDP's shards (dp_shard x cp)."""
-    from models.llama import TP_SPLIT_DIM
-
+def nf4_layout_problems(cfg, args, dims, split_dims: dict[str, int]) -> list[str]:
+    """Every adapted weight's TP shard (its rows or columns: `split_dims`, models/llama.py `TP_SPLIT_DIM`) must split
+    into whole NF4 blocks over FSDP's shards (dp_shard x cp)."""
     shards = dims.dp_shard * dims.cp if str(cfg.parallel.data) in ("fsdp", "hsdp") or dims.cp > 1 else 1
     problems = []
     for module, shape in target_shapes(args, tuple(cfg.finetune.targets)):
         local = list(shape)
-        local[TP_SPLIT_DIM[module]] //= dims.tp
+        local[split_dims[module]] //= dims.tp
         where = f"{module} {tuple(shape)}" + (f" (its TP shard {tuple(local)})" if dims.tp > 1 else "")
         problems += nf4_problems(where, tuple(local), shards, int(cfg.finetune.nf4_scaler_block))
     if problems:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from models.adapters import config_problems as adapter_problems
 from models.adapters import nf4_layout_problems
 from models.args import ConfigError, model_args_of
+from models.llama import TP_SPLIT_DIM
 from models.llama import config_problems as model_problems
 from optim import config_problems as optim_problems
 from parallel.float8 import config_problems as float8_problems
@@ -187,7 +188,7 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     problems += adapter_problems(cfg)
     if not problems and cfg.finetune.quantize_base:  # (the layout is valid: its FSDP split is known)
         dims, _ = parallel_dims(cfg, world_size)
-        problems += nf4_layout_problems(cfg, args, dims)
+        problems += nf4_layout_problems(cfg, args, dims, TP_SPLIT_DIM)
     return problems
 
 
