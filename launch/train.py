@@ -81,6 +81,11 @@ def main(argv: list[str], *, keep_process_group: bool = False) -> int:
     try:
         cfg = load_config(argv)
         plan = check(cfg, env_world_size())
+        if str(cfg.data.source) == "chat":  # tokenized once, before any process group: the data's own problems
+            from models.args import model_args_of
+            from trainer.chat import ready
+
+            ready(cfg, model_args_of(cfg).vocab_size)
     except ConfigError as e:
         return _refuse(str(e))  # every rank found the same problems; one reports them
     if cfg.dry_run:

@@ -18,6 +18,24 @@ import torch
 import torch.distributed as dist
 
 IGNORE_INDEX = -100  # targets with this id (padding) carry no loss
+# a token of a batch with this bit set is an input like any other but no target the loss trains on (a chat prompt's
+# tokens, padding: trainer/chat.py); token ids stay below it
+UNTRAINED = 1 << 32
+
+
+def inputs_and_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., T + 1) batch tokens -> (..., T) input ids and (..., T) targets, IGNORE_INDEX where a target is flagged
+    UNTRAINED (or already IGNORE_INDEX)."""
+    ids = tokens & (UNTRAINED - 1)
+    nxt = tokens[..., 1:]
+    targets = torch.where((nxt >= UNTRAINED) | (nxt < 0), torch.full_like(nxt, IGNORE_INDEX), ids[..., 1:])
+    return ids[..., :-1], targets
+
+
+def trained_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """How many targets of a (..., T + 1) batch carry loss."""
+    nxt = tokens[..., 1:]
+    return ((nxt >= 0) & (nxt < UNTRAINED)).sum()
 
 
 def _lse_and_target(

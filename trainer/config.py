@@ -40,6 +40,7 @@ class DataSource(StrEnum):
     default = "default"  # tokens of this machine's Python standard library source, tokenizer trained on it
     tokens = "tokens"  # a directory made by launch/prepare_data.py (data.path)
     synthetic = "synthetic"  # uniformly random tokens, seeded: for benchmarks (the loss cannot fall)
+    chat = "chat"  # conversations or prompt/response pairs (JSONL, Parquet, Arrow) and a chat template: trainer/chat.py
 
 
 class Schedule(StrEnum):
@@ -121,12 +122,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: DataSource = DataSource.default
-    path: str | None = None  # for source=tokens: a directory with meta.json, train.bin, val.bin
+    path: str | None = None  # source=tokens: a directory with meta.json, train.bin, val.bin; source=chat: the files
     cache_dir: str | None = (
         None  # where the default dataset is built once; null: $SHARDWISE_CACHE or ~/.cache/shardwise
     )
     default_corpus_mb: float = 8.0  # how much standard-library source the default dataset reads (MiB)
-    val_fraction: float = 0.05  # share of documents held out for validation (default dataset, prepare_data)
+    val_fraction: float = 0.05  # share of documents (or conversations) held out for validation
+    # source=chat (trainer/chat.py, docs/data.md): data.path names the training files (a file, a glob or a folder)
+    val_path: str | None = None  # the validation files; null: val_fraction of the conversations, by a hash of each
+    tokenizer: str | None = None  # an HF model directory: its tokenizer.json and chat template (tokenizer_config.json)
+    messages_field: str = "messages"  # a record's list of {role, content} messages
+    prompt_field: str = "prompt"  # or its prompt and response (one exchange)
+    response_field: str = "response"
+    system_prompt: str | None = None  # put first where a conversation has no system message
 
 
 @dataclass

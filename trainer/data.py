@@ -110,7 +110,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return tok
 
 
-def _is_validation(name: str, val_fraction: float) -> bool:
+def is_validation(name: str, val_fraction: float) -> bool:
     """Whether a document belongs to the validation split: a stable hash of its name, not its position."""
     h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
     return (h % 1_000_000) < val_fraction * 1_000_000
@@ -153,7 +153,7 @@ def write_token_files(
 
             def flush(batch: list[tuple[str, str]]) -> None:
                 for (name, _), enc in zip(batch, tokenizer.encode_batch([t for _, t in batch])):
-                    split = "val" if _is_validation(name, val_fraction) else "train"
+                    split = "val" if is_validation(name, val_fraction) else "train"
                     ids = np.asarray(enc.ids + [eos_id], dtype=dtype)
                     files[split].write(ids.tobytes())
                     counts[split] += len(ids)
@@ -317,7 +317,8 @@ class BatchLoader:
 
 def open_sources(cfg, seq_len: int, vocab_size: int) -> tuple[object, object, str]:
     """(train source, validation source, description) for the config's data.source (synthetic, default,
-    tokens: compared as strings, so that this module does not import the config module that imports it)."""
+    tokens: compared as strings, so that this module does not import the config module that imports it; chat:
+    trainer/chat.py `open_chat_sources`)."""
     d = cfg.data
     if str(d.source) == "synthetic":
         seed = cfg.training.seed
@@ -380,6 +381,8 @@ def config_problems(cfg, args) -> list[str]:
                             f"the tokenizer of data.path has vocab_size {vocab} > model vocab_size "
                             f"{args.vocab_size}; set model.vocab_size={vocab} or larger"
                         )
+    elif str(d.source) == "chat":
+        return []  # (trainer/chat.py's own rules: trainer/validate.py asks them)
     elif str(d.source) == "default":
         if args.vocab_size < DEFAULT_VOCAB_SIZE:
             problems.append(

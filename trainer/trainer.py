@@ -23,7 +23,7 @@ from models.adapters import spec_of as adapter_spec_of
 from models.args import model_args_of
 from models.dtensor import full
 from models.llama import build_model
-from models.loss import IGNORE_INDEX  # targets with this id (padding) carry no loss
+from models.loss import IGNORE_INDEX, inputs_and_targets, trained_targets
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.memory import BESIDE, OFFLOADED, PINNED
@@ -171,7 +171,12 @@ class Trainer:
         self.par.attach_optimizer(self.optimizer)  # DeepSpeed builds its engine around it here
         self.model = self.par.model  # what the step calls: the model, its DDP wrapper or the DeepSpeed engine
 
-        train_src, val_src, self.data_description = open_sources(cfg, t.seq_len, self.model_args.vocab_size)
+        if str(cfg.data.source) == "chat":
+            from trainer.chat import open_chat_sources
+
+            train_src, val_src, self.data_description = open_chat_sources(cfg, t.seq_len)
+        else:
+            train_src, val_src, self.data_description = open_sources(cfg, t.seq_len, self.model_args.vocab_size)
         loader_args = dict(
             global_batch=t.global_batch_size,
             micro_batch=t.micro_batch_size,
@@ -253,7 +258,7 @@ class Trainer:
 
     def _loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mb, T + 1) -> scalar fp32."""
-        inputs, targets = self._local_tokens(tokens[:, :-1]), self._local_tokens(tokens[:, 1:])  # (mb, T) each
+        inputs, targets = (self._local_tokens(t) for t in inputs_and_targets(tokens))  # (mb, T) each
         with self._autocast():
             if self.cfg.training.loss_chunks:  # the projection and the loss together, chunk by chunk
                 return self.model(inputs, targets)
@@ -273,7 +278,7 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         accum = batch.shape[0]
         # one small all-reduce: the number of target tokens in the global batch
-        n_tokens = self._all_reduce_sum((batch[..., 1:] != IGNORE_INDEX).sum().to(torch.float32))
+        n_tokens = self._all_reduce_sum(trained_targets(batch).to(torch.float32))
         if self.par.schedule is not None:
             return self._pipeline_forward_backward(batch, n_tokens)
         loss_total = torch.zeros((), device=self.device)
@@ -296,7 +301,7 @@ class Trainer:
         from parallel.schedules import STEP_RETURNS_OUTPUTS  # (torch's pipelining: imported only with a pipeline)
 
         flat = batch.flatten(0, 1)  # (accum * mb, T + 1): the schedule cuts it back into accum microbatches
-        inputs, targets = self._local_tokens(flat[:, :-1]), self._local_tokens(flat[:, 1:])
+        inputs, targets = (self._local_tokens(t) for t in inputs_and_targets(flat))
         self.par.pipeline_loss.n_tokens = n_tokens
         if self.scaler:  # the scaler's own scale(), as a backward of a scaled loss would call it (and no host sync)
             self.par.pipeline_loss.scale = self.scaler.scale(
@@ -392,18 +397,18 @@ class Trainer:
         for _ in range(self.cfg.training.val_batches):
             batch, _ = loader.next_batch()
             batch = batch.to(self.device)
-            totals[1] += (batch[..., 1:] != IGNORE_INDEX).sum()
+            totals[1] += trained_targets(batch)
             if self.par.schedule is None:
                 for mb in batch:
                     loss = self._loss_sum(mb)
                     totals[0] += full(loss)
                 continue
             # pipeline: forward only, stage by stage (parallel/pipeline.py: the same for every schedule)
-            flat = batch.flatten(0, 1)
+            inputs, targets = (self._local_tokens(t) for t in inputs_and_targets(batch.flatten(0, 1)))
             with self._autocast():
                 totals[0] += self.par.forward_only(
-                    self._local_tokens(flat[:, :-1]),
-                    self._local_tokens(flat[:, 1:]),
+                    inputs,
+                    targets,
                     batch.shape[0],
                     self._logits_loss_sum,
                 )

@@ -24,6 +24,7 @@ from parallel.float8 import config_problems as float8_problems
 from parallel.layout import degenerate, layout_problems, n_stages, resolve_dims
 from parallel.plan import memory_plan
 from parallel.zero import config_problems as zero_problems
+from trainer.chat import config_problems as chat_problems
 from trainer.checkpoint import config_problems as checkpoint_problems
 from trainer.data import config_problems as data_problems
 from trainer.profiling import config_problems as profile_problems
@@ -182,6 +183,8 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     problems += zero_problems(cfg, on_cpu=on_cpu)
     problems += optim_problems(cfg, args)
     problems += data_problems(cfg, args)
+    if str(cfg.data.source) == "chat":
+        problems += chat_problems(cfg)
     problems += checkpoint_problems(cfg)
     problems += profile_problems(cfg, runs_on_cpu=runs_on_cpu)
     problems += _logging_problems(cfg)
