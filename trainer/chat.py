@@ -401,3 +401,22 @@ def open_chat_sources(cfg, seq_len: int) -> tuple[ChatSource, ChatSource, str]:
     root = prepare(cfg)
     train, val = ChatSource(root, "train", seq_len), ChatSource(root, "val", seq_len)
     return train, val, train.describe()
+
+
+def held_out_prompts(source: ChatSource, n: int) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """The first `n` validation conversations' prompts (every token before the first assistant token) and reference
+    answers (that first assistant span), and the end-of-turn tokens to stop a completion at: the longest token
+    sequence every reference ends with (the template's end marker), at most 8 tokens."""
+    pairs = []
+    for c in source.index[: max(n, 64)]:  # (the end marker from many answers: one alone ends with its own text)
+        s, e = int(source.offsets[c]), int(source.offsets[c + 1])
+        ids, mask = source.tokens[s:e].astype(np.int64).tolist(), source.mask[s:e].tolist()
+        first = mask.index(1)
+        end = next((i for i in range(first, len(mask)) if not mask[i]), len(mask))
+        pairs.append((ids[:first], ids[first:end]))
+    stop: list[int] = []
+    refs = [r for _, r in pairs]
+    pairs = pairs[:n]
+    while len(stop) < min(8, *(len(r) for r in refs)) and len({r[-len(stop) - 1] for r in refs}) == 1:
+        stop.insert(0, refs[0][-len(stop) - 1])
+    return pairs, stop

@@ -148,6 +148,11 @@ class TrainingConfig:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
     val_every: int = 50  # validate at step 0 and every this many steps (0: only after the last step)
     val_batches: int = 4  # global batches of held-out data per validation
+    # data.source=chat: greedy completions of this many held-out prompts at step 0, every samples_every steps and at
+    # the end, printed and logged (W&B: a table); 0: none
+    samples_every: int = 0
+    sample_prompts: int = 3  # held-out prompts (the first assistant turn of the first validation conversations)
+    sample_tokens: int = 64  # new tokens at most per completion (it stops earlier at the end-of-turn marker)
     # the output projection and the loss over this many sequence chunks: the (tokens x vocab) fp32 logits are
     # never held whole, backward recomputes each chunk's (models/loss.py); 0: one nn.Linear and F.cross_entropy
     loss_chunks: int = 0

@@ -242,6 +242,7 @@ class MetricLogger:
         self.progress: ProgressBar | None = None
         self.wandb: WandbSink | None = None
         self.enabled = enabled
+        self.sample_rows: list[dict] = []  # (every sampling of the run so far: W&B's table is logged whole each time)
         if not enabled:
             return
         lg = cfg.logging
@@ -267,6 +268,27 @@ class MetricLogger:
         for s in self.sinks:
             if isinstance(s, JsonlSink):
                 s.f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def samples(self, rows: list[dict], step: int) -> None:
+        """Greedy completions of held-out prompts (training.samples_every): printed, into metrics.jsonl as a
+        "samples" event, into TensorBoard as text and into W&B as a table (every sampling so far, one row each)."""
+        if not self.enabled:
+            return
+        self.sample_rows += [{"step": step, **r} for r in rows]
+        for i, r in enumerate(rows):
+            self.note(f"sample {i + 1} at step {step}: {r['completion'][:300]!r}")
+        self.event({"event": "samples", "step": step, "samples": rows})
+        for sink in self.sinks:
+            if isinstance(sink, TensorBoardSink):
+                text = "\n\n".join(f"**prompt** {r['prompt']}\n\n**completion** {r['completion']}" for r in rows)
+                sink.w.add_text("samples", text, step)
+                sink.w.flush()
+        if self.wandb is not None:
+            import wandb
+
+            columns = ["step", "prompt", "completion", "reference"]
+            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in self.sample_rows])
+            self.wandb.run.log({"train/step": step, "samples": table})
 
     def note(self, line: str) -> None:
         """A one-off message on the logging rank (decisions the run made, e.g. a no-op setting)."""

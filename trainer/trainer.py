@@ -185,6 +185,12 @@ class Trainer:
             seed=t.seed,
         )
         self.train_loader = BatchLoader(train_src, shuffle=True, **loader_args)
+        if t.samples_every:  # (validation allows it with chat data only)
+            from trainer.chat import held_out_prompts, load_tokenizer, with_defaults
+
+            self.sample_prompts, self.sample_stop = held_out_prompts(val_src, t.sample_prompts)
+            self.sample_tokenizer = load_tokenizer(with_defaults(cfg).data.tokenizer)
+            self.sample_pad = val_src.meta["pad_id"]
         self.val_source, self.val_loader_args = val_src, loader_args
         self.step = 0
         self.tokens_seen = 0
@@ -384,6 +390,41 @@ class Trainer:
                 f"Lower optim.lr, check the data, or set numerics.on_nonfinite=skip"
             )
 
+    @torch.no_grad()
+    def samples(self) -> list[dict]:
+        """Greedy completions of the held-out prompts (training.samples_every), without a KV cache: each new token is
+        one forward over the prompt and what was generated so far, right-padded to a multiple of 8 x tp (sequence
+        parallelism splits the sequence; padding after the last token changes nothing before it under causal
+        attention). Every rank runs the same forwards (FSDP, TP, DDP and ZeRO need them all), and rank 0's choice of
+        each token is broadcast, so that the ranks stop together."""
+        t = self.cfg.training
+        mult = 8 * self.plan.dims.tp
+        tok, stop = self.sample_tokenizer, self.sample_stop
+        rows = []
+        self._set_train(False)
+        try:
+            for prompt, reference in self.sample_prompts:
+                ids, out = list(prompt[-(t.seq_len - t.sample_tokens) :]), []
+                while len(out) < t.sample_tokens:
+                    n = len(ids)
+                    x = torch.full((1, min(-(-n // mult) * mult, t.seq_len)), self.sample_pad, dtype=torch.int64)
+                    x[0, :n] = torch.tensor(ids)
+                    with self._autocast():
+                        logits = self.model(x.to(self.device))
+                    nxt = full(logits)[0, n - 1].argmax().reshape(1)
+                    if self.world.distributed:
+                        dist.broadcast(nxt, src=0)
+                    ids.append(int(nxt))
+                    out.append(ids[-1])
+                    if stop and out[-len(stop) :] == stop:
+                        break
+                rows.append(
+                    {"prompt": tok.decode(prompt), "completion": tok.decode(out), "reference": tok.decode(reference)}
+                )
+        finally:
+            self._set_train(True)
+        return rows
+
     def _set_train(self, mode: bool) -> None:
         for part in self.par.parts:
             part.train(mode)
@@ -440,6 +481,8 @@ class Trainer:
             first = self.validate()
             self.logger.log(first, 0)
             history.append({"step": 0, **first})
+        if t.samples_every and self.step == 0:  # what the model says before training
+            self.logger.samples(self.samples(), 0)
         run_start = time.perf_counter()
         window_start, window_steps = run_start, 0
         profiler = Profiler(cfg, self.run_dir, self.world.rank, self.device, note=self.logger.note)
@@ -490,6 +533,10 @@ class Trainer:
                     metrics = {k: v for k, v in metrics.items() if v is not None}
                     self.logger.log(metrics, self.step)
                     history.append({"step": self.step, **metrics})
+                if t.samples_every and (self.step % t.samples_every == 0 or last):
+                    s_start = time.perf_counter()
+                    self.logger.samples(self.samples(), self.step)
+                    window_start += time.perf_counter() - s_start  # (nor is sampling)
                 self.logger.step_done(metrics.get("train/loss"))
                 self.checkpointer.poll()
                 stop = self.preemption.should_stop()

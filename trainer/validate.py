@@ -204,6 +204,30 @@ def _training_problems(cfg: DictConfig, args) -> list[str]:
             problems.append(f"training.{key}={t[key]} must be >= 1")
     if t.val_every < 0:
         problems.append(f"training.val_every={t.val_every} must be >= 0 (0 validates only at the last step)")
+    if t.samples_every < 0 or t.sample_prompts < 1 or t.sample_tokens < 1:
+        problems.append(
+            f"training.samples_every={t.samples_every}, training.sample_prompts={t.sample_prompts}, "
+            f"training.sample_tokens={t.sample_tokens}: samples_every must be >= 0 (0: none), the others >= 1"
+        )
+    elif t.samples_every:
+        p = cfg.parallel
+        if t.sample_tokens >= t.seq_len:
+            problems.append(
+                f"training.sample_tokens({t.sample_tokens}) must be < training.seq_len({t.seq_len}): a prompt and its "
+                "completion fit one sequence"
+            )
+        if str(cfg.data.source) != "chat":
+            problems.append(
+                f"training.samples_every={t.samples_every} with data.source={cfg.data.source}: the prompts are "
+                "held-out conversations' first turns; use data.source=chat, or training.samples_every=0"
+            )
+        for key, value in (("parallel.pp", p.pp), ("parallel.cp", p.cp)):
+            if value > 1:
+                problems.append(
+                    f"training.samples_every={t.samples_every} with {key}={value}: greedy decoding runs the whole "
+                    f"model on every rank (not built through a pipeline or over sequence shards); set {key}=1 or "
+                    "training.samples_every=0"
+                )
     if t.seq_len > args.max_seq_len:
         problems.append(
             f"training.seq_len({t.seq_len}) exceeds model.max_seq_len({args.max_seq_len}); "

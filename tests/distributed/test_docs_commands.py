@@ -418,8 +418,8 @@ def _blocks(text: str, lang: str) -> list[str]:
 @SLOW
 def test_the_finetune_page_runs_end_to_end(tmp_path, cache_dir):
     """docs/finetune.md's walk-through as shown, shrunk to 3 steps a run: pretrain, export to HF, tokenize other text
-    with the default tokenizer, LoRA and QLoRA from the export, the PEFT and merged export, and the Python block that
-    loads them with peft and transformers (its two errors printed below 1e-5)."""
+    with the default tokenizer, LoRA and QLoRA from the export, the PEFT and merged export, the Python block that
+    loads them with peft and transformers (its two errors printed below 1e-5), and the chat fine-tune."""
     page = (REPO / "docs" / "finetune.md").read_text()
     commands = [c for c in _blocks(page, "bash")[0].splitlines() if c.strip()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "SHARDWISE_CACHE": cache_dir}
@@ -456,6 +456,14 @@ def test_the_finetune_page_runs_end_to_end(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     peft_err, merged_err = (float(x) for x in proc.stdout.split()[-2:])
     assert peft_err < 1e-5 and merged_err < 1e-5, proc.stdout
+    # the chat fine-tune from the same export: samples at step 0 and at the last step
+    (line,) = [c for c in _blocks(page, "bash")[1].splitlines() if c.strip()]
+    for a, b in fix.items():
+        line = line.replace(a, b)
+    args = [*shlex.split(line)[1:], *shrink, "training.sample_tokens=8"]
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, f"{line}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
+    assert "sample 3 at step 0:" in proc.stdout and "sample 3 at step 3:" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_the_data_page_runs(tmp_path, cache_dir):

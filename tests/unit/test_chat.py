@@ -234,3 +234,46 @@ def test_every_conversation_is_seen_once_across_a_world_size_change(chat_root):
         seen += [loader.next_batch()[1].flatten() for loader in two]
     ids = torch.cat(seen)[: n - n % batch].tolist()
     assert len(ids) == len(set(ids)) and set(ids) <= set(range(n))
+
+
+def test_samples_are_the_models_greedy_completions_and_reach_every_sink(tmp_path):
+    """training.samples_every: at step 0 (the seed's weights) each completion is the greedy decoding that the test
+    computes itself from the same prompt with a model built from the seed; TP over 2 ranks writes the same ones; the
+    samples are printed, in metrics.jsonl and in W&B's offline run as a table, read back."""
+    from helpers import read_jsonl, read_wandb_records, run_train, wandb_history
+
+    from models.args import model_args_of
+    from models.llama import build_model
+    from trainer.chat import ChatSource, held_out_prompts, load_tokenizer, open_chat_sources, with_defaults
+    from trainer.config import load_config
+
+    args = ["recipe=llama_debug_chat", "training.seq_len=128", "training.steps=2", "optim.warmup_steps=1"]
+    args += ["training.val_every=0", "training.val_batches=1", "training.precision=fp32", "training.samples_every=2"]
+    args += ["training.sample_prompts=2", "training.sample_tokens=12", "logging.tensorboard=false"]
+    runs = {}
+    for nproc, extra in ((1, ["logging.wandb.mode=offline"]), (2, ["parallel.tp=2", "logging.wandb.mode=disabled"])):
+        run = tmp_path / f"run{nproc}"
+        proc = run_train([*args, *extra, f"run_dir={run}"], nproc=nproc)
+        assert "sample 1 at step 0:" in proc.stdout and "sample 2 at step 2:" in proc.stdout
+        runs[nproc] = [(r["step"], r["samples"]) for r in read_jsonl(run / "metrics.jsonl") if "samples" in r]
+    assert [step for step, _ in runs[1]] == [0, 2] and runs[1] == runs[2]
+
+    cfg = load_config(args)
+    val = open_chat_sources(cfg, 128)[1]
+    assert isinstance(val, ChatSource)
+    (prompt, _), *_ = held_out_prompts(val, 2)[0]
+    model = build_model(model_args_of(cfg), device="cpu").eval()
+    model.init_weights(seed=cfg.training.seed)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    tok = load_tokenizer(with_defaults(cfg).data.tokenizer)
+    assert runs[1][0][1][0]["completion"] == tok.decode(ids[len(prompt) :])
+
+    (wandb_file,) = (tmp_path / "run1" / "wandb").glob("offline-run-*/run-*.wandb")
+    tables = [h for h in wandb_history(read_wandb_records(wandb_file)) if "samples/_type" in h]
+    assert [h["train/step"] for h in tables] == [0, 2] and tables[-1]["samples/_type"] == "table-file"
+    logged = json.loads((wandb_file.parent / "files" / tables[-1]["samples/path"]).read_text())
+    assert logged["columns"] == ["step", "prompt", "completion", "reference"] and len(logged["data"]) == 4
+    assert [row[2] for row in logged["data"][2:]] == [s["completion"] for s in runs[1][1][1]]

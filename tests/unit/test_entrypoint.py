@@ -116,6 +116,14 @@ def test_dry_run_predicts_adafactor_against_adamw_for_8b_on_fsdp_8():
             ["finetune.method=lora", "finetune.quantize_base=true", "model.dim=64", "model.n_heads=4"],
             "finetune.quantize_base=true: attention.wq (64, 64): NF4 with finetune.nf4_scaler_block=256 needs whole",
         ),
+        (
+            ["training.samples_every=10"],
+            "training.samples_every=10 with data.source=default: the prompts are held-out conversations' first turns",
+        ),
+        (
+            ["data.source=chat", "training.samples_every=10", "parallel.pp=2", "WORLD_SIZE=2"],
+            "training.samples_every=10 with parallel.pp=2: greedy decoding runs the whole model on every rank",
+        ),
         (  # (wq's 2 blocks of 64 x 32 split over FSDP 2 alone, but its TP shard holds 1)
             ["finetune.method=lora", "finetune.quantize_base=true", "finetune.nf4_scaler_block=32", "model.dim=64"]
             + ["model.n_heads=4", "parallel.tp=2", "parallel.data=fsdp", "WORLD_SIZE=4"],

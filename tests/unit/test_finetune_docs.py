@@ -30,6 +30,8 @@ def _markers(name: str, source: str) -> tuple[str, str]:
 RUN_BEGIN, RUN_END = _markers("finetune-run", "docs/benchmarks/finetune-2026-12-07.json")
 PARITY_BEGIN, PARITY_END = _markers("adapter-parity", "tests/distributed/test_parity.py")
 PLAN_BEGIN, PLAN_END = _markers("finetune-plan", "launch/plan.py")
+CHAT = REPO / "docs" / "benchmarks" / "finetune-chat-2026-12-07.json"
+CHAT_BEGIN, CHAT_END = _markers("finetune-chat", "docs/benchmarks/finetune-chat-2026-12-07.json")
 LOAD = REPO / "docs" / "benchmarks" / "sharded-load-2026-12-07.json"
 LOAD_BEGIN, LOAD_END = _markers("sharded-load", "docs/benchmarks/sharded-load-2026-12-07.json")
 # (recipe, target per GPU in GiB, target host GiB per node or None, best published): issue 26's table
@@ -99,6 +101,60 @@ def plan_table() -> str:
             f"{'met' if met else 'missed'} | {published} |"
         )
     return f"{PLAN_BEGIN}\n" + "\n".join(lines) + f"\n{PLAN_END}"
+
+
+def _cell(text: str, width: int = 90) -> str:
+    """A completion in one table cell: newlines shown as the return symbol, pipes escaped, cut at `width`."""
+    text = text.replace("\n", "⏎").replace("|", "\\|")
+    return f"`{text[:width]}{'...' if len(text) > width else ''}`"
+
+
+def chat_text() -> str:
+    r = json.loads(CHAT.read_text())
+    first, last = r["samples"]["0"], r["samples"][str(r["last_step"])]
+    lines = [
+        f"Measured {r['measured']}: held-out loss on the assistant's tokens {r['val_first']:.3f} at step 0 (the "
+        f"pretrained base) and {r['val_last']:.3f} after step {r['last_step']}; {r['tokens_per_s']:,.0f} tokens/s. "
+        f"The greedy completions of the first {len(first)} held-out prompts (each a docstring; completions cut at "
+        "90 characters, newlines shown as ⏎):",
+        "",
+        f"| prompt | step 0 | step {r['last_step']} |",
+        "| --- | --- | --- |",
+    ]
+    for a, b in zip(first, last):
+        prompt = a["prompt"].split("<|user|>\n", 1)[-1].split("<|end|>", 1)[0]
+        lines.append(f"| {_cell(prompt, 60)} | {_cell(a['completion'])} | {_cell(b['completion'])} |")
+    return f"{CHAT_BEGIN}\n" + "\n".join(lines) + f"\n{CHAT_END}"
+
+
+def collect_chat(run: Path) -> dict:
+    """The chat fine-tune's numbers: the first and last validation loss (assistant tokens), the steady tokens/s, the
+    samples at each sampling step."""
+    import datetime
+    import os
+
+    import torch
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [(x["step"], x["val/loss"]) for x in rows if "val/loss" in x]
+    speed = sorted(x["perf/tokens_per_sec_per_gpu"] for x in rows if "perf/tokens_per_sec_per_gpu" in x)
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    return {
+        "recipe": "llama_debug_chat_lora",
+        "val_first": val[0][1],
+        "val_last": val[-1][1],
+        "last_step": val[-1][0],
+        "tokens_per_s": speed[len(speed) // 2],
+        "samples": {str(x["step"]): x["samples"] for x in rows if x.get("event") == "samples"},
+        "measured": f"{datetime.date.today()}, {cpu} ({os.cpu_count()} cores), torch {torch.__version__}",
+    }
+
+
+def test_the_chat_fine_tune_is_the_committed_run():
+    r = json.loads(CHAT.read_text())
+    assert r["val_last"] < r["val_first"] - 0.3 and set(r["samples"]) >= {"0", str(r["last_step"])}
+    assert _section(CHAT_BEGIN, CHAT_END) == chat_text(), "re-render: python tests/unit/test_finetune_docs.py --write"
 
 
 def load_text() -> str:
@@ -183,6 +239,8 @@ def collect(runs: Path) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--collect"]:
         RESULTS.write_text(json.dumps(collect(Path(sys.argv[2])), indent=1) + "\n")
+    elif sys.argv[1:2] == ["--collect-chat"]:
+        CHAT.write_text(json.dumps(collect_chat(Path(sys.argv[2])), indent=1) + "\n")
     elif sys.argv[1:] == ["--write"]:
         text = PAGE.read_text()
         for begin, end, render in (
@@ -190,6 +248,7 @@ if __name__ == "__main__":
             (PARITY_BEGIN, PARITY_END, parity_table),
             (PLAN_BEGIN, PLAN_END, plan_table),
             (LOAD_BEGIN, LOAD_END, load_text),
+            (CHAT_BEGIN, CHAT_END, chat_text),
         ):
             text = text.replace(text[text.index(begin) : text.index(end) + len(end)], render())
         PAGE.write_text(text)
