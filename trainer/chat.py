@@ -365,9 +365,14 @@ class ChatSource:
         out[: e - s] = np.where(self.mask[s:e] > 0, ids, ids + UNTRAINED)
         return out
 
+    @property
+    def trained_fraction(self) -> float:
+        """The share of the conversations' tokens that train (the assistant's), logged as data/trained_fraction."""
+        return self.meta["trained_tokens"] / max(self.meta["tokens"], 1)
+
     def describe(self) -> str:
         m = self.meta
-        share = m["trained_tokens"] / max(m["tokens"], 1)
+        share = self.trained_fraction
         return (
             f"{m['source']}: {m['conversations']:,} conversations, {share:.1%} of their tokens trained (assistant "
             f"turns, from {m['mask_from']}); {self.truncated:,} cut at training.seq_len, {self.dropped:,} left out "

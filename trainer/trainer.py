@@ -477,6 +477,8 @@ class Trainer:
                 "layout": self.plan.dims.describe(),
             }
         )
+        if (share := getattr(self.train_loader.source, "trained_fraction", None)) is not None:
+            self.logger.log({"data/trained_fraction": share}, self.step)  # (chat data: the assistant tokens' share)
         if t.val_every and self.step == 0:  # the starting point of the validation curve
             first = self.validate()
             self.logger.log(first, 0)

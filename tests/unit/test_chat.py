@@ -239,7 +239,8 @@ def test_every_conversation_is_seen_once_across_a_world_size_change(chat_root):
 def test_samples_are_the_models_greedy_completions_and_reach_every_sink(tmp_path):
     """training.samples_every: at step 0 (the seed's weights) each completion is the greedy decoding that the test
     computes itself from the same prompt with a model built from the seed; TP over 2 ranks writes the same ones; the
-    samples are printed, in metrics.jsonl and in W&B's offline run as a table, read back."""
+    samples are printed, in metrics.jsonl and in W&B's offline run as a table, read back. The share of trained tokens
+    is logged at the start."""
     from helpers import read_jsonl, read_wandb_records, run_train, wandb_history
 
     from models.args import model_args_of
@@ -257,6 +258,12 @@ def test_samples_are_the_models_greedy_completions_and_reach_every_sink(tmp_path
         assert "sample 1 at step 0:" in proc.stdout and "sample 2 at step 2:" in proc.stdout
         runs[nproc] = [(r["step"], r["samples"]) for r in read_jsonl(run / "metrics.jsonl") if "samples" in r]
     assert [step for step, _ in runs[1]] == [0, 2] and runs[1] == runs[2]
+    share = [
+        r["data/trained_fraction"]
+        for r in read_jsonl(tmp_path / "run1" / "metrics.jsonl")
+        if "data/trained_fraction" in r
+    ]
+    assert len(share) == 1 and 0.3 < share[0] < 0.9  # (logged once, at the start: the assistant tokens' share)
 
     cfg = load_config(args)
     val = open_chat_sources(cfg, 128)[1]
