@@ -785,3 +785,45 @@ def test_a_sharded_load_reads_only_each_ranks_slices(tmp_path):
             "measured": f"{datetime.date.today()}, {cpu} ({os.cpu_count()} cores), torch {torch.__version__}",
         }
         Path(path).write_text(json.dumps(record, indent=1) + "\n")
+
+
+@pytest.mark.slow
+def test_qlora_under_tp_reads_and_quantizes_its_shards_of_an_hf_base(tmp_path):
+    """QLoRA under TP with checkpoint.init_from an HF directory: each rank reads its own rows or columns of each base
+    weight (wq and wk from whole HF heads, reordered) and quantizes that shard. Its step-0 validation loss (the base
+    alone: B starts at zero) equals one process's on a plain base holding exactly those shards' dequantized values,
+    and one process quantizing whole tensors from the same directory is further off than that. (The weights are the
+    seed's scaled up 8 x, so that the loss feels the quantization.)"""
+    from safetensors.torch import save_file
+
+    from models.adapters import quantized_like_tp, target_shapes
+    from models.args import model_args_of
+    from models.llama import TP_SPLIT_DIM, build_model
+    from trainer.config import load_config
+    from trainer.hf import to_hf
+
+    args_model = model_args_of(load_config(TINY))
+    model = build_model(args_model, device="cpu")
+    model.init_weights(seed=5)
+    state = {k: 8 * v.detach() for k, v in model.state_dict().items() if not k.startswith("rope")}
+    to_hf(state, args_model, tmp_path / "hf")
+    adapted = {m for m, _ in target_shapes(args_model, ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))}
+    plain = {}
+    for name, w in state.items():
+        module = name.split(".", 2)[-1].rsplit(".", 1)[0] if name.startswith("layers.") else None
+        plain[name] = quantized_like_tp(w, TP_SPLIT_DIM[module], 2, 8) if module in adapted else w.clone()
+    save_file(plain, str(tmp_path / "tp-values.safetensors"))
+    start = ["training.steps=1", "training.val_every=1", "optim.lr=1e-9", "checkpoint.every=0"]
+    nf4 = ["finetune.method=lora", "finetune.quantize_base=true", "finetune.nf4_scaler_block=8"]
+    losses = {}
+    for name, nproc, extra in (
+        ("tp", 2, [*nf4, "parallel.tp=2", f"checkpoint.init_from={tmp_path / 'hf'}"]),
+        ("reference", 1, ["finetune.method=lora", f"checkpoint.init_from={tmp_path / 'tp-values.safetensors'}"]),
+        ("whole", 1, [*nf4, f"checkpoint.init_from={tmp_path / 'hf'}"]),
+    ):
+        proc = run_train([*TINY, *start, *extra, f"run_dir={tmp_path / name}"], nproc=nproc)
+        assert "initialized the base weights from" in proc.stdout
+        losses[name] = _val_losses(tmp_path / name)[0]
+    tp_off = abs(losses["tp"] - losses["reference"]) / losses["reference"]
+    whole_off = abs(losses["whole"] - losses["reference"]) / losses["reference"]
+    assert tp_off <= 1e-6 and whole_off > 10 * max(tp_off, 1e-7), losses
