@@ -340,12 +340,14 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, T, H, hd) by the angles of positions 0..T-1."""
+    """Rotate interleaved pairs of x (B, T, H, hd) by the angles of positions 0..T-1 (cos, sin: (>= T, hd/2)), or by
+    each token's own (cos, sin: (B, T, hd/2), e.g. positions restarting at each packed document)."""
     B, T, H, hd = x.shape
     xp = x.float().reshape(B, T, H, hd // 2, 2)  # (B, T, H, hd/2, 2): pairs (x_2i, x_2i+1)
     x0, x1 = xp[..., 0], xp[..., 1]
-    c = cos[:T].view(1, T, 1, hd // 2)
-    s = sin[:T].view(1, T, 1, hd // 2)
+    shape = (1, T, 1, hd // 2) if cos.dim() == 2 else (B, T, 1, hd // 2)
+    c = (cos[:T] if cos.dim() == 2 else cos).view(shape)
+    s = (sin[:T] if sin.dim() == 2 else sin).view(shape)
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # complex multiply by e^(i angle)
     return out.flatten(3).type_as(x)  # (B, T, H, hd)
 
@@ -380,7 +382,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cp = None  # parallel.cp > 1: the context-parallel group this attention spans (parallel/context.py)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`mask` (B, 1, T, T) bool, True where a query may attend to a key (packed documents: `document_mask`);
+        None: causal over the whole sequence."""
         B, T, _ = x.shape
         # -1 instead of n_heads: under tensor parallelism each rank holds only its share of the heads
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
@@ -398,13 +404,14 @@ class Attention(nn.Module):
             if self.expand_kv and k.shape[1] != q.shape[1]:
                 rep = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            how = {"is_causal": True} if mask is None else {"attn_mask": mask}
             if self.kernel is None:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1], **how)
             else:  # model.attention: this kernel or an error, never a silent fallback
                 from torch.nn.attention import sdpa_kernel
 
                 with sdpa_kernel(self.kernel):
-                    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+                    y = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1], **how)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
         return self.wo(y)
 
@@ -429,8 +436,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)  # (B, T, D)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)  # (B, T, D)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -482,19 +491,28 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, V). On a pipeline stage: hidden (B, T, D) in or out.
-        With `targets` (B, T) and `loss_chunks` set: the summed fp32 cross-entropy, the logits never whole."""
+        With `targets` (B, T) and `loss_chunks` set: the summed fp32 cross-entropy, the logits never whole.
+        `documents` (B, T): which packed document each token belongs to (consecutive runs); each attends only to its
+        own document's earlier tokens, its positions restarting at 0 (`document_mask`)."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, D)
-        cos, sin = self.rope_cos, self.rope_sin
+        cos, sin, mask = self.rope_cos, self.rope_sin, None
+        if documents is not None:
+            if self.positions is not None:
+                raise ValueError("packed documents under context parallelism are not built")
+            positions, mask = document_mask(documents)
+            cos, sin = cos[positions], sin[positions]  # (B, T, hd/2)
         if self.positions is not None:  # context parallelism: the angles of the positions this rank holds
             cos, sin = cos[self.positions], sin[self.positions]
         for name, block in self.layers.items():
             if self.block_context is None:
-                h = block(h, cos, sin)
+                h = block(h, cos, sin, mask)
             else:  # (outside the block's FSDP hooks and its compiled graph)
                 with self.block_context(int(name)):
-                    h = block(h, cos, sin)
+                    h = block(h, cos, sin, mask)
         h = self.norm(h) if self.norm is not None else h
         if self.output is None:
             return h
@@ -556,8 +574,9 @@ class Transformer(nn.Module):
         block = {
             "attention_norm": SequenceParallel(),
             # forward(x, cos, sin): gather the sequence of x; the RoPE tables are plain tensors
+            # (x, cos, sin, mask): the mask of packed documents, like the RoPE tables, is whole on every rank
             "attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+                input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
             ),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
@@ -651,6 +670,20 @@ class Transformer(nn.Module):
         device = buffer_device or self.rope_cos.device  # with CPU offload, parameters live on the CPU
         self.rope_cos = cos.to(device)
         self.rope_sin = sin.to(device)
+
+
+def document_mask(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed documents (B, T) (each a consecutive run of one id): each token's position within its document,
+    (B, T), and the attention mask (B, 1, T, T), True where the query's document is the key's and the key is not
+    later. A dense mask: T x T bytes per sequence (on the CPU, SDPA's kernels take it as it is)."""
+    T = documents.shape[1]
+    idx = torch.arange(T, device=documents.device)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, 0), dim=1).values  # each token's document start
+    same = documents[:, :, None] == documents[:, None, :]
+    causal = idx[:, None] >= idx[None, :]
+    return idx - first, (same & causal).unsqueeze(1)
 
 
 def canonical_name(name: str) -> str:

@@ -245,3 +245,41 @@ def test_every_shape_starts_near_ln_vocab(flavor):
     assert ln_v - 0.1 <= loss <= ln_v + 0.6, (
         f"{flavor} (tied: {args.tie_embeddings}): step-0 loss {loss:.2f}, ln V {ln_v:.2f}"
     )
+
+
+def test_packed_documents_train_as_each_would_alone():
+    """Three documents packed into one sequence (the padding after them a fourth): each one's loss and every
+    parameter's gradient equal those of the documents run alone (fp32): each attends only to its own earlier tokens
+    and its positions restart at 0 (models/llama.py `document_mask`). Without the mask (causal over the whole
+    sequence, positions running on) the later documents' losses and the gradients differ."""
+    model = _model()
+    gen = torch.Generator().manual_seed(0)
+    lengths, T = [5, 9, 7], 24
+    docs = [torch.randint(0, TINY.vocab_size, (n,), generator=gen) for n in lengths]
+    packed = torch.cat([*docs, torch.zeros(T - sum(lengths), dtype=torch.long)])[None]
+    documents = torch.cat([torch.full((n,), i) for i, n in enumerate([*lengths, T - sum(lengths)])])[None]
+
+    def run(losses_of):
+        model.zero_grad()
+        losses = losses_of()
+        sum(losses).backward()
+        return torch.stack(losses).detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def packed_losses(mask: bool):
+        logits, out, start = model(packed, documents=documents if mask else None)[0], [], 0
+        for n in lengths:  # (each document's own next-token targets: none crosses into the next one)
+            out.append(
+                F.cross_entropy(logits[start : start + n - 1], packed[0, start + 1 : start + n], reduction="sum")
+            )
+            start += n
+        return out
+
+    alone = run(lambda: [F.cross_entropy(model(d[None])[0, :-1], d[1:], reduction="sum") for d in docs])
+    together = run(lambda: packed_losses(True))
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-6, atol=1e-6)
+    for name, g in alone[1].items():
+        torch.testing.assert_close(together[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+    crosstalk = run(lambda: packed_losses(False))
+    assert torch.equal(crosstalk[0][0], together[0][0])  # (the first document sees nothing before it either way)
+    assert not torch.allclose(crosstalk[0][1:], alone[0][1:], rtol=1e-4)
+    assert not torch.allclose(crosstalk[1]["layers.0.attention.wq.weight"], alone[1]["layers.0.attention.wq.weight"])
