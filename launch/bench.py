@@ -195,6 +195,8 @@ def run(argv: list[str]) -> dict:
         "predicted_host_bytes": top.host_bytes,
         "split": split,
         "run_dir": str(cfg.run_dir),
+        "data": trainer.data_description,
+        "sequences_per_epoch": int(trainer.train_loader.source.num_samples),
     }
     trainer.close()
     return result

@@ -385,8 +385,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`mask` (B, 1, T, T) bool, True where a query may attend to a key (packed documents: `document_mask`);
-        None: causal over the whole sequence."""
+        """`mask` of packed documents (`document_mask`): (B, 1, T, T) additive (0 where a query may attend to a key,
+        -inf elsewhere) or FlexAttention's BlockMask; None: causal over the whole sequence."""
         B, T, _ = x.shape
         # -1 instead of n_heads: under tensor parallelism each rank holds only its share of the heads
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
@@ -405,7 +405,9 @@ class Attention(nn.Module):
                 rep = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             how = {"is_causal": True} if mask is None else {"attn_mask": mask}
-            if self.kernel is None:
+            if mask is not None and not isinstance(mask, torch.Tensor):  # packed documents on CUDA: a BlockMask
+                y = flex_attend(q, k, v, mask)
+            elif self.kernel is None:
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1], **how)
             else:  # model.attention: this kernel or an error, never a silent fallback
                 from torch.nn.attention import sdpa_kernel
@@ -503,7 +505,7 @@ class Transformer(nn.Module):
         if documents is not None:
             if self.positions is not None:
                 raise ValueError("packed documents under context parallelism are not built")
-            positions, mask = document_mask(documents)
+            positions, mask = document_mask(documents, _compute_dtype(h))
             cos, sin = cos[positions], sin[positions]  # (B, T, hd/2)
         if self.positions is not None:  # context parallelism: the angles of the positions this rank holds
             cos, sin = cos[self.positions], sin[self.positions]
@@ -672,18 +674,59 @@ class Transformer(nn.Module):
         self.rope_sin = sin.to(device)
 
 
-def document_mask(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def document_mask(
+    documents: torch.Tensor, dtype: torch.dtype = torch.float32, kind: str | None = None
+) -> tuple[torch.Tensor, object]:
     """For packed documents (B, T) (each a consecutive run of one id): each token's position within its document,
-    (B, T), and the attention mask (B, 1, T, T), True where the query's document is the key's and the key is not
-    later. A dense mask: T x T bytes per sequence (on the CPU, SDPA's kernels take it as it is)."""
-    T = documents.shape[1]
+    (B, T), and the attention mask: a query attends to the keys of its own document that are not later.
+
+    kind "dense" (the CPU's): one (B, 1, T, T) additive mask in the attention's dtype (0 or -inf), built once per
+    forward and shared by every block (SDPA would turn a boolean mask into such a tensor in every block and save each
+    copy for the backward; trainer/planner.py counts the one). kind "flex" (CUDA's): FlexAttention's BlockMask, which
+    stores which (128 x 128) tiles are full, partial or empty instead of T x T values; torch 2.13 has no FlexAttention
+    backward on the CPU. None: flex on CUDA, dense elsewhere."""
+    B, T = documents.shape
     idx = torch.arange(T, device=documents.device)
     starts = torch.ones_like(documents, dtype=torch.bool)
     starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
     first = torch.cummax(torch.where(starts, idx, 0), dim=1).values  # each token's document start
-    same = documents[:, :, None] == documents[:, None, :]
-    causal = idx[:, None] >= idx[None, :]
-    return idx - first, (same & causal).unsqueeze(1)
+    positions = idx - first
+    if (kind or ("flex" if documents.is_cuda else "dense")) == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, kv):
+            return (documents[b, q] == documents[b, kv]) & (q >= kv)
+
+        # (compiled: the eager builder would evaluate all T x T pairs at once)
+        block = create_block_mask(
+            same_document_causal, B, None, T, T, device=documents.device, _compile=documents.is_cuda
+        )
+        return positions, block
+    apart = (documents[:, None, :, None] != documents[:, None, None, :]) | (idx[:, None] < idx[None, :])
+    return positions, torch.zeros(B, 1, T, T, dtype=dtype, device=documents.device).masked_fill_(apart, -math.inf)
+
+
+_COMPILED_FLEX = None
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention over a BlockMask (packed documents on CUDA), compiled on CUDA (its eager form materializes the
+    scores), eager elsewhere (the CPU has it forward only: tests/unit/test_model.py compares it with the dense mask)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = flex_attention
+    if q.is_cuda:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        fn = _COMPILED_FLEX
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the attention's queries will have: autocast's where it is on, else the hidden states'."""
+    kind = h.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
 
 
 def canonical_name(name: str) -> str:

@@ -21,21 +21,37 @@ IGNORE_INDEX = -100  # targets with this id (padding) carry no loss
 # a token of a batch with this bit set is an input like any other but no target the loss trains on (a chat prompt's
 # tokens, padding: trainer/chat.py); token ids stay below it
 UNTRAINED = 1 << 32
+# data.pack: a token's packed document (0, 1, ... within its sequence) in the bits from here up (trainer/data.py
+# `document_ids`); a target in another document than its input's carries no loss, and the model attends within
+# each document only (models/llama.py `document_mask`). Unpacked batches hold 0 there: one document per sequence.
+DOCUMENT_SHIFT = 40
+TOKEN_BITS = UNTRAINED - 1
+
+
+def _trained(tokens: torch.Tensor) -> torch.Tensor:
+    """(..., T) bool of a (..., T + 1) batch: target t carries loss (not flagged, not negative, and in the document
+    of input t)."""
+    nxt = tokens[..., 1:]
+    same_document = (nxt >> DOCUMENT_SHIFT) == (tokens[..., :-1] >> DOCUMENT_SHIFT)
+    return (nxt >= 0) & ((nxt & ((1 << DOCUMENT_SHIFT) - 1)) < UNTRAINED) & same_document
 
 
 def inputs_and_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., T + 1) batch tokens -> (..., T) input ids and (..., T) targets, IGNORE_INDEX where a target is flagged
-    UNTRAINED (or already IGNORE_INDEX)."""
-    ids = tokens & (UNTRAINED - 1)
-    nxt = tokens[..., 1:]
-    targets = torch.where((nxt >= UNTRAINED) | (nxt < 0), torch.full_like(nxt, IGNORE_INDEX), ids[..., 1:])
+    UNTRAINED (or already IGNORE_INDEX) or lies in another packed document than its input."""
+    ids = tokens & TOKEN_BITS
+    targets = torch.where(_trained(tokens), ids[..., 1:], torch.full_like(ids[..., 1:], IGNORE_INDEX))
     return ids[..., :-1], targets
+
+
+def documents_of(tokens: torch.Tensor) -> torch.Tensor:
+    """(..., T) the packed document of each input of a (..., T + 1) batch (all 0 unpacked)."""
+    return tokens[..., :-1] >> DOCUMENT_SHIFT
 
 
 def trained_targets(tokens: torch.Tensor) -> torch.Tensor:
     """How many targets of a (..., T + 1) batch carry loss."""
-    nxt = tokens[..., 1:]
-    return ((nxt >= 0) & (nxt < UNTRAINED)).sum()
+    return _trained(tokens).sum()
 
 
 def _lse_and_target(

@@ -867,6 +867,8 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
         # already 16-bit: no copy kept of either)
         w = share * sum(math.prod(q.tp) for q in r.params if q.unit != "root" and len(q.full) == 2 and q.trainable)
         acts.append(Term("autocast's 2-byte copies of the block weights", int(2 * w), "activations"))
+    if r.cfg.data.get("pack", False):
+        acts.append(packed_documents_term(r))
     boundary = (4 if mode != "mixed" else 2) * args.dim / dims.tp * r.mb_tokens  # one microbatch's hidden state
     pipeline: list[Term] = []
     if dims.pp > 1:
@@ -890,6 +892,33 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
             )
         )
     return acts, pipeline
+
+
+FLEX_BLOCK = 128  # FlexAttention's default tile (torch.nn.attention.flex_attention: _DEFAULT_SPARSE_BLOCK_SIZE)
+
+
+def packed_documents_term(r: RankShape) -> Term:
+    """data.pack (models/llama.py `document_mask`): what each micro-batch in flight holds from its forward to the end
+    of its backward, once for all blocks (and once per stage under pipelining: each stage builds its own): the
+    documents (int64 per token), the RoPE angles of each token's own position (cos and sin, fp32, head_dim / 2 each)
+    and the mask. On the CPU the mask is dense: T x T elements per sequence in the attention's dtype (an additive
+    mask, shared by the blocks; SDPA saves it, not a copy). On CUDA it is FlexAttention's BlockMask: per sequence four
+    int32 tables of (T / 128)^2 tiles (the key tiles of each query tile, full and partial, and their transposes for the
+    backward) and four int32 counts per tile row."""
+    t, args = r.cfg.training, r.args
+    seq, mb = int(t.seq_len), int(t.micro_batch_size)
+    per_token = 8 + 2 * 4 * args.head_dim // 2
+    if r.device == "cpu":
+        mask, how = r.compute * mb * seq * seq, f"a dense {seq} x {seq} additive mask per sequence"
+    else:
+        tiles = -(-seq // FLEX_BLOCK)
+        mask, how = 4 * mb * (4 * tiles * tiles + 4 * tiles), f"FlexAttention's block mask ({tiles} x {tiles} tiles)"
+    n = sum(r.flying.values()) if r.dims.pp > 1 else 1
+    return Term(
+        f"packed documents (data.pack): {how}, each token's document and RoPE angles; x {n} micro-batch(es) in flight",
+        int(n * (mask + per_token * r.mb_tokens)),
+        "activations",
+    )
 
 
 def loss_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
@@ -930,6 +959,14 @@ def loss_terms(r: RankShape) -> tuple[list[Term], list[Term]]:
                 "activations",
             )
         )
+        if dims.pp > 1:  # (unpipelined, the logits are freed once the loss has its log-softmax)
+            acts.append(
+                Term(
+                    f"the last stage's output, the logits, kept by torch's pipeline stage for its backward x {n_last}",
+                    int(r.compute * v_local * r.mb_tokens * n_last),
+                    "activations",
+                )
+            )
     out_q = next(q for q in r.params if q.name in ("output.weight", "tok_embeddings.weight"))
     if mode == "autocast" and out_q.trainable:  # (a frozen output projection is stored 16-bit: nothing to copy)
         acts.append(Term("autocast's copy of the output projection", 2 * math.prod(out_q.tp), "activations"))

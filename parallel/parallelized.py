@@ -58,8 +58,9 @@ class Parallelized:
     def pp_rank(self) -> int:
         return 0 if self.mesh is None else self.mesh["pp"].get_local_rank()
 
-    def forward_only(self, inputs, targets, n_microbatches: int, loss_sum) -> torch.Tensor:
-        """Pipeline validation: the summed loss of the microbatches (nonzero on the last stage's rank)."""
+    def forward_only(self, inputs, targets, n_microbatches: int, loss_sum, documents=None) -> torch.Tensor:
+        """Pipeline validation: the summed loss of the microbatches (nonzero on the last stage's rank); `documents`
+        (data.pack) go to every stage."""
         return forward_only(
             self.stage_parts,
             self.pp_schedule,
@@ -70,6 +71,7 @@ class Parallelized:
             targets=targets if self.has_last_stage else None,
             n_microbatches=n_microbatches,
             loss_sum=loss_sum,
+            documents=documents,
         )
 
     def parameters(self):

@@ -84,10 +84,11 @@ def forward_only(
     targets: torch.Tensor | None,
     n_microbatches: int,
     loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed loss of (n_microbatches * mb, T) inputs through the pipeline, forward only; nonzero only on the
     rank holding the last stage. Every pipeline rank calls it; `inputs` matter on the first stage's rank and
-    `targets` on the last's.
+    `targets` on the last's; `documents` (packed data, every rank's) on every stage.
 
     Microbatch m visits stages 0..S-1 in order; each rank runs its own stages in (microbatch, stage) order,
     receiving a stage's input from the previous stage's rank and sending its output on. Every transfer goes
@@ -100,6 +101,7 @@ def forward_only(
     total = torch.zeros((), device=device)
     in_chunks = inputs.chunk(n_microbatches) if inputs is not None else [None] * n_microbatches
     tgt_chunks = targets.chunk(n_microbatches) if targets is not None else [None] * n_microbatches
+    doc_chunks = documents.chunk(n_microbatches) if documents is not None else [None] * n_microbatches
     for m in range(n_microbatches):
         h = None
         for sid in range(len(owners)):
@@ -110,7 +112,7 @@ def forward_only(
                 h = in_chunks[m]
             elif owners[sid - 1] != me:
                 h = _recv(owners[sid - 1], group, device)
-            h = mine[sid](h)
+            h = mine[sid](h) if doc_chunks[m] is None else mine[sid](h, documents=doc_chunks[m])
             if sid == last:
                 total += loss_sum(h, tgt_chunks[m])
             elif owners[sid + 1] != me:

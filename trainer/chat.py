@@ -36,6 +36,7 @@ import numpy as np
 
 from models.args import ConfigError
 from models.loss import UNTRAINED
+from trainer.data import pack_documents, with_documents
 
 FORMAT_VERSION = 1
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -335,9 +336,11 @@ def prepare(cfg) -> Path:
 class ChatSource:
     """Conversation i as a window of seq_len + 1 tokens: cut there, padded after, each token that is not an
     assistant token flagged `UNTRAINED` (as a target it carries no loss). Conversations with no assistant token within
-    the window are left out (counted in `dropped`)."""
+    the window are left out (counted in `dropped`). With `pack` (data.pack), a window holds as many conversations as
+    fit (trainer/data.py `pack_documents`), each its own document (models/loss.py DOCUMENT_SHIFT), the padding
+    after them one more."""
 
-    def __init__(self, root: Path, split: str, seq_len: int):
+    def __init__(self, root: Path, split: str, seq_len: int, pack: bool = False):
         d = Path(root) / split
         self.meta = json.loads((d / "meta.json").read_text())
         self.vocab_size = self.meta["vocab_size"]
@@ -352,18 +355,30 @@ class ChatSource:
         self.index = np.flatnonzero(within > 0)
         self.dropped = len(starts) - len(self.index)
         self.truncated = int(((ends - starts) > seq_len + 1)[self.index].sum())
-        self.num_samples = len(self.index)
-        if self.num_samples < 1:
+        if len(self.index) < 1:
             raise ValueError(f"{d}: no conversation has an assistant token within training.seq_len={seq_len}")
+        self.windows = None  # data.pack: each window's conversations (positions in `index`)
+        if pack:
+            lengths = np.minimum(ends - starts, seq_len + 1)[self.index]
+            self.windows = pack_documents(lengths, seq_len + 1)
+        self.num_samples = len(self.index) if self.windows is None else len(self.windows)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        c = int(self.index[i])
-        s, e = int(self.offsets[c]), int(self.offsets[c + 1])
-        e = min(e, s + self.seq_len + 1)
         out = np.full(self.seq_len + 1, self.meta["pad_id"] + UNTRAINED, dtype=np.int64)
-        ids = self.tokens[s:e].astype(np.int64)
-        out[: e - s] = np.where(self.mask[s:e] > 0, ids, ids + UNTRAINED)
-        return out
+        documents = np.zeros(self.seq_len + 1, dtype=np.int64)
+        at = 0
+        for n, j in enumerate([i] if self.windows is None else self.windows[i]):
+            c = int(self.index[j])
+            s, e = int(self.offsets[c]), int(self.offsets[c + 1])
+            e = min(e, s + self.seq_len + 1 - at)
+            ids = self.tokens[s:e].astype(np.int64)
+            out[at : at + e - s] = np.where(self.mask[s:e] > 0, ids, ids + UNTRAINED)
+            documents[at : at + e - s] = n
+            at += e - s
+        if self.windows is None:
+            return out
+        documents[at:] = len(self.windows[i])  # (the padding: a document of its own)
+        return with_documents(out, documents)
 
     @property
     def trained_fraction(self) -> float:
@@ -373,10 +388,18 @@ class ChatSource:
     def describe(self) -> str:
         m = self.meta
         share = self.trained_fraction
+        packed = ""
+        if self.windows is not None:
+            used = int(np.minimum(np.diff(self.offsets), self.seq_len + 1)[self.index].sum())
+            filled = used / (len(self.windows) * (self.seq_len + 1))
+            packed = (
+                f"; packed into {len(self.windows):,} sequences of {self.seq_len + 1} tokens "
+                f"({filled:.1%} of their tokens conversations, the rest padding)"
+            )
         return (
             f"{m['source']}: {m['conversations']:,} conversations, {share:.1%} of their tokens trained (assistant "
             f"turns, from {m['mask_from']}); {self.truncated:,} cut at training.seq_len, {self.dropped:,} left out "
-            "(no assistant token within it)"
+            f"(no assistant token within it){packed}"
         )
 
 
@@ -403,8 +426,8 @@ def ready(cfg, vocab_size: int) -> Path:
 def open_chat_sources(cfg, seq_len: int) -> tuple[ChatSource, ChatSource, str]:
     """(train source, validation source, description) of `data.source=chat` (tokenized before the process group
     started: `ready`; found in the cache here)."""
-    root = prepare(cfg)
-    train, val = ChatSource(root, "train", seq_len), ChatSource(root, "val", seq_len)
+    root, pack = prepare(cfg), bool(cfg.data.get("pack", False))
+    train, val = ChatSource(root, "train", seq_len, pack), ChatSource(root, "val", seq_len, pack)
     return train, val, train.describe()
 
 

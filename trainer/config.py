@@ -135,6 +135,9 @@ class DataConfig:
     prompt_field: str = "prompt"  # or its prompt and response (one exchange)
     response_field: str = "response"
     system_prompt: str | None = None  # put first where a conversation has no system message
+    # several documents per sequence, each attending only to itself, positions restarting (docs/data.md): chat
+    # conversations packed into training.seq_len + 1 tokens, token files' windows split at each EOS
+    pack: bool = False
 
 
 @dataclass

@@ -9,7 +9,10 @@ Sources
   `train.bin`, `val.bin` (flat uint16 or uint32 token ids, EOS between documents), `tokenizer.json`.
 - synthetic: uniformly random tokens, each sequence drawn from its own seeded generator. For benchmarks.
 
-The loader cuts the token stream into fixed windows of seq_len + 1 tokens (inputs and shifted targets).
+The loader cuts the token stream into fixed windows of seq_len + 1 tokens (inputs and shifted targets). With
+`data.pack` each window's documents are numbered (a document ends with its EOS) in the batch's high bits
+(models/loss.py DOCUMENT_SHIFT): the model attends within each document, its positions restarting, and the target
+after an EOS (the next document's first token) carries no loss.
 Its position is one number, the *global sample cursor*: step s of a run consumes samples
 [cursor, cursor + global_batch_size) of a seeded permutation, and data-parallel rank r takes the r-th
 contiguous slice of them. The set of samples in a global batch therefore does not depend on the number of
@@ -31,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.loss import DOCUMENT_SHIFT
 
 DEFAULT_VOCAB_SIZE = 4096  # the default tokenizer's vocabulary (the debug flavor's vocab_size)
 EOS = "<|endoftext|>"
@@ -227,12 +232,42 @@ def default_dataset_dir(cache_dir: str | None, corpus_mb: float, val_fraction: f
 # Sources: index -> a window of seq_len + 1 tokens
 
 
-class TokenFileSource:
-    """A memory-mapped token file cut into non-overlapping windows of seq_len + 1 tokens."""
+def with_documents(window: np.ndarray, documents: np.ndarray) -> np.ndarray:
+    """A window's tokens with each one's packed document number in the high bits."""
+    return window | (documents.astype(np.int64) << DOCUMENT_SHIFT)
 
-    def __init__(self, path: Path, split: str, seq_len: int):
+
+def pack_documents(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Best-fit decreasing: the documents of `lengths` (each <= capacity) in as few windows of `capacity` tokens as
+    this greedy finds, longest first, each into the fullest window it fits (or a new one); each window's documents
+    in their original order. Deterministic: the same windows for any world size."""
+    import bisect
+
+    free: list[tuple[int, int]] = []  # (space left, window), sorted
+    windows: list[list[int]] = []
+    for i in np.argsort(-np.asarray(lengths), kind="stable"):
+        n = int(lengths[i])
+        j = bisect.bisect_left(free, (n, -1))
+        if j == len(free):
+            windows.append([int(i)])
+            space, w = capacity - n, len(windows) - 1
+        else:
+            space, w = free.pop(j)
+            windows[w].append(int(i))
+            space -= n
+        if space >= 2:  # (a document of one token has no target)
+            bisect.insort(free, (space, w))
+    return [np.sort(np.asarray(w, dtype=np.int64)) for w in windows]
+
+
+class TokenFileSource:
+    """A memory-mapped token file cut into non-overlapping windows of seq_len + 1 tokens; with `pack`, each token's
+    document (counted from the window's start; a document ends with its EOS) in the high bits."""
+
+    def __init__(self, path: Path, split: str, seq_len: int, pack: bool = False):
         meta = json.loads((Path(path) / "meta.json").read_text())
         self.meta = meta
+        self.eos_id = int(meta["eos_id"]) if pack else None
         self.vocab_size = meta["vocab_size"]
         self.tokens = np.memmap(Path(path) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
         self.seq_len = seq_len
@@ -244,7 +279,12 @@ class TokenFileSource:
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = i * self.seq_len
-        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+        window = np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+        if self.eos_id is None:
+            return window
+        documents = np.zeros(len(window), dtype=np.int64)
+        np.cumsum(window[:-1] == self.eos_id, out=documents[1:])  # (an EOS is its own document's last token)
+        return with_documents(window, documents)
 
 
 class SyntheticSource:
@@ -331,7 +371,8 @@ def open_sources(cfg, seq_len: int, vocab_size: int) -> tuple[object, object, st
         path = default_dataset_dir(d.cache_dir, d.default_corpus_mb, d.val_fraction)
     else:
         path = Path(d.path).expanduser()
-    train, val = TokenFileSource(path, "train", seq_len), TokenFileSource(path, "val", seq_len)
+    pack = bool(d.get("pack", False))
+    train, val = TokenFileSource(path, "train", seq_len, pack), TokenFileSource(path, "val", seq_len, pack)
     return train, val, f"{path} ({train.meta['source']})"
 
 
@@ -393,4 +434,33 @@ def config_problems(cfg, args) -> list[str]:
             problems.append(f"data.default_corpus_mb={d.default_corpus_mb} must be > 0")
     if not 0 < d.val_fraction < 1:
         problems.append(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    if d.get("pack", False):
+        problems += _pack_problems(cfg)
+    return problems
+
+
+def _pack_problems(cfg) -> list[str]:
+    """data.pack's rules: documents to pack, and the layouts its attention is built for."""
+    d, p, problems = cfg.data, cfg.parallel, []
+    if str(d.source) == "synthetic":
+        problems.append(
+            "data.pack=true: data.source=synthetic has no documents to pack (uniform tokens, no EOS); use "
+            "data.source=default, tokens or chat, or data.pack=false"
+        )
+    if int(p.cp) > 1:
+        problems.append(
+            f"data.pack=true with parallel.cp={p.cp}: packed documents under context parallelism are not built (each "
+            "rank would need the documents' mask against the whole sequence's keys); set parallel.cp=1 or "
+            "data.pack=false"
+        )
+    if str(cfg.model.get("attention", "auto")) != "auto":
+        problems.append(
+            f"data.pack=true with model.attention={cfg.model.attention}: packed documents choose their own kernel "
+            "(FlexAttention on CUDA, SDPA with one additive mask on the CPU); set model.attention=auto"
+        )
+    if p.get("activation_offload", False):
+        problems.append(
+            "data.pack=true with parallel.activation_offload=true: not built (every block saves the documents' mask, "
+            "and each block would send its own copy to the host); set one of them to false"
+        )
     return problems

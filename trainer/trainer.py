@@ -23,7 +23,7 @@ from models.adapters import spec_of as adapter_spec_of
 from models.args import model_args_of
 from models.dtensor import full
 from models.llama import build_model
-from models.loss import IGNORE_INDEX, inputs_and_targets, trained_targets
+from models.loss import IGNORE_INDEX, documents_of, inputs_and_targets, trained_targets
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.memory import BESIDE, OFFLOADED, PINNED
@@ -54,6 +54,7 @@ class Trainer:
         # 1. the config was parsed and validated by the caller (trainer.config.check) before this point
         self.cfg, self.plan = cfg, plan
         t = cfg.training
+        self.packed = bool(cfg.data.pack)  # several documents per sequence (trainer/data.py): the model gets them
         self.run_dir = Path(cfg.run_dir)
 
         # 2. process group (nccl on GPU, gloo on CPU) and this rank's place in it
@@ -262,13 +263,19 @@ class Trainer:
         """Under context parallelism, this rank's positions of each sequence (a head and a tail chunk)."""
         return t if self.par.cp_positions is None else t[:, self.par.cp_positions]
 
+    def _documents(self, tokens: torch.Tensor) -> dict:
+        """The model's `documents` keyword of a (..., T + 1) batch under data.pack (models/loss.py DOCUMENT_SHIFT),
+        else none (one document per sequence: plain causal attention, no mask built)."""
+        return {"documents": documents_of(tokens)} if self.packed else {}
+
     def _loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mb, T + 1) -> scalar fp32."""
         inputs, targets = (self._local_tokens(t) for t in inputs_and_targets(tokens))  # (mb, T) each
+        docs = self._documents(tokens)  # (data.pack refuses context parallelism: whole sequences here)
         with self._autocast():
             if self.cfg.training.loss_chunks:  # the projection and the loss together, chunk by chunk
-                return self.model(inputs, targets)
-            logits = self.model(inputs)  # (mb, T, V)
+                return self.model(inputs, targets, **docs)
+            logits = self.model(inputs, **docs)  # (mb, T, V)
         return self._logits_loss_sum(logits, targets)
 
     def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -316,6 +323,7 @@ class Trainer:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.par.has_first_stage else ()
         kwargs = {"target": targets, "losses": losses} if self.par.has_last_stage else {}
+        kwargs |= self._documents(flat)  # (every stage builds the documents' mask: torch passes keywords to each)
         if STEP_RETURNS_OUTPUTS:  # the logits of every microbatch would otherwise be kept for a merged output
             kwargs["return_outputs"] = False
         with self._autocast():
@@ -452,6 +460,7 @@ class Trainer:
                     targets,
                     batch.shape[0],
                     self._logits_loss_sum,
+                    **self._documents(batch.flatten(0, 1)),
                 )
         self._all_reduce_sum(totals)  # over data-parallel ranks
         totals[0:1] = self._all_reduce_sum(totals[0:1].clone(), "cp")  # (the token counts are the whole sequences')

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,16 @@ TINY = [
     "logging.jsonl=false",
     "logging.console=false",
     "logging.wandb.mode=disabled",
+]
+
+# data.pack's rows (test_parity.py, test_memory_plan.py): the built-in chat set (trainer/stdlib_chat.py, from 2 MiB of
+# the standard library: built once per machine in the temporary directory, ~7 s), conversations packed into sequences
+PACK_DATA = [
+    "data.source=chat",
+    "data.pack=true",
+    f"data.cache_dir={tempfile.gettempdir()}/shardwise-test-data-{os.getuid()}",
+    "data.default_corpus_mb=2",
+    "model.vocab_size=4096",  # (the default tokenizer's)
 ]
 
 # the parity rows' length, shared by the tests that read the same runs (test_parity.py, test_memory_per_rank.py):

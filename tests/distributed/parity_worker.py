@@ -108,15 +108,45 @@ def nf4_like_tp_reference(out: str, argv: list[str]) -> list[str]:
     return [*argv, "finetune.quantize_base=false", f"checkpoint.init_from={Path(out) / 'base.safetensors'}"]
 
 
+# data.pack rows (test_parity.py PACKED): the reference trains each packed document alone; a broken run ignores them
+UNPACK, UNMASKED = "worker.unpack=true", "worker.unmasked=true"
+
+
+def unpacked(batch: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """A packed (accum, mb, T + 1) batch as (n, 1, T + 1): each document that has a trained target alone in a
+    sequence of its own, from position 0, padded after with untrained tokens, nothing in the high bits; and how many
+    such documents each packed sequence held."""
+    from models.loss import DOCUMENT_SHIFT, UNTRAINED, trained_targets
+
+    rows, per_sequence = [], []
+    for window in batch.flatten(0, 1):
+        documents, before = window >> DOCUMENT_SHIFT, len(rows)
+        for d in documents.unique(sorted=True).tolist():
+            tokens = window[documents == d] & ((1 << DOCUMENT_SHIFT) - 1)  # (a document is one consecutive run)
+            row = torch.full_like(window, UNTRAINED)
+            row[: len(tokens)] = tokens
+            if trained_targets(row):
+                rows.append(row)
+        per_sequence.append(len(rows) - before)
+    return torch.stack(rows)[:, None], per_sequence
+
+
 def main(out: str, argv: list[str], *, last: bool = True) -> None:
     if any(a.startswith(NF4_LIKE_TP) for a in argv):
         argv = nf4_like_tp_reference(out, argv)
+    unpack, unmasked = UNPACK in argv, UNMASKED in argv
+    argv = [a for a in argv if a not in (UNPACK, UNMASKED)]
     cfg = load_config(argv)
     trainer = Trainer(cfg, check(cfg, env_world_size()))
-    losses, norms, grads = [], [], None
+    losses, norms, grads, packed = [], [], None, []
     for step in range(cfg.training.steps):
         batch, _ = trainer.train_loader.next_batch()
+        if unpack:  # one process: each document alone, plain causal attention (no mask)
+            batch, per_sequence = unpacked(batch)
+            packed.append(per_sequence)
+        trainer.packed = not (unpack or unmasked)  # (unmasked: the documents see each other; their targets stay apart)
         loss = trainer.forward_backward(batch)
+        trainer.packed = bool(cfg.data.pack)  # (validation as the run is configured: compared packed with packed)
         if step == 0:
             grads = full_grads(trainer)
             held = model_state_bytes(trainer.par.parts)
@@ -143,6 +173,7 @@ def main(out: str, argv: list[str], *, last: bool = True) -> None:
                 "params": params,
                 "bytes_per_rank": per_rank,
                 "val_loss": val_loss,
+                "documents_per_sequence": packed,  # (worker.unpack: each step's, as packed)
             },
             Path(out) / "result.pt",
         )

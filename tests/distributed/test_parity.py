@@ -14,8 +14,9 @@ import itertools
 import pytest
 import torch
 from adapter_cases import ADAPTER_CASES, ADAPTER_STEPS, NF4
-from conftest import PARITY_STEPS, TINY
+from conftest import PACK_DATA, PARITY_STEPS, TINY
 from pairwise import AXES, matrix, values_of
+from parity_worker import UNMASKED, UNPACK
 
 # (id, processes, overrides, global batch, precision, tolerance)
 # (loss and grad-norm tolerance, per-parameter gradient tolerance), relative
@@ -210,6 +211,10 @@ def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
         return [_qlora_references()[0], _adapter_runs(*QLORA_TP[1:])[0]]
     if test == "test_the_adapter_comparison_fails_when_the_adapters_are_broken":
         return _adapter_runs(*ADAPTER_CASES[6][1:])
+    if test == "test_packed_documents_train_as_each_would_alone":
+        return _packed_runs(params["nproc"], params["overrides"])
+    if test == "test_the_packed_comparison_fails_when_documents_see_each_other":
+        return [_packed_runs(1, [])[0], (1, [STEPS, *PACK, UNMASKED])]
     return []
 
 
@@ -317,6 +322,49 @@ def test_the_adapter_comparison_fails_when_the_adapters_are_broken(worker):
         {**got["grads"], a: got["grads"][a] + 1e-3 * got["grads"][b].norm()},
     ):
         assert len(differences("broken", ref, {**got, "grads": broken}, FP32)) == 1
+
+
+# data.pack (docs/data.md): the built-in chat set's conversations packed into sequences of 513 tokens (at 129 most
+# sequences would hold one: half the conversations are longer than 256 tokens); the reference is one process
+# training each conversation alone in a sequence of its own with plain causal attention (parity_worker.py
+# `unpacked`), the same conversations each step
+PACK = [*PACK_DATA, "training.seq_len=512", "training.global_batch_size=8", "training.precision=fp32"]
+PACKED = [
+    ("one_process", 1, []),
+    ("fsdp", 2, ["parallel.data=fsdp"]),
+    ("tp", 2, ["parallel.tp=2"]),
+    ("pp_1f1b", 2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+]
+PACK_TOL = (1e-6, 1e-6)  # (fp32: losses and each parameter's gradient, relative)
+# the gradient norms the runs log: torch's fp32 norm on the CPU (torch.nn.utils.get_total_norm) sums the squares of
+# this 4096-row embedding's gradient with a relative error of up to 6e-5 (measured against the float64 norm of the
+# same gradients), and the sharded runs sum them in other pieces
+PACK_NORM_TOL = 2e-4
+
+
+def _packed_runs(nproc: int, overrides: list[str]) -> list[tuple[int, list[str]]]:
+    """(one process, each document alone; the row's layout on the packed sequences)."""
+    return [(1, [STEPS, *PACK, UNPACK]), (nproc, [STEPS, *PACK, *overrides])]
+
+
+@pytest.mark.parametrize("name, nproc, overrides", PACKED, ids=[c[0] for c in PACKED])
+def test_packed_documents_train_as_each_would_alone(name, nproc, overrides, worker):
+    """Packed conversations (each attending only to itself, its positions restarting, no target across two of them)
+    train as the conversations alone: the losses, gradient norms and every parameter's gradient after step 1 within
+    1e-6, under one process, FSDP, TP and a pipeline (its stages pass the documents on)."""
+    ref, got = (worker(*run) for run in _packed_runs(nproc, overrides))
+    per_sequence = [n for step in ref["documents_per_sequence"] for n in step]
+    assert len(per_sequence) == 24 and sum(n > 1 for n in per_sequence) >= 8, per_sequence  # (packed, in truth)
+    assert not [d for d in differences(f"packed {name}", ref, got, PACK_TOL) if "grad norm" not in d]
+    assert not differences(f"packed {name}", {**ref, "grads": {}}, {**got, "grads": {}}, (1e-6, PACK_NORM_TOL))
+
+
+def test_the_packed_comparison_fails_when_documents_see_each_other(worker):
+    """The same comparison with the mask left out (the packed conversations attend across each other and their
+    positions run on; their targets still stay apart) finds the gradients off."""
+    ref, broken = worker(*_packed_runs(1, [])[0]), worker(1, [STEPS, *PACK, UNMASKED])
+    found = differences("packed without its mask", ref, broken, PACK_TOL)
+    assert sum("gradient of" in f for f in found) > 10, found
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])

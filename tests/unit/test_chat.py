@@ -217,10 +217,15 @@ def test_the_loss_counts_the_assistant_tokens_only(chat_root):
     assert not torch.allclose(got, torch.nn.functional.cross_entropy(logits.flatten(0, 1), everything.flatten()))
 
 
-def test_every_conversation_is_seen_once_across_a_world_size_change(chat_root):
+@pytest.mark.parametrize("pack", [False, True], ids=["alone", "packed"])
+def test_every_conversation_is_seen_once_across_a_world_size_change(chat_root, pack):
     """The chat source under the same cursor as the token files: 1 rank for 3 steps, then its state resumed on 2
-    ranks: over an epoch every conversation comes exactly once."""
-    src = ChatSource(chat_root, "train", 64)
+    ranks: over an epoch every conversation comes exactly once (packed: every sequence, and each conversation is in
+    exactly one of them)."""
+    src = ChatSource(chat_root, "train", 512, pack=pack)
+    if pack:
+        held = sorted(int(j) for w in src.windows for j in w)
+        assert held == list(range(len(src.index))) and src.num_samples < len(src.index) / 2
     n, batch = src.num_samples, 4
     one = BatchLoader(src, global_batch=batch, micro_batch=2, dp_rank=0, dp_size=1, seed=3, shuffle=True)
     seen = [one.next_batch()[1].flatten() for _ in range(3)]
@@ -234,6 +239,30 @@ def test_every_conversation_is_seen_once_across_a_world_size_change(chat_root):
         seen += [loader.next_batch()[1].flatten() for loader in two]
     ids = torch.cat(seen)[: n - n % batch].tolist()
     assert len(ids) == len(set(ids)) and set(ids) <= set(range(n))
+
+
+def test_a_packed_sequence_holds_its_conversations_as_they_are_alone(chat_root):
+    """data.pack: each conversation of a packed sequence is its own document, holding exactly the tokens (and the
+    untrained flags) of the conversation alone; the padding after them is one more document, untrained; a target
+    never crosses from one conversation into the next."""
+    from models.loss import DOCUMENT_SHIFT, documents_of
+
+    alone, packed = ChatSource(chat_root, "train", 512), ChatSource(chat_root, "train", 512, pack=True)
+    for i in range(4):
+        window = torch.from_numpy(packed[i])
+        documents = window >> DOCUMENT_SHIFT
+        conversations = packed.windows[i]
+        assert documents.unique().tolist() == list(range(len(conversations) + 1)) and len(conversations) > 1
+        assert torch.equal(documents_of(window[None])[0], documents[:-1])
+        for d, j in enumerate(conversations):
+            own = window[documents == d] & ((1 << DOCUMENT_SHIFT) - 1)
+            assert torch.equal(own, torch.from_numpy(alone[int(j)])[: len(own)])
+        assert (window[documents == len(conversations)] & ((1 << DOCUMENT_SHIFT) - 1) >= UNTRAINED).all()
+        targets = inputs_and_targets(window[None])[1][0]
+        starts = (documents[1:] != documents[:-1]).nonzero().flatten()
+        assert (targets[starts] == IGNORE_INDEX).all()
+        n_alone = sum(int(trained_targets(torch.from_numpy(alone[int(j)])[None])) for j in conversations)
+        assert trained_targets(window[None]) == n_alone > 0
 
 
 def test_samples_are_the_models_greedy_completions_and_reach_every_sink(tmp_path):

@@ -290,6 +290,14 @@ RULES = [
     ),
     (["training.float8=e4m3"], 1, "training.float8=e4m3: unknown; known: none, tensorwise, rowwise"),
     (["training.float8_emulate=true"], 1, "training.float8_emulate=true without training.float8"),
+    (["data.pack=true", "data.source=synthetic"], 1, "data.pack=true: data.source=synthetic has no documents"),
+    (["data.pack=true", "parallel.cp=2"], 2, "data.pack=true with parallel.cp=2: packed documents under context"),
+    (["data.pack=true", "model.attention=flash"], 1, "data.pack=true with model.attention=flash: packed documents"),
+    (
+        ["data.pack=true", "parallel.activation_offload=true"],
+        1,
+        "data.pack=true with parallel.activation_offload=true: not built",
+    ),
 ]
 
 

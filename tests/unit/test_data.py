@@ -111,6 +111,27 @@ def test_token_files_round_trip(tmp_path):
     assert not list(tmp_path.glob(".out.*")), "temporary directory left behind"
 
 
+def test_packed_token_files_split_each_window_at_its_eos(tmp_path):
+    """data.pack on token files: a window's tokens carry their document (a document ends with its EOS), the model's
+    documents are the inputs' ones, and the target after each EOS (the next document's first token) carries no loss;
+    every other target is the window's next token as unpacked."""
+    from models.loss import DOCUMENT_SHIFT, IGNORE_INDEX, documents_of, inputs_and_targets, trained_targets
+
+    docs = [(f"doc{i}.txt", "hello world " * (1 + i % 4)) for i in range(40)]
+    tok = train_tokenizer((t for _, t in docs), 300)
+    meta = write_token_files(docs, tok, tmp_path / "out", val_fraction=0.2, description="test")
+    plain, packed = (TokenFileSource(tmp_path / "out", "train", 64, pack=p) for p in (False, True))
+    window, tagged = torch.from_numpy(plain[2]), torch.from_numpy(packed[2])
+    assert torch.equal(tagged & ((1 << DOCUMENT_SHIFT) - 1), window)
+    eos = window[:-1] == meta["eos_id"]
+    assert eos.sum() >= 3  # (several documents in the window)
+    assert torch.equal(documents_of(tagged[None])[0], torch.cat([torch.zeros(1, dtype=torch.long), eos.cumsum(0)[:-1]]))
+    inputs, targets = inputs_and_targets(tagged[None])
+    assert torch.equal(inputs[0], window[:-1])
+    assert torch.equal(targets[0] == IGNORE_INDEX, eos) and torch.equal(targets[0][~eos], window[1:][~eos])
+    assert trained_targets(tagged[None]) == 64 - eos.sum() and trained_targets(window[None]) == 64
+
+
 def test_uint32_for_large_vocabularies(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

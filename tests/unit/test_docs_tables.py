@@ -347,6 +347,37 @@ def test_the_every_strategy_tables_are_the_committed_run():
     assert current == compare_run_section(), "re-render with: python tests/unit/test_docs_tables.py --write"
 
 
+PACKING = REPO / "docs" / "benchmarks" / "packing-2026-12-07"
+PACK_BEGIN = (
+    "<!-- packing: rendered by tests/unit/test_docs_tables.py from docs/benchmarks/packing-2026-12-07/*.json -->"
+)
+PACK_END = "<!-- /packing -->"
+
+
+def packing_table() -> str:
+    """docs/data.md's packed-against-unpacked runs: launch/bench.py's results on the built-in chat set, one epoch's
+    time being its sequences over the global batch times the step time."""
+    lines = [
+        "| run | tokens a sequence | sequences an epoch | s/step | tokens/s | epoch | peak predicted / tracked |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("llama_debug_chat", "llama_debug_chat-pack", "llama_debug_chat_packed"):
+        r = json.loads((PACKING / f"{name}.json").read_text())
+        batch = r["tokens_per_step"] // r["seq_len"]
+        epoch = r["sequences_per_epoch"] / batch * r["step_s"]
+        run = " ".join([f"recipe={r['recipe']}", *r["overrides"]])
+        lines.append(
+            f"| `{run}` | {r['seq_len']:,} | {r['sequences_per_epoch']:,} | {r['step_s']:.2f} | "
+            f"{r['tokens_per_s_per_device']:,.0f} | {epoch:.0f} s | {r['predicted_peak_bytes'] / 2**20:.1f} / "
+            f"{r['tracked_peak_bytes'] / 2**20:.1f} MiB |"
+        )
+    return f"{PACK_BEGIN}\n" + "\n".join(lines) + f"\n{PACK_END}"
+
+
+def test_the_packing_table_is_the_committed_runs():
+    assert _section(REPO / "docs" / "data.md", PACK_BEGIN, PACK_END) == packing_table()
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     for doc, begin, end, render in (
         (REPO / "docs" / "benchmarks.md", BENCH_BEGIN, BENCH_END, bench_table),
@@ -354,6 +385,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
         (REPO / "docs" / "quickstart.md", QS_BEGIN, QS_END, quickstart_table),
         (REPO / "docs" / "quickstart.md", QS_LOG_BEGIN, QS_LOG_END, quickstart_log),
         (REPO / "docs" / "optimizers.md", OPT_BEGIN, OPT_END, optimizers_table),
+        (REPO / "docs" / "data.md", PACK_BEGIN, PACK_END, packing_table),
     ):
         text = doc.read_text()
         doc.write_text(text.replace(_section(doc, begin, end), render()))

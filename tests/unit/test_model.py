@@ -283,3 +283,23 @@ def test_packed_documents_train_as_each_would_alone():
     assert torch.equal(crosstalk[0][0], together[0][0])  # (the first document sees nothing before it either way)
     assert not torch.allclose(crosstalk[0][1:], alone[0][1:], rtol=1e-4)
     assert not torch.allclose(crosstalk[1]["layers.0.attention.wq.weight"], alone[1]["layers.0.attention.wq.weight"])
+
+
+def test_the_flex_block_mask_attends_as_the_dense_mask_does():
+    """CUDA's packed attention (FlexAttention over a BlockMask, models/llama.py `flex_attend`) against the CPU's dense
+    additive mask: the same outputs for documents of uneven lengths and grouped kv heads (forward only: torch has no
+    FlexAttention backward on the CPU; the GPU checks run its backward). A block mask that ignores the documents
+    (causal over the whole sequence) gives other outputs."""
+    from models.llama import document_mask, flex_attend
+
+    gen = torch.Generator().manual_seed(0)
+    documents = torch.tensor([[0] * 20 + [1] * 37 + [2] * 7, [0] * 64])
+    q = torch.randn(2, 4, 64, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 64, 16, generator=gen) for _ in range(2))
+    positions, dense = document_mask(documents, torch.float32, "dense")
+    positions_flex, block = document_mask(documents, torch.float32, "flex")
+    assert torch.equal(positions, positions_flex) and positions[0, 20] == 0 and positions[0, 56] == 36
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    torch.testing.assert_close(flex_attend(q, k, v, block), want, rtol=1e-5, atol=1e-5)
+    whole = document_mask(torch.zeros_like(documents), torch.float32, "flex")[1]
+    assert not torch.allclose(flex_attend(q, k, v, whole)[0], want[0], atol=1e-3)
