@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.adapters import AdapterLinear, adapter_init_spec, init_adapters, is_nf4
+from models.moe import MoE, MoEArgs, is_moe_layer, moe_args_of
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ModelArgs:
     ffn_hidden_dim: int | None = None  # the SwiGLU hidden size itself (an imported model's), overriding the rule
     attention: str = "auto"  # SDPA's kernel: auto (SDPA picks), flash, cudnn, efficient
     expand_kv: bool | None = None  # repeat the kv heads to the query heads before SDPA; None: where the kernel needs it
+    moe: MoEArgs | None = None  # Mixture-of-Experts feed-forward blocks (models/moe.py); None: dense
 
     @property
     def kv_expanded(self) -> bool:
@@ -79,15 +81,34 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
-    def num_params(self, *, exclude_embedding: bool = False) -> int:
-        """Exact parameter count, from the shapes alone (no model needed)."""
+    def is_moe(self, layer_id: int) -> bool:
+        """Whether block `layer_id` has an MoE feed-forward (models/moe.py)."""
+        return is_moe_layer(self.moe, layer_id)
+
+    @property
+    def expert_hidden(self) -> int:
+        """An MoE expert's SwiGLU width F (model.moe.expert_hidden, else the dense rule's)."""
+        return (self.moe.expert_hidden if self.moe and self.moe.expert_hidden else None) or self.ffn_hidden
+
+    def ffn_params(self, layer_id: int, *, active: bool = False) -> int:
+        """The feed-forward parameters of block `layer_id`: the dense SwiGLU, or the router, the experts (`active`:
+        only the K a token uses) and the shared experts."""
+        D = self.dim
+        if not is_moe_layer(self.moe, layer_id):
+            return 3 * D * self.ffn_hidden
+        m, Fe = self.moe, self.expert_hidden
+        experts = m.top_k if active else m.n_experts
+        return D * m.n_experts + 3 * D * Fe * (experts + m.n_shared_experts)
+
+    def num_params(self, *, exclude_embedding: bool = False, active: bool = False) -> int:
+        """Exact parameter count, from the shapes alone (no model needed); `active`: those one token computes with
+        (an MoE block's top-k experts, not all)."""
         D, hd = self.dim, self.head_dim
         attn = D * self.n_heads * hd + 2 * D * self.kv_heads * hd + self.n_heads * hd * D
-        mlp = 3 * D * self.ffn_hidden
-        per_block = attn + mlp + 2 * D  # + two RMSNorm weights
+        blocks = sum(attn + self.ffn_params(i, active=active) + 2 * D for i in range(self.n_layers))  # + two norms
         embedding = self.vocab_size * D
         output = 0 if self.tie_embeddings else self.vocab_size * D
-        total = self.n_layers * per_block + D + embedding + output
+        total = blocks + D + embedding + output
         return total - embedding if exclude_embedding else total
 
     def flops_per_token(self, seq_len: int) -> int:
@@ -97,15 +118,38 @@ class ModelArgs:
         matmul; the output projection *is* counted, also when tied), plus 12 x L x H x hd x T for the
         attention score and value matmuls (QK^T and PV: 2 matmuls x 2 FLOPs per MAC x 3 for fwd+bwd).
         """
-        n = self.num_params(exclude_embedding=True)
+        n = self.num_params(exclude_embedding=True, active=True)  # (MoE: the router and the K experts a token uses)
         if self.tie_embeddings:
             n += self.vocab_size * self.dim  # the tied table is still a matmul at the output
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
+    def _ffn_shapes(self, layer_id: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(name within the block, shape) of block `layer_id`'s feed-forward parameters."""
+        D, F = self.dim, self.ffn_hidden
+        if not is_moe_layer(self.moe, layer_id):
+            return [
+                ("feed_forward.w1.weight", (F, D)),
+                ("feed_forward.w2.weight", (D, F)),
+                ("feed_forward.w3.weight", (F, D)),
+            ]
+        E, Fe, shared = self.moe.n_experts, self.expert_hidden, self.moe.n_shared_experts * self.expert_hidden
+        out = [
+            ("feed_forward.router.gate.weight", (E, D)),
+            ("feed_forward.experts.w1", (E, Fe, D)),
+            ("feed_forward.experts.w2", (E, D, Fe)),
+            ("feed_forward.experts.w3", (E, Fe, D)),
+        ]
+        if shared:
+            out += [
+                (f"feed_forward.shared.{w}.weight", shape)
+                for w, shape in (("w1", (shared, D)), ("w2", (D, shared)), ("w3", (shared, D)))
+            ]
+        return out
+
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every distinct parameter in module order, from the shapes alone (no model
         needed; the same names as `Transformer.named_parameters()`, a tied output table omitted)."""
-        D, Q, K, F = self.dim, self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.ffn_hidden
+        D, Q, K = self.dim, self.n_heads * self.head_dim, self.kv_heads * self.head_dim
         out = [("tok_embeddings.weight", (self.vocab_size, D))]
         for i in range(self.n_layers):
             out += [
@@ -117,9 +161,7 @@ class ModelArgs:
                     ("attention.wv.weight", (K, D)),
                     ("attention.wo.weight", (D, Q)),
                     ("ffn_norm.weight", (D,)),
-                    ("feed_forward.w1.weight", (F, D)),
-                    ("feed_forward.w2.weight", (D, F)),
-                    ("feed_forward.w3.weight", (F, D)),
+                    *self._ffn_shapes(i),
                 )
             ]
         out.append(("norm.weight", (D,)))
@@ -244,7 +286,9 @@ def args_from_config(m) -> ModelArgs:
         norm_eps=m.norm_eps,
         rope_theta=m.rope_theta,
     )
-    args = replace(args, attention=str(m.get("attention", "auto")), expand_kv=m.get("expand_kv"))
+    args = replace(
+        args, attention=str(m.get("attention", "auto")), expand_kv=m.get("expand_kv"), moe=moe_args_of(m.get("moe"))
+    )
     r = m.rope_scaling
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
     kind = None if r.type is None else str(r.type)
@@ -419,11 +463,12 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, hidden: int | None = None):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # gate
-        self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)  # down
-        self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # up
+        hidden = hidden or args.ffn_hidden
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
@@ -436,7 +481,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        if is_moe_layer(args.moe, layer_id):
+            m, hidden = args.moe, args.expert_hidden
+            shared = FeedForward(args, hidden * m.n_shared_experts) if m.n_shared_experts else None
+            self.feed_forward = MoE(args.dim, hidden, m, shared)
+        else:
+            self.feed_forward = FeedForward(args)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
@@ -486,6 +536,9 @@ class Transformer(nn.Module):
         # parallel.activation_offload: block index -> the context each block's forward runs in (parallel/offload.py)
         self.block_context = None
         self.positions: torch.Tensor | None = None  # parallel.cp > 1: the token positions this rank holds
+        # packed documents' mask: "flex" (FlexAttention's block mask) or "dense" (one additive mask); None: flex on
+        # CUDA, dense elsewhere (`document_mask`; tests/gpu/test_kernels.py compares the two on a GPU)
+        self.packed_attention: str | None = None
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # RoPE tables are derived data, not state: non-persistent, rebuilt by init_weights()
@@ -505,7 +558,7 @@ class Transformer(nn.Module):
         if documents is not None:
             if self.positions is not None:
                 raise ValueError("packed documents under context parallelism are not built")
-            positions, mask = document_mask(documents, _compute_dtype(h))
+            positions, mask = document_mask(documents, _compute_dtype(h), self.packed_attention)
             cos, sin = cos[positions], sin[positions]  # (B, T, hd/2)
         if self.positions is not None:  # context parallelism: the angles of the positions this rank holds
             cos, sin = cos[self.positions], sin[self.positions]
@@ -640,7 +693,17 @@ class Transformer(nn.Module):
             return {"mean": 0.0, "std": s, "lo": -3 * s, "hi": 3 * s}
         # depth-scaled init for the projections that write into the residual stream
         layer_id = int(name.split(".")[1])
-        writes_residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"))
+        writes_residual = name.endswith(
+            (
+                "attention.wo.weight",
+                "feed_forward.w2.weight",
+                "feed_forward.w3.weight",
+                "experts.w2",
+                "experts.w3",
+                "shared.w2.weight",
+                "shared.w3.weight",
+            )
+        )
         s = 0.02 / math.sqrt(2 * (layer_id + 1)) if writes_residual else 0.02
         return {"mean": 0.0, "std": s, "lo": -2.0, "hi": 2.0}
 
@@ -672,6 +735,9 @@ class Transformer(nn.Module):
         device = buffer_device or self.rope_cos.device  # with CPU offload, parameters live on the CPU
         self.rope_cos = cos.to(device)
         self.rope_sin = sin.to(device)
+        for module in self.modules():  # MoE blocks: the balancing bias and the routing counts start at 0 (to_empty
+            if isinstance(module, MoE):  # left whatever memory held; a checkpoint's bias is loaded after this)
+                module.reset_buffers()
 
 
 def document_mask(

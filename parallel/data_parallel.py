@@ -85,4 +85,8 @@ def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.pa
         process_group=mesh.get_group(),
         gradient_as_bucket_view=True,
         device_ids=[device.index] if device.type == "cuda" else None,
+        # the buffers are the same on every rank by construction (RoPE tables; an MoE router's bias, moved by
+        # all-reduced counts), and an MoE block's routing counts are each rank's own until models/moe.py `balance`
+        # sums them: DDP's broadcast of rank 0's buffers before every forward would overwrite them
+        broadcast_buffers=False,
     )

@@ -209,8 +209,39 @@ def ac_mode(cfg) -> str:
     return SELECTIVE_EVERY_SECOND if ac == "selective" and str(p.sac_matmuls) == "every_second" else ac
 
 
+def moe_rows_per_token(moe) -> float:
+    """Routed rows per token of an MoE block: top_k dropless (balanced or not: without expert parallelism every
+    expert is on the rank, so only the total counts), at most capacity_factor x top_k with a capacity."""
+    return moe.top_k * (min(1.0, moe.capacity_factor) if moe.capacity_factor else 1.0)
+
+
+def moe_ffn_tensors(args, mode: str) -> list[float]:
+    """Per token, what an MoE feed-forward (models/moe.py) saves for backward: the router's fp32 input (a copy of a
+    16-bit one; under autocast the fp32 norm output itself), its scores (E fp32), chosen experts (K int64), and the
+    weights before normalizing with their sum; the rows' tokens and each slot's row (int64); per routed row its input
+    (cast to the compute dtype), the SwiGLU gate, silu(gate), up and product (F each); per slot its output and its
+    weight (in the compute dtype); and the shared experts' dense SwiGLU (n_shared x F). Measured with saved-tensor
+    hooks on one block (2026-12-07) before the tracker checked the sum."""
+    m, D, Fe = args.moe, args.dim, args.expert_hidden
+    rho = moe_rows_per_token(m)
+    out = 4 if mode == "fp32" else 2
+    router_in = [] if mode == "fp32" else [4 * D]  # (fp32: the norm output, counted as the block's MLP input)
+    router = [*router_in, 4 * m.n_experts, 8 * m.top_k, 4 * m.top_k + 4]
+    # the rows' tokens, each slot's row, the rows' input, gate, silu(gate), up, product; every slot's output (K of
+    # them: a dropped row's slot is a zero) and the normalized weights in that dtype
+    rows = [8 * rho, 8 * m.top_k, out * D * rho, *([out * Fe * rho] * 4), out * D * m.top_k, out * m.top_k]
+    shared = []
+    if m.n_shared_experts:
+        Fs = m.n_shared_experts * Fe
+        lin = 4 if mode == "fp32" else 2
+        casts = [lin * D] * (2 if mode == "autocast" else 0)  # (autocast: w1's and w3's copies of the input)
+        shared = [*casts, *([out * Fs] * 4)]
+    input_ = [4 * D] if mode == "fp32" else [2 * D] if mode == "mixed" else []  # the norm output (shared, router)
+    return input_ + router + rows + shared
+
+
 def block_saved_tensors(
-    args, *, ac: str, mode: str, tp: int, device: str = "cuda", frozen: bool = False
+    args, *, ac: str, mode: str, tp: int, device: str = "cuda", frozen: bool = False, layer: int | None = None
 ) -> list[float]:
     """Per token of the micro-batch (averaged over the sequence), the bytes of each storage one block saves for
     backward, as this model's ops run: RMSNorm saves its input, the normalized input and 1/rms; the linears their
@@ -256,11 +287,14 @@ def block_saved_tensors(
         ]
     norms = 2 * _norm_tensors(D, mode, t, device, frozen)  # two RMSNorms
     casts = 3 if mode == "autocast" else 1  # autocast casts the shared input once per linear (wq, wk, wv)
-    gathered = [lin * D] * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
     # rope(q), rope(k), v, SDPA out, lse; with model.expand_kv SDPA saves the keys and values repeated to the query
     # heads instead (repeat_interleave's backward saves nothing)
     kv = Q if args.kv_expanded else K
     attention = [out * Q / t, out * kv / t, out * kv / t, out * Q / t, 4 * H / t]
+    moe_layers = [i for i in range(args.n_layers) if args.is_moe(i)]
+    if moe_layers and (layer is None or layer in moe_layers):  # (None: the largest block, an MoE one)
+        return norms + [lin * D] * casts + attention + moe_ffn_tensors(args, mode)
+    gathered = [lin * D] * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
     mlp = [out * F / t] * 4  # gate, silu(gate), up, product
     return norms + gathered + attention + mlp
 
@@ -326,9 +360,12 @@ def cp_attention_bytes(cfg, args, dims: ParallelDims) -> float:
     return held + local * q * 4 + expanded
 
 
-def block_activation_bytes(args, *, ac: str, mode: str, tp: int, device: str = "cuda", frozen: bool = False) -> float:
-    """Bytes one block saves for backward, per token of the micro-batch: `block_saved_tensors` summed."""
-    return sum(block_saved_tensors(args, ac=ac, mode=mode, tp=tp, device=device, frozen=frozen))
+def block_activation_bytes(
+    args, *, ac: str, mode: str, tp: int, device: str = "cuda", frozen: bool = False, layer: int | None = None
+) -> float:
+    """Bytes one block saves for backward, per token of the micro-batch: `block_saved_tensors` summed (of block
+    `layer`; None: the largest, an MoE block where the model has them)."""
+    return sum(block_saved_tensors(args, ac=ac, mode=mode, tp=tp, device=device, frozen=frozen, layer=layer))
 
 
 def _norm_tensors(D: int, mode: str, tp: int, device: str = "cuda", frozen: bool = False) -> list[float]:
@@ -358,6 +395,12 @@ def block_recompute_bytes(
     output and of the MLP's gate and up projections."""
     res, g = (4, 4) if mode == "fp32" else (4, 2) if mode == "autocast" else (2, 2)
     temps = res * args.dim / tp + g * 2 * args.ffn_hidden / tp
+    if args.moe is not None:  # (the largest block: an MoE one; its routed rows' and shared experts' gradients)
+        m = args.moe
+        rows = moe_rows_per_token(m)
+        temps = res * args.dim + g * (
+            rows * (args.dim + 2 * args.expert_hidden) + 2 * m.n_shared_experts * args.expert_hidden
+        )
     if ac == "none":
         return 0.0, temps
     everything = block_activation_bytes(args, ac="none", mode=mode, tp=tp, device=device, frozen=frozen)
@@ -782,6 +825,8 @@ class BlockActivations:
     pairs: dict  # {AC kind: (block, microbatch) pairs held}
     storages_of: dict  # {AC kind: `offloaded_storages` of one block of that kind, bytes per token each}
     held: str  # "stage s: blocks x microbatches", for the terms' names
+    # {AC kind: bytes per token to add to pairs x the largest block's}: an MoE model's dense blocks save less
+    smaller: dict | None = None
 
     @property
     def moved_of(self) -> dict:
@@ -797,6 +842,12 @@ class BlockActivations:
         return max(self.moved_of.values(), default=0.0)
 
 
+def _autocast_copied(q: _Param) -> bool:
+    """Whether autocast makes a 16-bit copy of this parameter for a matmul: a trainable matrix (an MoE block's
+    stacked experts too), not a norm, not a frozen base (stored 16-bit), not an MoE router (fp32 by design)."""
+    return len(q.full) >= 2 and q.trainable and not q.name.endswith("router.gate.weight")
+
+
 def block_activations(r: RankShape) -> BlockActivations:
     """The (block, microbatch) pairs a rank holds, by AC kind (`blocks_by_ac` x microbatches in flight of each
     stage), and per kind the storages one block sends to the host (`offloaded_storages`)."""
@@ -806,7 +857,15 @@ def block_activations(r: RankShape) -> BlockActivations:
             pairs[kind] = pairs.get(kind, 0) + count * n
     held = ", ".join(f"stage {sid}: {len(r.ranges[sid])} x {n}" for sid, n in r.flying.items())
     storages_of = {kind: offloaded_storages(r.cfg, r.args, r.dims.tp, ac=kind, device=r.device) for kind in pairs}
-    return BlockActivations(pairs=pairs, storages_of=storages_of, held=held)
+    smaller: dict[str, float] = {}
+    if r.args.moe is not None and ac_mode(r.cfg) == "none":  # (full AC keeps a block's input only, dense or not)
+        frozen = r.adapters is not None
+        saved = functools.partial(block_activation_bytes, r.args, ac="none", mode=r.mode, tp=r.dims.tp, device=r.device)
+        largest = saved(frozen=frozen)
+        smaller["none"] = sum(
+            n * (saved(frozen=frozen, layer=block) - largest) for sid, n in r.flying.items() for block in r.ranges[sid]
+        )
+    return BlockActivations(pairs=pairs, storages_of=storages_of, held=held, smaller=smaller)
 
 
 def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], list[Term]]:
@@ -829,7 +888,7 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
         Term(
             f"block activations ({kinds}), blocks x microbatches in flight: {b.held}"
             + (" (what offloading leaves on the device)" if b.moved else ""),
-            int(sum((blk[k] - b.moved_of[k]) * pairs[k] for k in pairs) * r.mb_tokens),
+            int(sum((blk[k] - b.moved_of[k]) * pairs[k] + (b.smaller or {}).get(k, 0.0) for k in pairs) * r.mb_tokens),
             "activations",
         )
     ]
@@ -865,7 +924,7 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
         share = 1.0 - pairs.get("full", 0) / b.count if ac == "full" else 1.0
         # (an NF4 base is dequantized into a temporary per product, not cast by autocast, and a frozen base is
         # already 16-bit: no copy kept of either)
-        w = share * sum(math.prod(q.tp) for q in r.params if q.unit != "root" and len(q.full) == 2 and q.trainable)
+        w = share * sum(math.prod(q.tp) for q in r.params if q.unit != "root" and _autocast_copied(q))
         acts.append(Term("autocast's 2-byte copies of the block weights", int(2 * w), "activations"))
     if r.cfg.data.get("pack", False):
         acts.append(packed_documents_term(r))
@@ -1034,7 +1093,7 @@ def block_backward_terms(r: RankShape, b: BlockActivations) -> list[Term]:
         if mode == "autocast" and ac == "full" and str(cfg.training.float8) == "none":  # the weights cast again
             w = max(
                 (
-                    sum(math.prod(q.tp) for q in r.params if q.unit == u and len(q.full) == 2 and q.trainable)
+                    sum(math.prod(q.tp) for q in r.params if q.unit == u and _autocast_copied(q))
                     for u in {q.unit for q in r.params}
                     if u != "root"
                 ),

@@ -96,6 +96,23 @@ class RopeScalingConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward blocks (models/moe.py, docs/moe.md); n_experts 0: a dense model."""
+
+    n_experts: int = 0  # routed experts per MoE block
+    top_k: int = 2  # experts per token
+    expert_hidden: int | None = None  # each expert's SwiGLU width; null: the dense block's (model.ffn_hidden_dim)
+    n_shared_experts: int = 0  # experts every token passes through, beside the routed ones
+    dense_layers: int = 0  # the first blocks keep the dense feed-forward
+    score: str = "softmax"  # softmax (Mixtral, Qwen3-MoE) or sigmoid (DeepSeek-V3)
+    normalize: bool = True  # a token's top-k weights scaled to sum to 1
+    capacity_factor: float | None = None  # null: dropless; else an expert takes ceil(cf x tokens x top_k / experts)
+    bias_update_rate: float = 1.0e-3  # auxiliary-loss-free balancing's step per optimizer step (0: none)
+    routing: str = "learned"  # learned, or forced for tests: round_robin (balanced), first (all to experts 0..k-1)
+    grouped_mm: str = "auto"  # the experts' grouped matmul (torch._grouped_mm): auto, true, false (a loop)
+
+
+@dataclass
 class ModelConfig:
     name: str = "llama"  # model family; only "llama" today
     flavor: str = "debug"  # debug, 1b, 3b, 7b, 8b, 13b, 70b (shapes in models/llama.py FLAVORS)
@@ -117,6 +134,7 @@ class ModelConfig:
         None  # repeat the kv heads to the query heads before attention (saves them so for backward); null: for cudnn
         #  and efficient, which need it
     )
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass

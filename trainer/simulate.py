@@ -108,6 +108,7 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
     trainer.faults, trainer.skipped_steps, trainer._first_nonfinite, trainer.step = Faults(rank), 0, None, 0
     trainer.scaler = None  # (fp16's loss scale changes no byte that the simulation counts)
     trainer.packed = bool(cfg.data.pack)  # (its batches hold one document each: the mask is built all the same)
+    trainer.model_args = args
     trainer.phases = Phases()  # the step's profiler ranges (no NVTX in a simulation)
     par = parallelize(
         _model(cfg, args),

@@ -24,6 +24,7 @@ from models.args import model_args_of
 from models.dtensor import full
 from models.llama import build_model
 from models.loss import IGNORE_INDEX, documents_of, inputs_and_targets, trained_targets
+from models.moe import balance, load_metrics
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.memory import BESIDE, OFFLOADED, PINNED
@@ -355,6 +356,8 @@ class Trainer:
         """
         skip = str(self.cfg.numerics.on_nonfinite) == "skip" and self.scaler is None
         applied = []
+        # MoE blocks: the routing counts of this step, summed over the data-parallel ranks, move the balancing bias
+        self.moe_load = balance(self.par.parts, self._all_reduce_sum) if self.model_args.moe else {}
 
         def apply(norm: torch.Tensor) -> bool:
             ok = bool(torch.isfinite(norm))
@@ -532,6 +535,7 @@ class Trainer:
                         "perf/mfu_pct": mfu_pct(self.plan.flops_per_token, tps, self.peak_tflops),
                         "perf/eta_s": step_time * (t.steps - self.step),
                         **self.memory.stats(),
+                        **load_metrics(self.moe_load),
                     }
                     window_start, window_steps = time.perf_counter(), 0
                 if tracked is not None:

@@ -19,6 +19,7 @@ from models.adapters import nf4_layout_problems
 from models.args import ConfigError, model_args_of
 from models.llama import TP_SPLIT_DIM
 from models.llama import config_problems as model_problems
+from models.moe import config_problems as moe_problems
 from optim import config_problems as optim_problems
 from parallel.float8 import config_problems as float8_problems
 from parallel.layout import degenerate, layout_problems, n_stages, resolve_dims
@@ -176,6 +177,7 @@ def validate(cfg: DictConfig, world_size: int) -> list[str]:
     # a GPU run from a machine without one)
     runs_on_cpu = t.device == "cpu" or (on_cpu and not cfg.dry_run)
     problems = model_problems(args, cfg.model.name)
+    problems += moe_problems(cfg, args.moe, args.n_layers)
     problems += _training_problems(cfg, args)
     problems += _device_problems(cfg, args, runs_on_cpu=runs_on_cpu)
     problems += float8_problems(cfg, runs_on_cpu=runs_on_cpu)

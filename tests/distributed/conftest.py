@@ -45,6 +45,15 @@ PACK_DATA = [
     "model.vocab_size=4096",  # (the default tokenizer's)
 ]
 
+# MoE blocks on the tiny model (models/moe.py): blocks 1-3 with 4 experts (top-2, each 64 wide) and a shared one
+MOE = [
+    "model.moe.n_experts=4",
+    "model.moe.top_k=2",
+    "model.moe.expert_hidden=64",
+    "model.moe.n_shared_experts=1",
+    "model.moe.dense_layers=1",
+]
+
 # the parity rows' length, shared by the tests that read the same runs (test_parity.py, test_memory_per_rank.py):
 # step 1's gradients are compared parameter by parameter; steps 2 and 3 step on the sharded optimizer state the
 # first step made, and the validation loss after step 3 sees the trained parameters

@@ -144,7 +144,8 @@ def main(out: str, argv: list[str], *, last: bool = True) -> None:
         if unpack:  # one process: each document alone, plain causal attention (no mask)
             batch, per_sequence = unpacked(batch)
             packed.append(per_sequence)
-        trainer.packed = not (unpack or unmasked)  # (unmasked: the documents see each other; their targets stay apart)
+        # (unmasked: the documents see each other; their targets stay apart)
+        trainer.packed = bool(cfg.data.pack) and not (unpack or unmasked)
         loss = trainer.forward_backward(batch)
         trainer.packed = bool(cfg.data.pack)  # (validation as the run is configured: compared packed with packed)
         if step == 0:
@@ -158,6 +159,12 @@ def main(out: str, argv: list[str], *, last: bool = True) -> None:
         loss = trainer._all_reduce_sum(trainer._all_reduce_sum(loss, "pp"))
         losses.append(loss.item())
     params = full_params(trainer)
+    buffers = {  # (persistent buffers: an MoE router's balancing bias; the same on every rank)
+        canonical_name(name): b.detach().float().cpu()
+        for part in trainer.par.parts
+        for name, b in part.named_buffers()
+        if name.endswith("expert_bias")
+    }
     val_loss = trainer.validate()["val/loss"]  # after training: every strategy's validation path
     per_rank = [held]
     if trainer.world.distributed:
@@ -173,6 +180,7 @@ def main(out: str, argv: list[str], *, last: bool = True) -> None:
                 "params": params,
                 "bytes_per_rank": per_rank,
                 "val_loss": val_loss,
+                "buffers": buffers,
                 "documents_per_sequence": packed,  # (worker.unpack: each step's, as packed)
             },
             Path(out) / "result.pt",

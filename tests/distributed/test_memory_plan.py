@@ -22,7 +22,7 @@ import json
 import os
 
 import pytest
-from conftest import PACK_DATA
+from conftest import MOE, PACK_DATA
 
 from parallel.memory import OFFLOADED
 
@@ -103,6 +103,12 @@ LAYOUTS = [
     ("packed", 1, PACKED_LONG),
     # (1,024 tokens: the last stage's logits, kept by torch's stage for its backward, are 16 MiB in fp32)
     ("pp_packed", 2, [*PACKED, "training.seq_len=1024", "parallel.pp=2"]),
+    # MoE blocks (models/moe.py) on 128 tokens: forced routing, balanced and all on experts 0 and 1 (without expert
+    # parallelism every expert is on the rank: the same rows either way), and with a capacity that drops half
+    ("moe", 1, [*LONG, *MOE, "model.moe.routing=round_robin"]),
+    ("moe_first", 1, [*LONG, *MOE, "model.moe.routing=first"]),
+    ("moe_capacity", 1, [*LONG, *MOE, "model.moe.routing=first", "model.moe.capacity_factor=0.5"]),
+    ("fsdp_moe", 2, [*LONG, *MOE, "parallel.data=fsdp", "model.moe.routing=round_robin"]),
     ("long", 1, LONG),
     ("cp_2", 2, [*LONG, "parallel.cp=2"]),
     ("cp_2_ring", 2, [*LONG, "parallel.cp=2", "parallel.cp_rotate=ring"]),
@@ -135,6 +141,10 @@ MODES_OF = {
     "qlora_fsdp": ["none/fp32", "full/bf16"],
     "qlora_tp": ["none/fp32", "full/bf16"],
     "packed": ["none/fp32", "full/fp32", "none/bf16"],
+    "moe": ["none/fp32", "full/fp32", "none/bf16", "full/bf16"],
+    "moe_first": ["none/fp32", "none/bf16"],
+    "moe_capacity": ["none/fp32", "none/bf16"],
+    "fsdp_moe": ["none/fp32", "full/bf16"],
     "pp_packed": ["none/fp32", "full/bf16"],
     "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],
     "float8": ["none/bf16", "selective/bf16", "full/bf16"],

@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 from adapter_cases import ADAPTER_CASES, ADAPTER_STEPS, NF4
-from conftest import PACK_DATA, PARITY_STEPS, TINY
+from conftest import MOE, PACK_DATA, PARITY_STEPS, TINY
 from pairwise import AXES, matrix, values_of
 from parity_worker import UNMASKED, UNPACK
 
@@ -211,6 +211,8 @@ def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
         return [_qlora_references()[0], _adapter_runs(*QLORA_TP[1:])[0]]
     if test == "test_the_adapter_comparison_fails_when_the_adapters_are_broken":
         return _adapter_runs(*ADAPTER_CASES[6][1:])
+    if test == "test_moe_blocks_match_single_process":
+        return _moe_runs(params["nproc"], params["overrides"])
     if test == "test_packed_documents_train_as_each_would_alone":
         return _packed_runs(params["nproc"], params["overrides"])
     if test == "test_the_packed_comparison_fails_when_documents_see_each_other":
@@ -365,6 +367,39 @@ def test_the_packed_comparison_fails_when_documents_see_each_other(worker):
     ref, broken = worker(*_packed_runs(1, [])[0]), worker(1, [STEPS, *PACK, UNMASKED])
     found = differences("packed without its mask", ref, broken, PACK_TOL)
     assert sum("gradient of" in f for f in found) > 10, found
+
+
+# MoE blocks (docs/moe.md) under the layouts they are built for, against one process with the same blocks: learned
+# routing with the balancing bias moving every step (its counts all-reduced over the data-parallel ranks), and the
+# forced worst case (every token to experts 0 and 1)
+MOE_CASES = [
+    ("ddp", 2, ["parallel.data=ddp"]),
+    ("fsdp", 2, ["parallel.data=fsdp"]),
+    ("hsdp_2x2", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2"]),
+    ("fsdp_ac_full", 2, ["parallel.data=fsdp", "parallel.ac=full"]),
+    ("fsdp_first_experts", 2, ["parallel.data=fsdp", "model.moe.routing=first"]),
+]
+MOE_COMMON = [*MOE, "model.moe.bias_update_rate=0.01", "training.global_batch_size=8", "training.precision=fp32"]
+
+
+def _moe_runs(nproc: int, overrides: list[str]) -> list[tuple[int, list[str]]]:
+    """(one process with the row's MoE blocks and routing, the row's layout)."""
+    routing = [o for o in overrides if o.startswith("model.moe.")]
+    return [(1, [STEPS, *MOE_COMMON, *routing]), (nproc, [STEPS, *MOE_COMMON, *overrides])]
+
+
+@pytest.mark.parametrize("name, nproc, overrides", MOE_CASES, ids=[c[0] for c in MOE_CASES])
+def test_moe_blocks_match_single_process(name, nproc, overrides, worker):
+    """The losses and gradient norms of 3 steps, the validation loss and every parameter's gradient after step 1
+    (the experts' stacked weights and the router's included) within 1e-5 of one process, and the balancing bias
+    after the last step equal: each rank's routing counts summed over the data-parallel ranks move it alike."""
+    ref, got = (worker(*run) for run in _moe_runs(nproc, overrides))
+    assert not differences(f"moe {name}", ref, got, FP32)
+    assert any(".experts.w1" in k for k in got["grads"]) and any("router.gate" in k for k in got["grads"])
+    biases = [k for k in ref["buffers"] if k.endswith("expert_bias")]
+    assert biases and all(torch.equal(got["buffers"][k], ref["buffers"][k]) for k in biases), name
+    if "first" not in name:  # (learned routing: the bias moved)
+        assert any(ref["buffers"][k].abs().sum() > 0 for k in biases)
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])

@@ -1,0 +1,149 @@
+"""Mixture-of-Experts blocks (models/moe.py): the block against the dense MLP and its own reference, dispatch and
+combine on hand-worked routings, forced routings, the balancer, and counting under activation checkpointing."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.llama import FeedForward, ModelArgs, build_model
+from models.moe import MoE, MoEArgs, balance, combine, dispatch, forced_experts, grouped_mm_runs, load_metrics
+
+D, FE = 32, 64
+ARGS = ModelArgs(dim=D, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32, max_seq_len=32)
+
+
+def _block(moe: MoEArgs, seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    block = MoE(D, FE, moe)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.3)
+    return block
+
+
+def _grads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    module.zero_grad()
+    x = x.clone().requires_grad_()
+    out = module(x)
+    out.backward(torch.ones_like(out))  # (grad of a sum: every output counts)
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return out.detach(), {**grads, "input": x.grad.clone()}
+
+
+def test_one_expert_with_top_1_is_the_dense_mlp_exactly():
+    """E = 1, K = 1: the router's weight is 1 for every token, and the block is the dense SwiGLU with the same
+    weights: the outputs and every gradient bitwise equal (the reference loop and the grouped matmul both)."""
+    x = torch.randn(2, 8, D)
+    dense = FeedForward(replace(ARGS, ffn_hidden_dim=FE))
+    for grouped in ("false", "auto"):
+        block = _block(MoEArgs(n_experts=1, top_k=1, grouped_mm=grouped))
+        with torch.no_grad():
+            dense.w1.weight.copy_(block.experts.w1[0])
+            dense.w2.weight.copy_(block.experts.w2[0])
+            dense.w3.weight.copy_(block.experts.w3[0])
+        got, got_g = _grads(block, x)
+        want, want_g = _grads(dense, x)
+        assert torch.equal(got, want), grouped
+        assert torch.equal(got_g["input"], want_g["input"])
+        for w in ("w1", "w2", "w3"):
+            assert torch.equal(got_g[f"experts.{w}"][0], want_g[f"{w}.weight"]), (grouped, w)
+        assert torch.equal(got_g["router.gate.weight"], torch.zeros_like(got_g["router.gate.weight"]))
+
+
+@pytest.mark.skipif(not grouped_mm_runs(torch.device("cpu"), torch.float32), reason="no torch._grouped_mm here")
+def test_the_grouped_matmul_equals_the_reference_loop():
+    """torch._grouped_mm against the loop over experts, fp32: outputs and every gradient within 1e-6, with an
+    expert that gets no token (round-robin over 8 experts of 3 tokens x top-2: experts 6 and 7 get nothing), and a
+    learned routing. A loop that swaps two experts' weights differs (the comparison can fail)."""
+    x = torch.randn(1, 3, D)
+    for routing in ("round_robin", "learned"):
+        loop, grouped = (
+            _block(MoEArgs(n_experts=8, top_k=2, routing=routing, grouped_mm=g)) for g in ("false", "true")
+        )
+        (a, ga), (b, gb) = _grads(loop, x), _grads(grouped, x)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        for name in ga:
+            torch.testing.assert_close(gb[name], ga[name], rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        loop.experts.w1[[0, 1]] = loop.experts.w1[[1, 0]].clone()
+    assert not torch.allclose(_grads(loop, x)[0], b, atol=1e-4)
+
+
+def test_dispatch_and_combine_on_a_hand_worked_routing():
+    """4 tokens, 3 experts, top-2: rows ordered by expert, in token order within one; expert 1 gets nothing;
+    combine puts each row back weighted. With a capacity factor of 0.5 (capacity 2 rows an expert), expert 0's third
+    row is dropped and counted."""
+    moe = MoEArgs(n_experts=3, top_k=2)
+    x = torch.arange(4.0)[:, None].expand(4, 2).contiguous()  # token t holds [t, t]
+    experts = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 2]])
+    rows, routed = dispatch(x, experts, moe)
+    assert rows[:, 0].tolist() == [0, 1, 2, 0, 1, 2, 3, 3] and routed.counts_E.tolist() == [3, 0, 5]
+    weights = torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5]])
+    assert torch.equal(combine(rows, weights, routed, 4), x)  # (each token's weights sum to 1: itself back)
+    rows, routed = dispatch(x, experts, replace(moe, capacity_factor=0.5))
+    assert routed.counts_E.tolist() == [2, 0, 2] and int(routed.dropped) == 4
+    assert rows[:, 0].tolist() == [0, 1, 0, 1]
+    out = combine(rows, weights, routed, 4)
+    assert out[:, 0].tolist() == [0.25 * 0 + 0.75 * 0, 1.0, 0.0, 0.0]
+
+
+def test_forced_routings_are_balanced_or_all_on_the_first_experts():
+    rr = forced_experts(12, 8, 2, "round_robin", "cpu")
+    assert torch.bincount(rr.flatten(), minlength=8).tolist() == [3] * 8 and (rr[:, 0] != rr[:, 1]).all()
+    first = forced_experts(5, 8, 2, "first", "cpu")
+    assert first.tolist() == [[0, 1]] * 5
+
+
+def test_the_balancer_moves_the_bias_towards_the_mean_and_counts_once_under_checkpointing():
+    """Training forwards count each token's experts once, also under full activation checkpointing (its recomputed
+    forward, inside the backward, is not counted again); evaluation does not count. `balance` raises the bias of
+    the experts below the mean load, lowers the others, restarts the counts and reports max / mean."""
+    from torch.utils.checkpoint import checkpoint
+
+    block = _block(MoEArgs(n_experts=4, top_k=2, routing="first", bias_update_rate=0.1))
+    x = torch.randn(2, 5, D, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert block.tokens_per_expert.tolist() == [10.0, 10.0, 0.0, 0.0]
+    block.eval()
+    block(x)
+    block.train()
+    assert block.tokens_per_expert.tolist() == [10.0, 10.0, 0.0, 0.0]
+    learned = _block(MoEArgs(n_experts=4, top_k=2, bias_update_rate=0.1))  # (the bias moves under learned routing)
+    learned.tokens_per_expert.copy_(block.tokens_per_expert)
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleDict({"1": torch.nn.ModuleDict({"feed_forward": learned})})})
+    logs = load_metrics(balance([model]))
+    assert learned.router.expert_bias.tolist() == pytest.approx([-0.1, -0.1, 0.1, 0.1])
+    assert logs == {"moe/layers.1/max_over_mean": 2.0, "moe/layers.1/dropped": 0.0}
+    assert learned.tokens_per_expert.sum() == 0
+    balance([model])  # (no tokens since: nothing moves)
+    assert learned.router.expert_bias.tolist() == pytest.approx([-0.1, -0.1, 0.1, 0.1])
+
+
+def test_the_bias_only_chooses_experts():
+    """A bias that changes no token's choice changes nothing of the output; one that moves every token to other
+    experts changes the choice, not the weights' meaning (the weights stay the scores of the chosen experts)."""
+    block = _block(MoEArgs(n_experts=4, top_k=1, normalize=False))
+    x = torch.randn(6, D)
+    weights, experts = block.router(x)
+    with torch.no_grad():
+        block.router.expert_bias += 1e-9
+    assert torch.equal(block.router(x)[1], experts)
+    with torch.no_grad():
+        block.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    w3, e3 = block.router(x)
+    scores = F.linear(x, block.router.gate.weight).softmax(-1)
+    assert (e3 == 3).all() and torch.allclose(w3[:, 0], scores[:, 3])
+
+
+def test_an_moe_model_counts_its_parameters_and_names_them_as_it_builds_them():
+    """ModelArgs' shapes (what the planner reads) are the built model's: names, shapes, total and active counts."""
+    args = replace(ARGS, n_layers=3, moe=MoEArgs(n_experts=4, top_k=2, n_shared_experts=1, dense_layers=1))
+    model = build_model(args)
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == args.param_shapes()
+    assert sum(p.numel() for p in model.parameters()) == args.num_params()
+    per_expert = 3 * args.dim * args.expert_hidden
+    assert args.num_params() - args.num_params(active=True) == 2 * (4 - 2) * per_expert
