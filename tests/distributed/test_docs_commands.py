@@ -469,7 +469,7 @@ def test_the_finetune_page_runs_end_to_end(tmp_path, cache_dir):
 def test_the_data_page_runs(tmp_path, cache_dir):
     """docs/data.md's chat commands as shown, shrunk to 3 steps a run: the recipe on the built-in set (the standard
     library's conversations, the default tokenizer with a chat template), then the same set written as files by
-    launch/make_chat_data.py and read from them, then the packed recipe (at 256 tokens). Each run trains on assistant
+    launch/make_chat_data.py and read from them, then the packed recipe. Each run trains on assistant
     tokens, says how many, and its loss falls from the uniform guess."""
     page = (REPO / "docs" / "data.md").read_text()
     blocks = [[c for c in b.splitlines() if c.strip()] for b in _blocks(page, "bash")[:3]]
@@ -486,12 +486,12 @@ def test_the_data_page_runs(tmp_path, cache_dir):
         args = [
             *shlex.split(line)[2:],
             *SHRINK,
-            f"training.seq_len={256 if 'packed' in line else 128}",
+            "training.seq_len=128",
             f"data.cache_dir={cache_dir}",
             f"run_dir={run}",
         ]
         proc = run_train(args, nproc=1)
         assert "of their tokens trained (assistant turns, from the template's generation markers)" in proc.stdout
-        assert ("sequences of 257 tokens" in proc.stdout) == ("packed" in line), proc.stdout[-2000:]
+        assert ("sequences of 129 tokens" in proc.stdout) == ("packed" in line), proc.stdout[-2000:]
         losses = [r["val/loss"] for r in read_jsonl(run / "metrics.jsonl") if "val/loss" in r]
         assert len(losses) == 4 and losses[-1] < losses[0], (line, losses)
