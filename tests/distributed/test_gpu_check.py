@@ -72,4 +72,4 @@ def test_the_gpu_tests_rehearse_on_the_cpu():
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "11 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "12 passed" in proc.stdout, proc.stdout[-2000:]
