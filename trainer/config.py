@@ -459,3 +459,30 @@ __all__ = [
     "DamagedPolicy",
     "RECIPE_DIR",
 ]
+
+
+class ReadView(dict):
+    """A config's values as plain nested dicts with attribute access, for code that reads one config many times
+    (trainer/search.py validates and plans thousands of layouts): a DictConfig attribute read costs about 40 us, a
+    dict lookup well under 1 us. Read-only by convention; `OmegaConf` functions do not take it."""
+
+    __slots__ = ()
+
+    def __getattr__(self, key: str):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def read_view(cfg) -> ReadView:
+    """`cfg` (a DictConfig) resolved into a `ReadView` (enum values stay enum members, as DictConfig gives them)."""
+
+    def wrap(v):
+        if isinstance(v, dict):
+            return ReadView({k: wrap(x) for k, x in v.items()})
+        if isinstance(v, list):
+            return [wrap(x) for x in v]
+        return v
+
+    return wrap(OmegaConf.to_container(cfg, resolve=True))

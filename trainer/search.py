@@ -26,6 +26,7 @@ from parallel.layout import V_SHAPED
 from parallel.plan import GIB
 from parallel.timing import Hardware, StepTime, step_time
 from trainer.compare import spearman
+from trainer.config import read_view
 from trainer.validate import derive, validate
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv")
@@ -142,10 +143,11 @@ def search(
         }
         for k, v in keys.items():
             OmegaConf.update(base, k, v)
-        problems = validate(base, world_size)
+        view = read_view(base)  # (validation and the planner read it thousands of times: plain dicts, not OmegaConf)
+        problems = validate(view, world_size)
         if problems:
             return problems[0], None
-        plan = derive(base, world_size, capacity_gib=capacity_gib, device=device, ranks_per_node=ranks_per_node)
+        plan = derive(view, world_size, capacity_gib=capacity_gib, device=device, ranks_per_node=ranks_per_node)
         mem = plan.memory
         host_ok = host_memory_gib is None or mem.host_bytes_per_node <= host_memory_gib * GIB
         if mem.peak_bytes + mem.reserve_bytes > capacity_gib * GIB or not host_ok:
@@ -158,7 +160,7 @@ def search(
             peak_bytes=mem.peak_bytes,
             reserve_bytes=mem.reserve_bytes,
             host_bytes_per_node=mem.host_bytes_per_node,
-            step=step_time(base, args, plan.dims, hw, ranks_per_node=ranks_per_node, device=device),
+            step=step_time(view, args, plan.dims, hw, ranks_per_node=ranks_per_node, device=device),
         )
 
     for data, dr, tp, pp, cp, sched, mb in layouts(base, args, world_size, ranks_per_node, max_pp):
