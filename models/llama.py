@@ -94,7 +94,7 @@ class ModelArgs:
         """The feed-forward parameters of block `layer_id`: the dense SwiGLU, or the router, the experts (`active`:
         only the K a token uses) and the shared experts."""
         D = self.dim
-        if not is_moe_layer(self.moe, layer_id):
+        if not self.is_moe(layer_id):
             return 3 * D * self.ffn_hidden
         m, Fe = self.moe, self.expert_hidden
         experts = m.top_k if active else m.n_experts
@@ -126,7 +126,7 @@ class ModelArgs:
     def _ffn_shapes(self, layer_id: int) -> list[tuple[str, tuple[int, ...]]]:
         """(name within the block, shape) of block `layer_id`'s feed-forward parameters."""
         D, F = self.dim, self.ffn_hidden
-        if not is_moe_layer(self.moe, layer_id):
+        if not self.is_moe(layer_id):
             return [
                 ("feed_forward.w1.weight", (F, D)),
                 ("feed_forward.w2.weight", (D, F)),
@@ -481,7 +481,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        if is_moe_layer(args.moe, layer_id):
+        if args.is_moe(layer_id):
             m, hidden = args.moe, args.expert_hidden
             shared = FeedForward(args, hidden * m.n_shared_experts) if m.n_shared_experts else None
             self.feed_forward = MoE(args.dim, hidden, m, shared)
@@ -748,9 +748,9 @@ def document_mask(
 
     kind "dense" (the CPU's): one (B, 1, T, T) additive mask in the attention's dtype (0 or -inf), built once per
     forward and shared by every block (SDPA would turn a boolean mask into such a tensor in every block and save each
-    copy for the backward; trainer/planner.py counts the one). kind "flex" (CUDA's): FlexAttention's BlockMask, which
-    stores which (128 x 128) tiles are full, partial or empty instead of T x T values; torch 2.13 has no FlexAttention
-    backward on the CPU. None: flex on CUDA, dense elsewhere."""
+    copy for the backward; parallel/memory_terms.py `packed_documents_term` counts the one). kind "flex" (CUDA's):
+    FlexAttention's BlockMask, which stores which (128 x 128) tiles are full, partial or empty instead of T x T
+    values; torch 2.13 has no FlexAttention backward on the CPU. None: flex on CUDA, dense elsewhere."""
     B, T = documents.shape
     idx = torch.arange(T, device=documents.device)
     starts = torch.ones_like(documents, dtype=torch.bool)

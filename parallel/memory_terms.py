@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models.adapters import AdapterLinear, nf4_bytes, target_shapes
 from models.adapters import spec_of as adapter_spec_of
@@ -291,8 +291,7 @@ def block_saved_tensors(
     # heads instead (repeat_interleave's backward saves nothing)
     kv = Q if args.kv_expanded else K
     attention = [out * Q / t, out * kv / t, out * kv / t, out * Q / t, 4 * H / t]
-    moe_layers = [i for i in range(args.n_layers) if args.is_moe(i)]
-    if moe_layers and (layer is None or layer in moe_layers):  # (None: the largest block, an MoE one)
+    if args.moe is not None and (layer is None or args.is_moe(layer)):  # (None: the largest block, an MoE one)
         return norms + [lin * D] * casts + attention + moe_ffn_tensors(args, mode)
     gathered = [lin * D] * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3
     mlp = [out * F / t] * 4  # gate, silu(gate), up, product
@@ -826,7 +825,7 @@ class BlockActivations:
     storages_of: dict  # {AC kind: `offloaded_storages` of one block of that kind, bytes per token each}
     held: str  # "stage s: blocks x microbatches", for the terms' names
     # {AC kind: bytes per token to add to pairs x the largest block's}: an MoE model's dense blocks save less
-    smaller: dict | None = None
+    smaller: dict = field(default_factory=dict)
 
     @property
     def moved_of(self) -> dict:
@@ -888,7 +887,7 @@ def activation_terms(r: RankShape, b: BlockActivations) -> tuple[list[Term], lis
         Term(
             f"block activations ({kinds}), blocks x microbatches in flight: {b.held}"
             + (" (what offloading leaves on the device)" if b.moved else ""),
-            int(sum((blk[k] - b.moved_of[k]) * pairs[k] + (b.smaller or {}).get(k, 0.0) for k in pairs) * r.mb_tokens),
+            int(sum((blk[k] - b.moved_of[k]) * pairs[k] + b.smaller.get(k, 0.0) for k in pairs) * r.mb_tokens),
             "activations",
         )
     ]
