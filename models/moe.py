@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.dtensor import local
+
 SCORES = ("softmax", "sigmoid")
 # routing for tests and the planner's checks: learned (the router's choice), round_robin (token t to experts
 # t K .. t K + K - 1 mod E: every expert the same load), first (every token to experts 0 .. K - 1: the worst case)
@@ -64,9 +66,12 @@ def moe_args_of(section) -> MoEArgs | None:
 
 def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
     """The model.moe section's rules, and the layouts MoE blocks are built and tested under: one process, DDP, FSDP2
-    and HSDP (the experts are ordinary parameters of the block, sharded by FSDP like the rest), with full AC. The
-    others are refused by name until they are built (expert parallelism and TP on the dense parts are next)."""
+    and HSDP (the experts are ordinary parameters of the block, sharded by FSDP like the rest), expert parallelism
+    under FSDP2 or HSDP (parallel/expert.py), with full AC. The others are refused by name until they are built."""
     if moe is None:
+        ep = int(cfg.parallel.get("ep", 1))
+        if ep > 1:
+            return [f"parallel.ep={ep} splits MoE experts, and this model has none: set model.moe.n_experts or parallel.ep=1"]
         return []
     problems = []
     if moe.top_k < 1 or moe.top_k > moe.n_experts:
@@ -89,6 +94,12 @@ def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
     if moe.n_shared_experts < 0 or (moe.expert_hidden is not None and moe.expert_hidden < 1):
         problems.append("model.moe.n_shared_experts must be >= 0 and model.moe.expert_hidden >= 1 (or null)")
     p, t = cfg.parallel, cfg.training
+    ep = int(p.get("ep", 1))
+    if ep > 1 and moe.n_experts % ep:
+        problems.append(
+            f"parallel.ep={ep} must divide model.moe.n_experts({moe.n_experts}): every ep rank holds as many experts; "
+            f"set parallel.ep to a divisor of {moe.n_experts}"
+        )
     not_built = {
         "parallel.tp": int(p.tp) > 1,
         "parallel.pp": int(p.pp) > 1,
@@ -104,8 +115,8 @@ def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
     for setting, on in not_built.items():
         if on:
             problems.append(
-                f"model.moe with {setting}: not built yet for MoE blocks (built: one process, DDP, FSDP, HSDP, full "
-                "AC); remove it or set model.moe.n_experts=0"
+                f"model.moe with {setting}: not built yet for MoE blocks (built: one process, DDP, FSDP, HSDP, expert "
+                "parallelism with FSDP or HSDP, full AC); remove it or set model.moe.n_experts=0"
             )
     return problems
 
@@ -243,7 +254,8 @@ def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as three stacked weights: w1_EFD and w3_EFD (gate and up), w2_EDF (down)."""
+    """E SwiGLU experts as three stacked weights: w1_EFD and w3_EFD (gate and up), w2_EDF (down). Under expert
+    parallelism (parallel/expert.py) each rank holds E / ep of them and is called with its received rows and counts."""
 
     def __init__(self, dim: int, hidden: int, moe: MoEArgs):
         super().__init__()
@@ -257,7 +269,8 @@ class GroupedExperts(nn.Module):
         """Each expert's SwiGLU on its consecutive rows (counts_E of them, in expert order)."""
         dtype = torch.get_autocast_dtype(x_RD.device.type) if torch.is_autocast_enabled(x_RD.device.type) else None
         x = x_RD if dtype is None else x_RD.to(dtype)
-        w1, w2, w3 = (w if dtype is None else w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        # (under expert parallelism the weights are DTensors split over the ep ranks: these experts are the local ones)
+        w1, w2, w3 = (local(w) if dtype is None else local(w).to(dtype) for w in (self.w1, self.w2, self.w3))
         if self._grouped(x):
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             with torch.autocast(x.device.type, enabled=False):

@@ -1,10 +1,12 @@
 """Parallel strategies, applied by `parallelize()` in one fixed order.
 
-    pipeline split -> per part: tensor parallel -> activation checkpointing -> compile -> FSDP/HSDP
-    -> allocate + initialize -> DDP
+    pipeline split -> per part: tensor parallel -> expert parallel -> activation checkpointing -> compile
+    -> FSDP/HSDP -> allocate + initialize -> DDP
 
 Why this order:
 - The pipeline split comes first because every later step works on one stage's modules.
+- EP splits the experts before FSDP shards what is left of them over the other ranks, and before AC so that a
+  checkpointed block's recompute repeats the all-to-alls (every rank recomputes in the same order).
 - TP before AC: the checkpoint wrapper must see the TP-parallelized block, so that recompute repeats the
   same sharded computation (and, with selective AC, keeps the reduce-scatter outputs instead of redoing them).
 - AC before compile: compile then traces the checkpointed block as one unit and can fuse the recompute.
@@ -27,6 +29,7 @@ from models.llama import canonical_name
 from parallel.activation import apply_ac
 from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_no_sync
+from parallel.expert import apply_ep
 from parallel.layout import microbatches, reshards_after_forward
 from parallel.mesh import ParallelDims, World, build_meshes, needs_process_group
 from parallel.parallelized import Parallelized, clip_grad_norm
@@ -108,6 +111,9 @@ def parallelize(
         # 2. tensor parallel
         if dims.tp > 1:
             apply_tp(part, mesh["tp"], loss_parallel=loss_parallel)
+        # 2b. expert parallel: each MoE block's experts split over the ep ranks, tokens exchanged by all-to-all
+        if dims.ep > 1:
+            apply_ep(part, mesh["ep"])
         # 3. activation checkpointing
         apply_ac(part, str(p.ac), every=p.ac_every, tp=dims.tp, sac_matmuls=str(p.sac_matmuls))
         # 4. compile
@@ -126,6 +132,8 @@ def parallelize(
                 reshard_after_forward=reshards_after_forward(cfg),
                 offload=offload,
                 before_block=quantize,
+                experts_mesh=(mesh["expert_hsdp"] if data == "hsdp" else mesh["expert_shard"]) if dims.ep > 1 else None,
+                experts_divide=float(dims.dp_size * dims.cp),
             )
         elif quantize is not None:
             for name, block in part.blocks.items():

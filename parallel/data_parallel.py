@@ -9,6 +9,9 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import Shard
+
+from parallel.expert import expert_modules
 
 
 def apply_fsdp(
@@ -19,6 +22,8 @@ def apply_fsdp(
     reshard_after_forward: bool,
     offload: bool,
     before_block=None,
+    experts_mesh: DeviceMesh | None = None,
+    experts_divide: float = 1.0,
 ) -> None:
     """Shard the embedding, each block, the output projection, then the root (the final norm), over `mesh`.
 
@@ -32,6 +37,10 @@ def apply_fsdp(
     the root's parameters after forward, so an embedding left there stays gathered from its first use to the
     end of backward (2 V x D bytes for nothing). The output unit is used last in forward and first in
     backward: it is kept gathered in between (resharding it would only gather it again at once).
+
+    Under expert parallelism (`experts_mesh`) each block's experts, already split by expert over the ep ranks, are a
+    unit of their own sharded on dim 1 over `experts_mesh` (the ranks holding the same experts), their gradients
+    divided by `experts_divide` (the data-parallel degree, as every other gradient is in effect).
     """
     # FSDP warns when a unit returns a view (the embedding's lookup can be one) because an in-place op on it would
     # skip the unit's backward hook; no module here writes into its input in place (the residual adds are
@@ -55,6 +64,18 @@ def apply_fsdp(
     for name, block in model.blocks.items():
         if before_block is not None:  # (QLoRA: the block's base quantized whole, just before FSDP splits it)
             before_block(name, block)
+        for experts in expert_modules(block) if experts_mesh is not None else ():
+            fully_shard(
+                experts,
+                reshard_after_forward=reshard_after_forward,
+                shard_placement_fn=lambda p: Shard(1),
+                **{**block_kw, "mesh": experts_mesh},
+            )
+            experts.set_gradient_divide_factor(experts_divide)
+            # gloo has no PREMUL_SUM (the reduce-scatter's divide): sum, then divide. Not over one rank: torch 2.13
+            # then divides once in place of the reduce-scatter and once more after it (measured: half the gradient)
+            if experts_mesh.device_type == "cpu" and experts_mesh.size(experts_mesh.ndim - 1) > 1:
+                experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, reshard_after_forward=reshard_after_forward, **block_kw)
     if model.output is not None and not model.args.tie_embeddings:
         # (a unit of one module: torch's FSDPMemTracker mishandles a unit made of a module list)

@@ -87,6 +87,8 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     cp: int = 1  # context parallel: the sequence split over these ranks (FSDP shards over dp_shard x cp)
+    ep: int = 1  # expert parallel: an MoE block's experts split over these ranks, borrowed from dp_shard (not in
+    #  the world size: dp_shard = (dp_shard / ep) x ep, the ep ranks innermost; parallel/expert.py)
 
     NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -100,15 +102,21 @@ class ParallelDims:
 
     def describe(self) -> str:
         cp = f" x cp {self.cp}" if self.cp > 1 else ""
-        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}{cp} x tp {self.tp}"
+        ep = f" (ep {self.ep} of dp_shard)" if self.ep > 1 else ""
+        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}{ep}{cp} x tp {self.tp}"
+
+    @property
+    def expert_shard(self) -> int:
+        """The ranks that shard one expert group's parameters with FSDP: dp_shard / ep (x cp)."""
+        return self.dp_shard // self.ep * self.cp
 
 
 def resolve_dims(
-    data: str, *, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int, cp: int = 1
+    data: str, *, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int, cp: int = 1, ep: int = 1
 ) -> tuple[ParallelDims | None, list[str]]:
     """Turn the recipe's degrees (with -1 meaning "the rest") into ParallelDims, or explain why not."""
     problems = []
-    for key, v in (("tp", tp), ("pp", pp), ("cp", cp)):
+    for key, v in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)):
         if v < 1:
             problems.append(f"parallel.{key}={v} must be >= 1")
     if dp_replicate == 0 or dp_replicate < -1 or dp_shard == 0 or dp_shard < -1:
@@ -168,7 +176,18 @@ def resolve_dims(
                 )
     if problems:
         return None, problems
-    dims = ParallelDims(dp_replicate=rep, dp_shard=shard, tp=tp, pp=pp, cp=cp)
+    if ep > 1 and (data not in ("fsdp", "hsdp") or shard % ep):
+        problems.append(
+            f"parallel.ep={ep} borrows its ranks from dp_shard, which is {shard} with parallel.data={data}: "
+            + (
+                f"set parallel.dp_shard to a multiple of {ep}"
+                if data in ("fsdp", "hsdp")
+                else "set parallel.data=fsdp (or hsdp)"
+            )
+            + " or parallel.ep=1"
+        )
+        return None, problems
+    dims = ParallelDims(dp_replicate=rep, dp_shard=shard, tp=tp, pp=pp, cp=cp, ep=ep)
     if dims.world_size != world_size:
         problems.append(
             f"dp_replicate({rep}) * dp_shard({shard}) * {named} = {dims.world_size} "
@@ -246,6 +265,7 @@ def layout_problems(cfg, args, world_size: int) -> list[str]:
         tp=p.tp,
         pp=p.pp,
         cp=p.cp,
+        ep=p.ep,
         world_size=max(world_size, 1),
     )
     dp = dims.dp_size if dims else 1

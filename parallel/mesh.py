@@ -28,7 +28,8 @@ def build_meshes(dims: ParallelDims, device_type: str) -> dict:
     (dp_replicate, dp_shard) flattened, over which the loader splits batches and losses are summed; "fsdp" =
     (dp_shard, cp) flattened, what FSDP shards over (context-parallel ranks hold different tokens of the same
     sequences, so their gradients are reduced like data parallelism's, as torchtitan does); "hsdp" =
-    (dp_replicate, fsdp), FSDP's 2-D mesh."""
+    (dp_replicate, fsdp), FSDP's 2-D mesh. With expert parallelism dp_shard is (expert_shard, ep): "ep" the ranks
+    one MoE block's experts are split over, "expert_shard" (and "expert_hsdp" with dp_replicate) what shards them."""
     return _once(("meshes", dims, device_type), lambda: _build_meshes(dims, device_type))
 
 
@@ -49,14 +50,31 @@ def _once(what: tuple, make):
 
 
 def _build_meshes(dims: ParallelDims, device_type: str) -> dict:
+    import warnings
+
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
-    root = init_device_mesh(device_type, shape, mesh_dim_names=ParallelDims.NAMES)
+    # HSDP's mesh with cp or ep slices a flattened dim (dp_shard_cp, dp_shard) with a root one: torch 2.11-2.13 warn
+    # that this "will be deprecated" and do it (FSDP needs the 2-D mesh to share the root of the TP / EP meshes)
+    warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
+
+    if dims.ep == 1:
+        shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
+        root = init_device_mesh(device_type, shape, mesh_dim_names=ParallelDims.NAMES)
+        out = {name: root[name] for name in ParallelDims.NAMES}
+    else:  # dp_shard split into (dp_shard / ep, ep), the expert ranks innermost (neighbours, as tp's are)
+        names = ("pp", "dp_replicate", "expert_shard", "ep", "cp", "tp")
+        shape = (dims.pp, dims.dp_replicate, dims.dp_shard // dims.ep, dims.ep, dims.cp, dims.tp)
+        root = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        out = {name: root[name] for name in names}
+        out["dp_shard"] = root[("expert_shard", "ep")]._flatten("dp_shard")
     dp = root[("dp_replicate", "dp_shard")]._flatten("dp")
     fsdp = root[("dp_shard", "cp")]._flatten("dp_shard_cp") if dims.cp > 1 else root["dp_shard"]
     hsdp = root[("dp_replicate", "dp_shard_cp")] if dims.cp > 1 else root[("dp_replicate", "dp_shard")]
-    return {**{name: root[name] for name in ParallelDims.NAMES}, "hsdp": hsdp, "dp": dp, "fsdp": fsdp}
+    out.update(hsdp=hsdp, dp=dp, fsdp=fsdp)
+    if dims.ep > 1:  # what shards the experts: the dp_shard ranks that hold the same experts (with HSDP, replicated)
+        out["expert_hsdp"] = root[("dp_replicate", "expert_shard")]
+    return out
 
 
 def env_world_size() -> int:

@@ -122,11 +122,16 @@ def clip_grad_norm(par: Parallelized, max_norm: float) -> torch.Tensor:
     """Global gradient norm over every parameter of every rank (DTensor shards and pipeline stages),
     then clip to `max_norm`. Returns the norm before clipping, as a plain tensor on the device."""
     params = [p for p in par.parameters() if p.grad is not None]
-    grads = [p.grad for p in params]
-    norm = full(torch.nn.utils.get_total_norm(grads, norm_type=2.0))  # DTensor: reduce the partial norms
+    by_mesh: dict = {}  # (expert parallelism: the experts' DTensors live on another mesh than the rest's)
+    for p in params:
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    # (DTensors: the partial norms reduced)
+    norms = [full(torch.nn.utils.get_total_norm([p.grad for p in g], norm_type=2.0)) for g in by_mesh.values()]
+    norm = norms[0] if len(norms) == 1 else torch.stack(norms).norm() if norms else torch.nn.utils.get_total_norm([])
     if par.dims.pp > 1:  # each stage saw only its own parameters: add the squares over the pipeline
         sq = norm**2
         torch.distributed.all_reduce(sq, group=par.group("pp"))
         norm = sq.sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return norm

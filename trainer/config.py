@@ -242,6 +242,8 @@ class ParallelConfig:
     cp: int = 1  # context-parallel degree: each sequence split over this many ranks (head and tail chunks), exact
     #  attention across them
     cp_rotate: str = "allgather"  # cp > 1: how each rank sees the other ranks' keys and values: allgather or ring
+    ep: int = 1  # expert-parallel degree (MoE models): each rank holds n_experts / ep experts and tokens travel to
+    #  them by all-to-all; borrows ranks from dp_shard, whose other ranks shard the experts with FSDP
     ac: ACMode = ACMode.none  # activation checkpointing of the transformer blocks
     ac_every: int = 1  # ac=full: checkpoint every k-th block only (1: all blocks)
     sac_matmuls: str = "all"  # ac=selective: keep every matmul's output (all), or every_second: recompute the 2nd, 4th

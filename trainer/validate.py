@@ -104,7 +104,14 @@ def parallel_dims(cfg: DictConfig, world_size: int):
     """(ParallelDims or None, problems) for the recipe's layout on `world_size` ranks."""
     p = cfg.parallel
     return resolve_dims(
-        str(p.data), dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, cp=p.cp, world_size=world_size
+        str(p.data),
+        dp_replicate=p.dp_replicate,
+        dp_shard=p.dp_shard,
+        tp=p.tp,
+        pp=p.pp,
+        cp=p.cp,
+        ep=p.ep,
+        world_size=world_size,
     )
 
 

@@ -378,6 +378,12 @@ MOE_CASES = [
     ("hsdp_2x2", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2"]),
     ("fsdp_ac_full", 2, ["parallel.data=fsdp", "parallel.ac=full"]),
     ("fsdp_first_experts", 2, ["parallel.data=fsdp", "model.moe.routing=first"]),
+    # expert parallelism (parallel/expert.py): the experts split over the ep ranks, tokens exchanged by all-to-all
+    ("ep2", 2, ["parallel.data=fsdp", "parallel.ep=2"]),
+    ("ep2_fsdp2", 4, ["parallel.data=fsdp", "parallel.ep=2"]),
+    ("ep4_8_experts", 4, ["parallel.data=fsdp", "parallel.ep=4", "model.moe.n_experts=8"]),
+    ("ep2_hsdp_2x2_ac_full", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.ep=2", "parallel.ac=full"]),
+    ("ep2_first_experts", 2, ["parallel.data=fsdp", "parallel.ep=2", "model.moe.routing=first"]),
 ]
 MOE_COMMON = [*MOE, "model.moe.bias_update_rate=0.01", "training.global_batch_size=8", "training.precision=fp32"]
 

@@ -298,6 +298,25 @@ RULES = [
         1,
         "data.pack=true with parallel.activation_offload=true: not built",
     ),
+    # MoE blocks and expert parallelism (models/moe.py config_problems, parallel/layout.py resolve_dims)
+    (["model.moe.n_experts=4", "model.moe.top_k=5"], 1, "model.moe.top_k=5 must be in 1..model.moe.n_experts (4)"),
+    (["model.moe.n_experts=4", "model.moe.score=relu"], 1, "model.moe.score=relu: unknown; known: softmax, sigmoid"),
+    (["model.moe.n_experts=4", "model.moe.dense_layers=99"], 1, "model.moe.dense_layers=99 must be in 0..model.n_"),
+    (["model.moe.n_experts=4", "parallel.tp=2"], 2, "model.moe with parallel.tp: not built yet for MoE blocks"),
+    (["model.moe.n_experts=4", "parallel.data=zero2"], 2, "model.moe with parallel.data=zero2: not built yet"),
+    (["parallel.data=fsdp", "parallel.ep=2"], 2, "parallel.ep=2 splits MoE experts, and this model has none"),
+    (["model.moe.n_experts=4", "parallel.data=fsdp", "parallel.ep=3"], 3, "parallel.ep=3 must divide model.moe.n_e"),
+    (
+        ["model.moe.n_experts=4", "parallel.data=ddp", "parallel.ep=2"],
+        2,
+        "parallel.ep=2 borrows its ranks from dp_shard, which is 1 with parallel.data=ddp: set parallel.data=fsdp",
+    ),
+    (
+        ["model.moe.n_experts=4", "parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.ep=2"],
+        2,
+        "parallel.ep=2 borrows its ranks from dp_shard, which is 1 with parallel.data=hsdp: set parallel.dp_shard",
+    ),
+    (["parallel.ep=0"], 1, "parallel.ep=0 must be >= 1"),
 ]
 
 
@@ -331,6 +350,7 @@ def test_all_problems_are_reported_together():
         (["parallel.data=hsdp", "parallel.dp_shard=2", "parallel.dp_replicate=-1"], 8, (4, 2, 1, 1)),
         (["parallel.data=fsdp", "parallel.tp=2", "parallel.pp=2"], 8, (1, 2, 2, 2)),
         (["parallel.tp=2"], 2, (1, 1, 2, 1)),
+        (["parallel.data=fsdp", "parallel.ep=2", "model.moe.n_experts=4"], 4, (1, 4, 1, 1)),  # (ep within dp_shard)
     ],
 )
 def test_layouts_resolve(overrides, world, layout):

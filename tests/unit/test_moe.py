@@ -147,3 +147,25 @@ def test_an_moe_model_counts_its_parameters_and_names_them_as_it_builds_them():
     assert sum(p.numel() for p in model.parameters()) == args.num_params()
     per_expert = 3 * args.dim * args.expert_hidden
     assert args.num_params() - args.num_params(active=True) == 2 * (4 - 2) * per_expert
+
+
+def test_the_received_rows_are_put_in_expert_order_on_hand_worked_layouts():
+    """parallel/expert.py `expert_major`: rows arrive per source rank, each source's rows per local expert; the
+    experts take them per expert, every source's rows in rank order. Worked by hand: two sources, two local experts
+    with counts [[2, 1], [0, 3]] arrive as a a b | c c c (a: expert 0's, b: expert 1's); expert-major is
+    a a (rank 0's for expert 0), then b, c c c (expert 1: rank 0's, rank 1's)."""
+    from parallel.expert import expert_major
+
+    order = expert_major(torch.tensor([[2, 1], [0, 3]]))
+    assert order.tolist() == [0, 1, 2, 3, 4, 5]  # (already expert-major: rank 1 sent expert 0 nothing)
+    order = expert_major(torch.tensor([[1, 2], [3, 1]]))  # arrive: e0 | e1 e1 || e0 e0 e0 | e1
+    assert order.tolist() == [0, 3, 4, 5, 1, 2, 6]
+    assert expert_major(torch.tensor([[0, 0], [0, 0]])).tolist() == []  # no tokens at all
+    assert expert_major(torch.tensor([[2, 3]])).tolist() == [0, 1, 2, 3, 4]  # one rank: nothing moves
+    assert expert_major(torch.tensor([[2], [1], [2]])).tolist() == [0, 1, 2, 3, 4]  # one expert per rank
+    # the inverse (what the combine uses) puts them back
+    order = expert_major(torch.tensor([[1, 2], [3, 1]]))
+    rows = torch.arange(7) * 10
+    back = torch.empty_like(order)
+    back[order] = torch.arange(7)
+    assert torch.equal(rows[order][back], rows)
