@@ -25,6 +25,9 @@ The rates are a GPU's assumed ones (device=cuda: the matmul rate `achievable` (d
 has measured) of the datasheet's peak; tflops=, intra_gbps=, inter_gbps=, hbm_gbps=, pcie_gbps=
 override them; measured when this machine has a GPU) or, with device=cpu, measured on this machine.
 `max_pp` caps the pipeline degree tried.
+An MoE model under expert parallelism (`parallel.ep`) gets three peaks, for the routing its experts' rows are sized
+for: balanced, observed (`expert_load=` a run's metrics.jsonl: its largest logged max/mean tokens per expert) and
+worst (every token of the ep group to one rank's experts), and the bytes each rank sends by all-to-all per step.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from models.args import model_args_of
+from models.moe import moe_args_of
+from parallel.memory_terms import EXPERT_LOADS, expert_exchange_bytes, expert_load
 from parallel.timing import ACHIEVABLE, calibrate_cpu, calibrate_cuda, gpu_hardware, override, step_time
 from trainer.config import ConfigError, load_config
+from trainer.metrics import observed_expert_load
 from trainer.search import search, table
 from trainer.validate import derive, validate  # noqa: E402
 
@@ -55,6 +61,7 @@ OWN_KEYS = {
     "inter_gbps": float,
     "hbm_gbps": float,
     "pcie_gbps": float,
+    "expert_load": str,
 }
 FLAGS = ("--json", "--simulate", "--build", "--search")
 
@@ -134,6 +141,7 @@ def main(argv: list[str]) -> int:
         )
         if own["host_memory_gib"] is not None:
             plan.memory.host_capacity_bytes = int(own["host_memory_gib"] * 2**30)
+        routings = _expert_routings(cfg, plan, own)
     except ConfigError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         return 2
@@ -165,6 +173,8 @@ def main(argv: list[str]) -> int:
             out["simulated"], out["simulated_rank"] = simulated, rank
         if built is not None:
             out["build"] = built
+        if routings:
+            out["expert_routing"] = routings
         print(json.dumps(out, indent=2))
         return 0
     print(
@@ -173,6 +183,17 @@ def main(argv: list[str]) -> int:
         f"micro-batch {plan.micro_batch_size} x {cfg.training.seq_len} tokens, {plan.accum_steps} micro-batches"
     )
     print(plan.memory.table())
+    if routings:
+        gib = 2**30
+        peaks = ", ".join(
+            f"{k} {v['peak_bytes'] / gib:.3f} GiB (load {v['load']:.2f})"
+            for k, v in routings.items()
+            if k != "all_to_all"
+        )
+        print(
+            f"expert routing     most loaded rank's peak: {peaks}; all-to-all {routings['all_to_all'] / 2**20:,.1f} "
+            "MiB sent per rank per step (balanced)"
+        )
     if timed is not None:
         hw, st = timed
         print(
@@ -194,6 +215,39 @@ def main(argv: list[str]) -> int:
             f"parameters held {built['param_bytes'] / gib:.3f} GiB{versus}"
         )
     return 0
+
+
+def _expert_routings(cfg, plan, own: dict) -> dict:
+    """Under expert parallelism: the most loaded rank's peak for each routing (memory_terms.py `expert_load`), and
+    the all-to-all bytes; {} otherwise."""
+    moe = moe_args_of(cfg.model.get("moe"))
+    if moe is None or plan.dims.ep <= 1:
+        if own["expert_load"] is not None:
+            raise ConfigError(f"expert_load={own['expert_load']}: only under expert parallelism (parallel.ep > 1)")
+        return {}
+    out = {}
+    for routing in EXPERT_LOADS:
+        if routing == "observed":
+            if own["expert_load"] is None:
+                continue
+            try:
+                routing_value = observed_expert_load(own["expert_load"])
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"expert_load={own['expert_load']}: {e}") from None
+        else:
+            routing_value = routing
+        p = derive(
+            cfg,
+            own["world_size"],
+            capacity_gib=own["gpu_memory_gib"],
+            device=own["device"],
+            ranks_per_node=own["ranks_per_node"],
+            expert_routing=routing_value,
+        )
+        load = expert_load(cfg, moe, plan.dims.ep, routing_value)
+        out[routing] = {"peak_bytes": p.memory.most_loaded.peak_bytes, "load": load}
+    out["all_to_all"] = expert_exchange_bytes(cfg, model_args_of(cfg), plan.dims)
+    return out
 
 
 def _step_time(cfg, plan, own: dict):

@@ -71,7 +71,10 @@ def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
     if moe is None:
         ep = int(cfg.parallel.get("ep", 1))
         if ep > 1:
-            return [f"parallel.ep={ep} splits MoE experts, and this model has none: set model.moe.n_experts or parallel.ep=1"]
+            return [
+                f"parallel.ep={ep} splits MoE experts, and this model has none: "
+                "set model.moe.n_experts or parallel.ep=1"
+            ]
         return []
     problems = []
     if moe.top_k < 1 or moe.top_k > moe.n_experts:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from models.adapters import AdapterLinear, nf4_bytes, target_shapes
 from models.adapters import spec_of as adapter_spec_of
@@ -131,7 +131,10 @@ def _params_of_rank(args, cfg, dims: ParallelDims, pp_rank: int) -> tuple[list[_
         if dims.tp > 1 and (d := TP_SPLIT_DIM.get(module)) is not None:
             tp_shape[d] = _ceil(tp_shape[d], dims.tp)
         local = list(tp_shape)
-        if data in ("fsdp", "hsdp"):
+        if dims.ep > 1 and module.endswith("feed_forward.experts"):  # (parallel/expert.py) split by expert over ep,
+            tp_shape[0] = local[0] = shape[0] // dims.ep  # then FSDP's dim 1 over the rest of dp_shard
+            local[1] = _ceil(local[1], dims.expert_shard)
+        elif data in ("fsdp", "hsdp"):
             local[0] = _ceil(local[0], dims.dp_shard * dims.cp)
         decay = len(shape) >= 2 and (decay_embeddings or module != "tok_embeddings")
         nf4 = int(cfg.finetune.nf4_scaler_block) if adapters and adapters.nf4 and module in quantized else 0
@@ -209,10 +212,54 @@ def ac_mode(cfg) -> str:
     return SELECTIVE_EVERY_SECOND if ac == "selective" and str(p.sac_matmuls) == "every_second" else ac
 
 
-def moe_rows_per_token(moe) -> float:
-    """Routed rows per token of an MoE block: top_k dropless (balanced or not: without expert parallelism every
-    expert is on the rank, so only the total counts), at most capacity_factor x top_k with a capacity."""
-    return moe.top_k * (min(1.0, moe.capacity_factor) if moe.capacity_factor else 1.0)
+@dataclass(frozen=True)
+class RoutedMoE:
+    """An MoE block as the planner sizes one rank's share of it (every other field read from `moe`, the model's
+    MoEArgs): under expert parallelism over `ep` ranks, `load` is the rows this rank's experts receive relative to
+    balanced routing (`expert_load`)."""
+
+    moe: object
+    ep: int = 1
+    load: float = 1.0
+
+    def __getattr__(self, name: str):
+        return getattr(self.moe, name)
+
+
+# the routings the planner sizes expert parallelism for (plan.py prints all three)
+EXPERT_LOADS = ("balanced", "observed", "worst")
+
+
+def worst_expert_load(moe, ep: int) -> float:
+    """The most rows one rank's experts can receive, relative to balanced routing: every token of the ep group
+    choosing this rank's L = E / ep experts (K of them, or all L when K > L): ep x min(K, L) / K. The forced routing
+    `first` is exactly this case for rank 0."""
+    L = moe.n_experts // ep
+    return ep * min(moe.top_k, L) / moe.top_k
+
+
+def expert_load(cfg, moe, ep: int, routing: str | float | None = None) -> float:
+    """The `load` one rank's experts are sized for: 1.0 balanced (the default, and forced round_robin), the worst
+    case (`worst_expert_load`; what forced `first` routing is), or an observed max/mean tokens per expert (a float:
+    trainer/metrics.py `observed_expert_load` of a run's log), which bounds a rank's load (a rank's L experts carry
+    at most L x the busiest one) and is itself bounded by the worst case."""
+    if ep <= 1:
+        return 1.0
+    if routing is None:
+        routing = "worst" if str(cfg.model.moe.routing) == "first" else "balanced"
+    if routing == "worst":
+        return worst_expert_load(moe, ep)
+    if routing == "balanced":
+        return 1.0
+    return min(max(float(routing), 1.0), worst_expert_load(moe, ep))
+
+
+def moe_rows_per_token(moe, load: float = 1.0) -> float:
+    """Routed rows per token of an MoE block that one rank's experts compute: top_k dropless x `load` (without expert
+    parallelism every expert is on the rank, so only the total counts: load 1), at most capacity_factor x top_k
+    with a capacity (each source rank sends an expert at most its capacity)."""
+    cap = moe.capacity_factor
+    return moe.top_k * (min(load, cap) if cap else load)
 
 
 def moe_ffn_tensors(args, mode: str) -> list[float]:
@@ -221,15 +268,21 @@ def moe_ffn_tensors(args, mode: str) -> list[float]:
     weights before normalizing with their sum; the rows' tokens and each slot's row (int64); per routed row its input
     (cast to the compute dtype), the SwiGLU gate, silu(gate), up and product (F each); per slot its output and its
     weight (in the compute dtype); and the shared experts' dense SwiGLU (n_shared x F). Measured with saved-tensor
-    hooks on one block (2026-12-07) before the tracker checked the sum."""
+    hooks on one block (2026-12-07) before the tracker checked the sum. Under expert parallelism (`RoutedMoE`) the
+    rows' tensors are those this rank's experts receive (x the routing's load), and two int64 indices per received
+    row put them in expert order and back."""
     m, D, Fe = args.moe, args.dim, args.expert_hidden
-    rho = moe_rows_per_token(m)
+    rho = moe_rows_per_token(m)  # (rows this rank's tokens send)
+    ep, load = getattr(m, "ep", 1), getattr(m, "load", 1.0)
+    got = moe_rows_per_token(m, load) if ep > 1 else rho  # rows this rank's experts compute
     out = 4 if mode == "fp32" else 2
     router_in = [] if mode == "fp32" else [4 * D]  # (fp32: the norm output, counted as the block's MLP input)
     router = [*router_in, 4 * m.n_experts, 8 * m.top_k, 4 * m.top_k + 4]
     # the rows' tokens, each slot's row, the rows' input, gate, silu(gate), up, product; every slot's output (K of
     # them: a dropped row's slot is a zero) and the normalized weights in that dtype
-    rows = [8 * rho, 8 * m.top_k, out * D * rho, *([out * Fe * rho] * 4), out * D * m.top_k, out * m.top_k]
+    rows = [8 * rho, 8 * m.top_k, out * D * got, *([out * Fe * got] * 4), out * D * m.top_k, out * m.top_k]
+    if ep > 1:  # parallel/expert.py: the received rows put in expert order and back (an int64 index each)
+        rows += [8 * got, 8 * got]
     shared = []
     if m.n_shared_experts:
         Fs = m.n_shared_experts * Fe
@@ -396,7 +449,7 @@ def block_recompute_bytes(
     temps = res * args.dim / tp + g * 2 * args.ffn_hidden / tp
     if args.moe is not None:  # (the largest block: an MoE one; its routed rows' and shared experts' gradients)
         m = args.moe
-        rows = moe_rows_per_token(m)
+        rows = moe_rows_per_token(m, getattr(m, "load", 1.0))
         temps = res * args.dim + g * (
             rows * (args.dim + 2 * args.expert_hidden) + 2 * m.n_shared_experts * args.expert_hidden
         )
@@ -588,12 +641,17 @@ class RankShape:
         return max(per_unit.values(), default=0)
 
 
-def rank_shape(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankShape:
+def rank_shape(
+    cfg, args, dims: ParallelDims, pp_rank: int, *, device: str, expert_routing: str | float | None = None
+) -> RankShape:
     """The `RankShape` of pipeline rank `pp_rank`: its parameters (`_params_of_rank`), stages, micro-batch tokens
     (micro_batch_size x seq_len / cp), microbatches in flight (`in_flight`) and model states (`_model_states`)."""
     t, sched = cfg.training, str(cfg.parallel.pp_schedule)
     params, _, first, last, n_parts = _params_of_rank(args, cfg, dims, pp_rank)
     n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
+    if args.moe is not None and dims.ep > 1:  # (the blocks' routed rows: this rank's share under expert parallelism)
+        load = expert_load(cfg, args.moe, dims.ep, expert_routing)
+        args = replace(args, moe=RoutedMoE(args.moe, ep=dims.ep, load=load))
     return RankShape(
         cfg=cfg,
         args=args,
@@ -1244,3 +1302,22 @@ def optimizer_step_terms(r: RankShape) -> list[Term]:
             )
         )
     return terms
+
+
+def expert_exchange_bytes(cfg, args, dims: ParallelDims) -> int:
+    """Bytes one rank sends by all-to-all in a step under expert parallelism, balanced routing (the rows for its own
+    experts stay): per MoE block and micro-batch the dispatch (the rows, in the residual stream's dtype) and the
+    combine (the experts' outputs, in the compute dtype), each again in backward, and the forward's pair once more
+    under full AC (the recompute). Pipeline stages: the most loaded one's blocks."""
+    if args.moe is None or dims.ep <= 1:
+        return 0
+    t, mode = cfg.training, _precision_mode(cfg)
+    n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
+    stages = n_stages(str(cfg.parallel.pp_schedule), dims.pp)
+    blocks = max(len(r) for r in split_blocks(args.n_layers, stages)) * (stages // max(dims.pp, 1))
+    moe_share = sum(args.is_moe(i) for i in range(args.n_layers)) / args.n_layers
+    rows = t.micro_batch_size * t.seq_len // dims.cp * moe_rows_per_token(args.moe) * (dims.ep - 1) / dims.ep
+    dispatch, combine = (4 if mode in ("fp32", "autocast") else 2), (4 if mode == "fp32" else 2)
+    passes = 3 if ac_mode(cfg) == "full" else 2  # forward, backward (and the recompute's forward)
+    per_block = rows * args.dim * (dispatch + combine) * passes
+    return int(per_block * blocks * moe_share * n_micro)

@@ -207,10 +207,19 @@ def _fmt_bytes(n: int) -> str:
 
 
 def memory_plan(
-    cfg, args, dims: ParallelDims, *, device: str = "cpu", capacity_gib: float | None = None, ranks_per_node: int = 8
+    cfg,
+    args,
+    dims: ParallelDims,
+    *,
+    device: str = "cpu",
+    capacity_gib: float | None = None,
+    ranks_per_node: int = 8,
+    expert_routing: str | float | None = None,
 ) -> MemoryPlan:
-    """Every term of every pipeline rank's memory at the peak of a step (module docstring)."""
-    ranks = [_rank_memory(cfg, args, dims, r, device=device) for r in range(dims.pp)]
+    """Every term of every pipeline rank's memory at the peak of a step (module docstring). `expert_routing`: under
+    expert parallelism, the routing the experts' rows are sized for (memory_terms.py `expert_load`: balanced, worst,
+    or an observed max/mean; None: worst for forced `first` routing, else balanced)."""
+    ranks = [_rank_memory(cfg, args, dims, r, device=device, expert_routing=expert_routing) for r in range(dims.pp)]
     warnings = []
     if dims.pp > 1 and str(cfg.parallel.pp_schedule) in V_SHAPED:
         warnings.append(
@@ -229,9 +238,9 @@ def memory_plan(
     )
 
 
-def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str) -> RankMemory:
+def _rank_memory(cfg, args, dims: ParallelDims, pp_rank: int, *, device: str, expert_routing=None) -> RankMemory:
     """One pipeline rank's moments (module docstring), each the sum of its terms; the peak is the largest."""
-    r = rank_shape(cfg, args, dims, pp_rank, device=device)
+    r = rank_shape(cfg, args, dims, pp_rank, device=device, expert_routing=expert_routing)
     states, gathered_zero = model_state_terms(r)
     grads_at_loss = gradients_at_loss(r)
     gathered_at_loss, gathered_at_block = fsdp_gathered(r)

@@ -21,12 +21,14 @@ def plan_from_args(args: list[str], nproc: int):
 
 def row(record: dict) -> str:
     """One markdown row: the rank with the largest error, the planner's moment for it, the predicted and measured
-    peak (KiB), their difference, and the activations plus temporaries (KiB) of each."""
+    peak (KiB), their difference, and the activations plus temporaries (KiB) of each. Only the ranks the plan
+    describes where a record names them (`planned_ranks`: the most loaded ranks of a worst-case expert routing)."""
     plan, dims = plan_from_args(record["args"], record["nproc"])
     ranks = record["ranks"]
     per = len(ranks) // dims.pp
     worst = max(
-        range(len(ranks)), key=lambda r: abs(plan.ranks[r // per].peak_bytes - ranks[r]["peak"]) / ranks[r]["peak"]
+        record.get("planned_ranks") or range(len(ranks)),
+        key=lambda r: abs(plan.ranks[r // per].peak_bytes - ranks[r]["peak"]) / ranks[r]["peak"],
     )
     want, got = plan.ranks[worst // per], ranks[worst]
     kib = lambda b: f"{b / 1024:,.0f}"  # noqa: E731

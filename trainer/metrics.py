@@ -147,6 +147,20 @@ class JsonlSink:
         self.f.close()
 
 
+def observed_expert_load(path) -> float:
+    """The largest `moe/<layer>/max_over_mean` in a run's metrics.jsonl (`JsonlSink`'s rows): its busiest expert's
+    tokens over the mean, in the worst step and layer."""
+    worst = 0.0
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        for key, value in row.items():
+            if key.startswith("moe/") and key.endswith("/max_over_mean") and value is not None:
+                worst = max(worst, float(value))
+    if worst == 0.0:
+        raise ValueError(f"{path}: no moe/<layer>/max_over_mean values (a log of an MoE run's metrics.jsonl)")
+    return worst
+
+
 class TensorBoardSink:
     def __init__(self, log_dir: Path):
         from torch.utils.tensorboard import SummaryWriter

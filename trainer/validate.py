@@ -131,6 +131,7 @@ def derive(
     capacity_gib: float | None = None,
     device: str | None = None,
     ranks_per_node: int = 8,
+    expert_routing: str | float | None = None,
 ) -> Plan:
     args = model_args_of(cfg)
     t = cfg.training
@@ -150,7 +151,15 @@ def derive(
         non_embedding_params=args.num_params(exclude_embedding=True),
         flops_per_token=args.flops_per_token(t.seq_len),
         dims=dims,
-        memory=memory_plan(cfg, args, dims, device=device, capacity_gib=capacity_gib, ranks_per_node=ranks_per_node),
+        memory=memory_plan(
+            cfg,
+            args,
+            dims,
+            device=device,
+            capacity_gib=capacity_gib,
+            ranks_per_node=ranks_per_node,
+            expert_routing=expert_routing,
+        ),
         optimizer=str(cfg.optim.name),
         strategy=str(cfg.parallel.data),
     )

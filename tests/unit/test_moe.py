@@ -169,3 +169,32 @@ def test_the_received_rows_are_put_in_expert_order_on_hand_worked_layouts():
     back = torch.empty_like(order)
     back[order] = torch.arange(7)
     assert torch.equal(rows[order][back], rows)
+
+
+def test_the_planner_sizes_expert_parallel_rows_for_three_routings(tmp_path):
+    """parallel/memory_terms.py: the worst case is every token of the ep group on one rank's experts (ep x min(K, L)
+    / K), an observed max/mean is bounded by it, forced `first` routing is planned as the worst case; a capacity
+    caps the rows a rank gets; the observed load is read from a run's metrics log."""
+    import json
+
+    from parallel.memory_terms import expert_load, moe_rows_per_token, worst_expert_load
+    from trainer.config import load_config
+    from trainer.metrics import observed_expert_load
+
+    cfg = load_config(["recipe=llama_debug_moe"])
+    moe = MoEArgs(n_experts=8, top_k=2)
+    assert worst_expert_load(moe, 4) == 4.0  # (L = 2 experts per rank: both of a token's choices can be there)
+    assert worst_expert_load(MoEArgs(n_experts=8, top_k=4), 4) == 2.0  # (4 choices, 2 on any one rank)
+    assert expert_load(cfg, moe, 1, "worst") == 1.0  # (no expert parallelism: every expert is on the rank)
+    assert expert_load(cfg, moe, 4, "balanced") == 1.0 and expert_load(cfg, moe, 4, 2.5) == 2.5
+    assert expert_load(cfg, moe, 4, 9.0) == 4.0  # (an observed ratio beyond the worst case is the worst case)
+    first = load_config(["recipe=llama_debug_moe", "model.moe.routing=first"])
+    assert expert_load(first, moe, 4) == 4.0 and expert_load(cfg, moe, 4) == 1.0
+    assert moe_rows_per_token(MoEArgs(n_experts=8, top_k=2, capacity_factor=1.5), 4.0) == 3.0
+    log = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "moe/layers.1/max_over_mean": 1.7}, {"step": 2, "moe/layers.2/max_over_mean": 2.2}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert observed_expert_load(log) == 2.2
+    log.write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    with pytest.raises(ValueError, match="no moe/<layer>/max_over_mean"):
+        observed_expert_load(log)
