@@ -46,6 +46,14 @@ TINY = [
     "checkpoint.every=2",
 ]
 
+MOE = [
+    "model.moe.n_experts=4",
+    "model.moe.top_k=2",
+    "model.moe.expert_hidden=64",
+    "model.moe.dense_layers=1",
+    "model.moe.bias_update_rate=0.01",
+]
+
 LAYOUTS = {
     "ddp": (2, ["parallel.data=ddp"]),
     "fsdp": (2, ["parallel.data=fsdp"]),
@@ -56,6 +64,8 @@ LAYOUTS = {
     "pp": (2, ["parallel.pp=2"]),
     "fsdp_tp": (4, ["parallel.data=fsdp", "parallel.tp=2"]),
     "zero3": (2, ["parallel.data=zero3"]),
+    # MoE blocks with their experts split over 2 ranks (parallel/expert.py): the balancing bias is state too
+    "fsdp_ep2_moe": (2, ["parallel.data=fsdp", "parallel.ep=2", *MOE]),
     # the optimizer steps inside the backward: one optimizer per parameter, saved under the same keys
     "fsdp_in_backward": (
         2,
@@ -615,6 +625,27 @@ def test_context_parallel_checkpoint_reshards_from_cp_2_to_cp_4(tmp_path, straig
     assert json.loads((straight / "checkpoints" / "step-2" / "train_state.json").read_text())["layout"]["cp"] == 2
     assert "random streams from this run's seed (the layout changed: " in proc.stdout and "cp 2 -> 4" in proc.stdout
     _continues_like(straight, moved, "cp 4")
+
+
+@pytest.mark.parametrize("target", ["ep_4", "fsdp_only"])
+def test_expert_parallel_checkpoints_reshard_to_other_expert_layouts(target, tmp_path, straight):
+    """An ep 2 run's step-2 checkpoint (each rank held 2 of the 4 experts of every MoE block) resumed with the experts
+    split over 4 ranks, and with no expert parallelism (FSDP shards every expert): the uninterrupted run's losses
+    (1e-5: the experts' gradients are summed in another order) and samples. The checkpoint holds each block's experts
+    whole (DCP's global shape, 4 x 64 x 64), whatever the layout that wrote it, and the balancing bias moved."""
+    nproc, overrides = LAYOUTS["fsdp_ep2_moe"]
+    straight = straight(nproc, [*TINY, *overrides])
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(straight / "checkpoints" / "step-2")).read_metadata().state_dict_metadata
+    experts = {k: tuple(v.size) for k, v in meta.items() if k.endswith("feed_forward.experts.w1")}
+    assert experts and set(experts.values()) == {(4, 64, 64)}, experts
+    nproc, layout = {"ep_4": (4, ["parallel.ep=4"]), "fsdp_only": (2, [])}[target]
+    proc, moved = _resume_step_2(straight, tmp_path, [*TINY, "parallel.data=fsdp", *MOE, *layout], nproc)
+    assert "at step 2" in proc.stdout
+    _continues_like(straight, moved, target)
+    bias = full_state(moved / "checkpoints" / "step-4")["model"]["layers.1.feed_forward.router.expert_bias"]
+    assert bias.abs().sum() > 0
 
 
 def _resume_step_2(source: Path, tmp_path: Path, args: list[str], nproc: int):
