@@ -59,14 +59,16 @@ def main(argv: list[str]) -> int:
     if a.hf:
         import torch
 
-        from models.llama import ModelArgs, RopeScaling
+        from models.llama import args_from_record
         from trainer.hf import to_hf
 
-        state = json.loads((a.checkpoint / "train_state.json").read_text())
-        m = dict(state["model"])
-        m["rope_scaling"] = RopeScaling(**m["rope_scaling"]) if m.get("rope_scaling") else None
-        to_hf(sd, ModelArgs(**m), a.hf, dtype=getattr(torch, a.dtype))
-        print(f"wrote {a.hf}: a LlamaForCausalLM directory ({a.dtype})")
+        args = args_from_record(json.loads((a.checkpoint / "train_state.json").read_text())["model"])
+        try:
+            to_hf(sd, args, a.hf, dtype=getattr(torch, a.dtype))
+        except ValueError as e:
+            p.error(str(e))
+        kind = "MixtralForCausalLM" if args.moe is not None else "LlamaForCausalLM"
+        print(f"wrote {a.hf}: a {kind} directory ({a.dtype})")
         if not a.out:
             return 0
     from safetensors.torch import save_file

@@ -268,6 +268,15 @@ def model_args(flavor: str, **overrides) -> ModelArgs:
     return replace(FLAVORS[flavor], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def args_from_record(record: dict) -> ModelArgs:
+    """The ModelArgs a checkpoint's train_state.json recorded (`dataclasses.asdict` of them), rebuilt: its RoPE
+    scaling and MoE sections back to their dataclasses; keys this version does not know are left out."""
+    m = {k: v for k, v in record.items() if k in ModelArgs.__dataclass_fields__}
+    m["rope_scaling"] = RopeScaling(**m["rope_scaling"]) if m.get("rope_scaling") else None
+    m["moe"] = MoEArgs(**m["moe"]) if m.get("moe") else None
+    return ModelArgs(**m)
+
+
 def args_from_config(m) -> ModelArgs:
     """The shape a config's `model` section asks for: its flavor with every non-null field replaced.
     Raises ValueError, naming the setting, for an unknown flavor or scaling values without a scaling type."""

@@ -1,4 +1,5 @@
-"""Hugging Face LLaMA interop: import a local `LlamaForCausalLM` directory, export any checkpoint to one.
+"""Hugging Face interop: import a local `LlamaForCausalLM` (or `MixtralForCausalLM`) directory, export any checkpoint
+to one.
 
     args, sd = from_hf("path/to/hf-llama")       # ModelArgs and our state dict (fp32)
     to_hf(sd, args, "path/to/out")                # config.json + model.safetensors that transformers loads
@@ -8,6 +9,14 @@ real difference is RoPE's layout: our attention rotates interleaved pairs (dims 
 Meta's reference code), HF's rotates halves (dims i, i + hd/2). HF's conversion script permutes the rows of
 wq and wk to go from one to the other; we apply that permutation and its inverse, so that logits agree.
 Only `wq` and `wk` are permuted: V, O and the MLP do not see RoPE.
+
+Mixtral (model_type "mixtral") is this LLaMA with every feed-forward an MoE block (models/moe.py: softmax scores,
+top-k renormalized, no shared experts): `block_sparse_moe.gate.weight` is the router's gate and
+`block_sparse_moe.experts.<e>.w1/w2/w3.weight` each expert's matrices, stacked into ours (the layout transformers
+writes to disk, 4.x and 5.x alike, and what the export writes); transformers 5's in-memory names (`mlp.gate.weight`,
+the fused `mlp.experts.gate_up_proj`, E x 2F x D: the gate's F rows then the up projection's, and
+`mlp.experts.down_proj`) are read too. HF Mixtral has no routing bias: a checkpoint whose balancing bias moved is
+refused on export (its routing would change).
 
 `load_weights(trainer, path)` (checkpoint.init_from) starts a run from an HF directory, a .safetensors file
 or a step-N checkpoint of any strategy, before the optimizer exists.
@@ -21,7 +30,8 @@ from pathlib import Path
 import torch
 
 from models.args import model_args_of
-from models.llama import ModelArgs, RopeScaling, build_model, canonical_name
+from models.llama import ModelArgs, RopeScaling, args_from_record, build_model, canonical_name
+from models.moe import MoEArgs
 from parallel.zero import is_partitioned, load_full_into_partitions
 from trainer.state import consolidated_state_dict, state_module
 
@@ -57,7 +67,8 @@ def _interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
 # HF config fields whose value changes the computation, and the values this LLaMA implements. Any other
 # value is refused by name: loading it would run a different model under the same weights.
 _IMPLEMENTED = {
-    "model_type": ("llama",),
+    "model_type": ("llama", "mixtral"),
+    "router_jitter_noise": (0, 0.0),  # Mixtral: no noise on the router's logits
     "hidden_act": ("silu",),  # SwiGLU's gate
     "attention_bias": (False,),
     "mlp_bias": (False,),
@@ -117,7 +128,18 @@ def args_from_hf_config(c: dict) -> ModelArgs:
             original_max_seq_len=scaling["original_max_position_embeddings"],
         )
     theta = c.get("rope_theta") or (scaling or {}).get("rope_theta") or 10000.0
+    moe = None
+    if c.get("model_type") == "mixtral":  # every block an MoE one (routed experts each intermediate_size wide)
+        moe = MoEArgs(
+            n_experts=c["num_local_experts"],
+            top_k=c["num_experts_per_tok"],
+            expert_hidden=c["intermediate_size"],
+            score="softmax",
+            normalize=True,
+            bias_update_rate=0.0,
+        )
     return ModelArgs(
+        moe=moe,
         dim=c["hidden_size"],
         n_layers=c["num_hidden_layers"],
         n_heads=c["num_attention_heads"],
@@ -145,6 +167,17 @@ def model_overrides(args: ModelArgs) -> list[str]:
         f"model.rope_theta={args.rope_theta}",
         f"model.tie_embeddings={str(args.tie_embeddings).lower()}",
     ]
+    if args.moe is not None:
+        m = args.moe
+        out += [
+            f"model.moe.n_experts={m.n_experts}",
+            f"model.moe.top_k={m.top_k}",
+            f"model.moe.expert_hidden={args.expert_hidden}",
+            f"model.moe.n_shared_experts={m.n_shared_experts}",
+            f"model.moe.dense_layers={m.dense_layers}",
+            f"model.moe.score={m.score}",
+            f"model.moe.normalize={str(m.normalize).lower()}",
+        ]
     r = args.rope_scaling
     if r is None:
         out.append("model.rope_scaling.type=none")
@@ -159,14 +192,60 @@ def model_overrides(args: ModelArgs) -> list[str]:
     return out
 
 
+# MoE blocks (Mixtral): HF's name within a block -> ours; the fused gate/up weight is split (`_moe_from_hf`)
+_MOE_BLOCK = {
+    "mlp.gate.weight": "feed_forward.router.gate.weight",
+    "block_sparse_moe.gate.weight": "feed_forward.router.gate.weight",  # (transformers 4)
+    "mlp.experts.down_proj": "feed_forward.experts.w2",
+}
+_PER_EXPERT = ("w1", "w2", "w3")  # transformers 4's block_sparse_moe.experts.<e>.<w>.weight
+
+
 def _hf_to_ours(name: str) -> str | None:
-    """Our name for an HF LLaMA tensor; '' for tensors that are not weights (RoPE tables); None: unknown."""
+    """Our name for an HF LLaMA / Mixtral tensor; '' for tensors that are not weights (RoPE tables); None: unknown.
+    (The fused and per-expert MoE weights are handled by `_moe_from_hf`.)"""
     if name in _ROOT:
         return _ROOT[name]
     parts = name.split(".")
-    if name.startswith("model.layers.") and ".".join(parts[3:]) in _BLOCK:
-        return f"layers.{parts[2]}.{_BLOCK['.'.join(parts[3:])]}"
+    rest = ".".join(parts[3:])
+    if name.startswith("model.layers.") and rest in _BLOCK:
+        return f"layers.{parts[2]}.{_BLOCK[rest]}"
+    if name.startswith("model.layers.") and rest in _MOE_BLOCK:
+        return f"layers.{parts[2]}.{_MOE_BLOCK[rest]}"
     return "" if name.endswith("rotary_emb.inv_freq") else None
+
+
+def _fused_experts(key: str) -> str | None:
+    """Our experts module (`layers.<i>.feed_forward.experts`) for transformers 5's fused gate/up tensor's name."""
+    parts = key.split(".")
+    if key.startswith("model.layers.") and ".".join(parts[3:]) == "mlp.experts.gate_up_proj":
+        return f"layers.{parts[2]}.feed_forward.experts"
+    return None
+
+
+def _one_expert(key: str) -> tuple[str, int] | None:
+    """(our stacked weight's name, the expert) for transformers 4's `block_sparse_moe.experts.<e>.<w>.weight`."""
+    parts = key.split(".")
+    if key.startswith("model.layers.") and parts[3:5] == ["block_sparse_moe", "experts"] and parts[6] in _PER_EXPERT:
+        return f"layers.{parts[2]}.feed_forward.experts.{parts[6]}", int(parts[5])
+    return None
+
+
+def _moe_from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The experts' stacked weights of every MoE block, from transformers 5's fused `gate_up_proj` (split into w1,
+    w3) or transformers 4's per-expert matrices (stacked); those HF tensors are taken out of `hf`."""
+    out: dict[str, torch.Tensor] = {}
+    per_expert: dict[str, dict[int, torch.Tensor]] = {}
+    for name in list(hf):
+        if (fused := _fused_experts(name)) is not None:
+            w = hf.pop(name)
+            F = w.shape[1] // 2
+            out[f"{fused}.w1"], out[f"{fused}.w3"] = w[:, :F], w[:, F:]
+        elif (one := _one_expert(name)) is not None:
+            per_expert.setdefault(one[0], {})[one[1]] = hf.pop(name)
+    for ours, experts in per_expert.items():
+        out[ours] = torch.stack([experts[e] for e in sorted(experts)])
+    return out
 
 
 def hf_config(args: ModelArgs) -> dict:
@@ -189,6 +268,8 @@ def hf_config(args: ModelArgs) -> dict:
         "head_dim": args.head_dim,
         "torch_dtype": "float32",
     }
+    if args.moe is not None:
+        c.update(_moe_config(args))
     if args.rope_scaling is not None:
         r = args.rope_scaling
         c["rope_scaling"] = {
@@ -199,6 +280,38 @@ def hf_config(args: ModelArgs) -> dict:
             "original_max_position_embeddings": r.original_max_seq_len,
         }
     return c
+
+
+# MoEArgs fields a run chooses for itself, not the imported model's (init_from compares the rest)
+MOE_TRAINING_FIELDS = ("bias_update_rate", "routing", "grouped_mm", "capacity_factor")
+
+
+def _moe_config(args: ModelArgs) -> dict:
+    """The Mixtral fields of an MoE model's HF config; a model Mixtral cannot express is refused by name."""
+    m = args.moe
+    problems = [
+        f"{what} (HF Mixtral: {want})"
+        for what, bad, want in (
+            (f"model.moe.dense_layers={m.dense_layers}", m.dense_layers != 0, "every block MoE"),
+            (f"model.moe.n_shared_experts={m.n_shared_experts}", m.n_shared_experts != 0, "no shared experts"),
+            (f"model.moe.score={m.score}", m.score != "softmax", "softmax"),
+            (f"model.moe.normalize={m.normalize}", not m.normalize, "top-k weights renormalized"),
+            (f"model.moe.capacity_factor={m.capacity_factor}", m.capacity_factor is not None, "dropless"),
+        )
+        if bad
+    ]
+    if problems:
+        raise ValueError(f"this MoE model has no Hugging Face Mixtral form: {'; '.join(problems)}")
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": m.n_experts,
+        "num_experts_per_tok": m.top_k,
+        "intermediate_size": args.expert_hidden,
+        "router_jitter_noise": 0.0,
+        "output_router_logits": False,
+        "sliding_window": None,
+    }
 
 
 def from_hf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
@@ -215,7 +328,7 @@ def from_hf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     hf: dict[str, torch.Tensor] = {}
     for f in files:
         hf.update(load_file(str(f)))
-    sd, unknown = {}, []
+    sd, unknown = _moe_from_hf(hf), []
     for name, w in hf.items():
         ours = _hf_to_ours(name)
         if ours is None:
@@ -238,11 +351,24 @@ def to_hf(sd: dict[str, torch.Tensor], args: ModelArgs, out: str | Path, dtype: 
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(args)  # (a model with no HF form is refused before anything is written)
     inv_root = {v: k for k, v in _ROOT.items()}
-    inv_block = {v: k for k, v in _BLOCK.items()}
+    inv_block = {v: k for k, v in _BLOCK.items()} | {"feed_forward.router.gate.weight": "block_sparse_moe.gate.weight"}
     hf = {}
     for name, w in sd.items():
+        if name.endswith("router.expert_bias"):  # (HF Mixtral routes without a bias)
+            if w.abs().max() > 0:
+                raise ValueError(
+                    f"{name} moved (max |bias| {w.abs().max():.3g}): HF Mixtral has no routing bias, so the exported "
+                    "model would route tokens to other experts; export a run trained with "
+                    "model.moe.bias_update_rate=0"
+                )
+            continue
+        if ".feed_forward.experts.w" in name:  # one matrix per expert, as transformers writes Mixtral to disk
+            _, i, rest = name.split(".", 2)
+            for e in range(w.shape[0]):
+                hf[f"model.layers.{i}.block_sparse_moe.experts.{e}.{rest.rsplit('.', 1)[1]}.weight"] = w[e]
+            continue
         if name in inv_root:
             if name == "output.weight" and args.tie_embeddings:
                 continue
@@ -254,10 +380,11 @@ def to_hf(sd: dict[str, torch.Tensor], args: ModelArgs, out: str | Path, dtype: 
         elif name.endswith("wk.weight"):
             w = _interleaved_to_halves(w, args.kv_heads)
         hf[f"model.layers.{i}.{inv_block[rest]}"] = w
+    out.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.to(dtype).contiguous() for k, v in hf.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
     )
-    (out / "config.json").write_text(json.dumps(hf_config(args), indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -348,24 +475,20 @@ def source_shapes(path: Path) -> tuple[ModelArgs | None, dict[str, tuple[int, ..
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ValueError(f"{path}: no .safetensors files (convert .bin checkpoints with transformers first)")
-        shapes = {}
+        read = TensorReader(path)  # (our names, MoE experts stacked from HF's fused or per-expert tensors)
+        shapes = {name: read.shape(name) for name in read.names()}
         for f in files:
-            for name, shape in header(f).items():
-                ours = _hf_to_ours(name)
-                if ours != "":
-                    shapes[ours if ours is not None else f"(HF) {name}"] = shape
+            for name in header(f):
+                if _hf_to_ours(name) is None and _fused_experts(name) is None and _one_expert(name) is None:
+                    shapes[f"(HF) {name}"] = ()
         if args.tie_embeddings:
             shapes.pop("output.weight", None)
         return args, shapes
     if path.is_file() and path.suffix == ".safetensors":
         return None, header(path)
     if path.is_dir() and (path / "train_state.json").is_file():
-        from dataclasses import asdict
-
         try:
-            m = dict(json.loads((path / "train_state.json").read_text())["model"])
-            m["rope_scaling"] = RopeScaling(**m["rope_scaling"]) if m.get("rope_scaling") else None
-            args = ModelArgs(**{k: v for k, v in m.items() if k in asdict(ModelArgs())})
+            args = args_from_record(json.loads((path / "train_state.json").read_text())["model"])
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}/train_state.json is unreadable ({type(e).__name__}: {e})") from None
         model = build_model(args, device="meta")
@@ -409,6 +532,11 @@ def init_from_problems(cfg, path: Path, source_args: ModelArgs | None, shapes: d
         a["ffn_hidden_dim"], b["ffn_hidden_dim"] = source_args.ffn_hidden, ours.ffn_hidden  # however each derives it
         a["n_kv_heads"], b["n_kv_heads"] = source_args.kv_heads, ours.kv_heads
         ignored = ("multiple_of", "ffn_dim_multiplier", "max_seq_len")  # rules for the above; a table length
+        for m in (a, b):  # MoE: how a run routes and balances is its own (the shape and the scores are the model's)
+            if m["moe"] is not None:
+                m["moe"] = {k: v for k, v in m["moe"].items() if k not in MOE_TRAINING_FIELDS}
+        if all(x.moe and not x.moe.dense_layers and not x.moe.n_shared_experts for x in (ours, source_args)):
+            ignored += ("ffn_hidden_dim",)  # (every block MoE, no shared expert: the dense width is not used)
         differ = [f"{k}: {a[k]} there, {b[k]} here" for k in a if k not in ignored and a[k] != b[k]]
         if differ:
             problems.append(f"its model differs from this run's ({'; '.join(differ)})")
@@ -434,11 +562,19 @@ class TensorReader:
         if (self.path / "config.json").is_file():
             args = args_from_hf_config(json.loads((self.path / "config.json").read_text()))
             self.heads = {"wq.weight": args.n_heads, "wk.weight": args.kv_heads}
+            experts: dict[str, dict[int, tuple]] = {}
             for f in sorted(self.path.glob("*.safetensors")):
                 with safe_open(str(f), framework="pt") as h:
                     for key in h.keys():
                         if ours := _hf_to_ours(key):
                             self.index[ours] = (f, key)
+                        elif (fused := _fused_experts(key)) is not None:  # (an MoE block's gate/up, transformers 5)
+                            for half, w in enumerate(("w1", "w3")):
+                                self.index[f"{fused}.{w}"] = (f, key, half)
+                        elif (one := _one_expert(key)) is not None:  # (transformers 4: one matrix per expert)
+                            experts.setdefault(one[0], {})[one[1]] = (f, key)
+            for ours, per in experts.items():
+                self.index[ours] = [per[e] for e in sorted(per)]
         elif self.path.is_file() and self.path.suffix == ".safetensors":
             with safe_open(str(self.path), framework="pt") as h:
                 self.index = {key: (self.path, key) for key in h.keys()}
@@ -461,12 +597,15 @@ class TensorReader:
             return self.full[name][tuple(slice(o, o + n) for o, n in zip(offset, shape))].float().contiguous()
         from safetensors import safe_open
 
-        f, key = self.index[name]
+        entry = self.index[name]
+        if len(entry) != 2:  # an MoE block's experts: part of a fused gate/up tensor, or one file tensor per expert
+            return self._experts_slice(entry, offset, shape)
+        f, key = entry
         rows = self.heads.get(name.rsplit(".", 2)[-2] + ".weight") if name.startswith("layers.") else None
         with safe_open(str(f), framework="pt") as h:
             sl = h.get_slice(key)
             r0, r1 = offset[0], offset[0] + shape[0]
-            cols = (slice(offset[1], offset[1] + shape[1]),) if len(shape) == 2 else ()
+            cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:]))  # (an MoE block's: 3-D)
             if not rows:
                 w = sl[(slice(r0, r1), *cols)]
             else:  # rows of whole heads, reordered, then the ones asked for
@@ -475,14 +614,36 @@ class TensorReader:
                 w = _halves_to_interleaved(sl[(slice(h0 * hd, h1 * hd), *cols)], h1 - h0)[r0 - h0 * hd : r1 - h0 * hd]
         return w.float().contiguous()
 
+    @staticmethod
+    def _experts_slice(entry, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        from safetensors import safe_open
+
+        block = [slice(o, o + n) for o, n in zip(offset, shape)]
+        if isinstance(entry, tuple):  # (file, key, 0 for w1 or 1 for w3): rows of one half of gate_up_proj's dim 1
+            f, key, half = entry
+            with safe_open(str(f), framework="pt") as h:
+                sl = h.get_slice(key)
+                F = sl.get_shape()[1] // 2
+                block[1] = slice(block[1].start + half * F, block[1].stop + half * F)
+                return sl[tuple(block)].float().contiguous()
+        out = []
+        for f, key in entry[block[0]]:  # (one 2-D matrix per expert)
+            with safe_open(str(f), framework="pt") as h:
+                out.append(h.get_slice(key)[tuple(block[1:])])
+        return torch.stack(out).float().contiguous()
+
     def shape(self, name: str) -> tuple[int, ...]:
         if self.full is not None:
             return tuple(self.full[name].shape)
         from safetensors import safe_open
 
-        f, key = self.index[name]
-        with safe_open(str(f), framework="pt") as h:
-            return tuple(h.get_slice(key).get_shape())
+        entry = self.index[name]
+        if isinstance(entry, list):  # one matrix per expert
+            with safe_open(str(entry[0][0]), framework="pt") as h:
+                return (len(entry), *h.get_slice(entry[0][1]).get_shape())
+        with safe_open(str(entry[0]), framework="pt") as h:
+            have = tuple(h.get_slice(entry[1]).get_shape())
+        return (have[0], have[1] // 2, *have[2:]) if len(entry) == 3 else have
 
     def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The whole tensor (`slice` over all of it); `shape`: the model's, checked."""
@@ -553,9 +714,7 @@ def adapted_model(path: Path):
     record = state.get("finetune", {"method": "full"})
     if record["method"] == "full":
         raise ValueError(f"{path} holds a full model, not adapters (train_state.json: finetune.method=full)")
-    m = dict(state["model"])
-    m["rope_scaling"] = RopeScaling(**m["rope_scaling"]) if m.get("rope_scaling") else None
-    args = ModelArgs(**m)
+    args = args_from_record(state["model"])
     spec = AdapterSpec(record["method"], record["rank"], record["alpha"], 0.0, tuple(record["targets"]))
     model = build_model(args, device="cpu")
     apply_adapters(model, spec)

@@ -488,6 +488,47 @@ def _val_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["val/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in r}
 
 
+def test_an_hf_mixtral_trains_under_expert_parallelism_and_exports_back(tmp_path):
+    """An HF Mixtral built here (4 experts, top-2, every block) -> an FSDP run with the experts split over 2 ranks
+    starts from it (each rank reads only its experts' slices) -> one step at lr 1e-9 -> convert_checkpoint.py --hf ->
+    transformers loads a Mixtral with the original's logits (1e-5): a wrong expert slice anywhere on the way would
+    change them (tests/unit/test_hf.py shows a moved balancing bias refused on export, and w1/w3 swapped caught)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(0)
+    hf = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    moe = [*(f"model.moe.{k}" for k in ("n_experts=4", "top_k=2", "expert_hidden=48")), "model.rope_theta=1e6"]
+    start = ["training.steps=1", "optim.lr=1e-9", "optim.warmup_steps=1", f"checkpoint.init_from={tmp_path / 'hf'}"]
+    run = tmp_path / "ep2"
+    proc = run_train(
+        [*TINY, *moe, *start, "model.moe.bias_update_rate=0", "parallel.data=fsdp", "parallel.ep=2", f"run_dir={run}"],
+        nproc=2,
+    )
+    assert "initialized the weights from" in proc.stdout
+    convert = [sys.executable, str(REPO / "launch" / "convert_checkpoint.py"), str(run / "checkpoints" / "step-1")]
+    proc = subprocess.run([*convert, "--hf", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and "a MixtralForCausalLM directory" in proc.stdout, proc.stderr
+    back = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, rtol=0, atol=1e-5)
+
+
 def test_export_to_hf_and_start_other_strategies_from_it(tmp_path):
     """fsdp checkpoint -> HF directory (transformers loads it, same logits) -> a ZeRO-3 run starts from it;
     that run's checkpoint -> safetensors -> an FSDP run starts from it: the validation loss of the

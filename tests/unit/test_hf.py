@@ -247,3 +247,99 @@ def test_init_from_with_other_layers_is_refused_with_the_names(source_layers, ta
     )
     problems = [p for p in validate(cfg, 1) if "init_from" in p]
     assert len(problems) == 1 and named in problems[0], problems
+
+
+def tiny_mixtral(tmp_path, name="mixtral"):
+    cfg = transformers.MixtralConfig(
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initializes norms to 1 and may leave the fused experts empty: make all informative
+        for n, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / name, safe_serialization=True)
+    return model
+
+
+def test_mixtral_loads_with_equal_logits_and_exports_back(tmp_path):
+    """A tiny HF Mixtral (4 experts, top-2, in every block) imports as MoE blocks with the same logits, and our export
+    loads back into transformers with them; the experts' fused gate/up weight split the other way round (w1 and w3
+    swapped) changes the logits, so the comparison sees the split."""
+    hf = tiny_mixtral(tmp_path)
+    args, sd = from_hf(tmp_path / "mixtral")
+    assert args.moe.n_experts == 4 and args.moe.top_k == 2 and args.expert_hidden == 48 and args.moe.dense_layers == 0
+    assert sd["layers.1.feed_forward.experts.w1"].shape == (4, 48, 64)
+    ours = build_model(args, device="cpu")
+    ours.init_weights(0)
+    missing, unexpected = ours.load_state_dict(sd, strict=False)
+    assert not unexpected and all(m.endswith("router.expert_bias") for m in missing), missing
+    ours.eval()
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        torch.testing.assert_close(ours(tokens), want, rtol=0, atol=1e-5)
+        to_hf({k: v for k, v in ours.state_dict().items() if "rope" not in k}, args, tmp_path / "out")
+        back = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "out").eval()
+        torch.testing.assert_close(back(tokens).logits, want, rtol=0, atol=1e-5)
+        swapped = dict(sd)
+        for i in range(2):
+            w1, w3 = f"layers.{i}.feed_forward.experts.w1", f"layers.{i}.feed_forward.experts.w3"
+            swapped[w1], swapped[w3] = sd[w3], sd[w1]
+        ours.load_state_dict(swapped, strict=False)
+        assert (ours(tokens) - want).abs().max() > 1e-3
+    # a moved balancing bias has no HF form: refused, nothing written
+    moved = {k: v for k, v in ours.state_dict().items() if "rope" not in k}
+    moved["layers.0.feed_forward.router.expert_bias"] = torch.tensor([0.1, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="HF Mixtral has no routing bias"):
+        to_hf(moved, args, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_mixtral_weights_are_read_in_slices_from_the_fused_and_the_per_expert_layouts(tmp_path):
+    """The sharded load's reader (trainer/hf.py TensorReader, what checkpoint.init_from uses under FSDP and expert
+    parallelism) gives every tensor and any block of the experts' stacked weights as from_hf does, from the files
+    transformers writes (one matrix per expert) and from transformers 5's in-memory names (gate and up fused)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from trainer.hf import TensorReader
+
+    tiny_mixtral(tmp_path)
+    _, sd = from_hf(tmp_path / "mixtral")
+    # the file save_pretrained wrote holds one matrix per expert; the same weights in transformers 5's in-memory
+    # names, the experts' gate and up matrices fused into one E x 2F x D tensor
+    saved = load_file(str(tmp_path / "mixtral" / "model.safetensors"))
+    assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in saved
+    old = tmp_path / "fused"
+    old.mkdir()
+    (old / "config.json").write_text((tmp_path / "mixtral" / "config.json").read_text())
+    tensors = {k.replace("block_sparse_moe.gate", "mlp.gate"): v for k, v in saved.items() if ".experts." not in k}
+    for i in range(2):
+        w = {
+            n: torch.stack([saved[f"model.layers.{i}.block_sparse_moe.experts.{e}.{n}.weight"] for e in range(4)])
+            for n in ("w1", "w2", "w3")
+        }
+        tensors[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([w["w1"], w["w3"]], dim=1)
+        tensors[f"model.layers.{i}.mlp.experts.down_proj"] = w["w2"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(old / "model.safetensors"))
+    assert json.loads((old / "config.json").read_text())["model_type"] == "mixtral"
+    _, sd4 = from_hf(old)
+    assert sd4.keys() == sd.keys() and all(torch.equal(sd4[k], sd[k]) for k in sd)
+    for path in (tmp_path / "mixtral", old):
+        read = TensorReader(path)
+        assert all(torch.equal(read(k), sd[k]) for k in sd if "rope" not in k)
+        for w in ("w1", "w2", "w3"):
+            name = f"layers.1.feed_forward.experts.{w}"
+            want = sd[name][1:3, 4:14, 8:28]
+            assert torch.equal(read.slice(name, (1, 4, 8), (2, 10, 20)), want), (path.name, w)
