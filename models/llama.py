@@ -54,6 +54,8 @@ class ModelArgs:
     attention: str = "auto"  # SDPA's kernel: auto (SDPA picks), flash, cudnn, efficient
     expand_kv: bool | None = None  # repeat the kv heads to the query heads before SDPA; None: where the kernel needs it
     moe: MoEArgs | None = None  # Mixture-of-Experts feed-forward blocks (models/moe.py); None: dense
+    head_size: int | None = None  # each head's width (config model.head_dim); None: dim / n_heads (Qwen3: 128 at 2048)
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys before RoPE (Qwen3)
 
     @property
     def kv_expanded(self) -> bool:
@@ -69,7 +71,7 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def ffn_hidden(self) -> int:
@@ -104,7 +106,7 @@ class ModelArgs:
         """Exact parameter count, from the shapes alone (no model needed); `active`: those one token computes with
         (an MoE block's top-k experts, not all)."""
         D, hd = self.dim, self.head_dim
-        attn = D * self.n_heads * hd + 2 * D * self.kv_heads * hd + self.n_heads * hd * D
+        attn = D * self.n_heads * hd + 2 * D * self.kv_heads * hd + self.n_heads * hd * D + 2 * hd * self.qk_norm
         blocks = sum(attn + self.ffn_params(i, active=active) + 2 * D for i in range(self.n_layers))  # + two norms
         embedding = self.vocab_size * D
         output = 0 if self.tie_embeddings else self.vocab_size * D
@@ -149,7 +151,7 @@ class ModelArgs:
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every distinct parameter in module order, from the shapes alone (no model
         needed; the same names as `Transformer.named_parameters()`, a tied output table omitted)."""
-        D, Q, K = self.dim, self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        D, Q, K, hd = self.dim, self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
         out = [("tok_embeddings.weight", (self.vocab_size, D))]
         for i in range(self.n_layers):
             out += [
@@ -160,6 +162,7 @@ class ModelArgs:
                     ("attention.wk.weight", (K, D)),
                     ("attention.wv.weight", (K, D)),
                     ("attention.wo.weight", (D, Q)),
+                    *([("attention.q_norm.weight", (hd,)), ("attention.k_norm.weight", (hd,))] * self.qk_norm),
                     ("ffn_norm.weight", (D,)),
                     *self._ffn_shapes(i),
                 )
@@ -296,7 +299,12 @@ def args_from_config(m) -> ModelArgs:
         rope_theta=m.rope_theta,
     )
     args = replace(
-        args, attention=str(m.get("attention", "auto")), expand_kv=m.get("expand_kv"), moe=moe_args_of(m.get("moe"))
+        args,
+        attention=str(m.get("attention", "auto")),
+        expand_kv=m.get("expand_kv"),
+        moe=moe_args_of(m.get("moe")),
+        head_size=m.get("head_dim") or args.head_size,
+        qk_norm=bool(m.get("qk_norm")) if m.get("qk_norm") is not None else args.qk_norm,
     )
     r = m.rope_scaling
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
@@ -336,7 +344,7 @@ def config_problems(args: ModelArgs, name: str) -> list[str]:
                 f"model.rope_scaling.high_freq_factor({r.high_freq_factor}) must be above low_freq_factor"
                 f"({r.low_freq_factor}): the wavelengths between the two are blended over their difference"
             )
-    if args.dim % args.n_heads:
+    if args.head_size is None and args.dim % args.n_heads:
         problems.append(
             f"model.n_heads({args.n_heads}) must divide model.dim({args.dim}): "
             f"{args.dim} % {args.n_heads} = {args.dim % args.n_heads}"
@@ -353,9 +361,10 @@ def config_problems(args: ModelArgs, name: str) -> list[str]:
             f"model.n_kv_heads({args.kv_heads}) must divide model.n_heads({args.n_heads}): "
             f"{args.n_heads} % {args.kv_heads} = {args.n_heads % args.kv_heads}"
         )
-    elif args.dim % args.n_heads == 0 and args.head_dim % 2:
+    elif (args.head_size or args.dim % args.n_heads == 0) and args.head_dim % 2:
         problems.append(
-            f"head dim model.dim/model.n_heads = {args.dim}/{args.n_heads} = {args.head_dim} must be even for RoPE"
+            f"head dim {args.head_dim} (model.head_dim, else model.dim/model.n_heads = {args.dim}/{args.n_heads}) "
+            "must be even for RoPE"
         )
     if name != "llama":
         problems.append(f"model.name={name}: unknown model; known: llama")
@@ -433,6 +442,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # Qwen3: each head's queries and keys RMS-normalized over the head's width (one weight shared by the heads)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
         self.cp = None  # parallel.cp > 1: the context-parallel group this attention spans (parallel/context.py)
 
     def forward(
@@ -445,6 +457,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H or Hkv, T, hd)
         # enable_gqa shares each kv head among H/Hkv query heads without materializing the repeats.

@@ -305,6 +305,11 @@ def _tp_problems(cfg, args) -> list[str]:
                 "parallel.tp > 1 with model.tie_embeddings=true is not supported (the embedding and the "
                 "output projection would be split twice); set model.tie_embeddings=false"
             )
+        if args.qk_norm:
+            problems.append(
+                f"model.qk_norm=true with parallel.tp({p.tp}): not built (the head norms' weights would have to be "
+                "replicated DTensors beside the split heads); use FSDP, pipeline or context parallelism for this model"
+            )
         if p.data == "ddp":
             problems.append(
                 f"parallel.data=ddp with parallel.tp({p.tp}): DDP cannot wrap tensor-parallel "

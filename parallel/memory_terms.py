@@ -344,6 +344,9 @@ def block_saved_tensors(
     # heads instead (repeat_interleave's backward saves nothing)
     kv = Q if args.kv_expanded else K
     attention = [out * Q / t, out * kv / t, out * kv / t, out * Q / t, 4 * H / t]
+    if args.qk_norm:  # (Qwen3) the head norms of the queries and keys: what an RMSNorm saves, 1/rms per head
+        res = 2 if mode == "mixed" and device != "cpu" else 4
+        attention += [res * Q / t, res * Q / t, 4 * H / t, res * K / t, res * K / t, 4 * args.kv_heads / t]
     if args.moe is not None and (layer is None or args.is_moe(layer)):  # (None: the largest block, an MoE one)
         return norms + [lin * D] * casts + attention + moe_ffn_tensors(args, mode)
     gathered = [lin * D] * (casts + (2 if mode == "autocast" else 1))  # inputs of wq/wk/wv and w1/w3

@@ -134,6 +134,8 @@ class ModelConfig:
         None  # repeat the kv heads to the query heads before attention (saves them so for backward); null: for cudnn
         #  and efficient, which need it
     )
+    head_dim: int | None = None  # each attention head's width; null: dim / n_heads (Qwen3 sets it: 128 at width 2048)
+    qk_norm: bool | None = None  # RMSNorm over each head's queries and keys before RoPE (Qwen3); null: the flavor's
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

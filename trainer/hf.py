@@ -40,6 +40,8 @@ _BLOCK = {
     "self_attn.k_proj.weight": "attention.wk.weight",
     "self_attn.v_proj.weight": "attention.wv.weight",
     "self_attn.o_proj.weight": "attention.wo.weight",
+    "self_attn.q_norm.weight": "attention.q_norm.weight",  # (Qwen3)
+    "self_attn.k_norm.weight": "attention.k_norm.weight",
     "mlp.gate_proj.weight": "feed_forward.w1.weight",
     "mlp.down_proj.weight": "feed_forward.w2.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight",
@@ -54,12 +56,17 @@ _ROOT = {
 
 
 def _halves_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """HF row order (per head: first halves, then second halves) -> interleaved pairs."""
+    """HF row order (per head: first halves, then second halves) -> interleaved pairs (a 1-D weight: its elements,
+    Qwen3's per-head query and key norms)."""
+    if w.dim() == 1:
+        return _halves_to_interleaved(w[:, None], heads)[:, 0]
     out, d = w.shape
     return w.view(heads, 2, out // heads // 2, d).transpose(1, 2).reshape(out, d)
 
 
 def _interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    if w.dim() == 1:
+        return _interleaved_to_halves(w[:, None], heads)[:, 0]
     out, d = w.shape
     return w.view(heads, out // heads // 2, 2, d).transpose(1, 2).reshape(out, d)
 
@@ -67,7 +74,8 @@ def _interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
 # HF config fields whose value changes the computation, and the values this LLaMA implements. Any other
 # value is refused by name: loading it would run a different model under the same weights.
 _IMPLEMENTED = {
-    "model_type": ("llama", "mixtral"),
+    "model_type": ("llama", "mixtral", "qwen3", "qwen3_moe"),
+    "decoder_sparse_step": (1,),  # Qwen3-MoE: every block past mlp_only_layers is MoE
     "router_jitter_noise": (0, 0.0),  # Mixtral: no noise on the router's logits
     "hidden_act": ("silu",),  # SwiGLU's gate
     "attention_bias": (False,),
@@ -76,6 +84,7 @@ _IMPLEMENTED = {
     "attention_dropout": (0, 0.0),  # no dropout in shardwise's blocks
     "partial_rotary_factor": (1, 1.0),  # RoPE over every head dimension
     "sliding_window": (),  # full causal attention only: any window is refused (null is fine)
+    "use_sliding_window": (False,),  # (Qwen3: a window only where this is true)
 }
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -93,10 +102,17 @@ def unsupported_fields(c: dict) -> list[str]:
     problems = [
         f"{k}={c[k]!r} (shardwise implements {' or '.join(map(repr, ok)) or 'null only'})"
         for k, ok in _IMPLEMENTED.items()
-        if k in c and c[k] is not None and c[k] not in ok
+        if k in c
+        and c[k] is not None
+        and c[k] not in ok
+        and not (k == "sliding_window" and c.get("use_sliding_window") is False)  # (Qwen3: a window never used)
     ]
+    dense = c.get("mlp_only_layers") or []
+    if c.get("model_type") == "qwen3_moe" and dense != list(range(len(dense))):
+        problems.append(f"mlp_only_layers={dense} (shardwise implements the first k blocks dense: [0, ..., k-1])")
     heads, hidden = c.get("num_attention_heads"), c.get("hidden_size")
-    if c.get("head_dim") is not None and heads and hidden and c["head_dim"] != hidden // heads:
+    qwen3 = c.get("model_type") in ("qwen3", "qwen3_moe")  # (their heads' width is their own: head_dim)
+    if c.get("head_dim") is not None and heads and hidden and c["head_dim"] != hidden // heads and not qwen3:
         problems.append(
             f"head_dim={c['head_dim']} != hidden_size / num_attention_heads = {hidden}/{heads} = "
             f"{hidden // heads} (shardwise derives the head size from the width)"
@@ -138,8 +154,21 @@ def args_from_hf_config(c: dict) -> ModelArgs:
             normalize=True,
             bias_update_rate=0.0,
         )
+    if c.get("model_type") == "qwen3_moe":  # the first len(mlp_only_layers) blocks dense, the rest MoE
+        moe = MoEArgs(
+            n_experts=c.get("num_experts") or c["num_local_experts"],  # (transformers 4 / 5 names)
+            top_k=c["num_experts_per_tok"],
+            expert_hidden=c["moe_intermediate_size"],
+            dense_layers=len(c.get("mlp_only_layers") or []),
+            score="softmax",
+            normalize=bool(c.get("norm_topk_prob", False)),
+            bias_update_rate=0.0,
+        )
+    qwen3 = c.get("model_type") in ("qwen3", "qwen3_moe")
     return ModelArgs(
         moe=moe,
+        head_size=c.get("head_dim") if qwen3 else None,
+        qk_norm=qwen3,
         dim=c["hidden_size"],
         n_layers=c["num_hidden_layers"],
         n_heads=c["num_attention_heads"],
@@ -198,7 +227,17 @@ _MOE_BLOCK = {
     "block_sparse_moe.gate.weight": "feed_forward.router.gate.weight",  # (transformers 4)
     "mlp.experts.down_proj": "feed_forward.experts.w2",
 }
-_PER_EXPERT = ("w1", "w2", "w3")  # transformers 4's block_sparse_moe.experts.<e>.<w>.weight
+# one matrix per expert, as transformers writes them to disk: Mixtral's block_sparse_moe.experts.<e>.<w>.weight,
+# Qwen3-MoE's mlp.experts.<e>.<gate|up|down>_proj.weight
+_PER_EXPERT = {"w1": "w1", "w2": "w2", "w3": "w3", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _rope_rows(name: str, args: ModelArgs) -> int | None:
+    """The heads whose rows RoPE's layout permutes in our tensor `name` (wq, wk and Qwen3's q/k norms); None."""
+    for suffix, heads in (("wq.weight", args.n_heads), ("wk.weight", args.kv_heads), ("_norm.weight", 1)):
+        if name.endswith(suffix) and (suffix != "_norm.weight" or ".attention." in name):
+            return heads
+    return None
 
 
 def _hf_to_ours(name: str) -> str | None:
@@ -224,10 +263,15 @@ def _fused_experts(key: str) -> str | None:
 
 
 def _one_expert(key: str) -> tuple[str, int] | None:
-    """(our stacked weight's name, the expert) for transformers 4's `block_sparse_moe.experts.<e>.<w>.weight`."""
+    """(our stacked weight's name, the expert) for one expert's matrix on disk (`_PER_EXPERT`)."""
     parts = key.split(".")
-    if key.startswith("model.layers.") and parts[3:5] == ["block_sparse_moe", "experts"] and parts[6] in _PER_EXPERT:
-        return f"layers.{parts[2]}.feed_forward.experts.{parts[6]}", int(parts[5])
+    if (
+        key.startswith("model.layers.")
+        and len(parts) == 8
+        and parts[3:5] in (["block_sparse_moe", "experts"], ["mlp", "experts"])
+        and parts[6] in _PER_EXPERT
+    ):
+        return f"layers.{parts[2]}.feed_forward.experts.{_PER_EXPERT[parts[6]]}", int(parts[5])
     return None
 
 
@@ -248,10 +292,32 @@ def _moe_from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_family(args: ModelArgs) -> str:
+    """The HF model type this model exports as: Qwen3 (-MoE) with per-head query/key norms, else LLaMA or
+    Mixtral."""
+    if args.qk_norm:
+        return "qwen3_moe" if args.moe is not None else "qwen3"
+    if args.head_size is not None and args.head_size != args.dim // args.n_heads:
+        raise ValueError(
+            f"model.head_dim={args.head_size} without model.qk_norm has no Hugging Face form here (LLaMA and Mixtral "
+            f"derive it: model.dim / model.n_heads = {args.dim // args.n_heads})"
+        )
+    return "mixtral" if args.moe is not None else "llama"
+
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+
 def hf_config(args: ModelArgs) -> dict:
+    family = hf_family(args)
     c = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_ARCHITECTURES[family]],
+        "model_type": family,
         "hidden_size": args.dim,
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
@@ -268,8 +334,10 @@ def hf_config(args: ModelArgs) -> dict:
         "head_dim": args.head_dim,
         "torch_dtype": "float32",
     }
+    if family in ("qwen3", "qwen3_moe"):
+        c.update(use_sliding_window=False, sliding_window=None)
     if args.moe is not None:
-        c.update(_moe_config(args))
+        c.update(_moe_config(args, family))
     if args.rope_scaling is not None:
         r = args.rope_scaling
         c["rope_scaling"] = {
@@ -286,31 +354,43 @@ def hf_config(args: ModelArgs) -> dict:
 MOE_TRAINING_FIELDS = ("bias_update_rate", "routing", "grouped_mm", "capacity_factor")
 
 
-def _moe_config(args: ModelArgs) -> dict:
-    """The Mixtral fields of an MoE model's HF config; a model Mixtral cannot express is refused by name."""
+def _moe_config(args: ModelArgs, family: str) -> dict:
+    """The MoE fields of an HF config (Mixtral's or Qwen3-MoE's); a model the family cannot express is refused by
+    name."""
     m = args.moe
+    mixtral = family == "mixtral"
     problems = [
-        f"{what} (HF Mixtral: {want})"
+        f"{what} (HF {family}: {want})"
         for what, bad, want in (
-            (f"model.moe.dense_layers={m.dense_layers}", m.dense_layers != 0, "every block MoE"),
+            (f"model.moe.dense_layers={m.dense_layers}", mixtral and m.dense_layers != 0, "every block MoE"),
             (f"model.moe.n_shared_experts={m.n_shared_experts}", m.n_shared_experts != 0, "no shared experts"),
             (f"model.moe.score={m.score}", m.score != "softmax", "softmax"),
-            (f"model.moe.normalize={m.normalize}", not m.normalize, "top-k weights renormalized"),
+            (f"model.moe.normalize={m.normalize}", mixtral and not m.normalize, "top-k weights renormalized"),
             (f"model.moe.capacity_factor={m.capacity_factor}", m.capacity_factor is not None, "dropless"),
         )
         if bad
     ]
     if problems:
-        raise ValueError(f"this MoE model has no Hugging Face Mixtral form: {'; '.join(problems)}")
+        raise ValueError(f"this MoE model has no Hugging Face {family} form: {'; '.join(problems)}")
+    if mixtral:
+        return {
+            "num_local_experts": m.n_experts,
+            "num_experts_per_tok": m.top_k,
+            "intermediate_size": args.expert_hidden,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": False,
+            "sliding_window": None,
+        }
     return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
+        "num_experts": m.n_experts,  # (transformers 4's name; 5 writes num_local_experts and reads either)
         "num_local_experts": m.n_experts,
         "num_experts_per_tok": m.top_k,
-        "intermediate_size": args.expert_hidden,
-        "router_jitter_noise": 0.0,
+        "moe_intermediate_size": args.expert_hidden,
+        "intermediate_size": args.ffn_hidden,
+        "norm_topk_prob": m.normalize,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(range(m.dense_layers)),
         "output_router_logits": False,
-        "sliding_window": None,
     }
 
 
@@ -334,10 +414,8 @@ def from_hf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         if ours is None:
             unknown.append(name)
         elif ours:
-            if ours.endswith("wq.weight"):
-                w = _halves_to_interleaved(w, args.n_heads)
-            elif ours.endswith("wk.weight"):
-                w = _halves_to_interleaved(w, args.kv_heads)
+            if (heads := _rope_rows(ours, args)) is not None:
+                w = _halves_to_interleaved(w, heads)
             sd[ours] = w
     if unknown:
         raise ValueError(f"{path}: tensors with no counterpart in our LLaMA: {unknown[:5]}")
@@ -353,21 +431,36 @@ def to_hf(sd: dict[str, torch.Tensor], args: ModelArgs, out: str | Path, dtype: 
     out = Path(out)
     config = hf_config(args)  # (a model with no HF form is refused before anything is written)
     inv_root = {v: k for k, v in _ROOT.items()}
-    inv_block = {v: k for k, v in _BLOCK.items()} | {"feed_forward.router.gate.weight": "block_sparse_moe.gate.weight"}
+    family = hf_family(args)
+    router, experts = (
+        ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.{w}.weight")
+        if family == "mixtral"
+        else ("mlp.gate.weight", "mlp.experts.{e}.{w}.weight")
+    )
+    per_expert = (
+        {"w1": "w1", "w2": "w2", "w3": "w3"}
+        if family == "mixtral"
+        else {
+            "w1": "gate_proj",
+            "w2": "down_proj",
+            "w3": "up_proj",
+        }
+    )
+    inv_block = {v: k for k, v in _BLOCK.items()} | {"feed_forward.router.gate.weight": router}
     hf = {}
     for name, w in sd.items():
-        if name.endswith("router.expert_bias"):  # (HF Mixtral routes without a bias)
+        if name.endswith("router.expert_bias"):  # (HF Mixtral and Qwen3-MoE route without a bias)
             if w.abs().max() > 0:
                 raise ValueError(
-                    f"{name} moved (max |bias| {w.abs().max():.3g}): HF Mixtral has no routing bias, so the exported "
-                    "model would route tokens to other experts; export a run trained with "
+                    f"{name} moved (max |bias| {w.abs().max():.3g}): HF {_ARCHITECTURES[family]} has no routing "
+                    "bias, so the exported model would route tokens to other experts; export a run trained with "
                     "model.moe.bias_update_rate=0"
                 )
             continue
-        if ".feed_forward.experts.w" in name:  # one matrix per expert, as transformers writes Mixtral to disk
+        if ".feed_forward.experts.w" in name:  # one matrix per expert, as transformers writes them to disk
             _, i, rest = name.split(".", 2)
             for e in range(w.shape[0]):
-                hf[f"model.layers.{i}.block_sparse_moe.experts.{e}.{rest.rsplit('.', 1)[1]}.weight"] = w[e]
+                hf[f"model.layers.{i}." + experts.format(e=e, w=per_expert[rest.rsplit(".", 1)[1]])] = w[e]
             continue
         if name in inv_root:
             if name == "output.weight" and args.tie_embeddings:
@@ -375,10 +468,8 @@ def to_hf(sd: dict[str, torch.Tensor], args: ModelArgs, out: str | Path, dtype: 
             hf[inv_root[name]] = w
             continue
         _, i, rest = name.split(".", 2)
-        if name.endswith("wq.weight"):
-            w = _interleaved_to_halves(w, args.n_heads)
-        elif name.endswith("wk.weight"):
-            w = _interleaved_to_halves(w, args.kv_heads)
+        if (heads := _rope_rows(name, args)) is not None:
+            w = _interleaved_to_halves(w, heads)
         hf[f"model.layers.{i}.{inv_block[rest]}"] = w
     out.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -558,10 +649,9 @@ class TensorReader:
     def __init__(self, path: Path):
         from safetensors import safe_open
 
-        self.path, self.index, self.full, self.heads = Path(path), {}, None, {}
+        self.path, self.index, self.full, self.args = Path(path), {}, None, None
         if (self.path / "config.json").is_file():
-            args = args_from_hf_config(json.loads((self.path / "config.json").read_text()))
-            self.heads = {"wq.weight": args.n_heads, "wk.weight": args.kv_heads}
+            self.args = args_from_hf_config(json.loads((self.path / "config.json").read_text()))
             experts: dict[str, dict[int, tuple]] = {}
             for f in sorted(self.path.glob("*.safetensors")):
                 with safe_open(str(f), framework="pt") as h:
@@ -601,7 +691,7 @@ class TensorReader:
         if len(entry) != 2:  # an MoE block's experts: part of a fused gate/up tensor, or one file tensor per expert
             return self._experts_slice(entry, offset, shape)
         f, key = entry
-        rows = self.heads.get(name.rsplit(".", 2)[-2] + ".weight") if name.startswith("layers.") else None
+        rows = _rope_rows(name, self.args) if self.args is not None else None  # (HF's RoPE layout)
         with safe_open(str(f), framework="pt") as h:
             sl = h.get_slice(key)
             r0, r1 = offset[0], offset[0] + shape[0]

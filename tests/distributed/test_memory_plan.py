@@ -114,6 +114,8 @@ LAYOUTS = [
     ("ep2_moe", 2, [*LONG, *MOE, "parallel.data=fsdp", "parallel.ep=2", "model.moe.routing=round_robin"]),
     ("ep2_moe_first", 2, [*LONG, *MOE, "parallel.data=fsdp", "parallel.ep=2", "model.moe.routing=first"]),
     ("long", 1, LONG),
+    # Qwen3's attention: heads wider than dim / n_heads, RMS-normalized queries and keys before RoPE
+    ("qk_norm", 1, [*LONG, "model.head_dim=32", "model.qk_norm=true"]),
     ("cp_2", 2, [*LONG, "parallel.cp=2"]),
     ("cp_2_ring", 2, [*LONG, "parallel.cp=2", "parallel.cp_rotate=ring"]),
     ("fsdp_cp_2x2", 4, [*LONG, "parallel.data=fsdp", "parallel.cp=2"]),
@@ -153,6 +155,7 @@ MODES_OF = {
     "moe_capacity": ["none/fp32", "none/bf16"],
     "fsdp_moe": ["none/fp32", "full/bf16"],
     "ep2_moe": ["none/fp32", "full/bf16"],
+    "qk_norm": ["none/fp32", "none/bf16", "full/bf16"],
     "ep2_moe_first": ["none/fp32", "none/bf16"],
     "pp_packed": ["none/fp32", "full/bf16"],
     "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],

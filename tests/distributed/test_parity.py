@@ -384,13 +384,15 @@ MOE_CASES = [
     ("ep4_8_experts", 4, ["parallel.data=fsdp", "parallel.ep=4", "model.moe.n_experts=8"]),
     ("ep2_hsdp_2x2_ac_full", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.ep=2", "parallel.ac=full"]),
     ("ep2_first_experts", 2, ["parallel.data=fsdp", "parallel.ep=2", "model.moe.routing=first"]),
+    # Qwen3-MoE's attention (heads wider than dim / n_heads, RMS-normalized queries and keys) under expert parallelism
+    ("ep2_qwen3_attention", 2, ["parallel.data=fsdp", "parallel.ep=2", "model.head_dim=32", "model.qk_norm=true"]),
 ]
 MOE_COMMON = [*MOE, "model.moe.bias_update_rate=0.01", "training.global_batch_size=8", "training.precision=fp32"]
 
 
 def _moe_runs(nproc: int, overrides: list[str]) -> list[tuple[int, list[str]]]:
-    """(one process with the row's MoE blocks and routing, the row's layout)."""
-    routing = [o for o in overrides if o.startswith("model.moe.")]
+    """(one process with the row's model: its MoE blocks, routing and attention; the row's layout)."""
+    routing = [o for o in overrides if o.startswith("model.")]
     return [(1, [STEPS, *MOE_COMMON, *routing]), (nproc, [STEPS, *MOE_COMMON, *overrides])]
 
 

@@ -104,7 +104,7 @@ RULES = [
     (
         ["model.dim=40", "model.n_heads=8", "model.n_kv_heads=8"],
         1,
-        "head dim model.dim/model.n_heads = 40/8 = 5 must be even",
+        "head dim 5 (model.head_dim, else model.dim/model.n_heads = 40/8) must be even for RoPE",
     ),
     (["optim.lr=-1e-3"], 1, "optim.lr=-0.001 must be > 0"),
     (
@@ -317,6 +317,8 @@ RULES = [
         "parallel.ep=2 borrows its ranks from dp_shard, which is 1 with parallel.data=hsdp: set parallel.dp_shard",
     ),
     (["parallel.ep=0"], 1, "parallel.ep=0 must be >= 1"),
+    (["model.qk_norm=true", "parallel.tp=2"], 2, "model.qk_norm=true with parallel.tp(2): not built"),
+    (["model.head_dim=15"], 1, "head dim 15 (model.head_dim, else model.dim/model.n_heads"),
 ]
 
 

@@ -300,7 +300,7 @@ def test_mixtral_loads_with_equal_logits_and_exports_back(tmp_path):
     # a moved balancing bias has no HF form: refused, nothing written
     moved = {k: v for k, v in ours.state_dict().items() if "rope" not in k}
     moved["layers.0.feed_forward.router.expert_bias"] = torch.tensor([0.1, 0.0, 0.0, 0.0])
-    with pytest.raises(ValueError, match="HF Mixtral has no routing bias"):
+    with pytest.raises(ValueError, match="HF MixtralForCausalLM has no routing bias"):
         to_hf(moved, args, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
 
@@ -343,3 +343,66 @@ def test_mixtral_weights_are_read_in_slices_from_the_fused_and_the_per_expert_la
             name = f"layers.1.feed_forward.experts.{w}"
             want = sd[name][1:3, 4:14, 8:28]
             assert torch.equal(read.slice(name, (1, 4, 8), (2, 10, 20)), want), (path.name, w)
+
+
+def tiny_qwen3(tmp_path, moe: bool, name="qwen3"):
+    common = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,  # (wider than 64 / 4, as Qwen3's are)
+        vocab_size=256,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+    )
+    if moe:  # the first block dense, then 4 experts top-2 (weights not renormalized: norm_topk_prob false)
+        cfg = transformers.Qwen3MoeConfig(
+            **common, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0]
+        )
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0, 0.1)
+    model.eval().save_pretrained(tmp_path / name, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("moe", [True, False], ids=["qwen3_moe", "qwen3"])
+def test_qwen3_loads_with_equal_logits_and_exports_back(moe, tmp_path):
+    """Tiny HF Qwen3 and Qwen3-MoE (heads 32 wide at width 64, RMS-normalized queries and keys; the MoE one's first
+    block dense): the same logits here, and back in transformers from our export; the sharded load's reader gives
+    every tensor (the head norms in our RoPE order). Without the head norms' RoPE permutation the logits differ."""
+    from trainer import hf as hf_mod
+
+    hf = tiny_qwen3(tmp_path, moe)
+    args, sd = from_hf(tmp_path / "qwen3")
+    assert args.head_dim == 32 and args.qk_norm and (args.moe is not None) == moe
+    if moe:
+        assert args.moe.dense_layers == 1 and not args.moe.normalize and args.expert_hidden == 24
+    ours = build_model(args, device="cpu")
+    ours.init_weights(0)
+    missing, unexpected = ours.load_state_dict(sd, strict=False)
+    assert not unexpected and all(m.endswith("router.expert_bias") for m in missing), missing
+    ours.eval()
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        torch.testing.assert_close(ours(tokens), want, rtol=0, atol=1e-5)
+        to_hf({k: v for k, v in ours.state_dict().items() if "rope" not in k}, args, tmp_path / "out")
+        kind = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
+        back = kind.from_pretrained(tmp_path / "out").eval()
+        torch.testing.assert_close(back(tokens).logits, want, rtol=0, atol=1e-5)
+        read = hf_mod.TensorReader(tmp_path / "qwen3")
+        assert all(torch.equal(read(k), sd[k]) for k in sd)
+        unpermuted = {
+            k: (hf_mod._interleaved_to_halves(v, 1) if "_norm" in k and ".attention." in k else v)
+            for k, v in sd.items()
+        }
+        ours.load_state_dict(unpermuted, strict=False)
+        assert (ours(tokens) - want).abs().max() > 1e-3
