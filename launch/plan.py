@@ -184,15 +184,16 @@ def main(argv: list[str]) -> int:
     )
     print(plan.memory.table())
     if routings:
-        gib = 2**30
+        big = routings["balanced"]["peak_bytes"] >= 2**30
         peaks = ", ".join(
-            f"{k} {v['peak_bytes'] / gib:.3f} GiB (load {v['load']:.2f})"
+            f"{k} {v['peak_bytes'] / 2**30:.2f} GiB" if big else f"{k} {v['peak_bytes'] / 2**20:.1f} MiB"
             for k, v in routings.items()
             if k != "all_to_all"
         )
+        loads = ", ".join(f"{k} {v['load']:.2f}" for k, v in routings.items() if k != "all_to_all")
         print(
-            f"expert routing     most loaded rank's peak: {peaks}; all-to-all {routings['all_to_all'] / 2**20:,.1f} "
-            "MiB sent per rank per step (balanced)"
+            f"expert routing     most loaded rank's peak: {peaks} (rows per rank over balanced: {loads}); "
+            f"all-to-all {routings['all_to_all'] / 2**20:,.1f} MiB sent per rank per step (balanced)"
         )
     if timed is not None:
         hw, st = timed

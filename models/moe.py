@@ -344,12 +344,13 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, MoE]]:
 
 
 @torch.no_grad()
-def balance(parts: list[nn.Module], all_reduce=None) -> dict[str, torch.Tensor]:
+def balance(parts: list[nn.Module], all_reduce=None, ep: int = 1) -> dict[str, torch.Tensor]:
     """Once per optimizer step: the routing counts since the last call, summed over the data-parallel ranks by
     `all_reduce(tensor)` (in place), move each expert's bias by the rate towards the mean load (up for an expert
     below it, down above it, as DeepSeek-V3); the counts restart. Returns each MoE block's load for the logs, on the
     device (no host synchronization here): {"moe/<layer>": (max / mean tokens per expert, 1.0 balanced; the share of
-    rows dropped)}."""
+    rows dropped; under expert parallelism over `ep` ranks, the busiest rank's rows over the mean rank's, each rank
+    holding E / ep consecutive experts)}."""
     blocks = [(name, m) for part in parts for name, m in moe_blocks(part)]
     if not blocks:
         return {}
@@ -363,8 +364,14 @@ def balance(parts: list[nn.Module], all_reduce=None) -> dict[str, torch.Tensor]:
         if m.moe.bias_update_rate and m.moe.routing == "learned":  # (no tokens: the sign is 0, nothing moves)
             m.router.expert_bias += m.moe.bias_update_rate * torch.sign(mean - load)
         layer = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "").split(".feed_forward")[0]
+        ranks = load.view(ep, -1).sum(1)
         logs[f"moe/{layer}"] = torch.stack(
-            [load.max() / mean.clamp_min(1e-9), dropped / (load.sum() + dropped).clamp_min(1)]
+            [
+                load.max() / mean.clamp_min(1e-9),
+                dropped / (load.sum() + dropped).clamp_min(1),
+                ranks.max() / ranks.mean().clamp_min(1e-9),
+                torch.tensor(float(ep), device=load.device),
+            ]
         )
         m.tokens_per_expert.zero_()
         m.dropped_tokens.zero_()
@@ -372,11 +379,14 @@ def balance(parts: list[nn.Module], all_reduce=None) -> dict[str, torch.Tensor]:
 
 
 def load_metrics(logs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """`balance`'s logs as metrics (one host synchronization): moe/<layer>/max_over_mean and moe/<layer>/dropped."""
+    """`balance`'s logs as metrics (one host synchronization): moe/<layer>/max_over_mean, moe/<layer>/dropped and,
+    under expert parallelism, moe/<layer>/rank_max_over_mean."""
     if not logs:
         return {}
     values = torch.stack(list(logs.values())).tolist()
     out = {}
-    for key, (ratio, dropped) in zip(logs, values):
+    for key, (ratio, dropped, rank_ratio, ep) in zip(logs, values):
         out[f"{key}/max_over_mean"], out[f"{key}/dropped"] = ratio, dropped
+        if ep > 1:
+            out[f"{key}/rank_max_over_mean"] = rank_ratio
     return out

@@ -57,6 +57,7 @@ from parallel.memory_terms import (
     block_activation_bytes,
     block_recompute_bytes,
     blocks_by_ac,
+    expert_exchange_bytes,
     offloaded_per_token,
 )
 
@@ -414,7 +415,14 @@ def step_time(
     worst = None
     for pp_rank in range(dims.pp):
         params, blocks, first, last, n_parts = _params_of_rank(args, cfg, dims, pp_rank)
-        block_n = sum(math.prod(q.tp) for q in params if q.unit != "root")
+        # an MoE block's experts: a token computes top_k of the n_experts (on balance, under expert parallelism too:
+        # each rank computes its experts' rows for its share of the tokens)
+        share = args.moe.top_k / args.moe.n_experts if args.moe is not None else 1.0
+        block_n = sum(
+            math.prod(q.full) * share if ".feed_forward.experts." in q.name else math.prod(q.tp)
+            for q in params
+            if q.unit != "root"
+        )
         head_n = sum(math.prod(q.tp) for q in params if q.unit == "root" and q.name != "tok_embeddings.weight")
         if last and args.tie_embeddings:
             head_n += args.vocab_size * args.dim // dims.tp
@@ -502,6 +510,12 @@ def step_time(
             per_block = _ring(dims.cp) * dims.cp * kv_local * (2 * act_bytes + 4)
             calls = 3 if str(p.cp_rotate) == "allgather" else 3 * (dims.cp - 1)
             add("CP key/value exchange", n_micro * len(blocks) * per_block, dims.cp, tp, n_micro * len(blocks) * calls)
+        if dims.ep > 1 and args.moe is not None:
+            # expert parallelism: every MoE block's rows to their experts' ranks and back (a count exchange first),
+            # in forward and in backward, under full AC the forward's again; the ep ranks are dp_shard's innermost
+            n_moe = sum(args.is_moe(i) for i in blocks)
+            calls = n_micro * n_moe * (3 if sac == "full" else 2) * 3
+            add("EP token all-to-all", expert_exchange_bytes(cfg, args, dims), dims.ep, dims.cp * tp, calls)
         if dims.pp > 1:
             act = mb * seq * args.dim / tp * act_bytes
             sends = sum(1 for s in stage_ids(sched, pp_rank, dims.pp) if s != len(ranges) - 1)
@@ -529,6 +543,7 @@ def step_time(
         cp_t = comm_t.get("CP key/value exchange", 0.0)
         parts["cp_comm"] = cp_t if str(p.cp_rotate) == "allgather" else cp_t / max(dims.cp, 1)
         parts["pp_comm"] = comm_t.get("PP sends", 0.0)
+        parts["ep_comm"] = comm_t.get("EP token all-to-all", 0.0)  # (between a block's router and its experts)
         if dims.pp > 1:
             per_micro = (busy + parts["tp_comm"]) / n_micro
             bubble_micro = (dims.pp - 1) / (stages_per_rank(sched) if sched != "gpipe" else 1)

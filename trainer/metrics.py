@@ -148,17 +148,20 @@ class JsonlSink:
 
 
 def observed_expert_load(path) -> float:
-    """The largest `moe/<layer>/max_over_mean` in a run's metrics.jsonl (`JsonlSink`'s rows): its busiest expert's
-    tokens over the mean, in the worst step and layer."""
-    worst = 0.0
+    """A run's routing imbalance from its metrics.jsonl (`JsonlSink`'s rows), in the worst step and layer: the busiest
+    rank's rows over the mean rank's (`moe/<layer>/rank_max_over_mean`, logged under expert parallelism), else the
+    busiest expert's tokens over the mean (`max_over_mean`), which bounds any rank's (a rank's experts together carry
+    at most their number times the busiest one's share)."""
+    worst: dict[str, float] = {"rank_max_over_mean": 0.0, "max_over_mean": 0.0}
     for line in Path(path).read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         for key, value in row.items():
-            if key.startswith("moe/") and key.endswith("/max_over_mean") and value is not None:
-                worst = max(worst, float(value))
-    if worst == 0.0:
+            kind = key.rsplit("/", 1)[-1]
+            if key.startswith("moe/") and kind in worst and value is not None:
+                worst[kind] = max(worst[kind], float(value))
+    if not any(worst.values()):
         raise ValueError(f"{path}: no moe/<layer>/max_over_mean values (a log of an MoE run's metrics.jsonl)")
-    return worst
+    return worst["rank_max_over_mean"] or worst["max_over_mean"]
 
 
 class TensorBoardSink:

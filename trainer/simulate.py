@@ -85,6 +85,12 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
             f"--simulate: parallel.data={data} runs {what}, which does not run on FakeTensors; measure "
             f"this layout on real ranks (logging.memory_breakdown=true)"
         )
+    if cfg.model.get("moe") is not None and cfg.model.moe.get("n_experts"):
+        raise ValueError(
+            "--simulate: MoE blocks route tokens by their values (how many rows each expert gets, how many travel to "
+            "each rank), shapes that fake tensors cannot have; the plan's terms are the prediction (its three "
+            "routings), measured on real ranks by tests/distributed/test_memory_plan.py's moe and ep2_moe rows"
+        )
     if p.activation_offload:
         raise ValueError(
             "--simulate: parallel.activation_offload copies real tensors to the host, which fake tensors "

@@ -357,7 +357,7 @@ class Trainer:
         skip = str(self.cfg.numerics.on_nonfinite) == "skip" and self.scaler is None
         applied = []
         # MoE blocks: the routing counts of this step, summed over the data-parallel ranks, move the balancing bias
-        self.moe_load = balance(self.par.parts, self._all_reduce_sum) if self.model_args.moe else {}
+        self.moe_load = balance(self.par.parts, self._all_reduce_sum, self.par.dims.ep) if self.model_args.moe else {}
 
         def apply(norm: torch.Tensor) -> bool:
             ok = bool(torch.isfinite(norm))

@@ -312,7 +312,7 @@ def test_documented_compare_command_runs(line, tmp_path):
     # (a warmup given for the documented length is dropped: compare.py shortens the recipe's to the 4 steps)
     args = [a for a in shlex.split(line)[2:] if not a.startswith(("steps=", "nproc=", "out=", "optim.warmup_steps="))]
     shown = int(next((a.split("=")[1] for a in shlex.split(line) if a.startswith("nproc=")), "2"))
-    nproc = shown if "cp=" in line else min(2, shown)  # (a context-parallel cell needs its cp ranks)
+    nproc = shown if ("cp=" in line or "ep=" in line) else min(2, shown)  # (a cp or ep cell needs its ranks)
     proc = subprocess.run(
         [
             sys.executable,

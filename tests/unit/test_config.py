@@ -11,17 +11,19 @@ from trainer.validate import check, derive, validate
 
 
 def _recipe_world_size(cfg) -> int:
-    """The smallest world a recipe's layout runs on: the fixed degrees, and 2 for a "the rest" degree."""
+    """The smallest world a recipe's layout runs on: the fixed degrees, and 2 for a "the rest" degree (the expert
+    degree, at least, for a dp_shard that holds it)."""
     p = cfg.parallel
     data = str(p.data)
+    rest = max(2, p.ep)
     dp = {
         "none": 1,
         "ddp": 2,
         "zero1": 2,
         "zero2": 2,
         "zero3": 2,
-        "fsdp": p.dp_shard if p.dp_shard > 0 else 2,
-        "hsdp": max(p.dp_replicate, 1) * (p.dp_shard if p.dp_shard > 0 else 2),
+        "fsdp": p.dp_shard if p.dp_shard > 0 else rest,
+        "hsdp": max(p.dp_replicate, 1) * (p.dp_shard if p.dp_shard > 0 else rest),
     }[data]
     return dp * p.tp * p.pp * p.cp
 

@@ -378,6 +378,47 @@ def test_the_packing_table_is_the_committed_runs():
     assert _section(REPO / "docs" / "data.md", PACK_BEGIN, PACK_END) == packing_table()
 
 
+# docs/moe.md's plans of the large MoE shapes: the planner is arithmetic, so the table is recomputed here
+SHAPES_BEGIN = "<!-- moe-shapes: rendered by tests/unit/test_docs_tables.py from the recipes (the planner) -->"
+SHAPES_END = "<!-- /moe-shapes -->"
+MOE_SHAPES = ("mixtral8x7b_ep", "qwen3_30b_a3b_ep", "deepseek_v3_like_ep")
+
+
+def moe_shapes_table() -> str:
+    """One row per large MoE recipe at its hardware.world_size on 80 GB GPUs: the most loaded rank's peak for
+    balanced routing and for the worst case (`launch/plan.py`'s expert routing line), and the all-to-all bytes."""
+    from models.args import model_args_of
+    from parallel.memory_terms import expert_exchange_bytes
+    from trainer.config import load_config
+    from trainer.validate import derive
+
+    gib = 2**30
+    lines = [
+        "| recipe | parameters (active) | GPUs | layout | balanced | worst case | all-to-all / rank / step | "
+        "fits 80 GB (worst, + reserve) |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for recipe in MOE_SHAPES:
+        cfg = load_config([f"recipe={recipe}"])
+        args, world = model_args_of(cfg), int(cfg.hardware.world_size)
+        plans = {r: derive(cfg, world, capacity_gib=80, device="cuda", expert_routing=r) for r in ("balanced", "worst")}
+        worst = plans["worst"].memory
+        dims = plans["balanced"].dims
+        fits = "yes" if worst.most_loaded.peak_bytes + worst.reserve_bytes <= 80 * gib else "no"
+        lines.append(
+            f"| `{recipe}` | {args.num_params() / 1e9:.1f} B ({args.num_params(active=True) / 1e9:.1f} B) | "
+            f"{world:,} | "
+            f"{dims.describe()} | {plans['balanced'].memory.most_loaded.peak_bytes / gib:.2f} GiB | "
+            f"{worst.most_loaded.peak_bytes / gib:.2f} GiB | {expert_exchange_bytes(cfg, args, dims) / gib:,.1f} GiB | "
+            f"{fits} |"
+        )
+    return f"{SHAPES_BEGIN}\n" + "\n".join(lines) + f"\n{SHAPES_END}"
+
+
+def test_the_moe_shapes_table_is_the_planners():
+    assert _section(REPO / "docs" / "moe.md", SHAPES_BEGIN, SHAPES_END) == moe_shapes_table()
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     for doc, begin, end, render in (
         (REPO / "docs" / "benchmarks.md", BENCH_BEGIN, BENCH_END, bench_table),
@@ -386,6 +427,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
         (REPO / "docs" / "quickstart.md", QS_LOG_BEGIN, QS_LOG_END, quickstart_log),
         (REPO / "docs" / "optimizers.md", OPT_BEGIN, OPT_END, optimizers_table),
         (REPO / "docs" / "data.md", PACK_BEGIN, PACK_END, packing_table),
+        (REPO / "docs" / "moe.md", SHAPES_BEGIN, SHAPES_END, moe_shapes_table),
     ):
         text = doc.read_text()
         doc.write_text(text.replace(_section(doc, begin, end), render()))

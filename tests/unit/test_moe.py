@@ -198,3 +198,22 @@ def test_the_planner_sizes_expert_parallel_rows_for_three_routings(tmp_path):
     log.write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
     with pytest.raises(ValueError, match="no moe/<layer>/max_over_mean"):
         observed_expert_load(log)
+
+
+def test_the_balancer_logs_each_ranks_load_under_expert_parallelism(tmp_path):
+    """Under expert parallelism over 2 ranks (each holding 2 of 4 experts) the logs add the busiest rank's rows over
+    the mean rank's: counts 6, 2, 0, 0 put 8 rows on rank 0 and none on rank 1 (2.0), while the busiest expert is
+    3.0 x the mean; the planner's observed load reads the rank's ratio first."""
+    import json
+
+    from trainer.metrics import observed_expert_load
+
+    block = _block(MoEArgs(n_experts=4, top_k=1, bias_update_rate=0.0))
+    block.tokens_per_expert.copy_(torch.tensor([6.0, 2.0, 0.0, 0.0]))
+    metrics = load_metrics(balance([block], ep=2))
+    assert metrics == {"moe//max_over_mean": 3.0, "moe//dropped": 0.0, "moe//rank_max_over_mean": 2.0}, metrics
+    block.tokens_per_expert.copy_(torch.tensor([6.0, 2.0, 0.0, 0.0]))
+    assert "moe//rank_max_over_mean" not in load_metrics(balance([block]))  # (one rank holds every expert)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"step": 1, **metrics}) + "\n")
+    assert observed_expert_load(log) == 2.0
