@@ -15,12 +15,13 @@ The block's forward, step by step (`MoE.forward`):
    the device and torch version have it, or the reference loop over experts (fp32 everywhere): equal in the tests.
 4. `combine`: each row's output times its weight, summed back into its token (dropped rows add nothing); plus the
    shared experts' output on every token.
-The routing counts accumulate (training only, outside a checkpoint's recomputed forward) for the balancer
-(`balance`), which moves each expert's bias once per optimizer step.
+The routing counts accumulate (training only: when the backward reaches the routing weights, so once per trained
+forward) for the balancer (`balance`), which moves each expert's bias once per optimizer step.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -67,7 +68,8 @@ def moe_args_of(section) -> MoEArgs | None:
 def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
     """The model.moe section's rules, and the layouts MoE blocks are built and tested under: one process, DDP, FSDP2
     and HSDP (the experts are ordinary parameters of the block, sharded by FSDP like the rest), expert parallelism
-    under FSDP2 or HSDP (parallel/expert.py), with full AC. The others are refused by name until they are built."""
+    under FSDP2 or HSDP (parallel/expert.py), pipeline parallelism (with expert parallelism in each stage), with full
+    AC. The others are refused by name until they are built."""
     if moe is None:
         ep = int(cfg.parallel.get("ep", 1))
         if ep > 1:
@@ -105,7 +107,6 @@ def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
         )
     not_built = {
         "parallel.tp": int(p.tp) > 1,
-        "parallel.pp": int(p.pp) > 1,
         "parallel.cp": int(p.cp) > 1,
         f"parallel.data={p.data}": str(p.data).startswith("zero"),
         f"parallel.ac={p.ac}": str(p.ac) == "selective",
@@ -119,7 +120,7 @@ def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
         if on:
             problems.append(
                 f"model.moe with {setting}: not built yet for MoE blocks (built: one process, DDP, FSDP, HSDP, expert "
-                "parallelism with FSDP or HSDP, full AC); remove it or set model.moe.n_experts=0"
+                "parallelism with FSDP or HSDP, pipeline parallelism, full AC); remove it or set model.moe.n_experts=0"
             )
     return problems
 
@@ -319,15 +320,21 @@ class MoE(nn.Module):
             if not b.is_meta:
                 b.zero_()
 
+    @torch.no_grad()
+    def _count(self, counts_E: torch.Tensor, dropped: torch.Tensor, grad: torch.Tensor) -> None:
+        self.tokens_per_expert += counts_E
+        self.dropped_tokens += dropped
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
         weights_TK, experts_TK = self.router(x_TD)
         x_RD, routed = dispatch(x_TD, experts_TK, self.moe)
-        if self.training and torch._C._current_graph_task_id() == -1:  # (not a checkpoint's recompute: counted once)
-            with torch.no_grad():
-                self.tokens_per_expert += routed.counts_E.float()
-                self.dropped_tokens += routed.dropped.float()
+        # counted when the backward reaches the routing weights: once per trained forward; not for a checkpoint's
+        # recompute (it runs inside the backward), nor a forward no backward follows (a pipeline stage's shape
+        # inference runs one with gradients on, on real data or zeros; validation; sampling)
+        if self.training and weights_TK.requires_grad and torch._C._current_graph_task_id() == -1:
+            weights_TK.register_hook(functools.partial(self._count, routed.counts_E.float(), routed.dropped.float()))
         y_RD = self.experts(x_RD, routed.counts_E)
         out_TD = combine(y_RD, weights_TK, routed, B * S)
         if self.shared is not None:

@@ -33,7 +33,7 @@ from parallel.expert import apply_ep
 from parallel.layout import microbatches, reshards_after_forward
 from parallel.mesh import ParallelDims, World, build_meshes, needs_process_group
 from parallel.parallelized import Parallelized, clip_grad_norm
-from parallel.pipeline import PipelineLoss, split_model
+from parallel.pipeline import PipelineLoss, split_model, static_stage_shapes
 from parallel.tensor import apply_tp, keep_grads_sharded_like_params
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -189,6 +189,8 @@ def parallelize(
         par.pipeline_loss = PipelineLoss(loss_sum, par.grad_reduction_scale)
         par.stage_parts, par.pp_schedule, par.device = parts_with_ids, str(p.pp_schedule), device
         n_micro = microbatches(t.global_batch_size, t.micro_batch_size, dims.dp_size)
+        if stage_shapes is None and model.args.moe is not None:  # (MoE blocks: no shape-inference forward)
+            stage_shapes = static_stage_shapes(cfg, model.args, dims)
         par.schedule = build_schedule(
             parts_with_ids,
             p.pp_schedule,

@@ -26,6 +26,34 @@ from torch import nn
 from parallel.layout import n_stages, split_blocks, stage_ids, stage_owners
 
 
+def static_stage_shapes(cfg, args, dims):
+    """stage id -> (input, output) example tensors of that pipeline stage (meta tensors: shapes and dtypes only),
+    which spare torch's stages their shape inference: a forward (and on the last stage a backward) of zeros or of
+    the first microbatch before the first step. Given for the simulation (fake tensors) and for MoE models (whose
+    routing counts would take the inference's tokens for trained ones); neither has TP or CP here (the boundary is
+    the whole (micro-batch, sequence, width) hidden state)."""
+
+    mb, T = cfg.training.micro_batch_size, cfg.training.seq_len
+    # between stages travels the residual stream: fp32, except where the parameters themselves are 16-bit
+    mixed = str(cfg.training.precision) != "fp32" and str(cfg.parallel.data) in ("fsdp", "hsdp")
+    hidden_dtype = (
+        torch.bfloat16
+        if mixed and str(cfg.training.precision) == "bf16"
+        else (torch.float16 if mixed else torch.float32)
+    )
+    last = n_stages(str(cfg.parallel.pp_schedule), dims.pp) - 1
+    tokens = torch.empty(mb, T, dtype=torch.int64, device="meta")
+    # (requires_grad: the stage reads from its example output whether a gradient comes back for it)
+    hidden = torch.empty(mb, T, args.dim, dtype=hidden_dtype, device="meta", requires_grad=True)
+    logits_dtype = (
+        hidden_dtype
+        if mixed or str(cfg.training.precision) == "fp32"
+        else (torch.bfloat16 if str(cfg.training.precision) == "bf16" else torch.float16)
+    )
+    logits = torch.empty(mb, T, args.vocab_size, dtype=logits_dtype, device="meta", requires_grad=True)
+    return lambda sid: (tokens if sid == 0 else hidden, logits if sid == last else hidden)
+
+
 def split_model(model: nn.Module, schedule: str, pp_rank: int, pp: int) -> list[tuple[int, nn.Module]]:
     """(stage id, stage model) for each stage this rank holds; each a pruned copy of the meta model."""
     total = n_stages(schedule, pp)

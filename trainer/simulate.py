@@ -26,9 +26,9 @@ from models.dtensor import nbytes
 from models.llama import build_model
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
-from parallel.layout import n_stages
 from parallel.memory import StepMemory
 from parallel.mesh import World, build_meshes
+from parallel.pipeline import static_stage_shapes
 from trainer.faults import Faults
 from trainer.profiling import Phases
 from trainer.trainer import Trainer
@@ -124,7 +124,7 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
         loss_sum=trainer._logits_loss_sum,
         meshes=meshes,
         fake=fake,
-        stage_shapes=_stage_shapes(cfg, args, plan) if plan.dims.pp > 1 else None,
+        stage_shapes=static_stage_shapes(cfg, args, plan.dims) if plan.dims.pp > 1 else None,
     )
     with fake:
         trainer.par, trainer.autocast_dtype = par, par.autocast_dtype
@@ -200,30 +200,6 @@ def _without_data_dependent_setup() -> None:
                 stage._inference_mode = schedules.InferenceMode.STATIC
 
     schedules._PipelineSchedule._warmup_p2p = static_shapes
-
-
-def _stage_shapes(cfg, args, plan):
-    """(input, output) example tensors of every pipeline stage (meta tensors: shapes and dtypes only)."""
-
-    mb, T = cfg.training.micro_batch_size, cfg.training.seq_len
-    # between stages travels the residual stream: fp32, except where the parameters themselves are 16-bit
-    mixed = str(cfg.training.precision) != "fp32" and str(cfg.parallel.data) in ("fsdp", "hsdp")
-    hidden_dtype = (
-        torch.bfloat16
-        if mixed and str(cfg.training.precision) == "bf16"
-        else (torch.float16 if mixed else torch.float32)
-    )
-    last = n_stages(str(cfg.parallel.pp_schedule), plan.dims.pp) - 1
-    tokens = torch.empty(mb, T, dtype=torch.int64, device="meta")
-    # (requires_grad: the stage reads from its example output whether a gradient comes back for it)
-    hidden = torch.empty(mb, T, args.dim, dtype=hidden_dtype, device="meta", requires_grad=True)
-    logits_dtype = (
-        hidden_dtype
-        if mixed or str(cfg.training.precision) == "fp32"
-        else (torch.bfloat16 if str(cfg.training.precision) == "bf16" else torch.float16)
-    )
-    logits = torch.empty(mb, T, args.vocab_size, dtype=logits_dtype, device="meta", requires_grad=True)
-    return lambda sid: (tokens if sid == 0 else hidden, logits if sid == last else hidden)
 
 
 def comparison(memory, simulated: dict) -> str:

@@ -159,12 +159,16 @@ def main(out: str, argv: list[str], *, last: bool = True) -> None:
         loss = trainer._all_reduce_sum(trainer._all_reduce_sum(loss, "pp"))
         losses.append(loss.item())
     params = full_params(trainer)
-    buffers = {  # (persistent buffers: an MoE router's balancing bias; the same on every rank)
+    buffers = {  # (persistent buffers: an MoE router's balancing bias; the same on every rank of a pipeline stage)
         canonical_name(name): b.detach().float().cpu()
         for part in trainer.par.parts
         for name, b in part.named_buffers()
         if name.endswith("expert_bias")
     }
+    if trainer.par.dims.pp > 1:  # every stage's
+        stages = [None] * trainer.world.world_size
+        dist.all_gather_object(stages, buffers)
+        buffers = {k: v for stage in stages for k, v in stage.items()}
     val_loss = trainer.validate()["val/loss"]  # after training: every strategy's validation path
     per_rank = [held]
     if trainer.world.distributed:

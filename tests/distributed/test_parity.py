@@ -384,6 +384,10 @@ MOE_CASES = [
     ("ep4_8_experts", 4, ["parallel.data=fsdp", "parallel.ep=4", "model.moe.n_experts=8"]),
     ("ep2_hsdp_2x2_ac_full", 4, ["parallel.data=hsdp", "parallel.dp_replicate=2", "parallel.ep=2", "parallel.ac=full"]),
     ("ep2_first_experts", 2, ["parallel.data=fsdp", "parallel.ep=2", "model.moe.routing=first"]),
+    # pipeline stages holding MoE blocks (their shapes given: no shape-inference forward to count), and each
+    # stage's experts split over its own ep group
+    ("pp2", 2, ["parallel.pp=2"]),
+    ("ep2_x_pp2", 4, ["parallel.data=fsdp", "parallel.ep=2", "parallel.pp=2"]),
     # Qwen3-MoE's attention (heads wider than dim / n_heads, RMS-normalized queries and keys) under expert parallelism
     ("ep2_qwen3_attention", 2, ["parallel.data=fsdp", "parallel.ep=2", "model.head_dim=32", "model.qk_norm=true"]),
 ]

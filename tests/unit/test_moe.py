@@ -99,8 +99,9 @@ def test_forced_routings_are_balanced_or_all_on_the_first_experts():
 
 
 def test_the_balancer_moves_the_bias_towards_the_mean_and_counts_once_under_checkpointing():
-    """Training forwards count each token's experts once, also under full activation checkpointing (its recomputed
-    forward, inside the backward, is not counted again); evaluation does not count. `balance` raises the bias of
+    """Trained forwards count each token's experts once (when the backward reaches the routing weights), also under
+    full activation checkpointing (its recomputed forward, inside the backward, is not counted again); evaluation,
+    and a forward no backward follows, do not count. `balance` raises the bias of
     the experts below the mean load, lowers the others, restarts the counts and reports max / mean."""
     from torch.utils.checkpoint import checkpoint
 
@@ -111,6 +112,7 @@ def test_the_balancer_moves_the_bias_towards_the_mean_and_counts_once_under_chec
     block.eval()
     block(x)
     block.train()
+    block(x)  # (a training-mode forward no backward follows: a pipeline stage's shape inference runs one)
     assert block.tokens_per_expert.tolist() == [10.0, 10.0, 0.0, 0.0]
     learned = _block(MoEArgs(n_experts=4, top_k=2, bias_update_rate=0.1))  # (the bias moves under learned routing)
     learned.tokens_per_expert.copy_(block.tokens_per_expert)
