@@ -3,10 +3,12 @@
 `search(cfg, world_size, capacity_gib=80, hw=gpu_hardware(80, "bf16"))` enumerates the data strategy (none, ddp,
 fsdp, hsdp with every replica count, zero1-3), the tensor-parallel degree (divisors of the world up to a node that
 divide the heads), the pipeline degree and schedule (1f1b, interleaved_1f1b, zbv), the micro-batch (1, 2, 4, 8, the
-global batch kept), activation checkpointing and offload. For one layout and micro-batch only the lightest
-configuration that fits is kept: AC none, then selective, then full, and CPU offload only where nothing fits
-without it. Those are slower by construction (recompute, host steps) and hold less memory, so under the time
-model (parallel/timing.py) a heavier one never ranks above a lighter one that fits.
+global batch kept), activation checkpointing and offload, and for an MoE model the expert-parallel degree
+(`parallel.ep`: 1, the experts sharded by FSDP alone, and every divisor of dp_shard that divides the experts). For
+one layout and micro-batch only the lightest configuration that fits is kept: AC none, then selective, then full,
+and CPU offload only where nothing fits without it. Those are slower by construction (recompute, host steps) and
+hold less memory, so under the time model (parallel/timing.py) a heavier one never ranks above a lighter one that
+fits.
 Each candidate goes through trainer/config.py's `validate` and parallel/plan.py's memory plan, as a run would.
 """
 
@@ -106,6 +108,15 @@ def layouts(cfg, args, world_size: int, ranks_per_node: int, max_pp: int | None 
                             yield data, dr, tp, pp, cp, sched, mb
 
 
+def expert_degrees(args, data: str, dp: int, dp_replicate: int) -> list[int]:
+    """The `parallel.ep` values to try for one layout: 1, and for an MoE model under FSDP or HSDP every divisor of
+    its dp_shard (dp / dp_replicate) that divides the experts."""
+    if args.moe is None or data not in ("fsdp", "hsdp"):
+        return [1]
+    shard = dp // dp_replicate
+    return [e for e in _divisors(shard) if args.moe.n_experts % e == 0]
+
+
 def search(
     cfg,
     world_size: int,
@@ -127,8 +138,9 @@ def search(
     n_layouts = refused = too_big = 0
     refusal = ""
 
-    def attempt(data, dr, tp, pp, cp, sched, mb, ac, off):
+    def attempt(data, dr, tp, pp, cp, sched, mb, ac, off, ep=1):
         """(validation's first problem or None, the candidate if it fits)."""
+        OmegaConf.update(base, "parallel.ep", ep)
         keys = {
             "parallel.data": data,
             "parallel.dp_replicate": dr if data == "hsdp" else 1,
@@ -140,6 +152,7 @@ def search(
             "training.micro_batch_size": mb,
             "parallel.ac": ac,
             "parallel.offload": off,
+            **({"parallel.ep": ep} if ep > 1 else {}),
         }
         for k, v in keys.items():
             OmegaConf.update(base, k, v)
@@ -164,37 +177,15 @@ def search(
         )
 
     for data, dr, tp, pp, cp, sched, mb in layouts(base, args, world_size, ranks_per_node, max_pp):
-        n_layouts += 1
-        sharded = data in ("fsdp", "hsdp", "zero1", "zero2", "zero3")
-        found, any_valid = None, False
-        for off in ("none", "cpu") if offload and sharded and device == "cuda" else ("none",):
-            # full AC first: the least memory; the lighter (faster) modes are tried only when it fits, or when
-            # validation refuses it (e.g. compile x TP x AC) and they may be accepted
-            problem, lightest = attempt(data, dr, tp, pp, cp, sched, mb, "full", off)
-            if problem:
-                refused += 1
-                refusal = refusal or problem
-            else:
-                any_valid = True
-            if problem or lightest:
-                for ac in ("none", "selective"):
-                    if pp > 1 and sched in V_SHAPED and ac == "selective":
-                        continue  # refused by validation (torch's selective AC allows one backward per region)
-                    problem, found = attempt(data, dr, tp, pp, cp, sched, mb, ac, off)
-                    if problem:
-                        refused += 1
-                        refusal = refusal or problem
-                        continue
-                    any_valid = True
-                    if found:
-                        break
-            found = found or lightest
+        for ep in expert_degrees(args, data, world_size // (tp * pp * cp), dr):
+            n_layouts += 1
+            found, any_valid, problems = _lightest(attempt, (data, dr, tp, pp, cp, sched, mb), ep, offload, device)
+            refused += len(problems)
+            refusal = refusal or (problems[0] if problems else "")
             if found:
-                break
-        if found:
-            fits.append(found)
-        elif any_valid:
-            too_big += 1
+                fits.append(found)
+            elif any_valid:
+                too_big += 1
     fits.sort(key=lambda c: c.step.seconds)
     return SearchResult(
         fits=fits,
@@ -206,6 +197,36 @@ def search(
     )
 
 
+def _lightest(attempt, layout: tuple, ep: int, offload: bool, device: str):
+    """(the lightest configuration of one layout that fits or None, whether any was valid, validation's problems):
+    full AC first (the least memory); the lighter (faster) modes are tried only when it fits, or when validation
+    refuses it (e.g. compile x TP x AC) and they may be accepted; CPU offload only where nothing fits without it."""
+    data, dr, tp, pp, cp, sched, mb = layout
+    sharded = data in ("fsdp", "hsdp", "zero1", "zero2", "zero3")
+    found, any_valid, problems = None, False, []
+    for off in ("none", "cpu") if offload and sharded and device == "cuda" else ("none",):
+        problem, lightest = attempt(*layout, "full", off, ep)
+        if problem:
+            problems.append(problem)
+        else:
+            any_valid = True
+        if problem or lightest:
+            for ac in ("none", "selective"):
+                if pp > 1 and sched in V_SHAPED and ac == "selective":
+                    continue  # refused by validation (torch's selective AC allows one backward per region)
+                problem, found = attempt(*layout, ac, off, ep)
+                if problem:
+                    problems.append(problem)
+                    continue
+                any_valid = True
+                if found:
+                    break
+        found = found or lightest
+        if found:
+            break
+    return found, any_valid, problems
+
+
 def layout_label(keys: dict, world_size: int) -> str:
     """The degrees that are not 1, by name: `pp 4 (1f1b) x dp_shard 4 x tp 4`, `dp 64 (zero3)`."""
     data, tp, pp, cp = keys["parallel.data"], keys["parallel.tp"], keys["parallel.pp"], keys.get("parallel.cp", 1)
@@ -215,6 +236,8 @@ def layout_label(keys: dict, world_size: int) -> str:
         out.append(f"dp_replicate {keys['parallel.dp_replicate']} x dp_shard {dp // keys['parallel.dp_replicate']}")
     elif data != "none" and dp > 1:
         out.append(f"{'dp_shard' if data == 'fsdp' else 'dp'} {dp}")
+    if keys.get("parallel.ep", 1) > 1:  # (the experts over ep of the dp_shard ranks)
+        out[-1] += f" (ep {keys['parallel.ep']})"
     if cp > 1:
         out.append(f"cp {cp}")
     if tp > 1:
@@ -263,7 +286,7 @@ def table(result: SearchResult, *, top: int = 15, capacity_gib: float, hw: Hardw
         k, s = c.keys, c.step
         p = s.parts
         layout = c.layout
-        exposed = p.get("dp_comm_exposed", 0) + p.get("tp_comm", 0) + p.get("pp_comm", 0)
+        exposed = p.get("dp_comm_exposed", 0) + p.get("tp_comm", 0) + p.get("pp_comm", 0) + p.get("ep_comm", 0)
         mfu = 100 * s.flops / s.seconds / (hw.peak_flops or hw.matmul_flops)  # against the datasheet peak
         lines.append(
             f"| {i} | {layout} | {k['parallel.data']} | {k['parallel.ac']} | {k['training.micro_batch_size']} | "

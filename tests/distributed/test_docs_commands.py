@@ -375,20 +375,20 @@ def search_sections(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(1), m.end(), text.index(SEARCH_END, m.end())) for m in SEARCH_BEGIN.finditer(text)]
 
 
-SEARCH_PAGE = REPO / "docs" / "compare.md"
+SEARCH_PAGES = (REPO / "docs" / "compare.md", REPO / "docs" / "moe.md")
+SEARCHES = [(page, c) for page in SEARCH_PAGES for c, _, _ in search_sections(page.read_text())]
 
 
 @SLOW
-@pytest.mark.parametrize("line", [c for c, _, _ in search_sections(SEARCH_PAGE.read_text())])
-def test_the_search_tables_are_what_the_planner_prints(line):
-    text = SEARCH_PAGE.read_text()
+@pytest.mark.parametrize("page, line", SEARCHES, ids=[f"{p.name}:{c}" for p, c in SEARCHES])
+def test_the_search_tables_are_what_the_planner_prints(page, line):
+    text = page.read_text()
     (start, end) = next((s, e) for c, s, e in search_sections(text) if c == line)
     assert text[start:end] == search_block(line), "the planner prints another table now: re-render it (search_block)"
 
 
 def test_the_search_tables_name_documented_commands():
-    shown = search_sections(SEARCH_PAGE.read_text())
-    assert len(shown) == 3 and all(c in PLAN_COMMANDS for c, _, _ in shown), shown
+    assert len(SEARCHES) == 4 and all(c in PLAN_COMMANDS for _, c in SEARCHES), SEARCHES
 
 
 # (the --report form is run by tests/distributed/test_gpu_check.py)

@@ -219,3 +219,23 @@ def test_the_balancer_logs_each_ranks_load_under_expert_parallelism(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text(json.dumps({"step": 1, **metrics}) + "\n")
     assert observed_expert_load(log) == 2.0
+
+
+def test_the_layout_search_tries_the_expert_degrees():
+    """trainer/search.py: an MoE model under FSDP or HSDP is tried with every ep that divides its dp_shard and its
+    experts (1, FSDP alone, included); a dense model, DDP or ZeRO only with 1. A search of the debug MoE on 4 ranks
+    ranks layouts with and without expert parallelism, each labelled."""
+    from parallel.timing import gpu_hardware
+    from trainer.config import load_config
+    from trainer.search import expert_degrees, search
+
+    moe = ModelArgs(moe=MoEArgs(n_experts=8, top_k=2))
+    assert expert_degrees(moe, "fsdp", 8, 1) == [1, 2, 4, 8]
+    assert expert_degrees(moe, "hsdp", 8, 2) == [1, 2, 4]  # (dp_shard 4)
+    assert expert_degrees(ModelArgs(moe=MoEArgs(n_experts=6, top_k=2)), "fsdp", 4, 1) == [1, 2]
+    assert expert_degrees(moe, "ddp", 8, 1) == [1] and expert_degrees(ModelArgs(), "fsdp", 8, 1) == [1]
+    cfg = load_config(["recipe=llama_debug_moe", "training.global_batch_size=16"])
+    result = search(cfg, 4, capacity_gib=80, hw=gpu_hardware(80, "bf16"), max_pp=1)
+    eps = {c.keys.get("parallel.ep", 1) for c in result.fits}
+    assert eps == {1, 2, 4}, eps
+    assert any("(ep 4)" in c.layout for c in result.fits)
