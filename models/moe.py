@@ -50,6 +50,7 @@ class MoEArgs:
     normalize: bool = True  # the K weights of a token scaled to sum to 1
     capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf x T x K / E) rows at most
     bias_update_rate: float = 1e-3  # the balancer's step (0: no auxiliary-loss-free balancing)
+    aux_loss_coef: float = 0.0  # the sequence-level balance loss's weight (`sequence_balance_loss`; 0: none)
     routing: str = "learned"
     grouped_mm: str = "auto"  # auto (where it runs), true (or an error), false (the reference loop)
 
@@ -91,6 +92,13 @@ def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
         problems.append(f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 (or null: dropless)")
     if moe.bias_update_rate < 0:
         problems.append(f"model.moe.bias_update_rate={moe.bias_update_rate} must be >= 0 (0: no balancing)")
+    if moe.aux_loss_coef < 0:
+        problems.append(f"model.moe.aux_loss_coef={moe.aux_loss_coef} must be >= 0 (0: no auxiliary loss)")
+    if moe.aux_loss_coef and int(cfg.parallel.pp) > 1:
+        problems.append(
+            f"model.moe.aux_loss_coef={moe.aux_loss_coef} with parallel.pp={cfg.parallel.pp}: not built (each stage's "
+            "blocks would add their loss to the last stage's); set model.moe.aux_loss_coef=0 or parallel.pp=1"
+        )
     if not 0 <= moe.dense_layers < n_layers:
         problems.append(
             f"model.moe.dense_layers={moe.dense_layers} must be in 0..model.n_layers - 1 ({n_layers - 1}): "
@@ -143,8 +151,8 @@ class Router(nn.Module):
         self.gate = nn.Linear(dim, moe.n_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(moe.n_experts, dtype=torch.float32))
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (weights_TK fp32, experts_TK int64)."""
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (weights_TK fp32, experts_TK int64, scores_TE fp32)."""
         m = self.moe
         with torch.autocast(x_TD.device.type, enabled=False):  # (the scores in fp32 under autocast too)
             logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
@@ -156,7 +164,27 @@ class Router(nn.Module):
         weights_TK = scores_TE.gather(-1, experts_TK)
         if m.normalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-        return weights_TK, experts_TK
+        return weights_TK, experts_TK, scores_TE
+
+
+def sequence_balance_loss(scores_BSE: torch.Tensor, experts_BSK: torch.Tensor, coef: float) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, averaged over the sequences: for each sequence,
+    coef x sum over experts of f_i x P_i, where f_i = E / (K S) x the rows expert i got from the sequence's S tokens
+    (1 for every expert when balanced) and P_i the mean over the tokens of its score normalized over the experts.
+    Its gradient reaches the router through P only."""
+    B, S, E = scores_BSE.shape
+    K = experts_BSK.shape[-1]
+    with torch.no_grad():
+        f_BE = torch.zeros(B, E, device=scores_BSE.device).scatter_add_(
+            1, experts_BSK.reshape(B, S * K), torch.ones(B, S * K, device=scores_BSE.device)
+        ) * (E / (K * S))
+    P_BE = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
+    return coef * (f_BE * P_BE).sum(-1).mean()
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside a backward (a checkpointed block's recomputed forward)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def forced_experts(T: int, E: int, K: int, routing: str, device) -> torch.Tensor:
@@ -311,6 +339,7 @@ class MoE(nn.Module):
         self.shared = shared  # a dense SwiGLU n_shared_experts x F wide, or None
         self.register_buffer("tokens_per_expert", torch.zeros(moe.n_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.aux_loss: torch.Tensor | None = None  # this forward's sequence balance loss (model.moe.aux_loss_coef)
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -328,12 +357,17 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
-        weights_TK, experts_TK = self.router(x_TD)
+        weights_TK, experts_TK, scores_TE = self.router(x_TD)
+        if self.moe.aux_loss_coef and self.training and torch.is_grad_enabled():
+            aux = sequence_balance_loss(scores_TE.view(B, S, -1), experts_TK.view(B, S, -1), self.moe.aux_loss_coef)
+            # (read by `take_aux_losses`; a checkpoint's recompute, inside the backward, computes it again, as
+            # checkpointing needs the same saved tensors, and drops it)
+            self.aux_loss = None if _in_backward() else aux
         x_RD, routed = dispatch(x_TD, experts_TK, self.moe)
         # counted when the backward reaches the routing weights: once per trained forward; not for a checkpoint's
         # recompute (it runs inside the backward), nor a forward no backward follows (a pipeline stage's shape
         # inference runs one with gradients on, on real data or zeros; validation; sampling)
-        if self.training and weights_TK.requires_grad and torch._C._current_graph_task_id() == -1:
+        if self.training and weights_TK.requires_grad and not _in_backward():
             weights_TK.register_hook(functools.partial(self._count, routed.counts_E.float(), routed.dropped.float()))
         y_RD = self.experts(x_RD, routed.counts_E)
         out_TD = combine(y_RD, weights_TK, routed, B * S)
@@ -348,6 +382,18 @@ class MoE(nn.Module):
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def take_aux_losses(parts: list[nn.Module]) -> torch.Tensor | None:
+    """The sum of the MoE blocks' sequence balance losses of the last forward (each taken once: a checkpointed
+    block's recompute inside the backward sets its own, which nothing reads), or None without any."""
+    losses = []
+    for part in parts:
+        for _, m in moe_blocks(part):
+            if m.aux_loss is not None:
+                losses.append(m.aux_loss)
+                m.aux_loss = None
+    return torch.stack(losses).sum() if losses else None
 
 
 @torch.no_grad()

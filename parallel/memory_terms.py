@@ -278,6 +278,8 @@ def moe_ffn_tensors(args, mode: str) -> list[float]:
     out = 4 if mode == "fp32" else 2
     router_in = [] if mode == "fp32" else [4 * D]  # (fp32: the norm output, counted as the block's MLP input)
     router = [*router_in, 4 * m.n_experts, 8 * m.top_k, 4 * m.top_k + 4]
+    if getattr(m, "aux_loss_coef", 0):  # the sequence balance loss: each token's score sum (measured with the hooks)
+        router.append(4)
     # the rows' tokens, each slot's row, the rows' input, gate, silu(gate), up, product; every slot's output (K of
     # them: a dropped row's slot is a zero) and the normalized weights in that dtype
     rows = [8 * rho, 8 * m.top_k, out * D * got, *([out * Fe * got] * 4), out * D * m.top_k, out * m.top_k]

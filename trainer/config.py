@@ -108,6 +108,7 @@ class MoEConfig:
     normalize: bool = True  # a token's top-k weights scaled to sum to 1
     capacity_factor: float | None = None  # null: dropless; else an expert takes ceil(cf x tokens x top_k / experts)
     bias_update_rate: float = 1.0e-3  # auxiliary-loss-free balancing's step per optimizer step (0: none)
+    aux_loss_coef: float = 0.0  # the sequence-level balance loss's weight (DeepSeek-V3's, 1e-4 there); 0: none
     routing: str = "learned"  # learned, or forced for tests: round_robin (balanced), first (all to experts 0..k-1)
     grouped_mm: str = "auto"  # the experts' grouped matmul (torch._grouped_mm): auto, true, false (a loop)
 

@@ -24,7 +24,7 @@ from models.args import model_args_of
 from models.dtensor import full
 from models.llama import build_model
 from models.loss import IGNORE_INDEX, documents_of, inputs_and_targets, trained_targets
-from models.moe import balance, load_metrics
+from models.moe import balance, load_metrics, take_aux_losses
 from optim import build_optimizer, build_scheduler
 from parallel import parallelize
 from parallel.memory import BESIDE, OFFLOADED, PINNED
@@ -70,6 +70,7 @@ class Trainer:
         self.save_group, self.side_group = side_groups() if self.world.distributed else (None, None)
         self.faults = Faults(self.world.rank)
         self.skipped_steps = 0
+        self.moe_aux, self.moe_aux_step = 0.0, None  # MoE sequence balance loss: this step's so far, the last step's
         self._first_nonfinite = None  # device tensor: the first step whose gradient norm was not finite
         self.notes: list[str] = []  # for the log, once the logger exists (nothing is written before the checks)
         self.lock = RunLock([self.run_dir, checkpoint_root(cfg)])
@@ -279,6 +280,18 @@ class Trainer:
             logits = self.model(inputs, **docs)  # (mb, T, V)
         return self._logits_loss_sum(logits, targets)
 
+    def _aux_loss(self, sequences: int) -> torch.Tensor | float:
+        """The MoE blocks' sequence balance loss of the micro-batch just run (model.moe.aux_loss_coef), weighted by
+        its sequences' share of the global batch, so that the objective is the token-mean loss plus the mean over
+        the global batch's sequences of their balance loss, however the batch is split; 0 without one. Its sum over
+        the step's micro-batches (this rank's) is logged as moe/aux_loss, summed over the data-parallel ranks."""
+        aux = take_aux_losses(self.par.parts) if self.model_args.moe else None
+        if aux is None:
+            return 0.0
+        share = aux * (sequences / self.cfg.training.global_batch_size)
+        self.moe_aux = self.moe_aux + share.detach()
+        return share
+
     def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
         """Accumulate the gradients of this rank's (accum, mb, T + 1) share of the global batch.
 
@@ -302,9 +315,10 @@ class Trainer:
             with sync:
                 with self.phases("forward"):
                     loss = self.faults.poison_loss(self.step + 1, self._loss_sum(batch[i]) / n_tokens)
+                    objective = loss + self._aux_loss(batch.shape[1])
                 with self.phases("backward"):  # DDP, FSDP and DeepSpeed average gradients over ranks; we want the sum
                     self.par.backward(
-                        loss * self.par.grad_reduction_scale, last_micro=i == accum - 1, scaler=self.scaler
+                        objective * self.par.grad_reduction_scale, last_micro=i == accum - 1, scaler=self.scaler
                     )
             loss = loss.detach()
             loss_total += full(loss)  # a replicated DTensor under TP
@@ -358,6 +372,8 @@ class Trainer:
         applied = []
         # MoE blocks: the routing counts of this step, summed over the data-parallel ranks, move the balancing bias
         self.moe_load = balance(self.par.parts, self._all_reduce_sum, self.par.dims.ep) if self.model_args.moe else {}
+        aux, self.moe_aux = self.moe_aux, 0.0
+        self.moe_aux_step = self._all_reduce_sum(aux) if torch.is_tensor(aux) else None  # (on the device: no sync)
 
         def apply(norm: torch.Tensor) -> bool:
             ok = bool(torch.isfinite(norm))
@@ -536,6 +552,7 @@ class Trainer:
                         "perf/eta_s": step_time * (t.steps - self.step),
                         **self.memory.stats(),
                         **load_metrics(self.moe_load),
+                        **({"moe/aux_loss": self.moe_aux_step.item()} if self.moe_aux_step is not None else {}),
                     }
                     window_start, window_steps = time.perf_counter(), 0
                 if tracked is not None:

@@ -213,6 +213,8 @@ def worker_runs(test: str, params: dict) -> list[tuple[int, list[str]]]:
         return _adapter_runs(*ADAPTER_CASES[6][1:])
     if test == "test_moe_blocks_match_single_process":
         return _moe_runs(params["nproc"], params["overrides"])
+    if test == "test_the_aux_loss_row_fails_without_the_aux_loss":
+        return [_moe_runs(2, ["model.moe.aux_loss_coef=0.1"])[0], _moe_runs(2, [])[0]]
     if test == "test_packed_documents_train_as_each_would_alone":
         return _packed_runs(params["nproc"], params["overrides"])
     if test == "test_the_packed_comparison_fails_when_documents_see_each_other":
@@ -388,6 +390,12 @@ MOE_CASES = [
     # stage's experts split over its own ep group
     ("pp2", 2, ["parallel.pp=2"]),
     ("ep2_x_pp2", 4, ["parallel.data=fsdp", "parallel.ep=2", "parallel.pp=2"]),
+    # the sequence-level balance loss (DeepSeek-V3's), its gradient through a checkpointed block's recompute
+    (
+        "ep2_aux_loss_ac_full",
+        2,
+        ["parallel.data=fsdp", "parallel.ep=2", "parallel.ac=full", "model.moe.aux_loss_coef=0.1"],
+    ),
     # Qwen3-MoE's attention (heads wider than dim / n_heads, RMS-normalized queries and keys) under expert parallelism
     ("ep2_qwen3_attention", 2, ["parallel.data=fsdp", "parallel.ep=2", "model.head_dim=32", "model.qk_norm=true"]),
 ]
@@ -417,6 +425,15 @@ def test_moe_blocks_match_single_process(name, nproc, overrides, worker):
     assert biases and all(torch.equal(got["buffers"][k], ref["buffers"][k]) for k in biases), name
     if "first" not in name:  # (learned routing: the bias moved)
         assert any(ref["buffers"][k].abs().sum() > 0 for k in biases)
+
+
+def test_the_aux_loss_row_fails_without_the_aux_loss(worker):
+    """The aux-loss row's reference trains with the balance loss; without it (its coefficient 0) the gradients of the
+    router and of what feeds it differ: the comparison would see a run that dropped the loss."""
+    with_aux = worker(*_moe_runs(2, ["model.moe.aux_loss_coef=0.1"])[0])
+    without = worker(*_moe_runs(2, [])[0])
+    found = differences("no aux loss", with_aux, without, FP32)
+    assert any("router.gate" in f for f in found) and len(found) > 10, found
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])

@@ -319,6 +319,12 @@ RULES = [
         "parallel.ep=2 borrows its ranks from dp_shard, which is 1 with parallel.data=hsdp: set parallel.dp_shard",
     ),
     (["parallel.ep=0"], 1, "parallel.ep=0 must be >= 1"),
+    (
+        ["model.moe.n_experts=4", "model.moe.aux_loss_coef=0.01", "parallel.pp=2"],
+        2,
+        "model.moe.aux_loss_coef=0.01 with parallel.pp=2: not built",
+    ),
+    (["model.moe.n_experts=4", "model.moe.aux_loss_coef=-1"], 1, "model.moe.aux_loss_coef=-1.0 must be >= 0"),
     (["model.qk_norm=true", "parallel.tp=2"], 2, "model.qk_norm=true with parallel.tp(2): not built"),
     (["model.head_dim=15"], 1, "head dim 15 (model.head_dim, else model.dim/model.n_heads"),
 ]

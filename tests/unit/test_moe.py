@@ -130,13 +130,13 @@ def test_the_bias_only_chooses_experts():
     experts changes the choice, not the weights' meaning (the weights stay the scores of the chosen experts)."""
     block = _block(MoEArgs(n_experts=4, top_k=1, normalize=False))
     x = torch.randn(6, D)
-    weights, experts = block.router(x)
+    weights, experts, _ = block.router(x)
     with torch.no_grad():
         block.router.expert_bias += 1e-9
     assert torch.equal(block.router(x)[1], experts)
     with torch.no_grad():
         block.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
-    w3, e3 = block.router(x)
+    w3, e3, _ = block.router(x)
     scores = F.linear(x, block.router.gate.weight).softmax(-1)
     assert (e3 == 3).all() and torch.allclose(w3[:, 0], scores[:, 3])
 
@@ -239,3 +239,31 @@ def test_the_layout_search_tries_the_expert_degrees():
     eps = {c.keys.get("parallel.ep", 1) for c in result.fits}
     assert eps == {1, 2, 4}, eps
     assert any("(ep 4)" in c.layout for c in result.fits)
+
+
+def test_the_sequence_balance_loss_on_a_hand_worked_routing():
+    """models/moe.py `sequence_balance_loss`, DeepSeek-V3's: per sequence coef x sum_i f_i P_i, f_i = E / (K S) x the
+    rows expert i got, P_i the mean normalized score; 1 x coef when the rows and the scores are balanced. One sequence
+    of 2 tokens, 2 experts, top-1, both tokens on expert 0 with scores (0.9, 0.1) and (0.7, 0.3): f = (2, 0), P =
+    (0.8, 0.2), so 1.6 x coef; the gradient reaches the scores (the router), not the choices."""
+    from models.moe import sequence_balance_loss
+
+    scores = torch.tensor([[[0.9, 0.1], [0.7, 0.3]]], requires_grad=True)
+    loss = sequence_balance_loss(scores, torch.tensor([[[0], [0]]]), 0.5)
+    assert loss.item() == pytest.approx(0.5 * 1.6)
+    loss.backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
+    balanced = sequence_balance_loss(
+        torch.full((3, 4, 2), 0.5), torch.tensor([[0], [1], [0], [1]]).expand(3, 4, 1), 1.0
+    )
+    assert balanced.item() == pytest.approx(1.0)
+    # a block trains with it only where asked, and a checkpointed recompute does not hand it over twice
+    from models.moe import take_aux_losses
+
+    block = _block(MoEArgs(n_experts=4, top_k=2, aux_loss_coef=0.1))
+    x = torch.randn(2, 5, D, requires_grad=True)
+    block(x).sum().backward()
+    assert take_aux_losses([block]) is not None and take_aux_losses([block]) is None
+    block.eval()
+    block(x)
+    assert take_aux_losses([block]) is None
