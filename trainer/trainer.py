@@ -371,7 +371,9 @@ class Trainer:
         skip = str(self.cfg.numerics.on_nonfinite) == "skip" and self.scaler is None
         applied = []
         # MoE blocks: the routing counts of this step, summed over the data-parallel ranks, move the balancing bias
-        self.moe_load = balance(self.par.parts, self._all_reduce_sum, self.par.dims.ep) if self.model_args.moe else {}
+        # (context-parallel ranks route other tokens of the same sequences: their counts are summed too)
+        counts_sum = lambda t: self._all_reduce_sum(self._all_reduce_sum(t), "cp")  # noqa: E731
+        self.moe_load = balance(self.par.parts, counts_sum, self.par.dims.ep) if self.model_args.moe else {}
         aux, self.moe_aux = self.moe_aux, 0.0
         self.moe_aux_step = self._all_reduce_sum(aux) if torch.is_tensor(aux) else None  # (on the device: no sync)
 

@@ -390,6 +390,8 @@ MOE_CASES = [
     # stage's experts split over its own ep group
     ("pp2", 2, ["parallel.pp=2"]),
     ("ep2_x_pp2", 4, ["parallel.data=fsdp", "parallel.ep=2", "parallel.pp=2"]),
+    # context parallelism: each rank routes its chunks of every sequence (the counts summed over cp too)
+    ("cp2", 2, ["parallel.cp=2"]),
     # the sequence-level balance loss (DeepSeek-V3's), its gradient through a checkpointed block's recompute
     (
         "ep2_aux_loss_ac_full",

@@ -324,6 +324,16 @@ RULES = [
         2,
         "model.moe.aux_loss_coef=0.01 with parallel.pp=2: not built",
     ),
+    (
+        ["model.moe.n_experts=4", "parallel.data=fsdp", "parallel.ep=2", "parallel.cp=2"],
+        4,
+        "model.moe with parallel.cp with parallel.ep: not built yet",
+    ),
+    (
+        ["model.moe.n_experts=4", "model.moe.aux_loss_coef=0.1", "parallel.cp=2"],
+        2,
+        "model.moe with parallel.cp with model.moe.aux_loss_coef=0.1: not built yet",
+    ),
     (["model.moe.n_experts=4", "model.moe.aux_loss_coef=-1"], 1, "model.moe.aux_loss_coef=-1.0 must be >= 0"),
     (["model.qk_norm=true", "parallel.tp=2"], 2, "model.qk_norm=true with parallel.tp(2): not built"),
     (["model.head_dim=15"], 1, "head dim 15 (model.head_dim, else model.dim/model.n_heads"),
