@@ -112,6 +112,7 @@ def simulate(cfg, world_size: int, *, rank: int = 0, device: str = "cpu") -> dic
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.plan, trainer.world, trainer.device = cfg, plan, world, world.device
     trainer.faults, trainer.skipped_steps, trainer._first_nonfinite, trainer.step = Faults(rank), 0, None, 0
+    trainer.moe_aux, trainer.moe_aux_step = 0.0, None
     trainer.scaler = None  # (fp16's loss scale changes no byte that the simulation counts)
     trainer.packed = bool(cfg.data.pack)  # (its batches hold one document each: the mask is built all the same)
     trainer.model_args = args
