@@ -619,7 +619,7 @@ class Transformer(nn.Module):
     def tp_plan(self, *, loss_parallel: bool) -> tuple[dict, dict]:
         """Megatron-style tensor parallelism with sequence parallelism, as DTensor plans.
 
-        Returns (plan for the root modules, plan for each block). Between blocks the residual stream is
+        Returns (plan for the root modules, {block name: its plan}). Between blocks the residual stream is
         sharded along the sequence (Shard(1)); norms run on those shards (SequenceParallel); attention and
         MLP all-gather the sequence, split heads / hidden units column-wise and reduce-scatter back to
         sequence shards after the row-wise output projection. The embedding is split over the vocabulary.
@@ -631,6 +631,7 @@ class Transformer(nn.Module):
         from torch.distributed.tensor.parallel import (
             ColwiseParallel,
             PrepareModuleInput,
+            PrepareModuleInputOutput,
             RowwiseParallel,
             SequenceParallel,
         )
@@ -666,7 +667,18 @@ class Transformer(nn.Module):
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
             "feed_forward.w3": ColwiseParallel(),
         }
-        return root, block
+        # an MoE block's feed-forward (models/moe.py) is not split: every TP rank gathers the whole sequence, routes and
+        # computes it with the whole router and experts (the same values on every rank, so their gradients are the
+        # same too: no reduction over tp), and keeps its own sequence shard of the output
+        moe_ffn = PrepareModuleInputOutput(
+            input_layouts=(Shard(1),),
+            desired_input_layouts=(Replicate(),),
+            use_local_input=True,
+            output_layouts=Replicate(),
+            desired_output_layouts=Shard(1),
+        )
+        moe_block = {k: v for k, v in block.items() if not k.startswith("feed_forward")} | {"feed_forward": moe_ffn}
+        return root, {i: moe_block if self.args.is_moe(int(i)) else block for i in self.layers}
 
     def set_context_parallel(self, cp, positions: torch.Tensor) -> None:
         """Context parallelism: this rank holds the tokens at `positions` of every sequence, and each attention

@@ -69,8 +69,9 @@ def moe_args_of(section) -> MoEArgs | None:
 def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
     """The model.moe section's rules, and the layouts MoE blocks are built and tested under: one process, DDP, FSDP2
     and HSDP (the experts are ordinary parameters of the block, sharded by FSDP like the rest), expert parallelism
-    under FSDP2 or HSDP (parallel/expert.py), pipeline parallelism (with expert parallelism in each stage), context
-    parallelism (without expert parallelism), with full AC. The others are refused by name until they are built."""
+    under FSDP2 or HSDP (parallel/expert.py), pipeline parallelism (with expert parallelism in each stage), tensor
+    parallelism on the dense parts under FSDP or HSDP (with expert parallelism too), context parallelism (without
+    it), with full AC. The others are refused by name until they are built."""
     if moe is None:
         ep = int(cfg.parallel.get("ep", 1))
         if ep > 1:
@@ -114,7 +115,11 @@ def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
             f"set parallel.ep to a divisor of {moe.n_experts}"
         )
     not_built = {
-        "parallel.tp": int(p.tp) > 1,
+        # (the router's and experts' plain parameters beside TP's DTensors: only FSDP makes them all DTensors, which
+        # the optimizer's foreach steps take together)
+        f"parallel.tp with parallel.data={p.data}": int(p.tp) > 1 and str(p.data) not in ("fsdp", "hsdp"),
+        # (FSDP2 wants the experts' FSDP mesh dims before their ep dim in the root mesh; with cp that mesh would be
+        # expert_shard x cp, which lie on both sides of ep)
         "parallel.cp with parallel.ep": int(p.cp) > 1 and ep > 1,
         f"parallel.cp with model.moe.aux_loss_coef={moe.aux_loss_coef}": int(p.cp) > 1 and moe.aux_loss_coef > 0,
         f"parallel.data={p.data}": str(p.data).startswith("zero"),
@@ -129,8 +134,8 @@ def config_problems(cfg, moe: MoEArgs | None, n_layers: int) -> list[str]:
         if on:
             problems.append(
                 f"model.moe with {setting}: not built yet for MoE blocks (built: one process, DDP, FSDP, HSDP, expert "
-                "parallelism with FSDP or HSDP, pipeline parallelism, context parallelism without ep, full AC); remove "
-                "it or set model.moe.n_experts=0"
+                "parallelism with FSDP or HSDP, pipeline parallelism, tensor parallelism with FSDP or HSDP, context "
+                "parallelism without ep, full AC); remove it or set model.moe.n_experts=0"
             )
     return problems
 

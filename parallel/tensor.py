@@ -18,13 +18,13 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool) -> N
     carries a LoRA/DoRA adapter (models/adapters.py) is split with its adapter (`adapter_style`).
     """
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    root_plan, block_plan = model.tp_plan(loss_parallel=loss_parallel)
+    root_plan, block_plans = model.tp_plan(loss_parallel=loss_parallel)
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan)
-    for block in model.blocks.values():
+    for name, block in model.blocks.items():
         plan = {
             path: adapter_style(style) if isinstance(block.get_submodule(path), AdapterLinear) else style
-            for path, style in block_plan.items()
+            for path, style in block_plans[name].items()
         }
         parallelize_module(block, tp_mesh, plan)
     for name, p in model.named_parameters():  # (SequenceParallel's new parameters forget requires_grad=False)

@@ -113,6 +113,7 @@ LAYOUTS = [
     # experts 0 and 1, on rank 0: the planner's worst-case load, 2 x the rows)
     ("ep2_moe", 2, [*LONG, *MOE, "parallel.data=fsdp", "parallel.ep=2", "model.moe.routing=round_robin"]),
     ("ep2_moe_first", 2, [*LONG, *MOE, "parallel.data=fsdp", "parallel.ep=2", "model.moe.routing=first"]),
+    ("tp2_moe", 2, [*LONG, *MOE, "parallel.data=fsdp", "parallel.tp=2", "model.moe.routing=round_robin"]),
     (
         "pp2_ep2_moe",
         4,
@@ -162,6 +163,7 @@ MODES_OF = {
     "ep2_moe": ["none/fp32", "full/bf16"],
     "qk_norm": ["none/fp32", "none/bf16", "full/bf16"],
     "ep2_moe_first": ["none/fp32", "none/bf16"],
+    "tp2_moe": ["none/fp32", "full/bf16"],
     "pp2_ep2_moe": ["none/fp32", "full/bf16"],
     "pp_packed": ["none/fp32", "full/bf16"],
     "expand_kv": ["none/fp32", "selective/fp32", "none/bf16"],

@@ -390,6 +390,10 @@ MOE_CASES = [
     # stage's experts split over its own ep group
     ("pp2", 2, ["parallel.pp=2"]),
     ("ep2_x_pp2", 4, ["parallel.data=fsdp", "parallel.ep=2", "parallel.pp=2"]),
+    # tensor parallelism on the dense parts: every TP rank routes the whole sequence with the whole router and
+    # experts (the same gradients on each), with FSDP; and with the experts over ep 2 as well
+    ("fsdp_tp2", 2, ["parallel.data=fsdp", "parallel.tp=2"]),
+    ("ep2_x_tp2", 4, ["parallel.data=fsdp", "parallel.ep=2", "parallel.tp=2"]),
     # context parallelism: each rank routes its chunks of every sequence (the counts summed over cp too)
     ("cp2", 2, ["parallel.cp=2"]),
     # the sequence-level balance loss (DeepSeek-V3's), its gradient through a checkpointed block's recompute

@@ -304,7 +304,7 @@ RULES = [
     (["model.moe.n_experts=4", "model.moe.top_k=5"], 1, "model.moe.top_k=5 must be in 1..model.moe.n_experts (4)"),
     (["model.moe.n_experts=4", "model.moe.score=relu"], 1, "model.moe.score=relu: unknown; known: softmax, sigmoid"),
     (["model.moe.n_experts=4", "model.moe.dense_layers=99"], 1, "model.moe.dense_layers=99 must be in 0..model.n_"),
-    (["model.moe.n_experts=4", "parallel.tp=2"], 2, "model.moe with parallel.tp: not built yet for MoE blocks"),
+    (["model.moe.n_experts=4", "parallel.tp=2"], 2, "model.moe with parallel.tp with parallel.data=none: not built"),
     (["model.moe.n_experts=4", "parallel.data=zero2"], 2, "model.moe with parallel.data=zero2: not built yet"),
     (["parallel.data=fsdp", "parallel.ep=2"], 2, "parallel.ep=2 splits MoE experts, and this model has none"),
     (["model.moe.n_experts=4", "parallel.data=fsdp", "parallel.ep=3"], 3, "parallel.ep=3 must divide model.moe.n_e"),

@@ -26,7 +26,8 @@ def test_tp_split_table_is_the_models_tp_plan():
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     model = build_model(FLAVORS["debug"], device="meta")
-    root, block = model.tp_plan(loss_parallel=False)
+    root, blocks = model.tp_plan(loss_parallel=False)
+    block = blocks["0"]
     derived = {}
     for name, style in [*root.items(), *block.items()]:
         module = model.get_submodule(name if name in root else f"layers.0.{name}")
