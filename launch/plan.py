@@ -132,13 +132,7 @@ def main(argv: list[str]) -> int:
         problems = validate(cfg, own["world_size"])
         if problems:
             raise ConfigError(problems)
-        plan = derive(
-            cfg,
-            own["world_size"],
-            capacity_gib=own["gpu_memory_gib"],
-            device=own["device"],
-            ranks_per_node=own["ranks_per_node"],
-        )
+        plan = _derive(cfg, own)
         if own["host_memory_gib"] is not None:
             plan.memory.host_capacity_bytes = int(own["host_memory_gib"] * 2**30)
         routings = _expert_routings(cfg, plan, own)
@@ -218,6 +212,18 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _derive(cfg, own: dict, expert_routing=None):
+    """The plan at the command line's world size, device and GPU (trainer/validate.py `derive`)."""
+    return derive(
+        cfg,
+        own["world_size"],
+        capacity_gib=own["gpu_memory_gib"],
+        device=own["device"],
+        ranks_per_node=own["ranks_per_node"],
+        expert_routing=expert_routing,
+    )
+
+
 def _expert_routings(cfg, plan, own: dict) -> dict:
     """Under expert parallelism: the most loaded rank's peak for each routing (memory_terms.py `expert_load`), and
     the all-to-all bytes; {} otherwise."""
@@ -237,14 +243,7 @@ def _expert_routings(cfg, plan, own: dict) -> dict:
                 raise ConfigError(f"expert_load={own['expert_load']}: {e}") from None
         else:
             routing_value = routing
-        p = derive(
-            cfg,
-            own["world_size"],
-            capacity_gib=own["gpu_memory_gib"],
-            device=own["device"],
-            ranks_per_node=own["ranks_per_node"],
-            expert_routing=routing_value,
-        )
+        p = _derive(cfg, own, expert_routing=routing_value)
         load = expert_load(cfg, moe, plan.dims.ep, routing_value)
         out[routing] = {"peak_bytes": p.memory.most_loaded.peak_bytes, "load": load}
     out["all_to_all"] = expert_exchange_bytes(cfg, model_args_of(cfg), plan.dims)

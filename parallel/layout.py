@@ -203,6 +203,21 @@ def resolve_dims(
     return dims, []
 
 
+def config_dims(cfg, world_size: int) -> tuple[ParallelDims | None, list[str]]:
+    """`resolve_dims` of a config's parallel section on `world_size` ranks."""
+    p = cfg.parallel
+    return resolve_dims(
+        str(p.data),
+        dp_replicate=p.dp_replicate,
+        dp_shard=p.dp_shard,
+        tp=p.tp,
+        pp=p.pp,
+        cp=p.cp,
+        ep=p.ep,
+        world_size=world_size,
+    )
+
+
 def degenerate(data: str, dims: ParallelDims) -> list[str]:
     """Warnings for layouts the world size turned into something other than what the strategy name says."""
     out = []
@@ -258,16 +273,7 @@ def layout_problems(cfg, args, world_size: int) -> list[str]:
     """The parallel section's arithmetic: degrees, divisibility, stages and microbatches, the combinations that
     cannot work (trainer/validate.py::validate collects every subsystem's rules)."""
     p, t = cfg.parallel, cfg.training
-    dims, problems = resolve_dims(
-        str(p.data),
-        dp_replicate=p.dp_replicate,
-        dp_shard=p.dp_shard,
-        tp=p.tp,
-        pp=p.pp,
-        cp=p.cp,
-        ep=p.ep,
-        world_size=max(world_size, 1),
-    )
+    dims, problems = config_dims(cfg, max(world_size, 1))
     dp = dims.dp_size if dims else 1
     problems += _cp_problems(cfg)
     problems += _tp_problems(cfg, args)

@@ -195,3 +195,31 @@ def relative_errors(ref: dict, got: dict, key: str = "grads", prefix: str = "lay
             errors[name] = ((got[key][name] - want).norm() / want.norm()).item()
     assert errors, f"no {key} under {prefix!r}"
     return errors
+
+
+def tiny_mixtral(out: Path, *, n_layers: int = 2, rope_theta: float = 1e6):
+    """A tiny Hugging Face Mixtral (width 64, 4 heads of 16, 2 kv heads, 4 experts of 48, top-2, vocab 256) built with
+    transformers, every weight drawn (HF leaves norms at 1), saved to `out`; returns the model in eval mode."""
+    import torch
+    import transformers
+
+    cfg = transformers.MixtralConfig(
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+        rope_theta=rope_theta,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0, 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    return model

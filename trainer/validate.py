@@ -22,7 +22,7 @@ from models.llama import config_problems as model_problems
 from models.moe import config_problems as moe_problems
 from optim import config_problems as optim_problems
 from parallel.float8 import config_problems as float8_problems
-from parallel.layout import degenerate, layout_problems, n_stages, resolve_dims
+from parallel.layout import config_dims, degenerate, layout_problems, n_stages
 from parallel.plan import memory_plan
 from parallel.zero import config_problems as zero_problems
 from trainer.chat import config_problems as chat_problems
@@ -102,17 +102,7 @@ def banner(cfg: DictConfig, plan: Plan, args) -> list[str]:
 
 def parallel_dims(cfg: DictConfig, world_size: int):
     """(ParallelDims or None, problems) for the recipe's layout on `world_size` ranks."""
-    p = cfg.parallel
-    return resolve_dims(
-        str(p.data),
-        dp_replicate=p.dp_replicate,
-        dp_shard=p.dp_shard,
-        tp=p.tp,
-        pp=p.pp,
-        cp=p.cp,
-        ep=p.ep,
-        world_size=world_size,
-    )
+    return config_dims(cfg, world_size)
 
 
 def pp_stages(cfg: DictConfig) -> int:

@@ -494,24 +494,9 @@ def test_an_hf_mixtral_trains_under_expert_parallelism_and_exports_back(tmp_path
     transformers loads a Mixtral with the original's logits (1e-5): a wrong expert slice anywhere on the way would
     change them (tests/unit/test_hf.py shows a moved balancing bias refused on export, and w1/w3 swapped caught)."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.MixtralConfig(
-        hidden_size=64,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        rms_norm_eps=1e-5,
-    )
-    torch.manual_seed(0)
-    hf = transformers.MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0, 0.1)
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    from helpers import tiny_mixtral
+
+    hf = tiny_mixtral(tmp_path / "hf", n_layers=4)
     moe = [*(f"model.moe.{k}" for k in ("n_experts=4", "top_k=2", "expert_hidden=48")), "model.rope_theta=1e6"]
     start = ["training.steps=1", "optim.lr=1e-9", "optim.warmup_steps=1", f"checkpoint.init_from={tmp_path / 'hf'}"]
     run = tmp_path / "ep2"

@@ -249,26 +249,27 @@ def test_init_from_with_other_layers_is_refused_with_the_names(source_layers, ta
     assert len(problems) == 1 and named in problems[0], problems
 
 
+def _equal_logits_both_ways(hf, args, sd, kind, out):
+    """Our model with the imported weights gives the HF model's logits (1e-5), and our export loads into `kind` with
+    them; returns (our model, the tokens, the HF logits)."""
+    ours = build_model(args, device="cpu")
+    ours.init_weights(0)
+    missing, unexpected = ours.load_state_dict(sd, strict=False)
+    assert not unexpected and all(m.endswith("router.expert_bias") for m in missing), missing
+    ours.eval()
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        torch.testing.assert_close(ours(tokens), want, rtol=0, atol=1e-5)
+        to_hf({k: v for k, v in ours.state_dict().items() if "rope" not in k}, args, out)
+        torch.testing.assert_close(kind.from_pretrained(out).eval()(tokens).logits, want, rtol=0, atol=1e-5)
+    return ours, tokens, want
+
+
 def tiny_mixtral(tmp_path, name="mixtral"):
-    cfg = transformers.MixtralConfig(
-        hidden_size=64,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        rms_norm_eps=1e-5,
-    )
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF initializes norms to 1 and may leave the fused experts empty: make all informative
-        for n, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0, 0.1)
-    model.save_pretrained(tmp_path / name, safe_serialization=True)
-    return model
+    from helpers import tiny_mixtral as build
+
+    return build(tmp_path / name)
 
 
 def test_mixtral_loads_with_equal_logits_and_exports_back(tmp_path):
@@ -279,18 +280,8 @@ def test_mixtral_loads_with_equal_logits_and_exports_back(tmp_path):
     args, sd = from_hf(tmp_path / "mixtral")
     assert args.moe.n_experts == 4 and args.moe.top_k == 2 and args.expert_hidden == 48 and args.moe.dense_layers == 0
     assert sd["layers.1.feed_forward.experts.w1"].shape == (4, 48, 64)
-    ours = build_model(args, device="cpu")
-    ours.init_weights(0)
-    missing, unexpected = ours.load_state_dict(sd, strict=False)
-    assert not unexpected and all(m.endswith("router.expert_bias") for m in missing), missing
-    ours.eval()
-    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    ours, tokens, want = _equal_logits_both_ways(hf, args, sd, transformers.MixtralForCausalLM, tmp_path / "out")
     with torch.no_grad():
-        want = hf(tokens).logits
-        torch.testing.assert_close(ours(tokens), want, rtol=0, atol=1e-5)
-        to_hf({k: v for k, v in ours.state_dict().items() if "rope" not in k}, args, tmp_path / "out")
-        back = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "out").eval()
-        torch.testing.assert_close(back(tokens).logits, want, rtol=0, atol=1e-5)
         swapped = dict(sd)
         for i in range(2):
             w1, w3 = f"layers.{i}.feed_forward.experts.w1", f"layers.{i}.feed_forward.experts.w3"
@@ -385,19 +376,9 @@ def test_qwen3_loads_with_equal_logits_and_exports_back(moe, tmp_path):
     assert args.head_dim == 32 and args.qk_norm and (args.moe is not None) == moe
     if moe:
         assert args.moe.dense_layers == 1 and not args.moe.normalize and args.expert_hidden == 24
-    ours = build_model(args, device="cpu")
-    ours.init_weights(0)
-    missing, unexpected = ours.load_state_dict(sd, strict=False)
-    assert not unexpected and all(m.endswith("router.expert_bias") for m in missing), missing
-    ours.eval()
-    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    kind = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
+    ours, tokens, want = _equal_logits_both_ways(hf, args, sd, kind, tmp_path / "out")
     with torch.no_grad():
-        want = hf(tokens).logits
-        torch.testing.assert_close(ours(tokens), want, rtol=0, atol=1e-5)
-        to_hf({k: v for k, v in ours.state_dict().items() if "rope" not in k}, args, tmp_path / "out")
-        kind = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
-        back = kind.from_pretrained(tmp_path / "out").eval()
-        torch.testing.assert_close(back(tokens).logits, want, rtol=0, atol=1e-5)
         read = hf_mod.TensorReader(tmp_path / "qwen3")
         assert all(torch.equal(read(k), sd[k]) for k in sd)
         unpermuted = {
