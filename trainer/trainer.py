@@ -285,7 +285,8 @@ class Trainer:
         its sequences' share of the global batch, so that the objective is the token-mean loss plus the mean over
         the global batch's sequences of their balance loss, however the batch is split; 0 without one. Its sum over
         the step's micro-batches (this rank's) is logged as moe/aux_loss, summed over the data-parallel ranks."""
-        aux = take_aux_losses(self.par.parts) if self.model_args.moe else None
+        moe = self.model_args.moe  # (only a run with the loss walks the model's modules, once per micro-batch)
+        aux = take_aux_losses(self.par.parts) if moe is not None and moe.aux_loss_coef else None
         if aux is None:
             return 0.0
         share = aux * (sequences / self.cfg.training.global_batch_size)
